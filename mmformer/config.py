@@ -1,0 +1,165 @@
+"""Model configuration: one dataclass, named presets, JSON round trip.
+
+Every model is built from a :class:`ModelConfig`. A checkpoint directory stores it as
+``config.json``; :func:`get_config` returns a named preset (``tiny``, ``small``, ``base``) with
+optional overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SHARE_MODES = ("qkv", "attention", "all", "none")
+MODALITIES = ("image", "text")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and behaviour of an :class:`mmformer.model.MMFormer`.
+
+    One stack of ``depth`` transformer blocks of width ``width`` serves both modalities. What the
+    modalities share inside each block is set by ``share``:
+
+    - ``"qkv"``: the fused QKV projection is shared; output projection, norms and FFN per modality.
+    - ``"attention"``: QKV and output projection shared; norms and FFN per modality.
+    - ``"all"``: everything except the LayerNorms shared.
+    - ``"none"``: separate weights for each modality through the same code (the baseline).
+    """
+
+    # trunk
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    ln_eps: float = 1e-6
+    share: str = "qkv"
+    # image path
+    image_size: int = 64
+    patch_size: int = 8
+    in_chans: int = 3
+    image_pos: str = "sincos"  # "sincos" (fixed 2-D) or "learned"
+    image_pool: str = "cls"  # "cls" or "mean"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # text path
+    vocab_size: int = 4096
+    context_length: int = 16
+    text_pool: str = "eos"  # "eos" (last real token), "cls" (first token) or "mean"
+    pad_id: int = 0
+    # joint space
+    embed_dim: int = 256
+    logit_scale_init: float = 1 / 0.07
+    logit_scale_max: float = 100.0
+    # memory / speed
+    grad_checkpointing: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+        problems = []
+        if self.share not in SHARE_MODES:
+            problems.append(f"share={self.share!r} must be one of {SHARE_MODES}")
+        if self.width % self.heads:
+            problems.append(f"width={self.width} is not divisible by heads={self.heads}")
+        if self.image_size % self.patch_size:
+            problems.append(
+                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+            )
+        if self.image_pos not in ("sincos", "learned"):
+            problems.append(f"image_pos={self.image_pos!r} must be 'sincos' or 'learned'")
+        if self.image_pool not in ("cls", "mean"):
+            problems.append(f"image_pool={self.image_pool!r} must be 'cls' or 'mean'")
+        if self.text_pool not in ("eos", "cls", "mean"):
+            problems.append(f"text_pool={self.text_pool!r} must be 'eos', 'cls' or 'mean'")
+        if self.image_pos == "sincos" and self.width % 4:
+            problems.append(f"2-D sin-cos positions need width divisible by 4, got {self.width}")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_mean"] = list(self.image_mean)
+        d["image_std"] = list(self.image_std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON atomically (temp file, then rename)."""
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(d)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-trainable in minutes: 64 px images in 8x8 patches, short captions.
+    "tiny": dict(width=256, depth=6, heads=4, image_size=64, patch_size=8, context_length=16,
+                 embed_dim=256),
+    "small": dict(width=384, depth=8, heads=6, image_size=128, patch_size=16, context_length=32,
+                  embed_dim=384),
+    # ViT-B/16-sized trunk.
+    "base": dict(width=768, depth=12, heads=12, image_size=224, patch_size=16, context_length=64,
+                 embed_dim=512, vocab_size=32000),
+}
+
+
+def get_config(name: str = "tiny", **overrides: Any) -> ModelConfig:
+    """Return the preset ``name`` with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

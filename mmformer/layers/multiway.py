@@ -1,0 +1,96 @@
+"""The multiway transformer block: attention weights shared across modalities (VLMo style).
+
+Each block owns one attention module whose fused ``qkv`` Linear (and, by ``share`` mode, the
+output projection and the FFN) serves every modality, and per-modality LayerNorms. A part that
+is not shared is an ``nn.ModuleDict`` keyed by modality, so the state-dict keys say what is
+shared: ``attn.qkv.weight`` (shared) versus ``attn.qkv.image.weight`` (per modality). Shared
+weights live inside one block, so FSDP can shard each block as one unit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mmformer.config import MODALITIES, SHARE_MODES
+from mmformer.layers.attention import attend
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU (exact) -> Linear, named like timm's ``Mlp`` (fc1, fc2)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def shared_or_per_modality(
+    shared: bool, make: Callable[[], nn.Module], modalities: tuple[str, ...]
+) -> nn.Module:
+    """One module when ``shared``, else a ModuleDict with one fresh module per modality."""
+    return make() if shared else nn.ModuleDict({m: make() for m in modalities})
+
+
+def route(module: nn.Module, modality: str) -> nn.Module:
+    """The module that serves ``modality``: the shared one, or its entry in a ModuleDict."""
+    return module[modality] if isinstance(module, nn.ModuleDict) else module
+
+
+def sharing(share: str) -> dict[str, bool]:
+    """Which parts of a block are shared for a ``share`` mode."""
+    if share not in SHARE_MODES:
+        raise ValueError(f"share={share!r} must be one of {SHARE_MODES}")
+    return {
+        "qkv": share != "none",
+        "proj": share in ("attention", "all"),
+        "mlp": share == "all",
+    }
+
+
+class MultiwayAttention(nn.Module):
+    """Self-attention whose ``qkv``/``proj`` are shared or per modality (see :func:`sharing`)."""
+
+    def __init__(self, dim: int, heads: int, share: str, modalities: tuple[str, ...],
+                 qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        s = sharing(share)
+        self.heads = heads
+        self.qkv = shared_or_per_modality(s["qkv"], lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), modalities)
+        self.proj = shared_or_per_modality(s["proj"], lambda: nn.Linear(dim, dim), modalities)
+
+    def forward(self, x: torch.Tensor, modality: str,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D) of one modality; key_padding_mask: (B, T) bool, True = real token."""
+        h = attend(route(self.qkv, modality)(x), self.heads, key_padding_mask)
+        return route(self.proj, modality)(h)
+
+
+class MultiwayBlock(nn.Module):
+    """Pre-LN residual block: x + Attn(LN1_m(x)), then x + FFN_m(LN2_m(x)) for modality m."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, share: str = "qkv",
+                 modalities: tuple[str, ...] = MODALITIES, qkv_bias: bool = True,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        s = sharing(share)
+        self.norm1 = nn.ModuleDict({m: nn.LayerNorm(dim, eps=eps) for m in modalities})
+        self.attn = MultiwayAttention(dim, heads, share, modalities, qkv_bias)
+        self.norm2 = nn.ModuleDict({m: nn.LayerNorm(dim, eps=eps) for m in modalities})
+        self.mlp = shared_or_per_modality(s["mlp"], lambda: Mlp(dim, mlp_hidden), modalities)
+
+    def forward(self, x: torch.Tensor, modality: str,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D)."""
+        if modality not in self.norm1:
+            raise KeyError(f"unknown modality {modality!r}; this block serves {list(self.norm1)}")
+        x = x + self.attn(self.norm1[modality](x), modality, key_padding_mask)
+        return x + route(self.mlp, modality)(self.norm2[modality](x))

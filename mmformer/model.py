@@ -1,0 +1,308 @@
+"""MMFormer: one stack of multiway blocks serving an image path and a text path.
+
+Data flow (see DESIGN.md):
+
+- image (B, 3, H, W) -> 16x16 (or 8x8) patch embedding + class token + 2-D positions
+  -> blocks(modality="image") -> final norm -> class token -> projection -> L2-normalised (B, E)
+- ids (B, T) -> token embedding * sqrt(D) + sinusoidal positions -> blocks(modality="text",
+  key padding mask) -> final norm -> EOS state -> projection -> L2-normalised (B, E)
+
+A checkpoint directory holds ``config.json`` + ``model.safetensors`` (+ ``tokenizer.model``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmformer.config import MODALITIES, ModelConfig
+from mmformer.layers.multiway import MultiwayBlock, sharing
+from mmformer.layers.positions import sincos_2d, sinusoidal_1d
+from mmformer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.model"
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, N, D) with a stride-``patch`` convolution (timm's layout: ``proj``)."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class MMFormer(nn.Module):
+    """Image-text model with attention weights shared across modalities.
+
+    Args:
+        config: the model's shape; see :class:`mmformer.config.ModelConfig`.
+        tokenizer: optional SentencePiece tokenizer kept with the model and saved beside it.
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None) -> None:
+        super().__init__()
+        c = self.config = config
+        self.tokenizer = tokenizer
+        d = c.width
+        # image path
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        pos = torch.cat([torch.zeros(1, d), sincos_2d(c.grid_size, c.grid_size, d)])[None] \
+            if c.image_pos == "sincos" else torch.zeros(1, 1 + c.num_patches, d)
+        if c.image_pos == "learned":
+            self.pos_embed = nn.Parameter(pos)
+        else:
+            self.register_buffer("pos_embed", pos, persistent=False)  # (1, 1+N, D), cls gets 0
+        # text path
+        self.token_embed = nn.Embedding(c.vocab_size, d)
+        self.register_buffer("text_pos", sinusoidal_1d(c.context_length, d), persistent=False)
+        # shared trunk
+        self.blocks = nn.ModuleList(
+            MultiwayBlock(d, c.heads, c.mlp_hidden, c.share, MODALITIES, c.qkv_bias, c.ln_eps)
+            for _ in range(c.depth)
+        )
+        self.norm = nn.ModuleDict({m: nn.LayerNorm(d, eps=c.ln_eps) for m in MODALITIES})
+        # joint space
+        self.image_proj = nn.Linear(d, c.embed_dim, bias=False)
+        self.text_proj = nn.Linear(d, c.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(c.logit_scale_init)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Truncated-normal(0.02) Linears with zero bias; unit LayerNorms; token embeddings at
+        std 1/sqrt(D), so that after the sqrt(D) scale they have unit variance like the
+        sinusoid table they are added to."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.token_embed.weight, std=self.config.width**-0.5)
+        nn.init.normal_(self.cls_token, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(self.config.logit_scale_init))
+
+    # ---- trunk --------------------------------------------------------------------------
+    def _run_blocks(self, x: torch.Tensor, modality: str,
+                    key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, modality, key_padding_mask, use_reentrant=False)
+            else:
+                x = block(x, modality, key_padding_mask)
+        return self.norm[modality](x)
+
+    # ---- image path ---------------------------------------------------------------------
+    def forward_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised pixels -> final-norm token states (B, 1+N, D), class token first.
+
+        Equals timm's ``VisionTransformer.forward_features`` when loaded with its weights.
+        """
+        c = self.config
+        if images.ndim != 4 or images.shape[1:] != (c.in_chans, c.image_size, c.image_size):
+            raise ValueError(
+                f"expected images of shape (B, {c.in_chans}, {c.image_size}, {c.image_size}), "
+                f"got {tuple(images.shape)}"
+            )
+        x = self.patch_embed(images)  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = x + self.pos_embed.to(x.dtype)
+        return self._run_blocks(x, "image")
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, C, H, W) -> (B, E) joint-space embeddings (unit length when ``normalize``)."""
+        x = self.forward_image_features(images)
+        pooled = x[:, 0] if self.config.image_pool == "cls" else x[:, 1:].mean(dim=1)
+        z = self.image_proj(pooled)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    # ---- text path ----------------------------------------------------------------------
+    def forward_text_features(self, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids, (B, T) bool mask (True = real token) -> final-norm states (B, T, D)."""
+        c = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > c.context_length:
+            raise ValueError(
+                f"text of {input_ids.shape[1]} tokens exceeds context_length={c.context_length}; "
+                "truncate it (tokenizer max_length) or chunk it"
+            )
+        mask = self._text_mask(input_ids, attention_mask)
+        x = self.token_embed(input_ids) * math.sqrt(c.width)
+        x = x + self.text_pos[: input_ids.shape[1]].to(x.dtype)
+        return self._run_blocks(x, "text", mask)
+
+    def _text_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        mask = input_ids != self.config.pad_id if attention_mask is None else attention_mask.bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every text needs at least one real token (an all-padding row was given)")
+        return mask
+
+    def pool_text(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) states, (B, T) bool mask -> (B, D) by the config's ``text_pool``."""
+        pool = self.config.text_pool
+        if pool == "cls":
+            return states[:, 0]
+        if pool == "mean":
+            m = mask.to(states.dtype)[..., None]
+            return (states * m).sum(1) / m.sum(1)
+        last = mask.long().sum(dim=1) - 1  # (B,) index of the last real token (EOS)
+        return states[torch.arange(states.shape[0], device=states.device), last]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    normalize: bool = True) -> torch.Tensor:
+        """(B, T) ids (+ (B, T) bool mask) -> (B, E) joint-space embeddings."""
+        mask = self._text_mask(input_ids, attention_mask)
+        z = self.text_proj(self.pool_text(self.forward_text_features(input_ids, mask), mask))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
+        """Tokenize ``texts`` with the attached tokenizer and encode them, (len(texts), E)."""
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer attached; pass ids to encode_text")
+        ids, mask = self.tokenizer(texts, max_length=self.config.context_length)
+        device = self.logit_scale.device
+        return self.encode_text(ids.to(device), mask.to(device), normalize)
+
+    # ---- both ---------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Both embeddings (unit length) and the logit scale exp(s), clamped at logit_scale_max."""
+        return {
+            "image_embeds": self.encode_image(images),
+            "text_embeds": self.encode_text(input_ids, attention_mask),
+            "logit_scale": self.logit_scale.exp().clamp(max=self.config.logit_scale_max),
+        }
+
+    # ---- persistence --------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.model``), each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.to_json(directory / CONFIG_NAME)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"format": "pt", "library": "mmformer"})
+            os.replace(tmp, directory / WEIGHTS_NAME)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory / TOKENIZER_NAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MMFormer":
+        """Load a directory written by :meth:`save_pretrained`."""
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory}: missing {name} (expected a save_pretrained directory)")
+        config = ModelConfig.from_json(directory / CONFIG_NAME)
+        tok_path = directory / TOKENIZER_NAME
+        model = cls(config, Tokenizer.load(tok_path) if tok_path.is_file() else None)
+        try:
+            state = load_file(directory / WEIGHTS_NAME, device=str(map_location))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{directory / WEIGHTS_NAME}: unreadable weights ({e})") from e
+        model.load_state_dict_checked(state, source=str(directory / WEIGHTS_NAME))
+        return model
+
+    def load_state_dict_checked(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+        """``load_state_dict(strict=True)`` with an error that lists missing/unexpected/mis-shaped keys."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"{source} does not fit this model: missing={missing[:10]} unexpected={unexpected[:10]} "
+                f"shape mismatches={shapes[:10]}"
+            )
+        self.load_state_dict(state, strict=True)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- timm interop -------------------------------------------------------------------
+    def load_timm_vit(self, state_dict: Mapping[str, torch.Tensor] | str | os.PathLike) -> None:
+        """Load a timm ``VisionTransformer`` state dict (or a .safetensors/.pth file) into the image path.
+
+        The config must match the ViT: width, depth, heads, patch and image size,
+        ``image_pos="learned"``, class-token pooling. Shared parts (``share``) take the ViT's
+        weights for every modality; the text path's own parts are left untouched.
+        """
+        if isinstance(state_dict, (str, os.PathLike)):
+            state_dict = _read_state_dict(Path(state_dict))
+        if self.config.image_pos != "learned":
+            raise ValueError("timm ViT weights need image_pos='learned' in the config")
+        converted = timm_vit_to_mmformer(state_dict, self.config.share)
+        own = self.state_dict()
+        bad = [f"{k}: timm {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+               for k, v in converted.items() if k in own and own[k].shape != v.shape]
+        unknown = [k for k in converted if k not in own]
+        if bad or unknown:
+            raise ValueError(f"timm ViT does not fit this config: shape mismatches={bad[:10]} unknown keys={unknown[:10]}")
+        self.load_state_dict(converted, strict=False)
+
+
+_TIMM_SKIP = re.compile(r"^(head\.|fc_norm\.|attn_pool\.|reg_token)")
+
+
+def timm_vit_to_mmformer(state_dict: Mapping[str, torch.Tensor], share: str) -> dict[str, torch.Tensor]:
+    """Rename a timm ViT state dict to MMFormer's image-path keys for a given ``share`` mode."""
+    s = sharing(share)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if _TIMM_SKIP.match(key):
+            continue
+        new = key
+        m = re.match(r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp)\.(.+)$", key)
+        if m:
+            idx, part, rest = m.groups()
+            per_modality = part.startswith("norm") or not s[part.split(".")[-1]]
+            new = f"blocks.{idx}.{part}." + ("image." if per_modality else "") + rest
+        elif key.startswith("norm."):
+            new = "norm.image." + key[len("norm."):]
+        elif key.startswith(("blocks.", "norm_pre.")) or not key.startswith(("cls_token", "pos_embed", "patch_embed.")):
+            raise ValueError(f"timm key {key!r} has no MMFormer counterpart (layer scale, q/k norm or pre-norm ViTs are not supported)")
+        out[new] = value
+    return out
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,122 @@
+"""SentencePiece tokenizer: train from texts, save/load, batch encode with padding, chunk.
+
+Special ids are fixed: pad=0, unk=1, bos=2, eos=3. A batch encode wraps each text as
+``[bos] pieces [eos]``, truncating the pieces (never the eos) to fit ``max_length``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+import torch
+
+from mmformer.config import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """A SentencePiece model with the batch interface the model and data code use.
+
+    ``ids, mask = tokenizer(texts, max_length=16)`` gives (B, T) int64 ids and a (B, T) bool
+    mask (True = real token), T = the longest encoded text, at most ``max_length``.
+    """
+
+    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
+    def __init__(self, model_proto: bytes) -> None:
+        self._proto = bytes(model_proto)
+        self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        specials = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
+        if specials != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+            raise ValueError(
+                "SentencePiece model must use pad=0, unk=1, bos=2, eos=3 "
+                f"(got pad={specials[0]}, unk={specials[1]}, bos={specials[2]}, eos={specials[3]}); "
+                "train it with Tokenizer.train"
+            )
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 4096, model_type: str = "unigram",
+              character_coverage: float = 1.0, lowercase: bool = True) -> "Tokenizer":
+        """Train on an iterator of texts. ``vocab_size`` is an upper bound on small corpora."""
+        if model_type not in ("unigram", "bpe"):
+            raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+        texts = [t.lower() if lowercase else t for t in texts if t and t.strip()]
+        if not texts:
+            raise ValueError("cannot train a tokenizer on an empty corpus")
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=character_coverage,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            hard_vocab_limit=False, normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
+            num_threads=min(4, os.cpu_count() or 1), minloglevel=2,
+        )
+        tok = cls(buf.getvalue())
+        log.info("trained a %s tokenizer with %d pieces on %d texts", model_type, tok.vocab_size, len(texts))
+        return tok
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        try:
+            return cls(path.read_bytes())
+        except RuntimeError as e:
+            raise ValueError(f"{path}: not a SentencePiece model ({e})") from e
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the SentencePiece model file atomically."""
+        write_bytes_atomic(Path(path), self._proto)
+
+    # ---- encoding -----------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Piece ids of ``text`` without special tokens."""
+        return self.sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``, skipping pad/bos/eos."""
+        return self.sp.decode([int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)])
+
+    def __call__(self, texts: str | list[str], max_length: int = 64,
+                 pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a batch to ((B, T) int64 ids, (B, T) bool mask); T <= max_length."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if max_length < 3:
+            raise ValueError(f"max_length must be >= 3 (bos, one piece, eos), got {max_length}")
+        rows = [[BOS_ID, *ids[: max_length - 2], EOS_ID] for ids in self.sp.encode(list(texts))]
+        t = max_length if pad_to_max else max((len(r) for r in rows), default=2)
+        ids = torch.full((len(rows), t), PAD_ID, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return ids, ids != PAD_ID
+
+    def chunk(self, text: str, length: int, stride: int | None = None) -> list[list[int]]:
+        """Windows of at most ``length`` piece ids, starting every ``stride`` ids.
+
+        ``stride`` defaults to ``length`` (no overlap); ``stride < length`` overlaps windows by
+        ``length - stride``. The windows cover every piece; the last window ends at the text's
+        end. An empty text gives one empty window.
+        """
+        stride = length if stride is None else stride
+        if length < 1 or not 1 <= stride <= length:
+            raise ValueError(f"need length >= 1 and 1 <= stride <= length, got length={length}, stride={stride}")
+        ids = self.encode(text)
+        if len(ids) <= length:
+            return [ids]
+        starts = [*range(0, len(ids) - length, stride), len(ids) - length]
+        return [ids[s: s + length] for s in starts]

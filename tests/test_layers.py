@@ -1,0 +1,97 @@
+"""Attention, positions and the multiway block against plain float64 references."""
+
+import math
+
+import pytest
+import torch
+
+from mmformer.layers.attention import CrossAttention, SelfAttention
+from mmformer.layers.multiway import MultiwayBlock
+from mmformer.layers.positions import sincos_2d, sinusoidal_1d
+
+
+def reference_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, mask=None, context=None, kv=None):
+    """softmax(Q K^T / sqrt(d_k)) V per head, in float64, written out by hand."""
+    x = x.double()
+    b, t, d = x.shape
+    dh = d // heads
+    if context is None:
+        q, k, v = (x @ qkv_w.double().T + qkv_b.double()).split(d, dim=-1)
+    else:
+        q = x @ qkv_w.double().T + qkv_b.double()
+        k, v = (context.double() @ kv[0].double().T + kv[1].double()).split(d, dim=-1)
+    out = torch.zeros(b, t, d, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(heads):
+            sl = slice(h * dh, (h + 1) * dh)
+            scores = q[bi, :, sl] @ k[bi, :, sl].T / math.sqrt(dh)  # (T, S)
+            if mask is not None:
+                scores = scores.masked_fill(~mask[bi][None, :], float("-inf"))
+            out[bi, :, sl] = torch.softmax(scores, dim=-1) @ v[bi, :, sl]
+    return out @ proj_w.double().T + proj_b.double()
+
+
+def test_self_attention_matches_float64_reference_with_padding_mask():
+    torch.manual_seed(0)
+    attn = SelfAttention(32, heads=4)
+    x = torch.randn(3, 7, 32)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 1:] = False
+    got = attn(x, mask)
+    ref = reference_attention(x, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, 4, mask)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    # real tokens do not see padding: changing a padded position leaves row 1's real outputs alone
+    x2 = x.clone()
+    x2[1, 5] += 10
+    torch.testing.assert_close(attn(x2, mask)[1, :4], got[1, :4])
+
+
+def test_cross_attention_matches_float64_reference_with_context_mask():
+    torch.manual_seed(1)
+    attn = CrossAttention(16, heads=2, context_dim=24)
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 24)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    got = attn(x, ctx, mask)
+    ref = reference_attention(x, attn.q.weight, attn.q.bias, attn.proj.weight, attn.proj.bias, 2, mask,
+                              context=ctx, kv=(attn.kv.weight, attn.kv.bias))
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sinusoidal_positions_equal_the_formula():
+    pe = sinusoidal_1d(50, 16)
+    for pos in (0, 1, 7, 49):
+        for i in range(8):
+            angle = pos / 10000 ** (2 * i / 16)
+            assert pe[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_sincos_2d_encodes_row_then_column():
+    pe = sincos_2d(3, 4, 16)  # (12, 16)
+    row, col = sinusoidal_1d(3, 8), sinusoidal_1d(4, 8)
+    for r in range(3):
+        for c in range(4):
+            torch.testing.assert_close(pe[r * 4 + c], torch.cat([row[r], col[c]]))
+    assert len({tuple(p.tolist()) for p in pe}) == 12  # every patch has a distinct code
+
+
+@pytest.mark.parametrize("share", ["qkv", "attention", "all", "none"])
+def test_multiway_block_routes_norms_per_modality(share):
+    torch.manual_seed(0)
+    block = MultiwayBlock(16, 2, 32, share=share)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        block.norm1["text"].weight.mul_(3.0)
+    img, txt = block(x, "image"), block(x, "text")
+    assert not torch.allclose(img, txt), "text path must use its own norms"
+    with pytest.raises(KeyError, match="unknown modality 'audio'"):
+        block(x, "audio")
+
+
+def test_multiway_block_shares_weights_where_configured():
+    shared = MultiwayBlock(16, 2, 32, share="qkv")
+    names = {n for n, _ in shared.named_parameters()}
+    assert "attn.qkv.weight" in names and "attn.proj.image.weight" in names
+    none = MultiwayBlock(16, 2, 32, share="none")
+    assert {"attn.qkv.image.weight", "attn.qkv.text.weight"} <= {n for n, _ in none.named_parameters()}

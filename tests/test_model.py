@@ -1,0 +1,119 @@
+"""MMFormer: sharing modes, shapes, persistence, timm interop."""
+
+import json
+
+import pytest
+import torch
+
+from mmformer.config import ModelConfig, get_config
+from mmformer.model import MMFormer
+from mmformer.tokenizer import Tokenizer
+
+SMALL = dict(width=32, depth=3, heads=4, image_size=16, patch_size=8, vocab_size=50,
+             context_length=8, embed_dim=24)
+
+
+def count(share):
+    return MMFormer(ModelConfig(**SMALL, share=share)).num_parameters()
+
+
+def test_parameter_counts_differ_by_exactly_what_is_shared():
+    d, h, depth = 32, 128, 3
+    qkv = 3 * d * d + 3 * d
+    proj = d * d + d
+    mlp = d * h + h + h * d + d
+    assert count("none") - count("qkv") == depth * qkv
+    assert count("qkv") - count("attention") == depth * proj
+    assert count("attention") - count("all") == depth * mlp
+
+
+def test_embeddings_are_unit_length_and_logit_scale_is_clamped():
+    torch.manual_seed(0)
+    m = MMFormer(ModelConfig(**SMALL))
+    ids = torch.tensor([[2, 5, 6, 3, 0, 0], [2, 7, 3, 0, 0, 0]])
+    out = m(torch.randn(2, 3, 16, 16), ids)
+    assert out["image_embeds"].shape == out["text_embeds"].shape == (2, 24)
+    torch.testing.assert_close(out["image_embeds"].norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(out["text_embeds"].norm(dim=-1), torch.ones(2))
+    assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    with torch.no_grad():
+        m.logit_scale.fill_(10.0)
+    assert m(torch.randn(1, 3, 16, 16), ids[:1])["logit_scale"].item() == 100.0
+
+
+def test_padding_does_not_change_a_text_embedding():
+    torch.manual_seed(0)
+    m = MMFormer(ModelConfig(**SMALL)).eval()
+    short = m.encode_text(torch.tensor([[2, 5, 6, 3]]))
+    padded = m.encode_text(torch.tensor([[2, 5, 6, 3, 0, 0, 0]]))
+    torch.testing.assert_close(short, padded, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_shapes_raise_clear_errors():
+    m = MMFormer(ModelConfig(**SMALL))
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 16, 16\)"):
+        m.encode_image(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="exceeds context_length=8"):
+        m.encode_text(torch.ones(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="all-padding row"):
+        m.encode_text(torch.tensor([[2, 3], [0, 0]]))
+    with pytest.raises(ValueError, match="share='some'"):
+        ModelConfig(**SMALL, share="some")
+
+
+def test_save_load_round_trip_is_identical(tmp_path):
+    torch.manual_seed(0)
+    tok = Tokenizer.train(["a red apple", "a green pear", "the blue sky", "grinning face"] * 20, vocab_size=40)
+    m = MMFormer(ModelConfig(**{**SMALL, "vocab_size": 64}), tok).eval()
+    m.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["width"] == 32
+    m2 = MMFormer.from_pretrained(tmp_path / "ckpt").eval()
+    images = torch.randn(2, 3, 16, 16)
+    assert torch.equal(m.encode_image(images), m2.encode_image(images))
+    assert torch.equal(m.encode_texts(["a red apple", "sky"]), m2.encode_texts(["a red apple", "sky"]))
+
+
+def test_from_pretrained_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        MMFormer.from_pretrained(tmp_path)
+    m = MMFormer(ModelConfig(**SMALL))
+    m.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="model.safetensors: unreadable weights"):
+        MMFormer.from_pretrained(tmp_path)
+    other = MMFormer(ModelConfig(**{**SMALL, "depth": 2}))
+    other.save_pretrained(tmp_path / "o")
+    (tmp_path / "o" / "config.json").write_text(json.dumps(ModelConfig(**SMALL).to_dict()))
+    with pytest.raises(ValueError, match=r"unexpected=\[\]|missing=\['blocks.2"):
+        MMFormer.from_pretrained(tmp_path / "o")
+
+
+def test_presets_and_json_round_trip(tmp_path):
+    base = get_config("base")
+    assert (base.width, base.depth, base.heads, base.patch_size) == (768, 12, 12, 16)
+    base.to_json(tmp_path / "c.json")
+    assert ModelConfig.from_json(tmp_path / "c.json") == base
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_dict({"widht": 3})
+
+
+@pytest.mark.parametrize("share", ["qkv", "none"])
+def test_image_features_equal_timm_vit(tmp_path, share):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(vit.state_dict(), path)  # a local weights file, as a user would bring
+    cfg = ModelConfig(width=192, depth=12, heads=3, image_size=224, patch_size=16, image_pos="learned",
+                      share=share)
+    m = MMFormer(cfg).eval()
+    m.load_timm_vit(path)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_image_features(x), vit.forward_features(x), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="image_pos='learned'"):
+        MMFormer(ModelConfig(width=192, depth=12, heads=3, image_size=224, patch_size=16)).load_timm_vit(path)
+    with pytest.raises(ValueError, match="shape mismatches"):
+        MMFormer(ModelConfig(width=192, depth=12, heads=3, image_size=112, patch_size=16,
+                             image_pos="learned")).load_timm_vit(path)
