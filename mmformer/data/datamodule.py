@@ -1,0 +1,238 @@
+"""``ImageTextDataModule``: one LightningDataModule for the bundled emoji data, manifests, shards.
+
+Sources, by precedence:
+
+- ``shards`` -> training streams from WebDataset shards (:class:`ShardDataset`);
+- ``train_manifest`` -> training from a CSV/TSV/JSONL manifest (:class:`ImageTextManifest`);
+- neither -> the emoji dataset in memory (``data_dir``, default the bundled ``data/emoji``):
+  train = ``split == "train"``, val = ``"val"`` (held-out concepts), test = ``"test"``
+  (held-out family).
+
+Val/test come from ``val_manifest``/``test_manifest`` when given, else from the emoji data when
+training uses it. Their datasets expose ``captions`` and ``caption_to_image`` for retrieval.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset
+
+from mmformer.data.collate import ImageTextCollator, SkipCorrupt, SkipStats, Tokenizer
+from mmformer.data.emoji import CaptionMode, EmojiData, InMemoryImageText, default_data_dir
+from mmformer.data.manifest import ImageTextManifest
+from mmformer.data.shards import ShardDataset
+from mmformer.transforms import build_transforms
+
+__all__ = ["ImageTextDataModule", "SkippedSamplesCallback"]
+
+log = logging.getLogger(__name__)
+
+_STAGES = ("train", "validation", "test")
+
+
+class ImageTextDataModule(pl.LightningDataModule):
+    """Image-text batches (see :class:`ImageTextCollator`) for fit / validate / test.
+
+    Args:
+        data_dir: emoji-layout directory (None = bundled data); also the base for relative
+            manifest paths.
+        train_manifest, val_manifest, test_manifest: CSV/TSV/JSONL manifests.
+        shards: WebDataset shard pattern for training (brace pattern or ``::``-separated).
+        image_size: S, side of the square images.
+        batch_size: B.
+        num_workers: DataLoader worker processes.
+        max_length: T, tokens per caption.
+        caption_mode: emoji training captions, ``"name"`` or ``"name+keywords"`` (eval: name).
+        tokenizer_path: a tokenizer file to load; None -> ``set_tokenizer`` must be called (the
+            LightningModule does it in ``setup``).
+        image_col, caption_col: manifest column names.
+        shuffle_buffer: shard sample-shuffle buffer.
+        shard_epoch_size: shard items per rank per epoch (see ``ShardDataset.epoch_size``); set it
+            for multi-rank training from shards so every rank runs the same number of steps.
+        hflip: random horizontal flips in training.
+        cache_dir: optional ``.npy`` cache directory for decoded emoji pixels.
+        seed: shard shuffling seed.
+        image_mean, image_std: normalisation, ``(x / 255 - mean) / std``; must match the model's
+            ``ModelConfig.image_mean`` / ``image_std``.
+    """
+
+    def __init__(self, data_dir: str | None = None, train_manifest: str | None = None,
+                 val_manifest: str | None = None, test_manifest: str | None = None,
+                 shards: str | None = None, image_size: int = 64, batch_size: int = 128,
+                 num_workers: int = 0, max_length: int = 16, caption_mode: CaptionMode = "name",
+                 tokenizer_path: str | None = None, image_col: str = "image", caption_col: str = "caption",
+                 shuffle_buffer: int = 1000, shard_epoch_size: int | None = None,
+                 hflip: bool = False, cache_dir: str | None = None,
+                 seed: int = 0, image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: Tokenizer | None = _load_tokenizer(tokenizer_path) if tokenizer_path else None
+        self.skip_stats: dict[str, SkipStats] = {stage: SkipStats() for stage in _STAGES}
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Use ``tokenizer`` (``ids, mask = tok(texts, max_length=T)``) for every loader."""
+        self.tokenizer = tokenizer
+
+    @property
+    def uses_emoji(self) -> bool:
+        """True when training data is the in-memory emoji dataset."""
+        return self.hparams.shards is None and self.hparams.train_manifest is None
+
+    def _path(self, p: str) -> Path:
+        """Relative manifest paths resolve against ``data_dir`` when it is given."""
+        base = self.hparams.data_dir
+        return Path(p) if base is None or Path(p).is_absolute() else Path(base) / p
+
+    # -- datasets ------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets ``stage`` needs (``fit``: train + val; ``validate``; ``test``)."""
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._train_dataset()
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self._eval_dataset(self.hparams.val_manifest, "val")
+        if stage in (None, "test") and self.test_dataset is None:
+            self.test_dataset = self._eval_dataset(self.hparams.test_manifest, "test")
+
+    def _emoji(self, split: str, train: bool) -> InMemoryImageText:
+        """The in-memory emoji dataset of one split."""
+        hp = self.hparams
+        data = EmojiData.load(hp.data_dir or default_data_dir(), split, hp.image_size, cache_dir=hp.cache_dir)
+        return InMemoryImageText(data, train=train, caption_mode=hp.caption_mode if train else "name",
+                                 mean=hp.image_mean, std=hp.image_std)
+
+    def _manifest(self, path: str, train: bool) -> ImageTextManifest:
+        """A manifest dataset with the train or eval transform."""
+        hp = self.hparams
+        transform = self._transform(train)
+        return ImageTextManifest(self._path(path), image_col=hp.image_col, caption_col=hp.caption_col,
+                                 transform=transform)
+
+    def _transform(self, train: bool):
+        """The PIL -> tensor pipeline for manifests and shards."""
+        hp = self.hparams
+        return build_transforms(hp.image_size, train, hp.image_mean, hp.image_std, hflip=hp.hflip)
+
+    def _train_dataset(self) -> Dataset:
+        hp = self.hparams
+        if hp.shards is not None:
+            return ShardDataset(hp.shards, transform=self._transform(True),
+                                train=True, shuffle=hp.shuffle_buffer, seed=hp.seed,
+                                epoch_size=hp.shard_epoch_size)
+        if hp.train_manifest is not None:
+            return self._manifest(hp.train_manifest, train=True)
+        return self._emoji("train", train=True)
+
+    def _eval_dataset(self, manifest: str | None, split: str) -> Dataset | None:
+        if manifest is not None:
+            return self._manifest(manifest, train=False)
+        return self._emoji(split, train=False) if self.uses_emoji else None
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        """DataLoader with skip-and-count collation; shard datasets are not re-shuffled."""
+        if dataset is None:
+            raise RuntimeError("no training data: give train_manifest, shards, or use the emoji data "
+                               "(and call setup('fit') first)")
+        if self.tokenizer is None:
+            raise RuntimeError("ImageTextDataModule has no tokenizer: pass tokenizer_path or call "
+                               "set_tokenizer(tok) before the loaders are built")
+        hp = self.hparams
+        iterable = isinstance(dataset, ShardDataset)
+        if not iterable and not isinstance(dataset, InMemoryImageText):
+            dataset = SkipCorrupt(dataset)  # CorruptSample -> Skipped marker, inside the worker
+        n = None if iterable else len(dataset)
+        return DataLoader(dataset, batch_size=hp.batch_size, num_workers=hp.num_workers,
+                          shuffle=train and not iterable,
+                          drop_last=train and n is not None and n >= hp.batch_size,
+                          collate_fn=ImageTextCollator(self.tokenizer, hp.max_length, hp.image_size),
+                          persistent_workers=hp.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Eval batches of the val split; ``[]`` (Lightning: no validation) without val data."""
+        return self._loader(self.val_dataset, train=False) if self.val_dataset is not None else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Eval batches of the test split; ``[]`` without test data."""
+        return self._loader(self.test_dataset, train=False) if self.test_dataset is not None else []
+
+    # -- skipped samples -----------------------------------------------------------------------
+
+    def skipped_summary(self, stage: str | None = None) -> str:
+        """Skipped samples since the start, e.g. ``"train: skipped 2 corrupt samples (e.g. a.png:
+        cannot decode image: ...)"``; one line per stage with skips (``stage`` picks one:
+        ``"train"``, ``"validation"`` or ``"test"``); ``""`` when nothing was skipped.
+
+        Counts come from :class:`SkippedSamplesCallback` (or from
+        ``datamodule.skip_stats[stage].update(batch)`` called by the LightningModule).
+        """
+        stages = _STAGES if stage is None else (stage,)
+        lines = [f"{s}: {self.skip_stats[s].summary(period=False)}" for s in stages
+                 if self.skip_stats[s].total]
+        return "\n".join(lines)
+
+
+def _load_tokenizer(path: str) -> Tokenizer:
+    """``mmformer.tokenizer.Tokenizer.load(path)``, imported lazily (sentencepiece is heavy-ish)."""
+    from mmformer.tokenizer import Tokenizer as SentencePieceTokenizer  # noqa: PLC0415
+
+    return SentencePieceTokenizer.load(path)
+
+
+class SkippedSamplesCallback(pl.Callback):
+    """Counts ``batch["n_skipped"]`` per stage and logs one warning per epoch with skips.
+
+    The warning reads ``"train epoch 3 (rank 0): skipped 2 corrupt samples (e.g. path: reason)"``.
+    Uses the DataModule's ``skip_stats`` when the trainer has an :class:`ImageTextDataModule`, so
+    ``datamodule.skipped_summary()`` sees the same numbers; otherwise its own.
+    """
+
+    def __init__(self) -> None:
+        self.stats: dict[str, SkipStats] = {stage: SkipStats() for stage in _STAGES}
+
+    def _stats(self, trainer: pl.Trainer, stage: str) -> SkipStats:
+        stats = getattr(trainer.datamodule, "skip_stats", None)
+        return (stats if isinstance(stats, dict) else self.stats)[stage]
+
+    def _update(self, trainer: pl.Trainer, batch: Any, stage: str) -> None:
+        if isinstance(batch, dict):
+            self._stats(trainer, stage).update(batch)
+
+    def _report(self, trainer: pl.Trainer, stage: str) -> None:
+        stats = self._stats(trainer, stage)
+        if stats.count:
+            log.warning("%s epoch %d (rank %d): %s", stage, trainer.current_epoch, trainer.global_rank,
+                        stats.summary())
+        stats.reset()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        self._update(trainer, batch, "train")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+        self._update(trainer, batch, "validation")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+        self._update(trainer, batch, "test")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
+        self._report(trainer, "train")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
+        self._report(trainer, "validation")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
+        self._report(trainer, "test")

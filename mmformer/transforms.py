@@ -1,0 +1,159 @@
+"""Image loading and torchvision.transforms.v2 pipelines for train / eval.
+
+``load_image`` turns a file into a plain 8-bit RGB ``PIL.Image`` (or raises
+:class:`~mmformer.data.errors.CorruptSample`); ``build_transforms`` turns that image (or a
+uint8 ``(3, H, W)`` tensor) into a normalised float tensor ``(3, S, S)``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+import zlib
+from collections.abc import Sequence
+from typing import IO, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+from mmformer.data.errors import CorruptSample
+
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageSource", "build_transforms", "load_image", "to_rgb"]
+
+#: Largest image (width * height) ``load_image`` accepts by default: 8192 x 8192.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+ImageSource = Union[str, "os.PathLike[str]", bytes, IO[bytes]]
+
+_WHITE = (255, 255, 255, 255)
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+# What PIL and its plugins raise on broken files (SyntaxError and struct.error come from
+# some header parsers, zlib.error from PNG chunks, EOFError from truncated streams).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+                  Image.DecompressionBombError)
+
+
+def _source_name(src: ImageSource, name: str | None) -> str:
+    """Name used in error messages: ``name``, the path, or the file object's name."""
+    if name is not None:
+        return name
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    return str(getattr(src, "name", "<bytes>" if isinstance(src, bytes) else "<file object>"))
+
+
+def load_image(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               name: str | None = None) -> Image.Image:
+    """Decode an image file into an 8-bit RGB ``PIL.Image``, robustly.
+
+    - refuses images with more than ``max_pixels`` pixels (read from the header, before any
+      decoding); ``None`` disables our limit (PIL's own ``Image.MAX_IMAGE_PIXELS`` error still
+      applies; PIL's warning is silenced because we decide). PIL's global state is not touched.
+    - forces decoding (``img.load()``), so truncated files fail here, not in a worker later
+      (unless the caller set ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` globally);
+    - applies the EXIF orientation (``ImageOps.exif_transpose``);
+    - converts every mode to RGB with :func:`to_rgb` (alpha composited onto white,
+      16-bit scaled to 8-bit).
+
+    Args:
+        src: a path, the encoded bytes, or a binary file object.
+        max_pixels: largest accepted ``width * height``.
+        name: what to call the source in error messages (default: its path or name).
+
+    Raises:
+        CorruptSample: naming the file and the reason, for any unreadable/oversized image.
+    """
+    label = _source_name(src, name)
+    fp = io.BytesIO(src) if isinstance(src, bytes) else src
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+        with img:
+            _check_pixels(img.size, max_pixels, label)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except CorruptSample:
+        raise
+    except FileNotFoundError as err:
+        raise CorruptSample(label, f"file not found ({err.strerror})") from err
+    except Image.DecompressionBombError as err:
+        raise CorruptSample(label, f"image too large, refused as a decompression bomb: {err}") from err
+    except _DECODE_ERRORS as err:
+        raise CorruptSample(label, f"cannot decode image: {type(err).__name__}: {err}") from err
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, label: str) -> None:
+    """Raise ``CorruptSample`` if ``size`` (w, h) has more than ``max_pixels`` pixels."""
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise CorruptSample(label, f"image too large: {w}x{h} = {w * h} pixels exceeds "
+                                   f"max_pixels={max_pixels} (possible decompression bomb)")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    Transparency (RGBA, LA, PA, premultiplied modes, or a ``transparency`` entry for P/L/RGB/1)
+    is alpha-composited onto white. 16-bit and 32-bit grey (``I;16*``, ``I``, ``F``) is scaled to
+    8 bits (65535 -> 255) rather than clipped, see :func:`_high_depth_to_uint8`. Everything else
+    (L, 1, CMYK, YCbCr, LAB, HSV) uses PIL's conversion.
+    """
+    if img.mode in _HIGH_DEPTH_MODES:
+        return Image.fromarray(_high_depth_to_uint8(np.asarray(img), img.mode), mode="L").convert("RGB")
+    if img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB", "1") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a 16/32-bit or float grey array ``(H, W)`` to uint8, rounding to nearest.
+
+    ``I;16*``: 0..65535 -> 0..255 (divide by 257). ``I`` (32-bit int): treated as 16-bit range
+    when any value exceeds 255 (what 16-bit PNG/TIFF decoders produce), else as 8-bit.
+    ``F``: treated as 0..1 when the maximum is <= 1, as 0..255 when <= 255, else as 16-bit.
+    Values outside the assumed range are clipped.
+    """
+    a = np.nan_to_num(arr.astype(np.float64), nan=0.0)
+    top = float(a.max()) if a.size else 0.0
+    if mode.startswith("I;16") or top > 255.0:
+        a = a / 257.0
+    elif mode == "F" and top <= 1.0:
+        a = a * 255.0
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def build_transforms(image_size: int, train: bool, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                     std: Sequence[float] = (0.5, 0.5, 0.5), *, hflip: bool = False,
+                     scale: tuple[float, float] = (0.6, 1.0),
+                     ratio: tuple[float, float] = (0.85, 1.18),
+                     brightness: float = 0.1, contrast: float = 0.1) -> v2.Compose:
+    """Image pipeline: ``PIL.Image`` (RGB) or uint8 tensor ``(3, H, W)`` -> float ``(3, S, S)``.
+
+    Train: RandomResizedCrop(scale, ratio, antialias), optional horizontal flip (off by default:
+    emoji and text in images are not mirror-symmetric), a mild brightness/contrast jitter (never
+    hue or saturation: colour identifies emoji; 0 disables), then normalise.
+    Eval: Resize (shorter side to S, antialias) + CenterCrop(S), then normalise.
+    The output is ``(x / 255 - mean) / std``.
+    """
+    steps: list[v2.Transform] = [v2.ToImage()]  # PIL or tensor -> tv_tensors.Image uint8 (3, H, W)
+    if train:
+        steps.append(v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True))
+        if hflip:
+            steps.append(v2.RandomHorizontalFlip())
+    else:
+        steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    steps.append(v2.ToDtype(torch.float32, scale=True))  # uint8 -> float in [0, 1]
+    if train and (brightness > 0 or contrast > 0):
+        # on float: adjust_contrast on uint8 is ~40x slower with 2 intra-op threads
+        steps.append(v2.ColorJitter(brightness=brightness or None, contrast=contrast or None))
+    steps += [v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]  # plain torch.Tensor out
+    return v2.Compose(steps)

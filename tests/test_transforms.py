@@ -1,0 +1,235 @@
+"""mmformer.transforms: robust image loading (modes, EXIF, bad files) and the v2 pipelines."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmformer.data.errors import CorruptSample
+from mmformer.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny, valid-looking PNG whose IHDR declares ``width x height`` (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def pixels(img: Image.Image) -> np.ndarray:
+    assert img.mode == "RGB"
+    return np.asarray(img)
+
+
+# -- modes --------------------------------------------------------------------------------------
+
+def test_rgba_composited_on_white():
+    img = Image.new("RGBA", (3, 1))
+    img.putpixel((0, 0), (10, 20, 30, 0))      # fully transparent -> white
+    img.putpixel((1, 0), (200, 0, 0, 255))     # opaque -> unchanged
+    img.putpixel((2, 0), (0, 0, 0, 128))       # half black -> 255 * (1 - 128/255) = 127
+    out = pixels(load_image(png_bytes(img)))
+    assert out[0].tolist() == [[255, 255, 255], [200, 0, 0], [127, 127, 127]]
+
+
+def test_la_composited_on_white():
+    img = Image.new("LA", (2, 1))
+    img.putpixel((0, 0), (0, 0))
+    img.putpixel((1, 0), (40, 255))
+    assert pixels(load_image(png_bytes(img)))[0].tolist() == [[255, 255, 255], [40, 40, 40]]
+
+
+def test_palette_with_transparency_composited_on_white():
+    img = Image.new("P", (2, 1))
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    img.putpixel((0, 0), 0)
+    img.putpixel((1, 0), 1)
+    img.info["transparency"] = 0  # palette entry 0 (red) is transparent
+    data = png_bytes(img)
+    assert Image.open(io.BytesIO(data)).mode == "P"
+    assert pixels(load_image(data))[0].tolist() == [[255, 255, 255], [0, 0, 255]]
+
+
+def test_grey_l_to_rgb():
+    img = Image.fromarray(np.array([[0, 77, 255]], dtype=np.uint8), mode="L")
+    assert pixels(load_image(png_bytes(img)))[0].tolist() == [[0, 0, 0], [77, 77, 77], [255, 255, 255]]
+
+
+def test_cmyk_jpeg_to_rgb():
+    img = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=100)
+    out = pixels(load_image(buf.getvalue()))
+    assert out.shape == (16, 16, 3)
+    assert np.abs(out.astype(int) - [255, 0, 0]).max() <= 3
+
+
+def test_16bit_grey_is_scaled_not_clipped():
+    values = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    data = png_bytes(Image.fromarray(values))
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    out = pixels(load_image(data))
+    assert out[0, :, 0].tolist() == [0, 1, 128, 255]
+    assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_32bit_int_and_float_grey():
+    as_int = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.int32), mode="I")
+    assert pixels(load_image(_tiff_bytes(as_int)))[0, :, 0].tolist() == [0, 128, 255]
+    as_float = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
+    assert pixels(load_image(_tiff_bytes(as_float)))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def _tiff_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def test_exif_orientation_6_rotates_clockwise():
+    img = Image.new("RGB", (32, 16), (255, 0, 0))  # stored: top half red, bottom half blue
+    img.paste((0, 0, 255), (0, 8, 32, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    out = load_image(buf.getvalue())
+    assert out.size == (16, 32)  # width and height swapped
+    arr = pixels(out).astype(int)
+    assert arr[16, 12, 0] > 200 and arr[16, 12, 2] < 50  # right half: the stored top (red)
+    assert arr[16, 3, 2] > 200 and arr[16, 3, 0] < 50   # left half: the stored bottom (blue)
+
+
+# -- bad files ----------------------------------------------------------------------------------
+
+def test_truncated_png_raises_corrupt_sample_naming_file(tmp_path: Path):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = png_bytes(Image.fromarray(noise))
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptSample) as info:
+        load_image(path)
+    assert info.value.path == str(path)
+    assert str(info.value).startswith(f"{path}: cannot decode image")
+    assert "truncated" in info.value.reason
+
+
+def test_random_bytes_raise_corrupt_sample(tmp_path: Path):
+    path = tmp_path / "noise.png"
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    with pytest.raises(CorruptSample, match="noise.png: cannot decode image: UnidentifiedImageError"):
+        load_image(path)
+
+
+def test_missing_file_raises_corrupt_sample(tmp_path: Path):
+    with pytest.raises(CorruptSample, match="gone.png: file not found"):
+        load_image(tmp_path / "gone.png")
+
+
+def test_header_bomb_beyond_pil_limit_is_refused():
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(CorruptSample, match="bomb.png: image too large") as info:
+        load_image(png_claiming_size(100_000, 100_000), name="bomb.png")
+    assert "decompression bomb" in info.value.reason
+    assert Image.MAX_IMAGE_PIXELS == before  # PIL's global limit untouched
+
+
+def test_header_over_our_limit_but_under_pils_is_refused():
+    with pytest.raises(CorruptSample) as info:
+        load_image(png_claiming_size(9000, 9000), name="big.png")
+    assert info.value.reason == (f"image too large: 9000x9000 = 81000000 pixels exceeds "
+                                 f"max_pixels={DEFAULT_MAX_PIXELS} (possible decompression bomb)")
+
+
+def test_tiny_max_pixels_and_none():
+    data = png_bytes(Image.new("RGB", (64, 64), (1, 2, 3)))
+    with pytest.raises(CorruptSample, match="4096 pixels exceeds max_pixels=4095"):
+        load_image(data, max_pixels=4095)
+    assert load_image(data, max_pixels=4096).size == (64, 64)
+    assert load_image(data, max_pixels=None).getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_file_object_source_named_in_errors(tmp_path: Path):
+    path = tmp_path / "junk.jpg"
+    path.write_bytes(b"not an image at all")
+    with open(path, "rb") as f, pytest.raises(CorruptSample) as info:
+        load_image(f)
+    assert info.value.path == str(path)
+
+
+# -- pipelines ----------------------------------------------------------------------------------
+
+def test_eval_pipeline_exact_values_and_shape():
+    img = Image.new("RGB", (40, 20), (255, 0, 51))
+    out = build_transforms(16, train=False)(img)
+    assert out.shape == (3, 16, 16) and out.dtype == torch.float32
+    assert type(out) is torch.Tensor  # not a tv_tensors.Image subclass
+    expected = torch.tensor([1.0, -1.0, 51 / 255 / 0.5 - 1.0]).view(3, 1, 1).expand(3, 16, 16)
+    torch.testing.assert_close(out, expected)
+
+
+def test_eval_pipeline_custom_mean_std():
+    out = build_transforms(8, train=False, mean=(0.25, 0.5, 0.75), std=(0.5, 0.25, 0.25))(
+        Image.new("RGB", (8, 8), (255, 255, 255)))
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor([1.5, 2.0, 1.0]))
+
+
+def test_pipeline_accepts_uint8_tensor_like_pil():
+    arr = np.random.default_rng(2).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    t = build_transforms(12, train=False)
+    from_pil = t(Image.fromarray(arr))
+    from_tensor = t(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
+    torch.testing.assert_close(from_pil, from_tensor)
+
+
+def test_train_pipeline_keeps_hue():
+    torch.manual_seed(0)
+    t = build_transforms(16, train=True)
+    for _ in range(10):
+        out = t(Image.new("RGB", (32, 32), (255, 0, 0)))
+        assert out.shape == (3, 16, 16)
+        torch.testing.assert_close(out[1], out[2])  # G == B: no hue/saturation change
+        assert (out[0] > out[1] + 1.0).all()        # still red
+
+
+def _half_black_half_white() -> Image.Image:
+    img = Image.new("RGB", (32, 32), (0, 0, 0))
+    img.paste((255, 255, 255), (16, 0, 32, 32))
+    return img
+
+
+def test_train_pipeline_no_flip_by_default_and_flip_flag():
+    torch.manual_seed(0)
+    kw = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "brightness": 0.0, "contrast": 0.0}
+    img = _half_black_half_white()
+    def flipped(out: torch.Tensor) -> bool:  # left column white -> the image was mirrored
+        return bool(out[0, 0, 0] > out[0, 0, -1])
+
+    plain = build_transforms(32, train=True, **kw)
+    assert not any(flipped(plain(img)) for _ in range(20))
+    flip = build_transforms(32, train=True, hflip=True, **kw)
+    n_flipped = sum(flipped(flip(img)) for _ in range(40))
+    assert 5 <= n_flipped <= 35
+
+
+def test_train_pipeline_random_crop_varies():
+    torch.manual_seed(0)
+    t = build_transforms(16, train=True, brightness=0.0, contrast=0.0)
+    arr = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    outs = [t(Image.fromarray(arr)) for _ in range(4)]
+    assert not torch.equal(outs[0], outs[1])
