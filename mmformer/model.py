@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmformer.config import MODALITIES, ModelConfig
+from mmformer.config import MODALITIES, ModelConfig, make_readable
 from mmformer.layers.multiway import MultiwayBlock, sharing
 from mmformer.layers.positions import sincos_2d, sinusoidal_1d
 from mmformer.tokenizer import Tokenizer
@@ -212,6 +212,7 @@ class MMFormer(nn.Module):
         os.close(fd)
         try:
             save_file(state, tmp, metadata={"format": "pt", "library": "mmformer"})
+            make_readable(tmp)
             os.replace(tmp, directory / WEIGHTS_NAME)
         finally:
             if os.path.exists(tmp):
