@@ -1,0 +1,235 @@
+"""The LightningModule: contrastive training of :class:`MMFormer` with retrieval validation.
+
+The module holds the science (model, loss, optimizer groups, schedule, metrics); the Trainer
+holds the engineering (devices, precision, accumulation, checkpoints, logging).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from mmformer.config import get_config
+from mmformer.losses import clip_loss
+from mmformer.model import MMFormer
+from mmformer.retrieval.metrics import retrieval_metrics
+from mmformer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def default_tokenizer_path() -> Path:
+    """The SentencePiece model trained on the bundled emoji captions (``data/emoji/tokenizer.model``)."""
+    from mmformer.data.emoji import default_data_dir
+
+    return Path(default_data_dir()) / "tokenizer.model"
+
+
+class MMFormerModule(L.LightningModule):
+    """Contrastive (CLIP InfoNCE) training of an MMFormer.
+
+    Args:
+        preset: model preset name (``tiny``, ``small``, ``base``).
+        model_config: overrides of the preset's :class:`~mmformer.config.ModelConfig` fields.
+        tokenizer: SentencePiece model path; None = the bundled emoji tokenizer.
+        pretrained: a ``save_pretrained`` directory to start from (its config wins over
+            ``preset``/``model_config``).
+        lr, weight_decay, betas, eps: AdamW. No decay on norms, biases, embeddings, logit scale.
+        warmup_steps: linear warmup length (optimizer steps), then cosine decay to
+            ``min_lr_ratio * lr`` at the end of training.
+        concept_positives: when batches carry ``concepts`` ids, pairs of the same concept are
+            not used as each other's negatives.
+    """
+
+    def __init__(self, preset: str = "tiny", model_config: dict[str, Any] | None = None,
+                 tokenizer: str | None = None, pretrained: str | None = None, lr: float = 5e-4,
+                 weight_decay: float = 0.2, betas: tuple[float, float] = (0.9, 0.98),
+                 eps: float = 1e-6, warmup_steps: int = 100, min_lr_ratio: float = 0.0,
+                 concept_positives: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if pretrained is not None:
+            self.model = MMFormer.from_pretrained(pretrained)
+            if tokenizer is not None:
+                self.model.tokenizer = Tokenizer.load(tokenizer)
+            if self.model.tokenizer is None:
+                raise ValueError(f"{pretrained} has no tokenizer.model; pass tokenizer=PATH")
+        else:
+            tok = Tokenizer.load(tokenizer or default_tokenizer_path())
+            config = get_config(preset, **{"vocab_size": tok.vocab_size, **(model_config or {})})
+            if config.vocab_size < tok.vocab_size:
+                raise ValueError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+            self.model = MMFormer(config, tok)
+        self._val_outputs: list[dict[str, torch.Tensor]] = []
+        self.skipped_samples = 0
+        self._step_start = 0.0
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.model.tokenizer
+
+    def setup(self, stage: str) -> None:
+        """Hand the model's tokenizer to a data module that has none."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "set_tokenizer") and getattr(dm, "tokenizer", None) is None:
+            dm.set_tokenizer(self.tokenizer)
+
+    # ---- training -----------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.model(images, input_ids, attention_mask)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None or batch["images"].shape[0] == 0:  # every sample of the batch was corrupt
+            self._count_skipped(batch)
+            return None
+        self._count_skipped(batch)
+        out = self(batch["images"], batch["input_ids"], batch["attention_mask"])
+        positives = batch.get("concepts") if self.hparams.concept_positives else None
+        loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], positives)
+        bs = batch["images"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/logit_scale", out["logit_scale"].detach(), batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch is None:
+            return
+        elapsed = time.perf_counter() - self._step_start
+        bs = batch["images"].shape[0]
+        if elapsed > 0 and bs:
+            self.log("train/samples_per_s", bs * self.trainer.world_size / elapsed, prog_bar=True, batch_size=bs)
+        opt = self.optimizers(use_pl_optimizer=False)
+        self.log("train/lr", opt.param_groups[0]["lr"], batch_size=max(bs, 1))
+
+    def _count_skipped(self, batch: dict[str, Any] | None) -> None:
+        n = int(batch.get("n_skipped", 0)) if batch else 0
+        self.skipped_samples += n
+
+    def on_train_epoch_end(self) -> None:
+        if self.skipped_samples:
+            log.warning("skipped %d corrupt or empty samples so far (see the data module's summary)",
+                        self.skipped_samples)
+        self.log("train/skipped_samples", float(self.skipped_samples))
+
+    # ---- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = parameter_groups(self.model)
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- validation: retrieval recall ---------------------------------------------------
+    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        if batch is None or batch["images"].shape[0] == 0:
+            return
+        out = {
+            "image": self.model.encode_image(batch["images"]).float(),
+            "text": self.model.encode_text(batch["input_ids"], batch["attention_mask"]).float(),
+            "image_ids": batch.get("image_ids", batch["indices"]).long(),
+        }
+        if "concepts" in batch:
+            out["concepts"] = batch["concepts"].long()
+        self._val_outputs.append(out)
+
+    def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_retrieval("test")
+
+    def _log_retrieval(self, stage: str) -> None:
+        outs, self._val_outputs = self._val_outputs, []
+        if not outs:
+            return
+        keys = ["image", "text", "image_ids"] + (["concepts"] if "concepts" in outs[0] else [])
+        cols = {k: torch.cat([o[k] for o in outs]) for k in keys}
+        if self.trainer.world_size > 1:  # every rank scores the whole set
+            cols = {k: self.all_gather(v).flatten(0, 1) for k, v in cols.items()}
+        if "concepts" in cols:
+            metrics = concept_retrieval_metrics(cols["image"], cols["text"], cols["concepts"])
+        else:
+            metrics = pair_retrieval_metrics(cols["image"], cols["text"], cols["image_ids"])
+        for k, v in metrics.items():
+            self.log(f"{stage}/{k}", v, prog_bar=k == "t2i_R@1", sync_dist=False, rank_zero_only=True)
+
+    # ---- export -------------------------------------------------------------------------
+    def export(self, directory: str | Path) -> Path:
+        """Write the model as a ``save_pretrained`` directory (config, safetensors, tokenizer)."""
+        return self.model.save_pretrained(directory)
+
+
+def pair_retrieval_metrics(image: torch.Tensor, text: torch.Tensor, image_ids: torch.Tensor) -> dict[str, float]:
+    """Metrics for rows of (image, caption) pairs where the same image may appear on several rows.
+
+    image: (R, E), text: (R, E), image_ids: (R,) identity of each row's image. Images are
+    de-duplicated by id (first row wins) so several captions of one image count as in COCO.
+    """
+    first, inverse = first_of_each(image_ids)
+    return retrieval_metrics(image[first], text, inverse)
+
+
+def first_of_each(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row of the first occurrence of each distinct id, (R,) index of each row's id among them)."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
+    return first, inverse
+
+
+def concept_retrieval_metrics(image: torch.Tensor, text: torch.Tensor, concepts: torch.Tensor) -> dict[str, float]:
+    """Metrics where every image of a concept is a correct answer for the concept's caption.
+
+    image, text: (R, E) per row; concepts: (R,) concept id per row, rows of one concept sharing
+    one caption. Queries are the distinct concept captions (text->image: a hit on any image of
+    the concept) and every image (image->text: its concept's caption among all captions).
+    """
+    first, inverse = first_of_each(concepts)
+    # retrieval_metrics(gallery A, queries B, B->A): roles swapped so that each caption may own
+    # several images.
+    m = retrieval_metrics(text[first], image, inverse)
+    swap = {"t2i": "i2t", "i2t": "t2i"}
+    out = {}
+    for k, v in m.items():
+        head, _, tail = k.partition("_")
+        out[f"{swap[head]}_{tail}" if head in swap else k] = v
+    out["n_images"], out["n_texts"] = m["n_texts"], m["n_images"]
+    return out
+
+
+def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decay, no_decay): weight matrices decay; norms, biases, embeddings and logit scale do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or any(k in name for k in ("token_embed", "pos_embed", "cls_token", "logit_scale"))
+        (no_decay if exempt else decay).append(p)
+    return decay, no_decay
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
