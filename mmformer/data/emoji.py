@@ -111,6 +111,20 @@ class EmojiData:
         """S, the stored image side."""
         return int(self.images.shape[-1])
 
+    def subset(self, keep: Sequence[int] | torch.Tensor) -> "EmojiData":
+        """The images at ``keep`` (in that order), with the concept lists re-indexed."""
+        keep = [int(i) for i in keep]
+        old = [int(self.concept_ids[i]) for i in keep]
+        remap = {c: j for j, c in enumerate(dict.fromkeys(old))}
+        return EmojiData(
+            images=self.images[keep], captions=[self.captions[i] for i in keep],
+            hexcodes=[self.hexcodes[i] for i in keep], families=[self.families[i] for i in keep],
+            paths=[self.paths[i] for i in keep],
+            concept_ids=torch.tensor([remap[c] for c in old], dtype=torch.long),
+            concept_hexcodes=[self.concept_hexcodes[c] for c in remap],
+            concept_names=[self.concept_names[c] for c in remap],
+            concept_keywords=[self.concept_keywords[c] for c in remap], skipped=list(self.skipped))
+
     @classmethod
     def load(cls, root: str | os.PathLike[str] | None = None, split: str | None = "train",
              image_size: int = 64, *, families: Sequence[str] | None = None,

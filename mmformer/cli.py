@@ -1,0 +1,209 @@
+"""``mmformer`` command line.
+
+- ``mmformer fit|validate|test --config train/tiny-cpu.yaml [--trainer.* ...]``: LightningCLI.
+- ``mmformer demo``: train the tiny preset on the bundled emoji data, report held-out recall,
+  search by text and write a PNG grid.
+- ``mmformer eval --model DIR [--data MANIFEST]``: retrieval recall@K of a saved model.
+- ``mmformer export --ckpt FILE --out DIR``: Lightning checkpoint -> ``save_pretrained`` directory.
+- ``mmformer tokenizer --input FILE --out FILE``: train a SentencePiece tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        run_lightning_cli(argv)
+        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+def run_lightning_cli(argv: list[str]) -> None:
+    """LightningCLI over :class:`MMFormerModule` and :class:`ImageTextDataModule`."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from mmformer.data.datamodule import ImageTextDataModule
+    from mmformer.module import MMFormerModule
+
+    LightningCLI(MMFormerModule, ImageTextDataModule, args=argv,
+                 save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmformer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train the tiny preset on the bundled emoji data and search it")
+    d.add_argument("--out", default="runs/demo", help="output folder (model, logs, grid PNG)")
+    d.add_argument("--minutes", type=float, default=8.0,
+                   help="training budget in minutes; the step count is calibrated to fit it")
+    d.add_argument("--steps", type=int, default=None, help="exact number of optimizer steps (overrides --minutes)")
+    d.add_argument("--batch-size", type=int, default=None)
+    d.add_argument("--precision", default="auto", help="auto | 32-true | bf16-mixed")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--query", action="append", default=None, help="text query to search (repeatable)")
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="retrieval recall@K of a saved model on a manifest or the bundled test split")
+    e.add_argument("--model", required=True, help="save_pretrained directory")
+    e.add_argument("--data", default=None, help="CSV/TSV/JSONL manifest (default: bundled held-out family)")
+    e.add_argument("--split", default=None, help="keep manifest rows whose 'split' column equals this")
+    e.add_argument("--image-col", default="image")
+    e.add_argument("--caption-col", default="caption")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="Lightning checkpoint -> save_pretrained directory")
+    x.add_argument("--ckpt", required=True)
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
+    t.add_argument("--input", required=True, nargs="+",
+                   help=".txt (one text a line) or .jsonl/.csv/.tsv files (see --fields)")
+    t.add_argument("--fields", default="caption",
+                   help="comma-separated columns to read from jsonl/csv (list values are flattened)")
+    t.add_argument("--split", default=None, help="keep jsonl/csv rows whose 'split' equals this")
+    t.add_argument("--vocab-size", type=int, default=2000)
+    t.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer)
+    return p
+
+
+# ---- eval ------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmformer.model import MMFormer
+    from mmformer.retrieval import evaluate_retrieval
+
+    model = MMFormer.from_pretrained(args.model)
+    if model.tokenizer is None:
+        raise SystemExit(f"{args.model} has no tokenizer.model")
+    images, captions, caption_to_image, source = load_eval_set(model, args)
+    metrics = evaluate_retrieval(model, model.tokenizer, images, captions, caption_to_image,
+                                 batch_size=args.batch_size, progress=True)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(format_metrics(metrics, source))
+    return 0
+
+
+def load_eval_set(model, args: argparse.Namespace):
+    """(images (N,3,S,S) tensor or loader, captions, caption_to_image, description)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from mmformer.data.emoji import EmojiData, InMemoryImageText, default_data_dir
+    from mmformer.data.manifest import ImageTextManifest
+    from mmformer.transforms import build_transforms
+
+    c = model.config
+    if args.data is None:
+        data = EmojiData.load(default_data_dir(), "test", c.image_size)
+        ds = InMemoryImageText(data, train=False, mean=c.image_mean, std=c.image_std)
+        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        return images, ds.captions, ds.caption_to_image.tolist(), f"bundled emoji test split ({len(ds)} images)"
+    tf = build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std)
+    man = ImageTextManifest(args.data, image_col=args.image_col, caption_col=args.caption_col,
+                            transform=tf, split=args.split)
+    images = DataLoader(_UniqueImages(man), batch_size=args.batch_size, num_workers=0)
+    return images, list(man.captions), [int(i) for i in man.caption_to_image], \
+        f"{args.data} ({len(man.image_paths)} images, {len(man.captions)} captions)"
+
+
+class _UniqueImages:
+    """The unique images of a manifest, in ``image_paths`` order, as (3,S,S) tensors."""
+
+    def __init__(self, manifest) -> None:
+        self.m = manifest
+
+    def __len__(self) -> int:
+        return len(self.m.image_paths)
+
+    def __getitem__(self, i: int):
+        return self.m.load_image_tensor(i)
+
+
+def format_metrics(m: dict, source: str) -> str:
+    lines = [f"retrieval on {source}",
+             f"{'direction':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean rank':>11}{'median':>8}{'chance R@1':>12}"]
+    for d, name in (("t2i", "text->image"), ("i2t", "image->text")):
+        lines.append(f"{name:<14}{m[f'{d}_R@1']:>8.2f}{m[f'{d}_R@5']:>8.2f}{m[f'{d}_R@10']:>8.2f}"
+                     f"{m[f'{d}_mean_rank']:>11.1f}{m[f'{d}_median_rank']:>8.1f}{m[f'{d}_chance_R@1']:>12.3f}")
+    return "\n".join(lines)
+
+
+# ---- export / tokenizer ----------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmformer.module import MMFormerModule
+
+    module = MMFormerModule.load_from_checkpoint(args.ckpt, map_location="cpu")
+    out = module.export(args.out)
+    print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from mmformer.tokenizer import Tokenizer
+
+    texts = list(read_texts(args.input, args.fields.split(","), args.split))
+    tok = Tokenizer.train(texts, vocab_size=args.vocab_size, model_type=args.model_type)
+    tok.save(args.out)
+    print(f"trained a {args.model_type} tokenizer with {tok.vocab_size} pieces on {len(texts)} texts -> {args.out}")
+    return 0
+
+
+def read_texts(paths: list[str], fields: list[str], split: str | None):
+    """Texts from .txt lines or the ``fields`` of .jsonl/.csv/.tsv rows (lists flattened)."""
+    import csv
+
+    for path in map(Path, paths):
+        if path.suffix == ".txt":
+            yield from (line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            continue
+        if path.suffix == ".jsonl":
+            rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        elif path.suffix in (".csv", ".tsv"):
+            rows = csv.DictReader(path.open(encoding="utf-8", newline=""),
+                                  delimiter="\t" if path.suffix == ".tsv" else ",")
+        else:
+            raise SystemExit(f"{path}: expected .txt, .jsonl, .csv or .tsv")
+        for i, row in enumerate(rows, start=1):
+            missing = [f for f in fields if f not in row]
+            if missing:
+                raise SystemExit(f"{path}: row {i} has no field(s) {missing}; fields are {sorted(row)}")
+            if split is not None and row.get("split") != split:
+                continue
+            for f in fields:
+                v = row[f]
+                yield from (v if isinstance(v, list) else [v])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmformer.demo import run_demo
+
+    return run_demo(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
