@@ -141,7 +141,9 @@ class _UniqueImages:
         return len(self.m.image_paths)
 
     def __getitem__(self, i: int):
-        return self.m.load_image_tensor(i)
+        from mmformer.transforms import load_image
+
+        return self.m.transform(load_image(self.m.image_paths[i], max_pixels=self.m.max_pixels))
 
 
 def format_metrics(m: dict, source: str) -> str:
