@@ -45,6 +45,7 @@ class ModelConfig:
     patch_size: int = 8
     in_chans: int = 3
     image_pos: str = "sincos"  # "sincos" (fixed 2-D) or "learned"
+    image_pre_norm: bool = True  # LayerNorm on patch+position embeddings before the blocks
     image_pool: str = "cls"  # "cls" or "mean"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -53,6 +54,9 @@ class ModelConfig:
     context_length: int = 16
     text_pool: str = "eos"  # "eos" (last real token), "cls" (first token) or "mean"
     pad_id: int = 0
+    # Fixed sin-cos tables (amplitude 1) are multiplied by this so that they sit at the scale of
+    # the learned token / patch embeddings (std 0.02) instead of drowning them.
+    pos_scale: float = 0.02
     # joint space
     embed_dim: int = 256
     logit_scale_init: float = 1 / 0.07

@@ -3,8 +3,8 @@
 Data flow (see DESIGN.md):
 
 - image (B, 3, H, W) -> 16x16 (or 8x8) patch embedding + class token + 2-D positions
-  -> blocks(modality="image") -> final norm -> class token -> projection -> L2-normalised (B, E)
-- ids (B, T) -> token embedding * sqrt(D) + sinusoidal positions -> blocks(modality="text",
+  -> pre-norm -> blocks(modality="image") -> final norm -> class token -> projection -> L2-normalised (B, E)
+- ids (B, T) -> token embedding + scaled sinusoidal positions -> blocks(modality="text",
   key padding mask) -> final norm -> EOS state -> projection -> L2-normalised (B, E)
 
 A checkpoint directory holds ``config.json`` + ``model.safetensors`` (+ ``tokenizer.model``).
@@ -66,15 +66,16 @@ class MMFormer(nn.Module):
         # image path
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        pos = torch.cat([torch.zeros(1, d), sincos_2d(c.grid_size, c.grid_size, d)])[None] \
+        pos = c.pos_scale * torch.cat([torch.zeros(1, d), sincos_2d(c.grid_size, c.grid_size, d)])[None] \
             if c.image_pos == "sincos" else torch.zeros(1, 1 + c.num_patches, d)
         if c.image_pos == "learned":
             self.pos_embed = nn.Parameter(pos)
         else:
             self.register_buffer("pos_embed", pos, persistent=False)  # (1, 1+N, D), cls gets 0
+        self.norm_pre = nn.LayerNorm(d, eps=c.ln_eps) if c.image_pre_norm else nn.Identity()
         # text path
         self.token_embed = nn.Embedding(c.vocab_size, d)
-        self.register_buffer("text_pos", sinusoidal_1d(c.context_length, d), persistent=False)
+        self.register_buffer("text_pos", c.pos_scale * sinusoidal_1d(c.context_length, d), persistent=False)
         # shared trunk
         self.blocks = nn.ModuleList(
             MultiwayBlock(d, c.heads, c.mlp_hidden, c.share, MODALITIES, c.qkv_bias, c.ln_eps)
@@ -88,18 +89,35 @@ class MMFormer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Truncated-normal(0.02) Linears with zero bias; unit LayerNorms; token embeddings at
-        std 1/sqrt(D), so that after the sqrt(D) scale they have unit variance like the
-        sinusoid table they are added to."""
-        for m in self.modules():
+        """CLIP-style initialisation, scaled by width D and depth L.
+
+        qkv ~ N(0, D^-1/2), fc1 ~ N(0, (2D)^-1/2), the residual-branch outputs (attention
+        ``proj``, ``fc2``) ~ N(0, D^-1/2 (2L)^-1/2), joint-space projections ~ N(0, D^-1/2),
+        token embeddings and class token ~ N(0, 0.02); biases 0, LayerNorms 1/0.
+
+        Why not sqrt(D)-scaled token embeddings: with unit-scale embeddings plus a unit sin-cos
+        table the input-independent part of the residual stream (EOS token, positions) dominates
+        at init, pooled features of different captions have cosine ~0.97, and contrastive
+        training collapsed every embedding to one point at lr >= 3e-4 on the emoji data
+        (measured). Small embeddings with the tables scaled by ``pos_scale`` and a pre-norm on
+        the image path let the blocks' content dominate, and training moves at once.
+        """
+        d, depth = self.config.width, self.config.depth
+        for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                if name.endswith("_proj") or ".qkv" in name:
+                    std = d**-0.5
+                elif ".fc1" in name:
+                    std = (2 * d) ** -0.5
+                else:  # attention proj, fc2: outputs added to the residual stream
+                    std = d**-0.5 * (2 * depth) ** -0.5
+                nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.token_embed.weight, std=self.config.width**-0.5)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.cls_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -130,7 +148,7 @@ class MMFormer(nn.Module):
             )
         x = self.patch_embed(images)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = x + self.pos_embed.to(x.dtype)
+        x = self.norm_pre(x + self.pos_embed.to(x.dtype))
         return self._run_blocks(x, "image")
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -153,7 +171,7 @@ class MMFormer(nn.Module):
                 "truncate it (tokenizer max_length) or chunk it"
             )
         mask = self._text_mask(input_ids, attention_mask)
-        x = self.token_embed(input_ids) * math.sqrt(c.width)
+        x = self.token_embed(input_ids)
         x = x + self.text_pos[: input_ids.shape[1]].to(x.dtype)
         return self._run_blocks(x, "text", mask)
 
@@ -267,6 +285,9 @@ class MMFormer(nn.Module):
             state_dict = _read_state_dict(Path(state_dict))
         if self.config.image_pos != "learned":
             raise ValueError("timm ViT weights need image_pos='learned' in the config")
+        has_pre = any(k.startswith("norm_pre.") for k in state_dict)
+        if has_pre != self.config.image_pre_norm:
+            raise ValueError(f"timm ViT {'has' if has_pre else 'has no'} norm_pre; set image_pre_norm={has_pre}")
         converted = timm_vit_to_mmformer(state_dict, self.config.share)
         own = self.state_dict()
         bad = [f"{k}: timm {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -295,7 +316,7 @@ def timm_vit_to_mmformer(state_dict: Mapping[str, torch.Tensor], share: str) -> 
             new = f"blocks.{idx}.{part}." + ("image." if per_modality else "") + rest
         elif key.startswith("norm."):
             new = "norm.image." + key[len("norm."):]
-        elif key.startswith(("blocks.", "norm_pre.")) or not key.startswith(("cls_token", "pos_embed", "patch_embed.")):
+        elif key.startswith("blocks.") or not key.startswith(("cls_token", "pos_embed", "patch_embed.", "norm_pre.")):
             raise ValueError(f"timm key {key!r} has no MMFormer counterpart (layer scale, q/k norm or pre-norm ViTs are not supported)")
         out[new] = value
     return out

@@ -105,7 +105,7 @@ def test_image_features_equal_timm_vit(tmp_path, share):
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
     path = tmp_path / "vit_tiny.pth"
     torch.save(vit.state_dict(), path)  # a local weights file, as a user would bring
-    cfg = ModelConfig(width=192, depth=12, heads=3, image_size=224, patch_size=16, image_pos="learned",
+    cfg = ModelConfig(width=192, depth=12, heads=3, image_size=224, patch_size=16, image_pos="learned", image_pre_norm=False,
                       share=share)
     m = MMFormer(cfg).eval()
     m.load_timm_vit(path)
@@ -116,4 +116,4 @@ def test_image_features_equal_timm_vit(tmp_path, share):
         MMFormer(ModelConfig(width=192, depth=12, heads=3, image_size=224, patch_size=16)).load_timm_vit(path)
     with pytest.raises(ValueError, match="shape mismatches"):
         MMFormer(ModelConfig(width=192, depth=12, heads=3, image_size=112, patch_size=16,
-                             image_pos="learned")).load_timm_vit(path)
+                             image_pos="learned", image_pre_norm=False)).load_timm_vit(path)
