@@ -1,0 +1,195 @@
+"""Helpers shared by the benchmarks in ``bench/`` (not part of the library).
+
+- :func:`load_tokenizer`: the bundled SentencePiece model, or one trained on the spot.
+- :func:`open_clip_config` / :func:`build_open_clip`: an open_clip CLIP of the same size as an
+  mmformer :class:`~mmformer.config.ModelConfig`, built from config dicts (no download).
+- :class:`Pair`: one interface over both models for training steps and retrieval embedding.
+- :func:`count_train_flops`: FLOPs of one forward+backward, including CPU attention kernels.
+- :func:`machine_line`, :func:`markdown_table`: the report's last lines.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from mmformer.config import ModelConfig
+from mmformer.tokenizer import EOS_ID, PAD_ID, Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+def load_tokenizer(path: str | None = None, vocab_size: int = 2000) -> tuple[Tokenizer, str]:
+    """(tokenizer, where it came from): ``path``, else ``<data>/tokenizer.model``, else trained now.
+
+    The fallback trains on the train split's concept names and keywords (``concepts.jsonl``),
+    in memory: nothing is written into the data directory.
+    """
+    from mmformer.data.emoji import default_data_dir, read_concepts
+
+    root = Path(default_data_dir())
+    bundled = Path(path) if path else root / "tokenizer.model"
+    if bundled.is_file():
+        return Tokenizer.load(bundled), str(bundled)
+    if path:
+        raise FileNotFoundError(f"tokenizer model not found: {path}")
+    texts: list[str] = []
+    for row in read_concepts(root / "concepts.jsonl").values():
+        if row.get("split", "train") == "train":
+            texts.append(str(row["name"]))
+            texts += [str(k) for k in row.get("keywords", [])]
+    if not texts:
+        raise FileNotFoundError(f"no {bundled} and no train concepts in {root / 'concepts.jsonl'} to train one on")
+    tok = Tokenizer.train(texts, vocab_size=vocab_size)
+    return tok, f"trained now on {len(texts)} train-split names+keywords (no {bundled.name} in {root})"
+
+
+# ---- open_clip of the same size ----------------------------------------------------------------
+def open_clip_config(c: ModelConfig, vocab_size: int) -> dict[str, Any]:
+    """``open_clip.model.CLIP`` kwargs for the same trunk shape as ``c``.
+
+    Text pooling: our ids are ``[bos] pieces [eos] pad...`` with bos=2, eos=3, pad=0. open_clip's
+    default ``pool_type='argmax'`` takes the position of the *largest id* (CLIP's BPE puts EOT
+    last in its vocabulary); with SentencePiece ids that is an arbitrary piece, so it is wrong
+    here. ``'last'`` takes position T-1, a padding slot for every caption shorter than T. We use
+    ``pool_type='eos'`` with ``eos_id=3``: the first EOS of each row, i.e. the last real token,
+    which under open_clip's causal text mask has attended to the whole caption -- the same
+    token mmformer's ``text_pool='eos'`` pools.
+    """
+    head_width = c.width // c.heads
+    return {
+        "embed_dim": c.embed_dim,
+        "vision_cfg": {"width": c.width, "layers": c.depth, "head_width": head_width,
+                       "mlp_ratio": c.mlp_ratio, "patch_size": c.patch_size, "image_size": c.image_size},
+        "text_cfg": {"context_length": c.context_length, "vocab_size": vocab_size, "width": c.width,
+                     "heads": c.heads, "layers": c.depth, "mlp_ratio": c.mlp_ratio,
+                     "pad_id": PAD_ID, "eos_id": EOS_ID, "pool_type": "eos"},
+    }
+
+
+def build_open_clip(c: ModelConfig, vocab_size: int) -> nn.Module:
+    """A randomly initialised ``open_clip.model.CLIP`` (``pretrained=None``: nothing is fetched)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    kw = open_clip_config(c, vocab_size)
+    model = CLIP(kw["embed_dim"], vision_cfg=CLIPVisionCfg(**kw["vision_cfg"]),
+                 text_cfg=CLIPTextCfg(**kw["text_cfg"]))
+    return model
+
+
+def open_clip_parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decay, no_decay) by open_clip's own training rule: no decay on 1-D params (norms, biases,
+    class embedding), ``ln``/``bn``/``bias`` names and ``logit_scale``; all matrices decay."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+        (no_decay if exempt else decay).append(p)
+    return decay, no_decay
+
+
+class Pair:
+    """One interface over an MMFormer (``impl='mmformer'``) and an open_clip CLIP (``'open_clip'``).
+
+    ``pair(images, ids, mask) -> (image_emb, text_emb, logit_scale)``, unit-length embeddings;
+    ``logit_scale`` = exp(s) clamped at ``max_scale`` for both (mmformer clamps in ``forward``;
+    open_clip's training script clamps the parameter after each step to the same bound).
+    """
+
+    def __init__(self, impl: str, model: nn.Module, max_scale: float = 100.0) -> None:
+        if impl not in ("mmformer", "open_clip"):
+            raise ValueError(f"impl must be 'mmformer' or 'open_clip', got {impl!r}")
+        self.impl, self.model, self.max_scale = impl, model, max_scale
+
+    def __call__(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+        if self.impl == "mmformer":
+            out = self.model(images, ids, mask)
+            return out["image_embeds"], out["text_embeds"], out["logit_scale"]
+        img, txt, scale = self.model(images, ids)  # open_clip: normalised features, exp(logit_scale)
+        return img, txt, scale.clamp(max=self.max_scale)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images, normalize=True)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.impl == "mmformer":
+            return self.model.encode_text(ids, mask, normalize=True)
+        return self.model.encode_text(ids, normalize=True)
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        if self.impl == "mmformer":
+            from mmformer.module import parameter_groups
+
+            return parameter_groups(self.model)
+        return open_clip_parameter_groups(self.model)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- FLOPs -------------------------------------------------------------------------------------
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                       **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode has no formula for the CPU flash-attention kernels, so without these it counts
+# attention as 0 FLOPs on CPU (the math fallback, when taken, is counted through its bmm's).
+CPU_SDPA_FLOPS: dict[Any, Callable[..., int]] = {}
+for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu),
+                   ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward)):
+    if hasattr(torch.ops.aten, _name):
+        CPU_SDPA_FLOPS[getattr(torch.ops.aten, _name)] = _fn  # keyed by overload packet
+
+
+def count_train_flops(step: Callable[[], torch.Tensor]) -> int:
+    """FLOPs (2 per multiply-add) of ``step()`` (forward returning a loss) plus its backward."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+        step().backward()
+    return counter.get_total_flops()
+
+
+# ---- report ------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    return (f"machine: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"python {sys.version.split()[0]}")
+
+
+def fmt(v: Any, digits: int = 2) -> str:
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, int]]) -> str:
+    """``columns``: (header, row key, float digits)."""
+    head = "| " + " | ".join(h for h, _, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(r.get(k, ""), d) for _, k, d in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+

@@ -1,0 +1,238 @@
+"""Training throughput on the CPU: mmformer presets next to an open_clip CLIP of the same size.
+
+One training step = forward of both towers on a fixed random batch, ``clip_loss``, backward,
+AdamW step. For each preset (``tiny``, ``small``), implementation (mmformer ``share=qkv``,
+open_clip ``CLIP``) and precision (fp32, bf16 autocast) it prints samples/s, the model FLOPs of
+one training sample (``FlopCounterMode`` on one forward+backward, divided by the batch), the
+achieved TFLOP/s and its fraction of this machine's matmul peak, measured in the same run
+(a large fp32 matmul and a bf16 one).
+
+    python bench/train_throughput.py                           # tiny + small, fp32 + bf16
+    python bench/train_throughput.py --models tiny --precisions fp32 --steps 3 --json out.json
+
+Both models see the same batches: images (B, 3, S, S) ~ N(0, 1) and ids ``[bos] pieces [eos]
+pad...`` of random lengths 3..T (T = the preset's context length), pieces drawn uniformly from
+the tokenizer's vocabulary. The open_clip model pools its text at the EOS token (see
+``bench/_common.py:open_clip_config`` for why not its default ``argmax``). It prints a table; it
+asserts nothing about timings.
+
+Run time: on CPUs without native bf16 (AVX2 only) bf16 autocast emulates its matmuls and a bf16
+step is one to two orders of magnitude slower than fp32 (seconds per sample), so the defaults
+(tiny + small, 2 warm-up + 3 timed steps, both impls, both precisions) take tens of minutes there;
+``--precisions fp32`` or a smaller ``--batch-size`` for the bf16 rows keeps it short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (Pair, build_open_clip, count_train_flops, load_tokenizer, machine_line,  # noqa: E402
+                     markdown_table, num_params)
+
+from mmformer.config import get_config  # noqa: E402
+from mmformer.losses import clip_loss  # noqa: E402
+from mmformer.model import MMFormer  # noqa: E402
+from mmformer.tokenizer import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+
+DEFAULT_BATCH = {"tiny": 64, "small": 32, "base": 16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+LAYOUTS = {"a@b": lambda a, b: torch.mm(a, b), "a@b.T": lambda a, b: torch.mm(a, b.t())}
+
+
+def _time_mm(dtype: torch.dtype, n: int, layout: str, reps: int, max_seconds: float) -> list[float]:
+    """Seconds of each of up to ``reps`` (n, n) matmuls after one warm-up (at least 1 timed rep,
+    at least 2 unless one already took over ``max_seconds``)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    mm = LAYOUTS[layout]
+    mm(a, b)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 2 or time.perf_counter() - start < max_seconds):
+        t0 = time.perf_counter()
+        mm(a, b)
+        times.append(time.perf_counter() - t0)
+        if times[0] > max_seconds:
+            break
+    return times
+
+
+def measure_matmul_peak(dtype: torch.dtype, n: int, reps: int, max_seconds: float) -> dict:
+    """FLOP/s of (n, n) matmuls in ``dtype``, both as ``a @ b`` and ``a @ b.T`` (both operands
+    contiguous). On CPUs without native bf16 the two layouts take very different kernels (one of
+    them can be ~50x slower), so both are measured and the peak is the faster one's best rep.
+
+    A layout whose matmul would take too long at ``n`` is measured at a smaller size: sizes
+    double from 256 while one matmul is predicted (8x the last) to take under ``max_seconds / 4``.
+    """
+    out: dict = {"dtype": str(dtype).removeprefix("torch."), "layouts": {}}
+    for layout in LAYOUTS:
+        size = min(256, n)
+        while size < n:
+            t = min(_time_mm(dtype, size, layout, reps=1, max_seconds=max_seconds))
+            if 8 * t > max_seconds / 4:
+                break
+            size *= 2
+        times = _time_mm(dtype, size, layout, reps, max_seconds)
+        flops = 2.0 * size**3
+        out["layouts"][layout] = {"n": size, "reps": len(times), "best_flops": flops / min(times),
+                                  "median_flops": flops / statistics.median(times)}
+    best = max(out["layouts"], key=lambda k: out["layouts"][k]["best_flops"])
+    out["peak_flops"], out["peak_layout"] = out["layouts"][best]["best_flops"], best
+    return out
+
+
+def describe_peak(peak: dict) -> str:
+    parts = [f"{k} {v['n']}^2 {v['best_flops'] / 1e9:.1f} GFLOP/s (best of {v['reps']}, median "
+             f"{v['median_flops'] / 1e9:.1f})" for k, v in peak["layouts"].items()]
+    return "; ".join(parts) + f" -> peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s ({peak['peak_layout']})"
+
+
+def random_batch(cfg, batch_size: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images (B, 3, S, S), ids (B, T), mask (B, T)) with T = cfg.context_length."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g)
+    t = cfg.context_length
+    ids = torch.full((batch_size, t), PAD_ID, dtype=torch.long)
+    lengths = torch.randint(3, t + 1, (batch_size,), generator=g)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, 0] = BOS_ID
+        ids[i, 1: n - 1] = torch.randint(EOS_ID + 1, vocab_size, (n - 2,), generator=g)
+        ids[i, n - 1] = EOS_ID
+    return images, ids, ids != PAD_ID
+
+
+def build(impl: str, cfg, vocab_size: int, seed: int) -> Pair:
+    torch.manual_seed(seed)
+    model = MMFormer(cfg) if impl == "mmformer" else build_open_clip(cfg, vocab_size)
+    return Pair(impl, model.train())
+
+
+def time_training(pair: Pair, batch, precision: str, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` timed training steps, after ``warmup`` untimed ones."""
+    images, ids, mask = batch
+    opt = torch.optim.AdamW(pair.model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            img, txt, scale = pair(images, ids, mask)
+            loss = clip_loss(img, txt, scale)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if not torch.isfinite(loss):
+        print(f"  warning: non-finite loss {loss.item()} ({pair.impl}, {precision})", file=sys.stderr)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny,small", help="comma-separated presets (default: tiny,small)")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    p.add_argument("--impls", default="mmformer,open_clip", help="comma-separated: mmformer, open_clip")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size for every model (default: " +
+                        ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()) + ")")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after 2 warm-up steps (default: 3)")
+    p.add_argument("--warmup-steps", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n peak matmul (default: 2048)")
+    p.add_argument("--peak-reps", type=int, default=5, help="timed peak matmuls per dtype and layout (default: 5)")
+    p.add_argument("--peak-seconds", type=float, default=5.0,
+                   help="time bound per dtype and layout of the peak measurement (default: 5)")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the bundled one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the rows (and the peaks) as JSON here")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [m for m in args.models.split(",") if m]
+    precisions = [x for x in args.precisions.split(",") if x]
+    impls = [x for x in args.impls.split(",") if x]
+    for x in precisions:
+        if x not in DTYPES:
+            p.error(f"unknown precision {x!r}; choose from {sorted(DTYPES)}")
+    for x in impls:
+        if x not in ("mmformer", "open_clip"):
+            p.error(f"unknown impl {x!r}; choose from mmformer, open_clip")
+
+    tok, tok_source = load_tokenizer(args.tokenizer)
+    print(f"tokenizer: {tok.vocab_size} pieces ({tok_source})", flush=True)
+
+    peaks = {}
+    for name, dtype in DTYPES.items():  # both peaks, always, in this run
+        peaks[name] = measure_matmul_peak(dtype, args.peak_size, args.peak_reps, args.peak_seconds)
+        print(f"matmul peak {name}: " + describe_peak(peaks[name]), flush=True)
+
+    rows = []
+    for preset in models:
+        cfg = get_config(preset, vocab_size=tok.vocab_size)
+        bs = args.batch_size or DEFAULT_BATCH.get(preset, 32)
+        batch = random_batch(cfg, bs, tok.vocab_size, args.seed)
+        for impl in impls:
+            pair = build(impl, cfg, tok.vocab_size, args.seed)
+            images, ids, mask = batch
+            flops = count_train_flops(lambda: clip_loss(*pair(images, ids, mask)))  # noqa: B023
+            pair.model.zero_grad(set_to_none=True)
+            label = f"mmformer share={cfg.share}" if impl == "mmformer" else "open_clip"
+            for precision in precisions:
+                pair = build(impl, cfg, tok.vocab_size, args.seed)  # fresh weights per run
+                print(f"timing {preset} {label} {precision} batch {bs}: {args.warmup_steps} warm-up + "
+                      f"{args.steps} steps ...", flush=True)
+                times = time_training(pair, batch, precision, args.warmup_steps, args.steps)
+                sps = bs * len(times) / sum(times)
+                achieved = flops / bs * sps
+                rows.append({
+                    "model": preset, "impl": label, "precision": precision,
+                    "params_M": num_params(pair.model) / 1e6, "batch": bs, "samples_per_s": sps,
+                    "gflop_per_sample": flops / bs / 1e9, "achieved_tflops": achieved / 1e12,
+                    "pct_of_peak": 100 * achieved / peaks[precision]["peak_flops"],
+                    "step_s_median": statistics.median(times), "step_s_min": min(times), "steps": len(times),
+                    "image_size": cfg.image_size, "patch_size": cfg.patch_size,
+                    "context_length": cfg.context_length, "width": cfg.width, "depth": cfg.depth,
+                })
+                print(f"  {sps:.1f} samples/s (median step {statistics.median(times):.3f} s)", flush=True)
+
+    print()
+    print(markdown_table(rows, [
+        ("model", "model", 0), ("impl", "impl", 0), ("precision", "precision", 0),
+        ("params (M)", "params_M", 2), ("batch", "batch", 0), ("samples/s", "samples_per_s", 1),
+        ("GFLOP/sample", "gflop_per_sample", 2), ("achieved TFLOP/s", "achieved_tflops", 4),
+        ("% of measured peak", "pct_of_peak", 1),
+    ]))
+    print()
+    for name in DTYPES:
+        print(f"measured matmul peak {name}: " + describe_peak(peaks[name]))
+    print(f"peak bf16/fp32 = {peaks['bf16']['peak_flops'] / peaks['fp32']['peak_flops']:.2f}; "
+          "fp32 rows are compared with the fp32 peak, bf16 rows with the bf16 peak")
+    print("FLOPs: FlopCounterMode on one forward+backward (matmuls, convs, attention incl. the CPU "
+          "flash kernels), / batch; the optimizer step is not counted")
+    print(machine_line())
+
+    if args.json:
+        out = {"rows": rows, "peaks": peaks, "machine": machine_line(), "tokenizer": tok_source,
+               "steps": args.steps, "warmup_steps": args.warmup_steps}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
