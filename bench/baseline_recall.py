@@ -55,7 +55,10 @@ from mmformer.model import MMFormer  # noqa: E402
 from mmformer.module import MMFormerModule, warmup_cosine  # noqa: E402
 from mmformer.retrieval.metrics import retrieval_metrics  # noqa: E402
 
-OPEN_CLIP_DEFAULTS = {"preset": "tiny", "model_config": {"patch_size": 8}, "batch_size": 256, "lr": 5e-4,
+# The reference baseline: an open_clip CLIP of width 256, 6 layers, patch 8 on 64 px, context 16.
+OPEN_CLIP_DEFAULTS = {"preset": "tiny",
+                      "model_config": {"width": 256, "depth": 6, "heads": 4, "patch_size": 8, "embed_dim": 256},
+                      "batch_size": 256, "lr": 5e-4,
                       "weight_decay": 0.1, "warmup_steps": 50, "caption_mode": "name",
                       "betas": (0.9, 0.98), "eps": 1e-6, "min_lr_ratio": 0.0}
 
@@ -86,6 +89,9 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]
         if value is not None and value != recipe[key]:
             recipe[key] = value
             overridden.append(key)
+    if args.model_config:
+        recipe["model_config"].update(json.loads(args.model_config))
+        overridden.append("model_config")
     if args.patch_size is not None and args.patch_size != recipe["model_config"].get("patch_size"):
         recipe["model_config"]["patch_size"] = args.patch_size
         overridden.append("patch_size")
@@ -107,12 +113,15 @@ class Collate:
     """Samples of ``InMemoryImageText`` -> (images (B, 3, S, S), ids (B, T), mask (B, T), concepts (B,)).
     Ids are padded to T = the context length, so every step has the same shapes for both impls."""
 
-    def __init__(self, tokenizer, context_length: int) -> None:
-        self.tokenizer, self.t = tokenizer, context_length
+    def __init__(self, tokenizer, context_length: int, batch_transform=None) -> None:
+        self.tokenizer, self.t, self.batch_transform = tokenizer, context_length, batch_transform
 
     def __call__(self, samples: list[dict[str, Any]]):
         ids, mask = self.tokenizer([s["caption"] for s in samples], max_length=self.t, pad_to_max=True)
-        return (torch.stack([s["image"] for s in samples]), ids, mask,
+        images = torch.stack([s["image"] for s in samples])
+        if self.batch_transform is not None:  # the demo's batched augmentation of uint8 images
+            images = self.batch_transform(images)
+        return (images, ids, mask,
                 torch.tensor([s["concept"] for s in samples], dtype=torch.long))
 
 
@@ -124,7 +133,7 @@ def train_loader(cfg, recipe: dict[str, Any], tokenizer, seed: int) -> DataLoade
         raise ValueError(f"batch size {recipe['batch_size']} exceeds the {len(ds)} training images")
     # num_workers=0: on a 2-core machine worker processes would compete with the step's threads.
     return DataLoader(ds, batch_size=recipe["batch_size"], shuffle=True, drop_last=True, num_workers=0,
-                      collate_fn=Collate(tokenizer, cfg.context_length),
+                      collate_fn=Collate(tokenizer, cfg.context_length, ds.batch_transform),
                       generator=torch.Generator().manual_seed(seed))
 
 
@@ -198,14 +207,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None,
                    help="warmup steps (default: 50 / DEMO_RECIPE's, capped at steps // 10 like the demo)")
     p.add_argument("--patch-size", type=int, default=None, help="default: open_clip 8, mmformer DEMO_RECIPE's")
+    p.add_argument("--model-config", default=None,
+                   help='JSON overrides of the model config, e.g. \'{"width": 192, "depth": 4}\'')
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = CPU autocast")
-    p.add_argument("--concept-positives", action="store_true",
-                   help="don't use same-concept pairs in a batch as negatives (off, like the demo's batches)")
+    p.add_argument("--concept-positives", choices=("auto", "on", "off"), default="auto",
+                   help="don't use same-concept pairs in a batch as negatives; auto = on for mmformer "
+                        "(the demo's module does it), off for open_clip (its plain recipe)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the bundled one)")
     p.add_argument("--json", default=None, help="also write the row, metrics and recipe as JSON here")
     args = p.parse_args(argv)
+    args.concept_positives = (args.concept_positives == "on"
+                              or (args.concept_positives == "auto" and args.impl == "mmformer"))
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -219,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_config(recipe["preset"], vocab_size=tok.vocab_size, **recipe["model_config"])
     model = MMFormer(cfg, tok) if args.impl == "mmformer" else build_open_clip(cfg, tok.vocab_size)
     pair = Pair(args.impl, model.train())
-    config = describe(cfg, recipe, overridden, args.impl)
+    config = describe(cfg, recipe, overridden, args.impl) + (" +concept positives" if args.concept_positives else "")
     print(f"{args.impl}: {config}; {num_params(model) / 1e6:.2f} M params; tokenizer {tok.vocab_size} "
           f"pieces ({tok_source})", flush=True)
 

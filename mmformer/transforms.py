@@ -8,6 +8,7 @@ uint8 ``(3, H, W)`` tensor) into a normalised float tensor ``(3, S, S)``.
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import warnings
@@ -17,6 +18,7 @@ from typing import IO, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
@@ -157,3 +159,46 @@ def build_transforms(image_size: int, train: bool, mean: Sequence[float] = (0.5,
         steps.append(v2.ColorJitter(brightness=brightness or None, contrast=contrast or None))
     steps += [v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]  # plain torch.Tensor out
     return v2.Compose(steps)
+
+
+class BatchTrainTransform:
+    """Train augmentation for a whole uint8 batch at once: (B, 3, S, S) uint8 -> (B, 3, S, S) float.
+
+    The same augmentation family as ``build_transforms(train=True)`` (random resized crop with
+    ``scale``/``ratio``, optional horizontal flip, mild brightness/contrast, normalise), but done
+    with one ``affine_grid``/``grid_sample`` call for the batch: per-sample torchvision
+    transforms cost about half a model step for the tiny preset on a 2-core CPU.
+    """
+
+    def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5), *,
+                 scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (0.85, 1.18),
+                 hflip: bool = False, brightness: float = 0.1, contrast: float = 0.1) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale, self.ratio, self.hflip = scale, ratio, hflip
+        self.brightness, self.contrast = brightness, contrast
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise TypeError(f"expected a uint8 batch (B, 3, S, S), got {images.dtype} {tuple(images.shape)}")
+        b = images.shape[0]
+        x = images.float() / 255  # (B, 3, S, S) in [0, 1]
+        area = torch.empty(b).uniform_(*self.scale)
+        log_r = torch.empty(b).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        r = torch.exp(log_r)
+        w = torch.sqrt(area * r).clamp(max=1.0)  # crop width / height as fractions of the image
+        h = torch.sqrt(area / r).clamp(max=1.0)
+        cx = (1 - w) * torch.empty(b).uniform_(-1, 1)  # crop centre in [-1, 1] grid units
+        cy = (1 - h) * torch.empty(b).uniform_(-1, 1)
+        flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0) if self.hflip else torch.ones(b)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+        theta[:, 1, 1], theta[:, 1, 2] = h, cy
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.brightness > 0:
+            x = x * torch.empty(b, 1, 1, 1).uniform_(1 - self.brightness, 1 + self.brightness)
+        if self.contrast > 0:
+            grey = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - grey) * torch.empty(b, 1, 1, 1).uniform_(1 - self.contrast, 1 + self.contrast) + grey
+        return (x.clamp(0, 1) - self.mean) / self.std

@@ -455,8 +455,9 @@ def test_in_memory_dataset_caption_modes(emoji_root: Path):
     assert {train[2]["caption"] for _ in range(10)} == {"cat face"}  # no keywords -> name
     name_only = InMemoryImageText(data, train=True, image_size=8, caption_mode="name")
     assert {name_only[1]["caption"] for _ in range(10)} == {"grinning face"}
-    item = train[3]
-    assert item["image"].shape == (3, 8, 8) and item["image"].dtype == torch.float32
+    item = train[3]  # training items stay uint8; the collator augments the batch
+    assert item["image"].shape == (3, 8, 8) and item["image"].dtype == torch.uint8
+    assert train.batch_transform(item["image"][None]).dtype == torch.float32
     assert (item["index"], item["image_index"], item["concept"]) == (3, 3, 1)
     ev = InMemoryImageText(data, train=False, caption_mode="name+keywords")
     assert [ev[i]["caption"] for i in range(4)] == data.captions

@@ -37,9 +37,9 @@ def test_short_run_reaches_recall_far_above_chance(emoji_slice, tmp_path):
     module = MMFormerModule(
         preset="tiny", lr=2e-3, warmup_steps=20,
         model_config=dict(width=128, depth=3, heads=4, image_size=SIZE, patch_size=8, embed_dim=128))
-    collate = ImageTextCollator(module.tokenizer, max_length=16)
-    loader = DataLoader(InMemoryImageText(train, train=True), batch_size=64, shuffle=True,
-                        drop_last=True, collate_fn=collate)
+    train_ds = InMemoryImageText(train, train=True)
+    collate = ImageTextCollator(module.tokenizer, max_length=16, batch_transform=train_ds.batch_transform)
+    loader = DataLoader(train_ds, batch_size=64, shuffle=True, drop_last=True, collate_fn=collate)
     trainer = L.Trainer(max_steps=200, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, loader)

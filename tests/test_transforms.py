@@ -233,3 +233,26 @@ def test_train_pipeline_random_crop_varies():
     arr = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     outs = [t(Image.fromarray(arr)) for _ in range(4)]
     assert not torch.equal(outs[0], outs[1])
+
+
+def test_batch_train_transform_crops_and_normalises_like_the_per_image_pipeline():
+    import torch
+
+    from mmformer.transforms import BatchTrainTransform
+
+    torch.manual_seed(0)
+    images = torch.zeros(8, 3, 16, 16, dtype=torch.uint8)
+    images[:, 0] = 255  # pure red
+    out = BatchTrainTransform(scale=(0.5, 1.0), brightness=0, contrast=0)(images)
+    assert out.shape == (8, 3, 16, 16) and out.dtype == torch.float32
+    # normalised with mean = std = 0.5: red channel 1.0, others -1.0, whatever the crop
+    torch.testing.assert_close(out[:, 0], torch.ones(8, 16, 16))
+    torch.testing.assert_close(out[:, 1:], -torch.ones(8, 2, 16, 16))
+    # a left/right split image: crops move the edge, so samples differ but stay within range
+    images = torch.zeros(8, 3, 16, 16, dtype=torch.uint8)
+    images[..., 8:] = 255
+    out = BatchTrainTransform(scale=(0.3, 0.6))(images)
+    assert out.min() >= -1 and out.max() <= 1
+    assert len({tuple(o[0, 8].tolist()) for o in out}) > 1
+    with pytest.raises(TypeError, match="uint8 batch"):
+        BatchTrainTransform()(images.float())

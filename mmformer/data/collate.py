@@ -83,11 +83,15 @@ class ImageTextCollator:
         tokenizer: see :class:`Tokenizer`; may be set later (``collator.tokenizer = tok``).
         max_length: T, the padded token length.
         image_size: S, used only for the shape of an empty batch.
+        batch_transform: applied to the stacked images (e.g. :class:`BatchTrainTransform` on uint8
+            images that the dataset left un-augmented).
     """
 
     def __init__(self, tokenizer: Tokenizer | Callable[..., Any] | None = None, max_length: int = 16,
-                 image_size: int | None = None) -> None:
+                 image_size: int | None = None,
+                 batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.batch_transform = batch_transform
         self.max_length = max_length
         self.image_size = image_size
 
@@ -101,7 +105,10 @@ class ImageTextCollator:
         indices = torch.tensor([int(s.get("index", -1)) for s in good], dtype=torch.long)
         image_ids = torch.tensor([int(s.get("image_index", s.get("index", -1))) for s in good],
                                  dtype=torch.long)
-        batch = {"images": torch.stack([s["image"] for s in good]),  # (B, 3, S, S)
+        images = torch.stack([s["image"] for s in good])  # (B, 3, S, S)
+        if self.batch_transform is not None:
+            images = self.batch_transform(images)
+        batch = {"images": images,
                  "input_ids": ids, "attention_mask": mask, "indices": indices, "image_ids": image_ids,
                  "captions": [s["caption"] for s in good], "n_skipped": len(skipped), "skipped": skipped}
         if all("concept" in s for s in good):

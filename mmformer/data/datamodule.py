@@ -156,7 +156,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=hp.batch_size, num_workers=hp.num_workers,
                           shuffle=train and not iterable,
                           drop_last=train and n is not None and n >= hp.batch_size,
-                          collate_fn=ImageTextCollator(self.tokenizer, hp.max_length, hp.image_size),
+                          collate_fn=ImageTextCollator(self.tokenizer, hp.max_length, hp.image_size,
+                                                       getattr(dataset, "batch_transform", None)),
                           persistent_workers=hp.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.data.manifest import ImageTextManifest
-from mmformer.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
+from mmformer.transforms import DEFAULT_MAX_PIXELS, BatchTrainTransform, build_transforms, load_image
 
 __all__ = ["CaptionMode", "EmojiData", "InMemoryImageText", "default_data_dir", "read_concepts"]
 
@@ -262,6 +262,9 @@ class InMemoryImageText(Dataset):
             raise ValueError(f"caption_mode must be 'name' or 'name+keywords', got {caption_mode!r}")
         self.data, self.train, self.caption_mode = data, train, caption_mode
         self.transform = build_transforms(image_size or data.image_size, train, mean, std)
+        # training items stay uint8; the collator augments the whole batch at once (much cheaper)
+        same_size = image_size in (None, data.image_size)
+        self.batch_transform = BatchTrainTransform(mean, std) if train and same_size else None
         self.names = [data.concept_names[int(c)] for c in data.concept_ids]  # per image
         self.choices = [self._caption_choices(int(c)) for c in range(len(data.concept_names))]
 
@@ -293,5 +296,6 @@ class InMemoryImageText(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         concept = int(self.data.concept_ids[index])
         caption = random.choice(self.choices[concept]) if self.train else self.names[index]
-        return {"image": self.transform(self.data.images[index]), "caption": caption,
+        image = self.data.images[index]
+        return {"image": image if self.batch_transform else self.transform(image), "caption": caption,
                 "index": index, "image_index": index, "concept": concept}
