@@ -33,8 +33,8 @@ class ModelConfig:
     """
 
     # trunk
-    width: int = 256
-    depth: int = 6
+    width: int = 128
+    depth: int = 3
     heads: int = 4
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
@@ -42,7 +42,7 @@ class ModelConfig:
     share: str = "qkv"
     # image path
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     in_chans: int = 3
     image_pos: str = "sincos"  # "sincos" (fixed 2-D) or "learned"
     image_pre_norm: bool = True  # LayerNorm on patch+position embeddings before the blocks
@@ -58,7 +58,7 @@ class ModelConfig:
     # the learned token / patch embeddings (std 0.02) instead of drowning them.
     pos_scale: float = 0.02
     # joint space
-    embed_dim: int = 256
+    embed_dim: int = 128
     logit_scale_init: float = 1 / 0.07
     logit_scale_max: float = 100.0
     # memory / speed
@@ -129,9 +129,10 @@ class ModelConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-trainable in minutes: 64 px images in 8x8 patches, short captions.
-    "tiny": dict(width=256, depth=6, heads=4, image_size=64, patch_size=8, context_length=16,
-                 embed_dim=256),
+    # CPU-trainable in minutes: 64 px images in 16x16 patches (a 4x4 grid), short captions.
+    # At a fixed CPU budget this size retrieves better than 192x4 or 256x6 (README, Results).
+    "tiny": dict(width=128, depth=3, heads=4, image_size=64, patch_size=16, context_length=16,
+                 embed_dim=128),
     "small": dict(width=384, depth=8, heads=6, image_size=128, patch_size=16, context_length=32,
                   embed_dim=384),
     # ViT-B/16-sized trunk.
