@@ -90,8 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- eval ------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from mmformer.model import MMFormer
     from mmformer.retrieval import evaluate_retrieval
 

@@ -9,10 +9,8 @@ grid of the retrieved images.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -40,29 +38,6 @@ def pick_precision(choice: str) -> str:
     return "bf16-mixed" if cap in ("AVX512_BF16", "AMX") or "AMX" in cap else "32-true"
 
 
-def calibrate_steps(module, loader, budget_s: float, precision: str, fraction: float = 0.85) -> tuple[int, float]:
-    """Optimizer steps that fit ``fraction`` of ``budget_s``, from timing 3 steps (batch loading
-    included) on a copy of the model; the rest of the budget covers the trainer's overhead."""
-    model = copy.deepcopy(module.model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
-    from mmformer.losses import clip_loss
-
-    times = []
-    batches = iter(loader)
-    for _ in range(4):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
-            out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-            loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
-    step_s = sorted(times[1:])[1]  # median of the warm steps
-    return max(1, int(fraction * budget_s / step_s)), step_s
-
-
 def run_demo(args: argparse.Namespace) -> int:
     import lightning as L
     from lightning.pytorch.callbacks import TQDMProgressBar
@@ -80,8 +55,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.batch_size:
         recipe["batch_size"] = args.batch_size
 
+    budget_s = None if args.steps else args.minutes * 60
     module = MMFormerModule(preset="tiny", model_config=recipe["model_config"], lr=recipe["lr"],
-                            weight_decay=recipe["weight_decay"], warmup_steps=recipe["warmup_steps"])
+                            weight_decay=recipe["weight_decay"], warmup_steps=recipe["warmup_steps"],
+                            time_budget_s=budget_s)
     dm = ImageTextDataModule(image_size=module.model.config.image_size, batch_size=recipe["batch_size"],
                              max_length=module.model.config.context_length, caption_mode=recipe["caption_mode"])
     dm.set_tokenizer(module.tokenizer)
@@ -91,20 +68,18 @@ def run_demo(args: argparse.Namespace) -> int:
           f"(held-out concepts); precision {precision}", flush=True)
 
     if args.steps:
-        steps, step_s = args.steps, float("nan")
+        module.hparams.warmup_steps = min(recipe["warmup_steps"], max(1, args.steps // 10))
+        print(f"training {args.steps} steps of batch {recipe['batch_size']}", flush=True)
     else:
-        steps, step_s = calibrate_steps(module, dm.train_dataloader(), args.minutes * 60, precision)
-    module.hparams.warmup_steps = min(recipe["warmup_steps"], max(1, steps // 10))
-    print(f"training {steps} steps of batch {recipe['batch_size']}"
-          + (f" (~{step_s:.2f} s/step, budget {args.minutes:g} min)" if not math.isnan(step_s) else ""),
-          flush=True)
+        print(f"training for {args.minutes:g} min of batch {recipe['batch_size']} (the learning rate "
+              "follows the clock: warmup, then cosine to zero at the end of the budget)", flush=True)
 
     trainer = L.Trainer(
-        max_steps=steps, precision=precision, accelerator="cpu", devices=1,
+        max_steps=args.steps or -1, precision=precision, accelerator="cpu", devices=1,
         logger=CSVLogger(out, name="logs"), enable_checkpointing=False,
         callbacks=[TQDMProgressBar(refresh_rate=5), SkippedSamplesCallback()],
         check_val_every_n_epoch=5, num_sanity_val_steps=0, enable_model_summary=False,
-        max_time={"minutes": args.minutes * 1.5 + 1} if not args.steps else None,
+        max_time={"seconds": budget_s} if budget_s else None,
     )
     t0 = time.perf_counter()
     trainer.fit(module, dm)

@@ -46,13 +46,16 @@ class MMFormerModule(L.LightningModule):
             ``min_lr_ratio * lr`` at the end of training.
         concept_positives: when batches carry ``concepts`` ids, pairs of the same concept are
             not used as each other's negatives.
+        time_budget_s: train for a wall-clock budget instead of a step count: after warmup the
+            cosine follows the elapsed fraction of this many seconds (pair it with the Trainer's
+            ``max_time``, as ``mmformer demo`` does). None = cosine over the Trainer's steps.
     """
 
     def __init__(self, preset: str = "tiny", model_config: dict[str, Any] | None = None,
                  tokenizer: str | None = None, pretrained: str | None = None, lr: float = 5e-4,
                  weight_decay: float = 0.2, betas: tuple[float, float] = (0.9, 0.98),
                  eps: float = 1e-6, warmup_steps: int = 100, min_lr_ratio: float = 0.0,
-                 concept_positives: bool = True) -> None:
+                 concept_positives: bool = True, time_budget_s: float | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         if pretrained is not None:
@@ -130,9 +133,12 @@ class MMFormerModule(L.LightningModule):
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
+        if hp.time_budget_s:
+            factor = TimeCosine(hp.warmup_steps, hp.time_budget_s, hp.min_lr_ratio)
+        else:
+            total = max(int(self.trainer.estimated_stepping_batches), 1)
+            factor = StepCosine(hp.warmup_steps, total, hp.min_lr_ratio)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- validation: retrieval recall ---------------------------------------------------
@@ -227,9 +233,42 @@ def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return decay, no_decay
 
 
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0,
+                  progress: float | None = None) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio``.
+
+    ``progress`` in [0, 1] overrides the step-based position on the cosine (time budgets).
+    """
     if step < warmup:
         return (step + 1) / warmup
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    if progress is None:
+        progress = (step - warmup) / max(total - warmup, 1)
+    progress = min(max(progress, 0.0), 1.0)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StepCosine:
+    """Picklable ``LambdaLR`` factor: warmup, then cosine over ``total`` steps."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float = 0.0) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, self.warmup, self.total, self.min_ratio)
+
+
+class TimeCosine:
+    """Picklable ``LambdaLR`` factor: warmup in steps, then cosine over a wall-clock budget.
+
+    The clock starts at the first call (the scheduler's construction, just before training).
+    """
+
+    def __init__(self, warmup: int, budget_s: float, min_ratio: float = 0.0) -> None:
+        self.warmup, self.budget_s, self.min_ratio = warmup, budget_s, min_ratio
+        self.start: float | None = None
+
+    def __call__(self, step: int) -> float:
+        now = time.monotonic()
+        if self.start is None:
+            self.start = now
+        return warmup_cosine(step, self.warmup, 0, self.min_ratio, progress=(now - self.start) / self.budget_s)

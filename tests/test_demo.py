@@ -19,7 +19,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     m = results["test_metrics"]
     assert m["n_images"] == 1906 and m["t2i_chance_R@1"] == pytest.approx(100 / 1906)
-    assert results["steps"] == 2
+    assert results["steps"] == 2  # --steps trains exactly that many
     assert len(results["queries"]["red apple"]) == 5
     model = MMFormer.from_pretrained(out / "model")
     assert model.tokenizer is not None and model.config.patch_size > 0

@@ -84,3 +84,18 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
     assert warmup_cosine(200, 10, 100) == pytest.approx(0.0, abs=1e-12)
     assert math.isclose(warmup_cosine(10, 10, 100), 1.0)
+
+
+def test_time_budget_schedule_follows_the_clock(monkeypatch):
+    import mmformer.module as mod
+
+    now = [100.0]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
+    factor = mod.TimeCosine(warmup=2, budget_s=60.0)
+    assert factor(0) == pytest.approx(0.5)  # warmup by steps; the clock starts here
+    now[0] += 30.0
+    assert factor(10) == pytest.approx(0.5)  # half the budget: half-way down the cosine
+    now[0] += 30.0
+    assert factor(20) == pytest.approx(0.0, abs=1e-12)
+    now[0] += 30.0
+    assert factor(30) == pytest.approx(0.0, abs=1e-12)  # past the budget: stays at the floor
