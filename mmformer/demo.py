@@ -31,11 +31,23 @@ DEFAULT_QUERIES = ["red apple", "dog face", "rocket", "smiling face with heart-e
 
 
 def pick_precision(choice: str) -> str:
-    """``auto``: bf16-mixed where the CPU has native bf16 matmuls (AVX512-BF16/AMX), else fp32."""
+    """``auto``: bf16-mixed where the CPU has native bf16 matmuls (AVX512-BF16 or AMX), else fp32.
+
+    Without them bf16 is emulated and much slower than fp32 (bench/train_throughput.py).
+    """
     if choice != "auto":
         return choice
-    cap = torch.backends.cpu.get_cpu_capability()
-    return "bf16-mixed" if cap in ("AVX512_BF16", "AMX") or "AMX" in cap else "32-true"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when /proc/cpuinfo lists ``avx512_bf16`` or ``amx_bf16`` (False off Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def run_demo(args: argparse.Namespace) -> int:
