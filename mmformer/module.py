@@ -93,10 +93,9 @@ class MMFormerModule(L.LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
-        if batch is None or batch["images"].shape[0] == 0:  # every sample of the batch was corrupt
-            self._count_skipped(batch)
-            return None
         self._count_skipped(batch)
+        if batch is None or batch["images"].shape[0] == 0:  # every sample of the batch was corrupt
+            return None  # Lightning skips the optimizer step
         out = self(batch["images"], batch["input_ids"], batch["attention_mask"])
         positives = batch.get("concepts") if self.hparams.concept_positives else None
         loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], positives)
