@@ -108,19 +108,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def load_eval_set(model, args: argparse.Namespace):
     """(images (N,3,S,S) tensor or loader, captions, caption_to_image, description)."""
-    import torch
     from torch.utils.data import DataLoader
 
-    from mmformer.data.emoji import EmojiData, InMemoryImageText, default_data_dir
+    from mmformer.data.emoji import InMemoryImageText
     from mmformer.data.manifest import ImageTextManifest
     from mmformer.transforms import build_transforms
 
     c = model.config
     if args.data is None:
-        data = EmojiData.load(default_data_dir(), "test", c.image_size)
-        ds = InMemoryImageText(data, train=False, mean=c.image_mean, std=c.image_std)
-        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
-        return images, ds.captions, ds.caption_to_image.tolist(), f"bundled emoji test split ({len(ds)} images)"
+        ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std)
+        return ds.stacked_images(), ds.captions, ds.caption_to_image.tolist(), f"bundled emoji test split ({len(ds)} images)"
     tf = build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std)
     man = ImageTextManifest(args.data, image_col=args.image_col, caption_col=args.caption_col,
                             transform=tf, split=args.split)

@@ -109,13 +109,13 @@ def run_demo(args: argparse.Namespace) -> int:
 def evaluate_and_search(model, out: Path, queries: list[str]) -> dict:
     """Held-out-family retrieval metrics (printed next to chance) and a PNG grid of text queries."""
     from mmformer.cli import format_metrics
-    from mmformer.data.emoji import EmojiData, InMemoryImageText, default_data_dir
+    from mmformer.data.emoji import InMemoryImageText
     from mmformer.retrieval import embed_images, embed_texts, retrieval_metrics
 
     c = model.config
-    data = EmojiData.load(default_data_dir(), "test", c.image_size)
-    ds = InMemoryImageText(data, train=False, mean=c.image_mean, std=c.image_std)
-    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std)
+    data = ds.data
+    images = ds.stacked_images()
     image_emb = embed_images(model, images, batch_size=256)
     text_emb = embed_texts(model, model.tokenizer, ds.captions, batch_size=512)
     metrics = retrieval_metrics(image_emb, text_emb, ds.caption_to_image)

@@ -293,6 +293,18 @@ class InMemoryImageText(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    @classmethod
+    def eval_split(cls, split: str, image_size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                   std: Sequence[float] = (0.5, 0.5, 0.5),
+                   root: str | os.PathLike[str] | None = None) -> "InMemoryImageText":
+        """The eval dataset of one split of the emoji data (default: the bundled copy)."""
+        data = EmojiData.load(root if root is not None else default_data_dir(), split, image_size)
+        return cls(data, train=False, mean=mean, std=std)
+
+    def stacked_images(self) -> torch.Tensor:
+        """Every item's (transformed) image as one ``(N, 3, S, S)`` float tensor."""
+        return torch.stack([self[i]["image"] for i in range(len(self))])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         concept = int(self.data.concept_ids[index])
         caption = random.choice(self.choices[concept]) if self.train else self.names[index]
