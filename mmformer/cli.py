@@ -4,6 +4,8 @@
 - ``mmformer demo``: train the tiny preset on the bundled emoji data, report held-out recall,
   search by text and write a PNG grid.
 - ``mmformer eval --model DIR [--data MANIFEST]``: retrieval recall@K of a saved model.
+- ``mmformer index build --model DIR --images SRC --out INDEX``, ``mmformer search INDEX "text"``:
+  retrieval indexes (see :mod:`mmformer.retrieval.commands`).
 - ``mmformer export --ckpt FILE --out DIR``: Lightning checkpoint -> ``save_pretrained`` directory.
 - ``mmformer tokenizer --input FILE --out FILE``: train a SentencePiece tokenizer.
 """
@@ -61,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("eval", help="retrieval recall@K of a saved model on a manifest or the bundled test split")
-    e.add_argument("--model", required=True, help="save_pretrained directory")
+    e.add_argument("--model", default=None, help="save_pretrained directory (required unless --index "
+                                                  "records it)")
+    e.add_argument("--index", default=None, help="evaluate through this image index (built from a manifest "
+                                                 "with captions); approximate backends are shown beside exact")
     e.add_argument("--data", default=None, help="CSV/TSV/JSONL manifest (default: bundled held-out family)")
     e.add_argument("--split", default=None, help="keep manifest rows whose 'split' column equals this")
     e.add_argument("--image-col", default="image")
@@ -74,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--ckpt", required=True)
     x.add_argument("--out", required=True)
     x.set_defaults(func=cmd_export)
+
+    from mmformer.retrieval.commands import add_commands
+
+    add_commands(sub)  # index build|info, search
 
     t = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
     t.add_argument("--input", required=True, nargs="+",
@@ -93,6 +102,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmformer.model import MMFormer
     from mmformer.retrieval import evaluate_retrieval
 
+    if args.index:
+        from mmformer.retrieval.commands import cmd_eval_index
+
+        return cmd_eval_index(args)
+    if args.model is None:
+        raise SystemExit("mmformer eval: --model DIR is required (or --index INDEX_DIR)")
     model = MMFormer.from_pretrained(args.model)
     if model.tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer.model")

@@ -273,6 +273,13 @@ class MMFormer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def quantize_int8(self, inplace: bool = False) -> "MMFormer":
+        """An int8 copy for CPU inference (dynamic quantization of every Linear; see
+        :func:`mmformer.compress.quantize_int8`)."""
+        from mmformer.compress import quantize_int8
+
+        return quantize_int8(self, inplace=inplace)
+
     # ---- timm interop -------------------------------------------------------------------
     def load_timm_vit(self, state_dict: Mapping[str, torch.Tensor] | str | os.PathLike) -> None:
         """Load a timm ``VisionTransformer`` state dict (or a .safetensors/.pth file) into the image path.

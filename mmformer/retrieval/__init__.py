@@ -1,7 +1,10 @@
-"""Image-text retrieval: embed with a model, exact search, Recall@K.
+"""Image-text retrieval: embed with a model, index on disk, search, Recall@K.
 
 - :func:`embed_images`, :func:`embed_texts`: (N, E) float32 embeddings from a model's
   ``encode_image`` / ``encode_text`` under ``torch.inference_mode()``.
+- :func:`build_index`, :class:`Index`: an on-disk index (embeddings, metadata, FAISS structure,
+  checked manifest) built with Lightning ``trainer.predict``, resumable; opened with checks.
+- :class:`Retriever`: a model and an index; ``search_text`` / ``search_image`` -> :class:`Hit` lists.
 - :class:`ExactIndex`: brute-force inner-product top-k in torch, saved as ``.npy``.
 - :func:`retrieval_metrics`, :func:`retrieval_ranks`: Recall@K (percent) and ranks, text->image
   and image->text (COCO convention: any of an image's captions is a hit), computed in blocks.
@@ -10,13 +13,21 @@
 
 from .embed import embed_images, embed_texts, evaluate_retrieval
 from .exact import ExactIndex
+from .index import Index, InvalidIndexError, build_index, model_fingerprint
 from .metrics import retrieval_metrics, retrieval_ranks
+from .retriever import Hit, Retriever
 
 __all__ = [
     "ExactIndex",
+    "Hit",
+    "Index",
+    "InvalidIndexError",
+    "Retriever",
+    "build_index",
     "embed_images",
     "embed_texts",
     "evaluate_retrieval",
+    "model_fingerprint",
     "retrieval_metrics",
     "retrieval_ranks",
 ]

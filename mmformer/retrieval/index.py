@@ -1,0 +1,584 @@
+"""On-disk retrieval indexes: build (embed with Lightning, resumable), open (checked), search.
+
+An index directory holds::
+
+    index.json        manifest: format, kind (image|text), model fingerprint, dim, count, dtype,
+                      metric, backend + parameters, sizes and sha256 of every file; written last
+    embeddings.npy    (N, D) float32 or float16, unit rows, memory-mappable
+    metadata.jsonl    one JSON object per row: id, path (images) or text, caption when known
+    skipped.jsonl     inputs that could not be read, with the reason
+    faiss.index       the FAISS structure (backends flat, hnsw, ivfpq)
+
+Building splits the inputs into parts of ``part_size`` items. ``trainer.predict`` embeds one
+part per step (so the same command runs over several devices or nodes with a strategy flag,
+each rank writing its own parts) and a writer callback stores each finished part atomically
+under ``parts/``. A re-run after a kill embeds only the missing parts; the final files are
+assembled from the parts, each written to a temporary file and renamed, and ``index.json``
+is written last, so a directory without it is an unfinished build, never a damaged index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mmformer.config import write_text_atomic
+from mmformer.data.errors import CorruptSample, Skipped
+from mmformer.retrieval.backends import (FAISS_FILE, BackendParams, ExactBackend, FaissBackend,
+                                         choose_backend)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "index.json"
+EMBEDDINGS = "embeddings.npy"
+METADATA = "metadata.jsonl"
+SKIPPED = "skipped.jsonl"
+PARTS = "parts"
+BUILD_INFO = "build.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+VERIFY_AUTO_BYTES = 1 << 30  # "auto" verification hashes indexes up to 1 GiB
+
+
+class InvalidIndexError(ValueError):
+    """A missing, unfinished, damaged or mismatched index (the message says which file and why)."""
+
+
+# ---- model identity -------------------------------------------------------------------------
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 (16 hex digits) of the model's config and every tensor of its state dict.
+
+    Two models with equal weights and config share it; any changed weight changes it. Compute
+    it on the float model (an int8 copy made by ``quantize_int8`` reports its source's).
+    """
+    fp = getattr(model, "source_fingerprint", None)
+    if fp:
+        return fp
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+@dataclass
+class Part:
+    """A unit of work: some items of a list source, or one WebDataset shard."""
+
+    index: int
+    items: list[dict[str, Any]] | None = None
+    shard: str | None = None
+
+
+def collect_parts(source: str | os.PathLike | Sequence[Any], kind: str, part_size: int,
+                  image_col: str = "image", caption_col: str = "caption",
+                  split: str | None = None) -> tuple[list[Part], str]:
+    """Split ``source`` into parts; returns (parts, a description of the source).
+
+    Images: a folder (searched recursively), a CSV/TSV/JSONL manifest (unique images, first
+    caption kept as metadata; ``split`` keeps the rows whose ``split`` column equals it),
+    WebDataset shards (``.tar`` path or brace pattern; one part per shard) or a list of paths. Texts: a ``.txt`` file (one text a line), a manifest (every
+    caption, with its image path as metadata) or a list of strings.
+    """
+    if kind not in ("image", "text"):
+        raise ValueError(f"kind={kind!r} must be 'image' or 'text'")
+    if part_size < 1:
+        raise ValueError(f"part_size must be >= 1, got {part_size}")
+    if not isinstance(source, (str, os.PathLike)):
+        items = [({"id": str(i), "text": str(s)} if kind == "text" else
+                  {"id": str(s), "path": str(s)}) for i, s in enumerate(source)]
+        return _split(items, part_size), f"{len(items)} {kind}s given in memory"
+    src = str(source)
+    if kind == "image" and (src.endswith(".tar") or "{" in src):
+        from mmformer.data.shards import expand_shards
+
+        urls = expand_shards(src)
+        missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} shard(s) of {src!r} not found, e.g. {missing[:3]}")
+        return [Part(i, shard=u) for i, u in enumerate(urls)], f"{len(urls)} WebDataset shard(s) {src}"
+    path = Path(src)
+    if kind == "image" and path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        items = [{"id": str(p.relative_to(path)), "path": os.path.abspath(p)} for p in files]
+        return _split(items, part_size), f"folder {path} ({len(items)} images)"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file or folder (expected a folder of images, a manifest"
+                                f"{', a .txt file' if kind == 'text' else ', shards'})")
+    if kind == "text" and path.suffix == ".txt":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        items = [{"id": f"line-{i}", "text": t.strip()} for i, t in enumerate(lines, 1) if t.strip()]
+        if not items:
+            raise ValueError(f"{path}: no non-empty lines")
+        return _split(items, part_size), f"{path} ({len(items)} texts)"
+    from mmformer.data.manifest import ImageTextManifest
+
+    man = ImageTextManifest(path, image_col=image_col, caption_col=caption_col, split=split,
+                            check_files=kind == "image")
+    if kind == "image":
+        first: dict[int, str] = {}
+        for cap, img in zip(man.captions, man.caption_to_image.tolist()):
+            first.setdefault(img, cap)
+        items = [{"id": os.path.relpath(p, man.root), "path": os.path.abspath(p), "caption": first.get(i)}
+                 for i, p in enumerate(man.image_paths)]
+        return _split(items, part_size), f"manifest {path}{_split_note(split)} ({len(items)} images)"
+    items = [{"id": f"caption-{i}", "text": cap, "row": man.row_numbers[i],
+              "image": os.path.relpath(man.image_paths[img], man.root)}
+             for i, (cap, img) in enumerate(zip(man.captions, man.caption_to_image.tolist()))]
+    return _split(items, part_size), f"manifest {path}{_split_note(split)} ({len(items)} captions)"
+
+
+def _split_note(split: str | None) -> str:
+    return f" split={split}" if split is not None else ""
+
+
+def _split(items: list[dict[str, Any]], size: int) -> list[Part]:
+    return [Part(i, items=items[s:s + size]) for i, s in enumerate(range(0, len(items), size))]
+
+
+class PartDataset(Dataset):
+    """Loads one whole part per item (in DataLoader workers): decoded images or token ids."""
+
+    def __init__(self, parts: list[Part], kind: str, transform=None, tokenizer=None,
+                 max_length: int = 16, max_pixels: int | None = None) -> None:
+        self.parts, self.kind = parts, kind
+        self.transform, self.tokenizer, self.max_length = transform, tokenizer, max_length
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        part = self.parts[i]
+        if self.kind == "text":
+            items = [it for it in part.items if it["text"].strip()]
+            skipped = [Skipped(it["id"], "empty text") for it in part.items if not it["text"].strip()]
+            ids, mask = self.tokenizer([it["text"] for it in items], max_length=self.max_length) \
+                if items else (torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.bool))
+            return {"part": part.index, "input_ids": ids, "attention_mask": mask, "items": items,
+                    "skipped": skipped}
+        items, images, skipped = [], [], []
+        for item, loaded in self._images(part):
+            if isinstance(loaded, Skipped):
+                skipped.append(loaded)
+            else:
+                items.append(item)
+                images.append(loaded)
+        x = torch.stack(images) if images else torch.zeros(0, 3, 1, 1)
+        return {"part": part.index, "images": x, "items": items, "skipped": skipped}
+
+    def _images(self, part: Part) -> Iterable[tuple[dict[str, Any], Any]]:
+        from mmformer.transforms import load_image
+
+        def decode(src, name):
+            try:
+                return self.transform(load_image(src, max_pixels=self.max_pixels, name=name))
+            except CorruptSample as e:
+                return Skipped.from_error(e)
+
+        if part.shard is None:
+            for item in part.items:
+                yield item, decode(item["path"], item["path"])
+            return
+        yield from self._shard_images(part.shard, decode)
+
+    def _shard_images(self, url: str, decode) -> Iterable[tuple[dict[str, Any], Any]]:
+        import webdataset as wds
+
+        from mmformer.data.shards import IMAGE_EXTENSIONS
+
+        errors: list[Exception] = []
+        name = os.path.basename(url)
+        for raw in wds.tarfile_samples([{"url": url}], handler=lambda e: errors.append(e) or True):
+            key = raw.get("__key__", "?")
+            item: dict[str, Any] = {"id": f"{name}/{key}", "path": f"{url}#{key}"}
+            if "txt" in raw:
+                item["caption"] = raw["txt"].decode("utf-8", errors="replace").strip()
+            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+            if ext is None:
+                yield item, Skipped(item["id"], "no image member in the shard sample")
+                continue
+            yield item, decode(raw[ext], f"{url}/{key}.{ext}")
+        for e in errors:
+            yield {"id": f"{name}/?"}, Skipped(url, f"unreadable shard data: {type(e).__name__}: {e}")
+
+
+def _collate_one(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch  # one part per step; the part is already batched
+
+
+# ---- Lightning prediction -------------------------------------------------------------------
+def _embed_module(model: nn.Module, kind: str, batch_size: int):
+    import lightning as L
+
+    class EmbedParts(L.LightningModule):
+        """``predict_step``: one part -> its (n, E) float32 embeddings, in sub-batches."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
+            out = []
+            n = len(batch["items"])
+            for s in range(0, n, batch_size):
+                if kind == "image":
+                    z = self.model.encode_image(batch["images"][s:s + batch_size])
+                else:
+                    z = self.model.encode_text(batch["input_ids"][s:s + batch_size],
+                                               batch["attention_mask"][s:s + batch_size])
+                out.append(z.float().cpu())
+            emb = torch.cat(out) if out else torch.zeros(0, 0)
+            return {"part": batch["part"], "embeddings": emb, "items": batch["items"],
+                    "skipped": batch["skipped"]}
+
+    return EmbedParts()
+
+
+def _part_writer(parts_dir: Path):
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    class PartWriter(BasePredictionWriter):
+        """Writes each finished part as ``part-NNNNNN.npy`` + ``.json`` (the json, written last,
+        marks the part done)."""
+
+        def __init__(self) -> None:
+            super().__init__(write_interval="batch")
+
+        def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                               dataloader_idx=0) -> None:
+            write_part(parts_dir, prediction)
+            # nothing is kept in memory: trainer.predict runs with return_predictions=False
+
+    return PartWriter()
+
+
+def write_part(parts_dir: Path, prediction: dict[str, Any]) -> None:
+    stem = parts_dir / f"part-{prediction['part']:06d}"
+    emb = prediction["embeddings"].numpy().astype(np.float32)
+    _save_npy_atomic(stem.with_suffix(".npy"), emb)
+    record = {"n": len(prediction["items"]), "items": prediction["items"],
+              "skipped": [list(s) for s in prediction["skipped"]]}
+    write_text_atomic(stem.with_suffix(".json"), json.dumps(record))
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _done_parts(parts_dir: Path) -> set[int]:
+    done = set()
+    for j in parts_dir.glob("part-*.json"):
+        if j.with_suffix(".npy").is_file():
+            done.add(int(j.stem.split("-")[1]))
+    return done
+
+
+# ---- build ----------------------------------------------------------------------------------
+def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_dir: str | os.PathLike, *,
+                kind: str = "image", backend: str = "auto", backend_params: dict[str, Any] | None = None,
+                dtype: str = "float32", batch_size: int = 256, part_size: int = 4096,
+                num_workers: int = 0, precision: str = "32-true", accelerator: str = "cpu",
+                devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
+                model_path: str | None = None, image_col: str = "image", caption_col: str = "caption",
+                split: str | None = None, overwrite: bool = False, progress: bool = True, seed: int = 0) -> "Index":
+    """Embed ``source`` with ``model`` and write an index to ``out_dir``; returns it opened.
+
+    Resumable: parts finished by an earlier (killed) run with the same model, source and
+    settings are reused. An existing complete index of the same model and source is returned
+    as is; anything else in ``out_dir`` is refused unless ``overwrite``.
+
+    Args:
+        model: an ``MMFormer`` (or an int8 copy from ``quantize_int8``).
+        source: see :func:`collect_parts`.
+        kind: ``"image"`` or ``"text"`` (what the rows of the index are).
+        backend: ``auto`` | ``exact`` | ``flat`` | ``hnsw`` | ``ivfpq`` (see backends.py).
+        dtype: ``float32`` or ``float16`` storage of ``embeddings.npy``.
+        precision, accelerator, devices, strategy, num_nodes: passed to the Lightning Trainer.
+        model_path: where the model lives, recorded so ``mmformer search`` can find it.
+        image_col, caption_col, split: manifest columns and row filter (manifest sources).
+    """
+    import lightning as L
+
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype={dtype!r} must be 'float32' or 'float16'")
+    out = Path(out_dir)
+    params = BackendParams.from_dict(backend_params)
+    parts, description = collect_parts(source, kind, part_size, image_col, caption_col, split)
+    fingerprint = model_fingerprint(model)
+    int8 = bool(getattr(model, "is_int8", False))
+    build = {"format": FORMAT_VERSION, "kind": kind, "source": description, "part_size": part_size,
+             "model_fingerprint": fingerprint, "n_parts": len(parts)}
+    if (out / MANIFEST).is_file() and not overwrite:
+        existing = json.loads((out / MANIFEST).read_text())
+        if _same_input(existing.get("build", {}), build):
+            log.info("%s is already built from the same model and source", out)
+            return Index.open(out)
+        raise InvalidIndexError(f"{out} already holds an index built from {existing.get('build', {}).get('source')!r} "
+                          f"with model {existing.get('model', {}).get('fingerprint')}; pass overwrite=True "
+                          "(--overwrite) to replace it")
+    parts_dir = out / PARTS
+    if overwrite and out.exists():
+        for name in (MANIFEST, EMBEDDINGS, METADATA, SKIPPED, FAISS_FILE, BUILD_INFO):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    info_path = parts_dir / BUILD_INFO
+    if info_path.is_file():
+        previous = json.loads(info_path.read_text())
+        if previous != build:
+            raise InvalidIndexError(f"{out} holds parts of another build ({previous.get('source')!r}, model "
+                              f"{previous.get('model_fingerprint')}, part_size {previous.get('part_size')}); "
+                              "pass overwrite=True (--overwrite) or use another directory")
+    else:
+        write_text_atomic(info_path, json.dumps(build, indent=1))
+    done = _done_parts(parts_dir)
+    todo = [p for p in parts if p.index not in done]
+    log.info("%s: %d parts, %d already done", description, len(parts), len(parts) - len(todo))
+    t0 = time.perf_counter()
+    is_rank0 = True
+    if todo:
+        if int8 and accelerator not in ("cpu", "auto"):
+            raise ValueError("int8 (dynamically quantized) models run on the CPU only; use accelerator='cpu'")
+        from mmformer.transforms import build_transforms
+
+        c = model.config
+        dataset = PartDataset(todo, kind, transform=build_transforms(c.image_size, train=False, mean=c.image_mean,
+                                                                     std=c.image_std),
+                              tokenizer=model.tokenizer, max_length=c.context_length)
+        if kind == "text" and model.tokenizer is None:
+            raise ValueError("text indexes need a model with a tokenizer")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                             collate_fn=_collate_one, persistent_workers=False)
+        trainer = L.Trainer(accelerator="cpu" if int8 else accelerator, devices=devices, strategy=strategy,
+                            num_nodes=num_nodes, precision=precision, logger=False,
+                            callbacks=[_part_writer(parts_dir)], enable_progress_bar=progress,
+                            enable_model_summary=False, enable_checkpointing=False, inference_mode=True)
+        with warnings.catch_warnings():  # parts are whole batches: there are no sampler batch indices
+            warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+            trainer.predict(_embed_module(model, kind, batch_size), dataloaders=loader, return_predictions=False)
+        trainer.strategy.barrier()
+        is_rank0 = trainer.is_global_zero
+    if not is_rank0:
+        return None  # type: ignore[return-value]  # other ranks: rank 0 assembles the index
+    missing = sorted({p.index for p in parts} - _done_parts(parts_dir))
+    if missing:
+        raise InvalidIndexError(f"{out}: parts {missing[:10]} were not written; rerun the build to finish them")
+    embed_s = time.perf_counter() - t0
+    manifest = _assemble(out, parts, dtype, backend, params, seed)
+    manifest.update(kind=kind, build=build, embed_seconds=round(embed_s, 3),
+                    model={"fingerprint": fingerprint, "path": model_path, "int8": int8,
+                           "config": model.config.to_dict() if hasattr(model, "config") else None})
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return Index.open(out)
+
+
+def _same_input(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Same model, kind and source (the part size only matters to an unfinished build)."""
+    keys = ("format", "kind", "source", "model_fingerprint")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _assemble(out: Path, parts: list[Part], dtype: str, backend: str, params: BackendParams,
+              seed: int) -> dict[str, Any]:
+    """Parts -> embeddings.npy, metadata.jsonl, skipped.jsonl, backend files; the manifest's body."""
+    parts_dir = out / PARTS
+    records = [json.loads((parts_dir / f"part-{p.index:06d}.json").read_text()) for p in parts]
+    n = sum(r["n"] for r in records)
+    if n == 0:
+        raise InvalidIndexError(f"{out}: no input could be embedded (every one was skipped; see {PARTS}/*.json)")
+    dim = next(np.load(parts_dir / f"part-{p.index:06d}.npy", mmap_mode="r").shape[1]
+               for p, r in zip(parts, records) if r["n"])
+    # embeddings: streamed part by part into a memory-mapped temporary .npy, then renamed
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{EMBEDDINGS}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, dim))
+        row = 0
+        for p, r in zip(parts, records):
+            if r["n"]:
+                block = np.load(parts_dir / f"part-{p.index:06d}.npy")
+                if block.shape != (r["n"], dim):
+                    raise InvalidIndexError(f"{parts_dir}/part-{p.index:06d}.npy has shape {block.shape}, "
+                                      f"expected ({r['n']}, {dim}); delete it and rerun the build")
+                mm[row:row + r["n"]] = block
+                row += r["n"]
+        mm.flush()
+        del mm
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out / EMBEDDINGS)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    write_text_atomic(out / METADATA, "".join(json.dumps(it) + "\n" for r in records for it in r["items"]))
+    skipped = [s for r in records for s in r["skipped"]]
+    write_text_atomic(out / SKIPPED, "".join(json.dumps({"source": s[0], "reason": s[1]}) + "\n" for s in skipped))
+    if skipped:
+        log.warning("skipped %d unreadable input(s); listed in %s", len(skipped), out / SKIPPED)
+    kind = choose_backend(n, backend)
+    t0 = time.perf_counter()
+    if kind != "exact":
+        emb = np.load(out / EMBEDDINGS, mmap_mode="r")
+        b = FaissBackend.build(kind, emb, params, seed=seed)
+        b.save(out)
+        params = b.params
+    build_s = time.perf_counter() - t0
+    files = [EMBEDDINGS, METADATA, SKIPPED] + ([FAISS_FILE] if kind != "exact" else [])
+    return {"format": FORMAT_VERSION, "count": n, "dim": int(dim), "dtype": dtype, "metric": "inner_product",
+            "backend": kind, "backend_params": params.to_dict(), "skipped": len(skipped),
+            "index_seconds": round(build_s, 3), "files": {f: _file_info(out / f) for f in files}}
+
+
+def _file_info(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- open / search --------------------------------------------------------------------------
+class Index:
+    """An opened index directory: manifest, memory-mapped embeddings, metadata and a backend.
+
+    Use :meth:`open`. ``search(queries (Q, D), k)`` returns (scores, row ids) as numpy arrays;
+    :meth:`metadata` gives a row's stored record.
+    """
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], embeddings: np.ndarray,
+                 backend, metadata_bytes: bytes, line_starts: np.ndarray) -> None:
+        self.directory, self.manifest, self.embeddings, self.backend = directory, manifest, embeddings, backend
+        self._meta, self._starts = metadata_bytes, line_starts
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["model"]["fingerprint"]
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"Index({str(self.directory)!r}, kind={m['kind']}, count={m['count']}, dim={m['dim']}, "
+                f"backend={m['backend']}, model={self.fingerprint})")
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, *, verify: bool | str = "auto", mmap: bool = True,
+             backend: str | None = None, search_params: dict[str, Any] | None = None) -> "Index":
+        """Open and check an index directory.
+
+        Args:
+            verify: True = check every file's sha256; "auto" = only when the files total at
+                most 1 GiB (sizes and shapes are always checked); False = sizes and shapes only.
+            mmap: memory-map the embeddings (and the FAISS file where FAISS allows it).
+            backend: search with another backend than the stored one: ``exact`` always works;
+                a FAISS kind other than the stored one is built in memory now.
+            search_params: override ``ef_search`` / ``nprobe`` / ``refine``.
+        Raises:
+            InvalidIndexError: no manifest (unfinished build), unknown format, a missing, resized or
+                (when verified) altered file, or embeddings whose shape disagrees.
+        """
+        d = Path(directory)
+        man_path = d / MANIFEST
+        if not man_path.is_file():
+            hint = (" (it holds an unfinished build: rerun `mmformer index build` with the same arguments "
+                    "to finish it)") if (d / PARTS).is_dir() else ""
+            raise InvalidIndexError(f"{d}: not an mmformer index, {MANIFEST} is missing{hint}")
+        try:
+            manifest = json.loads(man_path.read_text())
+        except ValueError as e:
+            raise InvalidIndexError(f"{man_path}: damaged manifest ({e}); rebuild the index") from e
+        if manifest.get("format") != FORMAT_VERSION:
+            raise InvalidIndexError(f"{man_path}: index format {manifest.get('format')!r}, this version reads "
+                              f"{FORMAT_VERSION}; rebuild the index")
+        files = manifest["files"]
+        total = 0
+        for name, info in files.items():
+            p = d / name
+            if not p.is_file():
+                raise InvalidIndexError(f"{p}: missing (the index lists it); rebuild the index")
+            if p.stat().st_size != info["bytes"]:
+                raise InvalidIndexError(f"{p}: {p.stat().st_size} bytes, the manifest says {info['bytes']} "
+                                  "(truncated or replaced); rebuild the index")
+            total += info["bytes"]
+        if verify is True or (verify == "auto" and total <= VERIFY_AUTO_BYTES):
+            for name, info in files.items():
+                if _sha256(d / name) != info["sha256"]:
+                    raise InvalidIndexError(f"{d / name}: checksum mismatch (the file was altered or damaged); "
+                                      "rebuild the index")
+        try:
+            emb = np.load(d / EMBEDDINGS, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except ValueError as e:
+            raise InvalidIndexError(f"{d / EMBEDDINGS}: unreadable ({e}); rebuild the index") from e
+        if emb.shape != (manifest["count"], manifest["dim"]) or emb.dtype != np.dtype(manifest["dtype"]):
+            raise InvalidIndexError(f"{d / EMBEDDINGS}: shape {emb.shape} {emb.dtype}, the manifest says "
+                              f"({manifest['count']}, {manifest['dim']}) {manifest['dtype']}")
+        meta = (d / METADATA).read_bytes()
+        starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(meta, dtype=np.uint8) == 10) + 1])
+        if len(starts) - 1 != manifest["count"]:
+            raise InvalidIndexError(f"{d / METADATA}: {len(starts) - 1} rows, the manifest says {manifest['count']}")
+        params = BackendParams.from_dict({**manifest.get("backend_params", {}), **(search_params or {})})
+        stored = manifest["backend"]
+        kind = backend or stored
+        if kind == "exact":
+            b = ExactBackend(emb)
+        elif kind == stored:
+            b = FaissBackend.load(kind, d, params, embeddings=emb if kind == "ivfpq" else None, mmap=mmap)
+        else:
+            b = FaissBackend.build(kind, emb, params)
+        return cls(d, manifest, emb, b, meta, starts)
+
+    def metadata(self, row: int) -> dict[str, Any]:
+        """The stored record of row ``row`` (id, path or text, caption...)."""
+        return json.loads(self._meta[self._starts[row]:self._starts[row + 1]])
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) unit query embeddings -> (scores (Q, k) float32, rows (Q, k) int64)."""
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().float().cpu().numpy()
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.manifest["dim"]:
+            raise ValueError(f"queries must have shape (Q, {self.manifest['dim']}), got {q.shape}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        return self.backend.search(q, k)
