@@ -261,3 +261,17 @@ def test_index_build_and_search_commands(tiny_model, image_folder, tmp_path, cap
     assert main(["eval", "--index", str(tmp_path / "index"), "--json"]) == 0
     m = json.loads(capsys.readouterr().out)["flat"]
     assert m["n_queries"] == len(rows) and 0 <= m["R@1"] <= m["R@5"] <= 100
+
+
+@pytest.mark.slow
+def test_two_process_ddp_build_equals_single_process(tiny_model, image_folder, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "model")
+    for out, extra in (("one", []), ("two", ["--devices", "2", "--strategy", "ddp"])):
+        proc = subprocess.run([sys.executable, "-m", "mmformer.cli", "index", "build", "--model", str(tmp_path / "model"),
+                               "--images", str(image_folder), "--out", str(tmp_path / out), "--part-size", "3", *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "one" / "metadata.jsonl").read_bytes() == (tmp_path / "two" / "metadata.jsonl").read_bytes()
+    # equal up to float rounding: each DDP process runs its matmuls with its own thread count
+    np.testing.assert_allclose(np.load(tmp_path / "one" / "embeddings.npy"), np.load(tmp_path / "two" / "embeddings.npy"),
+                               atol=1e-5)

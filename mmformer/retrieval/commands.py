@@ -37,7 +37,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--image-col", default="image")
     b.add_argument("--caption-col", default="caption")
     b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--part-size", type=int, default=4096, help="inputs per resumable part")
+    b.add_argument("--part-size", type=int, default=1024, help="inputs per resumable part")
     b.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
     b.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true, bf16-mixed")
     b.add_argument("--int8", action="store_true", help="embed with the int8-quantized model (CPU)")

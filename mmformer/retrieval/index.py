@@ -308,7 +308,7 @@ def _done_parts(parts_dir: Path) -> set[int]:
 # ---- build ----------------------------------------------------------------------------------
 def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_dir: str | os.PathLike, *,
                 kind: str = "image", backend: str = "auto", backend_params: dict[str, Any] | None = None,
-                dtype: str = "float32", batch_size: int = 256, part_size: int = 4096,
+                dtype: str = "float32", batch_size: int = 256, part_size: int = 1024,
                 num_workers: int = 0, precision: str = "32-true", accelerator: str = "cpu",
                 devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
                 model_path: str | None = None, image_col: str = "image", caption_col: str = "caption",
