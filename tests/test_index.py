@@ -249,6 +249,10 @@ def test_index_build_and_search_commands(tiny_model, image_folder, tmp_path, cap
     got = json.loads(capsys.readouterr().out)
     assert [g["query"] for g in got] == ["a red square", target] and all(len(g["hits"]) == 2 for g in got)
     assert got[1]["hits"][0]["metadata"]["path"] == target and got[1]["hits"][0]["score"] > 0.9999
+    # the int8 model searches the float model's index (same source fingerprint) and finds the same image
+    assert main(["search", str(tmp_path / "index"), "--image", target, "-k", "1", "--int8", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["hits"][0]
+    assert top["metadata"]["path"] == target and top["score"] > 0.98
     # a text index searched by image: image->text
     (tmp_path / "t.txt").write_text("\n".join(r["caption"] for r in rows) + "\n")
     assert main(["index", "build", "--model", str(tmp_path / "model"), "--texts", str(tmp_path / "t.txt"),
