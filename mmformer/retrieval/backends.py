@@ -68,7 +68,7 @@ class BackendParams:
     ef_construction: int = 80
     ef_search: int = 128
     nlist: int = 0
-    nprobe: int = 32
+    nprobe: int = 64
     pq_m: int = 0
     refine: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
