@@ -68,9 +68,9 @@ class BackendParams:
     ef_construction: int = 80
     ef_search: int = 128
     nlist: int = 0
-    nprobe: int = 64
+    nprobe: int = 32
     pq_m: int = 0
-    refine: int = 8
+    refine: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

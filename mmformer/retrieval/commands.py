@@ -76,8 +76,8 @@ def _add_backend_params(p: argparse.ArgumentParser, build: bool = True) -> None:
         p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
         p.add_argument("--pq-m", type=int, default=None, help="PQ bytes per vector (default D/4)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW search list size (128)")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (64)")
-    p.add_argument("--refine", type=int, default=None, help="IVF-PQ shortlist factor re-ranked exactly (8)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (32)")
+    p.add_argument("--refine", type=int, default=None, help="IVF-PQ shortlist factor re-ranked exactly (16)")
 
 
 def _backend_params(args: argparse.Namespace) -> dict[str, Any]:
