@@ -17,12 +17,14 @@ import torch
 from torch import nn
 
 from mmformer.config import get_config
-from mmformer.losses import clip_loss
+from mmformer.losses import clip_loss, world_size
 from mmformer.model import MMFormer
 from mmformer.retrieval.metrics import retrieval_metrics
 from mmformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def default_tokenizer_path() -> Path:
@@ -49,15 +51,39 @@ class MMFormerModule(L.LightningModule):
         time_budget_s: train for a wall-clock budget instead of a step count: after warmup the
             cosine follows the elapsed fraction of this many seconds (pair it with the Trainer's
             ``max_time``, as ``mmformer demo`` does). None = cosine over the Trainer's steps.
+        contrastive_accum: k > 1 = contrastive-correct gradient accumulation over k micro-batches
+            (the loader's batches): their embeddings are computed without gradient, the loss is
+            taken over all k*B pairs (every micro-batch's samples are the others' negatives), then
+            each micro-batch is re-run with gradient against the cached rest; one optimizer step
+            per k batches. Use it instead of the Trainer's ``accumulate_grad_batches`` (which
+            averages k losses that each see only B-1 negatives); ``max_steps`` counts optimizer steps.
+        nonfinite: what a NaN/inf loss does: ``"stop"`` raises ``FloatingPointError`` naming the
+            optimizer step, epoch and batch; ``"skip"`` skips that optimizer step, counts it
+            (``train/nonfinite_skipped``, kept in checkpoints) and goes on.
+        compile: ``torch.compile`` each block (in ``configure_model``, before FSDP sharding).
+        fsdp_mixed_precision: under FSDP with ``bf16-mixed`` / ``16-mixed`` Trainer precision, let
+            FSDP2 gather the parameters in that dtype (``MixedPrecisionPolicy``; fp32 sharded master
+            weights, fp32 gradient reduction). False = gather fp32, autocast only.
+        reshard_after_forward: FSDP2 frees gathered block weights after forward (less memory,
+            one more all-gather in backward).
     """
 
     def __init__(self, preset: str = "tiny", model_config: dict[str, Any] | None = None,
                  tokenizer: str | None = None, pretrained: str | None = None, lr: float = 5e-4,
                  weight_decay: float = 0.2, betas: tuple[float, float] = (0.9, 0.98),
                  eps: float = 1e-6, warmup_steps: int = 100, min_lr_ratio: float = 0.0,
-                 concept_positives: bool = True, time_budget_s: float | None = None) -> None:
+                 concept_positives: bool = True, time_budget_s: float | None = None,
+                 contrastive_accum: int = 1, nonfinite: str = "stop", compile: bool = False,
+                 fsdp_mixed_precision: bool = True, reshard_after_forward: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if int(contrastive_accum) < 1:
+            raise ValueError(f"contrastive_accum={contrastive_accum} must be >= 1")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={nonfinite!r} must be one of {NONFINITE_POLICIES}")
+        self.automatic_optimization = int(contrastive_accum) == 1
+        self._micro_batches: list[dict[str, Any]] = []
+        self.nonfinite_skipped = 0
         if pretrained is not None:
             self.model = MMFormer.from_pretrained(pretrained)
             if tokenizer is not None:
@@ -79,10 +105,53 @@ class MMFormerModule(L.LightningModule):
         return self.model.tokenizer
 
     def setup(self, stage: str) -> None:
-        """Hand the model's tokenizer to a data module that has none."""
+        """Hand the model's tokenizer to a data module that has none; for ``fit``, write
+        checkpoints atomically and check the checkpoint to resume from before it is loaded
+        (:func:`mmformer.checkpoint.guard_fit`)."""
+        if stage == "fit" and self._trainer is not None:
+            from mmformer.checkpoint import guard_fit
+
+            guard_fit(self.trainer)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "set_tokenizer") and getattr(dm, "tokenizer", None) is None:
             dm.set_tokenizer(self.tokenizer)
+
+    def configure_model(self) -> None:
+        """Compile the blocks (``compile``) and, under :class:`~mmformer.distributed.ShardedStrategy`
+        (Lightning's ``ModelParallelStrategy``), shard the model with FSDP2 over the data-parallel
+        mesh: one unit per multiway block, then the root. Idempotent."""
+        from mmformer.distributed import PRECISION_DTYPES, apply_fsdp, is_fsdp
+
+        if is_fsdp(self.model):
+            return
+        if self.hparams.compile:
+            for block in self.model.blocks:
+                block.compile()
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"tensor_parallel_size={mesh['tensor_parallel'].size()}: tensor parallelism is not supported "
+                "by MMFormer (its fused qkv Linear stores q, k and v one after the other, so a column "
+                "split does not give each rank whole heads); use tensor_parallel_size=1")
+        dp = mesh["data_parallel"] if "data_parallel" in mesh.mesh_dim_names else mesh
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        param_dtype = PRECISION_DTYPES.get(precision) if self.hparams.fsdp_mixed_precision else None
+        apply_fsdp(self.model, dp, param_dtype=param_dtype,
+                   reshard_after_forward=self.hparams.reshard_after_forward)
+        log.info("FSDP2: %d blocks + root sharded over %d ranks (params gathered in %s)",
+                 len(self.model.blocks), dp.size(), param_dtype or "fp32")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the model config and tokenizer (for ``mmformer export``) and the skip counter."""
+        tok = self.model.tokenizer
+        checkpoint["mmformer"] = {"config": self.model.config.to_dict(),
+                                  "tokenizer": tok._proto if tok is not None else None,
+                                  "nonfinite_skipped": self.nonfinite_skipped}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_skipped = int(checkpoint.get("mmformer", {}).get("nonfinite_skipped", 0))
 
     # ---- training -----------------------------------------------------------------------
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
@@ -94,15 +163,76 @@ class MMFormerModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
         self._count_skipped(batch)
+        if not self.automatic_optimization:
+            return self._accumulating_step(batch, batch_idx)
         if batch is None or batch["images"].shape[0] == 0:  # every sample of the batch was corrupt
             return None  # Lightning skips the optimizer step
         out = self(batch["images"], batch["input_ids"], batch["attention_mask"])
         positives = batch.get("concepts") if self.hparams.concept_positives else None
         loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], positives)
         bs = batch["images"].shape[0]
+        if not self._loss_is_finite(loss, batch_idx):
+            return None  # "skip": no backward, no update (the optimizer sees no gradients)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", out["logit_scale"].detach(), batch_size=bs)
         return loss
+
+    def _loss_is_finite(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        """Apply the ``nonfinite`` policy; every rank takes the same decision."""
+        finite = torch.isfinite(loss.detach()).all().float()
+        if world_size() > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if bool(finite.item()):
+            return True
+        where = (f"optimizer step {self.trainer.global_step}, epoch {self.current_epoch}, "
+                 f"batch {batch_idx}") if self._trainer is not None else f"batch {batch_idx}"
+        if self.hparams.nonfinite == "stop":
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at {where}; "
+                                     "set model.nonfinite=skip to skip such steps")
+        self.nonfinite_skipped += 1
+        log.warning("non-finite training loss (%s) at %s: step skipped (%d so far)",
+                    loss.item(), where, self.nonfinite_skipped)
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+        return False
+
+    def _accumulating_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        """Manual optimization for ``contrastive_accum`` = k: collect k batches, then one step."""
+        if batch is not None and batch["images"].shape[0] > 0:
+            self._micro_batches.append(batch)
+        k = int(self.hparams.contrastive_accum)
+        if len(self._micro_batches) < k and not self.trainer.is_last_batch:
+            return None
+        micro, self._micro_batches = self._micro_batches, []
+        if not micro:
+            return None
+        opt = self.optimizers()
+        positives = None
+        if self.hparams.concept_positives and all("concepts" in b for b in micro):
+            positives = torch.cat([b["concepts"] for b in micro])
+        fsdp = hasattr(self.model, "set_requires_gradient_sync")
+
+        def backward(loss: torch.Tensor, last: bool) -> None:
+            if fsdp:  # reduce-scatter once, after the last micro-batch
+                self.model.set_requires_gradient_sync(last)
+            self.manual_backward(loss)
+
+        loss, logit_scale = contrastive_accumulation(
+            lambda b: self(b["images"], b["input_ids"], b["attention_mask"]), micro, backward, positives,
+            is_finite=lambda v: self._loss_is_finite(v, batch_idx))
+        if loss is None:
+            opt.zero_grad()
+            return None
+        if self.trainer.gradient_clip_val:
+            self.clip_gradients(opt, self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
+        opt.step()
+        opt.zero_grad()
+        self.lr_schedulers().step()
+        bs = sum(b["images"].shape[0] for b in micro)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/logit_scale", logit_scale, batch_size=bs)
+        return None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if batch is None:
@@ -136,6 +266,8 @@ class MMFormerModule(L.LightningModule):
             factor = TimeCosine(hp.warmup_steps, hp.time_budget_s, hp.min_lr_ratio)
         else:
             total = max(int(self.trainer.estimated_stepping_batches), 1)
+            if not self.automatic_optimization and self.trainer.max_steps < 0:
+                total = max(total // int(hp.contrastive_accum), 1)  # batches -> optimizer steps
             factor = StepCosine(hp.warmup_steps, total, hp.min_lr_ratio)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -144,9 +276,10 @@ class MMFormerModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         if batch is None or batch["images"].shape[0] == 0:
             return
+        emb = self(batch["images"], batch["input_ids"], batch["attention_mask"])  # forward: FSDP2 hooks run
         out = {
-            "image": self.model.encode_image(batch["images"]).float(),
-            "text": self.model.encode_text(batch["input_ids"], batch["attention_mask"]).float(),
+            "image": emb["image_embeds"].float(),
+            "text": emb["text_embeds"].float(),
             "image_ids": batch.get("image_ids", batch["indices"]).long(),
         }
         if "concepts" in batch:
@@ -219,6 +352,47 @@ def concept_retrieval_metrics(image: torch.Tensor, text: torch.Tensor, concepts:
         out[f"{swap[head]}_{tail}" if head in swap else k] = v
     out["n_images"], out["n_texts"] = m["n_texts"], m["n_images"]
     return out
+
+
+def contrastive_accumulation(encode, micro_batches: list[dict[str, Any]], backward,
+                             positives: torch.Tensor | None = None, is_finite=None
+                             ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Gradients of the CLIP loss over k micro-batches as if they were one batch of k*B.
+
+    Args:
+        encode: batch -> {"image_embeds": (B, E), "text_embeds": (B, E), "logit_scale": ()}.
+        micro_batches: the k batches (sizes may differ).
+        backward: ``backward(loss, last)`` accumulates gradients (``last`` for the k-th call).
+        positives: (sum B,) concept ids of all micro-batches in order, or None.
+        is_finite: ``is_finite(loss) -> bool`` on the full loss before any backward; False = no
+            backward at all (returns ``(None, logit_scale)``).
+    Returns:
+        (the loss over all k*B pairs, detached; the logit scale).
+
+    1) embeddings of every micro-batch without gradient (cache); 2) for each micro-batch j,
+    re-run it with gradient, put its rows into the cache and backward the full loss: only
+    micro-batch j's rows carry gradient, so the k backwards sum to the full gradient. The logit
+    scale enters with gradient in the first re-run only (else its gradient would count k times).
+    Under DDP/FSDP :func:`~mmformer.losses.clip_loss` gathers the k*B rows of every rank.
+    """
+    with torch.no_grad():
+        cached = [encode(b) for b in micro_batches]
+    img = torch.cat([c["image_embeds"] for c in cached])  # (k*B, E)
+    txt = torch.cat([c["text_embeds"] for c in cached])
+    scale = cached[0]["logit_scale"]
+    with torch.no_grad():
+        full = clip_loss(img, txt, scale, positives)
+    if is_finite is not None and not is_finite(full):
+        return None, scale
+    ends = torch.tensor([c["image_embeds"].shape[0] for c in cached]).cumsum(0).tolist()
+    for j, b in enumerate(micro_batches):
+        lo, hi = (ends[j - 1] if j else 0), ends[j]
+        out = encode(b)
+        img_j = torch.cat([img[:lo], out["image_embeds"], img[hi:]])
+        txt_j = torch.cat([txt[:lo], out["text_embeds"], txt[hi:]])
+        s = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
+        backward(clip_loss(img_j, txt_j, s, positives), j == len(micro_batches) - 1)
+    return full.detach(), scale.detach()
 
 
 def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -55,7 +55,9 @@ class ImageTextDataModule(pl.LightningDataModule):
             for multi-rank training from shards so every rank runs the same number of steps.
         hflip: random horizontal flips in training.
         cache_dir: optional ``.npy`` cache directory for decoded emoji pixels.
-        seed: shard shuffling seed.
+        seed: shard shuffling seed, and the seed of the training order of map-style datasets
+            (a :class:`~mmformer.checkpoint.ResumableSampler`: permutation per epoch from
+            ``seed + epoch``, one slice per data-parallel rank, resumable mid-epoch).
         image_mean, image_std: normalisation, ``(x / 255 - mean) / std``; must match the model's
             ``ModelConfig.image_mean`` / ``image_std``.
     """
@@ -153,12 +155,18 @@ class ImageTextDataModule(pl.LightningDataModule):
         if not iterable and not isinstance(dataset, InMemoryImageText):
             dataset = SkipCorrupt(dataset)  # CorruptSample -> Skipped marker, inside the worker
         n = None if iterable else len(dataset)
-        return DataLoader(dataset, batch_size=hp.batch_size, num_workers=hp.num_workers,
-                          shuffle=train and not iterable,
-                          drop_last=train and n is not None and n >= hp.batch_size,
-                          collate_fn=ImageTextCollator(self.tokenizer, hp.max_length, hp.image_size,
-                                                       getattr(dataset, "batch_transform", None)),
-                          persistent_workers=hp.num_workers > 0)
+        kwargs = dict(batch_size=hp.batch_size, num_workers=hp.num_workers,
+                      drop_last=train and n is not None and n >= hp.batch_size,
+                      collate_fn=ImageTextCollator(self.tokenizer, hp.max_length, hp.image_size,
+                                                   getattr(dataset, "batch_transform", None)),
+                      persistent_workers=hp.num_workers > 0)
+        if train and not iterable:  # seeded order that a mid-epoch checkpoint can continue exactly
+            from mmformer.checkpoint import ResumableDataLoader, ResumableSampler
+
+            ranks = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+            sampler = ResumableSampler(dataset, shuffle=True, seed=hp.seed, **(ranks or {}))
+            return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
+        return DataLoader(dataset, shuffle=False, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)

@@ -1,0 +1,292 @@
+"""Checkpoints that are safe to kill and exact to resume.
+
+- :func:`check_checkpoint`: a Lightning checkpoint file or a sharded (distributed checkpoint)
+  folder is readable and complete, else a ``CheckpointError`` that names the file and the fault.
+- :class:`AtomicCheckpointIO`: single-file checkpoints written to a temp file in the target's
+  folder, fsynced, then renamed (a kill never leaves a truncated ``last.ckpt``); loads are checked.
+- :class:`ResumableSampler` / :class:`ResumableDataLoader`: a seeded, rank-sharded training order
+  that a checkpoint can continue in the middle of an epoch (Lightning saves and restores the
+  loader's ``state_dict``).
+- :class:`ExactResume`: the callback that tracks the loader's progress; it and
+  ``MMFormerModule.setup`` call :func:`guard_fit` (atomic writer, ``ckpt_path`` checked before
+  anything is loaded).
+- :func:`load_checkpoint_state_dict` / :func:`export_checkpoint`: a Lightning checkpoint, sharded
+  or not, -> the model's full state dict -> a ``save_pretrained`` folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from mmformer.config import make_readable
+
+log = logging.getLogger(__name__)
+
+META_NAME = "meta.pt"  # Lightning's non-tensor part of a sharded checkpoint
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt or of the wrong kind."""
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / DCP_METADATA).is_file()
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete Lightning checkpoint.
+
+    A file must load (``torch.load``, memory-mapped) into a dict with ``state_dict``; a folder
+    must hold ``meta.pt`` and a distributed-checkpoint index whose every shard file exists and
+    is long enough for the byte ranges the index points into.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        _check_sharded(path)
+        return path
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted write? "
+                              "Delete it and resume from an earlier checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                              "delete it and resume from an earlier checkpoint") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
+    return path
+
+
+def _check_sharded(path: Path) -> None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (path / DCP_METADATA).is_file():
+        raise CheckpointError(f"{path} is a folder but not a sharded checkpoint: no {DCP_METADATA} index "
+                              "(an interrupted save leaves a '.NAME.tmp-*' folder instead)")
+    if not (path / META_NAME).is_file():
+        raise CheckpointError(f"sharded checkpoint {path} has no {META_NAME} (Lightning's loop/optimizer state)")
+    try:
+        meta = torch.load(path / META_NAME, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path / META_NAME} is corrupt or truncated ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META_NAME} is not a Lightning checkpoint dict")
+    try:
+        index = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path / DCP_METADATA} is corrupt or truncated ({type(e).__name__}: {e})") from e
+    needed: dict[str, int] = {}
+    for info in (index.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"sharded checkpoint {path}: shard file {name} is missing")
+        if f.stat().st_size < end:
+            raise CheckpointError(f"sharded checkpoint {path}: shard file {name} is truncated "
+                                  f"({f.stat().st_size} bytes, the index needs {end})")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, with same-folder temp file + fsync + rename, and checked loads.
+
+    (Lightning's default writes through an fsspec transaction whose temp file may live on another
+    file system, where the final move is a copy that a kill can leave half done.)
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            make_readable(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        check_checkpoint(path)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+# ---- exact data order ----------------------------------------------------------------------------
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (seeded permutation per epoch, one slice per data-parallel rank)
+    that can start the next pass after the first ``skip`` of its own indices.
+
+    Being a ``DistributedSampler``, Lightning does not replace it under DDP/FSDP: give it the
+    data-parallel ``num_replicas`` / ``rank`` (``trainer.strategy.distributed_sampler_kwargs``).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader over a :class:`ResumableSampler` whose position is checkpointed.
+
+    ``batches_done`` (batches of the current epoch already trained on) is kept up to date by
+    :class:`ExactResume`; Lightning stores :meth:`state_dict` in each checkpoint and calls
+    :meth:`load_state_dict` before it iterates on resume, so the resumed run sees exactly the
+    batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, **kwargs: Any) -> None:
+        if not isinstance(sampler, ResumableSampler):
+            raise TypeError(f"ResumableDataLoader needs a ResumableSampler, got {type(sampler).__name__}")
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.batches_done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.sampler
+        return {"epoch": s.epoch, "batches_done": self.batches_done, "batch_size": self.batch_size,
+                "num_replicas": s.num_replicas, "seed": s.seed, "shuffle": s.shuffle, "num_samples": len(s)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        s = self.sampler
+        now = {"batch_size": self.batch_size, "num_replicas": s.num_replicas, "seed": s.seed,
+               "shuffle": s.shuffle, "num_samples": len(s)}
+        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if done >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            epoch, done = epoch + 1, 0
+        s.set_epoch(epoch)
+        self.batches_done = done
+        if changed and done:
+            log.warning("resuming epoch %d at batch %d, but the data order cannot be continued exactly: "
+                        "%s changed (checkpoint -> now); the epoch's order restarts from its beginning",
+                        epoch, done, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+            return
+        s.skip = done * (self.batch_size or 1)
+        if done:
+            log.info("resuming epoch %d after its first %d batches", epoch, done)
+
+
+class ExactResume(pl.Callback):
+    """Make checkpoints safe and resumption exact.
+
+    - ``setup``: checks the checkpoint about to be resumed (``trainer.ckpt_path``) and raises a
+      :class:`CheckpointError` naming the file if it is missing, truncated or corrupt (never a
+      silent fresh start); replaces Lightning's default checkpoint writer by
+      :class:`AtomicCheckpointIO` (strategies with their own writer, e.g. FSDP, keep it).
+    - after each training batch: records the position of every :class:`ResumableDataLoader`.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            guard_fit(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        for loader in _train_loaders(trainer):
+            loader.batches_done = batch_idx + 1
+
+
+def guard_fit(trainer: pl.Trainer) -> None:
+    """Before a fit loads anything: use :class:`AtomicCheckpointIO` where Lightning's default
+    writer would be used, and check ``trainer.ckpt_path`` (:func:`check_checkpoint`). Called by
+    :class:`ExactResume` and by ``MMFormerModule.setup``; idempotent."""
+    strategy = trainer.strategy
+    io = getattr(strategy, "_checkpoint_io", None)
+    if io is None or type(io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+    if trainer.ckpt_path is not None:
+        check_checkpoint(trainer.ckpt_path)
+
+
+def _train_loaders(trainer: pl.Trainer) -> list[ResumableDataLoader]:
+    loaders = trainer.train_dataloader
+    if loaders is None:
+        return []
+    flat = loaders if isinstance(loaders, (list, tuple)) else \
+        list(loaders.values()) if isinstance(loaders, dict) else [loaders]
+    return [dl for dl in flat if isinstance(dl, ResumableDataLoader)]
+
+
+# ---- conversion to save_pretrained -----------------------------------------------------------------
+def load_checkpoint_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(the LightningModule's full state dict, the rest of the checkpoint without optimizer
+    states) of a checkpoint file or folder.
+
+    A sharded folder is read on one process, without a process group: every shard is assembled
+    into full tensors (needs the whole model in host memory).
+    """
+    path = check_checkpoint(path)
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        index = FileSystemReader(str(path)).read_metadata()
+        keys = [k for k in index.state_dict_metadata if k.startswith("state_dict.")] or None
+        sd: dict[str, Any] = {}
+        _load_state_dict(sd, storage_reader=FileSystemReader(str(path)),
+                         planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+        meta = torch.load(path / META_NAME, map_location="cpu", weights_only=False)
+        state = sd.get("state_dict", {})
+    else:
+        meta = torch.load(path, map_location="cpu", weights_only=False)
+        state = meta["state_dict"]
+    if not state:
+        raise CheckpointError(f"{path}: no model weights in the checkpoint")
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+    rest = {k: v for k, v in meta.items() if k not in ("state_dict", "optimizer_states")}
+    return state, rest
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A Lightning checkpoint (file, or sharded folder from :class:`~mmformer.distributed.ShardedStrategy`)
+    -> a ``save_pretrained`` folder (config.json, model.safetensors, tokenizer.model).
+
+    The model's config and tokenizer come from the ``mmformer`` entry that
+    :class:`~mmformer.module.MMFormerModule` writes into every checkpoint (older checkpoints:
+    the module is rebuilt from its saved hyper-parameters).
+    """
+    from mmformer.config import ModelConfig
+    from mmformer.model import MMFormer
+    from mmformer.tokenizer import Tokenizer
+
+    state, extra = load_checkpoint_state_dict(path)
+    info = extra.get("mmformer")
+    if isinstance(info, dict) and "config" in info:
+        tok = Tokenizer(info["tokenizer"]) if info.get("tokenizer") else None
+        model = MMFormer(ModelConfig.from_dict(info["config"]), tok)
+    elif extra.get("hyper_parameters"):  # checkpoints written before the "mmformer" entry existed
+        from mmformer.module import MMFormerModule
+
+        model = MMFormerModule(**extra["hyper_parameters"]).model
+    else:
+        raise CheckpointError(f"{path}: neither an 'mmformer' entry (model config) nor hyper_parameters "
+                              "in the checkpoint; was it written by mmformer.module.MMFormerModule?")
+    prefix = "model."
+    model_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    model.load_state_dict_checked(model_state, source=str(path))
+    return model.save_pretrained(out)
