@@ -6,7 +6,8 @@
 - ``mmformer eval --model DIR [--data MANIFEST]``: retrieval recall@K of a saved model.
 - ``mmformer index build --model DIR --images SRC --out INDEX``, ``mmformer search INDEX "text"``:
   retrieval indexes (see :mod:`mmformer.retrieval.commands`).
-- ``mmformer export --ckpt FILE --out DIR``: Lightning checkpoint -> ``save_pretrained`` directory.
+- ``mmformer export --ckpt FILE|DIR --out DIR``: Lightning checkpoint (a file, or the folder of a
+  sharded FSDP checkpoint) -> ``save_pretrained`` directory.
 - ``mmformer tokenizer --input FILE --out FILE``: train a SentencePiece tokenizer.
 """
 
@@ -73,10 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--caption-col", default="caption")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--documents", choices=["text", "file"], default=None,
+                   help="long documents: the caption column holds the document text ('text') or the path "
+                        "of a UTF-8 text file relative to the manifest ('file'); encoded with encode_document")
+    e.add_argument("--doc-mode", default="auto", choices=["auto", "first", "mean", "max", "fusion"],
+                   help="document embedding: auto = fusion if the model has it, else mean of chunk embeddings")
+    e.add_argument("--doc-batch-size", type=int, default=4, help="documents per encoder call")
+    e.add_argument("--max-chunks", type=int, default=None, help="chunk cap per document (default: the model's)")
+    e.add_argument("--chunk-overflow", choices=["error", "first"], default=None,
+                   help="over the cap: error (default) or keep the first chunks (logged)")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="Lightning checkpoint -> save_pretrained directory")
-    x.add_argument("--ckpt", required=True)
+    x.add_argument("--ckpt", required=True, help="Lightning .ckpt file or sharded checkpoint folder (FSDP)")
     x.add_argument("--out", required=True)
     x.set_defaults(func=cmd_export)
 
@@ -112,13 +122,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if model.tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer.model")
     images, captions, caption_to_image, source = load_eval_set(model, args)
-    metrics = evaluate_retrieval(model, model.tokenizer, images, captions, caption_to_image,
-                                 batch_size=args.batch_size, progress=True)
+    if getattr(args, "documents", None):
+        metrics = eval_documents(model, images, captions, caption_to_image, args)
+        source += f", documents encoded with mode {args.doc_mode}"
+    else:
+        metrics = evaluate_retrieval(model, model.tokenizer, images, captions, caption_to_image,
+                                     batch_size=args.batch_size, progress=True)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
         print(format_metrics(metrics, source))
     return 0
+
+
+def eval_documents(model, images, documents: list[str], caption_to_image: list[int],
+                   args: argparse.Namespace) -> dict:
+    """Recall@K with each caption cell read as a long document (text, or a file path)."""
+    import dataclasses
+
+    from mmformer.data.longdoc import TooManyChunks, embed_documents, read_document_files
+    from mmformer.retrieval import embed_images, retrieval_metrics
+
+    if args.data is None:
+        raise SystemExit("mmformer eval: --documents needs --data MANIFEST")
+    if args.documents == "file":
+        try:
+            documents = read_document_files(documents, Path(args.data).parent,
+                                            [f"{args.data}: caption {i + 1} ({args.caption_col})"
+                                             for i in range(len(documents))])
+        except ValueError as e:
+            raise SystemExit(f"mmformer eval: {e}") from e
+    overrides = {k: v for k, v in (("max_chunks", args.max_chunks), ("chunk_overflow", args.chunk_overflow))
+                 if v is not None}
+    model.config = dataclasses.replace(model.config, **overrides)
+    image_emb = embed_images(model, images, args.batch_size, progress=True)
+    try:
+        doc_emb = embed_documents(model, documents, args.doc_batch_size, args.doc_mode, progress=True,
+                                  names=[f"caption {i + 1} ({args.caption_col})" for i in range(len(documents))])
+    except TooManyChunks as e:
+        raise SystemExit(f"mmformer eval: {args.data}: {e}") from e
+    return retrieval_metrics(image_emb, doc_emb, caption_to_image)
 
 
 def load_eval_set(model, args: argparse.Namespace):
@@ -167,10 +210,12 @@ def format_metrics(m: dict, source: str) -> str:
 
 # ---- export / tokenizer ----------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmformer.module import MMFormerModule
+    from mmformer.checkpoint import CheckpointError, export_checkpoint
 
-    module = MMFormerModule.load_from_checkpoint(args.ckpt, map_location="cpu")
-    out = module.export(args.out)
+    try:  # a .ckpt file, or the folder of a sharded (FSDP) checkpoint
+        out = export_checkpoint(args.ckpt, args.out)
+    except CheckpointError as e:
+        raise SystemExit(f"mmformer export: {e}") from e
     print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
     return 0
 

@@ -63,6 +63,23 @@ class ModelConfig:
     logit_scale_max: float = 100.0
     # memory / speed
     grad_checkpointing: bool = False
+    # text self-attention inside a window: "dense", "local" (sliding window of +-attention_window
+    # tokens plus the first attention_global tokens) or "compressed" (K/V mean-pooled over
+    # strides of attention_compression); see mmformer.layers.sparse
+    attention: str = "dense"
+    attention_window: int = 128
+    attention_global: int = 1
+    attention_compression: int = 4
+    # long documents (MMFormer.encode_document): fusion_latents = 0 means no fusion module
+    # (documents are mean-pooled over chunk embeddings); chunks are context_length-token windows
+    # [bos] pieces [eos] starting every chunk_stride pieces (None = context_length - 2, no
+    # overlap); more than max_chunks chunks (None = no cap) is an error or keeps the first
+    # max_chunks, by chunk_overflow ("error" | "first")
+    fusion_latents: int = 0
+    fusion_heads: int = 4
+    chunk_stride: int | None = None
+    max_chunks: int | None = None
+    chunk_overflow: str = "error"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,8 +102,26 @@ class ModelConfig:
             problems.append(f"text_pool={self.text_pool!r} must be 'eos', 'cls' or 'mean'")
         if self.image_pos == "sincos" and self.width % 4:
             problems.append(f"2-D sin-cos positions need width divisible by 4, got {self.width}")
+        problems += self._long_document_problems()
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    def _long_document_problems(self) -> list[str]:
+        problems = []
+        if self.attention not in ("dense", "local", "compressed"):
+            problems.append(f"attention={self.attention!r} must be 'dense', 'local' or 'compressed'")
+        if self.attention_window < 0 or self.attention_global < 0 or self.attention_compression < 1:
+            problems.append("need attention_window >= 0, attention_global >= 0, attention_compression >= 1")
+        if self.fusion_latents < 0 or (self.fusion_latents and self.width % self.fusion_heads):
+            problems.append(f"fusion_latents={self.fusion_latents} must be >= 0 and width divisible by "
+                            f"fusion_heads={self.fusion_heads}")
+        if self.chunk_stride is not None and not 1 <= self.chunk_stride <= self.context_length - 2:
+            problems.append(f"chunk_stride={self.chunk_stride} must be in [1, context_length - 2]")
+        if self.max_chunks is not None and self.max_chunks < 1:
+            problems.append(f"max_chunks={self.max_chunks} must be >= 1 or None")
+        if self.chunk_overflow not in ("error", "first"):
+            problems.append(f"chunk_overflow={self.chunk_overflow!r} must be 'error' or 'first'")
+        return problems
 
     @property
     def grid_size(self) -> int:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmformer.config import MODALITIES, ModelConfig, make_readable
+from mmformer.layers.fusion import DocumentFusion
 from mmformer.layers.multiway import MultiwayBlock, sharing
 from mmformer.layers.positions import sincos_2d, sinusoidal_1d
 from mmformer.tokenizer import Tokenizer
@@ -86,6 +87,9 @@ class MMFormer(nn.Module):
         self.image_proj = nn.Linear(d, c.embed_dim, bias=False)
         self.text_proj = nn.Linear(d, c.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(c.logit_scale_init)))
+        # long documents: text attention kernel (dense or sparse) and chunk fusion (optional)
+        self.set_text_attention(c.attention)
+        self.fusion = self._make_fusion(c) if c.fusion_latents else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -104,6 +108,8 @@ class MMFormer(nn.Module):
         """
         d, depth = self.config.width, self.config.depth
         for name, m in self.named_modules():
+            if name.startswith("fusion."):  # initialised by DocumentFusion.reset_parameters
+                continue
             if isinstance(m, nn.Linear):
                 if name.endswith("_proj") or ".qkv" in name:
                     std = d**-0.5
@@ -123,6 +129,8 @@ class MMFormer(nn.Module):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         with torch.no_grad():
             self.logit_scale.fill_(math.log(self.config.logit_scale_init))
+        if getattr(self, "fusion", None) is not None:
+            self.fusion.reset_parameters()
 
     # ---- trunk --------------------------------------------------------------------------
     def _run_blocks(self, x: torch.Tensor, modality: str,
@@ -208,6 +216,109 @@ class MMFormer(nn.Module):
         ids, mask = self.tokenizer(texts, max_length=self.config.context_length)
         device = self.logit_scale.device
         return self.encode_text(ids.to(device), mask.to(device), normalize)
+
+    # ---- long documents (see mmformer.data.longdoc, mmformer.layers.fusion) --------------
+    @staticmethod
+    def _make_fusion(c: ModelConfig) -> DocumentFusion:
+        return DocumentFusion(c.width, c.embed_dim, c.fusion_latents, c.fusion_heads, eps=c.ln_eps)
+
+    def set_text_attention(self, kind: str, **options: int) -> None:
+        """Use ``kind`` ("dense" | "local" | "compressed") for text self-attention in every block.
+
+        ``options`` override the config's ``attention_window``, ``attention_global``,
+        ``attention_compression``; the config is updated so that a saved model keeps the choice.
+        """
+        import dataclasses
+
+        from mmformer.layers.sparse import make_attend
+
+        names = {"window": "attention_window", "n_global": "attention_global", "compression": "attention_compression"}
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ValueError(f"unknown attention options {unknown}; known: {sorted(names)}")
+        changes = {names[k]: v for k, v in options.items()}
+        if kind != self.config.attention or changes:  # keep the caller's config object otherwise
+            self.config = dataclasses.replace(self.config, attention=kind, **changes)
+        c = self.config
+        fn = make_attend(kind, c.attention_window, c.attention_global, c.attention_compression)
+        for block in self.blocks:
+            block.attn.text_attend = fn
+
+    def enable_fusion(self, latents: int = 16, heads: int | None = None) -> DocumentFusion:
+        """Add a freshly initialised :class:`DocumentFusion` (gate at zero: documents embed as before)."""
+        import dataclasses
+
+        self.config = dataclasses.replace(self.config, fusion_latents=latents, fusion_heads=heads or self.config.heads)
+        self.fusion = self._make_fusion(self.config).to(self.logit_scale.device)
+        return self.fusion
+
+    def document_collator(self, **overrides):
+        """A :class:`mmformer.data.longdoc.DocumentCollator` with this model's window and chunk policy."""
+        from mmformer.data.longdoc import DocumentCollator
+
+        c = self.config
+        kw = dict(length=c.context_length, stride=c.chunk_stride, max_chunks=c.max_chunks, overflow=c.chunk_overflow)
+        return DocumentCollator(self.tokenizer, **{**kw, **overrides})
+
+    def forward_document(self, batch, modes: tuple[str, ...] = ("fusion",)) -> dict[str, torch.Tensor]:
+        """Un-normalised document embeddings (B, E) per mode, from ONE encoder call over all chunks.
+
+        ``batch``: a :class:`mmformer.data.longdoc.DocumentBatch` with C chunks of L tokens.
+        Modes: ``"first"`` (the first window only: truncation), ``"mean"`` / ``"max"`` (mean /
+        element-wise max of the chunk embeddings), ``"fusion"`` (mean + gated cross-attention
+        fusion; needs :attr:`fusion`). The cost is linear in C.
+        """
+        known = ("first", "mean", "max", "fusion")
+        bad = [m for m in modes if m not in known]
+        if bad:
+            raise ValueError(f"unknown document modes {bad}; choose from {known}")
+        if "fusion" in modes and self.fusion is None:
+            raise ValueError("this model has no fusion module (config.fusion_latents=0); use mode 'mean' "
+                             "or fine-tune one (train/longdoc.yaml, MMFormer.enable_fusion)")
+        ids, mask, counts = batch.input_ids, batch.attention_mask, batch.chunk_counts
+        states = self.forward_text_features(ids, mask)  # (C, L, D)
+        chunk_emb = self.text_proj(self.pool_text(states, mask))  # (C, E)
+        doc_mask = batch.chunk_mask  # (B, Nmax)
+        b, n_max = doc_mask.shape
+        padded = chunk_emb.new_zeros(b, n_max, chunk_emb.shape[-1])
+        padded[doc_mask] = chunk_emb  # (B, Nmax, E); chunks are stored document by document
+        out: dict[str, torch.Tensor] = {}
+        if "first" in modes:
+            out["first"] = padded[:, 0]
+        if "max" in modes:
+            out["max"] = padded.masked_fill(~doc_mask[..., None], float("-inf")).amax(1)
+        if "mean" in modes or "fusion" in modes:
+            out["mean"] = padded.sum(1) / counts.to(padded.dtype)[:, None]
+        if "fusion" in modes:
+            length, d = states.shape[1], states.shape[2]
+            tok_states = states.new_zeros(b, n_max, length, d)
+            tok_states[doc_mask] = states
+            tok_mask = mask.new_zeros(b, n_max, length)
+            tok_mask[doc_mask] = mask
+            chunk_index = torch.arange(n_max, device=ids.device).repeat_interleave(length)  # (Nmax*L,)
+            out["fusion"] = self.fusion(out["mean"], tok_states.view(b, n_max * length, d),
+                                        tok_mask.view(b, n_max * length), chunk_index, counts)
+        return {m: out[m] for m in modes}
+
+    def encode_document(self, texts, mode: str = "auto", normalize: bool = True) -> torch.Tensor:
+        """Documents of any length -> (B, E) embeddings.
+
+        ``texts``: a list of str (chunked with :meth:`document_collator`) or a ready
+        ``DocumentBatch``. ``mode``: ``"auto"`` (``"fusion"`` when the model has a fusion module,
+        else ``"mean"``), or one of ``"first"``, ``"mean"``, ``"max"``, ``"fusion"``. A document
+        that fits in one window gives exactly :meth:`encode_text` of its ``tokenizer`` ids in
+        every mode.
+        """
+        if mode == "auto":
+            mode = "fusion" if self.fusion is not None else "mean"
+        batch = texts
+        if isinstance(texts, (list, tuple)):
+            if self.tokenizer is None:
+                raise RuntimeError("this model has no tokenizer attached; pass a DocumentBatch")
+            batch = self.document_collator()(list(texts))
+        batch = batch.to(self.logit_scale.device)
+        z = self.forward_document(batch, (mode,))[mode]
+        return F.normalize(z, dim=-1) if normalize else z
 
     # ---- both ---------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,

@@ -112,11 +112,15 @@ class Tokenizer:
         ``length - stride``. The windows cover every piece; the last window ends at the text's
         end. An empty text gives one empty window.
         """
-        stride = length if stride is None else stride
-        if length < 1 or not 1 <= stride <= length:
-            raise ValueError(f"need length >= 1 and 1 <= stride <= length, got length={length}, stride={stride}")
-        ids = self.encode(text)
-        if len(ids) <= length:
-            return [ids]
-        starts = [*range(0, len(ids) - length, stride), len(ids) - length]
-        return [ids[s: s + length] for s in starts]
+        return chunk_ids(self.encode(text), length, stride)
+
+
+def chunk_ids(ids: list[int], length: int, stride: int | None = None) -> list[list[int]]:
+    """:meth:`Tokenizer.chunk` on piece ids already encoded: windows of at most ``length`` ids."""
+    stride = length if stride is None else stride
+    if length < 1 or not 1 <= stride <= length:
+        raise ValueError(f"need length >= 1 and 1 <= stride <= length, got length={length}, stride={stride}")
+    if len(ids) <= length:
+        return [list(ids)]
+    starts = [*range(0, len(ids) - length, stride), len(ids) - length]
+    return [list(ids[s: s + length]) for s in starts]

@@ -66,11 +66,14 @@ class MultiwayAttention(nn.Module):
         self.heads = heads
         self.qkv = shared_or_per_modality(s["qkv"], lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), modalities)
         self.proj = shared_or_per_modality(s["proj"], lambda: nn.Linear(dim, dim), modalities)
+        # text attention kernel: dense by default, or a sparse one (mmformer.layers.sparse)
+        self.text_attend = attend
 
     def forward(self, x: torch.Tensor, modality: str,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, D) of one modality; key_padding_mask: (B, T) bool, True = real token."""
-        h = attend(route(self.qkv, modality)(x), self.heads, key_padding_mask)
+        fn = self.text_attend if modality == "text" else attend
+        h = fn(route(self.qkv, modality)(x), self.heads, key_padding_mask)
         return route(self.proj, modality)(h)
 
 

@@ -1,0 +1,255 @@
+"""Long documents: needle retrieval vs length and position, split needles, encode cost vs length.
+
+Documents are prose filler (``data/prose/kjv.txt``) with an emoji caption (the needle) inserted
+at a word boundary; the query set is a seeded subset of the held-out twitter images (test split),
+and every document is ranked against ALL test images (text -> image R@1, chance = 1/N). Methods:
+``first`` (truncation to the first window), ``mean`` / ``max`` (pooling of chunk embeddings),
+``fusion`` (cross-attention fusion; needs a model fine-tuned with train/longdoc.yaml). The
+ceiling is the short-caption R@1 of the same model on the same queries. Needle positions are
+spread evenly over the deciles (query i goes to decile i mod 10), so the position table reads
+from the same documents.
+
+Split needles: the caption's words are placed in distant parts of a document; each such
+document has a hard negative holding only its first word (plus the other words of another
+caption). Image -> document R@1 over all split documents and negatives.
+
+Cost: encode time (median of repeats) and peak memory (resident-set growth in a fresh
+subprocess) for one document, chunked + fusion versus one window over the whole document with
+dense, local (sliding window + global) or compressed attention (same weights, context grown to
+the document; only the cost is meaningful there, the model was not trained at that length).
+
+    python bench/longdoc.py --model runs/longdoc/model                  # everything
+    flock /tmp/mmformer-bench.lock python bench/longdoc.py --model M --only cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_line, markdown_table  # noqa: E402
+
+from mmformer.data.emoji import InMemoryImageText  # noqa: E402
+from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents  # noqa: E402
+from mmformer.model import MMFormer  # noqa: E402
+
+MODES = ("first", "mean", "max", "fusion")
+
+
+def t2i_r1(image: torch.Tensor, text: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(Q,) bool: the target image ranks first (ties optimistic) among all images."""
+    sims = text @ image.T  # (Q, N)
+    correct = sims[torch.arange(len(target)), target]
+    return (sims > correct[:, None]).sum(1) == 0
+
+
+def embed_docs(model: MMFormer, docs: list[list[int]], modes: tuple[str, ...], max_chunks_per_call: int = 4096):
+    """{mode: (B, E) normalised}, documents grouped so one encoder call holds <= max_chunks_per_call chunks."""
+    col = model.document_collator()
+    per = max(1, max_chunks_per_call // max(1, -(-max(len(d) for d in docs) // col.stride)))
+    out = {m: [] for m in modes}
+    with torch.inference_mode():
+        for s in range(0, len(docs), per):
+            res = model.forward_document(col.collate_ids(docs[s: s + per]), modes)
+            for m in modes:
+                out[m].append(F.normalize(res[m], dim=-1))
+    return {m: torch.cat(v) for m, v in out.items()}
+
+
+def retrieval(model: MMFormer, args) -> None:
+    tok = model.tokenizer
+    modes = tuple(m for m in MODES if m != "fusion" or model.fusion is not None)
+    ds = InMemoryImageText.eval_split("test", model.config.image_size, model.config.image_mean, model.config.image_std)
+    with torch.inference_mode():
+        image = F.normalize(model.encode_image(ds.stacked_images()), dim=-1)
+        short = F.normalize(model.encode_texts(ds.captions), dim=-1)
+    filler = Filler(tok, load_prose(tok))
+    n_img = len(ds)
+    rng = random.Random(args.seed)
+    pieces = model.config.context_length - 2
+    length_rows, position_rows = [], []
+    for length in args.lengths:
+        n_q = args.queries if length <= args.long_from else args.long_queries
+        q = sorted(rng.sample(range(n_img), n_q)) if n_q < n_img else list(range(n_img))
+        target = torch.tensor(q)
+        ceiling = t2i_r1(image, short[q], target).float().mean().item() * 100
+        positions = [(i % 10) / 10 for i in range(len(q))]
+        docs = needle_documents(tok, [ds.captions[i] for i in q], length, filler, seed=args.seed + length,
+                                positions=positions)
+        t0 = time.perf_counter()
+        emb = embed_docs(model, [d.ids for d in docs], modes)
+        dt = time.perf_counter() - t0
+        hits = {m: t2i_r1(image, emb[m], target) for m in modes}
+        label = f"{length} (1 window)" if length <= pieces else str(length)
+        row = {"length": label, "queries": len(q), "ceiling": ceiling, "s_per_doc": dt / len(q),
+               **{m: hits[m].float().mean().item() * 100 for m in modes}}
+        if "fusion" in modes:
+            row["fusion_frac"] = row["fusion"] / ceiling if ceiling else float("nan")
+        length_rows.append(row)
+        print(f"length {label}: {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})}",
+              flush=True)
+        if length > pieces:
+            dec = torch.tensor([min(int(d.position * 10), 9) for d in docs])
+            for m in modes:
+                position_rows.append({"length": length, "method": m, **{
+                    f"d{k}": hits[m][dec == k].float().mean().item() * 100 if (dec == k).any() else float("nan")
+                    for k in range(10)}})
+    print(f"\n### Text->image R@1 (%) vs document length (pieces); gallery = all {n_img} test images, "
+          f"chance = {100 / n_img:.2f}%\n")
+    cols = [("length", "length", 0), ("queries", "queries", 0), ("short caption (ceiling)", "ceiling", 1)]
+    cols += [(m if m != "first" else "truncation (first window)", m, 1) for m in modes]
+    if "fusion" in modes:
+        cols.append(("fusion / ceiling", "fusion_frac", 2))
+    cols.append(("s / doc (all methods, one pass)", "s_per_doc", 3))
+    print(markdown_table(length_rows, cols))
+    print("\n### R@1 (%) vs needle position (decile of the document) \n")
+    print(markdown_table(position_rows, [("length", "length", 0), ("method", "method", 0)]
+                         + [(f"{k * 10}-{k * 10 + 10}%", f"d{k}", 1) for k in range(10)]))
+    if args.split_length:
+        split(model, image, ds, filler, modes, args)
+
+
+def split(model, image, ds, filler, modes, args) -> None:
+    tok = model.tokenizer
+    rng = random.Random(args.seed + 7)
+    q = sorted(rng.sample(range(len(ds)), min(args.queries, len(ds))))
+    caps = [ds.captions[i] for i in q]
+    docs, negs = split_needle_documents(tok, caps, args.split_length, filler, seed=args.seed)
+    owners = torch.tensor([q[d.needle_index] for d in docs])  # image of each split document
+    emb = embed_docs(model, [d.ids for d in docs] + [n.ids for n in negs], modes)
+    rows = []
+    for m in modes:
+        sims = image[owners] @ emb[m].T  # (Q, 2Q): images of the split captions vs all documents
+        correct = sims[torch.arange(len(docs)), torch.arange(len(docs))]
+        r1 = ((sims > correct[:, None]).sum(1) == 0).float().mean().item() * 100
+        neg_wins = (sims[torch.arange(len(docs)), len(docs) + torch.arange(len(docs))] > correct).float().mean().item() * 100
+        rows.append({"method": m, "r1": r1, "neg": neg_wins})
+    print(f"\n### Split needles at {args.split_length} pieces: image -> document R@1 (%) over {len(docs)} split "
+          f"documents + {len(negs)} hard negatives (chance {100 / (2 * len(docs)):.2f}%)\n")
+    print(markdown_table(rows, [("method", "method", 0), ("R@1", "r1", 1),
+                                ("own hard negative scores higher (%)", "neg", 1)]))
+
+
+# ---- cost -----------------------------------------------------------------------------------------
+def measure(args) -> None:
+    """Child process: time and peak-memory growth of one encode; prints one JSON line."""
+    method, length = args.measure[0], int(args.measure[1])
+    torch.manual_seed(0)
+    base = MMFormer.from_pretrained(args.model).eval()
+    ids = torch.randint(4, base.config.vocab_size, (length,)).tolist()
+    if method == "chunked":
+        model = base
+        mode = "fusion" if base.fusion is not None else "mean"
+        col = model.document_collator()
+        batch, warm = col.collate_ids([ids]), col.collate_ids([ids[:64]])
+        run = lambda b=batch: model.forward_document(b, (mode,))  # noqa: E731
+    else:
+        cfg = dataclasses.replace(base.config, context_length=length + 2, fusion_latents=0)
+        model = MMFormer(cfg).eval()
+        state = {k: v for k, v in base.state_dict().items() if not k.startswith("fusion.")}
+        model.load_state_dict(state)
+        opts = {"local": dict(window=args.window, n_global=1), "compressed": dict(compression=args.compression)}
+        model.set_text_attention(method if method != "dense" else "dense", **opts.get(method, {}))
+        x, warm = torch.tensor([[2, *ids, 3]]), torch.tensor([[2, *ids[:64], 3]])
+        run = lambda b=x: model.encode_text(b)  # noqa: E731
+    with torch.inference_mode():
+        run(warm)  # first-call initialisation, outside the measurement
+    _reset_peak()
+    rss0 = _status_mb("VmRSS")
+    times = []
+    with torch.inference_mode():
+        for _ in range(args.repeats if length <= 4096 else 1):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    peak = _status_mb("VmHWM") - rss0
+    print(json.dumps({"time_s": statistics.median(times), "peak_mb": max(peak, 0.0)}))
+
+
+def _reset_peak() -> None:
+    """Reset this process's peak resident set (VmHWM) to the current one (Linux clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def cost(args) -> None:
+    methods = ["chunked", "dense", "local", "compressed"]
+    rows = []
+    for length in args.cost_lengths:
+        row = {"length": length}
+        for m in methods:
+            if m == "dense" and length > args.dense_max:
+                row[m + "_t"] = row[m + "_m"] = float("nan")
+                continue
+            cmd = [sys.executable, __file__, "--model", args.model, "--measure", m, str(length),
+                   "--repeats", str(args.repeats), "--window", str(args.window), "--compression", str(args.compression)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            row[m + "_t"], row[m + "_m"] = r["time_s"], r["peak_mb"]
+        rows.append(row)
+        print(f"cost {length}: {row}", flush=True)
+    for prev, cur in zip(rows, rows[1:]):
+        cur["chunked_ratio"] = cur["chunked_t"] / prev["chunked_t"] if cur["length"] == 2 * prev["length"] else float("nan")
+    print(f"\n### Encode cost of one document (time s, peak memory growth MB); local window {args.window} + 1 global "
+          f"token, compression {args.compression}\n")
+    cols = [("length", "length", 0), ("chunked+fusion s", "chunked_t", 3), ("x per doubling", "chunked_ratio", 2),
+            ("chunked MB", "chunked_m", 0), ("dense s", "dense_t", 3), ("dense MB", "dense_m", 0),
+            ("local s", "local_t", 3), ("local MB", "local_m", 0), ("compressed s", "compressed_t", 3),
+            ("compressed MB", "compressed_m", 0)]
+    print(markdown_table(rows, cols))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="save_pretrained directory (with fusion for the fusion column)")
+    p.add_argument("--only", choices=["retrieval", "cost"], default=None)
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[14, 2048, 4096, 8192, 16384])
+    p.add_argument("--queries", type=int, default=256, help="query images for lengths <= --long-from")
+    p.add_argument("--long-queries", type=int, default=128, help="query images for longer documents")
+    p.add_argument("--long-from", type=int, default=4096)
+    p.add_argument("--split-length", type=int, default=2048, help="0 = skip the split-needle table")
+    p.add_argument("--cost-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--dense-max", type=int, default=16384, help="skip dense attention beyond this length")
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--compression", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measure", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    if args.measure:
+        measure(args)
+        return 0
+    model = MMFormer.from_pretrained(args.model).eval()
+    print(f"model {args.model}: window {model.config.context_length} tokens ({model.config.context_length - 2} pieces), "
+          f"fusion {'with ' + str(model.config.fusion_latents) + ' latents' if model.fusion is not None else 'none'}")
+    if args.only in (None, "retrieval"):
+        retrieval(model, args)
+    if args.only in (None, "cost"):
+        cost(args)
+    print("\n" + machine_line())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

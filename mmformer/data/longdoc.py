@@ -1,0 +1,402 @@
+"""Long documents: chunk collation, bundled prose, needle documents.
+
+- :class:`DocumentCollator`: texts (or piece-id lists) -> :class:`DocumentBatch`, all chunks of
+  all documents as one (sum of chunks, L) id tensor for ONE encoder call, the per-document chunk
+  counts, and a (B, Nmax) chunk mask for the documents padded to the batch's largest count. A
+  cap on chunks has an explicit policy: ``"error"`` (raise, naming the document) or ``"first"``
+  (keep the first ``max_chunks``; logged and flagged in ``DocumentBatch.truncated``).
+- :func:`load_prose`: the bundled public-domain prose (``data/prose/kjv.txt``) as piece ids.
+- :func:`needle_documents`: for each caption, a document of ``length`` tokens of prose filler
+  with the caption inserted at a word boundary at a random position; records the position.
+- :func:`split_needle_documents`: the caption cut into fragments placed in distant chunks, plus
+  hard-negative documents holding single fragments, so that only cross-chunk fusion solves it.
+- :class:`NeedleDataset`: images paired with freshly drawn needle documents, for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from mmformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, chunk_ids
+
+log = logging.getLogger(__name__)
+
+OVERFLOW_POLICIES = ("error", "first")
+_REPO_PROSE = Path(__file__).resolve().parents[2] / "data" / "prose" / "kjv.txt"
+
+
+class TooManyChunks(ValueError):
+    """A document needs more chunks than the cap allows under the ``"error"`` policy."""
+
+
+@dataclass
+class DocumentBatch:
+    """All chunks of a batch of documents, ready for one encoder call.
+
+    Attributes:
+        input_ids: (C, L) int64, C = sum of chunk counts; each row ``[bos] pieces [eos] pad...``,
+            the chunks of document 0 first, in document order.
+        attention_mask: (C, L) bool, True = real token.
+        chunk_counts: (B,) int64, chunks per document (>= 1).
+        truncated: (B,) bool, True where the ``"first"`` policy dropped chunks.
+        n_tokens: (B,) int64, piece count of each document before chunking (and any cap).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    chunk_counts: torch.Tensor
+    truncated: torch.Tensor
+    n_tokens: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.chunk_counts.shape[0])
+
+    @property
+    def chunk_mask(self) -> torch.Tensor:
+        """(B, Nmax) bool, True for the real chunks of each document (row-major = chunk order)."""
+        n_max = int(self.chunk_counts.max())
+        return torch.arange(n_max, device=self.chunk_counts.device)[None] < self.chunk_counts[:, None]
+
+    def to(self, device: torch.device | str) -> "DocumentBatch":
+        return DocumentBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                             self.chunk_counts.to(device), self.truncated.to(device),
+                             self.n_tokens.to(device), dict(self.extra))
+
+    def first_chunks(self) -> "DocumentBatch":
+        """The batch cut to each document's first chunk (truncation to the first window)."""
+        starts = torch.cumsum(self.chunk_counts, 0) - self.chunk_counts
+        ones = torch.ones_like(self.chunk_counts)
+        return DocumentBatch(self.input_ids[starts], self.attention_mask[starts], ones,
+                             self.chunk_counts > 1, self.n_tokens, dict(self.extra))
+
+
+class DocumentCollator:
+    """Tokenize and chunk documents into a :class:`DocumentBatch`.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        length: window length L in tokens, bos and eos included (the model's context_length);
+            each window holds ``length - 2`` pieces.
+        stride: pieces between window starts (None = ``length - 2``: no overlap; smaller
+            overlaps the windows). A document of at most ``length - 2`` pieces is one window,
+            encoded exactly as ``tokenizer(text, max_length=length)`` would.
+        max_chunks: cap on chunks per document (None = no cap).
+        overflow: what to do with a document over the cap: ``"error"`` raises
+            :class:`TooManyChunks` naming it; ``"first"`` keeps its first ``max_chunks`` chunks,
+            logs a warning and sets ``DocumentBatch.truncated``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, length: int, stride: int | None = None,
+                 max_chunks: int | None = None, overflow: str = "error") -> None:
+        if length < 3:
+            raise ValueError(f"length must be >= 3 (bos, one piece, eos), got {length}")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow={overflow!r} must be one of {OVERFLOW_POLICIES}")
+        if max_chunks is not None and max_chunks < 1:
+            raise ValueError(f"max_chunks must be >= 1 or None, got {max_chunks}")
+        self.tokenizer, self.length = tokenizer, length
+        self.pieces = length - 2
+        self.stride = self.pieces if stride is None else stride
+        if not 1 <= self.stride <= self.pieces:
+            raise ValueError(f"stride must be in [1, {self.pieces}] for length={length}, got {stride}")
+        self.max_chunks, self.overflow = max_chunks, overflow
+
+    def __call__(self, texts: Sequence[str]) -> DocumentBatch:
+        """Documents as texts -> :class:`DocumentBatch`."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of documents, got a single str")
+        if self.tokenizer is None:
+            raise RuntimeError("this collator has no tokenizer; use collate_ids with piece ids")
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"documents {bad[:20]} are not str")
+        return self.collate_ids(self.tokenizer.sp.encode(list(texts)))
+
+    def collate_ids(self, docs: Sequence[Sequence[int]], names: Sequence[str] | None = None) -> DocumentBatch:
+        """Documents as piece-id lists (no bos/eos) -> :class:`DocumentBatch`.
+
+        ``names`` (optional, one per document) are used in error messages instead of indices.
+        """
+        if len(docs) == 0:
+            raise ValueError("no documents to collate")
+        rows: list[list[int]] = []
+        counts, truncated = [], []
+        for i, ids in enumerate(docs):
+            windows = chunk_ids(list(ids), self.pieces, self.stride)
+            cut = self.max_chunks is not None and len(windows) > self.max_chunks
+            if cut:
+                what = names[i] if names is not None else f"document {i}"
+                if self.overflow == "error":
+                    raise TooManyChunks(
+                        f"{what}: {len(ids)} tokens make {len(windows)} chunks of {self.pieces} pieces "
+                        f"(stride {self.stride}), over max_chunks={self.max_chunks}; raise max_chunks or "
+                        "use overflow='first' to keep the first chunks")
+                log.warning("%s: keeping the first %d of %d chunks (max_chunks, overflow='first')",
+                            what, self.max_chunks, len(windows))
+                windows = windows[: self.max_chunks]
+            rows += [[BOS_ID, *w, EOS_ID] for w in windows]
+            counts.append(len(windows))
+            truncated.append(cut)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+        for j, r in enumerate(rows):
+            input_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return DocumentBatch(input_ids, input_ids != PAD_ID, torch.tensor(counts, dtype=torch.long),
+                             torch.tensor(truncated, dtype=torch.bool),
+                             torch.tensor([len(d) for d in docs], dtype=torch.long))
+
+
+# ---- prose and needle documents ---------------------------------------------------------------
+def default_prose_path() -> Path:
+    """``data/prose/kjv.txt`` in the repository checkout (``$MMFORMER_PROSE`` wins when set)."""
+    env = os.environ.get("MMFORMER_PROSE")
+    path = Path(env) if env else _REPO_PROSE
+    if not path.is_file():
+        raise FileNotFoundError(f"prose text not found at {path}; build it with `python data/build_prose.py`"
+                                + (" or unset $MMFORMER_PROSE" if env else ""))
+    return path
+
+
+def load_prose(tokenizer: Tokenizer, path: str | os.PathLike | None = None,
+               max_chars: int | None = None) -> list[int]:
+    """The prose file (one paragraph/verse a line) as one list of piece ids, lines in order."""
+    path = Path(path) if path is not None else default_prose_path()
+    text = path.read_text(encoding="utf-8")
+    if max_chars is not None:
+        text = text[:max_chars]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no text")
+    ids: list[int] = []
+    for piece_ids in tokenizer.sp.encode(lines):
+        ids += piece_ids
+    return ids
+
+
+class Filler:
+    """Random spans of prose piece ids, cut and joined at word starts (pieces beginning with ``▁``)."""
+
+    def __init__(self, tokenizer: Tokenizer, prose_ids: Sequence[int]) -> None:
+        self.ids = list(prose_ids)
+        starts = _word_pieces(tokenizer)
+        self.word_start = [i for i, t in enumerate(self.ids) if t in starts]
+        if len(self.word_start) < 2:
+            raise ValueError("prose too short or without word boundaries")
+
+    def span(self, n: int, rng: random.Random) -> list[int]:
+        """About ``n`` piece ids (exactly n) starting at a random word start; wraps around."""
+        if n <= 0:
+            return []
+        out: list[int] = []
+        while len(out) < n:
+            s = self.word_start[rng.randrange(len(self.word_start))]
+            out += self.ids[s: s + n - len(out)]
+        return out
+
+
+def _word_pieces(tokenizer: Tokenizer) -> set[int]:
+    return {i for i in range(tokenizer.vocab_size) if tokenizer.sp.id_to_piece(i).startswith("\u2581")}
+
+
+@dataclass
+class NeedleDoc:
+    """A document as piece ids with where its needle sits.
+
+    ``position`` = first needle piece index / document length (0..1); ``needle_index`` = the
+    caption it carries; ``spans`` = (start, end) piece ranges of the needle fragments.
+    """
+
+    ids: list[int]
+    needle_index: int
+    position: float
+    spans: list[tuple[int, int]]
+
+
+def insert_at_word(filler: list[int], insert: list[int], rng: random.Random, word_pieces: set[int],
+                   lo: float = 0.0, hi: float = 1.0) -> tuple[list[int], int]:
+    """``insert`` placed before a random word start of ``filler`` in [lo, hi) of its length."""
+    n = len(filler)
+    cands = [i for i in range(int(lo * n), max(int(hi * n), int(lo * n) + 1)) if i >= n or filler[i] in word_pieces]
+    at = rng.choice(cands) if cands else min(int(lo * n), n)
+    return filler[:at] + insert + filler[at:], at
+
+
+def needle_documents(tokenizer: Tokenizer, captions: Sequence[str], length: int, filler: Filler,
+                     seed: int = 0, positions: Sequence[float] | None = None) -> list[NeedleDoc]:
+    """One document of ``length`` pieces per caption: prose filler with the caption inserted.
+
+    The caption goes before a word start drawn uniformly over the document (or in the decile
+    around ``positions[i]`` when given). A caption at least ``length`` pieces long is the
+    whole document. Deterministic in ``seed``.
+    """
+    rng = random.Random(seed)
+    wp = _word_pieces(tokenizer)
+    docs = []
+    for i, cap_ids in enumerate(tokenizer.sp.encode(list(captions))):
+        body = filler.span(max(length - len(cap_ids), 0), rng)
+        if positions is not None:
+            lo = min(max(positions[i], 0.0), 1.0)
+            ids, at = insert_at_word(body, list(cap_ids), rng, wp, lo, min(lo + 0.1, 1.0))
+        else:
+            ids, at = insert_at_word(body, list(cap_ids), rng, wp)
+        docs.append(NeedleDoc(ids, i, at / max(len(ids), 1), [(at, at + len(cap_ids))]))
+    return docs
+
+
+def split_needle_documents(tokenizer: Tokenizer, captions: Sequence[str], length: int, filler: Filler,
+                           seed: int = 0) -> tuple[list[NeedleDoc], list[NeedleDoc]]:
+    """Captions of >= 2 words cut into words placed in distant parts of the document.
+
+    Fragment k of a caption of K words goes into the k-th of K equal parts of the document (so
+    fragments sit at least one part apart). For each such caption a hard negative document holds
+    ONE of its fragments (the first) in the same place plus the other fragments of a different
+    caption, so matching single fragments cannot tell them apart. Returns (documents,
+    hard_negatives); ``needle_index`` of a negative is the caption whose first fragment it holds.
+    Captions of one word are skipped (no split possible).
+    """
+    rng = random.Random(seed)
+    wp = _word_pieces(tokenizer)
+    words = [c.split() for c in captions]
+    multi = [i for i, w in enumerate(words) if len(w) >= 2]
+    docs, negs = [], []
+    for i in multi:
+        frags = [tokenizer.encode(w) for w in words[i]]
+        docs.append(_place_fragments(frags, i, length, filler, rng, wp))
+        j = rng.choice([m for m in multi if m != i and words[m][1:] != words[i][1:]] or [i])
+        other = [tokenizer.encode(w) for w in words[j]]
+        negs.append(_place_fragments([frags[0], *other[1:]], i, length, filler, rng, wp))
+    return docs, negs
+
+
+def _place_fragments(frags: list[list[int]], index: int, length: int, filler: Filler, rng: random.Random,
+                     wp: set[int]) -> NeedleDoc:
+    k = len(frags)
+    body = filler.span(max(length - sum(map(len, frags)), 0), rng)
+    part = len(body) // k
+    ids: list[int] = []
+    spans = []
+    for f_i, frag in enumerate(frags):
+        seg = body[f_i * part: (f_i + 1) * part if f_i < k - 1 else len(body)]
+        seg2, at = insert_at_word(seg, frag, rng, wp, 0.25, 0.75)
+        spans.append((len(ids) + at, len(ids) + at + len(frag)))
+        ids += seg2
+    return NeedleDoc(ids, index, spans[0][0] / max(len(ids), 1), spans)
+
+
+class NeedleDataset(Dataset):
+    """Images paired with needle documents drawn afresh for every item (training).
+
+    Item i: ``{"image": (3, S, S) tensor, "doc_ids": list[int], "concept": int, "index": i}``
+    where the document carries caption i at a random position among ``lengths`` choices.
+
+    Args:
+        images: (N, 3, S, S) float or uint8 images (uint8 is converted with ``mean``/``std``).
+        captions: one per image.
+        tokenizer, filler: as in :func:`needle_documents`.
+        lengths: document lengths in pieces, drawn uniformly per item.
+        concepts: optional (N,) concept id per image (same-concept pairs are not negatives).
+        fixed: the same document for item i on every access (validation); else a new draw.
+    """
+
+    def __init__(self, images: torch.Tensor, captions: Sequence[str], tokenizer: Tokenizer, filler: Filler,
+                 lengths: Sequence[int], concepts: torch.Tensor | None = None, seed: int = 0,
+                 fixed: bool = False, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"lengths must be positive piece counts, got {lengths}")
+        self.images, self.captions = images, list(captions)
+        self.cap_ids = tokenizer.sp.encode(self.captions)
+        self.filler, self.lengths = filler, list(lengths)
+        self.wp = _word_pieces(tokenizer)
+        self.concepts = concepts if concepts is not None else torch.arange(len(captions))
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.seed, self.fixed = seed, fixed
+        self._calls = 0
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        self._calls += 1
+        key = (self.seed, i) if self.fixed else (self.seed, i, self._calls, os.getpid())
+        rng = random.Random(hash(key))
+        length = rng.choice(self.lengths)
+        cap = list(self.cap_ids[i])
+        body = self.filler.span(max(length - len(cap), 0), rng)
+        ids, _ = insert_at_word(body, cap, rng, self.wp)
+        image = self.images[i]
+        if image.dtype == torch.uint8:
+            image = (image.float() / 255 - self.mean) / self.std
+        return {"image": image, "doc_ids": ids, "concept": int(self.concepts[i]), "index": i}
+
+
+class NeedleCollator:
+    """Items of :class:`NeedleDataset` -> ``{"images", "documents": DocumentBatch, "concepts", "indices"}``."""
+
+    def __init__(self, collator: DocumentCollator) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "images": torch.stack([it["image"] for it in items]),
+            "documents": self.collator.collate_ids([it["doc_ids"] for it in items]),
+            "concepts": torch.tensor([it["concept"] for it in items], dtype=torch.long),
+            "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        }
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+def embed_documents(model, texts: Sequence[str], batch_size: int = 8, mode: str = "auto",
+                    progress: bool = False, names: Sequence[str] | None = None) -> torch.Tensor:
+    """(len(texts), E) float32 unit-length document embeddings (``model.encode_document``),
+    ``batch_size`` documents per encoder call, in eval mode under ``torch.inference_mode()``.
+    ``names`` (one per text, default "document i", 1-based) name documents in chunk-cap errors."""
+    names = list(names) if names is not None else [f"document {i + 1}" for i in range(len(texts))]
+    collator = model.document_collator()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="embedding documents", unit="batch")
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for s in starts:
+                ids = model.tokenizer.sp.encode(list(texts[s: s + batch_size]))
+                batch = collator.collate_ids(ids, names[s: s + batch_size])
+                out.append(model.encode_document(batch, mode=mode).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).clone()
+
+
+def read_document_files(paths: Sequence[str], base: Path, what: Sequence[str]) -> list[str]:
+    """The UTF-8 text of each path (relative to ``base`` unless absolute); ``what[i]`` names the row
+    in errors. All missing/unreadable files are listed in one error."""
+    texts, bad = [], []
+    for p, w in zip(paths, what):
+        path = Path(p) if Path(p).is_absolute() else base / p
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            bad.append(f"{w}: {path}: {e.__class__.__name__}: {e}")
+            texts.append("")
+    if bad:
+        raise ValueError("document files could not be read (expected UTF-8 text files):\n  " + "\n  ".join(bad[:20])
+                         + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
+    return texts

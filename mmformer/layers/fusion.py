@@ -1,0 +1,129 @@
+"""Gated cross-attention fusion of a document's chunk states into one document embedding.
+
+A long document is encoded as N windows ("chunks") of at most L tokens in one encoder call;
+:class:`DocumentFusion` reads the token states of all chunks of each document, padded to the
+batch's largest chunk count, (B, Nmax * L, D) with a (B, Nmax * L) key padding mask:
+
+1. keys = LayerNorm(states) + chunk-index embedding (a zero-initialised linear map of a
+   sinusoidal table of the chunk index, so nothing caps the number of chunks);
+2. M learned latent queries (B, M, D) cross-attend over the keys. The attention logits are
+   multiplied by ``s_h * log(n)`` (n = the document's number of real keys, s_h a learned
+   per-head scale initialised to 1 / log(256)): with plain softmax the weight on a few
+   relevant tokens shrinks like 1/n as a document grows, so latents trained on 1k-token
+   documents would wash out at 16k; the log(n) factor keeps the logit gap growing with n
+   (the "scalable softmax" idea);
+3. one pre-norm self-attention + FFN block over the latents;
+4. mean over the latents -> LayerNorm -> linear to the joint space E.
+
+The result f (B, E) is added to the document's base embedding through a tanh gate that starts
+at zero, and only for documents of more than one chunk:
+``z = base + [n_chunks > 1] * tanh(gate) * f``. So a one-chunk document gives exactly its
+plain text embedding, and training starts from the base (mean of the chunk embeddings).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmformer.layers.attention import SelfAttention, merge_heads, split_heads
+from mmformer.layers.multiway import Mlp
+from mmformer.layers.positions import sinusoidal_1d
+
+
+class DocumentFusion(nn.Module):
+    """Latent queries cross-attend over all chunk token states; gated residual onto a base embedding.
+
+    Args:
+        dim: width D of the encoder's token states.
+        embed_dim: joint-space width E.
+        latents: number M of learned queries.
+        heads: attention heads (``dim`` must divide by it).
+        mlp_ratio: FFN width of the latent block, in multiples of ``dim``.
+        eps: LayerNorm epsilon.
+        ref_keys: the key count at which the log-length logit factor is 1 at initialisation.
+    """
+
+    def __init__(self, dim: int, embed_dim: int, latents: int = 16, heads: int = 4,
+                 mlp_ratio: float = 4.0, eps: float = 1e-6, ref_keys: int = 256) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        if latents < 1:
+            raise ValueError(f"latents must be >= 1, got {latents}")
+        self.dim, self.heads = dim, heads
+        self.latents = nn.Parameter(torch.empty(latents, dim))
+        self.chunk_pos = nn.Linear(dim, dim, bias=False)
+        self.norm_ctx = nn.LayerNorm(dim, eps=eps)
+        self.norm_q = nn.LayerNorm(dim, eps=eps)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.length_scale = nn.Parameter(torch.empty(heads))
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm_out = nn.LayerNorm(dim, eps=eps)
+        self.out = nn.Linear(dim, embed_dim, bias=False)
+        self.gate = nn.Parameter(torch.zeros(()))
+        self.ref_keys = ref_keys
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Latents N(0, 0.02); linears N(0, D^-1/2) (outputs onto a residual N(0, (2D)^-1/2));
+        chunk-index map and gate zero; log-length scale 1/log(ref_keys); norms 1/0."""
+        d = self.dim
+        nn.init.normal_(self.latents, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                std = (2 * d) ** -0.5 if name in ("proj", "attn.proj", "mlp.fc2") else d**-0.5
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.chunk_pos.weight)
+        nn.init.constant_(self.length_scale, 1.0 / math.log(self.ref_keys))
+        with torch.no_grad():
+            self.gate.zero_()
+
+    def fuse(self, states: torch.Tensor, mask: torch.Tensor, chunk_index: torch.Tensor) -> torch.Tensor:
+        """The fusion term f before the gate.
+
+        states: (B, S, D) token states of all chunks of each document (S = Nmax * L);
+        mask: (B, S) bool, True = a real token of a real chunk (each row needs one);
+        chunk_index: (S,) or (B, S) long, the chunk each key position belongs to.
+        Returns (B, E).
+        """
+        b, s, d = states.shape
+        if mask.shape != (b, s) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool of shape {(b, s)}, got {mask.dtype} {tuple(mask.shape)}")
+        n_keys = mask.sum(1)  # (B,)
+        if not bool((n_keys > 0).all()):
+            raise ValueError("every document needs at least one real token")
+        n_max = int(chunk_index.max()) + 1
+        table = sinusoidal_1d(n_max, d).to(states.dtype).to(states.device)  # (Nmax, D)
+        ctx = self.norm_ctx(states) + self.chunk_pos(table)[chunk_index].expand(b, s, d)
+        q = split_heads(self.q(self.norm_q(self.latents)).expand(b, -1, -1), self.heads)  # (B, H, M, Dh)
+        k, v = self.kv(ctx).view(b, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S, Dh)
+        factor = self.length_scale.view(1, -1, 1, 1) * torch.log(n_keys.to(q.dtype).clamp(min=2)).view(b, 1, 1, 1)
+        h = F.scaled_dot_product_attention(q * factor, k, v, attn_mask=mask[:, None, None, :])
+        x = self.latents + self.proj(merge_heads(h))  # (B, M, D)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.out(self.norm_out(x.mean(1)))  # (B, E)
+
+    def forward(self, base: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
+                chunk_index: torch.Tensor, n_chunks: torch.Tensor) -> torch.Tensor:
+        """base: (B, E) un-normalised document embedding; n_chunks: (B,). Returns (B, E).
+
+        Documents with ``n_chunks == 1`` get ``base`` unchanged (bit for bit).
+        """
+        f = self.fuse(states, mask, chunk_index)
+        gated = torch.tanh(self.gate).to(f.dtype) * f
+        return torch.where((n_chunks > 1).view(-1, 1), base + gated, base)

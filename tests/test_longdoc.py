@@ -1,0 +1,270 @@
+"""Long documents: chunk collation, cap policy, encode_document exactness, fusion, needle documents."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmformer.config import ModelConfig
+from mmformer.data.emoji import default_data_dir
+from mmformer.data.longdoc import (DocumentCollator, Filler, TooManyChunks, load_prose, needle_documents,
+                                   split_needle_documents)
+from mmformer.model import MMFormer
+from mmformer.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+SMALL = dict(width=32, depth=2, heads=4, image_size=16, patch_size=8, context_length=12, embed_dim=24)
+PROSE = ("In the beginning God created the heaven and the earth. And the earth was without form, and "
+         "void; and darkness was upon the face of the deep. And the Spirit of God moved upon the face "
+         "of the waters. And God said, Let there be light: and there was light.")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.load(default_data_dir() / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def prose_ids(tok):
+    return load_prose(tok, max_chars=60_000)
+
+
+def fused_model(tok, **kw):
+    torch.manual_seed(0)
+    m = MMFormer(ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size, **kw}), tok)
+    m.enable_fusion(latents=8)
+    with torch.no_grad():  # make the fusion term matter (it starts gated off)
+        m.fusion.gate.fill_(1.0)
+        torch.nn.init.normal_(m.fusion.chunk_pos.weight, std=0.5)
+    return m.eval()
+
+
+def test_collator_chunks_every_piece_once_with_bos_eos(tok):
+    col = DocumentCollator(tok, length=12)
+    docs = ["red apple", PROSE, "grinning face with big eyes"]
+    batch = col(docs)
+    pieces = [tok.encode(d) for d in docs]
+    expected_counts = [max(1, -(-len(p) // 10)) for p in pieces]
+    assert batch.chunk_counts.tolist() == expected_counts
+    assert batch.input_ids.shape == (sum(expected_counts), 12)
+    rows = [r[m].tolist() for r, m in zip(batch.input_ids, batch.attention_mask)]
+    assert all(r[0] == BOS_ID and r[-1] == EOS_ID for r in rows)
+    # the long document: windows of 10 pieces, the last one ending at the text's end
+    long_rows = [r[1:-1] for r in rows[1: 1 + expected_counts[1]]]
+    p = pieces[1]
+    assert [x for w in long_rows[:-1] for x in w] == p[: 10 * (len(long_rows) - 1)]
+    assert long_rows[-1] == p[-10:]
+    assert batch.chunk_mask.tolist()[0] == [True] + [False] * (max(expected_counts) - 1)
+    # overlapping windows
+    over = DocumentCollator(tok, length=12, stride=5)([PROSE])
+    assert int(over.chunk_counts[0]) == len(range(0, len(p) - 10, 5)) + 1
+
+
+def test_chunk_cap_policy_error_names_the_document_and_first_keeps_n(tok, caplog):
+    n = int(DocumentCollator(tok, 12)([PROSE]).chunk_counts[0])
+    assert n > 3
+    with pytest.raises(TooManyChunks, match=rf"document 1: .* {n} chunks .*max_chunks=3"):
+        DocumentCollator(tok, 12, max_chunks=3)(["red apple", PROSE])
+    with caplog.at_level(logging.WARNING, logger="mmformer.data.longdoc"):
+        b = DocumentCollator(tok, 12, max_chunks=3, overflow="first")(["red apple", PROSE])
+    assert b.chunk_counts.tolist() == [1, 3] and b.truncated.tolist() == [False, True]
+    assert f"keeping the first 3 of {n} chunks" in caplog.text
+    full = DocumentCollator(tok, 12)([PROSE])
+    assert torch.equal(b.input_ids[1:], full.input_ids[:3])
+    with pytest.raises(ValueError, match="overflow='drop' must be one of"):
+        DocumentCollator(tok, 12, max_chunks=3, overflow="drop")
+    with pytest.raises(ValueError, match="chunk_overflow='x'"):
+        ModelConfig(chunk_overflow="x")
+
+
+def test_one_chunk_document_is_exactly_encode_text(tok):
+    m = fused_model(tok)
+    texts = ["red apple", "face with tears of joy", "flag: japan"]
+    with torch.no_grad():
+        for t in texts:
+            ids, mask = tok([t], max_length=12)
+            ref = m.encode_text(ids, mask)
+            for mode in ("first", "mean", "max", "fusion", "auto"):
+                assert torch.equal(m.encode_document([t], mode=mode), ref), (t, mode)
+
+
+def test_padded_batch_equals_per_document_loop_and_fusion_changes_long_documents(tok):
+    m = fused_model(tok)
+    docs = [PROSE, "red apple", PROSE[:90] + " red apple", PROSE[40:] + " flag: japan " + PROSE[:70]]
+    modes = ("first", "mean", "max", "fusion")
+    col = m.document_collator()
+    with torch.no_grad():
+        batch = m.forward_document(col(docs), modes)
+        for i, d in enumerate(docs):
+            one = m.forward_document(col([d]), modes)
+            for mode in modes:
+                torch.testing.assert_close(batch[mode][i], one[mode][0], atol=2e-5, rtol=1e-5)
+        long = col(docs).chunk_counts > 1
+        assert long.sum() == 3
+        # the gated fusion term is present exactly for the multi-chunk documents
+        diff = (batch["fusion"] - batch["mean"]).norm(dim=-1)
+        assert bool((diff[long] > 1e-3).all()) and bool((diff[~long] == 0).all())
+        # the chunk-index embedding makes chunk order matter to fusion, not to the mean
+        order = col([docs[0]])
+        rev = col([docs[0]])
+        rev.input_ids, rev.attention_mask = order.input_ids.flip(0), order.attention_mask.flip(0)
+        a, b = m.forward_document(order, ("mean", "fusion")), m.forward_document(rev, ("mean", "fusion"))
+        torch.testing.assert_close(a["mean"], b["mean"], atol=1e-5, rtol=1e-5)
+        assert (a["fusion"] - b["fusion"]).abs().max() > 1e-3
+
+
+def test_fusion_needs_a_module_and_new_config_fields_round_trip(tok, tmp_path):
+    torch.manual_seed(0)
+    m = MMFormer(ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size}), tok)
+    with pytest.raises(ValueError, match="no fusion module"):
+        m.encode_document([PROSE], mode="fusion")
+    assert m.encode_document([PROSE]).shape == (1, 24)  # auto = mean
+    m = fused_model(tok, max_chunks=50, chunk_overflow="first")
+    m.save_pretrained(tmp_path)
+    back = MMFormer.from_pretrained(tmp_path).eval()
+    assert back.config == m.config and back.fusion is not None
+    with torch.no_grad():
+        assert torch.equal(back.encode_document([PROSE]), m.encode_document([PROSE]))
+
+
+def test_needle_documents_hold_the_caption_at_the_recorded_place(tok, prose_ids):
+    filler = Filler(tok, prose_ids)
+    caps = ["red apple", "grinning face", "flag: japan", "smiling face with sunglasses"]
+    docs = needle_documents(tok, caps, 300, filler, seed=1)
+    for d, c in zip(docs, caps):
+        cid = tok.encode(c)
+        s, e = d.spans[0]
+        assert d.ids[s:e] == cid and len(d.ids) == 300
+        assert d.position == pytest.approx(s / 300)
+    assert docs[0].ids != needle_documents(tok, caps, 300, filler, seed=2)[0].ids
+    # asked-for deciles are respected
+    placed = needle_documents(tok, caps, 1000, filler, seed=3, positions=[0.0, 0.3, 0.6, 0.9])
+    for d, lo in zip(placed, [0.0, 0.3, 0.6, 0.9]):
+        assert lo - 0.01 <= d.position <= lo + 0.11
+
+
+def test_split_needles_are_in_distant_chunks_and_hard_negatives_share_one_fragment(tok, prose_ids):
+    filler = Filler(tok, prose_ids)
+    caps = ["red apple", "green apple", "red heart", "face with tears of joy", "rocket"]
+    docs, negs = split_needle_documents(tok, caps, 400, filler, seed=0)
+    assert len(docs) == len(negs) == 4  # "rocket" cannot be split
+    for d in docs:
+        words = caps[d.needle_index].split()
+        assert [d.ids[s:e] for s, e in d.spans] == [tok.encode(w) for w in words]
+        chunks = [s // 10 for s, _ in d.spans]
+        assert all(b - a >= 5 for a, b in zip(chunks, chunks[1:])), chunks  # >= 5 windows apart
+    for n in negs:
+        words = caps[n.needle_index].split()
+        frags = [n.ids[s:e] for s, e in n.spans]
+        assert frags[0] == tok.encode(words[0]) and frags[1:] != [tok.encode(w) for w in words[1:]]
+
+
+def test_text_chunk_unchanged_behaviour(tok):
+    ids = tok.encode(PROSE)
+    w = tok.chunk(PROSE, 10, 7)
+    assert w[0] == ids[:10] and w[-1] == ids[-10:] and all(len(x) == 10 for x in w)
+    assert tok.chunk("red apple", 10) == [tok.encode("red apple")]
+
+
+@pytest.mark.slow  # ~1-2 min of CPU on 2 cores (more when the machine is shared)
+def test_fusion_trained_briefly_on_needle_documents_beats_truncation(tok, prose_ids):
+    """A tiny model learns 24 image-caption pairs; fusion (trunk frozen) is then trained on needle
+    documents whose caption sits after the first window. On fresh documents (new filler, new
+    positions) truncation is at chance and fusion well above it."""
+    from mmformer.losses import clip_loss
+
+    torch.manual_seed(0)
+    caps = ["red apple", "grinning face", "rocket", "flag: japan", "dog face", "snowman", "pizza", "crown",
+            "rainbow", "ghost", "fire", "rose", "ring", "key", "bell", "anchor", "cat face", "moon",
+            "banana", "penguin", "tiger", "guitar", "umbrella", "cherries"]
+    n = len(caps)
+    cfg = ModelConfig(width=64, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=tok.vocab_size,
+                      context_length=10, embed_dim=32)
+    m = MMFormer(cfg, tok)
+    images = torch.randn(n, 3, 16, 16)
+    ids, mask = tok(caps, max_length=10)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(60):  # learn the pairs from short captions
+        out = m(images, ids, mask)
+        loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.enable_fusion(latents=8)
+    for name, p in m.named_parameters():
+        p.requires_grad_(name.startswith("fusion."))
+    gate = [m.fusion.gate]
+    opt = torch.optim.AdamW([{"params": [p for n_, p in m.fusion.named_parameters() if n_ != "gate"]},
+                             {"params": gate, "lr": 0.1}], lr=3e-3, weight_decay=0.0)
+    filler = Filler(tok, prose_ids)
+    col = m.document_collator()
+    target = torch.arange(n)
+    with torch.no_grad():
+        img = m.encode_image(images)
+    for step in range(80):
+        docs = needle_documents(tok, caps, 64, filler, seed=100 + step,
+                                positions=[0.2 + 0.7 * ((i * 7 + step) % 10) / 10 for i in range(n)])
+        emb = F.normalize(m.forward_document(col.collate_ids([d.ids for d in docs]))["fusion"], dim=-1)
+        loss = clip_loss(img, emb, m.logit_scale.exp().detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    docs = needle_documents(tok, caps, 64, filler, seed=7, positions=[0.25 + 0.07 * (i % 10) for i in range(n)])
+    with torch.no_grad():
+        out = m.forward_document(col.collate_ids([d.ids for d in docs]), ("first", "fusion"))
+        r1 = {k: ((F.normalize(v, dim=-1) @ img.T).argmax(1) == target).float().mean().item() for k, v in out.items()}
+    assert r1["first"] <= 3 / n, r1  # the needle is never in the first window: about chance (1/24)
+    assert r1["fusion"] >= 0.5, r1
+
+
+def test_eval_cli_accepts_long_document_manifests(tok, tmp_path, capsys):
+    import json
+
+    from mmformer.cli import main
+    from mmformer.data.longdoc import embed_documents
+    from mmformer.retrieval import embed_images, retrieval_metrics
+    from mmformer.transforms import build_transforms, load_image
+
+    m = fused_model(tok, image_size=64, patch_size=16)
+    m.save_pretrained(tmp_path / "model")
+    hexes = ["1F34E", "1F600", "1F680"]
+    emoji = default_data_dir() / "images" / "twitter"
+    docs = [PROSE + " red apple", "grinning face " + PROSE, PROSE[:80] + " rocket " + PROSE[80:]]
+    (tmp_path / "d2.txt").write_text(docs[1], encoding="utf-8")
+    rows = [{"image": str(emoji / f"{h}.png"), "caption": d, "file": f"d{i + 1}.txt"}
+            for i, (h, d) in enumerate(zip(hexes, docs))]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "m.jsonl"),
+                 "--documents", "text", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    back = MMFormer.from_pretrained(tmp_path / "model").eval()
+    tf = build_transforms(64, train=False)
+    images = torch.stack([tf(load_image(r["image"])) for r in rows])
+    ref = retrieval_metrics(embed_images(back, images), embed_documents(back, docs), torch.arange(3))
+    assert got["t2i_R@1"] == pytest.approx(ref["t2i_R@1"]) and got["t2i_mean_rank"] == pytest.approx(ref["t2i_mean_rank"])
+    # documents as files: missing ones are named; a chunk cap names the caption
+    with pytest.raises(SystemExit, match=r"caption 1 \(file\): .*d1.txt"):
+        main(["eval", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "m.jsonl"),
+              "--caption-col", "file", "--documents", "file"])
+    with pytest.raises(SystemExit, match=r"caption 1 \(caption\): .* over max_chunks=2"):
+        main(["eval", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "m.jsonl"),
+              "--documents", "text", "--max-chunks", "2"])
+
+
+def test_saved_models_without_the_long_document_fields_load_with_old_behaviour(tok, tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    m = MMFormer(ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size}), tok)
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    new = ["attention", "attention_window", "attention_global", "attention_compression", "fusion_latents",
+           "fusion_heads", "chunk_stride", "max_chunks", "chunk_overflow"]
+    for k in new:
+        cfg.pop(k)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    back = MMFormer.from_pretrained(tmp_path).eval()
+    assert back.fusion is None and back.config.attention == "dense"
+    ids = torch.tensor([[2, 40, 41, 3]])
+    with torch.no_grad():
+        assert torch.equal(back.encode_text(ids), m.eval().encode_text(ids))
