@@ -62,7 +62,11 @@ def default_data_dir() -> Path:
 
 
 def read_concepts(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """``concepts.jsonl`` as ``{hexcode: row}``; ``{}`` if the file does not exist."""
+    """``concepts.jsonl`` as ``{hexcode: row}``; ``{}`` if the file does not exist.
+
+    A row's key is its ``hexcode`` (emoji) or, when it has none, its ``id`` (e.g. the icon name
+    in ``data/icons``, which is also the image's file stem).
+    """
     path = Path(path)
     if not path.is_file():
         return {}
@@ -72,9 +76,10 @@ def read_concepts(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
             if line.strip():
                 try:
                     row = json.loads(line)
-                    concepts[str(row["hexcode"])] = row
+                    concepts[str(row["hexcode"] if "hexcode" in row else row["id"])] = row
                 except (ValueError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}: line {line_no}: expected a JSON object with 'hexcode': {err}") from err
+                    raise ValueError(f"{path}: line {line_no}: expected a JSON object with 'hexcode' "
+                                     f"or 'id': {err!r}") from err
     return concepts
 
 
