@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmformer.config import MODALITIES, ModelConfig, make_readable
+from mmformer.config import MODALITIES, ModelConfig, atomic_path
 from mmformer.layers.fusion import DocumentFusion
 from mmformer.layers.multiway import MultiwayBlock, sharing
 from mmformer.layers.positions import sincos_2d, sinusoidal_1d
@@ -337,15 +336,8 @@ class MMFormer(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.config.to_json(directory / CONFIG_NAME)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(state, tmp, metadata={"format": "pt", "library": "mmformer"})
-            make_readable(tmp)
-            os.replace(tmp, directory / WEIGHTS_NAME)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         if self.tokenizer is not None:
             self.tokenizer.save(directory / TOKENIZER_NAME)
         return directory

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmformer.config import atomic_path
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
 
@@ -245,18 +245,10 @@ def write_shards(samples: Iterable[Mapping[str, Any]], out_pattern: str, maxcoun
 def _write_one_shard(members: list[dict[str, Any]], path: str) -> str:
     """Write one tar to a temp file in the target directory, then ``os.replace`` it into place."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        with os.fdopen(fd, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-            for m in members:
-                writer.write(m)
-            writer.close()
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        for m in members:
+            writer.write(m)
+        writer.close()
     log.info("wrote %d samples to %s", len(members), target)
     return str(target)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from mmformer.config import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +204,8 @@ class FaissBackend:
     def save(self, directory: Path) -> None:
         faiss = import_faiss()
         path = Path(directory) / FAISS_FILE
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             faiss.write_index(self.index, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def load(cls, kind: str, directory: Path, params: BackendParams,

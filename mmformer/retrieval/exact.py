@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from mmformer.config import atomic_path
 
 __all__ = ["ExactIndex"]
 
@@ -147,19 +148,8 @@ class ExactIndex:
             raise ValueError("ExactIndex.save: the index is empty and has no dim; add embeddings first")
         path = Path(path)
         array = self._emb.detach().cpu().numpy()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
         logger.info("saved ExactIndex (%d x %d, %s) to %s", self.ntotal, self._dim, self.dtype, path)
 
     @classmethod

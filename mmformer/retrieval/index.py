@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mmformer.config import write_text_atomic
+from mmformer.config import atomic_path, write_text_atomic
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.retrieval.backends import (FAISS_FILE, BackendParams, ExactBackend, FaissBackend,
                                          choose_backend)
@@ -286,15 +285,8 @@ def write_part(parts_dir: Path, prediction: dict[str, Any]) -> None:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def _done_parts(parts_dir: Path) -> set[int]:
@@ -422,9 +414,7 @@ def _assemble(out: Path, parts: list[Part], dtype: str, backend: str, params: Ba
     dim = next(np.load(parts_dir / f"part-{p.index:06d}.npy", mmap_mode="r").shape[1]
                for p, r in zip(parts, records) if r["n"])
     # embeddings: streamed part by part into a memory-mapped temporary .npy, then renamed
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{EMBEDDINGS}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out / EMBEDDINGS) as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, dim))
         row = 0
         for p, r in zip(parts, records):
@@ -437,11 +427,6 @@ def _assemble(out: Path, parts: list[Part], dtype: str, backend: str, params: Ba
                 row += r["n"]
         mm.flush()
         del mm
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / EMBEDDINGS)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     write_text_atomic(out / METADATA, "".join(json.dumps(it) + "\n" for r in records for it in r["items"]))
     skipped = [s for r in records for s in r["skipped"]]
     write_text_atomic(out / SKIPPED, "".join(json.dumps({"source": s[0], "reason": s[1]}) + "\n" for s in skipped))
