@@ -52,9 +52,7 @@ def local_global_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torc
         raise ValueError(f"need window >= 0 and n_global >= 0, got window={window}, n_global={n_global}")
     q, k, v = _split_qkv(qkv, heads)
     b, _, t, _ = q.shape
-    pad = key_padding_mask if key_padding_mask is not None else torch.ones(b, t, dtype=torch.bool, device=q.device)
-    if pad.dtype != torch.bool or pad.shape != (b, t):
-        raise ValueError(f"key_padding_mask must be bool (B, T) = ({b}, {t}), got {pad.dtype} {tuple(pad.shape)}")
+    pad = _padding_mask(key_padding_mask, b, t, q.device)
     g = min(n_global, t)
     out = torch.empty_like(q)  # (B, H, T, Dh)
     if g:  # global queries attend to everything
@@ -77,6 +75,16 @@ def local_global_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torc
     return merge_heads(out)
 
 
+def _padding_mask(key_padding_mask: torch.Tensor | None, b: int, t: int, device: torch.device) -> torch.Tensor:
+    """The (B, T) bool mask (True = real token), all True when None; checked."""
+    if key_padding_mask is None:
+        return torch.ones(b, t, dtype=torch.bool, device=device)
+    if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (b, t):
+        raise ValueError(f"key_padding_mask must be bool (B, T) = ({b}, {t}), "
+                         f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    return key_padding_mask
+
+
 def compressed_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None,
                          *, compression: int = 4) -> torch.Tensor:
     """Memory-compressed attention (strided mean pooling of K and V); (B, T, 3D) -> (B, T, D)."""
@@ -84,9 +92,7 @@ def compressed_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torch.
         raise ValueError(f"compression must be >= 1, got {compression}")
     q, k, v = _split_qkv(qkv, heads)
     b, h, t, dh = q.shape
-    pad = key_padding_mask if key_padding_mask is not None else torch.ones(b, t, dtype=torch.bool, device=q.device)
-    if pad.dtype != torch.bool or pad.shape != (b, t):
-        raise ValueError(f"key_padding_mask must be bool (B, T) = ({b}, {t}), got {pad.dtype} {tuple(pad.shape)}")
+    pad = _padding_mask(key_padding_mask, b, t, q.device)
     c = compression
     slots = -(-t // c)
     extra = slots * c - t
