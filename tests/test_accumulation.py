@@ -11,14 +11,7 @@ from train_helpers import LossRecorder, make_loader, make_module, trainer
 K, B = 4, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a loaded machine 2 spinning OpenMP threads
-    make these tests several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grads(model):

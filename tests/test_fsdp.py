@@ -36,14 +36,7 @@ WORLD = 2
 LOCAL_B = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a loaded machine 2 spinning OpenMP threads
-    make these tests several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fsdp_worker(rank, port, root, out):

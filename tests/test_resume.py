@@ -19,14 +19,7 @@ from train_helpers import (RESUME_STEPS, LossRecorder, PairSet, make_loader, mak
 KILL_AT = 5  # mid-epoch: step 5 of 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a loaded machine 2 spinning OpenMP threads
-    make these tests several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
