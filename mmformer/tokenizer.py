@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import sentencepiece as spm
 import torch
 
@@ -98,12 +99,7 @@ class Tokenizer:
             texts = [texts]
         if max_length < 3:
             raise ValueError(f"max_length must be >= 3 (bos, one piece, eos), got {max_length}")
-        rows = [[BOS_ID, *ids[: max_length - 2], EOS_ID] for ids in self.sp.encode(list(texts))]
-        t = max_length if pad_to_max else max((len(r) for r in rows), default=2)
-        ids = torch.full((len(rows), t), PAD_ID, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return ids, ids != PAD_ID
+        return wrap_and_pad(self.sp.encode(list(texts)), max_length, pad_to_max)
 
     def chunk(self, text: str, length: int, stride: int | None = None) -> list[list[int]]:
         """Windows of at most ``length`` piece ids, starting every ``stride`` ids.
@@ -115,12 +111,31 @@ class Tokenizer:
         return chunk_ids(self.encode(text), length, stride)
 
 
+def wrap_and_pad(pieces: list[list[int]], max_length: int,
+                 pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Piece-id lists -> ((B, T) int64 ids, (B, T) bool mask): each row ``[bos] pieces [eos]``,
+    pieces truncated (never the eos) to fit ``max_length``, padded to the longest row (or to
+    ``max_length`` with ``pad_to_max``)."""
+    rows = [[BOS_ID, *ids[: max_length - 2], EOS_ID] for ids in pieces]
+    t = max_length if pad_to_max else max((len(r) for r in rows), default=2)
+    ids = np.full((len(rows), t), PAD_ID, dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    ids = torch.from_numpy(ids)
+    return ids, ids != PAD_ID
+
+
 def chunk_ids(ids: list[int], length: int, stride: int | None = None) -> list[list[int]]:
     """:meth:`Tokenizer.chunk` on piece ids already encoded: windows of at most ``length`` ids."""
+    return [list(ids[s: s + length]) for s in chunk_starts(len(ids), length, stride)]
+
+
+def chunk_starts(n: int, length: int, stride: int | None = None) -> list[int]:
+    """Where the windows of :func:`chunk_ids` start in a text of ``n`` ids: every ``stride`` ids,
+    the last one ending at the text's end (one window at 0 when ``n <= length``)."""
     stride = length if stride is None else stride
     if length < 1 or not 1 <= stride <= length:
         raise ValueError(f"need length >= 1 and 1 <= stride <= length, got length={length}, stride={stride}")
-    if len(ids) <= length:
-        return [list(ids)]
-    starts = [*range(0, len(ids) - length, stride), len(ids) - length]
-    return [list(ids[s: s + length]) for s in starts]
+    if n <= length:
+        return [0]
+    return [*range(0, n - length, stride), n - length]
