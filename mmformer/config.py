@@ -78,6 +78,11 @@ class ModelConfig:
     # max_chunks, by chunk_overflow ("error" | "first")
     fusion_latents: int = 0
     fusion_heads: int = 4
+    # document_expert: chunks of documents longer than one window run through their own
+    # per-modality block parts ("document": norms, FFN, unshared attention parts, final norm),
+    # copied from the text path by MMFormer.enable_document_expert and fine-tuned on documents,
+    # so that short texts keep the text path exactly
+    document_expert: bool = False
     chunk_stride: int | None = None
     max_chunks: int | None = None
     chunk_overflow: str = "error"
@@ -123,6 +128,11 @@ class ModelConfig:
         if self.chunk_overflow not in ("error", "first"):
             problems.append(f"chunk_overflow={self.chunk_overflow!r} must be 'error' or 'first'")
         return problems
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The block routes this config builds: ``MODALITIES`` (+ ``"document"``)."""
+        return MODALITIES + (("document",) if self.document_expert else ())
 
     @property
     def grid_size(self) -> int:

@@ -12,6 +12,8 @@ A checkpoint directory holds ``config.json`` + ``model.safetensors`` (+ ``tokeni
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
 import os
@@ -26,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmformer.config import MODALITIES, ModelConfig, atomic_path
+from mmformer.config import ModelConfig, atomic_path
 from mmformer.layers.fusion import DocumentFusion
 from mmformer.layers.multiway import MultiwayBlock, sharing
 from mmformer.layers.positions import sincos_2d, sinusoidal_1d
@@ -78,10 +80,12 @@ class MMFormer(nn.Module):
         self.register_buffer("text_pos", c.pos_scale * sinusoidal_1d(c.context_length, d), persistent=False)
         # shared trunk
         self.blocks = nn.ModuleList(
-            MultiwayBlock(d, c.heads, c.mlp_hidden, c.share, MODALITIES, c.qkv_bias, c.ln_eps)
+            MultiwayBlock(d, c.heads, c.mlp_hidden, c.share, c.modalities, c.qkv_bias, c.ln_eps)
             for _ in range(c.depth)
         )
-        self.norm = nn.ModuleDict({m: nn.LayerNorm(d, eps=c.ln_eps) for m in MODALITIES})
+        self.norm = nn.ModuleDict({m: nn.LayerNorm(d, eps=c.ln_eps) for m in c.modalities})
+        # long documents' own token embeddings (with the document expert)
+        self.document_embed = nn.Embedding(c.vocab_size, d) if c.document_expert else None
         # joint space
         self.image_proj = nn.Linear(d, c.embed_dim, bias=False)
         self.text_proj = nn.Linear(d, c.embed_dim, bias=False)
@@ -123,6 +127,8 @@ class MMFormer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.token_embed.weight, std=0.02)
+        if getattr(self, "document_embed", None) is not None:
+            nn.init.normal_(self.document_embed.weight, std=0.02)
         nn.init.normal_(self.cls_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -166,9 +172,13 @@ class MMFormer(nn.Module):
         return F.normalize(z, dim=-1) if normalize else z
 
     # ---- text path ----------------------------------------------------------------------
-    def forward_text_features(self, input_ids: torch.Tensor,
-                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids, (B, T) bool mask (True = real token) -> final-norm states (B, T, D)."""
+    def forward_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                              modality: str = "text") -> torch.Tensor:
+        """(B, T) ids, (B, T) bool mask (True = real token) -> final-norm states (B, T, D).
+
+        ``modality="document"`` runs the document expert (``config.document_expert``): its own
+        token embeddings and block parts instead of the text path's (positions and shared
+        attention weights are the same)."""
         c = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
@@ -178,9 +188,9 @@ class MMFormer(nn.Module):
                 "truncate it (tokenizer max_length) or chunk it"
             )
         mask = self._text_mask(input_ids, attention_mask)
-        x = self.token_embed(input_ids)
+        x = (self.document_embed if modality == "document" else self.token_embed)(input_ids)
         x = x + self.text_pos[: input_ids.shape[1]].to(x.dtype)
-        return self._run_blocks(x, "text", mask)
+        return self._run_blocks(x, modality, mask)
 
     def _text_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         mask = input_ids != self.config.pad_id if attention_mask is None else attention_mask.bool()
@@ -227,8 +237,6 @@ class MMFormer(nn.Module):
         ``options`` override the config's ``attention_window``, ``attention_global``,
         ``attention_compression``; the config is updated so that a saved model keeps the choice.
         """
-        import dataclasses
-
         from mmformer.layers.sparse import make_attend
 
         names = {"window": "attention_window", "n_global": "attention_global", "compression": "attention_compression"}
@@ -245,27 +253,64 @@ class MMFormer(nn.Module):
 
     def enable_fusion(self, latents: int = 16, heads: int | None = None) -> DocumentFusion:
         """Add a freshly initialised :class:`DocumentFusion` (gate at zero: documents embed as before)."""
-        import dataclasses
-
         self.config = dataclasses.replace(self.config, fusion_latents=latents, fusion_heads=heads or self.config.heads)
         self.fusion = self._make_fusion(self.config).to(self.logit_scale.device)
         return self.fusion
+
+    def enable_document_expert(self) -> None:
+        """Give long documents their own copy of the text path's token embeddings, per-modality
+        block parts and final norm (modality ``"document"``, see ``ModelConfig.document_expert``);
+        until it is trained, documents embed exactly as before."""
+        if self.config.document_expert:
+            return
+        for block in self.blocks:
+            block.add_modality("document", like="text")
+        self.norm["document"] = copy.deepcopy(self.norm["text"])
+        self.document_embed = copy.deepcopy(self.token_embed)
+        self.config = dataclasses.replace(self.config, document_expert=True)
+
+    def chunk_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     multi: torch.Tensor) -> torch.Tensor:
+        """(C, L) chunk ids and mask -> (C, L, D) token states; ``multi`` (C,) bool marks the
+        chunks of documents of more than one chunk.
+
+        With a document expert those go through it and the others (one-chunk documents)
+        through the text path, so that a short document embeds exactly as :meth:`encode_text`;
+        one encoder call per route. Without one, a single text-path call.
+        """
+        if not self.config.document_expert or not bool(multi.any()):
+            return self.forward_text_features(input_ids, attention_mask)
+        if bool(multi.all()):
+            return self.forward_text_features(input_ids, attention_mask, "document")
+        short = self.forward_text_features(input_ids[~multi], attention_mask[~multi])
+        long = self.forward_text_features(input_ids[multi], attention_mask[multi], "document")
+        states = short.new_empty(*input_ids.shape, short.shape[-1])
+        states[~multi], states[multi] = short, long
+        return states
+
+    @property
+    def document_stride(self) -> int:
+        """Pieces between the starts of a document's windows (``chunk_stride``, by default the
+        window's ``context_length - 2`` pieces: no overlap)."""
+        return self.config.chunk_stride or self.config.context_length - 2
 
     def document_collator(self, **overrides):
         """A :class:`mmformer.data.longdoc.DocumentCollator` with this model's window and chunk policy."""
         from mmformer.data.longdoc import DocumentCollator
 
         c = self.config
-        kw = dict(length=c.context_length, stride=c.chunk_stride, max_chunks=c.max_chunks, overflow=c.chunk_overflow)
+        kw = dict(length=c.context_length, stride=self.document_stride, max_chunks=c.max_chunks, overflow=c.chunk_overflow)
         return DocumentCollator(self.tokenizer, **{**kw, **overrides})
 
-    def forward_document(self, batch, modes: tuple[str, ...] = ("fusion",)) -> dict[str, torch.Tensor]:
+    def forward_document(self, batch, modes: tuple[str, ...] = ("fusion",),
+                         states: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Un-normalised document embeddings (B, E) per mode, from ONE encoder call over all chunks.
 
         ``batch``: a :class:`mmformer.data.longdoc.DocumentBatch` with C chunks of L tokens.
         Modes: ``"first"`` (the first window only: truncation), ``"mean"`` / ``"max"`` (mean /
         element-wise max of the chunk embeddings), ``"fusion"`` (mean + gated cross-attention
-        fusion; needs :attr:`fusion`). The cost is linear in C.
+        fusion; needs :attr:`fusion`). The cost is linear in C. ``states``: the chunks' (C, L, D)
+        :meth:`chunk_states`, when already computed (e.g. cached for a frozen text path).
         """
         known = ("first", "mean", "max", "fusion")
         bad = [m for m in modes if m not in known]
@@ -275,7 +320,10 @@ class MMFormer(nn.Module):
             raise ValueError("this model has no fusion module (config.fusion_latents=0); use mode 'mean' "
                              "or fine-tune one (train/longdoc.yaml, MMFormer.enable_fusion)")
         ids, mask, counts = batch.input_ids, batch.attention_mask, batch.chunk_counts
-        states = self.forward_text_features(ids, mask)  # (C, L, D)
+        if states is None:
+            states = self.chunk_states(ids, mask, (counts > 1).repeat_interleave(counts))  # (C, L, D)
+        elif states.shape[:2] != ids.shape:
+            raise ValueError(f"states {tuple(states.shape)} do not match the batch's chunks {tuple(ids.shape)}")
         chunk_emb = self.text_proj(self.pool_text(states, mask))  # (C, E)
         doc_mask = batch.chunk_mask  # (B, Nmax)
         b, n_max = doc_mask.shape
@@ -289,14 +337,7 @@ class MMFormer(nn.Module):
         if "mean" in modes or "fusion" in modes:
             out["mean"] = padded.sum(1) / counts.to(padded.dtype)[:, None]
         if "fusion" in modes:
-            length, d = states.shape[1], states.shape[2]
-            tok_states = states.new_zeros(b, n_max, length, d)
-            tok_states[doc_mask] = states
-            tok_mask = mask.new_zeros(b, n_max, length)
-            tok_mask[doc_mask] = mask
-            chunk_index = torch.arange(n_max, device=ids.device).repeat_interleave(length)  # (Nmax*L,)
-            out["fusion"] = self.fusion(out["mean"], tok_states.view(b, n_max * length, d),
-                                        tok_mask.view(b, n_max * length), chunk_index, counts)
+            out["fusion"] = self.fusion(out["mean"], states, mask, counts)
         return {m: out[m] for m in modes}
 
     def encode_document(self, texts, mode: str = "auto", normalize: bool = True) -> torch.Tensor:

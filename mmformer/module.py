@@ -255,13 +255,17 @@ class MMFormerModule(L.LightningModule):
         self.log("train/skipped_samples", float(self.skipped_samples))
 
     # ---- optimisation -------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: weight matrices with ``weight_decay``; norms, biases, embeddings
+        and the logit scale without. Subclasses override this to add groups (own ``lr`` etc.); the
+        schedule multiplies every group's ``lr`` by the same factor."""
         decay, no_decay = parameter_groups(self.model)
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-        )
+        opt = torch.optim.AdamW(self.optimizer_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         if hp.time_budget_s:
             factor = TimeCosine(hp.warmup_steps, hp.time_budget_s, hp.min_lr_ratio)
         else:
@@ -401,7 +405,7 @@ def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exempt = p.ndim < 2 or any(k in name for k in ("token_embed", "pos_embed", "cls_token", "logit_scale"))
+        exempt = p.ndim < 2 or any(k in name for k in ("token_embed", "document_embed", "pos_embed", "cls_token", "logit_scale"))
         (no_decay if exempt else decay).append(p)
     return decay, no_decay
 

@@ -1,8 +1,9 @@
 """Gated cross-attention fusion of a document's chunk states into one document embedding.
 
 A long document is encoded as N windows ("chunks") of at most L tokens in one encoder call;
-:class:`DocumentFusion` reads the token states of all chunks of each document, padded to the
-batch's largest chunk count, (B, Nmax * L, D) with a (B, Nmax * L) key padding mask:
+:class:`DocumentFusion` reads the token states of all chunks of a batch of documents, (C, L, D)
+with the per-document chunk counts, and attends over each document's chunks (keys and values
+padded to the batch's largest chunk count, (B, Nmax * L), with a key padding mask):
 
 1. keys = LayerNorm(states) + chunk-index embedding (a zero-initialised linear map of a
    sinusoidal table of the chunk index, so nothing caps the number of chunks);
@@ -92,38 +93,53 @@ class DocumentFusion(nn.Module):
         with torch.no_grad():
             self.gate.zero_()
 
-    def fuse(self, states: torch.Tensor, mask: torch.Tensor, chunk_index: torch.Tensor) -> torch.Tensor:
+    def fuse(self, states: torch.Tensor, mask: torch.Tensor, chunk_counts: torch.Tensor) -> torch.Tensor:
         """The fusion term f before the gate.
 
-        states: (B, S, D) token states of all chunks of each document (S = Nmax * L);
-        mask: (B, S) bool, True = a real token of a real chunk (each row needs one);
-        chunk_index: (S,) or (B, S) long, the chunk each key position belongs to.
-        Returns (B, E).
+        states: (C, L, D) token states of every chunk, the chunks of document 0 first, in order
+        (C = sum of ``chunk_counts``); mask: (C, L) bool, True = a real token (each chunk needs
+        one); chunk_counts: (B,) chunks per document. Returns (B, E).
+
+        The per-token work (norm, chunk-index embedding, key/value projection) runs on the C
+        chunks as they are; only the keys and values are padded to the batch's largest chunk
+        count for the attention, (B, H, Nmax * L, Dh) with a key padding mask.
         """
-        b, s, d = states.shape
-        if mask.shape != (b, s) or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be bool of shape {(b, s)}, got {mask.dtype} {tuple(mask.shape)}")
-        n_keys = mask.sum(1)  # (B,)
-        if not bool((n_keys > 0).all()):
-            raise ValueError("every document needs at least one real token")
-        n_max = int(chunk_index.max()) + 1
-        table = sinusoidal_1d(n_max, d).to(states.dtype).to(states.device)  # (Nmax, D)
-        ctx = self.norm_ctx(states) + self.chunk_pos(table)[chunk_index].expand(b, s, d)
+        c, length, d = states.shape
+        if mask.shape != (c, length) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool of shape {(c, length)}, got {mask.dtype} {tuple(mask.shape)}")
+        if int(chunk_counts.sum()) != c or not bool((chunk_counts > 0).all()):
+            raise ValueError(f"chunk_counts {chunk_counts.tolist()} must be positive and sum to the {c} chunks")
+        if not bool(mask.any(1).all()):
+            raise ValueError("every chunk needs at least one real token")
+        b, n_max = chunk_counts.shape[0], int(chunk_counts.max())
+        doc_mask = torch.arange(n_max, device=states.device)[None] < chunk_counts[:, None]  # (B, Nmax)
+        chunk_index = torch.arange(n_max, device=states.device).expand(b, n_max)[doc_mask]  # (C,)
+        table = sinusoidal_1d(n_max, d).to(device=states.device, dtype=states.dtype)  # (Nmax, D)
+        ctx = self.norm_ctx(states) + self.chunk_pos(table)[chunk_index][:, None]  # (C, L, D)
+        kv = self.kv(ctx)  # (C, L, 2D)
+        padded = kv.new_zeros(b, n_max, length, 2 * d)
+        padded[doc_mask] = kv
+        key_mask = mask.new_zeros(b, n_max, length)
+        key_mask[doc_mask] = mask
+        s = n_max * length
+        k, v = padded.view(b, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S, Dh)
+        key_mask = key_mask.view(b, s)
+        n_keys = key_mask.sum(1)  # (B,)
         q = split_heads(self.q(self.norm_q(self.latents)).expand(b, -1, -1), self.heads)  # (B, H, M, Dh)
-        k, v = self.kv(ctx).view(b, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S, Dh)
         factor = self.length_scale.view(1, -1, 1, 1) * torch.log(n_keys.to(q.dtype).clamp(min=2)).view(b, 1, 1, 1)
-        h = F.scaled_dot_product_attention(q * factor, k, v, attn_mask=mask[:, None, None, :])
+        h = F.scaled_dot_product_attention(q * factor, k, v, attn_mask=key_mask[:, None, None, :])
         x = self.latents + self.proj(merge_heads(h))  # (B, M, D)
         x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return self.out(self.norm_out(x.mean(1)))  # (B, E)
 
     def forward(self, base: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
-                chunk_index: torch.Tensor, n_chunks: torch.Tensor) -> torch.Tensor:
-        """base: (B, E) un-normalised document embedding; n_chunks: (B,). Returns (B, E).
+                chunk_counts: torch.Tensor) -> torch.Tensor:
+        """base: (B, E) un-normalised document embedding; states, mask, chunk_counts as in
+        :meth:`fuse`. Returns (B, E).
 
-        Documents with ``n_chunks == 1`` get ``base`` unchanged (bit for bit).
+        Documents of one chunk get ``base`` unchanged (bit for bit).
         """
-        f = self.fuse(states, mask, chunk_index)
+        f = self.fuse(states, mask, chunk_counts)
         gated = torch.tanh(self.gate).to(f.dtype) * f
-        return torch.where((n_chunks > 1).view(-1, 1), base + gated, base)
+        return torch.where((chunk_counts > 1).view(-1, 1), base + gated, base)

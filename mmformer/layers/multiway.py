@@ -9,6 +9,7 @@ weights live inside one block, so FSDP can shard each block as one unit.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -72,7 +73,7 @@ class MultiwayAttention(nn.Module):
     def forward(self, x: torch.Tensor, modality: str,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, D) of one modality; key_padding_mask: (B, T) bool, True = real token."""
-        fn = self.text_attend if modality == "text" else attend
+        fn = attend if modality == "image" else self.text_attend
         h = fn(route(self.qkv, modality)(x), self.heads, key_padding_mask)
         return route(self.proj, modality)(h)
 
@@ -97,3 +98,9 @@ class MultiwayBlock(nn.Module):
             raise KeyError(f"unknown modality {modality!r}; this block serves {list(self.norm1)}")
         x = x + self.attn(self.norm1[modality](x), modality, key_padding_mask)
         return x + route(self.mlp, modality)(self.norm2[modality](x))
+
+    def add_modality(self, name: str, like: str) -> None:
+        """Give modality ``name`` its own copy of every per-modality part of ``like``."""
+        for parts in (self.norm1, self.norm2, self.attn.qkv, self.attn.proj, self.mlp):
+            if isinstance(parts, nn.ModuleDict):
+                parts[name] = copy.deepcopy(parts[like])
