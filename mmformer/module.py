@@ -276,6 +276,16 @@ class MMFormerModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        """Start the wall-clock schedule's clock with training (Trainer ``max_time`` counts from
+        here too), not when the scheduler was made: work between the two (a subclass's
+        ``on_fit_start``, e.g. a state cache) must not eat the budget."""
+        if self.trainer.global_step == 0 and self.trainer.lr_scheduler_configs:
+            for config in self.trainer.lr_scheduler_configs:
+                for factor in getattr(config.scheduler, "lr_lambdas", []):
+                    if isinstance(factor, TimeCosine):
+                        factor.start = time.monotonic()
+
     # ---- validation: retrieval recall ---------------------------------------------------
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         if batch is None or batch["images"].shape[0] == 0:
@@ -437,7 +447,8 @@ class StepCosine:
 class TimeCosine:
     """Picklable ``LambdaLR`` factor: warmup in steps, then cosine over a wall-clock budget.
 
-    The clock starts at the first call (the scheduler's construction, just before training).
+    The clock starts at the first call (the scheduler's construction); ``MMFormerModule``
+    restarts it when training starts.
     """
 
     def __init__(self, warmup: int, budget_s: float, min_ratio: float = 0.0) -> None:

@@ -99,3 +99,28 @@ def test_time_budget_schedule_follows_the_clock(monkeypatch):
     assert factor(20) == pytest.approx(0.0, abs=1e-12)
     now[0] += 30.0
     assert factor(30) == pytest.approx(0.0, abs=1e-12)  # past the budget: stays at the floor
+
+
+def test_time_budget_clock_restarts_when_training_starts(monkeypatch):
+    """Work between configure_optimizers and training (a state cache built in on_fit_start)
+    must not eat the wall-clock budget: the clock restarts in on_train_start, as Trainer's
+    max_time does, but not when resuming past step 0."""
+    from types import SimpleNamespace
+
+    import mmformer.module as mod
+
+    now = [100.0]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
+    module = MMFormerModule(preset="tiny", model_config=dict(width=32, depth=1, heads=2, embed_dim=16),
+                            time_budget_s=60.0, warmup_steps=1)
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]  # the clock starts at 100
+    trainer = SimpleNamespace(global_step=0, lr_scheduler_configs=[SimpleNamespace(scheduler=sched)])
+    monkeypatch.setattr(module, "_trainer", trainer)
+    now[0] += 45.0  # e.g. on_fit_start builds a cache
+    module.on_train_start()
+    now[0] += 30.0
+    assert sched.lr_lambdas[0](5) == pytest.approx(0.5)  # restarted at 145: half the budget gone at 175
+    trainer.global_step = 7  # resumed: leave the clock alone
+    module.on_train_start()
+    now[0] += 30.0
+    assert sched.lr_lambdas[0](8) == pytest.approx(0.0, abs=1e-12)
