@@ -268,3 +268,165 @@ def test_saved_models_without_the_long_document_fields_load_with_old_behaviour(t
     ids = torch.tensor([[2, 40, 41, 3]])
     with torch.no_grad():
         assert torch.equal(back.encode_text(ids), m.eval().encode_text(ids))
+
+
+def _fit_longdoc(tok, tmp_path, max_steps=3, **module_kw):
+    """A few Lightning steps of LongDocModule on a tiny emoji layout; returns (base model, module, trainer)."""
+    import lightning as L
+
+    from mmformer.longdoc_module import LongDocModule, NeedleDataModule
+    from test_data import make_emoji_layout
+
+    torch.manual_seed(0)
+    base = MMFormer(ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size}), tok)
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "prose.txt").write_text(PROSE + "\n" + PROSE[::-1] + "\n", encoding="utf-8")
+    data = NeedleDataModule(root=str(make_emoji_layout(tmp_path / "emoji")), prose=str(tmp_path / "prose.txt"),
+                            lengths=[1, 40], val_length=40, batch_size=4, image_size=16)
+    kw = dict(fusion_latents=4, lr=1e-2, warmup_steps=1, chunk_stride=5, export_dir=str(tmp_path / "out"),
+              gate_lr_scale=10.0)
+    module = LongDocModule(pretrained=str(tmp_path / "base"), **{**kw, **module_kw})
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    return base, module, trainer
+
+
+@pytest.mark.parametrize("trainable", ["document", "text", "fusion"])
+def test_longdoc_module_trains_only_what_it_says(tok, tmp_path, trainable):
+    """The parameters outside ``trainable`` are bit-identical in the exported model (image
+    embeddings always; short texts too unless the text path trains), the chosen ones moved, the
+    gate has its own learning rate and the chunk stride is stored with the model."""
+    from mmformer.longdoc_module import is_document_expert, trains
+
+    base, module, trainer = _fit_longdoc(tok, tmp_path, trainable=trainable, clip_weight=1.0,
+                                         window_distill_weight=1.0 if trainable != "fusion" else 0.0)
+    groups = trainer.optimizers[0].param_groups
+    assert [g["initial_lr"] for g in groups] == pytest.approx([1e-2, 1e-2, 0.1])
+    assert groups[2]["params"] == [module.model.fusion.gate]
+
+    out = MMFormer.from_pretrained(tmp_path / "out")
+    assert out.config.chunk_stride == 5 and out.config.fusion_latents == 4
+    assert out.config.document_expert == (trainable == "document")
+    before, after = base.state_dict(), out.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not {k for k in moved if not trains(k, trainable)}, sorted(moved)
+    if trainable == "text":
+        assert {"token_embed.weight", "text_proj.weight"} <= moved
+        assert "blocks.0.attn.qkv.weight" not in moved and "patch_embed.proj.weight" not in moved
+    if trainable == "document":
+        assert not moved  # every original weight is as it was ...
+        new = [k for k in after if k not in before and not k.startswith("fusion.")]
+        assert new and all(is_document_expert(k) for k in new)  # ... and the expert, copied from
+        for k in ("document_embed.weight", "norm.document.weight", "blocks.0.mlp.document.fc1.weight"):
+            assert not torch.equal(after[k], after[k.replace("document_embed", "token_embed").replace("document", "text")])
+    assert not torch.equal(out.fusion.gate, torch.zeros(()))
+    images = torch.randn(2, 3, 16, 16)
+    ids, mask = tok(["red apple", "grinning face"], max_length=12)
+    with torch.no_grad():
+        assert torch.equal(base.eval().encode_image(images), out.eval().encode_image(images))
+        if trainable != "text":
+            assert torch.equal(base.encode_text(ids, mask), out.encode_text(ids, mask))
+            assert torch.equal(out.encode_document(["red apple"]), out.encode_text(*tok(["red apple"], max_length=12)))
+
+
+def test_state_cache_trains_the_fusion_like_live_states(tok, tmp_path):
+    """cache_states (float32) gives the same training run as encoding every window: same losses,
+    same exported fusion, within float tolerance; the batches did use cached windows."""
+    runs = {}
+    for cache in (False, True):
+        _, module, _ = _fit_longdoc(tok, tmp_path / str(cache), trainable="fusion", cache_states=cache,
+                                    cache_dtype="float32", clip_weight=1.0, distill_weight=1.0)
+        runs[cache] = MMFormer.from_pretrained(tmp_path / str(cache) / "out").state_dict()
+        if cache:
+            assert module.state_cache is not None and len(module.state_cache) > 0
+    for k in runs[False]:
+        torch.testing.assert_close(runs[True][k], runs[False][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_longdoc_module_rejects_bad_options(tok, tmp_path):
+    from mmformer.longdoc_module import LongDocModule
+
+    MMFormer(ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size}), tok).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="trainable='trunk' must be one of"):
+        LongDocModule(pretrained=str(tmp_path / "m"), trainable="trunk")
+    with pytest.raises(ValueError, match="cache_states needs frozen chunk encoders"):
+        LongDocModule(pretrained=str(tmp_path / "m"), trainable="document", cache_states=True)
+    with pytest.raises(ValueError, match="loss weights .* must be >= 0, one of them > 0"):
+        LongDocModule(pretrained=str(tmp_path / "m"), clip_weight=0.0, distill_weight=0.0)
+
+
+def test_document_expert_starts_as_the_text_path_and_never_touches_short_texts(tok, tmp_path):
+    """enable_document_expert changes no embedding; once its weights move, documents of more than
+    one window change while images, short texts and one-window documents stay bit-identical;
+    the expert round-trips through save/load."""
+    m = fused_model(tok)
+    docs = [PROSE, "red apple", PROSE[:60] + " flag: japan " + PROSE[60:]]
+    images = torch.randn(2, 3, 16, 16)
+    ids, mask = tok(["red apple", "grinning face"], max_length=12)
+    with torch.no_grad():
+        before = {mode: m.encode_document(docs, mode=mode) for mode in ("first", "mean", "fusion")}
+        text, image = m.encode_text(ids, mask), m.encode_image(images)
+        m.enable_document_expert()
+        assert m.config.document_expert
+        for mode, ref in before.items():
+            torch.testing.assert_close(m.encode_document(docs, mode=mode), ref, atol=1e-6, rtol=1e-5)
+        for name, p in m.named_parameters():
+            if "document" in name:
+                p.add_(0.05 * torch.randn_like(p))
+        after = m.encode_document(docs, mode="fusion")
+        long = m.document_collator()(docs).chunk_counts > 1
+        assert long.tolist() == [True, False, True]
+        assert bool(((after - before["fusion"]).norm(dim=-1)[long] > 1e-2).all())
+        assert torch.equal(after[1], before["fusion"][1])
+        # alone, the one-window document is the same up to batch-shape float noise
+        torch.testing.assert_close(after[1:2], m.encode_document(["red apple"]), atol=1e-6, rtol=1e-5)
+        assert torch.equal(m.encode_text(ids, mask), text) and torch.equal(m.encode_image(images), image)
+    m.save_pretrained(tmp_path)
+    back = MMFormer.from_pretrained(tmp_path).eval()
+    assert back.config.document_expert and back.document_embed is not None
+    with torch.no_grad():
+        assert torch.equal(back.encode_document(docs), m.encode_document(docs))
+
+
+def test_caption_windows_and_prose_state_cache(tok, prose_ids):
+    """caption_windows finds exactly the windows holding the whole caption; the prose cache
+    (float32) gives the states of the live encoder for every chunk, takes the pure-prose windows
+    from the cache, and refuses documents made from other prose."""
+    from mmformer.data.longdoc import NeedleCollator, NeedleDataset, caption_windows
+    from mmformer.longdoc_module import ProseStateCache
+
+    m = fused_model(tok, chunk_stride=5)
+    m.enable_document_expert()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "document" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    filler = Filler(tok, prose_ids[:3000])
+    caps = ["red apple", "flag: japan", "smiling face with sunglasses", "rocket"]
+    ds = NeedleDataset(torch.zeros(4, 3, 16, 16), caps, tok, filler, [1, 37, 120], seed=3)
+    batch = NeedleCollator(m.document_collator())([ds[i] for i in range(4)])
+    docs, sources = batch["documents"], batch["doc_sources"]
+    assert docs.chunk_counts.min() == 1 and docs.chunk_counts.max() > 1  # one-window and long documents
+    rows, owners = caption_windows(sources, docs.chunk_counts, 10, 5)
+    assert len(rows) > 0
+    for r, o in zip(rows.tolist(), owners.tolist()):
+        window = docs.input_ids[r][docs.attention_mask[r]].tolist()[1:-1]
+        cap = tok.encode(caps[o])
+        assert any(window[i: i + len(cap)] == cap for i in range(len(window))), (caps[o], window)
+    assert set(owners.tolist()) == {i for i, c in enumerate(docs.chunk_counts.tolist()) if c > 1}
+
+    cache = ProseStateCache(m, filler.ids, 10, 5, dtype=torch.float32)
+    cached, _ = cache.cached_windows(docs, sources)
+    assert 0 < len(cached) < docs.input_ids.shape[0] and not set(cached.tolist()) & set(rows.tolist())
+    with torch.no_grad():
+        live = m.chunk_states(docs.input_ids, docs.attention_mask,
+                              (docs.chunk_counts > 1).repeat_interleave(docs.chunk_counts))
+        from_cache = cache.states_for(m, docs, sources)
+        torch.testing.assert_close(from_cache, live, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.forward_document(docs, ("fusion",), states=from_cache)["fusion"],
+                                   m.forward_document(docs, ("fusion",))["fusion"], atol=1e-5, rtol=1e-5)
+    other = ProseStateCache(m, prose_ids[5000:8000], 10, 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="not made from the prose this cache was built on"):
+        other.states_for(m, docs, sources)

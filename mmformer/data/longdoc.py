@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from mmformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, chunk_ids
+from mmformer.tokenizer import Tokenizer, chunk_ids, chunk_starts, wrap_and_pad
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +143,11 @@ class DocumentCollator:
                 log.warning("%s: keeping the first %d of %d chunks (max_chunks, overflow='first')",
                             what, self.max_chunks, len(windows))
                 windows = windows[: self.max_chunks]
-            rows += [[BOS_ID, *w, EOS_ID] for w in windows]
+            rows += windows
             counts.append(len(windows))
             truncated.append(cut)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-        for j, r in enumerate(rows):
-            input_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return DocumentBatch(input_ids, input_ids != PAD_ID, torch.tensor(counts, dtype=torch.long),
+        input_ids, attention_mask = wrap_and_pad(rows, self.length)
+        return DocumentBatch(input_ids, attention_mask, torch.tensor(counts, dtype=torch.long),
                              torch.tensor(truncated, dtype=torch.bool),
                              torch.tensor([len(d) for d in docs], dtype=torch.long))
 
@@ -193,14 +190,20 @@ class Filler:
             raise ValueError("prose too short or without word boundaries")
 
     def span(self, n: int, rng: random.Random) -> list[int]:
-        """About ``n`` piece ids (exactly n) starting at a random word start; wraps around."""
-        if n <= 0:
-            return []
+        """``n`` piece ids starting at a random word start (another random start where the
+        prose ends first)."""
+        return self.span_with_source(n, rng)[0]
+
+    def span_with_source(self, n: int, rng: random.Random) -> tuple[list[int], list[int]]:
+        """:meth:`span` and, per piece, its position in the prose (:attr:`ids`)."""
         out: list[int] = []
+        src: list[int] = []
         while len(out) < n:
             s = self.word_start[rng.randrange(len(self.word_start))]
-            out += self.ids[s: s + n - len(out)]
-        return out
+            piece = self.ids[s: s + n - len(out)]
+            out += piece
+            src += range(s, s + len(piece))
+        return out, src
 
 
 def _word_pieces(tokenizer: Tokenizer) -> set[int]:
@@ -295,8 +298,11 @@ def _place_fragments(frags: list[list[int]], index: int, length: int, filler: Fi
 class NeedleDataset(Dataset):
     """Images paired with needle documents drawn afresh for every item (training).
 
-    Item i: ``{"image": (3, S, S) tensor, "doc_ids": list[int], "concept": int, "index": i}``
-    where the document carries caption i at a random position among ``lengths`` choices.
+    Item i: ``{"image": (3, S, S) tensor, "doc_ids": list[int], "doc_source": list[int],
+    "caption_ids": list[int], "concept": int, "index": i}`` where the document carries caption i
+    (``caption_ids``, its pieces) at a random position, the length drawn among ``lengths``;
+    ``doc_source`` gives each document piece's position in the filler's prose (-1 for the
+    caption's pieces).
 
     Args:
         images: (N, 3, S, S) float or uint8 images (uint8 is converted with ``mean``/``std``).
@@ -333,27 +339,54 @@ class NeedleDataset(Dataset):
         rng = random.Random(hash(key))
         length = rng.choice(self.lengths)
         cap = list(self.cap_ids[i])
-        body = self.filler.span(max(length - len(cap), 0), rng)
-        ids, _ = insert_at_word(body, cap, rng, self.wp)
+        body, src = self.filler.span_with_source(max(length - len(cap), 0), rng)
+        ids, at = insert_at_word(body, cap, rng, self.wp)
         image = self.images[i]
         if image.dtype == torch.uint8:
             image = (image.float() / 255 - self.mean) / self.std
-        return {"image": image, "doc_ids": ids, "concept": int(self.concepts[i]), "index": i}
+        return {"image": image, "doc_ids": ids, "doc_source": src[:at] + [-1] * len(cap) + src[at:],
+                "caption_ids": cap, "concept": int(self.concepts[i]), "index": i}
 
 
 class NeedleCollator:
-    """Items of :class:`NeedleDataset` -> ``{"images", "documents": DocumentBatch, "concepts", "indices"}``."""
+    """Items of :class:`NeedleDataset` -> ``{"images", "documents": DocumentBatch, "doc_sources",
+    "caption_ids", "caption_mask", "concepts", "indices"}``; the bare captions are (B, T) ids as
+    the tokenizer encodes a short text for the collator's window (truncated to it);
+    ``doc_sources`` the items' ``doc_source`` lists."""
 
     def __init__(self, collator: DocumentCollator) -> None:
         self.collator = collator
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        caption_ids, caption_mask = wrap_and_pad([it["caption_ids"] for it in items], self.collator.length)
         return {
             "images": torch.stack([it["image"] for it in items]),
             "documents": self.collator.collate_ids([it["doc_ids"] for it in items]),
+            "doc_sources": [it["doc_source"] for it in items],
+            "caption_ids": caption_ids,
+            "caption_mask": caption_mask,
             "concepts": torch.tensor([it["concept"] for it in items], dtype=torch.long),
             "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
         }
+
+
+def caption_windows(sources: Sequence[Sequence[int]], chunk_counts: torch.Tensor, pieces: int,
+                    stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunks that hold a needle document's whole caption: (rows, owners), their rows in the
+    batch's (C, L) chunks and the documents they belong to. ``sources`` as in
+    :class:`NeedleDataset` (caption pieces are -1); one-chunk documents are left out."""
+    rows, owners = [], []
+    row = 0
+    for i, (src, count) in enumerate(zip(sources, chunk_counts.tolist())):
+        caption = [j for j, x in enumerate(src) if x < 0]
+        if count > 1 and caption:
+            a, e = caption[0], caption[-1] + 1
+            for k, s0 in enumerate(chunk_starts(len(src), pieces, stride)):
+                if s0 <= a and e <= s0 + pieces:
+                    rows.append(row + k)
+                    owners.append(i)
+        row += count
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(owners, dtype=torch.long)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
