@@ -1,8 +1,9 @@
 """Long documents: needle retrieval vs length and position, split needles, encode cost vs length.
 
 Documents are prose filler (``data/prose/kjv.txt``) with an emoji caption (the needle) inserted
-at a word boundary; the query set is a seeded subset of the held-out twitter images (test split),
-and every document is ranked against ALL test images (text -> image R@1, chance = 1/N). Methods:
+at a word boundary; the queries are a seeded subset of the held-out twitter images (test split),
+the same for every length (the longest lengths take its first ``--long-queries``), and every
+document is ranked against ALL test images (text -> image R@1, chance = 1/N). Methods:
 ``first`` (truncation to the first window), ``mean`` / ``max`` (pooling of chunk embeddings),
 ``fusion`` (cross-attention fusion; needs a model fine-tuned with train/longdoc.yaml). The
 ceiling is the short-caption R@1 of the same model on the same queries. Needle positions are
@@ -18,8 +19,13 @@ subprocess) for one document, chunked + fusion versus one window over the whole 
 dense, local (sliding window + global) or compressed attention (same weights, context grown to
 the document; only the cost is meaningful there, the model was not trained at that length).
 
+On CUDA (``--device cuda``) memory is the peak of torch's allocator above what the model and
+inputs already hold, and times are synchronised; ``--precision bf16`` runs every encode under
+bf16 autocast (the embeddings are compared in float32).
+
     python bench/longdoc.py --model runs/longdoc/model                  # everything
     flock /tmp/mmformer-bench.lock python bench/longdoc.py --model M --only cost
+    python bench/longdoc.py --model M --device cuda --precision bf16    # on a GPU
 """
 
 from __future__ import annotations
@@ -51,20 +57,28 @@ MODES = ("first", "mean", "max", "fusion")
 def t2i_r1(image: torch.Tensor, text: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(Q,) bool: the target image ranks first (ties optimistic) among all images."""
     sims = text @ image.T  # (Q, N)
-    correct = sims[torch.arange(len(target)), target]
+    correct = sims[torch.arange(len(target), device=sims.device), target]
     return (sims > correct[:, None]).sum(1) == 0
 
 
-def embed_docs(model: MMFormer, docs: list[list[int]], modes: tuple[str, ...], max_chunks_per_call: int = 4096):
-    """{mode: (B, E) normalised}, documents grouped so one encoder call holds <= max_chunks_per_call chunks."""
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on ``device`` for ``precision == "bf16"``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def embed_docs(model: MMFormer, docs: list[list[int]], modes: tuple[str, ...], max_chunks_per_call: int = 4096,
+               precision: str = "fp32"):
+    """{mode: (B, E) normalised float32}, documents grouped so one encoder call holds <=
+    max_chunks_per_call chunks."""
     col = model.document_collator()
+    device = model.logit_scale.device
     per = max(1, max_chunks_per_call // max(1, -(-max(len(d) for d in docs) // col.stride)))
     out = {m: [] for m in modes}
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
         for s in range(0, len(docs), per):
-            res = model.forward_document(col.collate_ids(docs[s: s + per]), modes)
+            res = model.forward_document(col.collate_ids(docs[s: s + per]).to(device), modes)
             for m in modes:
-                out[m].append(F.normalize(res[m], dim=-1))
+                out[m].append(F.normalize(res[m].float(), dim=-1))
     return {m: torch.cat(v) for m, v in out.items()}
 
 
@@ -72,24 +86,27 @@ def retrieval(model: MMFormer, args) -> None:
     tok = model.tokenizer
     modes = tuple(m for m in MODES if m != "fusion" or model.fusion is not None)
     ds = InMemoryImageText.eval_split("test", model.config.image_size, model.config.image_mean, model.config.image_std)
-    with torch.inference_mode():
-        image = F.normalize(model.encode_image(ds.stacked_images()), dim=-1)
-        short = F.normalize(model.encode_texts(ds.captions), dim=-1)
+    device = model.logit_scale.device
+    with torch.inference_mode(), autocast(device, args.precision):
+        image = F.normalize(model.encode_image(ds.stacked_images().to(device)).float(), dim=-1)
+        short = F.normalize(model.encode_texts(ds.captions).float(), dim=-1)
     filler = Filler(tok, load_prose(tok))
     n_img = len(ds)
-    rng = random.Random(args.seed)
+    order = random.Random(args.seed).sample(range(n_img), n_img)  # one query order for every length
     pieces = model.config.context_length - 2
     length_rows, position_rows = [], []
     for length in args.lengths:
         n_q = args.queries if length <= args.long_from else args.long_queries
-        q = sorted(rng.sample(range(n_img), n_q)) if n_q < n_img else list(range(n_img))
-        target = torch.tensor(q)
+        q = sorted(order[:n_q])  # longer documents take a prefix of the same queries
+        target = torch.tensor(q, device=device)
         ceiling = t2i_r1(image, short[q], target).float().mean().item() * 100
         positions = [(i % 10) / 10 for i in range(len(q))]
         docs = needle_documents(tok, [ds.captions[i] for i in q], length, filler, seed=args.seed + length,
                                 positions=positions)
         t0 = time.perf_counter()
-        emb = embed_docs(model, [d.ids for d in docs], modes)
+        emb = embed_docs(model, [d.ids for d in docs], modes, precision=args.precision)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         hits = {m: t2i_r1(image, emb[m], target) for m in modes}
         label = f"{length} (1 window)" if length <= pieces else str(length)
@@ -101,7 +118,7 @@ def retrieval(model: MMFormer, args) -> None:
         print(f"length {label}: {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})}",
               flush=True)
         if length > pieces:
-            dec = torch.tensor([min(int(d.position * 10), 9) for d in docs])
+            dec = torch.tensor([min(int(d.position * 10), 9) for d in docs], device=device)
             for m in modes:
                 position_rows.append({"length": length, "method": m, **{
                     f"d{k}": hits[m][dec == k].float().mean().item() * 100 if (dec == k).any() else float("nan")
@@ -127,11 +144,11 @@ def split(model, image, ds, filler, modes, args) -> None:
     q = sorted(rng.sample(range(len(ds)), min(args.queries, len(ds))))
     caps = [ds.captions[i] for i in q]
     docs, negs = split_needle_documents(tok, caps, args.split_length, filler, seed=args.seed)
-    owners = torch.tensor([q[d.needle_index] for d in docs])  # image of each split document
-    emb = embed_docs(model, [d.ids for d in docs] + [n.ids for n in negs], modes)
+    owners = torch.tensor([q[d.needle_index] for d in docs], device=image.device)  # image of each split document
+    emb = embed_docs(model, [d.ids for d in docs] + [n.ids for n in negs], modes, precision=args.precision)
     rows = []
     for m in modes:
-        sims = image[owners] @ emb[m].T  # (Q, 2Q): images of the split captions vs all documents
+        sims = (image[owners] @ emb[m].T).cpu()  # (Q, 2Q): images of the split captions vs all documents
         correct = sims[torch.arange(len(docs)), torch.arange(len(docs))]
         r1 = ((sims > correct[:, None]).sum(1) == 0).float().mean().item() * 100
         neg_wins = (sims[torch.arange(len(docs)), len(docs) + torch.arange(len(docs))] > correct).float().mean().item() * 100
@@ -147,34 +164,44 @@ def measure(args) -> None:
     """Child process: time and peak-memory growth of one encode; prints one JSON line."""
     method, length = args.measure[0], int(args.measure[1])
     torch.manual_seed(0)
+    device = torch.device(args.device)
     base = MMFormer.from_pretrained(args.model).eval()
     ids = torch.randint(4, base.config.vocab_size, (length,)).tolist()
     if method == "chunked":
         model = base
         mode = "fusion" if base.fusion is not None else "mean"
         col = model.document_collator()
-        batch, warm = col.collate_ids([ids]), col.collate_ids([ids[:64]])
+        model = model.to(device)
+        batch, warm = col.collate_ids([ids]).to(device), col.collate_ids([ids[:64]]).to(device)
         run = lambda b=batch: model.forward_document(b, (mode,))  # noqa: E731
     else:
         cfg = dataclasses.replace(base.config, context_length=length + 2, fusion_latents=0)
         model = MMFormer(cfg).eval()
         state = {k: v for k, v in base.state_dict().items() if not k.startswith("fusion.")}
         model.load_state_dict(state)
+        model = model.to(device)
         opts = {"local": dict(window=args.window, n_global=1), "compressed": dict(compression=args.compression)}
         model.set_text_attention(method if method != "dense" else "dense", **opts.get(method, {}))
-        x, warm = torch.tensor([[2, *ids, 3]]), torch.tensor([[2, *ids[:64], 3]])
+        x, warm = torch.tensor([[2, *ids, 3]], device=device), torch.tensor([[2, *ids[:64], 3]], device=device)
         run = lambda b=x: model.encode_text(b)  # noqa: E731
-    with torch.inference_mode():
+    cuda = device.type == "cuda"
+    with torch.inference_mode(), autocast(device, args.precision):
         run(warm)  # first-call initialisation, outside the measurement
-    _reset_peak()
-    rss0 = _status_mb("VmRSS")
-    times = []
-    with torch.inference_mode():
-        for _ in range(args.repeats if length <= 4096 else 1):
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            mem0 = torch.cuda.memory_allocated(device) / 2**20
+        else:
+            _reset_peak()
+            mem0 = _status_mb("VmRSS")
+        times = []
+        for _ in range(args.repeats if length <= 4096 or cuda else 1):
             t0 = time.perf_counter()
             run()
+            if cuda:
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
-    peak = _status_mb("VmHWM") - rss0
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _status_mb("VmHWM")) - mem0
     print(json.dumps({"time_s": statistics.median(times), "peak_mb": max(peak, 0.0)}))
 
 
@@ -202,7 +229,8 @@ def cost(args) -> None:
                 row[m + "_t"] = row[m + "_m"] = float("nan")
                 continue
             cmd = [sys.executable, __file__, "--model", args.model, "--measure", m, str(length),
-                   "--repeats", str(args.repeats), "--window", str(args.window), "--compression", str(args.compression)]
+                   "--repeats", str(args.repeats), "--window", str(args.window), "--compression", str(args.compression),
+                   "--device", args.device, "--precision", args.precision]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             r = json.loads(out)
             row[m + "_t"], row[m + "_m"] = r["time_s"], r["peak_mb"]
@@ -210,8 +238,8 @@ def cost(args) -> None:
         print(f"cost {length}: {row}", flush=True)
     for prev, cur in zip(rows, rows[1:]):
         cur["chunked_ratio"] = cur["chunked_t"] / prev["chunked_t"] if cur["length"] == 2 * prev["length"] else float("nan")
-    print(f"\n### Encode cost of one document (time s, peak memory growth MB); local window {args.window} + 1 global "
-          f"token, compression {args.compression}\n")
+    print(f"\n### Encode cost of one document on {args.device} ({args.precision}; time s, peak memory growth MB); "
+          f"local window {args.window} + 1 global token, compression {args.compression}\n")
     cols = [("length", "length", 0), ("chunked+fusion s", "chunked_t", 3), ("x per doubling", "chunked_ratio", 2),
             ("chunked MB", "chunked_m", 0), ("dense s", "dense_t", 3), ("dense MB", "dense_m", 0),
             ("local s", "local_t", 3), ("local MB", "local_m", 0), ("compressed s", "compressed_t", 3),
@@ -234,20 +262,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compression", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = bf16 autocast")
     p.add_argument("--measure", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     if args.measure:
         measure(args)
         return 0
-    model = MMFormer.from_pretrained(args.model).eval()
+    model = MMFormer.from_pretrained(args.model).eval().to(args.device)
     print(f"model {args.model}: window {model.config.context_length} tokens ({model.config.context_length - 2} pieces), "
           f"fusion {'with ' + str(model.config.fusion_latents) + ' latents' if model.fusion is not None else 'none'}")
     if args.only in (None, "retrieval"):
         retrieval(model, args)
     if args.only in (None, "cost"):
         cost(args)
-    print("\n" + machine_line())
+    gpu = f", {torch.cuda.get_device_name(args.device)}" if torch.device(args.device).type == "cuda" else ""
+    print("\n" + machine_line() + gpu + f", {args.precision}")
     return 0
 
 
