@@ -1,18 +1,20 @@
-"""Fine-tuning document fusion on needle documents (``train/longdoc.yaml``).
+"""Fine-tuning for long documents on needle documents (``train/longdoc-stage1.yaml``, then
+``train/longdoc.yaml``).
 
 :class:`LongDocModule` subclasses :class:`mmformer.module.MMFormerModule`: it starts from a
 trained model, adds a :class:`~mmformer.layers.fusion.DocumentFusion` (gate at zero) and trains
-it with the CLIP loss between images and needle documents; by default together with the
-text-only parameters (``trainable="text"``), so the text path learns to find a caption among
-prose while the shared attention and the whole image path stay frozen (image embeddings do not
-change).
+what ``trainable`` names: by default (``"document"``) the fusion and a document expert, the
+model's own route for the windows of multi-window documents, so that images, short texts and
+one-window documents keep their embeddings bit for bit. Losses: distillation of the model's own
+embedding of the bare caption into the fused document (and into every window that holds the
+caption), optionally the CLIP loss between images and documents. With only the fusion training,
+:class:`ProseStateCache` replaces the encoder call over prose windows with a lookup.
 
 :class:`NeedleDataModule` pairs the emoji images of the **train** split (training families only;
 the held-out twitter family is never seen) with documents of prose filler and the image's
 caption inserted at a random position, drawn afresh every epoch; validation uses the val split
 (unseen concepts) at one fixed document length and seed.
 """
-
 from __future__ import annotations
 
 import copy
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from mmformer.cpu import flush_denormals, keep_freed_memory
 from mmformer.data.emoji import EmojiData, default_data_dir
 from mmformer.data.longdoc import DocumentBatch, Filler, NeedleCollator, NeedleDataset, caption_windows, load_prose
 from mmformer.losses import clip_loss
@@ -58,18 +61,6 @@ def trains(name: str, trainable: str) -> bool:
     return (trainable == "all" or name.startswith("fusion.")
             or (trainable == "text" and is_text_only(name))
             or (trainable == "document" and is_document_expert(name)))
-
-
-def flush_denormals() -> None:
-    """Flush denormal floats to zero on the CPU (``torch.set_flush_denormal``).
-
-    The fusion's attention weights far from the needle underflow into denormals, and CPU matmuls
-    over their gradients run several times slower (measured: the fusion's backward pass 3x
-    slower in fine-tuning, a matmul of denormal inputs 100x). The setting belongs to a thread
-    and is inherited by the threads it starts, so the command line sets it before any torch
-    work; :meth:`LongDocModule.on_fit_start` sets it again for the thread that runs fit.
-    """
-    torch.set_flush_denormal(True)
 
 
 class ProseStateCache:
@@ -176,7 +167,7 @@ class ProseStateCache:
 
 
 class LongDocModule(MMFormerModule):
-    """Contrastive fine-tuning of document fusion.
+    """Fine-tuning of document fusion (and a document expert) on needle documents.
 
     Args:
         pretrained: ``save_pretrained`` directory of a trained model (required).
@@ -413,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     flush_denormals()  # first, so that every thread torch starts inherits it
+    keep_freed_memory()
 
     LightningCLI(LongDocModule, NeedleDataModule, args=argv, save_config_kwargs={"overwrite": True},
                  parser_kwargs={"default_env": False})
