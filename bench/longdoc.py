@@ -19,7 +19,9 @@ subprocess) for one document, chunked + fusion versus one window over the whole 
 dense, local (sliding window + global) or compressed attention (same weights, context grown to
 the document; only the cost is meaningful there, the model was not trained at that length).
 
-On CUDA (``--device cuda``) memory is the peak of torch's allocator above what the model and
+On the CPU the bench calls :func:`mmformer.cpu.keep_freed_memory` first (as the fine-tuning
+command does; ``--unmap-freed-memory`` to leave malloc alone): with glibc's default every large
+buffer is a fresh mapping whose page faults grow with the document. On CUDA (``--device cuda``) memory is the peak of torch's allocator above what the model and
 inputs already hold, and times are synchronised; ``--precision bf16`` runs every encode under
 bf16 autocast (the embeddings are compared in float32).
 
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_line, markdown_table  # noqa: E402
 
+from mmformer.cpu import keep_freed_memory  # noqa: E402
 from mmformer.data.emoji import InMemoryImageText  # noqa: E402
 from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents  # noqa: E402
 from mmformer.model import MMFormer  # noqa: E402
@@ -195,7 +198,7 @@ def measure(args) -> None:
             _reset_peak()
             mem0 = _status_mb("VmRSS")
         times = []
-        for _ in range(args.repeats if length <= 4096 or cuda else 1):
+        for _ in range(args.repeats):
             t0 = time.perf_counter()
             run()
             if cuda:
@@ -231,6 +234,7 @@ def cost(args) -> None:
             cmd = [sys.executable, __file__, "--model", args.model, "--measure", m, str(length),
                    "--repeats", str(args.repeats), "--window", str(args.window), "--compression", str(args.compression),
                    "--device", args.device, "--precision", args.precision]
+            cmd += ["--unmap-freed-memory"] if args.unmap_freed_memory else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             r = json.loads(out)
             row[m + "_t"], row[m + "_m"] = r["time_s"], r["peak_mb"]
@@ -260,13 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense-max", type=int, default=16384, help="skip dense attention beyond this length")
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--compression", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed encodes per measurement (the median counts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = bf16 autocast")
+    p.add_argument("--unmap-freed-memory", action="store_true",
+                   help="leave glibc's malloc as it is (mmformer.cpu.keep_freed_memory is called otherwise)")
     p.add_argument("--measure", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    if not args.unmap_freed_memory:
+        keep_freed_memory()  # as the fine-tuning command does; else page faults grow with length
     if args.measure:
         measure(args)
         return 0
