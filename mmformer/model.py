@@ -317,8 +317,8 @@ class MMFormer(nn.Module):
         if bad:
             raise ValueError(f"unknown document modes {bad}; choose from {known}")
         if "fusion" in modes and self.fusion is None:
-            raise ValueError("this model has no fusion module (config.fusion_latents=0); use mode 'mean' "
-                             "or fine-tune one (train/longdoc.yaml, MMFormer.enable_fusion)")
+            raise ValueError("this model has no fusion module (config.fusion_latents=0); use mode 'mean' or "
+                             "fine-tune one (train/longdoc-stage1.yaml then train/longdoc.yaml; MMFormer.enable_fusion)")
         ids, mask, counts = batch.input_ids, batch.attention_mask, batch.chunk_counts
         if states is None:
             states = self.chunk_states(ids, mask, (counts > 1).repeat_interleave(counts))  # (C, L, D)

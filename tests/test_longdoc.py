@@ -166,7 +166,6 @@ def test_text_chunk_unchanged_behaviour(tok):
     assert tok.chunk("red apple", 10) == [tok.encode("red apple")]
 
 
-@pytest.mark.slow  # ~1-2 min of CPU on 2 cores (more when the machine is shared)
 def test_fusion_trained_briefly_on_needle_documents_beats_truncation(tok, prose_ids):
     """A tiny model learns 24 image-caption pairs; fusion (trunk frozen) is then trained on needle
     documents whose caption sits after the first window. On fresh documents (new filler, new
