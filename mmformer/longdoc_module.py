@@ -147,7 +147,7 @@ class ProseStateCache:
         """(C, L, D) token states of every chunk of ``batch``: cached where the chunk is a prose
         window, one encoder call over the rest (without gradient: the text path is frozen)."""
         rows, starts = self.cached_windows(batch, sources)
-        ids, mask, counts = batch.input_ids, batch.attention_mask, batch.chunk_counts
+        ids, mask = batch.input_ids, batch.attention_mask
         live = torch.ones(ids.shape[0], dtype=torch.bool)
         live[rows] = False
         dtype = model.logit_scale.dtype
@@ -160,9 +160,8 @@ class ProseStateCache:
             states[rows.to(ids.device)] = self.states[starts.to(self.states.device)].to(device=ids.device, dtype=dtype)
         if bool(live.any()):
             live = live.to(ids.device)
-            multi = (counts > 1).repeat_interleave(counts)
             with torch.no_grad():
-                states[live] = model.chunk_states(ids[live], mask[live], multi[live]).to(dtype)
+                states[live] = model.chunk_states(ids[live], mask[live], batch.in_long_document[live]).to(dtype)
         return states
 
 
@@ -290,8 +289,7 @@ class LongDocModule(MMFormerModule):
         if self.state_cache is not None:
             states = self.state_cache.states_for(model, docs, batch["doc_sources"])
         else:
-            counts = docs.chunk_counts
-            states = model.chunk_states(docs.input_ids, docs.attention_mask, (counts > 1).repeat_interleave(counts))
+            states = model.chunk_states(docs.input_ids, docs.attention_mask, docs.in_long_document)
         # losses in float32 (under bf16 autocast the embeddings come out in bf16)
         doc = F.normalize(model.forward_document(docs, states=states)["fusion"].float(), dim=-1)
         bs = len(docs)

@@ -321,7 +321,7 @@ class MMFormer(nn.Module):
                              "fine-tune one (train/longdoc-stage1.yaml then train/longdoc.yaml; MMFormer.enable_fusion)")
         ids, mask, counts = batch.input_ids, batch.attention_mask, batch.chunk_counts
         if states is None:
-            states = self.chunk_states(ids, mask, (counts > 1).repeat_interleave(counts))  # (C, L, D)
+            states = self.chunk_states(ids, mask, batch.in_long_document)  # (C, L, D)
         elif states.shape[:2] != ids.shape:
             raise ValueError(f"states {tuple(states.shape)} do not match the batch's chunks {tuple(ids.shape)}")
         chunk_emb = self.text_proj(self.pool_text(states, mask))  # (C, E)

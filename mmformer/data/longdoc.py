@@ -66,6 +66,12 @@ class DocumentBatch:
         n_max = int(self.chunk_counts.max())
         return torch.arange(n_max, device=self.chunk_counts.device)[None] < self.chunk_counts[:, None]
 
+    @property
+    def in_long_document(self) -> torch.Tensor:
+        """(C,) bool, True for the chunks of documents of more than one chunk (what
+        :meth:`mmformer.model.MMFormer.chunk_states` routes through a document expert)."""
+        return (self.chunk_counts > 1).repeat_interleave(self.chunk_counts)
+
     def to(self, device: torch.device | str) -> "DocumentBatch":
         return DocumentBatch(self.input_ids.to(device), self.attention_mask.to(device),
                              self.chunk_counts.to(device), self.truncated.to(device),
