@@ -17,8 +17,7 @@ def flush_denormals() -> None:
     """Flush denormal floats to zero on the CPU (``torch.set_flush_denormal``).
 
     The fusion's attention weights far from the needle underflow into denormals, and CPU matmuls
-    over their gradients run several times slower (measured: the fusion's backward pass 3x
-    slower in fine-tuning, a matmul of denormal inputs 100x). The setting belongs to a thread
+    over their gradients run several times slower. The setting belongs to a thread
     and is inherited by the threads it starts, so the command line sets it before any torch
     work; :meth:`mmformer.longdoc_module.LongDocModule.on_fit_start` sets it again for the
     thread that runs fit.
