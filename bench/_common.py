@@ -127,7 +127,7 @@ class Pair:
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         if self.impl == "mmformer":
-            from mmformer.module import parameter_groups
+            from mmformer.training.optim import parameter_groups
 
             return parameter_groups(self.model)
         return open_clip_parameter_groups(self.model)

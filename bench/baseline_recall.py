@@ -52,7 +52,8 @@ from mmformer.config import get_config  # noqa: E402
 from mmformer.data.emoji import EmojiData, InMemoryImageText, default_data_dir  # noqa: E402
 from mmformer.losses import clip_loss  # noqa: E402
 from mmformer.model import MMFormer  # noqa: E402
-from mmformer.module import MMFormerModule, warmup_cosine  # noqa: E402
+from mmformer.training.module import MMFormerModule  # noqa: E402
+from mmformer.training.optim import warmup_cosine  # noqa: E402
 from mmformer.retrieval.metrics import retrieval_metrics  # noqa: E402
 
 # The reference baseline: an open_clip CLIP of width 256, 6 layers, patch 8 on 64 px, context 16.

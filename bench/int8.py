@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_tokenizer, machine_line, markdown_table  # noqa: E402
 
-from mmformer.compress import int8_linear_bytes  # noqa: E402
+from mmformer.compress import int8_linear_bytes, quantize_int8  # noqa: E402
 from mmformer.config import get_config  # noqa: E402
 from mmformer.model import MMFormer  # noqa: E402
 
@@ -36,7 +36,7 @@ def serialized_mb(model: torch.nn.Module) -> float:
 
 
 def variants(model: MMFormer) -> dict[str, tuple[MMFormer, torch.dtype | None]]:
-    return {"fp32": (model, None), "bf16 autocast": (model, torch.bfloat16), "int8": (model.quantize_int8(), None)}
+    return {"fp32": (model, None), "bf16 autocast": (model, torch.bfloat16), "int8": (quantize_int8(model), None)}
 
 
 def throughput(fn, batch: int, repeats: int) -> float:

@@ -11,7 +11,7 @@ given presets. Each configuration runs in a fresh subprocess with glibc's mmap t
   gradients, temporaries);
 - ``samples/s``: mean over the timed steps.
 
-Part 2: FSDP2 (``mmformer.distributed.apply_fsdp``) on 1 and 2 gloo processes: bytes each rank
+Part 2: FSDP2 (``mmformer.training.distributed.apply_fsdp``) on 1 and 2 gloo processes: bytes each rank
 holds for its parameter shards and AdamW state after one step (counted from the local tensors).
 
     python bench/memory.py --presets small,base --batch-size 8 --steps 2
@@ -74,7 +74,7 @@ def one_config(preset: str, precision: str, ckpt: bool, batch_size: int, steps: 
     from mmformer.config import get_config
     from mmformer.losses import clip_loss
     from mmformer.model import MMFormer
-    from mmformer.module import parameter_groups
+    from mmformer.training.optim import parameter_groups
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def _fsdp_rank(rank: int, world: int, port: int, preset: str, batch_size: int, o
     from torch.distributed.device_mesh import init_device_mesh
 
     from mmformer.config import get_config
-    from mmformer.distributed import apply_fsdp, local_state_bytes
+    from mmformer.training.distributed import apply_fsdp, local_state_bytes
     from mmformer.losses import clip_loss
     from mmformer.model import MMFormer
 

@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Sequence
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -41,7 +42,7 @@ def run_lightning_cli(argv: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     from mmformer.data.datamodule import ImageTextDataModule
-    from mmformer.module import MMFormerModule
+    from mmformer.training.module import MMFormerModule
 
     LightningCLI(MMFormerModule, ImageTextDataModule, args=argv,
                  save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False})
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- eval ------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from mmformer.model import MMFormer
-    from mmformer.retrieval import evaluate_retrieval
+    from mmformer.retrieval import evaluate_retrieval, format_metrics
 
     if args.index:
         from mmformer.retrieval.commands import cmd_eval_index
@@ -140,8 +141,9 @@ def eval_documents(model, images, documents: list[str], caption_to_image: list[i
     """Recall@K with each caption cell read as a long document (text, or a file path)."""
     import dataclasses
 
-    from mmformer.data.longdoc import TooManyChunks, embed_documents, read_document_files
+    from mmformer.documents import TooManyChunks
     from mmformer.retrieval import embed_images, retrieval_metrics
+    from mmformer.retrieval.embed import embed_documents
 
     if args.data is None:
         raise SystemExit("mmformer eval: --documents needs --data MANIFEST")
@@ -164,13 +166,30 @@ def eval_documents(model, images, documents: list[str], caption_to_image: list[i
     return retrieval_metrics(image_emb, doc_emb, caption_to_image)
 
 
+def read_document_files(paths: Sequence[str], base: Path, what: Sequence[str]) -> list[str]:
+    """The UTF-8 text of each path (relative to ``base`` unless absolute); ``what[i]`` names the row
+    in errors. All missing/unreadable files are listed in one error."""
+    texts, bad = [], []
+    for p, w in zip(paths, what):
+        path = Path(p) if Path(p).is_absolute() else base / p
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            bad.append(f"{w}: {path}: {e.__class__.__name__}: {e}")
+            texts.append("")
+    if bad:
+        raise ValueError("document files could not be read (expected UTF-8 text files):\n  " + "\n  ".join(bad[:20])
+                         + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
+    return texts
+
+
 def load_eval_set(model, args: argparse.Namespace):
     """(images (N,3,S,S) tensor or loader, captions, caption_to_image, description)."""
     from torch.utils.data import DataLoader
 
     from mmformer.data.emoji import InMemoryImageText
     from mmformer.data.manifest import ImageTextManifest
-    from mmformer.transforms import build_transforms
+    from mmformer.data.transforms import build_transforms
 
     c = model.config
     if args.data is None:
@@ -194,23 +213,14 @@ class _UniqueImages:
         return len(self.m.image_paths)
 
     def __getitem__(self, i: int):
-        from mmformer.transforms import load_image
+        from mmformer.data.transforms import load_image
 
         return self.m.transform(load_image(self.m.image_paths[i], max_pixels=self.m.max_pixels))
 
 
-def format_metrics(m: dict, source: str) -> str:
-    lines = [f"retrieval on {source}",
-             f"{'direction':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean rank':>11}{'median':>8}{'chance R@1':>12}"]
-    for d, name in (("t2i", "text->image"), ("i2t", "image->text")):
-        lines.append(f"{name:<14}{m[f'{d}_R@1']:>8.2f}{m[f'{d}_R@5']:>8.2f}{m[f'{d}_R@10']:>8.2f}"
-                     f"{m[f'{d}_mean_rank']:>11.1f}{m[f'{d}_median_rank']:>8.1f}{m[f'{d}_chance_R@1']:>12.3f}")
-    return "\n".join(lines)
-
-
 # ---- export / tokenizer ----------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmformer.checkpoint import CheckpointError, export_checkpoint
+    from mmformer.training.checkpoint import CheckpointError, export_checkpoint
 
     try:  # a .ckpt file, or the folder of a sharded (FSDP) checkpoint
         out = export_checkpoint(args.ckpt, args.out)

@@ -16,6 +16,11 @@ from pathlib import Path
 
 import torch
 
+from mmformer.data.datamodule import ImageTextDataModule, SkippedSamplesCallback
+from mmformer.data.emoji import InMemoryImageText
+from mmformer.retrieval import embed_images, embed_texts, format_metrics, retrieval_metrics
+from mmformer.training.module import MMFormerModule
+
 log = logging.getLogger(__name__)
 
 # The recipe the demo trains with (see README "Results" for what it reaches and how it was chosen).
@@ -55,8 +60,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
-    from mmformer.data.datamodule import ImageTextDataModule, SkippedSamplesCallback
-    from mmformer.module import MMFormerModule
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,9 +111,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def evaluate_and_search(model, out: Path, queries: list[str]) -> dict:
     """Held-out-family retrieval metrics (printed next to chance) and a PNG grid of text queries."""
-    from mmformer.cli import format_metrics
-    from mmformer.data.emoji import InMemoryImageText
-    from mmformer.retrieval import embed_images, embed_texts, retrieval_metrics
 
     c = model.config
     ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std)

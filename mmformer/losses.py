@@ -2,10 +2,13 @@
 
 :func:`clip_loss` is the symmetric InfoNCE of CLIP. Under DDP/FSDP the embeddings of every rank
 are gathered *with gradient*, so each rank's loss sees the negatives of the whole global batch
-and gradients flow back to the rank that produced each embedding.
+and gradients flow back to the rank that produced each embedding. :func:`contrastive_accumulation`
+takes the loss and gradients of k micro-batches as if they were one batch.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,3 +56,44 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
         logits = logits.masked_fill(same, float("-inf"))
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.t().float(), labels)) / 2
+
+
+def contrastive_accumulation(encode, micro_batches: list[dict[str, Any]], backward,
+                             positives: torch.Tensor | None = None, is_finite=None
+                             ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Gradients of the CLIP loss over k micro-batches as if they were one batch of k*B.
+
+    Args:
+        encode: batch -> {"image_embeds": (B, E), "text_embeds": (B, E), "logit_scale": ()}.
+        micro_batches: the k batches (sizes may differ).
+        backward: ``backward(loss, last)`` accumulates gradients (``last`` for the k-th call).
+        positives: (sum B,) concept ids of all micro-batches in order, or None.
+        is_finite: ``is_finite(loss) -> bool`` on the full loss before any backward; False = no
+            backward at all (returns ``(None, logit_scale)``).
+    Returns:
+        (the loss over all k*B pairs, detached; the logit scale).
+
+    1) embeddings of every micro-batch without gradient (cache); 2) for each micro-batch j,
+    re-run it with gradient, put its rows into the cache and backward the full loss: only
+    micro-batch j's rows carry gradient, so the k backwards sum to the full gradient. The logit
+    scale enters with gradient in the first re-run only (else its gradient would count k times).
+    Under DDP/FSDP :func:`~mmformer.losses.clip_loss` gathers the k*B rows of every rank.
+    """
+    with torch.no_grad():
+        cached = [encode(b) for b in micro_batches]
+    img = torch.cat([c["image_embeds"] for c in cached])  # (k*B, E)
+    txt = torch.cat([c["text_embeds"] for c in cached])
+    scale = cached[0]["logit_scale"]
+    with torch.no_grad():
+        full = clip_loss(img, txt, scale, positives)
+    if is_finite is not None and not is_finite(full):
+        return None, scale
+    ends = torch.tensor([c["image_embeds"].shape[0] for c in cached]).cumsum(0).tolist()
+    for j, b in enumerate(micro_batches):
+        lo, hi = (ends[j - 1] if j else 0), ends[j]
+        out = encode(b)
+        img_j = torch.cat([img[:lo], out["image_embeds"], img[hi:]])
+        txt_j = torch.cat([txt[:lo], out["text_embeds"], txt[hi:]])
+        s = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
+        backward(clip_loss(img_j, txt_j, s, positives), j == len(micro_batches) - 1)
+    return full.detach(), scale.detach()

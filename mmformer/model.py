@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -28,10 +30,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmformer.config import ModelConfig, atomic_path
+from mmformer.config import ModelConfig
+from mmformer.documents import DocumentCollator
+from mmformer.files import atomic_path
 from mmformer.layers.fusion import DocumentFusion
 from mmformer.layers.multiway import MultiwayBlock, sharing
 from mmformer.layers.positions import sincos_2d, sinusoidal_1d
+from mmformer.layers.sparse import make_attend
 from mmformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -237,8 +242,6 @@ class MMFormer(nn.Module):
         ``options`` override the config's ``attention_window``, ``attention_global``,
         ``attention_compression``; the config is updated so that a saved model keeps the choice.
         """
-        from mmformer.layers.sparse import make_attend
-
         names = {"window": "attention_window", "n_global": "attention_global", "compression": "attention_compression"}
         unknown = sorted(set(options) - set(names))
         if unknown:
@@ -295,8 +298,7 @@ class MMFormer(nn.Module):
         return self.config.chunk_stride or self.config.context_length - 2
 
     def document_collator(self, **overrides):
-        """A :class:`mmformer.data.longdoc.DocumentCollator` with this model's window and chunk policy."""
-        from mmformer.data.longdoc import DocumentCollator
+        """A :class:`mmformer.documents.DocumentCollator` with this model's window and chunk policy."""
 
         c = self.config
         kw = dict(length=c.context_length, stride=self.document_stride, max_chunks=c.max_chunks, overflow=c.chunk_overflow)
@@ -306,7 +308,7 @@ class MMFormer(nn.Module):
                          states: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Un-normalised document embeddings (B, E) per mode, from ONE encoder call over all chunks.
 
-        ``batch``: a :class:`mmformer.data.longdoc.DocumentBatch` with C chunks of L tokens.
+        ``batch``: a :class:`mmformer.documents.DocumentBatch` with C chunks of L tokens.
         Modes: ``"first"`` (the first window only: truncation), ``"mean"`` / ``"max"`` (mean /
         element-wise max of the chunk embeddings), ``"fusion"`` (mean + gated cross-attention
         fusion; needs :attr:`fusion`). The cost is linear in C. ``states``: the chunks' (C, L, D)
@@ -417,13 +419,6 @@ class MMFormer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def quantize_int8(self, inplace: bool = False) -> "MMFormer":
-        """An int8 copy for CPU inference (dynamic quantization of every Linear; see
-        :func:`mmformer.compress.quantize_int8`)."""
-        from mmformer.compress import quantize_int8
-
-        return quantize_int8(self, inplace=inplace)
-
     # ---- timm interop -------------------------------------------------------------------
     def load_timm_vit(self, state_dict: Mapping[str, torch.Tensor] | str | os.PathLike) -> None:
         """Load a timm ``VisionTransformer`` state dict (or a .safetensors/.pth file) into the image path.
@@ -447,6 +442,28 @@ class MMFormer(nn.Module):
         if bad or unknown:
             raise ValueError(f"timm ViT does not fit this config: shape mismatches={bad[:10]} unknown keys={unknown[:10]}")
         self.load_state_dict(converted, strict=False)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 (16 hex digits) of the model's config and every tensor of its state dict.
+
+    Two models with equal weights and config share it; any changed weight changes it. Compute
+    it on the float model (an int8 copy made by ``quantize_int8`` reports its source's).
+    """
+    fp = getattr(model, "source_fingerprint", None)
+    if fp:
+        return fp
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 _TIMM_SKIP = re.compile(r"^(head\.|fc_norm\.|attn_pool\.|reg_token)")

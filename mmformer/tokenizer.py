@@ -16,7 +16,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from mmformer.config import write_bytes_atomic
+from mmformer.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmformer.losses import clip_loss
-from mmformer.module import contrastive_accumulation
+from mmformer.losses import contrastive_accumulation
 
 from train_helpers import LossRecorder, make_loader, make_module, trainer
 

@@ -10,7 +10,7 @@ from mmformer.cli import main
 from mmformer.config import ModelConfig
 from mmformer.model import MMFormer
 from mmformer.tokenizer import Tokenizer
-from mmformer.transforms import build_transforms, load_image
+from mmformer.data.transforms import build_transforms, load_image
 
 WORDS = ["red", "green", "blue", "yellow", "black", "white"]
 
@@ -81,7 +81,7 @@ def test_tokenizer_command_reads_jsonl_fields(tmp_path, capsys):
 def test_export_writes_a_loadable_directory(tmp_path):
     import lightning as L
 
-    from mmformer.module import MMFormerModule
+    from mmformer.training.module import MMFormerModule
 
     module = MMFormerModule(preset="tiny", model_config=dict(width=32, depth=1, heads=2, embed_dim=16))
     trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)

@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from mmformer.checkpoint import CheckpointError, ExactResume, check_checkpoint, export_checkpoint
+from mmformer.training.checkpoint import CheckpointError, ExactResume, check_checkpoint, export_checkpoint
 from mmformer.losses import clip_loss
 from mmformer.model import MMFormer
 
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _fsdp_worker(rank, port, root, out):
     init_rank_env(rank, port)
-    from mmformer.distributed import ShardedStrategy
+    from mmformer.training.distributed import ShardedStrategy
 
     root = Path(root)
     ckpt_cb = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True)

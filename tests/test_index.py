@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from mmformer.cli import main
+from mmformer.compress import quantize_int8
 from mmformer.config import ModelConfig
 from mmformer.model import MMFormer
 from mmformer.retrieval import Index, InvalidIndexError, Retriever, build_index
@@ -225,7 +226,7 @@ def test_int8_model_agrees_with_float_on_bundled_data():
     model = MMFormer(ModelConfig(vocab_size=tok.vocab_size), tok).eval()  # the tiny preset
     ds = InMemoryImageText.eval_split("test", 64)
     images, captions = ds.stacked_images()[:128], ds.captions[:128]
-    q = model.quantize_int8()
+    q = quantize_int8(model)
     assert q is not model and q.is_int8 and not getattr(model, "is_int8", False)
     with torch.inference_mode():
         cos_i = (model.encode_image(images) * q.encode_image(images)).sum(-1)

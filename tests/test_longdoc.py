@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from mmformer.config import ModelConfig
 from mmformer.data.emoji import default_data_dir
-from mmformer.data.longdoc import (DocumentCollator, Filler, TooManyChunks, load_prose, needle_documents,
-                                   split_needle_documents)
+from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents
+from mmformer.documents import DocumentCollator, TooManyChunks
 from mmformer.model import MMFormer
 from mmformer.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
@@ -220,9 +220,9 @@ def test_eval_cli_accepts_long_document_manifests(tok, tmp_path, capsys):
     import json
 
     from mmformer.cli import main
-    from mmformer.data.longdoc import embed_documents
+    from mmformer.retrieval.embed import embed_documents
     from mmformer.retrieval import embed_images, retrieval_metrics
-    from mmformer.transforms import build_transforms, load_image
+    from mmformer.data.transforms import build_transforms, load_image
 
     m = fused_model(tok, image_size=64, patch_size=16)
     m.save_pretrained(tmp_path / "model")
@@ -273,7 +273,7 @@ def _fit_longdoc(tok, tmp_path, max_steps=3, **module_kw):
     """A few Lightning steps of LongDocModule on a tiny emoji layout; returns (base model, module, trainer)."""
     import lightning as L
 
-    from mmformer.longdoc_module import LongDocModule, NeedleDataModule
+    from mmformer.training.longdoc import LongDocModule, NeedleDataModule
     from test_data import make_emoji_layout
 
     torch.manual_seed(0)
@@ -297,7 +297,7 @@ def test_longdoc_module_trains_only_what_it_says(tok, tmp_path, trainable):
     """The parameters outside ``trainable`` are bit-identical in the exported model (image
     embeddings always; short texts too unless the text path trains), the chosen ones moved, the
     gate has its own learning rate and the chunk stride is stored with the model."""
-    from mmformer.longdoc_module import is_document_expert, trains
+    from mmformer.training.longdoc import is_document_expert, trains
 
     base, module, trainer = _fit_longdoc(tok, tmp_path, trainable=trainable, clip_weight=1.0,
                                          window_distill_weight=1.0 if trainable != "fusion" else 0.0)
@@ -345,7 +345,7 @@ def test_state_cache_trains_the_fusion_like_live_states(tok, tmp_path):
 
 
 def test_longdoc_module_rejects_bad_options(tok, tmp_path):
-    from mmformer.longdoc_module import LongDocModule
+    from mmformer.training.longdoc import LongDocModule
 
     MMFormer(ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size}), tok).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="trainable='trunk' must be one of"):
@@ -394,7 +394,7 @@ def test_caption_windows_and_prose_state_cache(tok, prose_ids):
     (float32) gives the states of the live encoder for every chunk, takes the pure-prose windows
     from the cache, and refuses documents made from other prose."""
     from mmformer.data.longdoc import NeedleCollator, NeedleDataset, caption_windows
-    from mmformer.longdoc_module import ProseStateCache
+    from mmformer.training.longdoc import ProseStateCache
 
     m = fused_model(tok, chunk_stride=5)
     m.enable_document_expert()
@@ -440,7 +440,7 @@ def test_keep_freed_memory_keeps_large_blocks_on_the_heap():
 
     code = """
 import sys, torch
-from mmformer.cpu import keep_freed_memory
+from mmformer.training.cpu import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def rss():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmformer.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint, export_checkpoint
+from mmformer.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint, export_checkpoint
 from mmformer.model import MMFormer
 
 from train_helpers import (RESUME_STEPS, LossRecorder, PairSet, make_loader, make_module, resume_run,
@@ -58,7 +58,7 @@ def test_truncated_or_empty_checkpoint_is_a_clear_error_not_a_fresh_start(killed
     # ExactResume runs the same check (before anything is loaded or trained)
     bad.write_bytes(b"")
     rec = LossRecorder()
-    from mmformer.checkpoint import ExactResume
+    from mmformer.training.checkpoint import ExactResume
 
     with pytest.raises(CheckpointError, match="is empty"):
         trainer(tmp_path, 2, [rec, ExactResume()]).fit(make_module(), make_loader(8), ckpt_path=str(bad))

@@ -10,7 +10,9 @@ from torch.utils.data import DataLoader
 
 from mmformer.data.collate import ImageTextCollator
 from mmformer.data.emoji import EmojiData, InMemoryImageText, default_data_dir
-from mmformer.module import MMFormerModule, concept_retrieval_metrics, parameter_groups, warmup_cosine
+from mmformer.retrieval.metrics import concept_retrieval_metrics
+from mmformer.training.module import MMFormerModule
+from mmformer.training.optim import parameter_groups, warmup_cosine
 from mmformer.retrieval import embed_images, embed_texts, retrieval_metrics
 
 N_CONCEPTS = 150
@@ -87,7 +89,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_time_budget_schedule_follows_the_clock(monkeypatch):
-    import mmformer.module as mod
+    import mmformer.training.module as mod
 
     now = [100.0]
     monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
@@ -107,7 +109,7 @@ def test_time_budget_clock_restarts_when_training_starts(monkeypatch):
     max_time does, but not when resuming past step 0."""
     from types import SimpleNamespace
 
-    import mmformer.module as mod
+    import mmformer.training.module as mod
 
     now = [100.0]
     monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])

@@ -1,4 +1,4 @@
-"""mmformer.transforms: robust image loading (modes, EXIF, bad files) and the v2 pipelines."""
+"""mmformer.data.transforms: robust image loading (modes, EXIF, bad files) and the v2 pipelines."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mmformer.data.errors import CorruptSample
-from mmformer.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
+from mmformer.data.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -238,7 +238,7 @@ def test_train_pipeline_random_crop_varies():
 def test_batch_train_transform_crops_and_normalises_like_the_per_image_pipeline():
     import torch
 
-    from mmformer.transforms import BatchTrainTransform
+    from mmformer.data.transforms import BatchTrainTransform
 
     torch.manual_seed(0)
     images = torch.zeros(8, 3, 16, 16, dtype=torch.uint8)

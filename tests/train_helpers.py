@@ -9,8 +9,8 @@ import socket
 import lightning as L
 import torch
 
-from mmformer.checkpoint import ResumableDataLoader, ResumableSampler
-from mmformer.module import MMFormerModule
+from mmformer.data.sampler import ResumableDataLoader, ResumableSampler
+from mmformer.training.module import MMFormerModule
 
 TINY = dict(width=32, depth=2, heads=2, image_size=32, patch_size=8, embed_dim=32, context_length=8)
 N_SAMPLES = 64
@@ -134,7 +134,7 @@ def resume_run(root, callbacks=(), ckpt_path=None, **module_kw) -> tuple[MMForme
     """The run of tests/test_resume.py: seeded, shuffled, checkpoint after every step."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from mmformer.checkpoint import ExactResume
+    from mmformer.training.checkpoint import ExactResume
 
     os.makedirs(root, exist_ok=True)
     rec = LossRecorder(os.path.join(str(root), "losses.txt"))

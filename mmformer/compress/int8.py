@@ -18,6 +18,8 @@ import warnings
 import torch
 from torch import nn
 
+from mmformer.model import model_fingerprint
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,6 @@ def quantize_int8(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    from mmformer.retrieval.index import model_fingerprint
 
     if getattr(model, "is_int8", False):
         return model

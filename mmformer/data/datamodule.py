@@ -24,8 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 from mmformer.data.collate import ImageTextCollator, SkipCorrupt, SkipStats, Tokenizer
 from mmformer.data.emoji import CaptionMode, EmojiData, InMemoryImageText, default_data_dir
 from mmformer.data.manifest import ImageTextManifest
+from mmformer.data.sampler import ResumableDataLoader, ResumableSampler
 from mmformer.data.shards import ShardDataset
-from mmformer.transforms import build_transforms
+from mmformer.data.transforms import build_transforms
+from mmformer.tokenizer import Tokenizer as SentencePieceTokenizer
 
 __all__ = ["ImageTextDataModule", "SkippedSamplesCallback"]
 
@@ -56,7 +58,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         hflip: random horizontal flips in training.
         cache_dir: optional ``.npy`` cache directory for decoded emoji pixels.
         seed: shard shuffling seed, and the seed of the training order of map-style datasets
-            (a :class:`~mmformer.checkpoint.ResumableSampler`: permutation per epoch from
+            (a :class:`~mmformer.training.checkpoint.ResumableSampler`: permutation per epoch from
             ``seed + epoch``, one slice per data-parallel rank, resumable mid-epoch).
         image_mean, image_std: normalisation, ``(x / 255 - mean) / std``; must match the model's
             ``ModelConfig.image_mean`` / ``image_std``.
@@ -161,8 +163,6 @@ class ImageTextDataModule(pl.LightningDataModule):
                                                    getattr(dataset, "batch_transform", None)),
                       persistent_workers=hp.num_workers > 0)
         if train and not iterable:  # seeded order that a mid-epoch checkpoint can continue exactly
-            from mmformer.checkpoint import ResumableDataLoader, ResumableSampler
-
             ranks = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
             sampler = ResumableSampler(dataset, shuffle=True, seed=hp.seed, **(ranks or {}))
             return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
@@ -196,9 +196,7 @@ class ImageTextDataModule(pl.LightningDataModule):
 
 
 def _load_tokenizer(path: str) -> Tokenizer:
-    """``mmformer.tokenizer.Tokenizer.load(path)``, imported lazily (sentencepiece is heavy-ish)."""
-    from mmformer.tokenizer import Tokenizer as SentencePieceTokenizer  # noqa: PLC0415
-
+    """``mmformer.tokenizer.Tokenizer.load(path)``."""
     return SentencePieceTokenizer.load(path)
 
 

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.data.manifest import ImageTextManifest
-from mmformer.transforms import DEFAULT_MAX_PIXELS, BatchTrainTransform, build_transforms, load_image
+from mmformer.data.transforms import DEFAULT_MAX_PIXELS, BatchTrainTransform, build_transforms, load_image
 
 __all__ = ["CaptionMode", "EmojiData", "InMemoryImageText", "default_data_dir", "read_concepts"]
 
@@ -144,7 +144,7 @@ class EmojiData:
             families: keep only these families (None = all).
             cache_dir: optional directory for a ``.npy`` cache of the decoded pixels, keyed by the
                 manifest's content, split, families and S. Never inside the repository by default.
-            max_pixels: per-image decode limit, see :func:`mmformer.transforms.load_image`.
+            max_pixels: per-image decode limit, see :func:`mmformer.data.transforms.load_image`.
         """
         root = Path(root) if root is not None else default_data_dir()
         manifest = ImageTextManifest(root / "manifest.jsonl", split=split, image_size=image_size)

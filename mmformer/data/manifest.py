@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmformer.data.errors import CorruptSample
-from mmformer.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
+from mmformer.data.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
 
 __all__ = ["ImageTextManifest", "ManifestError", "ManifestRow", "read_manifest_rows"]
 
@@ -126,7 +126,7 @@ class ImageTextManifest(Dataset):
         transform: ``PIL.Image -> tensor (3, S, S)``; default: eval ``build_transforms(image_size)``.
         root: directory relative image paths are resolved against (default: the manifest's).
         check_files: check at load that every image file exists (one ``stat`` per image).
-        max_pixels: passed to :func:`mmformer.transforms.load_image`.
+        max_pixels: passed to :func:`mmformer.data.transforms.load_image`.
 
     Raises:
         ManifestError: missing columns (naming file, column and the columns found), rows with an

@@ -23,9 +23,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmformer.config import atomic_path
+from mmformer.files import atomic_path
 from mmformer.data.errors import CorruptSample, Skipped
-from mmformer.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
+from mmformer.data.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
 
 __all__ = ["IMAGE_EXTENSIONS", "ShardDataset", "expand_shards", "write_shards"]
 

@@ -13,8 +13,10 @@
 
 from .embed import embed_images, embed_texts, evaluate_retrieval
 from .exact import ExactIndex
-from .index import Index, InvalidIndexError, build_index, model_fingerprint
-from .metrics import retrieval_metrics, retrieval_ranks
+from mmformer.model import model_fingerprint
+
+from .index import Index, InvalidIndexError, build_index
+from .metrics import format_metrics, retrieval_metrics, retrieval_ranks
 from .retriever import Hit, Retriever
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "embed_images",
     "embed_texts",
     "evaluate_retrieval",
+    "format_metrics",
     "model_fingerprint",
     "retrieval_metrics",
     "retrieval_ranks",

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmformer.config import atomic_path
+from mmformer.files import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mmformer.compress import quantize_int8
+from mmformer.model import MMFormer
 from mmformer.retrieval.backends import BACKENDS
+from mmformer.retrieval.index import Index, build_index
+from mmformer.retrieval.retriever import Retriever, evaluate_index
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -86,12 +90,10 @@ def _backend_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from mmformer.model import MMFormer
-    from mmformer.retrieval.index import build_index
 
     model = MMFormer.from_pretrained(args.model)
     if args.int8:
-        model = model.quantize_int8()
+        model = quantize_int8(model)
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     index = build_index(
         model, args.images or args.texts, args.out, kind="image" if args.images else "text",
@@ -111,7 +113,6 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    from mmformer.retrieval.index import Index
 
     index = Index.open(args.index, verify=True if args.verify else "auto")
     m = dict(index.manifest)
@@ -122,7 +123,6 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from mmformer.retrieval.retriever import Retriever
 
     texts = list(args.query)
     if args.queries:
@@ -153,7 +153,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_eval_index(args: argparse.Namespace) -> int:
     """``mmformer eval --index DIR``: recall through the index (and exact search beside it)."""
-    from mmformer.retrieval.retriever import Retriever, evaluate_index
 
     r = Retriever.from_pretrained(args.model, args.index)
     metrics = evaluate_index(r)

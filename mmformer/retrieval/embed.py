@@ -269,3 +269,31 @@ def evaluate_retrieval(
         ", ".join(f"{k}={v:.2f}" for k, v in metrics.items() if "@" in k and "chance" not in k),
     )
     return metrics
+
+
+def embed_documents(model, texts: Sequence[str], batch_size: int = 8, mode: str = "auto",
+                    progress: bool = False, names: Sequence[str] | None = None) -> torch.Tensor:
+    """(len(texts), E) float32 unit-length document embeddings (``model.encode_document``),
+    ``batch_size`` documents per encoder call, in eval mode under ``torch.inference_mode()``.
+    ``names`` (one per text, default "document i", 1-based) name documents in chunk-cap errors."""
+    names = list(names) if names is not None else [f"document {i + 1}" for i in range(len(texts))]
+    collator = model.document_collator()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="embedding documents", unit="batch")
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for s in starts:
+                ids = model.tokenizer.sp.encode(list(texts[s: s + batch_size]))
+                batch = collator.collate_ids(ids, names[s: s + batch_size])
+                out.append(model.encode_document(batch, mode=mode).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).clone()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmformer.config import atomic_path
+from mmformer.files import atomic_path
 
 __all__ = ["ExactIndex"]
 

@@ -35,7 +35,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mmformer.config import atomic_path, write_text_atomic
+from mmformer.data.manifest import ImageTextManifest
+from mmformer.data.shards import IMAGE_EXTENSIONS, expand_shards
+from mmformer.data.transforms import build_transforms, load_image
+from mmformer.files import atomic_path, write_text_atomic
+from mmformer.model import model_fingerprint
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.retrieval.backends import (FAISS_FILE, BackendParams, ExactBackend, FaissBackend,
                                          choose_backend)
@@ -58,28 +62,6 @@ class InvalidIndexError(ValueError):
 
 
 # ---- model identity -------------------------------------------------------------------------
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 (16 hex digits) of the model's config and every tensor of its state dict.
-
-    Two models with equal weights and config share it; any changed weight changes it. Compute
-    it on the float model (an int8 copy made by ``quantize_int8`` reports its source's).
-    """
-    fp = getattr(model, "source_fingerprint", None)
-    if fp:
-        return fp
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # ---- inputs ---------------------------------------------------------------------------------
 @dataclass
 class Part:
@@ -110,7 +92,6 @@ def collect_parts(source: str | os.PathLike | Sequence[Any], kind: str, part_siz
         return _split(items, part_size), f"{len(items)} {kind}s given in memory"
     src = str(source)
     if kind == "image" and (src.endswith(".tar") or "{" in src):
-        from mmformer.data.shards import expand_shards
 
         urls = expand_shards(src)
         missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
@@ -133,7 +114,6 @@ def collect_parts(source: str | os.PathLike | Sequence[Any], kind: str, part_siz
         if not items:
             raise ValueError(f"{path}: no non-empty lines")
         return _split(items, part_size), f"{path} ({len(items)} texts)"
-    from mmformer.data.manifest import ImageTextManifest
 
     man = ImageTextManifest(path, image_col=image_col, caption_col=caption_col, split=split,
                             check_files=kind == "image")
@@ -190,7 +170,6 @@ class PartDataset(Dataset):
         return {"part": part.index, "images": x, "items": items, "skipped": skipped}
 
     def _images(self, part: Part) -> Iterable[tuple[dict[str, Any], Any]]:
-        from mmformer.transforms import load_image
 
         def decode(src, name):
             try:
@@ -207,7 +186,6 @@ class PartDataset(Dataset):
     def _shard_images(self, url: str, decode) -> Iterable[tuple[dict[str, Any], Any]]:
         import webdataset as wds
 
-        from mmformer.data.shards import IMAGE_EXTENSIONS
 
         errors: list[Exception] = []
         name = os.path.basename(url)
@@ -363,7 +341,6 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
     if todo:
         if int8 and accelerator not in ("cpu", "auto"):
             raise ValueError("int8 (dynamically quantized) models run on the CPU only; use accelerator='cpu'")
-        from mmformer.transforms import build_transforms
 
         c = model.config
         dataset = PartDataset(todo, kind, transform=build_transforms(c.image_size, train=False, mean=c.image_mean,

@@ -203,3 +203,50 @@ def retrieval_metrics(
     out["n_images"] = n_images
     out["n_texts"] = n_texts
     return out
+
+
+def pair_retrieval_metrics(image: torch.Tensor, text: torch.Tensor, image_ids: torch.Tensor) -> dict[str, float]:
+    """Metrics for rows of (image, caption) pairs where the same image may appear on several rows.
+
+    image: (R, E), text: (R, E), image_ids: (R,) identity of each row's image. Images are
+    de-duplicated by id (first row wins) so several captions of one image count as in COCO.
+    """
+    first, inverse = first_of_each(image_ids)
+    return retrieval_metrics(image[first], text, inverse)
+
+
+def first_of_each(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row of the first occurrence of each distinct id, (R,) index of each row's id among them)."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
+    return first, inverse
+
+
+def concept_retrieval_metrics(image: torch.Tensor, text: torch.Tensor, concepts: torch.Tensor) -> dict[str, float]:
+    """Metrics where every image of a concept is a correct answer for the concept's caption.
+
+    image, text: (R, E) per row; concepts: (R,) concept id per row, rows of one concept sharing
+    one caption. Queries are the distinct concept captions (text->image: a hit on any image of
+    the concept) and every image (image->text: its concept's caption among all captions).
+    """
+    first, inverse = first_of_each(concepts)
+    # retrieval_metrics(gallery A, queries B, B->A): roles swapped so that each caption may own
+    # several images.
+    m = retrieval_metrics(text[first], image, inverse)
+    swap = {"t2i": "i2t", "i2t": "t2i"}
+    out = {}
+    for k, v in m.items():
+        head, _, tail = k.partition("_")
+        out[f"{swap[head]}_{tail}" if head in swap else k] = v
+    out["n_images"], out["n_texts"] = m["n_texts"], m["n_images"]
+    return out
+
+
+def format_metrics(m: dict, source: str) -> str:
+    lines = [f"retrieval on {source}",
+             f"{'direction':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean rank':>11}{'median':>8}{'chance R@1':>12}"]
+    for d, name in (("t2i", "text->image"), ("i2t", "image->text")):
+        lines.append(f"{name:<14}{m[f'{d}_R@1']:>8.2f}{m[f'{d}_R@5']:>8.2f}{m[f'{d}_R@10']:>8.2f}"
+                     f"{m[f'{d}_mean_rank']:>11.1f}{m[f'{d}_median_rank']:>8.1f}{m[f'{d}_chance_R@1']:>12.3f}")
+    return "\n".join(lines)

@@ -15,7 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmformer.retrieval.index import Index, InvalidIndexError, model_fingerprint
+from mmformer.compress import quantize_int8
+from mmformer.data.transforms import build_transforms, load_image, to_rgb
+from mmformer.model import MMFormer, model_fingerprint
+from mmformer.retrieval.backends import ExactBackend
+from mmformer.retrieval.index import Index, InvalidIndexError
 
 
 @dataclass
@@ -54,8 +58,6 @@ class Retriever:
         ``model_dir=None`` takes the model path recorded in the index manifest. ``int8``
         quantizes the model's Linear layers for CPU inference.
         """
-        from mmformer.model import MMFormer
-
         index = Index.open(index_dir, verify=verify, backend=backend, search_params=search_params)
         if model_dir is None:
             model_dir = index.manifest["model"].get("path")
@@ -63,7 +65,7 @@ class Retriever:
                 raise ValueError(f"{index_dir} records no model path; pass the model directory")
         model = MMFormer.from_pretrained(model_dir, map_location=device)
         if int8:
-            model = model.quantize_int8()
+            model = quantize_int8(model)
         return cls(model, index)
 
     # ---- queries ------------------------------------------------------------------------
@@ -81,8 +83,6 @@ class Retriever:
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image | str | os.PathLike]) -> torch.Tensor:
         """(Q, E) unit embeddings of PIL images or image paths (eval transforms of the model)."""
-        from mmformer.transforms import build_transforms, load_image, to_rgb
-
         c = self.model.config
         tf = build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std)
         if isinstance(images, (str, os.PathLike, Image.Image)):
@@ -123,8 +123,6 @@ def evaluate_index(retriever: Retriever, ks: Sequence[int] = (1, 5, 10),
     and the backend is approximate, for exact search too, with ``"overlap@K"``: the percentage
     of the exact top-K rows that the approximate search also returns.
     """
-    from mmformer.retrieval.backends import ExactBackend
-
     index = retriever.index
     if index.kind != "image":
         raise ValueError(f"{index.directory}: evaluation needs an image index (this one holds {index.kind}s)")

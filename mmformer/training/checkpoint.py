@@ -19,14 +19,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from mmformer.config import atomic_path
+from mmformer.config import ModelConfig
+from mmformer.data.sampler import ResumableDataLoader
+from mmformer.files import atomic_path
+from mmformer.model import MMFormer
+from mmformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -116,67 +119,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
-# ---- exact data order ----------------------------------------------------------------------------
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (seeded permutation per epoch, one slice per data-parallel rank)
-    that can start the next pass after the first ``skip`` of its own indices.
-
-    Being a ``DistributedSampler``, Lightning does not replace it under DDP/FSDP: give it the
-    data-parallel ``num_replicas`` / ``rank`` (``trainer.strategy.distributed_sampler_kwargs``).
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
-        self.skip = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        skip, self.skip = self.skip, 0
-        return iter(indices[skip:])
-
-
-class ResumableDataLoader(DataLoader):
-    """A training DataLoader over a :class:`ResumableSampler` whose position is checkpointed.
-
-    ``batches_done`` (batches of the current epoch already trained on) is kept up to date by
-    :class:`ExactResume`; Lightning stores :meth:`state_dict` in each checkpoint and calls
-    :meth:`load_state_dict` before it iterates on resume, so the resumed run sees exactly the
-    batches the uninterrupted run would have seen.
-    """
-
-    def __init__(self, dataset: Dataset, sampler: ResumableSampler, **kwargs: Any) -> None:
-        if not isinstance(sampler, ResumableSampler):
-            raise TypeError(f"ResumableDataLoader needs a ResumableSampler, got {type(sampler).__name__}")
-        super().__init__(dataset, sampler=sampler, **kwargs)
-        self.batches_done = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        s = self.sampler
-        return {"epoch": s.epoch, "batches_done": self.batches_done, "batch_size": self.batch_size,
-                "num_replicas": s.num_replicas, "seed": s.seed, "shuffle": s.shuffle, "num_samples": len(s)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        s = self.sampler
-        now = {"batch_size": self.batch_size, "num_replicas": s.num_replicas, "seed": s.seed,
-               "shuffle": s.shuffle, "num_samples": len(s)}
-        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
-        epoch, done = int(state["epoch"]), int(state["batches_done"])
-        if done >= len(self):  # saved at the end of an epoch: the next one starts afresh
-            epoch, done = epoch + 1, 0
-        s.set_epoch(epoch)
-        self.batches_done = done
-        if changed and done:
-            log.warning("resuming epoch %d at batch %d, but the data order cannot be continued exactly: "
-                        "%s changed (checkpoint -> now); the epoch's order restarts from its beginning",
-                        epoch, done, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-            return
-        s.skip = done * (self.batch_size or 1)
-        if done:
-            log.info("resuming epoch %d after its first %d batches", epoch, done)
-
-
 class ExactResume(pl.Callback):
     """Make checkpoints safe and resumption exact.
 
@@ -250,29 +192,20 @@ def load_checkpoint_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch
 
 
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """A Lightning checkpoint (file, or sharded folder from :class:`~mmformer.distributed.ShardedStrategy`)
+    """A Lightning checkpoint (file, or sharded folder from :class:`~mmformer.training.distributed.ShardedStrategy`)
     -> a ``save_pretrained`` folder (config.json, model.safetensors, tokenizer.model).
 
     The model's config and tokenizer come from the ``mmformer`` entry that
-    :class:`~mmformer.module.MMFormerModule` writes into every checkpoint (older checkpoints:
-    the module is rebuilt from its saved hyper-parameters).
+    :class:`~mmformer.training.module.MMFormerModule` writes into every checkpoint.
     """
-    from mmformer.config import ModelConfig
-    from mmformer.model import MMFormer
-    from mmformer.tokenizer import Tokenizer
-
     state, extra = load_checkpoint_state_dict(path)
     info = extra.get("mmformer")
     if isinstance(info, dict) and "config" in info:
         tok = Tokenizer(info["tokenizer"]) if info.get("tokenizer") else None
         model = MMFormer(ModelConfig.from_dict(info["config"]), tok)
-    elif extra.get("hyper_parameters"):  # checkpoints written before the "mmformer" entry existed
-        from mmformer.module import MMFormerModule
-
-        model = MMFormerModule(**extra["hyper_parameters"]).model
     else:
-        raise CheckpointError(f"{path}: neither an 'mmformer' entry (model config) nor hyper_parameters "
-                              "in the checkpoint; was it written by mmformer.module.MMFormerModule?")
+        raise CheckpointError(f"{path}: no 'mmformer' entry (model config and tokenizer) in the checkpoint; "
+                              "was it written by mmformer.training.module.MMFormerModule?")
     prefix = "model."
     model_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     model.load_state_dict_checked(model_state, source=str(path))

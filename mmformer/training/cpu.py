@@ -1,7 +1,7 @@
 """CPU settings for training and encoding with torch on Linux.
 
 Neither is applied on import: the long-document fine-tuning command
-(``python -m mmformer.longdoc_module``) calls both; call them yourself before CPU work that
+(``python -m mmformer.training.longdoc``) calls both; call them yourself before CPU work that
 allocates large blocks every step (training, long-document encoding).
 """
 
@@ -19,7 +19,7 @@ def flush_denormals() -> None:
     The fusion's attention weights far from the needle underflow into denormals, and CPU matmuls
     over their gradients run several times slower. The setting belongs to a thread
     and is inherited by the threads it starts, so the command line sets it before any torch
-    work; :meth:`mmformer.longdoc_module.LongDocModule.on_fit_start` sets it again for the
+    work; :meth:`mmformer.training.longdoc.LongDocModule.on_fit_start` sets it again for the
     thread that runs fit.
     """
     torch.set_flush_denormal(True)

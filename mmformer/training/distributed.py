@@ -7,7 +7,7 @@
 - :class:`ShardedStrategy` is Lightning's ``ModelParallelStrategy`` with data-parallel defaults
   (``tensor_parallel_size=1``, ``data_parallel_size`` = every process), and sharded checkpoints
   written atomically (into a temporary folder that is renamed once every rank has finished) and
-  checked before loading (:func:`mmformer.checkpoint.check_checkpoint`).
+  checked before loading (:func:`mmformer.training.checkpoint.check_checkpoint`).
 
 Works on CPU (gloo) and GPU (NCCL) alike.
 """
@@ -23,6 +23,8 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+from mmformer.training.checkpoint import check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +158,6 @@ class ShardedStrategy(ModelParallelStrategy):
                 path.unlink()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        from mmformer.checkpoint import check_checkpoint
-
         check_checkpoint(self.broadcast(str(checkpoint_path)))
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 

@@ -1,7 +1,7 @@
 """Fine-tuning for long documents on needle documents (``train/longdoc-stage1.yaml``, then
 ``train/longdoc.yaml``).
 
-:class:`LongDocModule` subclasses :class:`mmformer.module.MMFormerModule`: it starts from a
+:class:`LongDocModule` subclasses :class:`mmformer.training.module.MMFormerModule`: it starts from a
 trained model, adds a :class:`~mmformer.layers.fusion.DocumentFusion` (gate at zero) and trains
 what ``trainable`` names: by default (``"document"``) the fusion and a document expert, the
 model's own route for the windows of multi-window documents, so that images, short texts and
@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mmformer.cpu import flush_denormals, keep_freed_memory
+from mmformer.training.cpu import flush_denormals, keep_freed_memory
 from mmformer.data.emoji import EmojiData, default_data_dir
-from mmformer.data.longdoc import DocumentBatch, Filler, NeedleCollator, NeedleDataset, caption_windows, load_prose
+from mmformer.documents import DocumentBatch
+from mmformer.data.longdoc import Filler, NeedleCollator, NeedleDataset, caption_windows, load_prose
 from mmformer.losses import clip_loss
 from mmformer.model import MMFormer
-from mmformer.module import MMFormerModule
+from mmformer.training.module import MMFormerModule
 from mmformer.tokenizer import BOS_ID, EOS_ID, Tokenizer, chunk_starts
 
 log = logging.getLogger(__name__)
@@ -397,7 +398,7 @@ class NeedleDataModule(L.LightningDataModule):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mmformer.longdoc_module fit --config train/longdoc.yaml``: LightningCLI over
+    """``python -m mmformer.training.longdoc fit --config train/longdoc.yaml``: LightningCLI over
     :class:`LongDocModule` and :class:`NeedleDataModule`."""
     from lightning.pytorch.cli import LightningCLI
 

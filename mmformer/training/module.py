@@ -7,20 +7,22 @@ holds the engineering (devices, precision, accumulation, checkpoints, logging).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 
 from mmformer.config import get_config
-from mmformer.losses import clip_loss, world_size
+from mmformer.data.emoji import default_data_dir
+from mmformer.losses import clip_loss, contrastive_accumulation, world_size
 from mmformer.model import MMFormer
-from mmformer.retrieval.metrics import retrieval_metrics
+from mmformer.retrieval.metrics import concept_retrieval_metrics, pair_retrieval_metrics
 from mmformer.tokenizer import Tokenizer
+from mmformer.training.checkpoint import guard_fit
+from mmformer.training.distributed import PRECISION_DTYPES, apply_fsdp, is_fsdp
+from mmformer.training.optim import StepCosine, TimeCosine, parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 def default_tokenizer_path() -> Path:
     """The SentencePiece model trained on the bundled emoji captions (``data/emoji/tokenizer.model``)."""
-    from mmformer.data.emoji import default_data_dir
-
     return Path(default_data_dir()) / "tokenizer.model"
 
 
@@ -107,21 +107,17 @@ class MMFormerModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Hand the model's tokenizer to a data module that has none; for ``fit``, write
         checkpoints atomically and check the checkpoint to resume from before it is loaded
-        (:func:`mmformer.checkpoint.guard_fit`)."""
+        (:func:`mmformer.training.checkpoint.guard_fit`)."""
         if stage == "fit" and self._trainer is not None:
-            from mmformer.checkpoint import guard_fit
-
             guard_fit(self.trainer)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "set_tokenizer") and getattr(dm, "tokenizer", None) is None:
             dm.set_tokenizer(self.tokenizer)
 
     def configure_model(self) -> None:
-        """Compile the blocks (``compile``) and, under :class:`~mmformer.distributed.ShardedStrategy`
+        """Compile the blocks (``compile``) and, under :class:`~mmformer.training.distributed.ShardedStrategy`
         (Lightning's ``ModelParallelStrategy``), shard the model with FSDP2 over the data-parallel
         mesh: one unit per multiway block, then the root. Idempotent."""
-        from mmformer.distributed import PRECISION_DTYPES, apply_fsdp, is_fsdp
-
         if is_fsdp(self.model):
             return
         if self.hparams.compile:
@@ -328,135 +324,3 @@ class MMFormerModule(L.LightningModule):
     def export(self, directory: str | Path) -> Path:
         """Write the model as a ``save_pretrained`` directory (config, safetensors, tokenizer)."""
         return self.model.save_pretrained(directory)
-
-
-def pair_retrieval_metrics(image: torch.Tensor, text: torch.Tensor, image_ids: torch.Tensor) -> dict[str, float]:
-    """Metrics for rows of (image, caption) pairs where the same image may appear on several rows.
-
-    image: (R, E), text: (R, E), image_ids: (R,) identity of each row's image. Images are
-    de-duplicated by id (first row wins) so several captions of one image count as in COCO.
-    """
-    first, inverse = first_of_each(image_ids)
-    return retrieval_metrics(image[first], text, inverse)
-
-
-def first_of_each(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row of the first occurrence of each distinct id, (R,) index of each row's id among them)."""
-    uniq, inverse = torch.unique(ids, return_inverse=True)
-    first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
-    return first, inverse
-
-
-def concept_retrieval_metrics(image: torch.Tensor, text: torch.Tensor, concepts: torch.Tensor) -> dict[str, float]:
-    """Metrics where every image of a concept is a correct answer for the concept's caption.
-
-    image, text: (R, E) per row; concepts: (R,) concept id per row, rows of one concept sharing
-    one caption. Queries are the distinct concept captions (text->image: a hit on any image of
-    the concept) and every image (image->text: its concept's caption among all captions).
-    """
-    first, inverse = first_of_each(concepts)
-    # retrieval_metrics(gallery A, queries B, B->A): roles swapped so that each caption may own
-    # several images.
-    m = retrieval_metrics(text[first], image, inverse)
-    swap = {"t2i": "i2t", "i2t": "t2i"}
-    out = {}
-    for k, v in m.items():
-        head, _, tail = k.partition("_")
-        out[f"{swap[head]}_{tail}" if head in swap else k] = v
-    out["n_images"], out["n_texts"] = m["n_texts"], m["n_images"]
-    return out
-
-
-def contrastive_accumulation(encode, micro_batches: list[dict[str, Any]], backward,
-                             positives: torch.Tensor | None = None, is_finite=None
-                             ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Gradients of the CLIP loss over k micro-batches as if they were one batch of k*B.
-
-    Args:
-        encode: batch -> {"image_embeds": (B, E), "text_embeds": (B, E), "logit_scale": ()}.
-        micro_batches: the k batches (sizes may differ).
-        backward: ``backward(loss, last)`` accumulates gradients (``last`` for the k-th call).
-        positives: (sum B,) concept ids of all micro-batches in order, or None.
-        is_finite: ``is_finite(loss) -> bool`` on the full loss before any backward; False = no
-            backward at all (returns ``(None, logit_scale)``).
-    Returns:
-        (the loss over all k*B pairs, detached; the logit scale).
-
-    1) embeddings of every micro-batch without gradient (cache); 2) for each micro-batch j,
-    re-run it with gradient, put its rows into the cache and backward the full loss: only
-    micro-batch j's rows carry gradient, so the k backwards sum to the full gradient. The logit
-    scale enters with gradient in the first re-run only (else its gradient would count k times).
-    Under DDP/FSDP :func:`~mmformer.losses.clip_loss` gathers the k*B rows of every rank.
-    """
-    with torch.no_grad():
-        cached = [encode(b) for b in micro_batches]
-    img = torch.cat([c["image_embeds"] for c in cached])  # (k*B, E)
-    txt = torch.cat([c["text_embeds"] for c in cached])
-    scale = cached[0]["logit_scale"]
-    with torch.no_grad():
-        full = clip_loss(img, txt, scale, positives)
-    if is_finite is not None and not is_finite(full):
-        return None, scale
-    ends = torch.tensor([c["image_embeds"].shape[0] for c in cached]).cumsum(0).tolist()
-    for j, b in enumerate(micro_batches):
-        lo, hi = (ends[j - 1] if j else 0), ends[j]
-        out = encode(b)
-        img_j = torch.cat([img[:lo], out["image_embeds"], img[hi:]])
-        txt_j = torch.cat([txt[:lo], out["text_embeds"], txt[hi:]])
-        s = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
-        backward(clip_loss(img_j, txt_j, s, positives), j == len(micro_batches) - 1)
-    return full.detach(), scale.detach()
-
-
-def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(decay, no_decay): weight matrices decay; norms, biases, embeddings and logit scale do not."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = p.ndim < 2 or any(k in name for k in ("token_embed", "document_embed", "pos_embed", "cls_token", "logit_scale"))
-        (no_decay if exempt else decay).append(p)
-    return decay, no_decay
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0,
-                  progress: float | None = None) -> float:
-    """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio``.
-
-    ``progress`` in [0, 1] overrides the step-based position on the cosine (time budgets).
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    if progress is None:
-        progress = (step - warmup) / max(total - warmup, 1)
-    progress = min(max(progress, 0.0), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class StepCosine:
-    """Picklable ``LambdaLR`` factor: warmup, then cosine over ``total`` steps."""
-
-    def __init__(self, warmup: int, total: int, min_ratio: float = 0.0) -> None:
-        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
-
-    def __call__(self, step: int) -> float:
-        return warmup_cosine(step, self.warmup, self.total, self.min_ratio)
-
-
-class TimeCosine:
-    """Picklable ``LambdaLR`` factor: warmup in steps, then cosine over a wall-clock budget.
-
-    The clock starts at the first call (the scheduler's construction); ``MMFormerModule``
-    restarts it when training starts.
-    """
-
-    def __init__(self, warmup: int, budget_s: float, min_ratio: float = 0.0) -> None:
-        self.warmup, self.budget_s, self.min_ratio = warmup, budget_s, min_ratio
-        self.start: float | None = None
-
-    def __call__(self, step: int) -> float:
-        now = time.monotonic()
-        if self.start is None:
-            self.start = now
-        return warmup_cosine(step, self.warmup, 0, self.min_ratio, progress=(now - self.start) / self.budget_s)

@@ -1,0 +1,61 @@
+"""Optimizer parameter groups and learning-rate schedules (``LambdaLR`` factors)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from torch import nn
+
+
+def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decay, no_decay): weight matrices decay; norms, biases, embeddings and logit scale do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or any(k in name for k in ("token_embed", "document_embed", "pos_embed", "cls_token", "logit_scale"))
+        (no_decay if exempt else decay).append(p)
+    return decay, no_decay
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0,
+                  progress: float | None = None) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio``.
+
+    ``progress`` in [0, 1] overrides the step-based position on the cosine (time budgets).
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if progress is None:
+        progress = (step - warmup) / max(total - warmup, 1)
+    progress = min(max(progress, 0.0), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StepCosine:
+    """Picklable ``LambdaLR`` factor: warmup, then cosine over ``total`` steps."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float = 0.0) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, self.warmup, self.total, self.min_ratio)
+
+
+class TimeCosine:
+    """Picklable ``LambdaLR`` factor: warmup in steps, then cosine over a wall-clock budget.
+
+    The clock starts at the first call (the scheduler's construction); ``MMFormerModule``
+    restarts it when training starts.
+    """
+
+    def __init__(self, warmup: int, budget_s: float, min_ratio: float = 0.0) -> None:
+        self.warmup, self.budget_s, self.min_ratio = warmup, budget_s, min_ratio
+        self.start: float | None = None
+
+    def __call__(self, step: int) -> float:
+        now = time.monotonic()
+        if self.start is None:
+            self.start = now
+        return warmup_cosine(step, self.warmup, 0, self.min_ratio, progress=(now - self.start) / self.budget_s)
