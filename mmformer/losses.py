@@ -1,14 +1,15 @@
 """Contrastive losses.
 
-:func:`clip_loss` is the symmetric InfoNCE of CLIP. Under DDP/FSDP the embeddings of every rank
-are gathered *with gradient*, so each rank's loss sees the negatives of the whole global batch
-and gradients flow back to the rank that produced each embedding. :func:`contrastive_accumulation`
+:func:`clip_loss` is the symmetric InfoNCE of CLIP; :func:`siglip_loss` the pairwise sigmoid loss
+of SigLIP. Under DDP/FSDP the embeddings of every rank are gathered *with gradient*, so each
+rank's loss sees the negatives of the whole global batch and gradients flow back to the rank that
+produced each embedding. :func:`contrastive_accumulation`
 takes the loss and gradients of k micro-batches as if they were one batch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -45,10 +46,7 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
     if gather:
         image_embeds = gather_with_grad(image_embeds)
         text_embeds = gather_with_grad(text_embeds)
-        if positives is not None and world_size() > 1:
-            parts = [torch.empty_like(positives) for _ in range(world_size())]
-            dist.all_gather(parts, positives)
-            positives = torch.cat(parts)
+        positives = gather_groups(positives)
     logits = logit_scale * image_embeds @ text_embeds.t()  # (N, N), rows = images
     if positives is not None:
         same = positives[:, None] == positives[None, :]
@@ -58,26 +56,89 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
     return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.t().float(), labels)) / 2
 
 
-def contrastive_accumulation(encode, micro_batches: list[dict[str, Any]], backward,
-                             positives: torch.Tensor | None = None, is_finite=None
-                             ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Gradients of the CLIP loss over k micro-batches as if they were one batch of k*B.
+def gather_groups(positives: torch.Tensor | None) -> torch.Tensor | None:
+    """Concatenate every rank's (B,) group ids (no gradient); identity on one process."""
+    if positives is None or world_size() == 1:
+        return positives
+    parts = [torch.empty_like(positives) for _ in range(world_size())]
+    dist.all_gather(parts, positives)
+    return torch.cat(parts)
+
+
+def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor, positives: torch.Tensor | None = None,
+                gather: bool = True) -> torch.Tensor:
+    """Pairwise sigmoid loss (SigLIP) over the (global) batch.
+
+    Every image-text pair (i, j) is a binary problem: logit ``t * <x_i, y_j> + b``, label +1 for
+    the pair itself (and, with ``positives``, for pairs of the same group, e.g. the same concept),
+    -1 otherwise. The loss is ``-sum_ij log sigmoid(label_ij * logit_ij) / N``: a sum over the
+    N x N pairs divided by the batch size N, as in the SigLIP paper.
 
     Args:
-        encode: batch -> {"image_embeds": (B, E), "text_embeds": (B, E), "logit_scale": ()}.
+        image_embeds, text_embeds: (B, E) unit-length embeddings, row i of each is a pair.
+        logit_scale: scalar t (already exponentiated).
+        logit_bias: scalar b. With b near log(1/N) the initial loss is not dominated by the
+            N^2 - N negatives (the paper's -10 suits batches of ~32k).
+        positives: optional (B,) int group ids; pairs with equal ids count as positives.
+        gather: gather across ranks with gradient when running distributed (every rank then
+            computes the loss of the whole global batch, as :func:`clip_loss` does).
+    Returns:
+        scalar loss (float32).
+    """
+    if gather:
+        image_embeds = gather_with_grad(image_embeds)
+        text_embeds = gather_with_grad(text_embeds)
+        positives = gather_groups(positives)
+    logits = (logit_scale * image_embeds @ text_embeds.t() + logit_bias).float()  # (N, N), rows = images
+    n = logits.shape[0]
+    if positives is None:
+        same = torch.eye(n, dtype=torch.bool, device=logits.device)
+    else:
+        same = positives[:, None] == positives[None, :]
+    labels = same.float() * 2 - 1
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], "torch.Tensor | None"], torch.Tensor]
+
+
+def clip_loss_fn(img: torch.Tensor, txt: torch.Tensor, params: dict[str, torch.Tensor],
+                 positives: torch.Tensor | None) -> torch.Tensor:
+    """:func:`clip_loss` with the temperature from ``params["logit_scale"]``."""
+    return clip_loss(img, txt, params["logit_scale"], positives)
+
+
+def siglip_loss_fn(img: torch.Tensor, txt: torch.Tensor, params: dict[str, torch.Tensor],
+                   positives: torch.Tensor | None) -> torch.Tensor:
+    """:func:`siglip_loss` with ``params["logit_scale"]`` and ``params["logit_bias"]``."""
+    return siglip_loss(img, txt, params["logit_scale"], params["logit_bias"], positives)
+
+
+def contrastive_accumulation(encode, micro_batches: list[dict[str, Any]], backward,
+                             positives: torch.Tensor | None = None, is_finite=None,
+                             loss_fn: LossFn = clip_loss_fn) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Gradients of a contrastive loss over k micro-batches as if they were one batch of k*B.
+
+    Args:
+        encode: batch -> {"image_embeds": (B, E), "text_embeds": (B, E), "logit_scale": (), ...}:
+            every entry besides the embeddings is a scalar parameter of the loss (e.g.
+            "logit_bias" for SigLIP) handed to ``loss_fn``.
         micro_batches: the k batches (sizes may differ).
         backward: ``backward(loss, last)`` accumulates gradients (``last`` for the k-th call).
         positives: (sum B,) concept ids of all micro-batches in order, or None.
         is_finite: ``is_finite(loss) -> bool`` on the full loss before any backward; False = no
             backward at all (returns ``(None, logit_scale)``).
+        loss_fn: ``loss_fn(image_embeds, text_embeds, params, positives)``; :func:`clip_loss_fn`
+            (default) or :func:`siglip_loss_fn`.
     Returns:
         (the loss over all k*B pairs, detached; the logit scale).
 
     1) embeddings of every micro-batch without gradient (cache); 2) for each micro-batch j,
     re-run it with gradient, put its rows into the cache and backward the full loss: only
-    micro-batch j's rows carry gradient, so the k backwards sum to the full gradient. The logit
-    scale enters with gradient in the first re-run only (else its gradient would count k times).
-    Under DDP/FSDP :func:`~mmformer.losses.clip_loss` gathers the k*B rows of every rank.
+    micro-batch j's rows carry gradient, so the k backwards sum to the full gradient. The loss's
+    scalar parameters (logit scale, bias) enter with gradient in the first re-run only (else their
+    gradient would count k times). Under DDP/FSDP the losses gather the k*B rows of every rank.
     """
     with torch.no_grad():
         cached = [encode(b) for b in micro_batches]
@@ -85,7 +146,7 @@ def contrastive_accumulation(encode, micro_batches: list[dict[str, Any]], backwa
     txt = torch.cat([c["text_embeds"] for c in cached])
     scale = cached[0]["logit_scale"]
     with torch.no_grad():
-        full = clip_loss(img, txt, scale, positives)
+        full = loss_fn(img, txt, _loss_params(cached[0], detach=False), positives)
     if is_finite is not None and not is_finite(full):
         return None, scale
     ends = torch.tensor([c["image_embeds"].shape[0] for c in cached]).cumsum(0).tolist()
@@ -94,6 +155,11 @@ def contrastive_accumulation(encode, micro_batches: list[dict[str, Any]], backwa
         out = encode(b)
         img_j = torch.cat([img[:lo], out["image_embeds"], img[hi:]])
         txt_j = torch.cat([txt[:lo], out["text_embeds"], txt[hi:]])
-        s = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
-        backward(clip_loss(img_j, txt_j, s, positives), j == len(micro_batches) - 1)
+        params = _loss_params(out, detach=j > 0)
+        backward(loss_fn(img_j, txt_j, params, positives), j == len(micro_batches) - 1)
     return full.detach(), scale.detach()
+
+
+def _loss_params(out: dict[str, torch.Tensor], detach: bool) -> dict[str, torch.Tensor]:
+    """The loss's scalar parameters among an ``encode`` output (everything but the embeddings)."""
+    return {k: (v.detach() if detach else v) for k, v in out.items() if k not in ("image_embeds", "text_embeds")}
