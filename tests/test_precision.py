@@ -1,0 +1,107 @@
+"""``--precision auto`` decides by measurement: the decision logic with a fake timer, the cache,
+and one real measurement on the tiny model."""
+
+import pytest
+import torch
+
+from mmformer.config import get_config
+from mmformer.model import MMFormer
+from mmformer.training.precision import (PrecisionChoice, choose_precision, pick_fastest, time_steps,
+                                         training_step)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def fake_steps(clock, seconds, calls):
+    """make_step stand-in: each step of precision p advances the clock by seconds[p]."""
+    def make_step(model, images, ids, mask, precision):
+        calls.append(precision)
+
+        def step():
+            clock.now += seconds[precision]
+        return step
+    return make_step
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    model = MMFormer(get_config("tiny", vocab_size=64))
+    images = torch.randn(4, 3, 64, 64)
+    ids = torch.randint(3, 64, (4, 8))
+    return model, images, ids, torch.ones_like(ids, dtype=torch.bool)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMFORMER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("seconds,expect", [
+    ({"32-true": 0.010, "bf16-mixed": 0.017}, "32-true"),     # tiny on an AMX CPU
+    ({"32-true": 0.040, "bf16-mixed": 0.021}, "bf16-mixed"),  # small on an AMX CPU
+    ({"32-true": 0.020, "bf16-mixed": 0.020}, "32-true"),     # a tie keeps fp32
+    ({"32-true": 0.020, "bf16-mixed": 0.0195}, "32-true"),    # within 5%: noise, keep fp32
+])
+def test_the_faster_measured_precision_wins(tiny, seconds, expect):
+    clock, calls = FakeClock(), []
+    choice = choose_precision(*tiny, steps=3, warmup=2, timer=clock, make_step=fake_steps(clock, seconds, calls))
+    assert choice.precision == expect
+    assert choice.seconds_per_step == pytest.approx(seconds)
+    assert calls == ["32-true", "bf16-mixed"]
+    assert choice.reason().startswith(f"precision auto -> {expect}: fastest training step on this CPU")
+
+
+def test_choice_is_cached_per_config_and_batch(tiny, cache_dir):
+    clock, calls = FakeClock(), []
+    seconds = {"32-true": 0.03, "bf16-mixed": 0.01}
+    first = choose_precision(*tiny, timer=clock, make_step=fake_steps(clock, seconds, calls))
+    assert (cache_dir / "precision.json").is_file() and not first.cached
+    again = choose_precision(*tiny, timer=clock, make_step=fake_steps(clock, {"32-true": 0.01, "bf16-mixed": 0.03}, calls))
+    assert again.cached and again.precision == "bf16-mixed" and len(calls) == 2  # nothing re-measured
+    assert "(cached measurement)" in again.reason()
+    model, images, ids, mask = tiny
+    other = choose_precision(model, images[:2], ids[:2], mask[:2], timer=clock,
+                             make_step=fake_steps(clock, {"32-true": 0.01, "bf16-mixed": 0.03}, calls))
+    assert not other.cached and other.precision == "32-true"  # another batch size is measured anew
+    fresh = choose_precision(*tiny, use_cache=False, timer=clock,
+                             make_step=fake_steps(clock, {"32-true": 0.01, "bf16-mixed": 0.03}, calls))
+    assert not fresh.cached and fresh.precision == "32-true"
+
+
+def test_time_steps_takes_the_median_after_warmup():
+    clock = FakeClock()
+    durations = iter([5.0, 5.0, 0.1, 0.3, 0.2])  # two slow warm-up steps, then three timed
+
+    def step():
+        clock.now += next(durations)
+    assert time_steps(step, steps=3, warmup=2, timer=clock) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        time_steps(step, steps=0, warmup=0)
+
+
+def test_bad_candidates_and_empty_measurements_are_refused(tiny):
+    with pytest.raises(ValueError, match=r"unknown precision\(s\) \['16-mixed'\]"):
+        choose_precision(*tiny, candidates=("32-true", "16-mixed"))
+    with pytest.raises(ValueError, match="no precision was measured"):
+        pick_fastest({})
+
+
+def test_a_real_step_trains_a_copy_and_leaves_the_model_alone(tiny):
+    model, images, ids, mask = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = training_step(model, images, ids, mask, "32-true")
+    step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    choice = choose_precision(model, images, ids, mask, steps=1, warmup=0, use_cache=False)
+    assert isinstance(choice, PrecisionChoice) and set(choice.seconds_per_step) == {"32-true", "bf16-mixed"}
+    assert choice.precision == pick_fastest(choice.seconds_per_step)
+    assert all(s > 0 for s in choice.seconds_per_step.values())
