@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks in ``bench/`` (not part of the library).
 
-- :func:`load_tokenizer`: the bundled SentencePiece model, or one trained on the spot.
+- :func:`load_tokenizer`: a SentencePiece model file, by default the one shipped in the package.
 - :func:`open_clip_config` / :func:`build_open_clip`: an open_clip CLIP of the same size as an
   mmformer :class:`~mmformer.config.ModelConfig`, built from config dicts (no download).
 - :class:`Pair`: one interface over both models for training steps and retrieval embedding.
@@ -21,35 +21,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from mmformer.config import ModelConfig
-from mmformer.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from mmformer.tokenizer import EOS_ID, PAD_ID, Tokenizer, default_tokenizer_path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
-def load_tokenizer(path: str | None = None, vocab_size: int = 2000) -> tuple[Tokenizer, str]:
-    """(tokenizer, where it came from): ``path``, else ``<data>/tokenizer.model``, else trained now.
-
-    The fallback trains on the train split's concept names and keywords (``concepts.jsonl``),
-    in memory: nothing is written into the data directory.
-    """
-    from mmformer.data.emoji import default_data_dir, read_concepts
-
-    root = Path(default_data_dir())
-    bundled = Path(path) if path else root / "tokenizer.model"
-    if bundled.is_file():
-        return Tokenizer.load(bundled), str(bundled)
-    if path:
-        raise FileNotFoundError(f"tokenizer model not found: {path}")
-    texts: list[str] = []
-    for row in read_concepts(root / "concepts.jsonl").values():
-        if row.get("split", "train") == "train":
-            texts.append(str(row["name"]))
-            texts += [str(k) for k in row.get("keywords", [])]
-    if not texts:
-        raise FileNotFoundError(f"no {bundled} and no train concepts in {root / 'concepts.jsonl'} to train one on")
-    tok = Tokenizer.train(texts, vocab_size=vocab_size)
-    return tok, f"trained now on {len(texts)} train-split names+keywords (no {bundled.name} in {root})"
+def load_tokenizer(path: str | None = None) -> tuple[Tokenizer, str]:
+    """(tokenizer, where it came from): ``path``, else the default one shipped in the package."""
+    chosen = Path(path) if path else default_tokenizer_path()
+    return Tokenizer.load(chosen), str(chosen)
 
 
 # ---- open_clip of the same size ----------------------------------------------------------------

@@ -3,7 +3,7 @@
 - ``mmformer fit|validate|test --config train/tiny-cpu.yaml [--trainer.* ...]``: LightningCLI.
 - ``mmformer demo``: train the tiny preset on the bundled emoji data, report held-out recall,
   search by text and write a PNG grid.
-- ``mmformer eval --model DIR [--data MANIFEST]``: retrieval recall@K of a saved model.
+- ``mmformer eval --model DIR [--data MANIFEST | --data-dir DIR]``: retrieval recall@K of a saved model.
 - ``mmformer index build --model DIR --images SRC --out INDEX``, ``mmformer search INDEX "text"``:
   retrieval indexes (see :mod:`mmformer.retrieval.commands`).
 - ``mmformer export --ckpt FILE|DIR --out DIR``: Lightning checkpoint (a file, or the folder of a
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+DATA_DIR_HELP = ("the bundled emoji data: its folder, or a folder holding emoji/ such as a checkout's data/ "
+                 "(default: $MMFORMER_DATA, else the checkout's copy, else the installed package's)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--precision", default="auto", help="auto | 32-true | bf16-mixed")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--query", action="append", default=None, help="text query to search (repeatable)")
+    d.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("eval", help="retrieval recall@K of a saved model on a manifest or the bundled test split")
@@ -70,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--index", default=None, help="evaluate through this image index (built from a manifest "
                                                  "with captions); approximate backends are shown beside exact")
     e.add_argument("--data", default=None, help="CSV/TSV/JSONL manifest (default: bundled held-out family)")
+    e.add_argument("--data-dir", default=None, help="without --data: " + DATA_DIR_HELP)
     e.add_argument("--split", default=None, help="keep manifest rows whose 'split' column equals this")
     e.add_argument("--image-col", default="image")
     e.add_argument("--caption-col", default="caption")
@@ -110,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- eval ------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
+    from mmformer.data.bundled import BundledDataNotFound
     from mmformer.model import MMFormer
     from mmformer.retrieval import evaluate_retrieval, format_metrics
 
@@ -122,7 +127,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = MMFormer.from_pretrained(args.model)
     if model.tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer.model")
-    images, captions, caption_to_image, source = load_eval_set(model, args)
+    try:
+        images, captions, caption_to_image, source = load_eval_set(model, args)
+    except BundledDataNotFound as e:
+        raise SystemExit(f"mmformer eval: {e}") from e
     if getattr(args, "documents", None):
         metrics = eval_documents(model, images, captions, caption_to_image, args)
         source += f", documents encoded with mode {args.doc_mode}"
@@ -187,13 +195,16 @@ def load_eval_set(model, args: argparse.Namespace):
     """(images (N,3,S,S) tensor or loader, captions, caption_to_image, description)."""
     from torch.utils.data import DataLoader
 
-    from mmformer.data.emoji import InMemoryImageText
+    from mmformer.data.emoji import InMemoryImageText, default_data_dir
     from mmformer.data.manifest import ImageTextManifest
     from mmformer.data.transforms import build_transforms
 
     c = model.config
+    if args.data is not None and getattr(args, "data_dir", None) is not None:
+        raise SystemExit("mmformer eval: --data MANIFEST replaces the bundled data that --data-dir locates; pass one")
     if args.data is None:
-        ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std)
+        ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std,
+                                          root=default_data_dir(getattr(args, "data_dir", None)))
         return ds.stacked_images(), ds.captions, ds.caption_to_image.tolist(), f"bundled emoji test split ({len(ds)} images)"
     tf = build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std)
     man = ImageTextManifest(args.data, image_col=args.image_col, caption_col=args.caption_col,
@@ -267,9 +278,13 @@ def read_texts(paths: list[str], fields: list[str], split: str | None):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from mmformer.data.bundled import BundledDataNotFound
     from mmformer.demo import run_demo
 
-    return run_demo(args)
+    try:
+        return run_demo(args)
+    except BundledDataNotFound as e:
+        raise SystemExit(f"mmformer demo: {e}") from e
 
 
 if __name__ == "__main__":

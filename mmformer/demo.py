@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mmformer.data.datamodule import ImageTextDataModule, SkippedSamplesCallback
-from mmformer.data.emoji import InMemoryImageText
+from mmformer.data.emoji import InMemoryImageText, default_data_dir
 from mmformer.retrieval import embed_images, embed_texts, format_metrics, retrieval_metrics
 from mmformer.training.module import MMFormerModule
 
@@ -61,6 +61,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from lightning.pytorch.loggers import CSVLogger
 
 
+    data_dir = default_data_dir(getattr(args, "data_dir", None))  # --data-dir, $MMFORMER_DATA or the bundled copy
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(args.seed, verbose=False)
@@ -74,10 +75,11 @@ def run_demo(args: argparse.Namespace) -> int:
     module = MMFormerModule(preset="tiny", model_config=recipe["model_config"], lr=recipe["lr"],
                             weight_decay=recipe["weight_decay"], warmup_steps=recipe["warmup_steps"],
                             time_budget_s=budget_s)
-    dm = ImageTextDataModule(image_size=module.model.config.image_size, batch_size=recipe["batch_size"],
+    dm = ImageTextDataModule(data_dir=str(data_dir), image_size=module.model.config.image_size,
+                             batch_size=recipe["batch_size"],
                              max_length=module.model.config.context_length, caption_mode=recipe["caption_mode"])
     dm.set_tokenizer(module.tokenizer)
-    print("loading the bundled emoji data ...", flush=True)
+    print(f"loading the bundled emoji data from {data_dir} ...", flush=True)
     dm.setup("fit")
     print(f"  train: {len(dm.train_dataset)} images of 4 families; val: {len(dm.val_dataset)} images "
           f"(held-out concepts); precision {precision}", flush=True)
@@ -102,18 +104,19 @@ def run_demo(args: argparse.Namespace) -> int:
     model_dir = module.export(out / "model")
     print(f"trained in {train_s / 60:.1f} min; saved the model to {model_dir}", flush=True)
 
-    results = evaluate_and_search(module.model.eval(), out, args.query or DEFAULT_QUERIES)
+    results = evaluate_and_search(module.model.eval(), out, args.query or DEFAULT_QUERIES, data_dir)
     results.update({"train_seconds": train_s, "steps": trainer.global_step, "precision": precision,
                     "batch_size": recipe["batch_size"]})
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
-def evaluate_and_search(model, out: Path, queries: list[str]) -> dict:
-    """Held-out-family retrieval metrics (printed next to chance) and a PNG grid of text queries."""
+def evaluate_and_search(model, out: Path, queries: list[str], data_dir: Path | None = None) -> dict:
+    """Held-out-family retrieval metrics (printed next to chance) and a PNG grid of text queries
+    (``data_dir``: the emoji data; None = :func:`~mmformer.data.emoji.default_data_dir`)."""
 
     c = model.config
-    ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std)
+    ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std, root=data_dir)
     data = ds.data
     images = ds.stacked_images()
     image_emb = embed_images(model, images, batch_size=256)

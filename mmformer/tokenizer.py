@@ -2,6 +2,7 @@
 
 Special ids are fixed: pad=0, unk=1, bos=2, eos=3. A batch encode wraps each text as
 ``[bos] pieces [eos]``, truncating the pieces (never the eos) to fit ``max_length``.
+:func:`default_tokenizer_path` is the default model, package data in ``mmformer/assets/``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ from mmformer.files import write_bytes_atomic
 log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def default_tokenizer_path() -> Path:
+    """The default SentencePiece model, shipped inside the package (``mmformer/assets/tokenizer.model``).
+
+    Unigram, 2000 pieces, trained on the names and keywords of the bundled emoji data's train
+    concepts (the command that made it is in ``data/README.md``).
+    """
+    return Path(__file__).resolve().parent / "assets" / "tokenizer.model"
 
 
 class Tokenizer:

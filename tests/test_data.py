@@ -444,6 +444,105 @@ def test_default_data_dir_env(emoji_root: Path, monkeypatch: pytest.MonkeyPatch)
         default_data_dir()
 
 
+@pytest.fixture
+def no_default_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No $MMFORMER_DATA, and the checkout and wheel locations point at empty folders."""
+    from mmformer.data import bundled
+
+    monkeypatch.delenv("MMFORMER_DATA", raising=False)
+    monkeypatch.setattr(bundled, "_CHECKOUT", tmp_path / "checkout" / "data")
+    monkeypatch.setattr(bundled, "_PACKAGED", tmp_path / "site-packages" / "mmformer" / "_data")
+    return tmp_path
+
+
+def test_bundled_dir_order(emoji_root: Path, no_default_data: Path, monkeypatch: pytest.MonkeyPatch):
+    """explicit > $MMFORMER_DATA > checkout > wheel copy; an explicit or env path is the only place looked at."""
+    from mmformer.data import bundled
+    from mmformer.data.bundled import BundledDataNotFound, bundled_dir
+    from mmformer.data.icons import icons_data_dir
+
+    packaged = make_emoji_layout(no_default_data / "site-packages" / "mmformer" / "_data" / "emoji")
+    assert bundled_dir("emoji") == packaged == default_data_dir()                   # 4. the wheel's copy
+    checkout = make_emoji_layout(no_default_data / "checkout" / "data" / "emoji")
+    assert bundled_dir("emoji") == checkout                                         # 3. the checkout wins over it
+    monkeypatch.setenv("MMFORMER_DATA", str(emoji_root.parent))
+    assert bundled_dir("emoji") == emoji_root                                       # 2. the variable wins
+    other = make_emoji_layout(no_default_data / "other" / "emoji")
+    assert default_data_dir(other) == other == default_data_dir(other.parent)      # 1. explicit wins
+    assert bundled_dir("emoji", str(other.parent)) == other
+    monkeypatch.setenv("MMFORMER_DATA", str(no_default_data / "nowhere"))
+    with pytest.raises(BundledDataNotFound, match="MMFORMER_DATA"):
+        bundled_dir("emoji")                                                        # never falls back silently
+    assert bundled_dir("emoji", other) == other                                     # explicit still wins
+    with pytest.raises(BundledDataNotFound, match="the given folder"):
+        default_data_dir(no_default_data / "nowhere")
+    # $MMFORMER_DATA naming the emoji folder itself does not make it the icons folder
+    monkeypatch.setenv("MMFORMER_DATA", str(emoji_root))
+    assert default_data_dir() == emoji_root
+    with pytest.raises(BundledDataNotFound, match="icons"):
+        icons_data_dir()
+    icons = make_emoji_layout(no_default_data / "d" / "icons")
+    monkeypatch.setenv("MMFORMER_DATA", str(icons.parent))
+    assert icons_data_dir() == icons and icons_data_dir(icons) == icons
+    with pytest.raises(ValueError, match="unknown bundled dataset 'fonts'"):
+        bundled_dir("fonts")
+    assert bundled._CHECKOUT == no_default_data / "checkout" / "data"  # the fixture's patch held
+
+
+def test_bundled_data_missing_says_how_to_get_it(no_default_data: Path):
+    from mmformer.data.bundled import BundledDataNotFound, bundled_dir
+    from mmformer.data.longdoc import default_prose_path
+
+    for name, find in (("emoji", default_data_dir), ("prose", default_prose_path), ("icons", None)):
+        with pytest.raises(BundledDataNotFound) as err:
+            find() if find else bundled_dir(name)
+        msg = str(err.value)
+        assert isinstance(err.value, FileNotFoundError) and "\n" not in msg
+        for hint in (f"data/{name}/", "--data-dir", "MMFORMER_DATA=DIR", f"python data/build_{name}.py",
+                     str(no_default_data / "checkout" / "data" / name)):
+            assert hint in msg, (hint, msg)
+
+
+def test_default_prose_path(no_default_data: Path, monkeypatch: pytest.MonkeyPatch):
+    from mmformer.data.longdoc import default_prose_path
+
+    prose = no_default_data / "d" / "prose"
+    prose.mkdir(parents=True)
+    (prose / "kjv.txt").write_text("In the beginning\n")
+    monkeypatch.setenv("MMFORMER_DATA", str(prose.parent))
+    assert default_prose_path() == prose / "kjv.txt"
+    monkeypatch.delenv("MMFORMER_DATA")
+    assert default_prose_path(prose) == default_prose_path(prose.parent) == prose / "kjv.txt"
+
+
+def test_cli_data_dir(emoji_root: Path, no_default_data: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """``mmformer eval --data-dir`` reads the given copy (over $MMFORMER_DATA); a wrong one is a one-line exit."""
+    from mmformer.cli import main
+    from mmformer.config import ModelConfig
+    from mmformer.model import MMFormer
+    from mmformer.tokenizer import Tokenizer, default_tokenizer_path
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(width=32, depth=2, heads=4, image_size=16, patch_size=8, context_length=8, embed_dim=16)
+    MMFormer(cfg, Tokenizer.load(default_tokenizer_path())).save_pretrained(no_default_data / "model")
+    model = str(no_default_data / "model")
+    monkeypatch.setenv("MMFORMER_DATA", str(emoji_root.parent))
+    assert main(["eval", "--model", model, "--json"]) == 0
+    from_env = json.loads(capsys.readouterr().out)
+    assert from_env["n_images"] == 3 and from_env["n_texts"] == 3  # the 3 'test' (twitter) images
+    monkeypatch.setenv("MMFORMER_DATA", str(no_default_data / "nowhere"))
+    assert main(["eval", "--model", model, "--json", "--data-dir", str(emoji_root)]) == 0
+    assert json.loads(capsys.readouterr().out) == from_env
+    for argv in (["eval", "--model", model], ["demo", "--steps", "1", "--out", str(no_default_data / "demo")]):
+        with pytest.raises(SystemExit) as err:
+            main(argv + ["--data-dir", str(no_default_data / "nowhere")])
+        assert str(err.value).startswith(f"mmformer {argv[0]}: bundled emoji data not found in the given folder")
+        assert "\n" not in str(err.value)
+    assert not (no_default_data / "demo").exists()  # the demo stopped before writing anything
+    with pytest.raises(SystemExit, match="pass one"):
+        main(["eval", "--model", model, "--data", "m.jsonl", "--data-dir", str(emoji_root)])
+
+
 def test_in_memory_dataset_caption_modes(emoji_root: Path):
     data = EmojiData.load(emoji_root, "train", image_size=8)
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from mmformer.config import ModelConfig
 from mmformer.model import MMFormer
 from mmformer.retrieval import Index, InvalidIndexError, Retriever, build_index
 from mmformer.retrieval.backends import ExactBackend, FaissBackend, choose_backend
-from mmformer.tokenizer import Tokenizer
+from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 
 pytest.importorskip("faiss")
 
@@ -222,7 +222,7 @@ def test_int8_model_agrees_with_float_on_bundled_data():
     from mmformer.data.emoji import InMemoryImageText
 
     torch.manual_seed(0)
-    tok = Tokenizer.load(os.path.join(os.path.dirname(__file__), "..", "data", "emoji", "tokenizer.model"))
+    tok = Tokenizer.load(default_tokenizer_path())
     model = MMFormer(ModelConfig(vocab_size=tok.vocab_size), tok).eval()  # the tiny preset
     ds = InMemoryImageText.eval_split("test", 64)
     images, captions = ds.stacked_images()[:128], ds.captions[:128]

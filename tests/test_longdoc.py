@@ -11,7 +11,7 @@ from mmformer.data.emoji import default_data_dir
 from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents
 from mmformer.documents import DocumentCollator, TooManyChunks
 from mmformer.model import MMFormer
-from mmformer.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from mmformer.tokenizer import BOS_ID, EOS_ID, Tokenizer, default_tokenizer_path
 
 SMALL = dict(width=32, depth=2, heads=4, image_size=16, patch_size=8, context_length=12, embed_dim=24)
 PROSE = ("In the beginning God created the heaven and the earth. And the earth was without form, and "
@@ -21,7 +21,7 @@ PROSE = ("In the beginning God created the heaven and the earth. And the earth w
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.load(default_data_dir() / "tokenizer.model")
+    return Tokenizer.load(default_tokenizer_path())
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The bundled multi-vendor emoji dataset (``<repo>/data/emoji``), decoded once into memory.
+"""The bundled multi-vendor emoji dataset (``data/emoji``), decoded once into memory.
 
 Layout (see ``data/README.md``)::
 
@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from mmformer.data.bundled import bundled_dir
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.transforms import DEFAULT_MAX_PIXELS, BatchTrainTransform, build_transforms, load_image
@@ -38,27 +39,19 @@ __all__ = ["CaptionMode", "EmojiData", "InMemoryImageText", "default_data_dir", 
 log = logging.getLogger(__name__)
 
 CaptionMode = Literal["name", "name+keywords"]
-ENV_VAR = "MMFORMER_DATA"
-_REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "emoji"  # mmformer/data/emoji.py -> <repo>
 
 
-def default_data_dir() -> Path:
+def default_data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The emoji dataset directory (the one holding ``manifest.jsonl``).
 
-    ``$MMFORMER_DATA`` wins when set: it may name the emoji directory itself or a directory with
-    an ``emoji/`` subdirectory. Otherwise ``<repo>/data/emoji`` (the package is installed editable).
+    ``explicit`` (the emoji folder, or a folder holding ``emoji/``), else ``$MMFORMER_DATA``
+    (a folder holding ``emoji/``, or the emoji folder itself when it is named ``emoji``), else the repository checkout's
+    ``data/emoji``, else the copy inside an installed wheel: see :mod:`mmformer.data.bundled`.
 
     Raises:
-        FileNotFoundError: naming the places looked at.
+        BundledDataNotFound: a ``FileNotFoundError`` naming the places looked at and how to get the data.
     """
-    env = os.environ.get(ENV_VAR)
-    candidates = [Path(env), Path(env) / "emoji"] if env else [_REPO_DATA]
-    for c in candidates:
-        if (c / "manifest.jsonl").is_file():
-            return c
-    where = f"${ENV_VAR}={env!r}" if env else "the repository checkout"
-    raise FileNotFoundError(f"emoji dataset not found in {where}: looked for manifest.jsonl in "
-                            f"{', '.join(str(c) for c in candidates)}; set ${ENV_VAR} to its directory")
+    return bundled_dir("emoji", explicit)
 
 
 def read_concepts(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:

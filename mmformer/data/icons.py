@@ -1,4 +1,4 @@
-"""The bundled line-icon dataset (``<repo>/data/icons``), a fine-tuning domain the emoji models never saw.
+"""The bundled line-icon dataset (``data/icons``), a fine-tuning domain the emoji models never saw.
 
 800 Tabler outline icons (MIT), 64x64 RGBA PNG, captioned with their names; the human-written
 tags are the ``keywords`` in ``concepts.jsonl``. ``data/build_icons.py`` rebuilds it; see
@@ -12,25 +12,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mmformer.data.bundled import bundled_dir
+
 __all__ = ["icons_data_dir"]
 
-ENV_VAR = "MMFORMER_DATA"
-_REPO_ICONS = Path(__file__).resolve().parents[2] / "data" / "icons"  # mmformer/data/icons.py -> <repo>
 
-
-def icons_data_dir() -> Path:
+def icons_data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The icon dataset directory (the one holding ``manifest.jsonl``).
 
-    ``$MMFORMER_DATA/icons`` wins when ``$MMFORMER_DATA`` is set (the same variable that locates
-    the emoji data); otherwise ``<repo>/data/icons`` (the package is installed editable).
+    ``explicit`` (the icons folder, or a folder holding ``icons/``), else ``$MMFORMER_DATA/icons``
+    (the same variable that locates the emoji data), else the repository checkout's ``data/icons``,
+    else the copy inside an installed wheel: see :mod:`mmformer.data.bundled`.
 
     Raises:
-        FileNotFoundError: naming the place looked at.
+        BundledDataNotFound: a ``FileNotFoundError`` naming the places looked at and how to get the data.
     """
-    env = os.environ.get(ENV_VAR)
-    candidate = Path(env) / "icons" if env else _REPO_ICONS
-    if (candidate / "manifest.jsonl").is_file():
-        return candidate
-    raise FileNotFoundError(f"icon dataset not found: no manifest.jsonl in {candidate}"
-                            + (f" (from ${ENV_VAR}={env!r})" if env else "")
-                            + "; rebuild it with 'python data/build_icons.py'")
+    return bundled_dir("icons", explicit)

@@ -22,23 +22,27 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from mmformer.data.bundled import bundled_dir
 from mmformer.documents import DocumentCollator
 from mmformer.tokenizer import Tokenizer, chunk_starts, wrap_and_pad
 
 log = logging.getLogger(__name__)
 
-_REPO_PROSE = Path(__file__).resolve().parents[2] / "data" / "prose" / "kjv.txt"
+PROSE_FILE = "kjv.txt"
 
 
 # ---- prose and needle documents ---------------------------------------------------------------
-def default_prose_path() -> Path:
-    """``data/prose/kjv.txt`` in the repository checkout (``$MMFORMER_PROSE`` wins when set)."""
-    env = os.environ.get("MMFORMER_PROSE")
-    path = Path(env) if env else _REPO_PROSE
-    if not path.is_file():
-        raise FileNotFoundError(f"prose text not found at {path}; build it with `python data/build_prose.py`"
-                                + (" or unset $MMFORMER_PROSE" if env else ""))
-    return path
+def default_prose_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The bundled prose text, ``<prose folder>/kjv.txt``.
+
+    ``explicit`` (the prose folder, or a folder holding ``prose/``), else ``$MMFORMER_DATA/prose``,
+    else the repository checkout's ``data/prose``, else the copy inside an installed wheel: see
+    :mod:`mmformer.data.bundled`.
+
+    Raises:
+        BundledDataNotFound: a ``FileNotFoundError`` naming the places looked at and how to get the data.
+    """
+    return bundled_dir("prose", explicit) / PROSE_FILE
 
 
 def load_prose(tokenizer: Tokenizer, path: str | os.PathLike | None = None,

@@ -15,11 +15,10 @@ import lightning as L
 import torch
 
 from mmformer.config import get_config
-from mmformer.data.emoji import default_data_dir
 from mmformer.losses import clip_loss, contrastive_accumulation, world_size
 from mmformer.model import MMFormer
 from mmformer.retrieval.metrics import concept_retrieval_metrics, pair_retrieval_metrics
-from mmformer.tokenizer import Tokenizer
+from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 from mmformer.training.checkpoint import guard_fit
 from mmformer.training.distributed import PRECISION_DTYPES, apply_fsdp, is_fsdp
 from mmformer.training.optim import StepCosine, TimeCosine, parameter_groups
@@ -29,18 +28,14 @@ log = logging.getLogger(__name__)
 NONFINITE_POLICIES = ("stop", "skip")
 
 
-def default_tokenizer_path() -> Path:
-    """The SentencePiece model trained on the bundled emoji captions (``data/emoji/tokenizer.model``)."""
-    return Path(default_data_dir()) / "tokenizer.model"
-
-
 class MMFormerModule(L.LightningModule):
     """Contrastive (CLIP InfoNCE) training of an MMFormer.
 
     Args:
         preset: model preset name (``tiny``, ``small``, ``base``).
         model_config: overrides of the preset's :class:`~mmformer.config.ModelConfig` fields.
-        tokenizer: SentencePiece model path; None = the bundled emoji tokenizer.
+        tokenizer: SentencePiece model path; None = the default one shipped in the package
+            (:func:`mmformer.tokenizer.default_tokenizer_path`).
         pretrained: a ``save_pretrained`` directory to start from (its config wins over
             ``preset``/``model_config``).
         lr, weight_decay, betas, eps: AdamW. No decay on norms, biases, embeddings, logit scale.
