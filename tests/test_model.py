@@ -1,6 +1,7 @@
 """MMFormer: sharing modes, shapes, persistence, timm interop."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from mmformer.config import ModelConfig, get_config
 from mmformer.model import MMFormer
 from mmformer.tokenizer import Tokenizer
 
+FIXTURES = Path(__file__).parent / "fixtures"
 SMALL = dict(width=32, depth=3, heads=4, image_size=16, patch_size=8, vocab_size=50,
              context_length=8, embed_dim=24)
 
@@ -117,3 +119,21 @@ def test_image_features_equal_timm_vit(tmp_path, share):
     with pytest.raises(ValueError, match="shape mismatches"):
         MMFormer(ModelConfig(width=192, depth=12, heads=3, image_size=112, patch_size=16,
                              image_pos="learned", image_pre_norm=False)).load_timm_vit(path)
+
+
+def test_config_written_before_extra_was_retired_still_loads(tmp_path):
+    # written by ModelConfig.to_json at 227686d, when every config.json held "extra": {}
+    old = FIXTURES / "config-227686d.json"
+    assert "extra" in json.loads(old.read_text())
+    cfg = ModelConfig.from_json(old)
+    assert (cfg.share, cfg.attention, cfg.chunk_overflow, cfg.max_chunks, cfg.width) == ("attention", "local", "first", 4, 32)
+    assert "extra" not in cfg.to_dict()
+    # a checkpoint directory whose config.json holds "extra" (even a non-empty one) loads the same weights
+    m = MMFormer(cfg).eval()
+    m.save_pretrained(tmp_path / "ckpt")
+    d = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**d, "extra": {"note": "kept by nothing"}}))
+    m2 = MMFormer.from_pretrained(tmp_path / "ckpt").eval()
+    assert m2.config == cfg
+    ids = torch.randint(3, 64, (2, 8))
+    assert torch.equal(m.encode_text(ids), m2.encode_text(ids))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mmformer.config import MODALITIES, SHARE_MODES
-from mmformer.layers.attention import attend
+from mmformer.layers.attention import attend, check_heads
 
 
 class Mlp(nn.Module):
@@ -61,8 +61,7 @@ class MultiwayAttention(nn.Module):
     def __init__(self, dim: int, heads: int, share: str, modalities: tuple[str, ...],
                  qkv_bias: bool = True) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        check_heads(dim, heads)
         s = sharing(share)
         self.heads = heads
         self.qkv = shared_or_per_modality(s["qkv"], lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), modalities)
