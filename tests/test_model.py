@@ -1,6 +1,7 @@
 """MMFormer: sharing modes, shapes, persistence, timm interop."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,96 @@ def test_config_written_before_extra_was_retired_still_loads(tmp_path):
     assert m2.config == cfg
     ids = torch.randint(3, 64, (2, 8))
     assert torch.equal(m.encode_text(ids), m2.encode_text(ids))
+
+
+# ---- parameter roles: the rules the training code used to apply to parameter names -----------
+def old_is_text_only(name):
+    return name.startswith(("token_embed.", "norm.text.", "text_proj.")) or ".text." in name
+
+
+def old_is_document_expert(name):
+    return name.startswith(("norm.document.", "document_embed.")) or ".document." in name
+
+
+def old_no_decay(name, p):
+    return p.ndim < 2 or any(k in name for k in ("token_embed", "document_embed", "pos_embed", "cls_token", "logit_scale"))
+
+
+def old_reset_parameters(model):
+    """MMFormer.reset_parameters as it picked each Linear's init by its name."""
+    d, depth = model.config.width, model.config.depth
+    for name, m in model.named_modules():
+        if name.startswith("fusion."):
+            continue
+        if isinstance(m, torch.nn.Linear):
+            if name.endswith("_proj") or ".qkv" in name:
+                std = d**-0.5
+            elif ".fc1" in name:
+                std = (2 * d) ** -0.5
+            else:
+                std = d**-0.5 * (2 * depth) ** -0.5
+            torch.nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    torch.nn.init.normal_(model.token_embed.weight, std=0.02)
+    if model.document_embed is not None:
+        torch.nn.init.normal_(model.document_embed.weight, std=0.02)
+    torch.nn.init.normal_(model.cls_token, std=0.02)
+    if isinstance(model.pos_embed, torch.nn.Parameter):
+        torch.nn.init.trunc_normal_(model.pos_embed, std=0.02)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(model.config.logit_scale_init))
+    if model.fusion is not None:
+        model.fusion.reset_parameters()
+
+
+@pytest.mark.parametrize("share", ["qkv", "attention", "all", "none"])
+@pytest.mark.parametrize("image_pos", ["sincos", "learned"])
+def test_parameter_roles_equal_the_old_name_rules(share, image_pos):
+    from mmformer.training.optim import parameter_groups
+
+    for expert, fusion in ((False, False), (True, False), (False, True), (True, True)):
+        m = MMFormer(ModelConfig(**SMALL, share=share, image_pos=image_pos))
+        if expert:
+            m.enable_document_expert()
+        if fusion:
+            m.enable_fusion(4)
+        params = dict(m.named_parameters())
+        roles = m.parameter_roles()
+        assert set(roles) == set(params)
+        assert {n for n, r in roles.items() if r == "text"} == {n for n in params if old_is_text_only(n)}
+        assert {n for n, r in roles.items() if r == "document"} == {n for n in params if old_is_document_expert(n)}
+        assert {n for n, r in roles.items() if r == "fusion"} == {n for n in params if n.startswith("fusion.")}
+        assert ({n for n, r in roles.items() if r == "shared"} == {"logit_scale"} | {
+            n for n in params if n.startswith("blocks.") and n.split(".")[2] in ("attn", "mlp")
+            and n.split(".")[-2] not in ("image", "text", "document") and n.split(".")[-3] not in ("image", "text", "document")})
+        assert all(r == "image" for n, r in roles.items() if n.startswith(("patch_embed.", "cls_token", "pos_embed",
+                                                                          "norm_pre.", "image_proj.", "norm.image.")))
+        decay, no_decay = parameter_groups(m)
+        names = {id(p): n for n, p in params.items()}
+        assert {names[id(p)] for p in no_decay} == {n for n, p in params.items() if old_no_decay(n, p)}
+        assert len(decay) + len(no_decay) == len(params)
+        # initialisation by role draws the same weights as the old initialisation by name
+        torch.manual_seed(7)
+        m.reset_parameters()
+        new = {k: v.clone() for k, v in m.state_dict().items()}
+        torch.manual_seed(7)
+        old_reset_parameters(m)
+        assert all(torch.equal(new[k], v) for k, v in m.state_dict().items())
+
+
+def test_eval_mode_restores_every_submodule_flag_even_on_error():
+    from mmformer.model import eval_mode
+
+    m = MMFormer(ModelConfig(**SMALL)).train()
+    m.blocks[1].eval()  # e.g. a frozen part kept in eval mode while the rest trains
+    before = {name: mod.training for name, mod in m.named_modules()}
+    with eval_mode(m) as inside:
+        assert inside is m and not any(mod.training for mod in m.modules())
+    assert {name: mod.training for name, mod in m.named_modules()} == before
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(m):
+        raise RuntimeError("boom")
+    assert {name: mod.training for name, mod in m.named_modules()} == before

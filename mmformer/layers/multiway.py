@@ -44,6 +44,11 @@ def route(module: nn.Module, modality: str) -> nn.Module:
     return module[modality] if isinstance(module, nn.ModuleDict) else module
 
 
+def each(module: nn.Module) -> list[nn.Module]:
+    """Every module behind a shared-or-per-modality part: the shared one, or each modality's."""
+    return list(module.values()) if isinstance(module, nn.ModuleDict) else [module]
+
+
 def sharing(share: str) -> dict[str, bool]:
     """Which parts of a block are shared for a ``share`` mode."""
     if share not in SHARE_MODES:
@@ -98,8 +103,13 @@ class MultiwayBlock(nn.Module):
         x = x + self.attn(self.norm1[modality](x), modality, key_padding_mask)
         return x + route(self.mlp, modality)(self.norm2[modality](x))
 
+    def parts(self) -> tuple[nn.Module, ...]:
+        """The block's parts, each one shared module or a ModuleDict keyed by modality:
+        ``norm1``, ``norm2``, ``attn.qkv``, ``attn.proj``, ``mlp``."""
+        return (self.norm1, self.norm2, self.attn.qkv, self.attn.proj, self.mlp)
+
     def add_modality(self, name: str, like: str) -> None:
         """Give modality ``name`` its own copy of every per-modality part of ``like``."""
-        for parts in (self.norm1, self.norm2, self.attn.qkv, self.attn.proj, self.mlp):
+        for parts in self.parts():
             if isinstance(parts, nn.ModuleDict):
                 parts[name] = copy.deepcopy(parts[like])
