@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.transforms import DEFAULT_MAX_PIXELS, BatchTrainTransform, build_transforms, load_image
+from mmformer.files import atomic_path, write_text_atomic
 
 __all__ = ["CaptionMode", "EmojiData", "InMemoryImageText", "default_data_dir", "read_concepts"]
 
@@ -237,15 +238,13 @@ def _load_cached(path: Path | None, n: int, size: int) -> tuple[np.ndarray | Non
 
 
 def _save_cache(path: Path | None, pixels: np.ndarray, skipped: list[Skipped]) -> None:
-    """Write the cache atomically (temp file, then rename)."""
+    """Write the cache atomically (temp file, then rename): the skip list first, then the pixels,
+    whose presence marks a complete cache."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    write_text_atomic(path.with_suffix(".skipped.json"), json.dumps([list(s) for s in skipped]))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, pixels, allow_pickle=False)
-    path.with_suffix(".skipped.json").write_text(json.dumps([list(s) for s in skipped]))
-    os.replace(tmp, path)
 
 
 class InMemoryImageText(Dataset):
