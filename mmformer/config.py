@@ -28,6 +28,8 @@ ATTENTION_KINDS = ("dense", "local", "compressed")
 #: What a document over ``max_chunks`` does (``ModelConfig.chunk_overflow``,
 #: :class:`mmformer.documents.DocumentCollator`): raise, or keep the first chunks.
 OVERFLOW_POLICIES = ("error", "first")
+#: Document embeddings from chunk embeddings (:meth:`mmformer.model.MMFormer.forward_document`).
+DOCUMENT_MODES = ("first", "mean", "max", "fusion")
 #: Fields older versions wrote into config.json that nothing reads; ignored when loading.
 _RETIRED_FIELDS = ("extra",)
 

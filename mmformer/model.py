@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmformer.config import ModelConfig
+from mmformer.config import DOCUMENT_MODES, ModelConfig
 from mmformer.documents import DocumentCollator
 from mmformer.files import atomic_path
 from mmformer.layers.fusion import DocumentFusion
@@ -372,10 +372,9 @@ class MMFormer(nn.Module):
         fusion; needs :attr:`fusion`). The cost is linear in C. ``states``: the chunks' (C, L, D)
         :meth:`chunk_states`, when already computed (e.g. cached for a frozen text path).
         """
-        known = ("first", "mean", "max", "fusion")
-        bad = [m for m in modes if m not in known]
+        bad = [m for m in modes if m not in DOCUMENT_MODES]
         if bad:
-            raise ValueError(f"unknown document modes {bad}; choose from {known}")
+            raise ValueError(f"unknown document modes {bad}; choose from {DOCUMENT_MODES}")
         if "fusion" in modes and self.fusion is None:
             raise ValueError("this model has no fusion module (config.fusion_latents=0); use mode 'mean' or "
                              "fine-tune one (train/longdoc-stage1.yaml then train/longdoc.yaml; MMFormer.enable_fusion)")

@@ -22,7 +22,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -262,7 +262,7 @@ class InMemoryImageText(Dataset):
     def __init__(self, data: EmojiData, *, train: bool, image_size: int | None = None,
                  caption_mode: CaptionMode = "name", mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
-        if caption_mode not in ("name", "name+keywords"):
+        if caption_mode not in get_args(CaptionMode):
             raise ValueError(f"caption_mode must be 'name' or 'name+keywords', got {caption_mode!r}")
         self.data, self.train, self.caption_mode = data, train, caption_mode
         self.transform = build_transforms(image_size or data.image_size, train, mean, std)
