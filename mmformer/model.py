@@ -35,6 +35,7 @@ from mmformer.config import DOCUMENT_MODES, ModelConfig
 from mmformer.documents import DocumentCollator
 from mmformer.files import atomic_path
 from mmformer.layers.fusion import DocumentFusion
+from mmformer.layers.init import init_linears_and_norms
 from mmformer.layers.multiway import MultiwayBlock, each, sharing
 from mmformer.layers.positions import sincos_2d, sinusoidal_1d
 from mmformer.layers.sparse import make_attend
@@ -130,17 +131,9 @@ class MMFormer(nn.Module):
         """
         stds = self._linear_init_stds()
         fusion = getattr(self, "fusion", None)
-        own_init = {id(m) for m in fusion.modules()} if fusion is not None else set()
-        for name, m in self.named_modules():  # in module order: the draws do not depend on the roles
-            if id(m) in own_init:  # initialised by DocumentFusion.reset_parameters
-                continue
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=stds[id(m)])
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        own_init = {id(m) for m in fusion.modules()} if fusion is not None else set()  # DocumentFusion's
+        init_linears_and_norms(((n, m) for n, m in self.named_modules() if id(m) not in own_init),
+                               lambda name, m: stds[id(m)])
         nn.init.normal_(self.token_embed.weight, std=0.02)
         if getattr(self, "document_embed", None) is not None:
             nn.init.normal_(self.document_embed.weight, std=0.02)

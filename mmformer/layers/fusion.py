@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmformer.layers.attention import SelfAttention, check_heads, merge_heads, split_fused, split_heads
+from mmformer.layers.init import init_linears_and_norms
 from mmformer.layers.multiway import Mlp
 from mmformer.layers.positions import sinusoidal_1d
 
@@ -78,15 +79,8 @@ class DocumentFusion(nn.Module):
         chunk-index map and gate zero; log-length scale 1/log(ref_keys); norms 1/0."""
         d = self.dim
         nn.init.normal_(self.latents, std=0.02)
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                std = (2 * d) ** -0.5 if name in ("proj", "attn.proj", "mlp.fc2") else d**-0.5
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        residual = {self.proj, self.attn.proj, self.mlp.fc2}  # outputs added to a residual stream
+        init_linears_and_norms(self.named_modules(), lambda name, m: (2 * d) ** -0.5 if m in residual else d**-0.5)
         nn.init.zeros_(self.chunk_pos.weight)
         nn.init.constant_(self.length_scale, 1.0 / math.log(self.ref_keys))
         with torch.no_grad():
