@@ -30,8 +30,9 @@ ATTENTION_KINDS = ("dense", "local", "compressed")
 OVERFLOW_POLICIES = ("error", "first")
 #: Document embeddings from chunk embeddings (:meth:`mmformer.model.MMFormer.forward_document`).
 DOCUMENT_MODES = ("first", "mean", "max", "fusion")
-#: Fields older versions wrote into config.json that nothing reads; ignored when loading.
-_RETIRED_FIELDS = ("extra",)
+#: Fields older versions wrote into config.json (with the value they always had) that nothing
+#: reads: ignored when loading, hashed at that value by :func:`mmformer.model.model_fingerprint`.
+RETIRED_FIELDS: dict[str, Any] = {"extra": {}}
 
 
 @dataclass
@@ -170,7 +171,7 @@ class ModelConfig:
         """A config from :meth:`to_dict` output; fields older versions wrote and nothing reads
         (``extra``) are dropped with a debug log, so their config.json files still load."""
         d = dict(d)
-        for name in _RETIRED_FIELDS:
+        for name in RETIRED_FIELDS:
             if name in d:
                 log.debug("ignoring retired ModelConfig field %r = %r", name, d.pop(name))
         known = {f.name for f in dataclasses.fields(cls)}

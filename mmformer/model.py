@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmformer.config import DOCUMENT_MODES, ModelConfig
+from mmformer.config import DOCUMENT_MODES, RETIRED_FIELDS, ModelConfig
 from mmformer.documents import DocumentCollator
 from mmformer.files import atomic_path
 from mmformer.layers.fusion import DocumentFusion
@@ -506,7 +506,10 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+        d = config.to_dict()
+        if isinstance(config, ModelConfig):  # retired fields at the value they always had, so
+            d = {**RETIRED_FIELDS, **d}  # fingerprints recorded in indexes stay valid
+        h.update(json.dumps(d, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         if not isinstance(t, torch.Tensor):
             continue

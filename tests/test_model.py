@@ -231,3 +231,16 @@ def test_eval_mode_restores_every_submodule_flag_even_on_error():
     with pytest.raises(RuntimeError, match="boom"), eval_mode(m):
         raise RuntimeError("boom")
     assert {name: mod.training for name, mod in m.named_modules()} == before
+
+
+def test_fingerprint_is_the_one_the_code_before_retiring_extra_gave():
+    """Indexes record the model fingerprint; dropping ModelConfig.extra must not change it.
+    The value was printed by model_fingerprint at 227686d for these deterministic weights."""
+    from mmformer.model import model_fingerprint
+
+    m = MMFormer(ModelConfig(width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=64,
+                             context_length=8, embed_dim=16))
+    with torch.no_grad():
+        for i, p in enumerate(m.parameters()):
+            p.copy_(torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) / (p.numel() + i + 1))
+    assert model_fingerprint(m) == "d54e460b2a682649"
