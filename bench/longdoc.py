@@ -52,9 +52,8 @@ from _common import machine_line, markdown_table  # noqa: E402
 from mmformer.training.cpu import keep_freed_memory  # noqa: E402
 from mmformer.data.emoji import InMemoryImageText  # noqa: E402
 from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents  # noqa: E402
+from mmformer.config import DOCUMENT_MODES as MODES  # noqa: E402
 from mmformer.model import MMFormer  # noqa: E402
-
-MODES = ("first", "mean", "max", "fusion")
 
 
 def t2i_r1(image: torch.Tensor, text: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -9,15 +9,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mmformer.files import write_text_atomic
 
+log = logging.getLogger(__name__)
+
+#: What the modalities share inside each block (``ModelConfig.share``).
 SHARE_MODES = ("qkv", "attention", "all", "none")
+#: The block routes every model has (a document expert adds ``"document"``).
 MODALITIES = ("image", "text")
+#: Text self-attention kernels (``ModelConfig.attention``, :func:`mmformer.layers.sparse.make_attend`).
+ATTENTION_KINDS = ("dense", "local", "compressed")
+#: What a document over ``max_chunks`` does (``ModelConfig.chunk_overflow``,
+#: :class:`mmformer.documents.DocumentCollator`): raise, or keep the first chunks.
+OVERFLOW_POLICIES = ("error", "first")
+#: Document embeddings from chunk embeddings (:meth:`mmformer.model.MMFormer.forward_document`).
+DOCUMENT_MODES = ("first", "mean", "max", "fusion")
+#: Fields older versions wrote into config.json (with the value they always had) that nothing
+#: reads: ignored when loading, hashed at that value by :func:`mmformer.model.model_fingerprint`.
+RETIRED_FIELDS: dict[str, Any] = {"extra": {}}
 
 
 @dataclass
@@ -86,7 +101,6 @@ class ModelConfig:
     chunk_stride: int | None = None
     max_chunks: int | None = None
     chunk_overflow: str = "error"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)
@@ -114,8 +128,8 @@ class ModelConfig:
 
     def _long_document_problems(self) -> list[str]:
         problems = []
-        if self.attention not in ("dense", "local", "compressed"):
-            problems.append(f"attention={self.attention!r} must be 'dense', 'local' or 'compressed'")
+        if self.attention not in ATTENTION_KINDS:
+            problems.append(f"attention={self.attention!r} must be one of {ATTENTION_KINDS}")
         if self.attention_window < 0 or self.attention_global < 0 or self.attention_compression < 1:
             problems.append("need attention_window >= 0, attention_global >= 0, attention_compression >= 1")
         if self.fusion_latents < 0 or (self.fusion_latents and self.width % self.fusion_heads):
@@ -125,8 +139,8 @@ class ModelConfig:
             problems.append(f"chunk_stride={self.chunk_stride} must be in [1, context_length - 2]")
         if self.max_chunks is not None and self.max_chunks < 1:
             problems.append(f"max_chunks={self.max_chunks} must be >= 1 or None")
-        if self.chunk_overflow not in ("error", "first"):
-            problems.append(f"chunk_overflow={self.chunk_overflow!r} must be 'error' or 'first'")
+        if self.chunk_overflow not in OVERFLOW_POLICIES:
+            problems.append(f"chunk_overflow={self.chunk_overflow!r} must be one of {OVERFLOW_POLICIES}")
         return problems
 
     @property
@@ -154,6 +168,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """A config from :meth:`to_dict` output; fields older versions wrote and nothing reads
+        (``extra``) are dropped with a debug log, so their config.json files still load."""
+        d = dict(d)
+        for name in RETIRED_FIELDS:
+            if name in d:
+                log.debug("ignoring retired ModelConfig field %r = %r", name, d.pop(name))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -18,6 +18,7 @@ import torch
 
 from mmformer.data.datamodule import ImageTextDataModule, SkippedSamplesCallback
 from mmformer.data.emoji import InMemoryImageText, default_data_dir
+from mmformer.files import atomic_path
 from mmformer.retrieval import embed_images, embed_texts, format_metrics, retrieval_metrics
 from mmformer.training.module import MMFormerModule
 
@@ -155,6 +156,5 @@ def write_grid(path: Path, queries: list[str], images: list[list[torch.Tensor]],
             pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((cell - 16, cell - 16), Image.NEAREST)
             canvas.paste(pil, (label_w + c * cell + 8, y + 4))
             draw.text((label_w + c * cell + 4, y + cell - 8), name[:15], fill=(60, 60, 60))
-    tmp = path.with_suffix(".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")

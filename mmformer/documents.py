@@ -10,16 +10,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
+from mmformer.config import OVERFLOW_POLICIES
 from mmformer.tokenizer import Tokenizer, chunk_ids, wrap_and_pad
 
 log = logging.getLogger(__name__)
-
-OVERFLOW_POLICIES = ("error", "first")
 
 
 class TooManyChunks(ValueError):
@@ -44,7 +43,6 @@ class DocumentBatch:
     chunk_counts: torch.Tensor
     truncated: torch.Tensor
     n_tokens: torch.Tensor
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.chunk_counts.shape[0])
@@ -64,14 +62,7 @@ class DocumentBatch:
     def to(self, device: torch.device | str) -> "DocumentBatch":
         return DocumentBatch(self.input_ids.to(device), self.attention_mask.to(device),
                              self.chunk_counts.to(device), self.truncated.to(device),
-                             self.n_tokens.to(device), dict(self.extra))
-
-    def first_chunks(self) -> "DocumentBatch":
-        """The batch cut to each document's first chunk (truncation to the first window)."""
-        starts = torch.cumsum(self.chunk_counts, 0) - self.chunk_counts
-        ones = torch.ones_like(self.chunk_counts)
-        return DocumentBatch(self.input_ids[starts], self.attention_mask[starts], ones,
-                             self.chunk_counts > 1, self.n_tokens, dict(self.extra))
+                             self.n_tokens.to(device))
 
 
 class DocumentCollator:

@@ -12,6 +12,7 @@ A checkpoint directory holds ``config.json`` + ``model.safetensors`` (+ ``tokeni
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -21,7 +22,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +31,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmformer.config import ModelConfig
+from mmformer.config import DOCUMENT_MODES, RETIRED_FIELDS, ModelConfig
 from mmformer.documents import DocumentCollator
 from mmformer.files import atomic_path
 from mmformer.layers.fusion import DocumentFusion
-from mmformer.layers.multiway import MultiwayBlock, sharing
+from mmformer.layers.init import init_linears_and_norms
+from mmformer.layers.multiway import MultiwayBlock, each, sharing
 from mmformer.layers.positions import sincos_2d, sinusoidal_1d
 from mmformer.layers.sparse import make_attend
 from mmformer.tokenizer import Tokenizer
@@ -44,6 +46,19 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.model"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside the block; afterwards every submodule gets back its own previous
+    train/eval flag (a frozen teacher kept in eval stays in eval), also when the block raises."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class PatchEmbed(nn.Module):
@@ -114,23 +129,11 @@ class MMFormer(nn.Module):
         (measured). Small embeddings with the tables scaled by ``pos_scale`` and a pre-norm on
         the image path let the blocks' content dominate, and training moves at once.
         """
-        d, depth = self.config.width, self.config.depth
-        for name, m in self.named_modules():
-            if name.startswith("fusion."):  # initialised by DocumentFusion.reset_parameters
-                continue
-            if isinstance(m, nn.Linear):
-                if name.endswith("_proj") or ".qkv" in name:
-                    std = d**-0.5
-                elif ".fc1" in name:
-                    std = (2 * d) ** -0.5
-                else:  # attention proj, fc2: outputs added to the residual stream
-                    std = d**-0.5 * (2 * depth) ** -0.5
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        stds = self._linear_init_stds()
+        fusion = getattr(self, "fusion", None)
+        own_init = {id(m) for m in fusion.modules()} if fusion is not None else set()  # DocumentFusion's
+        init_linears_and_norms(((n, m) for n, m in self.named_modules() if id(m) not in own_init),
+                               lambda name, m: stds[id(m)])
         nn.init.normal_(self.token_embed.weight, std=0.02)
         if getattr(self, "document_embed", None) is not None:
             nn.init.normal_(self.document_embed.weight, std=0.02)
@@ -141,6 +144,54 @@ class MMFormer(nn.Module):
             self.logit_scale.fill_(math.log(self.config.logit_scale_init))
         if getattr(self, "fusion", None) is not None:
             self.fusion.reset_parameters()
+
+    def _linear_init_stds(self) -> dict[int, float]:
+        """Init std of every Linear outside the fusion module, by its role (keyed by ``id``)."""
+        d, depth = self.config.width, self.config.depth
+        stds = {id(self.image_proj): d**-0.5, id(self.text_proj): d**-0.5}  # joint-space projections
+        for block in self.blocks:
+            stds.update((id(m), d**-0.5) for m in each(block.attn.qkv))
+            residual = [*each(block.attn.proj), *(mlp.fc2 for mlp in each(block.mlp))]
+            stds.update((id(m), d**-0.5 * (2 * depth) ** -0.5) for m in residual)  # added to the residual stream
+            stds.update((id(mlp.fc1), (2 * d) ** -0.5) for mlp in each(block.mlp))
+        return stds
+
+    # ---- parameter roles (asked by the optimizer and the long-document fine-tuning) ---------
+    def parameter_roles(self) -> dict[str, str]:
+        """Every parameter's name -> the route that alone uses it: ``"image"``, ``"text"`` or
+        ``"document"`` (a modality's own parts: its embeddings, per-modality block parts, final
+        norm and projection), ``"fusion"`` (the document fusion module), or ``"shared"`` (used by
+        several routes: the shared attention weights or FFN, the logit scale)."""
+        owner: dict[int, str] = {}
+
+        def mark(role: str, *parts: nn.Module | nn.Parameter | None) -> None:
+            for part in parts:
+                if isinstance(part, nn.Module):
+                    owner.update((id(p), role) for p in part.parameters())
+                elif isinstance(part, nn.Parameter):
+                    owner[id(part)] = role
+
+        mark("image", self.patch_embed, self.cls_token, self.pos_embed, self.norm_pre, self.image_proj)
+        mark("text", self.token_embed, self.text_proj)
+        mark("document", self.document_embed)
+        for modality, norm in self.norm.items():
+            mark(modality, norm)
+        for block in self.blocks:
+            for part in block.parts():
+                if isinstance(part, nn.ModuleDict):
+                    for modality, module in part.items():
+                        mark(modality, module)
+        mark("fusion", self.fusion)
+        return {name: owner.get(id(p), "shared") for name, p in self.named_parameters()}
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters of two or more dims that take no weight decay (timm's
+        convention): the token embeddings, the class token, a learned position table and the
+        logit scale. Parameters of fewer than two dims (norms, biases, gates) take none either
+        (:func:`mmformer.training.optim.parameter_groups`)."""
+        exempt = {id(p) for p in (self.token_embed.weight, self.cls_token, self.pos_embed, self.logit_scale,
+                                  *(self.document_embed.parameters() if self.document_embed is not None else ()))}
+        return {name for name, p in self.named_parameters() if id(p) in exempt}
 
     # ---- trunk --------------------------------------------------------------------------
     def _run_blocks(self, x: torch.Tensor, modality: str,
@@ -314,10 +365,9 @@ class MMFormer(nn.Module):
         fusion; needs :attr:`fusion`). The cost is linear in C. ``states``: the chunks' (C, L, D)
         :meth:`chunk_states`, when already computed (e.g. cached for a frozen text path).
         """
-        known = ("first", "mean", "max", "fusion")
-        bad = [m for m in modes if m not in known]
+        bad = [m for m in modes if m not in DOCUMENT_MODES]
         if bad:
-            raise ValueError(f"unknown document modes {bad}; choose from {known}")
+            raise ValueError(f"unknown document modes {bad}; choose from {DOCUMENT_MODES}")
         if "fusion" in modes and self.fusion is None:
             raise ValueError("this model has no fusion module (config.fusion_latents=0); use mode 'mean' or "
                              "fine-tune one (train/longdoc-stage1.yaml then train/longdoc.yaml; MMFormer.enable_fusion)")
@@ -456,7 +506,10 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+        d = config.to_dict()
+        if isinstance(config, ModelConfig):  # retired fields at the value they always had, so
+            d = {**RETIRED_FIELDS, **d}  # fingerprints recorded in indexes stay valid
+        h.update(json.dumps(d, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         if not isinstance(t, torch.Tensor):
             continue

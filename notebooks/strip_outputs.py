@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import nbformat
+
+from mmformer.files import write_text_atomic
 
 #: Cell metadata that records a run (nbclient / papermill timings, scroll state), not content.
 RUN_METADATA = ("execution", "papermill", "collapsed", "scrolled", "ExecuteTime")
@@ -46,16 +47,12 @@ def strip(nb: nbformat.NotebookNode) -> bool:
 
 
 def write_atomic(nb: nbformat.NotebookNode, path: Path) -> None:
-    """Write ``nb`` to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            nbformat.write(nb, f)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``nb`` to ``path`` as ``nbformat.write`` would, atomically (a temporary file beside
+    ``path``, then a rename; :func:`mmformer.files.write_text_atomic`), keeping the file's mode."""
+    text = nbformat.writes(nb)
+    mode = path.stat().st_mode & 0o777
+    write_text_atomic(path, text if text.endswith("\n") else text + "\n")
+    os.chmod(path, mode)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,6 @@
 mismatch and damage errors, skipped inputs, int8 agreement, and the index/search commands."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -130,6 +129,38 @@ def test_build_open_search_round_trip(tiny_model, image_folder, tmp_path):
     assert build_index(tiny_model, image_folder, out, progress=False).manifest == reopened.manifest
     with pytest.raises(InvalidIndexError, match="overwrite"):
         build_index(tiny_model, image_folder / "sub", out, progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_exact_index_round_trip_keeps_dtype_and_checks_queries(tiny_model, image_folder, tmp_path, dtype):
+    """What the retired torch ExactIndex asserted, on the index with the exact backend."""
+    out = tmp_path / "index"
+    build_index(tiny_model, image_folder, out, dtype=dtype, backend="exact", progress=False)
+    array = np.load(out / "embeddings.npy", allow_pickle=False)
+    assert array.shape == (len(COLORS), 16) and array.dtype == np.dtype(dtype)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left behind
+    index = Index.open(out)
+    assert index.embeddings.dtype == np.dtype(dtype) and isinstance(index.backend, ExactBackend)
+    q = unit(np.random.default_rng(5).standard_normal((3, 16)))
+    scores, rows = index.search(q, 4)
+    ref_scores, ref_rows = ExactBackend(array).search(q, 4)
+    assert np.array_equal(rows, ref_rows) and np.array_equal(scores, ref_scores)
+    assert np.array_equal(index.search(torch.from_numpy(q), 4)[1], rows)  # torch queries too
+    with pytest.raises(ValueError, match=r"queries must have shape \(Q, 16\), got \(2, 15\)"):
+        index.search(q[:2, :15], 3)
+    with pytest.raises(ValueError, match=r"queries must have shape \(Q, 16\), got \(16,\)"):
+        index.search(q[0], 3)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        index.search(q, 0)
+    with pytest.raises(ValueError, match="dtype='bfloat16' must be 'float32' or 'float16'"):
+        build_index(tiny_model, image_folder, tmp_path / "other", dtype="bfloat16", progress=False)
+    # embeddings.npy replaced by a 1-D array of the same size: refused, naming the file and shapes
+    flat = out / "flat.npy"
+    np.save(flat, array.reshape(-1), allow_pickle=False)
+    assert flat.stat().st_size == (out / "embeddings.npy").stat().st_size
+    flat.replace(out / "embeddings.npy")
+    with pytest.raises(InvalidIndexError, match=r"embeddings.npy: shape \(128,\) .*the manifest says \(8, 16\)"):
+        Index.open(out, verify=False)
 
 
 def test_search_with_another_model_is_refused(tiny_model, image_folder, tmp_path):

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from mmformer.layers.attention import CrossAttention, SelfAttention
+from mmformer.layers.attention import CrossAttention, SelfAttention, attend, split_fused, split_heads
 from mmformer.layers.multiway import MultiwayBlock
 from mmformer.layers.positions import sincos_2d, sinusoidal_1d
+from mmformer.layers.sparse import compressed_attention, local_global_attention
 
 
 def reference_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, mask=None, context=None, kv=None):
@@ -95,3 +96,32 @@ def test_multiway_block_shares_weights_where_configured():
     assert "attn.qkv.weight" in names and "attn.proj.image.weight" in names
     none = MultiwayBlock(16, 2, 32, share="none")
     assert {"attn.qkv.image.weight", "attn.qkv.text.weight"} <= {n for n, _ in none.named_parameters()}
+
+
+def test_split_fused_takes_q_k_v_from_their_thirds_head_by_head():
+    b, t, heads, dh = 2, 5, 3, 4
+    d = heads * dh
+    x = torch.randn(b, t, 3 * d)
+    q, k, v = split_fused(x, 3, heads)
+    assert q.shape == k.shape == v.shape == (b, heads, t, dh)
+    for i, part in enumerate((q, k, v)):
+        for h in range(heads):  # head h of part i is columns [i*D + h*Dh, i*D + (h+1)*Dh)
+            assert torch.equal(part[:, h], x[..., i * d + h * dh: i * d + (h + 1) * dh])
+    k2, v2 = split_fused(x[..., : 2 * d], 2, heads)
+    assert torch.equal(k2, q) and torch.equal(v2, k)
+    assert torch.equal(split_heads(x[..., :d], heads), q)
+    assert q.data_ptr() == x.data_ptr()  # views, no copy
+
+
+@pytest.mark.parametrize("bad", [torch.ones(2, 6, dtype=torch.bool), torch.ones(2, 5, dtype=torch.long),
+                                 torch.ones(5, dtype=torch.bool)])
+def test_every_attention_kernel_gives_the_same_mask_error(bad):
+    qkv = torch.randn(2, 5, 3 * 8)
+    message = r"key_padding_mask must be bool of shape \(B, S\) = \(2, 5\), True = real token; got "
+    for kernel in (attend, local_global_attention, compressed_attention):
+        with pytest.raises(ValueError, match=message):
+            kernel(qkv, 2, bad)
+    with pytest.raises(ValueError, match=message):
+        SelfAttention(8, 2)(torch.randn(2, 5, 8), bad)
+    with pytest.raises(ValueError, match=r"dim=8 is not divisible by heads=3"):
+        SelfAttention(8, 3)

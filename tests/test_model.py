@@ -1,6 +1,8 @@
 """MMFormer: sharing modes, shapes, persistence, timm interop."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from mmformer.config import ModelConfig, get_config
 from mmformer.model import MMFormer
 from mmformer.tokenizer import Tokenizer
 
+FIXTURES = Path(__file__).parent / "fixtures"
 SMALL = dict(width=32, depth=3, heads=4, image_size=16, patch_size=8, vocab_size=50,
              context_length=8, embed_dim=24)
 
@@ -117,3 +120,127 @@ def test_image_features_equal_timm_vit(tmp_path, share):
     with pytest.raises(ValueError, match="shape mismatches"):
         MMFormer(ModelConfig(width=192, depth=12, heads=3, image_size=112, patch_size=16,
                              image_pos="learned", image_pre_norm=False)).load_timm_vit(path)
+
+
+def test_config_written_before_extra_was_retired_still_loads(tmp_path):
+    # written by ModelConfig.to_json at 227686d, when every config.json held "extra": {}
+    old = FIXTURES / "config-227686d.json"
+    assert "extra" in json.loads(old.read_text())
+    cfg = ModelConfig.from_json(old)
+    assert (cfg.share, cfg.attention, cfg.chunk_overflow, cfg.max_chunks, cfg.width) == ("attention", "local", "first", 4, 32)
+    assert "extra" not in cfg.to_dict()
+    # a checkpoint directory whose config.json holds "extra" (even a non-empty one) loads the same weights
+    m = MMFormer(cfg).eval()
+    m.save_pretrained(tmp_path / "ckpt")
+    d = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**d, "extra": {"note": "kept by nothing"}}))
+    m2 = MMFormer.from_pretrained(tmp_path / "ckpt").eval()
+    assert m2.config == cfg
+    ids = torch.randint(3, 64, (2, 8))
+    assert torch.equal(m.encode_text(ids), m2.encode_text(ids))
+
+
+# ---- parameter roles: the rules the training code used to apply to parameter names -----------
+def old_is_text_only(name):
+    return name.startswith(("token_embed.", "norm.text.", "text_proj.")) or ".text." in name
+
+
+def old_is_document_expert(name):
+    return name.startswith(("norm.document.", "document_embed.")) or ".document." in name
+
+
+def old_no_decay(name, p):
+    return p.ndim < 2 or any(k in name for k in ("token_embed", "document_embed", "pos_embed", "cls_token", "logit_scale"))
+
+
+def old_reset_parameters(model):
+    """MMFormer.reset_parameters as it picked each Linear's init by its name."""
+    d, depth = model.config.width, model.config.depth
+    for name, m in model.named_modules():
+        if name.startswith("fusion."):
+            continue
+        if isinstance(m, torch.nn.Linear):
+            if name.endswith("_proj") or ".qkv" in name:
+                std = d**-0.5
+            elif ".fc1" in name:
+                std = (2 * d) ** -0.5
+            else:
+                std = d**-0.5 * (2 * depth) ** -0.5
+            torch.nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    torch.nn.init.normal_(model.token_embed.weight, std=0.02)
+    if model.document_embed is not None:
+        torch.nn.init.normal_(model.document_embed.weight, std=0.02)
+    torch.nn.init.normal_(model.cls_token, std=0.02)
+    if isinstance(model.pos_embed, torch.nn.Parameter):
+        torch.nn.init.trunc_normal_(model.pos_embed, std=0.02)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(model.config.logit_scale_init))
+    if model.fusion is not None:
+        model.fusion.reset_parameters()
+
+
+@pytest.mark.parametrize("share", ["qkv", "attention", "all", "none"])
+@pytest.mark.parametrize("image_pos", ["sincos", "learned"])
+def test_parameter_roles_equal_the_old_name_rules(share, image_pos):
+    from mmformer.training.optim import parameter_groups
+
+    for expert, fusion in ((False, False), (True, False), (False, True), (True, True)):
+        m = MMFormer(ModelConfig(**SMALL, share=share, image_pos=image_pos))
+        if expert:
+            m.enable_document_expert()
+        if fusion:
+            m.enable_fusion(4)
+        params = dict(m.named_parameters())
+        roles = m.parameter_roles()
+        assert set(roles) == set(params)
+        assert {n for n, r in roles.items() if r == "text"} == {n for n in params if old_is_text_only(n)}
+        assert {n for n, r in roles.items() if r == "document"} == {n for n in params if old_is_document_expert(n)}
+        assert {n for n, r in roles.items() if r == "fusion"} == {n for n in params if n.startswith("fusion.")}
+        assert ({n for n, r in roles.items() if r == "shared"} == {"logit_scale"} | {
+            n for n in params if n.startswith("blocks.") and n.split(".")[2] in ("attn", "mlp")
+            and n.split(".")[-2] not in ("image", "text", "document") and n.split(".")[-3] not in ("image", "text", "document")})
+        assert all(r == "image" for n, r in roles.items() if n.startswith(("patch_embed.", "cls_token", "pos_embed",
+                                                                          "norm_pre.", "image_proj.", "norm.image.")))
+        decay, no_decay = parameter_groups(m)
+        names = {id(p): n for n, p in params.items()}
+        assert {names[id(p)] for p in no_decay} == {n for n, p in params.items() if old_no_decay(n, p)}
+        assert len(decay) + len(no_decay) == len(params)
+        # initialisation by role draws the same weights as the old initialisation by name
+        torch.manual_seed(7)
+        m.reset_parameters()
+        new = {k: v.clone() for k, v in m.state_dict().items()}
+        torch.manual_seed(7)
+        old_reset_parameters(m)
+        assert all(torch.equal(new[k], v) for k, v in m.state_dict().items())
+
+
+def test_eval_mode_restores_every_submodule_flag_even_on_error():
+    from mmformer.model import eval_mode
+
+    m = MMFormer(ModelConfig(**SMALL)).train()
+    m.blocks[1].eval()  # e.g. a frozen part kept in eval mode while the rest trains
+    before = {name: mod.training for name, mod in m.named_modules()}
+    with eval_mode(m) as inside:
+        assert inside is m and not any(mod.training for mod in m.modules())
+    assert {name: mod.training for name, mod in m.named_modules()} == before
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(m):
+        raise RuntimeError("boom")
+    assert {name: mod.training for name, mod in m.named_modules()} == before
+
+
+def test_fingerprint_is_the_one_the_code_before_retiring_extra_gave():
+    """Indexes record the model fingerprint; dropping ModelConfig.extra must not change it.
+    The value was printed by model_fingerprint at 227686d for these deterministic weights."""
+    from mmformer.model import model_fingerprint
+
+    m = MMFormer(ModelConfig(width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=64,
+                             context_length=8, embed_dim=16))
+    with torch.no_grad():
+        for i, p in enumerate(m.parameters()):
+            p.copy_(torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) / (p.numel() + i + 1))
+    assert model_fingerprint(m) == "d54e460b2a682649"

@@ -1,4 +1,4 @@
-"""Tests for mmformer.retrieval: metrics against plain references, exact index, embedding."""
+"""Tests for mmformer.retrieval: metrics against plain references, exact search, embedding."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmformer.files import atomic_path
 from mmformer.retrieval import (
-    ExactIndex,
     embed_images,
     embed_texts,
     evaluate_retrieval,
     retrieval_metrics,
     retrieval_ranks,
 )
+from mmformer.retrieval.backends import ExactBackend
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def test_metrics_validation_errors():
 
 
 # --------------------------------------------------------------------------------------------
-# ExactIndex
+# exact search (retrieval.backends.ExactBackend; the index round trip is in test_index.py)
 
 
 def brute_force_topk(gallery, queries, k):
@@ -285,64 +286,48 @@ def random_unit(n, d, seed):
     return F.normalize(torch.randn(n, d, generator=g), dim=1)
 
 
-def test_exact_index_matches_brute_force_topk():
+def test_exact_backend_matches_brute_force_topk():
     gallery, queries = random_unit(203, 16, 0), random_unit(33, 16, 1)
-    index = ExactIndex(16)
-    index.add(gallery[:100])
-    index.add(gallery[100:])  # ids continue in add order
-    assert len(index) == index.ntotal == 203 and index.dim == 16
-    scores, ids = index.search(queries, 7, block_size=5)
+    backend = ExactBackend(gallery.numpy(), block_size=5)
+    scores, ids = backend.search(queries.numpy(), 7)
     ref_scores, ref_ids = brute_force_topk(gallery, queries, 7)
     assert scores.shape == ids.shape == (33, 7)
-    assert scores.dtype == torch.float32 and ids.dtype == torch.int64
-    assert np.array_equal(ids.numpy(), ref_ids)
-    np.testing.assert_allclose(scores.numpy(), ref_scores, rtol=0, atol=1e-6)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    assert np.array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-6)
     # a different block size changes nothing
-    scores1, ids1 = index.search(queries, 7, block_size=1000)
-    assert torch.equal(ids1, ids) and torch.allclose(scores1, scores, atol=1e-6)
+    scores1, ids1 = ExactBackend(gallery.numpy(), block_size=1000).search(queries.numpy(), 7)
+    assert np.array_equal(ids1, ids) and np.allclose(scores1, scores, atol=1e-6)
 
 
-def test_exact_index_k_larger_than_ntotal_pads_like_faiss():
-    gallery = random_unit(3, 8, 2)
-    index = ExactIndex()
-    assert index.dim is None
-    index.add(gallery)
-    assert index.dim == 8
-    scores, ids = index.search(gallery, 5)
+def test_exact_backend_k_larger_than_ntotal_pads_like_faiss():
+    gallery = random_unit(3, 8, 2).numpy()
+    scores, ids = ExactBackend(gallery).search(gallery, 5)
     assert ids[:, 0].tolist() == [0, 1, 2]  # each vector finds itself first
-    assert torch.all(ids[:, 3:] == -1) and torch.all(torch.isneginf(scores[:, 3:]))
-    assert torch.all(torch.isfinite(scores[:, :3]))
-    empty_scores, empty_ids = ExactIndex(8).search(gallery, 2)
-    assert torch.all(empty_ids == -1) and torch.all(torch.isneginf(empty_scores))
+    assert np.all(ids[:, 3:] == -1) and np.all(np.isneginf(scores[:, 3:]))
+    assert np.all(np.isfinite(scores[:, :3]))
+    empty_scores, empty_ids = ExactBackend(np.zeros((0, 8), dtype=np.float32)).search(gallery, 2)
+    assert np.all(empty_ids == -1) and np.all(np.isneginf(empty_scores))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_exact_index_save_load_round_trip(tmp_path, dtype):
-    gallery, queries = random_unit(50, 12, 3), random_unit(9, 12, 4)
-    index = ExactIndex(12, dtype=dtype)
-    index.add(gallery)
-    path = tmp_path / "index.npy"
-    index.save(path)
-    assert sorted(os.listdir(tmp_path)) == ["index.npy"]  # no temp file left behind
-    array = np.load(path, allow_pickle=False)
-    assert array.shape == (50, 12) and array.dtype == {torch.float32: np.float32, torch.float16: np.float16}[dtype]
-    loaded = ExactIndex.load(path)
-    assert loaded.dtype == dtype and loaded.dim == 12 and loaded.ntotal == 50
-    assert torch.equal(loaded.embeddings, index.embeddings)
-    s0, i0 = index.search(queries, 4)
-    s1, i1 = loaded.search(queries, 4)
-    assert torch.equal(i0, i1) and torch.equal(s0, s1)
+def test_exact_backend_over_float16_storage_scores_the_stored_values():
+    gallery, queries = random_unit(50, 12, 3).numpy(), random_unit(9, 12, 4).numpy()
+    half = gallery.astype(np.float16)  # an index built with --dtype float16
+    s16, i16 = ExactBackend(half).search(queries, 4)
+    s32, i32 = ExactBackend(half.astype(np.float32)).search(queries, 4)
+    assert np.array_equal(i16, i32) and np.array_equal(s16, s32)  # widened once, scored in float32
+    ref_scores, ref_ids = brute_force_topk(torch.from_numpy(half.astype(np.float32)), torch.from_numpy(queries), 4)
+    assert np.array_equal(i16, ref_ids)
+    np.testing.assert_allclose(s16, ref_scores, rtol=0, atol=1e-6)
 
 
-def test_exact_index_save_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "index.npy"
-    old = ExactIndex(4)
-    old.add(torch.eye(4))
-    old.save(path)
+def test_npy_written_through_atomic_path_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    """How the index writes embeddings.npy: a failed write leaves the old file and no temp file."""
+    path = tmp_path / "embeddings.npy"
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.eye(4, dtype=np.float32), allow_pickle=False)
     before = path.read_bytes()
-
-    new = ExactIndex(4)
-    new.add(torch.ones(10, 4))
+    assert sorted(os.listdir(tmp_path)) == ["embeddings.npy"]
     real_save = np.save
 
     def failing_save(file, arr, **kwargs):
@@ -351,30 +336,10 @@ def test_exact_index_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        new.save(path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ones((10, 4), dtype=np.float32), allow_pickle=False)
     assert path.read_bytes() == before  # the old file is intact
-    assert sorted(os.listdir(tmp_path)) == ["index.npy"]  # the temp file was removed
-
-
-def test_exact_index_dim_mismatch_and_bad_input_errors(tmp_path):
-    index = ExactIndex(16)
-    index.add(random_unit(5, 16, 0))
-    with pytest.raises(ValueError, match=r"ExactIndex.add: dimension mismatch: got vectors of dim 8, but the index holds dim 16"):
-        index.add(random_unit(5, 8, 0))
-    with pytest.raises(ValueError, match=r"ExactIndex.search: dimension mismatch: got vectors of dim 15, but the index holds dim 16"):
-        index.search(random_unit(2, 15, 0), 3)
-    with pytest.raises(ValueError, match=r"expected a \(N, D\) tensor"):
-        index.search(torch.ones(16), 3)
-    with pytest.raises(ValueError, match="k must be a positive int"):
-        index.search(random_unit(2, 16, 0), 0)
-    with pytest.raises(ValueError, match="float32 or torch.float16"):
-        ExactIndex(16, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="empty"):
-        ExactIndex().save(tmp_path / "x.npy")
-    np.save(tmp_path / "vec.npy", np.ones(5, dtype=np.float32))
-    with pytest.raises(ValueError, match=r"2-D \(N, D\) array, got shape \(5,\)"):
-        ExactIndex.load(tmp_path / "vec.npy")
-    assert index.ntotal == 5  # failed calls changed nothing
+    assert sorted(os.listdir(tmp_path)) == ["embeddings.npy"]  # the temp file was removed
 
 
 # --------------------------------------------------------------------------------------------

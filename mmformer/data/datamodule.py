@@ -203,9 +203,11 @@ def _load_tokenizer(path: str) -> Tokenizer:
 class SkippedSamplesCallback(pl.Callback):
     """Counts ``batch["n_skipped"]`` per stage and logs one warning per epoch with skips.
 
-    The warning reads ``"train epoch 3 (rank 0): skipped 2 corrupt samples (e.g. path: reason)"``.
+    The warning reads ``"train epoch 3 (rank 0): skipped 2 corrupt samples (e.g. path: reason)"``;
+    every training epoch also logs ``train/skipped_samples``, the training samples skipped so far.
     Uses the DataModule's ``skip_stats`` when the trainer has an :class:`ImageTextDataModule`, so
-    ``datamodule.skipped_summary()`` sees the same numbers; otherwise its own.
+    ``datamodule.skipped_summary()`` sees the same numbers; otherwise its own. The one counter of
+    skipped samples: ``MMFormerModule`` adds one to a Trainer that has none.
     """
 
     def __init__(self) -> None:
@@ -236,6 +238,7 @@ class SkippedSamplesCallback(pl.Callback):
         self._update(trainer, batch, "test")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
+        pl_module.log("train/skipped_samples", float(self._stats(trainer, "train").total))
         self._report(trainer, "train")
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102

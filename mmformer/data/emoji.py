@@ -22,7 +22,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from mmformer.data.bundled import bundled_dir
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.transforms import DEFAULT_MAX_PIXELS, BatchTrainTransform, build_transforms, load_image
+from mmformer.files import atomic_path, write_text_atomic
 
 __all__ = ["CaptionMode", "EmojiData", "InMemoryImageText", "default_data_dir", "read_concepts"]
 
@@ -230,15 +231,13 @@ def _load_cached(path: Path | None, n: int, size: int) -> tuple[np.ndarray | Non
 
 
 def _save_cache(path: Path | None, pixels: np.ndarray, skipped: list[Skipped]) -> None:
-    """Write the cache atomically (temp file, then rename)."""
+    """Write the cache atomically (temp file, then rename): the skip list first, then the pixels,
+    whose presence marks a complete cache."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    write_text_atomic(path.with_suffix(".skipped.json"), json.dumps([list(s) for s in skipped]))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, pixels, allow_pickle=False)
-    path.with_suffix(".skipped.json").write_text(json.dumps([list(s) for s in skipped]))
-    os.replace(tmp, path)
 
 
 class InMemoryImageText(Dataset):
@@ -256,7 +255,7 @@ class InMemoryImageText(Dataset):
     def __init__(self, data: EmojiData, *, train: bool, image_size: int | None = None,
                  caption_mode: CaptionMode = "name", mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
-        if caption_mode not in ("name", "name+keywords"):
+        if caption_mode not in get_args(CaptionMode):
             raise ValueError(f"caption_mode must be 'name' or 'name+keywords', got {caption_mode!r}")
         self.data, self.train, self.caption_mode = data, train, caption_mode
         self.transform = build_transforms(image_size or data.image_size, train, mean, std)

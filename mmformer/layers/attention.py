@@ -1,8 +1,10 @@
 """Multi-head attention on ``F.scaled_dot_product_attention``.
 
 Masks follow one convention everywhere: a *key padding mask* is a bool tensor (B, S) that is
-True for real tokens and False for padding. :func:`attn_bias_from_padding` turns it into the
-(B, 1, 1, S) boolean mask that SDPA broadcasts over heads and queries.
+True for real tokens and False for padding. :func:`check_padding_mask` is the one check of it;
+:func:`attn_bias_from_padding` turns it into the (B, 1, 1, S) boolean mask that SDPA broadcasts
+over heads and queries. :func:`split_fused` is the one split of fused projections (``qkv``,
+``kv``) into heads.
 """
 
 from __future__ import annotations
@@ -12,19 +14,38 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def attn_bias_from_padding(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, S) bool, True = attend  ->  (B, 1, 1, S) bool for SDPA (or None)."""
+def check_heads(dim: int, heads: int) -> None:
+    """Raise unless ``dim`` splits into ``heads`` heads."""
+    if dim % heads:
+        raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+
+
+def check_padding_mask(key_padding_mask: torch.Tensor | None, b: int, s: int) -> torch.Tensor | None:
+    """The (B, S) bool key padding mask (True = real token), checked; None passes through."""
     if key_padding_mask is None:
         return None
-    if key_padding_mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}")
-    return key_padding_mask[:, None, None, :]
+    if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, s):
+        raise ValueError(f"key_padding_mask must be bool of shape (B, S) = ({b}, {s}), True = real token; "
+                         f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    return key_padding_mask
+
+
+def attn_bias_from_padding(key_padding_mask: torch.Tensor | None, b: int, s: int) -> torch.Tensor | None:
+    """(B, S) bool, True = attend  ->  (B, 1, 1, S) bool for SDPA (or None); checked."""
+    mask = check_padding_mask(key_padding_mask, b, s)
+    return None if mask is None else mask[:, None, None, :]
+
+
+def split_fused(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """Fused projections (B, T, parts*D) -> ``parts`` tensors (B, H, T, Dh), views of ``x``:
+    q, k, v of a ``qkv`` Linear (``parts=3``), k, v of a ``kv`` Linear (``parts=2``)."""
+    b, t, width = x.shape
+    return x.view(b, t, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, T, H*Dh) -> (B, H, T, Dh)."""
-    b, t, d = x.shape
-    return x.view(b, t, heads, d // heads).transpose(1, 2)
+    return split_fused(x, 1, heads)[0]
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -34,16 +55,14 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Self-attention with one fused ``qkv`` Linear and an output projection ``proj``.
-
-    ``qkv`` and ``proj`` may be given from outside (shared with another module) so a multiway
-    block can reuse them across modalities; by default they are created here.
-    """
+    """Self-attention with one fused ``qkv`` Linear and an output projection ``proj``, both its own
+    (the latents' self-attention in :class:`~mmformer.layers.fusion.DocumentFusion`; the
+    multiway blocks share theirs across modalities in
+    :class:`~mmformer.layers.multiway.MultiwayAttention`)."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        check_heads(dim, heads)
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -60,11 +79,9 @@ def attend(
 
     softmax(Q K^T / sqrt(d_head) + mask) V per head, via scaled_dot_product_attention.
     """
-    b, t, three_d = qkv.shape
-    d = three_d // 3
-    q, k, v = qkv.view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias_from_padding(key_padding_mask))
-    return merge_heads(out)
+    q, k, v = split_fused(qkv, 3, heads)  # each (B, H, T, Dh)
+    mask = attn_bias_from_padding(key_padding_mask, qkv.shape[0], qkv.shape[1])
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 class CrossAttention(nn.Module):
@@ -72,8 +89,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = True):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        check_heads(dim, heads)
         self.heads = heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(context_dim or dim, 2 * dim, bias=qkv_bias)
@@ -83,8 +99,7 @@ class CrossAttention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x: (B, Tq, D), context: (B, S, Dc), context_mask: (B, S) bool -> (B, Tq, D)."""
-        b, s, _ = context.shape
         q = split_heads(self.q(x), self.heads)  # (B, H, Tq, Dh)
-        k, v = self.kv(context).view(b, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias_from_padding(context_mask))
-        return self.proj(merge_heads(out))
+        k, v = split_fused(self.kv(context), 2, self.heads)  # (B, H, S, Dh)
+        mask = attn_bias_from_padding(context_mask, context.shape[0], context.shape[1])
+        return self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmformer.layers.attention import SelfAttention, merge_heads, split_heads
+from mmformer.layers.attention import SelfAttention, check_heads, merge_heads, split_fused, split_heads
+from mmformer.layers.init import init_linears_and_norms
 from mmformer.layers.multiway import Mlp
 from mmformer.layers.positions import sinusoidal_1d
 
@@ -51,8 +52,7 @@ class DocumentFusion(nn.Module):
     def __init__(self, dim: int, embed_dim: int, latents: int = 16, heads: int = 4,
                  mlp_ratio: float = 4.0, eps: float = 1e-6, ref_keys: int = 256) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        check_heads(dim, heads)
         if latents < 1:
             raise ValueError(f"latents must be >= 1, got {latents}")
         self.dim, self.heads = dim, heads
@@ -79,15 +79,8 @@ class DocumentFusion(nn.Module):
         chunk-index map and gate zero; log-length scale 1/log(ref_keys); norms 1/0."""
         d = self.dim
         nn.init.normal_(self.latents, std=0.02)
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                std = (2 * d) ** -0.5 if name in ("proj", "attn.proj", "mlp.fc2") else d**-0.5
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        residual = {self.proj, self.attn.proj, self.mlp.fc2}  # outputs added to a residual stream
+        init_linears_and_norms(self.named_modules(), lambda name, m: (2 * d) ** -0.5 if m in residual else d**-0.5)
         nn.init.zeros_(self.chunk_pos.weight)
         nn.init.constant_(self.length_scale, 1.0 / math.log(self.ref_keys))
         with torch.no_grad():
@@ -122,7 +115,7 @@ class DocumentFusion(nn.Module):
         key_mask = mask.new_zeros(b, n_max, length)
         key_mask[doc_mask] = mask
         s = n_max * length
-        k, v = padded.view(b, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S, Dh)
+        k, v = split_fused(padded.view(b, s, 2 * d), 2, self.heads)  # (B, H, S, Dh)
         key_mask = key_mask.view(b, s)
         n_keys = key_mask.sum(1)  # (B,)
         q = split_heads(self.q(self.norm_q(self.latents)).expand(b, -1, -1), self.heads)  # (B, H, M, Dh)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mmformer.config import MODALITIES, SHARE_MODES
-from mmformer.layers.attention import attend
+from mmformer.layers.attention import attend, check_heads
 
 
 class Mlp(nn.Module):
@@ -44,6 +44,11 @@ def route(module: nn.Module, modality: str) -> nn.Module:
     return module[modality] if isinstance(module, nn.ModuleDict) else module
 
 
+def each(module: nn.Module) -> list[nn.Module]:
+    """Every module behind a shared-or-per-modality part: the shared one, or each modality's."""
+    return list(module.values()) if isinstance(module, nn.ModuleDict) else [module]
+
+
 def sharing(share: str) -> dict[str, bool]:
     """Which parts of a block are shared for a ``share`` mode."""
     if share not in SHARE_MODES:
@@ -61,8 +66,7 @@ class MultiwayAttention(nn.Module):
     def __init__(self, dim: int, heads: int, share: str, modalities: tuple[str, ...],
                  qkv_bias: bool = True) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        check_heads(dim, heads)
         s = sharing(share)
         self.heads = heads
         self.qkv = shared_or_per_modality(s["qkv"], lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), modalities)
@@ -99,8 +103,13 @@ class MultiwayBlock(nn.Module):
         x = x + self.attn(self.norm1[modality](x), modality, key_padding_mask)
         return x + route(self.mlp, modality)(self.norm2[modality](x))
 
+    def parts(self) -> tuple[nn.Module, ...]:
+        """The block's parts, each one shared module or a ModuleDict keyed by modality:
+        ``norm1``, ``norm2``, ``attn.qkv``, ``attn.proj``, ``mlp``."""
+        return (self.norm1, self.norm2, self.attn.qkv, self.attn.proj, self.mlp)
+
     def add_modality(self, name: str, like: str) -> None:
         """Give modality ``name`` its own copy of every per-modality part of ``like``."""
-        for parts in (self.norm1, self.norm2, self.attn.qkv, self.attn.proj, self.mlp):
+        for parts in self.parts():
             if isinstance(parts, nn.ModuleDict):
                 parts[name] = copy.deepcopy(parts[like])

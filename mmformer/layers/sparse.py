@@ -24,19 +24,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmformer.layers.attention import attend, merge_heads
-
-ATTENTION_KINDS = ("dense", "local", "compressed")
+from mmformer.config import ATTENTION_KINDS
+from mmformer.layers.attention import attend, check_padding_mask, merge_heads, split_fused
 
 AttendFn = Callable[[torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
-
-
-def _split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, T, 3D) -> q, k, v each (B, H, T, Dh)."""
-    b, t, three_d = qkv.shape
-    d = three_d // 3
-    q, k, v = qkv.view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-    return q, k, v
 
 
 def local_global_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None,
@@ -50,7 +41,7 @@ def local_global_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torc
     """
     if window < 0 or n_global < 0:
         raise ValueError(f"need window >= 0 and n_global >= 0, got window={window}, n_global={n_global}")
-    q, k, v = _split_qkv(qkv, heads)
+    q, k, v = split_fused(qkv, 3, heads)
     b, _, t, _ = q.shape
     pad = _padding_mask(key_padding_mask, b, t, q.device)
     g = min(n_global, t)
@@ -79,10 +70,7 @@ def _padding_mask(key_padding_mask: torch.Tensor | None, b: int, t: int, device:
     """The (B, T) bool mask (True = real token), all True when None; checked."""
     if key_padding_mask is None:
         return torch.ones(b, t, dtype=torch.bool, device=device)
-    if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (b, t):
-        raise ValueError(f"key_padding_mask must be bool (B, T) = ({b}, {t}), "
-                         f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
-    return key_padding_mask
+    return check_padding_mask(key_padding_mask, b, t)
 
 
 def compressed_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None,
@@ -90,7 +78,7 @@ def compressed_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torch.
     """Memory-compressed attention (strided mean pooling of K and V); (B, T, 3D) -> (B, T, D)."""
     if compression < 1:
         raise ValueError(f"compression must be >= 1, got {compression}")
-    q, k, v = _split_qkv(qkv, heads)
+    q, k, v = split_fused(qkv, 3, heads)
     b, h, t, dh = q.shape
     pad = _padding_mask(key_padding_mask, b, t, q.device)
     c = compression

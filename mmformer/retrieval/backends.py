@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +71,19 @@ class BackendParams:
     nprobe: int = 32
     pq_m: int = 0
     refine: int = 16
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "BackendParams":
         d = dict(d or {})
-        known = {k: d.pop(k) for k in list(d) if k in cls.__dataclass_fields__ and k != "extra"}
+        known = {k: d.pop(k) for k in list(d) if k in cls.__dataclass_fields__}
         unknown = sorted(d)
         if unknown:
             raise ValueError(f"unknown backend parameter(s) {unknown}; known: "
-                             f"{sorted(k for k in cls.__dataclass_fields__ if k != 'extra')}")
+                             f"{sorted(cls.__dataclass_fields__)}")
         return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 def _empty_result(q: int, k: int) -> tuple[np.ndarray, np.ndarray]:

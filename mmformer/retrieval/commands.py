@@ -16,7 +16,7 @@ from typing import Any
 from mmformer.compress import quantize_int8
 from mmformer.model import MMFormer
 from mmformer.retrieval.backends import BACKENDS
-from mmformer.retrieval.index import Index, build_index
+from mmformer.retrieval.index import INDEX_DTYPES, Index, build_index
 from mmformer.retrieval.retriever import Retriever, evaluate_index
 
 
@@ -35,7 +35,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", required=True, help="index directory")
     b.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto: exact up to 100k rows, else hnsw")
-    b.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+    b.add_argument("--dtype", default="float32", choices=INDEX_DTYPES,
                    help="storage of embeddings.npy")
     b.add_argument("--split", default=None, help="manifest rows whose 'split' column equals this")
     b.add_argument("--image-col", default="image")

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from mmformer.model import eval_mode
 
 from .metrics import retrieval_metrics
 
@@ -36,18 +38,6 @@ def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """model.eval() inside; afterwards every submodule gets back its own previous flag."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -154,7 +144,7 @@ def embed_images(
         total = len(images) if hasattr(images, "__len__") else None
 
     chunks: list[Tensor] = []
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for index, item in enumerate(_progress(batches, progress, total, "embedding images")):
             batch = _image_batch(item, index)
             if not batch.dtype.is_floating_point:
@@ -208,7 +198,7 @@ def embed_texts(
     starts = range(0, len(texts), batch_size)
 
     chunks: list[Tensor] = []
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for index, start in enumerate(_progress(starts, progress, len(starts), "embedding texts")):
             batch = list(texts[start : start + batch_size])
             ids, mask = tokenizer(batch, max_length=max_length)
@@ -285,15 +275,10 @@ def embed_documents(model, texts: Sequence[str], batch_size: int = 8, mode: str 
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="embedding documents", unit="batch")
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        with torch.inference_mode():
-            for s in starts:
-                ids = model.tokenizer.sp.encode(list(texts[s: s + batch_size]))
-                batch = collator.collate_ids(ids, names[s: s + batch_size])
-                out.append(model.encode_document(batch, mode=mode).float().cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for s in starts:
+            ids = model.tokenizer.sp.encode(list(texts[s: s + batch_size]))
+            batch = collator.collate_ids(ids, names[s: s + batch_size])
+            out.append(model.encode_document(batch, mode=mode).float().cpu())
     return torch.cat(out).clone()

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "index.json"
 EMBEDDINGS = "embeddings.npy"
+INDEX_DTYPES = ("float32", "float16")  # storage of embeddings.npy
 METADATA = "metadata.jsonl"
 SKIPPED = "skipped.jsonl"
 PARTS = "parts"
@@ -301,7 +302,7 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
     """
     import lightning as L
 
-    if dtype not in ("float32", "float16"):
+    if dtype not in INDEX_DTYPES:
         raise ValueError(f"dtype={dtype!r} must be 'float32' or 'float16'")
     out = Path(out_dir)
     params = BackendParams.from_dict(backend_params)

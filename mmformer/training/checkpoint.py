@@ -41,10 +41,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupt or of the wrong kind."""
 
 
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir() and (Path(path) / DCP_METADATA).is_file()
-
-
 def check_checkpoint(path: str | os.PathLike) -> Path:
     """Raise :class:`CheckpointError` unless ``path`` is a complete Lightning checkpoint.
 

@@ -34,7 +34,7 @@ from mmformer.data.emoji import EmojiData, default_data_dir
 from mmformer.documents import DocumentBatch
 from mmformer.data.longdoc import Filler, NeedleCollator, NeedleDataset, caption_windows, load_prose
 from mmformer.losses import clip_loss
-from mmformer.model import MMFormer
+from mmformer.model import MMFormer, eval_mode
 from mmformer.training.module import MMFormerModule
 from mmformer.tokenizer import BOS_ID, EOS_ID, Tokenizer, chunk_starts
 
@@ -44,24 +44,11 @@ log = logging.getLogger(__name__)
 TRAINABLE = ("fusion", "document", "text", "all")
 
 
-def is_text_only(name: str) -> bool:
-    """True for a parameter only the text path uses: the token embedding, the text experts of
-    the multiway blocks (``*.text.*``: norms, attention output projection, FFN, and any unshared
-    attention part), the final text norm and the text projection."""
-    return name.startswith(("token_embed.", "norm.text.", "text_proj.")) or ".text." in name
-
-
-def is_document_expert(name: str) -> bool:
-    """True for a parameter of the document expert (``ModelConfig.document_expert``): its token
-    embeddings, the ``document`` parts of the multiway blocks and the final ``norm.document``."""
-    return name.startswith(("norm.document.", "document_embed.")) or ".document." in name
-
-
-def trains(name: str, trainable: str) -> bool:
-    """Whether parameter ``name`` trains under ``trainable`` (see :class:`LongDocModule`)."""
-    return (trainable == "all" or name.startswith("fusion.")
-            or (trainable == "text" and is_text_only(name))
-            or (trainable == "document" and is_document_expert(name)))
+def trains(role: str, trainable: str) -> bool:
+    """Whether a parameter of ``role`` (:meth:`MMFormer.parameter_roles`) trains under
+    ``trainable`` (see :class:`LongDocModule`): the fusion module always; with ``"text"`` or
+    ``"document"`` also the parameters only that route uses; with ``"all"`` everything."""
+    return trainable == "all" or role in ("fusion", trainable)
 
 
 class ProseStateCache:
@@ -98,17 +85,12 @@ class ProseStateCache:
         # windows of documents longer than one window: the document expert's route, if any
         modality = "document" if model.config.document_expert else "text"
         offsets = torch.arange(pieces)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                for s in range(0, n, batch_windows):
-                    starts = torch.arange(s, min(s + batch_windows, n))
-                    ids = self._window_ids(starts[:, None] + offsets)
-                    states = model.forward_text_features(ids.to(device), modality=modality)
-                    self.states[s: s + len(starts)] = states.to(dtype)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.inference_mode():
+            for s in range(0, n, batch_windows):
+                starts = torch.arange(s, min(s + batch_windows, n))
+                ids = self._window_ids(starts[:, None] + offsets)
+                states = model.forward_text_features(ids.to(device), modality=modality)
+                self.states[s: s + len(starts)] = states.to(dtype)
         log.info("cached the token states of %d prose windows (%.0f MB, %s)", n, n * per_window / 2**20, dtype)
 
     def __len__(self) -> int:
@@ -178,7 +160,9 @@ class LongDocModule(MMFormerModule):
             text path's parts if the model has none, :meth:`MMFormer.enable_document_expert`):
             chunks of long documents learn to read a caption among prose while images and
             short texts (one window) embed exactly as before;
-            ``"text"`` the fusion module and the text-only parameters (:func:`is_text_only`):
+            ``"text"`` the fusion module and the text-only parameters (role ``"text"`` in
+            :meth:`MMFormer.parameter_roles`: token embedding, the blocks' text parts, final
+            text norm, text projection):
             the shared attention projections, every image parameter and the logit scale stay
             frozen, so image embeddings are unchanged bit for bit, short texts are not;
             ``"all"`` every parameter.
@@ -252,8 +236,9 @@ class LongDocModule(MMFormerModule):
             self.model.enable_document_expert()
         if self.model.fusion is None:
             self.model.enable_fusion(fusion_latents)
+        roles = self.model.parameter_roles()
         for name, p in self.model.named_parameters():
-            p.requires_grad_(trains(name, trainable))
+            p.requires_grad_(trains(roles[name], trainable))
         n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("training %d of %d parameters (%s)", n, self.model.num_parameters(), trainable)
 

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from mmformer.config import get_config
+from mmformer.data.datamodule import SkippedSamplesCallback
 from mmformer.losses import clip_loss, contrastive_accumulation, world_size
 from mmformer.model import MMFormer
 from mmformer.retrieval.metrics import concept_retrieval_metrics, pair_retrieval_metrics
@@ -92,7 +93,6 @@ class MMFormerModule(L.LightningModule):
                 raise ValueError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
             self.model = MMFormer(config, tok)
         self._val_outputs: list[dict[str, torch.Tensor]] = []
-        self.skipped_samples = 0
         self._step_start = 0.0
 
     @property
@@ -153,7 +153,6 @@ class MMFormerModule(L.LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
-        self._count_skipped(batch)
         if not self.automatic_optimization:
             return self._accumulating_step(batch, batch_idx)
         if batch is None or batch["images"].shape[0] == 0:  # every sample of the batch was corrupt
@@ -235,15 +234,13 @@ class MMFormerModule(L.LightningModule):
         opt = self.optimizers(use_pl_optimizer=False)
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=max(bs, 1))
 
-    def _count_skipped(self, batch: dict[str, Any] | None) -> None:
-        n = int(batch.get("n_skipped", 0)) if batch else 0
-        self.skipped_samples += n
-
-    def on_train_epoch_end(self) -> None:
-        if self.skipped_samples:
-            log.warning("skipped %d corrupt or empty samples so far (see the data module's summary)",
-                        self.skipped_samples)
-        self.log("train/skipped_samples", float(self.skipped_samples))
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Skipped samples are counted, warned about each epoch and logged
+        (``train/skipped_samples``) by one :class:`~mmformer.data.datamodule.SkippedSamplesCallback`:
+        the Trainer's, or this one when it has none."""
+        if any(isinstance(c, SkippedSamplesCallback) for c in self.trainer.callbacks):
+            return []
+        return [SkippedSamplesCallback()]
 
     # ---- optimisation -------------------------------------------------------------------
     def optimizer_groups(self) -> list[dict[str, Any]]:

@@ -9,12 +9,15 @@ from torch import nn
 
 
 def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(decay, no_decay): weight matrices decay; norms, biases, embeddings and logit scale do not."""
+    """(decay, no_decay): weight matrices decay; parameters of fewer than two dims (norms, biases,
+    scalars) and those the model names in ``model.no_weight_decay()`` (timm's convention; for
+    :class:`~mmformer.model.MMFormer` its embeddings, class token and logit scale) do not."""
+    named_exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exempt = p.ndim < 2 or any(k in name for k in ("token_embed", "document_embed", "pos_embed", "cls_token", "logit_scale"))
+        exempt = p.ndim < 2 or name in named_exempt
         (no_decay if exempt else decay).append(p)
     return decay, no_decay
 
