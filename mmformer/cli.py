@@ -1,6 +1,7 @@
 """``mmformer`` command line.
 
-- ``mmformer fit|validate|test --config train/tiny-cpu.yaml [--trainer.* ...]``: LightningCLI.
+- ``mmformer fit|validate|test --config train/tiny-cpu.yaml [--trainer.* --model.* --data.* ...]``: every
+  training recipe, long documents included (LightningCLI; see :mod:`mmformer.training.recipes`).
 - ``mmformer demo``: train the tiny preset on the bundled emoji data, report held-out recall,
   search by text and write a PNG grid.
 - ``mmformer eval --model DIR [--data MANIFEST]``: retrieval recall@K of a saved model.
@@ -25,27 +26,53 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    configure_output()
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        run_lightning_cli(argv)
+        from mmformer.training.recipes import run_recipe
+
+        run_recipe(argv)
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
 
 
-def run_lightning_cli(argv: list[str]) -> None:
-    """LightningCLI over :class:`MMFormerModule` and :class:`ImageTextDataModule`."""
-    from lightning.pytorch.cli import LightningCLI
+# Third-party lines that say nothing about the user's run.
+_TIP_PREFIX = "\N{ELECTRIC LIGHT BULB} Tip:"
+_QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",          # torch pytree deprecation inside Lightning
+    r"LightningCLI's args parameter is intended",    # we pass the command line on purpose
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",
+    r".*does not have many workers which may be a bottleneck",  # the recipes choose num_workers
+)
 
-    from mmformer.data.datamodule import ImageTextDataModule
-    from mmformer.training.module import MMFormerModule
 
-    LightningCLI(MMFormerModule, ImageTextDataModule, args=argv,
-                 save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False})
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith(_TIP_PREFIX)
+
+
+def configure_output() -> None:
+    """Each log line once, no third-party tips or known third-party warnings.
+
+    mmformer's warnings go through the root handler (``LEVEL name: message``); Lightning's lines
+    (INFO and up) through one handler of their own, printed as they are, without propagating to
+    the root (which would print them twice)."""
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        handler = logging.StreamHandler()
+        handler.addFilter(_NoTips())
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def build_parser() -> argparse.ArgumentParser:
