@@ -42,11 +42,14 @@ def main(argv: list[str] | None = None) -> int:
 
 # Third-party lines that say nothing about the user's run.
 _TIP_PREFIX = "\N{ELECTRIC LIGHT BULB} Tip:"
-_QUIET_WARNINGS = (
-    r".*isinstance\(treespec, LeafSpec\)",          # torch pytree deprecation inside Lightning
-    r"LightningCLI's args parameter is intended",    # we pass the command line on purpose
-    r"Starting from v1\.9\.0, `tensorboardX` has been removed",
-    r".*does not have many workers which may be a bottleneck",  # the recipes choose num_workers
+_QUIET_WARNINGS = (  # (message regex, module regex of the code the warning names)
+    (r".*isinstance\(treespec, LeafSpec\)", r"lightning\."),  # torch pytree deprecation inside Lightning
+    (r"LightningCLI's args parameter is intended", r"lightning\."),  # we pass the command line on purpose
+    (r"Starting from v1\.9\.0, `tensorboardX` has been removed", r"lightning\."),
+    (r".*does not have many workers which may be a bottleneck", r"lightning\."),  # recipes set num_workers
+    (r"torch\.distributed\.nn\.functional\.all_gather is deprecated", r"lightning\."),  # Lightning's all_gather
+    # retrieval metrics are computed on every rank over the gathered set: nothing to sync
+    (r"It is recommended to use `self\.log\('(val|test)/", r"lightning\."),
 )
 
 
@@ -71,8 +74,8 @@ def configure_output() -> None:
         logger.handlers = [handler]
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    for message in _QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
+    for message, module in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
 
 
 def build_parser() -> argparse.ArgumentParser:
