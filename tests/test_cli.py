@@ -98,18 +98,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture()
 def longdoc_setup(tmp_path):
-    """A saved small model (16 px images, 12-token windows), a tiny emoji layout and a prose file."""
-    from mmformer.data.emoji import default_data_dir
-    from test_data import make_emoji_layout
+    """A saved small model (16 px images, 12-token windows) with a tokenizer trained here, a tiny
+    emoji layout and a prose file."""
+    from test_data import CONCEPTS, make_emoji_layout
 
-    torch.manual_seed(0)
-    tok = Tokenizer.load(default_data_dir() / "tokenizer.model")
-    cfg = ModelConfig(width=32, depth=2, heads=4, image_size=16, patch_size=8, context_length=12, embed_dim=24,
-                      vocab_size=tok.vocab_size)
-    MMFormer(cfg, tok).save_pretrained(tmp_path / "base")
     prose = "In the beginning God created the heaven and the earth. And the earth was without form, and void. "
     (tmp_path / "prose.txt").write_text(prose * 20, encoding="utf-8")
     make_emoji_layout(tmp_path / "emoji")
+    torch.manual_seed(0)
+    tok = Tokenizer.train([prose] * 5 + [c["name"] for c in CONCEPTS] * 5, vocab_size=60)
+    cfg = ModelConfig(width=32, depth=2, heads=4, image_size=16, patch_size=8, context_length=12, embed_dim=24,
+                      vocab_size=tok.vocab_size)
+    MMFormer(cfg, tok).save_pretrained(tmp_path / "base")
     return tmp_path
 
 
