@@ -22,13 +22,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 hms() { printf '00:00:%02d:%02d' $(($1 / 60)) $(($1 % 60)); }
 [ "$DEVICE" = cpu ] || nvidia-smi -L
-python -m mmformer.training.longdoc fit --config train/longdoc-stage1.yaml \
+python -m mmformer.cli fit --config train/longdoc-stage1.yaml \
     --trainer.accelerator "$ACC" --trainer.precision bf16-mixed --trainer.enable_progress_bar false --trainer.max_time "$(hms "$S1")" \
     --trainer.default_root_dir /tmp/longdoc-stage1 --trainer.logger.init_args.save_dir /tmp/longdoc-stage1 \
     --model.pretrained "$DEMO" --model.export_dir /tmp/longdoc-stage1/model --model.time_budget_s "$S1" \
     --data.num_workers 6 2>&1 | tail -n 30 | tee "$OUT/stage1.txt"
 tail -n 3 /tmp/longdoc-stage1/logs/version_0/metrics.csv >> "$OUT/stage1.txt"
-python -m mmformer.training.longdoc fit --config train/longdoc.yaml \
+python -m mmformer.cli fit --config train/longdoc.yaml \
     --trainer.accelerator "$ACC" --trainer.precision bf16-mixed --trainer.enable_progress_bar false --trainer.max_time "$(hms "$S2")" \
     --trainer.default_root_dir /tmp/longdoc --trainer.logger.init_args.save_dir /tmp/longdoc \
     --model.pretrained /tmp/longdoc-stage1/model --model.export_dir "$OUT/model" --model.time_budget_s "$S2" \

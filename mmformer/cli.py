@@ -1,6 +1,7 @@
 """``mmformer`` command line.
 
-- ``mmformer fit|validate|test --config train/tiny-cpu.yaml [--trainer.* ...]``: LightningCLI.
+- ``mmformer fit|validate|test --config train/tiny-cpu.yaml [--trainer.* --model.* --data.* ...]``: every
+  training recipe, long documents included (LightningCLI; see :mod:`mmformer.training.recipes`).
 - ``mmformer demo``: train the tiny preset on the bundled emoji data, report held-out recall,
   search by text and write a PNG grid.
 - ``mmformer eval --model DIR [--data MANIFEST | --data-dir DIR]``: retrieval recall@K of a saved model.
@@ -27,27 +28,56 @@ DATA_DIR_HELP = ("the bundled emoji data: its folder, or a folder holding emoji/
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    configure_output()
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        run_lightning_cli(argv)
+        from mmformer.training.recipes import run_recipe
+
+        run_recipe(argv)
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
 
 
-def run_lightning_cli(argv: list[str]) -> None:
-    """LightningCLI over :class:`MMFormerModule` and :class:`ImageTextDataModule`."""
-    from lightning.pytorch.cli import LightningCLI
+# Third-party lines that say nothing about the user's run.
+_TIP_PREFIX = "\N{ELECTRIC LIGHT BULB} Tip:"
+_QUIET_WARNINGS = (  # (message regex, module regex of the code the warning names)
+    (r".*isinstance\(treespec, LeafSpec\)", r"lightning\."),  # torch pytree deprecation inside Lightning
+    (r"LightningCLI's args parameter is intended", r"lightning\."),  # we pass the command line on purpose
+    (r"Starting from v1\.9\.0, `tensorboardX` has been removed", r"lightning\."),
+    (r".*does not have many workers which may be a bottleneck", r"lightning\."),  # recipes set num_workers
+    (r"torch\.distributed\.nn\.functional\.all_gather is deprecated", r"lightning\."),  # Lightning's all_gather
+    # retrieval metrics are computed on every rank over the gathered set: nothing to sync
+    (r"It is recommended to use `self\.log\('(val|test)/", r"lightning\."),
+)
 
-    from mmformer.data.datamodule import ImageTextDataModule
-    from mmformer.training.module import MMFormerModule
 
-    LightningCLI(MMFormerModule, ImageTextDataModule, args=argv,
-                 save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False})
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith(_TIP_PREFIX)
+
+
+def configure_output() -> None:
+    """Each log line once, no third-party tips or known third-party warnings.
+
+    mmformer's warnings go through the root handler (``LEVEL name: message``); Lightning's lines
+    (INFO and up) through one handler of their own, printed as they are, without propagating to
+    the root (which would print them twice)."""
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        handler = logging.StreamHandler()
+        handler.addFilter(_NoTips())
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    for message, module in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
 
 
 def build_parser() -> argparse.ArgumentParser:

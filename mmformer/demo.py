@@ -21,18 +21,25 @@ from mmformer.data.emoji import InMemoryImageText, default_data_dir
 from mmformer.files import atomic_path
 from mmformer.retrieval import embed_images, embed_texts, format_metrics, retrieval_metrics
 from mmformer.training.module import MMFormerModule
+from mmformer.training.recipes import init_args, load_recipe
+from mmformer.training.trainer import make_trainer
 
 log = logging.getLogger(__name__)
 
-# The recipe the demo trains with (see README "Results" for what it reaches and how it was chosen).
-DEMO_RECIPE = {
-    "model_config": {},
-    "batch_size": 128,
-    "lr": 2e-3,
-    "weight_decay": 0.1,
-    "warmup_steps": 50,
-    "caption_mode": "name",
-}
+
+def demo_recipe() -> dict:
+    """The model and data settings the demo trains with: those of the shipped ``tiny-cpu`` recipe
+    (``train/tiny-cpu.yaml``; see README "Results" for what it reaches and how it was chosen), as
+    ``{"preset", "model_config", "batch_size", "lr", "weight_decay", "warmup_steps", "caption_mode"}``."""
+    recipe = load_recipe(DEMO_RECIPE_NAME)
+    model, data = init_args(recipe.get("model")), init_args(recipe.get("data"))
+    return {"preset": model.get("preset", "tiny"), "model_config": dict(model.get("model_config") or {}),
+            "batch_size": data["batch_size"], "lr": model["lr"], "weight_decay": model["weight_decay"],
+            "warmup_steps": model["warmup_steps"], "caption_mode": data["caption_mode"]}
+
+
+DEMO_RECIPE_NAME = "tiny-cpu"
+DEMO_RECIPE = demo_recipe()
 DEFAULT_QUERIES = ["red apple", "dog face", "rocket", "smiling face with heart-eyes", "flag: japan"]
 
 
@@ -73,12 +80,13 @@ def run_demo(args: argparse.Namespace) -> int:
         recipe["batch_size"] = args.batch_size
 
     budget_s = None if args.steps else args.minutes * 60
-    module = MMFormerModule(preset="tiny", model_config=recipe["model_config"], lr=recipe["lr"],
+    module = MMFormerModule(preset=recipe["preset"], model_config=recipe["model_config"], lr=recipe["lr"],
                             weight_decay=recipe["weight_decay"], warmup_steps=recipe["warmup_steps"],
                             time_budget_s=budget_s)
-    dm = ImageTextDataModule(data_dir=str(data_dir), image_size=module.model.config.image_size,
-                             batch_size=recipe["batch_size"],
-                             max_length=module.model.config.context_length, caption_mode=recipe["caption_mode"])
+    c = module.model.config
+    dm = ImageTextDataModule(data_dir=str(data_dir), image_size=c.image_size, batch_size=recipe["batch_size"],
+                             max_length=c.context_length, caption_mode=recipe["caption_mode"],
+                             image_mean=c.image_mean, image_std=c.image_std)
     dm.set_tokenizer(module.tokenizer)
     print(f"loading the bundled emoji data from {data_dir} ...", flush=True)
     dm.setup("fit")
@@ -92,12 +100,10 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"training for {args.minutes:g} min of batch {recipe['batch_size']} (the learning rate "
               "follows the clock: warmup, then cosine to zero at the end of the budget)", flush=True)
 
-    trainer = L.Trainer(
-        max_steps=args.steps or -1, precision=precision, accelerator="cpu", devices=1,
-        logger=CSVLogger(out, name="logs"), enable_checkpointing=False,
-        callbacks=[TQDMProgressBar(refresh_rate=5), SkippedSamplesCallback()],
-        check_val_every_n_epoch=5, num_sanity_val_steps=0, enable_model_summary=False,
-        max_time={"seconds": budget_s} if budget_s else None,
+    trainer = make_trainer(
+        max_steps=args.steps or -1, precision=precision, logger=CSVLogger(out, name="logs"),
+        callbacks=[TQDMProgressBar(refresh_rate=5), SkippedSamplesCallback()], enable_progress_bar=True,
+        check_val_every_n_epoch=5, num_sanity_val_steps=0, max_time={"seconds": budget_s} if budget_s else None,
     )
     t0 = time.perf_counter()
     trainer.fit(module, dm)

@@ -269,11 +269,10 @@ def test_saved_models_without_the_long_document_fields_load_with_old_behaviour(t
         assert torch.equal(back.encode_text(ids), m.eval().encode_text(ids))
 
 
-def _fit_longdoc(tok, tmp_path, max_steps=3, **module_kw):
+def _fit_longdoc(tok, tmp_path, max_steps=3, callbacks=(), **module_kw):
     """A few Lightning steps of LongDocModule on a tiny emoji layout; returns (base model, module, trainer)."""
-    import lightning as L
-
     from mmformer.training.longdoc import LongDocModule, NeedleDataModule
+    from mmformer.training.trainer import make_trainer
     from test_data import make_emoji_layout
 
     torch.manual_seed(0)
@@ -285,9 +284,7 @@ def _fit_longdoc(tok, tmp_path, max_steps=3, **module_kw):
     kw = dict(fusion_latents=4, lr=1e-2, warmup_steps=1, chunk_stride=5, export_dir=str(tmp_path / "out"),
               gate_lr_scale=10.0)
     module = LongDocModule(pretrained=str(tmp_path / "base"), **{**kw, **module_kw})
-    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+    trainer = make_trainer(max_steps=max_steps, limit_val_batches=0, default_root_dir=tmp_path, callbacks=callbacks)
     trainer.fit(module, datamodule=data)
     return base, module, trainer
 
@@ -458,3 +455,75 @@ print(rss() - before)
     kept = {mode: float(subprocess.run([sys.executable, "-c", code, mode], check=True, capture_output=True,
                                        text=True).stdout.split()[-1]) for mode in ("keep", "default")}
     assert kept["keep"] > 100 and kept["default"] < 30, kept
+
+
+class _PoisonStep(__import__("lightning").Callback):
+    """Makes the loss of the batch at optimizer step ``step`` NaN (through the module's
+    ``training_loss``, which both modules' training_step calls); records the logged names after
+    each batch and whether that batch left the trainable parameters as they were."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.logged, self.before, self.unchanged = step, [], None, None
+
+    def on_train_start(self, trainer, module) -> None:
+        loss_of = module.training_loss
+
+        def poisoned(batch):
+            loss, logs = loss_of(batch)
+            return (loss * float("nan"), logs) if trainer.global_step == self.step else (loss, logs)
+
+        module.training_loss = poisoned
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self.before is None:
+            self.before = [p.detach().clone() for p in module.parameters() if p.requires_grad]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.logged.append(set(trainer.callback_metrics))
+        if self.before is not None and self.unchanged is None:
+            after = [p for p in module.parameters() if p.requires_grad]
+            self.unchanged = all(torch.equal(a, b) for a, b in zip(self.before, after))
+
+
+def _fit_base_module(tmp_path, max_steps, callbacks, **module_kw):
+    from train_helpers import make_loader, make_module
+
+    from mmformer.training.trainer import make_trainer
+
+    module = make_module(**module_kw)
+    trainer = make_trainer(max_steps=max_steps, limit_val_batches=0, default_root_dir=tmp_path, callbacks=callbacks)
+    trainer.fit(module, make_loader(8))
+    return None, module, trainer
+
+
+@pytest.mark.parametrize("kind", ["base", "longdoc"])
+def test_nonfinite_loss_stops_or_is_skipped_under_both_modules(tok, tmp_path, caplog, kind):
+    """The nonfinite policy is the parent's under LongDocModule too: "stop" raises naming the
+    optimizer step, "skip" skips the update, counts it, logs it, and training goes on to
+    max_steps; samples/s and lr are logged under both."""
+    fit = (lambda **kw: _fit_longdoc(tok, tmp_path / kind, **kw)) if kind == "longdoc" else \
+        (lambda **kw: _fit_base_module(tmp_path / kind, **kw))
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at optimizer step 1, epoch"):
+        fit(max_steps=3, callbacks=[_PoisonStep(1)], nonfinite="stop")
+    poison = _PoisonStep(1)
+    with caplog.at_level(logging.WARNING, logger="mmformer.training.module"):
+        _, module, trainer = fit(max_steps=3, callbacks=[poison], nonfinite="skip")
+    assert module.nonfinite_skipped == 1 and trainer.global_step == 3
+    assert "non-finite training loss (nan) at optimizer step 1" in caplog.text and "step skipped (1 so far)" in caplog.text
+    assert float(trainer.callback_metrics["train/nonfinite_skipped"]) == 1.0
+    assert poison.unchanged is True  # the skipped batch did not update the model
+    assert len(poison.logged) == 3  # Lightning counts the skipped step: 3 batches for max_steps=3
+    assert {"train/loss", "train/samples_per_s", "train/lr", "train/nonfinite_skipped"} <= poison.logged[-1]
+    assert module.skipped_samples == 0
+
+
+def test_longdoc_module_refuses_contrastive_accumulation(tok, tmp_path):
+    from mmformer.training.longdoc import LongDocModule
+
+    MMFormer(ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size}), tok).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="contrastive_accum=2: LongDocModule does not support contrastive accumulation"):
+        LongDocModule(pretrained=str(tmp_path / "m"), contrastive_accum=2)
+    module = LongDocModule(pretrained=str(tmp_path / "m"), nonfinite="skip", time_budget_s=30.0)
+    # the parent's options are recorded with the given values or the parent's defaults
+    assert module.hparams.nonfinite == "skip" and module.hparams.contrastive_accum == 1
+    assert module.hparams.lr == 1e-3 and module.hparams.betas == (0.9, 0.98) and module.hparams.compile is False

@@ -13,6 +13,7 @@ from mmformer.data.emoji import EmojiData, InMemoryImageText, default_data_dir
 from mmformer.retrieval.metrics import concept_retrieval_metrics
 from mmformer.training.module import MMFormerModule
 from mmformer.training.optim import parameter_groups, warmup_cosine
+from mmformer.training.trainer import make_trainer
 from mmformer.retrieval import embed_images, embed_texts, retrieval_metrics
 
 N_CONCEPTS = 150
@@ -42,8 +43,7 @@ def test_short_run_reaches_recall_far_above_chance(emoji_slice, tmp_path):
     train_ds = InMemoryImageText(train, train=True)
     collate = ImageTextCollator(module.tokenizer, max_length=16, batch_transform=train_ds.batch_transform)
     loader = DataLoader(train_ds, batch_size=64, shuffle=True, drop_last=True, collate_fn=collate)
-    trainer = L.Trainer(max_steps=200, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = make_trainer(max_steps=200, default_root_dir=tmp_path)
     trainer.fit(module, loader)
 
     model = module.model.eval()
@@ -89,7 +89,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_time_budget_schedule_follows_the_clock(monkeypatch):
-    import mmformer.training.module as mod
+    import mmformer.training.optim as mod
 
     now = [100.0]
     monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
@@ -105,24 +105,26 @@ def test_time_budget_schedule_follows_the_clock(monkeypatch):
 
 def test_time_budget_clock_restarts_when_training_starts(monkeypatch):
     """Work between configure_optimizers and training (a state cache built in on_fit_start)
-    must not eat the wall-clock budget: the clock restarts in on_train_start, as Trainer's
-    max_time does, but not when resuming past step 0."""
+    must not eat the wall-clock budget: the clock restarts when training starts (the module's
+    own ScheduleClock callback), as Trainer's max_time does, but not when resuming past step 0."""
     from types import SimpleNamespace
 
-    import mmformer.training.module as mod
+    import mmformer.training.optim as mod
+    from mmformer.training.callbacks import ScheduleClock
 
     now = [100.0]
     monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
     module = MMFormerModule(preset="tiny", model_config=dict(width=32, depth=1, heads=2, embed_dim=16),
                             time_budget_s=60.0, warmup_steps=1)
+    clocks = [c for c in module.configure_callbacks() if isinstance(c, ScheduleClock)]
+    assert len(clocks) == 1  # the module registers it itself
     sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]  # the clock starts at 100
     trainer = SimpleNamespace(global_step=0, lr_scheduler_configs=[SimpleNamespace(scheduler=sched)])
-    monkeypatch.setattr(module, "_trainer", trainer)
     now[0] += 45.0  # e.g. on_fit_start builds a cache
-    module.on_train_start()
+    clocks[0].on_train_start(trainer, module)
     now[0] += 30.0
     assert sched.lr_lambdas[0](5) == pytest.approx(0.5)  # restarted at 145: half the budget gone at 175
     trainer.global_step = 7  # resumed: leave the clock alone
-    module.on_train_start()
+    clocks[0].on_train_start(trainer, module)
     now[0] += 30.0
     assert sched.lr_lambdas[0](8) == pytest.approx(0.0, abs=1e-12)

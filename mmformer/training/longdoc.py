@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import logging
 from typing import Any, Sequence
 
@@ -29,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mmformer.training.cpu import flush_denormals, keep_freed_memory
+from mmformer.training.cpu import flush_denormals
 from mmformer.data.emoji import EmojiData, default_data_dir
-from mmformer.documents import DocumentBatch
+from mmformer.documents import DocumentBatch, DocumentCollator
 from mmformer.data.longdoc import Filler, NeedleCollator, NeedleDataset, caption_windows, load_prose
 from mmformer.losses import clip_loss
 from mmformer.model import MMFormer, eval_mode
@@ -193,28 +192,28 @@ class LongDocModule(MMFormerModule):
             stored with the exported model; None keeps the model's). Overlapping windows (e.g.
             half the window) put every caption of up to ``window - stride`` pieces whole into
             some window, at twice the encode cost.
-        The rest as :class:`MMFormerModule` (optimizer, schedule, time budget).
+        kwargs: the other options of :class:`MMFormerModule` (``tokenizer``, optimizer, schedule,
+            ``time_budget_s``, ``nonfinite``, ``compile``, ...), with its defaults; they behave as
+            there. ``contrastive_accum`` > 1 is refused.
     """
 
+    progress_bar_logs = ("distill", "gate")
+
     def __init__(self, pretrained: str, fusion_latents: int = 16, trainable: str = "document",
-                 tokenizer: str | None = None, lr: float = 1e-3, weight_decay: float = 0.05,
-                 betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 20,
-                 min_lr_ratio: float = 0.0, concept_positives: bool = True,
-                 time_budget_s: float | None = None, export_dir: str | None = None,
-                 gate_lr_scale: float = 50.0, clip_weight: float = 1.0, distill_weight: float = 1.0,
-                 window_distill_weight: float = 0.0,
+                 lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 20,
+                 export_dir: str | None = None, gate_lr_scale: float = 50.0, clip_weight: float = 1.0,
+                 distill_weight: float = 1.0, window_distill_weight: float = 0.0,
                  chunk_stride: int | None = None, cache_states: bool = False, cache_dtype: str = "bfloat16",
-                 cache_max_gb: float = 8.0) -> None:
+                 cache_max_gb: float = 8.0, **kwargs: Any) -> None:
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable={trainable!r} must be one of {TRAINABLE}")
-        super().__init__(pretrained=pretrained, tokenizer=tokenizer, lr=lr, weight_decay=weight_decay,
-                         betas=betas, eps=eps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
-                         concept_positives=concept_positives, time_budget_s=time_budget_s)
-        # The parent's save_hyperparameters records this class's arguments; under LightningCLI it
-        # records only the config given, so give the parent's other options their defaults.
-        for name, par in inspect.signature(MMFormerModule.__init__).parameters.items():
-            if name != "self" and name not in self.hparams and par.default is not inspect.Parameter.empty:
-                self.hparams[name] = par.default
+        if int(kwargs.get("contrastive_accum", 1)) != 1:
+            raise ValueError(
+                f"contrastive_accum={kwargs['contrastive_accum']}: LongDocModule does not support contrastive "
+                "accumulation (its distillation terms are per document; only its optional CLIP term sees the "
+                "batch); accumulate with the Trainer's accumulate_grad_batches instead")
+        super().__init__(pretrained=pretrained, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         **kwargs)
         if chunk_stride is not None:  # validated by ModelConfig; saved with the model
             self.model.config = dataclasses.replace(self.model.config, chunk_stride=chunk_stride)
         if cache_states and trainable != "fusion":
@@ -269,7 +268,16 @@ class LongDocModule(MMFormerModule):
             self.model.save_pretrained(self.hparams.export_dir)
             log.info("wrote the fine-tuned model to %s", self.hparams.export_dir)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def setup(self, stage: str) -> None:
+        """The parent's setup, then hand a data module that chunks documents
+        (``set_document_collator``, e.g. :class:`NeedleDataModule`) the model's window and stride."""
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "set_document_collator"):
+            dm.set_document_collator(self.model.document_collator())
+
+    def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted CLIP, caption distillation and window distillation terms (see the class)."""
         hp, model = self.hparams, self.model
         docs = batch["documents"]
         if self.state_cache is not None:
@@ -278,38 +286,30 @@ class LongDocModule(MMFormerModule):
             states = model.chunk_states(docs.input_ids, docs.attention_mask, docs.in_long_document)
         # losses in float32 (under bf16 autocast the embeddings come out in bf16)
         doc = F.normalize(model.forward_document(docs, states=states)["fusion"].float(), dim=-1)
-        bs = len(docs)
+        logs: dict[str, torch.Tensor] = {}
         loss = doc.new_zeros(())
         if hp.clip_weight:
             with torch.set_grad_enabled(hp.trainable == "all"):
                 image = model.encode_image(batch["images"])
             scale = model.logit_scale.exp().clamp(max=model.config.logit_scale_max)
-            clip = clip_loss(image, doc, scale, batch["concepts"] if hp.concept_positives else None)
-            self.log("train/clip", clip, batch_size=bs)
-            loss = loss + hp.clip_weight * clip
+            logs["clip"] = clip_loss(image, doc, scale, batch["concepts"] if hp.concept_positives else None)
+            loss = loss + hp.clip_weight * logs["clip"]
         if hp.distill_weight or hp.window_distill_weight:
             with torch.no_grad():
                 target = (model if self.teacher is None else self.teacher).encode_text(batch["caption_ids"], batch["caption_mask"]).float()
         if hp.distill_weight:
-            distill = (1 - (doc * target).sum(-1)).mean()
-            self.log("train/distill", distill, prog_bar=True, batch_size=bs)
-            loss = loss + hp.distill_weight * distill
+            logs["distill"] = (1 - (doc * target).sum(-1)).mean()
+            loss = loss + hp.distill_weight * logs["distill"]
         if hp.window_distill_weight:
             rows, owners = caption_windows(batch["doc_sources"], docs.chunk_counts, model.config.context_length - 2,
                                            model.document_stride)
             if len(rows):
                 rows = rows.to(states.device)
                 window = F.normalize(model.text_proj(model.pool_text(states[rows], docs.attention_mask[rows])).float(), dim=-1)
-                window_distill = (1 - (window * target[owners.to(doc.device)]).sum(-1)).mean()
-                self.log("train/window_distill", window_distill, batch_size=bs)
-                loss = loss + hp.window_distill_weight * window_distill
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/gate", torch.tanh(model.fusion.gate).detach(), prog_bar=True, batch_size=bs)
-        return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        opt = self.optimizers(use_pl_optimizer=False)
-        self.log("train/lr", opt.param_groups[0]["lr"], batch_size=batch["images"].shape[0])
+                logs["window_distill"] = (1 - (window * target[owners.to(doc.device)]).sum(-1)).mean()
+                loss = loss + hp.window_distill_weight * logs["window_distill"]
+        logs["gate"] = torch.tanh(model.fusion.gate).detach()
+        return loss, logs
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._val_outputs.append({
@@ -329,22 +329,37 @@ class NeedleDataModule(L.LightningDataModule):
         lengths: training document lengths in pieces, drawn uniformly per document.
         val_length: validation document length in pieces.
         batch_size, num_workers: loaders.
-        image_size: image side the model expects.
+        image_size, image_mean, image_std: the model's image side and normalisation
+            (``ModelConfig.image_size`` / ``image_mean`` / ``image_std``; ``mmformer fit`` links
+            them from the model).
         max_chunks: chunk cap; a document over it is an error (the lengths should fit it).
+
+    Documents are chunked as the model chunks them (its window and stride): the module hands its
+    collator over in ``setup`` (:meth:`set_document_collator`, as :class:`LongDocModule` does).
     """
 
     def __init__(self, root: str | None = None, prose: str | None = None,
                  lengths: Sequence[int] = (14, 64, 128, 256, 512, 1024), val_length: int = 512,
                  batch_size: int = 64, num_workers: int = 0, image_size: int = 64,
-                 max_chunks: int | None = None, seed: int = 0) -> None:
+                 max_chunks: int | None = None, seed: int = 0,
+                 image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer: Tokenizer | None = None
+        self.document_collator: DocumentCollator | None = None
         self.train_ds: NeedleDataset | None = None
         self.val_ds: NeedleDataset | None = None
 
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
+
+    def set_document_collator(self, collator: DocumentCollator) -> None:
+        """Chunk documents with ``collator``'s tokenizer, window and stride (the model's
+        :meth:`~mmformer.model.MMFormer.document_collator`), under this data module's
+        ``max_chunks`` cap (over it: an error)."""
+        self.document_collator = DocumentCollator(collator.tokenizer, collator.length, collator.stride,
+                                                  max_chunks=self.hparams.max_chunks, overflow="error")
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None and self.trainer is not None:  # Lightning sets up data before the module
@@ -359,18 +374,19 @@ class NeedleDataModule(L.LightningDataModule):
         filler = Filler(self.tokenizer, load_prose(self.tokenizer, hp.prose))
         train = EmojiData.load(root, "train", hp.image_size)
         val = EmojiData.load(root, "val", hp.image_size)
+        norm = dict(mean=hp.image_mean, std=hp.image_std)
         self.train_ds = NeedleDataset(train.images, train.captions, self.tokenizer, filler, hp.lengths,
-                                      train.concept_ids, seed=hp.seed)
+                                      train.concept_ids, seed=hp.seed, **norm)
         self.val_ds = NeedleDataset(val.images, val.captions, self.tokenizer, filler, [hp.val_length],
-                                    val.concept_ids, seed=hp.seed + 1, fixed=True)
+                                    val.concept_ids, seed=hp.seed + 1, fixed=True, **norm)
 
     def _collate(self) -> NeedleCollator:
         """Chunking as the model will chunk at inference (its window, stride), cap as configured."""
-        if self.trainer is None or not hasattr(self.trainer.lightning_module, "model"):
-            raise RuntimeError("NeedleDataModule's loaders chunk documents as the model does: attach it to a "
-                               "Trainer running a LongDocModule")
-        model = self.trainer.lightning_module.model
-        return NeedleCollator(model.document_collator(max_chunks=self.hparams.max_chunks, overflow="error"))
+        if self.document_collator is None:
+            raise RuntimeError("NeedleDataModule's loaders chunk documents as the model does: call "
+                               "set_document_collator(model.document_collator()) or train with a LongDocModule, "
+                               "which hands its collator over in setup")
+        return NeedleCollator(self.document_collator)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_ds, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
@@ -380,19 +396,3 @@ class NeedleDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_ds, batch_size=self.hparams.batch_size, shuffle=False,
                           num_workers=0, collate_fn=self._collate())
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m mmformer.training.longdoc fit --config train/longdoc.yaml``: LightningCLI over
-    :class:`LongDocModule` and :class:`NeedleDataModule`."""
-    from lightning.pytorch.cli import LightningCLI
-
-    flush_denormals()  # first, so that every thread torch starts inherits it
-    keep_freed_memory()
-
-    LightningCLI(LongDocModule, NeedleDataModule, args=argv, save_config_kwargs={"overwrite": True},
-                 parser_kwargs={"default_env": False})
-
-
-if __name__ == "__main__":
-    main()

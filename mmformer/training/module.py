@@ -22,7 +22,8 @@ from mmformer.retrieval.metrics import concept_retrieval_metrics, pair_retrieval
 from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 from mmformer.training.checkpoint import guard_fit
 from mmformer.training.distributed import PRECISION_DTYPES, apply_fsdp, is_fsdp
-from mmformer.training.optim import StepCosine, TimeCosine, parameter_groups
+from mmformer.training.callbacks import ScheduleClock
+from mmformer.training.optim import ClockLambdaLR, StepCosine, TimeCosine, parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -153,19 +154,31 @@ class MMFormerModule(L.LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
+        """Take the :meth:`training_loss`, apply the ``nonfinite`` policy and log; subclasses
+        change the loss (:meth:`training_loss`), not this. (Skipped samples are counted by
+        :class:`~mmformer.data.datamodule.SkippedSamplesCallback`, see :meth:`configure_callbacks`.)"""
         if not self.automatic_optimization:
             return self._accumulating_step(batch, batch_idx)
         if batch is None or batch["images"].shape[0] == 0:  # every sample of the batch was corrupt
             return None  # Lightning skips the optimizer step
+        loss, logs = self.training_loss(batch)
+        if not self._loss_is_finite(loss, batch_idx):
+            return None  # "skip": no backward, no update (the optimizer sees no gradients)
+        bs = batch["images"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in logs.items():
+            self.log(f"train/{name}", value, prog_bar=name in self.progress_bar_logs, batch_size=bs)
+        return loss
+
+    #: names of :meth:`training_loss`'s logged values shown in the progress bar (besides the loss)
+    progress_bar_logs: tuple[str, ...] = ()
+
+    def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, values to log as ``train/NAME``) of one batch: the CLIP loss and the logit scale."""
         out = self(batch["images"], batch["input_ids"], batch["attention_mask"])
         positives = batch.get("concepts") if self.hparams.concept_positives else None
         loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], positives)
-        bs = batch["images"].shape[0]
-        if not self._loss_is_finite(loss, batch_idx):
-            return None  # "skip": no backward, no update (the optimizer sees no gradients)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/logit_scale", out["logit_scale"].detach(), batch_size=bs)
-        return loss
+        return loss, {"logit_scale": out["logit_scale"].detach()}
 
     def _loss_is_finite(self, loss: torch.Tensor, batch_idx: int) -> bool:
         """Apply the ``nonfinite`` policy; every rank takes the same decision."""
@@ -235,12 +248,20 @@ class MMFormerModule(L.LightningModule):
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=max(bs, 1))
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Skipped samples are counted, warned about each epoch and logged
-        (``train/skipped_samples``) by one :class:`~mmformer.data.datamodule.SkippedSamplesCallback`:
-        the Trainer's, or this one when it has none."""
-        if any(isinstance(c, SkippedSamplesCallback) for c in self.trainer.callbacks):
-            return []
-        return [SkippedSamplesCallback()]
+        """The module's own callbacks:
+
+        - skipped samples are counted, warned about each epoch and logged (``train/skipped_samples``)
+          by one :class:`~mmformer.data.datamodule.SkippedSamplesCallback`: the Trainer's, or
+          this one when it has none;
+        - with a time budget, :class:`~mmformer.training.callbacks.ScheduleClock` starts the
+          schedule's clock when training starts.
+        """
+        callbacks: list[L.Callback] = []
+        if not any(isinstance(c, SkippedSamplesCallback) for c in self.trainer.callbacks):
+            callbacks.append(SkippedSamplesCallback())
+        if self.hparams.time_budget_s:
+            callbacks.append(ScheduleClock())
+        return callbacks
 
     # ---- optimisation -------------------------------------------------------------------
     def optimizer_groups(self) -> list[dict[str, Any]]:
@@ -261,18 +282,8 @@ class MMFormerModule(L.LightningModule):
             if not self.automatic_optimization and self.trainer.max_steps < 0:
                 total = max(total // int(hp.contrastive_accum), 1)  # batches -> optimizer steps
             factor = StepCosine(hp.warmup_steps, total, hp.min_lr_ratio)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        schedule = ClockLambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_train_start(self) -> None:
-        """Start the wall-clock schedule's clock with training (Trainer ``max_time`` counts from
-        here too), not when the scheduler was made: work between the two (a subclass's
-        ``on_fit_start``, e.g. a state cache) must not eat the budget."""
-        if self.trainer.global_step == 0 and self.trainer.lr_scheduler_configs:
-            for config in self.trainer.lr_scheduler_configs:
-                for factor in getattr(config.scheduler, "lr_lambdas", []):
-                    if isinstance(factor, TimeCosine):
-                        factor.start = time.monotonic()
 
     # ---- validation: retrieval recall ---------------------------------------------------
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:

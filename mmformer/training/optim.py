@@ -6,6 +6,7 @@ import math
 import time
 
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 
 def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -49,8 +50,8 @@ class StepCosine:
 class TimeCosine:
     """Picklable ``LambdaLR`` factor: warmup in steps, then cosine over a wall-clock budget.
 
-    The clock starts at the first call (the scheduler's construction); ``MMFormerModule``
-    restarts it when training starts.
+    The clock starts at the first call (the scheduler's construction); :meth:`restart` starts it
+    again (:class:`mmformer.training.callbacks.ScheduleClock` does when training starts).
     """
 
     def __init__(self, warmup: int, budget_s: float, min_ratio: float = 0.0) -> None:
@@ -62,3 +63,17 @@ class TimeCosine:
         if self.start is None:
             self.start = now
         return warmup_cosine(step, self.warmup, 0, self.min_ratio, progress=(now - self.start) / self.budget_s)
+
+    def restart(self) -> None:
+        """Start the clock now: the whole budget lies ahead."""
+        self.start = time.monotonic()
+
+
+class ClockLambdaLR(LambdaLR):
+    """``LambdaLR`` whose factors may follow a wall clock (:class:`TimeCosine`):
+    :meth:`restart_clock` restarts every such factor's clock."""
+
+    def restart_clock(self) -> None:
+        for factor in self.lr_lambdas:
+            if isinstance(factor, TimeCosine):
+                factor.restart()

@@ -1,0 +1,180 @@
+"""Training recipes and the one command that runs them: ``mmformer fit|validate|test --config RECIPE``.
+
+A recipe is a LightningCLI YAML (``trainer``, ``model``, ``data``). The module and the data module
+are chosen in it by class (subclass mode): ``model.class_path`` is :class:`MMFormerModule` or a
+subclass (:class:`~mmformer.training.longdoc.LongDocModule`), ``data.class_path`` any
+``LightningDataModule`` (:class:`~mmformer.data.datamodule.ImageTextDataModule`,
+:class:`~mmformer.training.longdoc.NeedleDataModule`). Without a ``class_path`` they default to
+:class:`MMFormerModule` and :class:`ImageTextDataModule`, so recipes written before subclass mode
+(init arguments only) still load.
+
+What the data must agree on with the model (image side, text length, normalisation) is not
+written in recipes: each is linked from the built module's ``model.config`` into the data
+module's argument of that name (:data:`MODEL_LINKS`), for every such argument the chosen data
+module takes. A recipe or command line that sets one of them to another value is an error.
+
+The recipes ship inside the package (``mmformer/recipes/*.yaml``; ``train/`` in the checkout
+links to them), so ``--config tiny-cpu`` names one in an installed package too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from mmformer.training.cpu import flush_denormals, keep_freed_memory
+from mmformer.training.module import MMFormerModule
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+#: The classes a recipe gets when it names none.
+DEFAULT_CLASSES = {
+    "model": "mmformer.training.module.MMFormerModule",
+    "data": "mmformer.data.datamodule.ImageTextDataModule",
+}
+
+#: Data-module arguments that come from the built module's model config.
+MODEL_LINKS: dict[str, Callable[[MMFormerModule], Any]] = {
+    "image_size": lambda module: module.model.config.image_size,
+    "max_length": lambda module: module.model.config.context_length,
+    "image_mean": lambda module: tuple(module.model.config.image_mean),
+    "image_std": lambda module: tuple(module.model.config.image_std),
+}
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped with the package (``tiny-cpu``, ``longdoc``, ...)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """An existing file as given, else the shipped recipe of that name (``tiny-cpu`` or
+    ``tiny-cpu.yaml``); raises ``FileNotFoundError`` listing the shipped ones."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"recipe {str(name_or_path)!r}: no such file, and no shipped recipe of that name "
+                            f"(shipped: {', '.join(recipe_names())})")
+
+
+def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
+    """The recipe YAML as a dict (``trainer``, ``model``, ``data``, ...)."""
+    with open(recipe_path(name_or_path), encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def init_args(section: dict[str, Any] | None) -> dict[str, Any]:
+    """The init arguments of a recipe's ``model`` / ``data`` section, with or without ``class_path``."""
+    section = section or {}
+    return dict(section.get("init_args", {})) if "class_path" in section else dict(section)
+
+
+def _config_values(argv: Sequence[str]) -> list[tuple[int, str]]:
+    """(index, value) of every ``--config`` / ``-c`` value in ``argv``."""
+    found = []
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in ("--config", "-c"):
+            if eq:
+                found.append((i, value))
+            elif i + 1 < len(argv):
+                found.append((i + 1, argv[i + 1]))
+    return found
+
+
+def resolve_recipes(argv: Sequence[str]) -> list[str]:
+    """``argv`` with every ``--config NAME`` that is no file but a shipped recipe's name replaced by
+    that recipe's path."""
+    argv = list(argv)
+    for i, value in _config_values(argv):
+        try:
+            path = str(recipe_path(value))
+        except FileNotFoundError:
+            continue  # LightningCLI says what is wrong with it
+        argv[i] = f"{argv[i].partition('=')[0]}={path}" if argv[i].startswith(("--config=", "-c=")) else path
+    return argv
+
+
+def names_class(argv: Sequence[str], key: str) -> bool:
+    """True when ``argv`` or one of its ``--config`` files chooses the class of ``key``
+    (``--model NAME``, ``--model.class_path``, or ``class_path`` in the file's section)."""
+    for arg in argv:
+        if arg.partition("=")[0] in (f"--{key}", f"--{key}.class_path"):
+            return True
+    for _, value in _config_values(argv):
+        try:
+            with open(value, encoding="utf-8") as f:
+                section = (yaml.safe_load(f) or {}).get(key)
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if isinstance(section, str) or (isinstance(section, dict) and "class_path" in section):
+            return True
+    return False
+
+
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _link(name: str, given: Any, default: Any, value_of: Callable[[MMFormerModule], Any]) -> Callable:
+    """``value_of``, refusing a data-module value set by hand that differs from the model's."""
+    def compute(module: MMFormerModule) -> Any:
+        value = value_of(module)
+        norm = (lambda v: tuple(v) if isinstance(v, (list, tuple)) else v)
+        if given is not None and norm(given) != norm(default) and norm(given) != norm(value):
+            raise ValueError(f"data.{name}={given!r} but the model has {value!r}: {name} is linked from the "
+                             f"model's config; leave it out of the recipe and the command line")
+        return value
+    return compute
+
+
+class RecipeCLI(LightningCLI):
+    """LightningCLI in subclass mode over :class:`MMFormerModule` (and subclasses) and any
+    ``LightningDataModule``, with the defaults and links described in the module docstring."""
+
+    def __init__(self, args: Sequence[str], run: bool = True) -> None:
+        self._argv = resolve_recipes(args)
+        super().__init__(MMFormerModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         args=self._argv, run=run, save_config_kwargs={"overwrite": True},
+                         parser_kwargs={"default_env": False})
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
+        # A default class only where none is chosen: jsonargparse keeps the default class's
+        # argument values when the class changes, which would hand a subclass its parent's defaults.
+        defaults = {key: {"class_path": path} for key, path in DEFAULT_CLASSES.items()
+                    if not names_class(self._argv, key)}
+        if defaults:
+            parser.set_defaults(defaults)
+
+    def before_instantiate_classes(self) -> None:
+        """Link :data:`MODEL_LINKS` into the arguments the chosen data module takes."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data = config.get("data")
+        if not data or not data.get("class_path"):
+            return
+        params = inspect.signature(_import(data.class_path)).parameters
+        given = data.get("init_args") or {}
+        parser = self._parser(self.subcommand)
+        for name, value_of in MODEL_LINKS.items():
+            if name in params:
+                parser.link_arguments("model", f"data.init_args.{name}", apply_on="instantiate",
+                                      compute_fn=_link(name, given.get(name), params[name].default, value_of))
+
+
+def run_recipe(argv: Sequence[str]) -> RecipeCLI:
+    """``mmformer fit|validate|test|predict ...``: apply the CPU settings of
+    :mod:`mmformer.training.cpu` first (before any torch work, so that every thread torch starts
+    inherits them), then run :class:`RecipeCLI`."""
+    flush_denormals()
+    keep_freed_memory()
+    return RecipeCLI(argv)
