@@ -10,7 +10,9 @@ The one-process reference trains 5 AdamW steps on batches of 8 (fp32). Two ranks
 - the loss of every step is the loss of the whole batch of 8 (each micro-batch sees the other
   micro-batches' negatives: a mean of per-micro-batch losses would differ, checked);
 - the checkpoint folder exports (``mmformer export``) to the whole model at step 3;
-- validation runs the forward-only schedule: the embeddings equal the reference model's.
+- validation runs the forward-only schedule: the embeddings equal the reference model's;
+- data 2 x pipeline 2 on 4 processes (each stage sharded with FSDP2 over the 2 pipelines, the
+  loss gathered over them): 3 steps give the one-process losses and parameters.
 """
 
 from pathlib import Path
@@ -76,6 +78,20 @@ def _pp_worker(rank, port, root, out):
     out[rank] = {"losses": rec.losses + rec2.losses, "params3": params3, "params5": params5,
                  "gpipe_losses": rec3.losses, "gpipe_params3": _own_params(module3),
                  "val": {k: v for k, v in seen[0].items() if k in ("image", "text")}}
+
+
+def _dp_pp_worker(rank, port, root, out):
+    init_rank_env(rank, port)
+    from mmformer.training.pipeline import PipelineStrategy
+
+    rec = LossRecorder()
+    module = make_module()
+    strategy = PipelineStrategy(pipeline_parallel_size=2, microbatches=2, schedule="1f1b")
+    trainer(root, 5, [rec, StopAt(3)], strategy=strategy, devices=4).fit(module, make_loader(B // 2, 2, rank // 2))
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+              for n, p in module.model.named_parameters()}
+    out[rank] = {"losses": rec.losses, "params3": params, "sharded": all(hasattr(p, "to_local") for p in
+                                                                          module.model.parameters() if p.ndim)}
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +186,19 @@ def test_pipeline_validation_gives_the_model_embeddings(pp_run):
     for rank in range(2):
         torch.testing.assert_close(out[rank]["val"]["image"], o["image_embeds"], atol=1e-5, rtol=0)
         torch.testing.assert_close(out[rank]["val"]["text"], o["text_embeds"], atol=1e-5, rtol=0)
+
+
+def test_data_2_x_pipeline_2_with_fsdp_equals_one_process(tmp_path, reference):
+    out = mp.Manager().dict()
+    mp.start_processes(_dp_pp_worker, args=(free_port(), str(tmp_path), out), nprocs=4, join=True,
+                       start_method="fork")
+    ref_losses, ref3, _ = reference
+    for rank in range(4):
+        assert out[rank]["sharded"], rank
+        assert out[rank]["losses"] == pytest.approx(ref_losses[:3], rel=1e-5), rank
+    # ranks 0, 2: stage 0 of the two pipelines; 1, 3: stage 1
+    for stage in (0, 1):
+        a, b = out[stage], out[stage + 2]
+        for name in a["params3"]:
+            torch.testing.assert_close(a["params3"][name], b["params3"][name], atol=0, rtol=0)
+    _assert_params_close({**out[0]["params3"], **out[1]["params3"]}, ref3, "data 2 x pipeline 2, step 3")
