@@ -66,6 +66,11 @@ def _forward_check(rank: int) -> dict:
                       "heads": model.blocks[0].attn.heads,
                       "local_shapes": {k: tuple(v.to_local().shape) for k, v in model.state_dict().items()
                                        if k.startswith("blocks.0.") and hasattr(v, "to_local")}}
+    try:  # 3 heads do not split over 2 ranks
+        apply_tensor_parallel(MMFormer(get_config("tiny", **{**FORWARD, "width": 36, "heads": 3})), mesh)
+        out["error"] = None
+    except ValueError as e:
+        out["error"] = str(e)
     return out
 
 
@@ -205,3 +210,8 @@ def test_data_2_x_tensor_2_equals_one_process(tmp_path, reference):
         local = out[rank]["local_numel"]
         assert local["blocks.0.attn.qkv.weight"] * 4 == ref3["blocks.0.attn.qkv.weight"].numel()
         assert sum(local.values()) < 0.55 * total
+
+
+def test_heads_that_do_not_split_are_a_clear_error(tp_run):
+    _, out = tp_run
+    assert "tensor_parallel_size=2 must divide heads=3" in out[0]["forward"]["error"]

@@ -249,7 +249,11 @@ class ShardedStrategy(ModelParallelStrategy):
     - sharded checkpoints are written into ``.NAME.tmp-*`` beside the target and renamed once
       every rank has written its shard, so a killed run never leaves a half-written checkpoint
       under the final name;
-    - loading checks the checkpoint first and names the file and what is wrong with it.
+    - loading checks the checkpoint first and names the file and what is wrong with it;
+    - with ``tensor_parallel_size`` > 1 (the module applies :func:`apply_tensor_parallel`), the
+      heads-sharded qkv weights and their AdamW moments go to the checkpoint as plain row shards
+      and are placed back by heads on load: the folder holds what a run without tensor
+      parallelism holds (``attn.qkv.weight`` (3D, D)).
     """
 
     def __init__(self, data_parallel_size: int | Literal["auto"] = "auto",

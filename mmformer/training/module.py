@@ -242,7 +242,10 @@ class MMFormerModule(L.LightningModule):
         elapsed = time.perf_counter() - self._step_start
         bs = batch["images"].shape[0]
         if elapsed > 0 and bs:
-            self.log("train/samples_per_s", bs * self.trainer.world_size / elapsed, prog_bar=True, batch_size=bs)
+            # data-parallel ranks only: tensor- or pipeline-parallel ranks share their samples
+            replicas = (getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}).get(
+                "num_replicas", self.trainer.world_size)
+            self.log("train/samples_per_s", bs * replicas / elapsed, prog_bar=True, batch_size=bs)
         opt = self.optimizers(use_pl_optimizer=False)
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=max(bs, 1))
 
