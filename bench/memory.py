@@ -180,6 +180,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after 1 warm-up)")
     p.add_argument("--bf16-steps", type=int, default=1, help="timed steps for bf16 (emulated on AVX2: slow)")
+    p.add_argument("--ckpt", default="off,on", help="activation checkpointing settings to run: off,on | off | on")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fsdp-batch-size", type=int, default=2)
     p.add_argument("--skip-fsdp", action="store_true")
@@ -198,7 +199,7 @@ def main() -> None:
         rows = []
         for preset in presets:
             for precision in args.precisions.split(","):
-                for ckpt in (False, True):
+                for ckpt in [c == "on" for c in args.ckpt.split(",")]:
                     steps = args.bf16_steps if precision.startswith("bf16") else args.steps
                     rows.append(run_config_subprocess(preset, precision, ckpt, args.batch_size, steps, args.threads))
                     print(f"  {preset} {precision} ckpt={'on' if ckpt else 'off'}: "

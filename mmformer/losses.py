@@ -16,21 +16,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def world_size(group: Any = None) -> int:
+    """Processes in ``group`` (None = all of them); 1 when not running distributed."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (B, ...) from every rank along dim 0, differentiably; identity on one process."""
-    if world_size() == 1:
+def gather_with_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Concatenate ``x`` (B, ...) from every rank of ``group`` (None = all) along dim 0,
+    differentiably; identity on one process. Under tensor or pipeline parallelism ``group`` is the
+    data-parallel group: the ranks that hold different samples."""
+    if world_size(group) == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
-    return torch.cat(all_gather(x), dim=0)
+    # backward: the rows' gradients summed over the ranks (reduce-scatter); unlike
+    # torch.distributed.nn.functional.all_gather, correct for a subgroup on gloo too
+    return all_gather_tensor_autograd(x.contiguous(), 0, group or dist.group.WORLD)
 
 
 def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-              positives: torch.Tensor | None = None, gather: bool = True) -> torch.Tensor:
+              positives: torch.Tensor | None = None, gather: bool = True, group: Any = None) -> torch.Tensor:
     """Symmetric InfoNCE over the (global) batch.
 
     Args:
@@ -40,13 +45,15 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
             are not treated as negatives of each other: their logits are masked out of the
             softmax, except the diagonal itself. None = only the diagonal is positive.
         gather: gather across ranks with gradient when running distributed.
+        group: the ranks to gather from (None = all; the data-parallel group under tensor or
+            pipeline parallelism, whose other ranks hold copies of the same samples).
     Returns:
         scalar loss = (CE(image->text) + CE(text->image)) / 2, averaged over the global batch.
     """
     if gather:
-        image_embeds = gather_with_grad(image_embeds)
-        text_embeds = gather_with_grad(text_embeds)
-        positives = gather_groups(positives)
+        image_embeds = gather_with_grad(image_embeds, group)
+        text_embeds = gather_with_grad(text_embeds, group)
+        positives = gather_groups(positives, group)
     logits = logit_scale * image_embeds @ text_embeds.t()  # (N, N), rows = images
     if positives is not None:
         same = positives[:, None] == positives[None, :]
@@ -56,18 +63,18 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
     return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.t().float(), labels)) / 2
 
 
-def gather_groups(positives: torch.Tensor | None) -> torch.Tensor | None:
+def gather_groups(positives: torch.Tensor | None, group: Any = None) -> torch.Tensor | None:
     """Concatenate every rank's (B,) group ids (no gradient); identity on one process."""
-    if positives is None or world_size() == 1:
+    if positives is None or world_size(group) == 1:
         return positives
-    parts = [torch.empty_like(positives) for _ in range(world_size())]
-    dist.all_gather(parts, positives)
+    parts = [torch.empty_like(positives) for _ in range(world_size(group))]
+    dist.all_gather(parts, positives, group=group)
     return torch.cat(parts)
 
 
 def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor, positives: torch.Tensor | None = None,
-                gather: bool = True) -> torch.Tensor:
+                gather: bool = True, group: Any = None) -> torch.Tensor:
     """Pairwise sigmoid loss (SigLIP) over the (global) batch.
 
     Every image-text pair (i, j) is a binary problem: logit ``t * <x_i, y_j> + b``, label +1 for
@@ -83,13 +90,14 @@ def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_sca
         positives: optional (B,) int group ids; pairs with equal ids count as positives.
         gather: gather across ranks with gradient when running distributed (every rank then
             computes the loss of the whole global batch, as :func:`clip_loss` does).
+        group: the ranks to gather from (None = all), as in :func:`clip_loss`.
     Returns:
         scalar loss (float32).
     """
     if gather:
-        image_embeds = gather_with_grad(image_embeds)
-        text_embeds = gather_with_grad(text_embeds)
-        positives = gather_groups(positives)
+        image_embeds = gather_with_grad(image_embeds, group)
+        text_embeds = gather_with_grad(text_embeds, group)
+        positives = gather_groups(positives, group)
     logits = (logit_scale * image_embeds @ text_embeds.t() + logit_bias).float()  # (N, N), rows = images
     n = logits.shape[0]
     if positives is None:

@@ -194,14 +194,20 @@ class MMFormer(nn.Module):
         return {name for name, p in self.named_parameters() if id(p) in exempt}
 
     # ---- trunk --------------------------------------------------------------------------
-    def _run_blocks(self, x: torch.Tensor, modality: str,
-                    key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.blocks:
+    def run_blocks(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
+                   blocks: list[nn.Module] | None = None) -> torch.Tensor:
+        """(B, T, D) through ``blocks`` (default: all; a pipeline stage passes its own) for one
+        modality, with activation checkpointing per block when enabled; no final norm."""
+        for block in self.blocks if blocks is None else blocks:
             if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, modality, key_padding_mask, use_reentrant=False)
             else:
                 x = block(x, modality, key_padding_mask)
-        return self.norm[modality](x)
+        return x
+
+    def _run_blocks(self, x: torch.Tensor, modality: str,
+                    key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.norm[modality](self.run_blocks(x, modality, key_padding_mask))
 
     # ---- image path ---------------------------------------------------------------------
     def forward_image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -209,6 +215,10 @@ class MMFormer(nn.Module):
 
         Equals timm's ``VisionTransformer.forward_features`` when loaded with its weights.
         """
+        return self._run_blocks(self.embed_image(images), "image")
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the blocks' input (B, 1+N, D): patches, class token, positions, pre-norm."""
         c = self.config
         if images.ndim != 4 or images.shape[1:] != (c.in_chans, c.image_size, c.image_size):
             raise ValueError(
@@ -217,12 +227,14 @@ class MMFormer(nn.Module):
             )
         x = self.patch_embed(images)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = self.norm_pre(x + self.pos_embed.to(x.dtype))
-        return self._run_blocks(x, "image")
+        return self.norm_pre(x + self.pos_embed.to(x.dtype))
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, C, H, W) -> (B, E) joint-space embeddings (unit length when ``normalize``)."""
-        x = self.forward_image_features(images)
+        return self.project_image(self.forward_image_features(images), normalize)
+
+    def project_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Final-norm image states (B, 1+N, D) -> (B, E): pooled, projected (unit length when ``normalize``)."""
         pooled = x[:, 0] if self.config.image_pool == "cls" else x[:, 1:].mean(dim=1)
         z = self.image_proj(pooled)
         return F.normalize(z, dim=-1) if normalize else z
@@ -235,6 +247,11 @@ class MMFormer(nn.Module):
         ``modality="document"`` runs the document expert (``config.document_expert``): its own
         token embeddings and block parts instead of the text path's (positions and shared
         attention weights are the same)."""
+        x = self.embed_text(input_ids, modality)
+        return self._run_blocks(x, modality, self._text_mask(input_ids, attention_mask))
+
+    def embed_text(self, input_ids: torch.Tensor, modality: str = "text") -> torch.Tensor:
+        """(B, T) ids -> the blocks' input (B, T, D): token embeddings plus positions."""
         c = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
@@ -243,10 +260,8 @@ class MMFormer(nn.Module):
                 f"text of {input_ids.shape[1]} tokens exceeds context_length={c.context_length}; "
                 "truncate it (tokenizer max_length) or chunk it"
             )
-        mask = self._text_mask(input_ids, attention_mask)
         x = (self.document_embed if modality == "document" else self.token_embed)(input_ids)
-        x = x + self.text_pos[: input_ids.shape[1]].to(x.dtype)
-        return self._run_blocks(x, modality, mask)
+        return x + self.text_pos[: input_ids.shape[1]].to(x.dtype)
 
     def _text_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         mask = input_ids != self.config.pad_id if attention_mask is None else attention_mask.bool()
@@ -271,7 +286,11 @@ class MMFormer(nn.Module):
                     normalize: bool = True) -> torch.Tensor:
         """(B, T) ids (+ (B, T) bool mask) -> (B, E) joint-space embeddings."""
         mask = self._text_mask(input_ids, attention_mask)
-        z = self.text_proj(self.pool_text(self.forward_text_features(input_ids, mask), mask))
+        return self.project_text(self.forward_text_features(input_ids, mask), mask, normalize)
+
+    def project_text(self, states: torch.Tensor, mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Final-norm text states (B, T, D), (B, T) bool mask -> (B, E) (unit length when ``normalize``)."""
+        z = self.text_proj(self.pool_text(states, mask))
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:

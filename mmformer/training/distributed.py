@@ -9,7 +9,23 @@
   written atomically (into a temporary folder that is renamed once every rank has finished) and
   checked before loading (:func:`mmformer.training.checkpoint.check_checkpoint`).
 
+- :func:`apply_tensor_parallel` splits every block by heads over a tensor-parallel mesh (DTensor):
+  each rank holds whole heads of q, k and v, its rows of the output projection's input, and its
+  slice of the FFN; composed with FSDP2 over the data-parallel mesh of a 2-D (data x tensor) mesh.
+
 Works on CPU (gloo) and GPU (NCCL) alike.
+
+Tensor parallelism and the fused qkv weight. ``attn.qkv.weight`` stores q, k and v one after the
+other (rows ``[q; k; v]``, (3D, D_in): the layout of timm checkpoints and of ``model.safetensors``).
+A plain row split (``Shard(0)``) would give rank 0 all of q and half of k. The weight is instead
+placed with DTensor's strided shard ``_StridedShard(0, split_factor=3)``: the rows are first split
+into the 3 blocks q, k, v and each block is then split over the ranks, so rank r holds
+``[q_r; k_r; v_r]`` (whole heads; the local matmul gives its heads' q, k and v side by side, which
+:func:`~mmformer.layers.attention.attend` reads with ``heads / tp`` heads). The parameter keeps its
+name and global shape. Distributed checkpoints cannot store a strided shard (a rank's rows are
+three separate boxes), so :class:`ShardedStrategy` hands the checkpoint writer these tensors
+redistributed to plain row shards and converts them back when loading: the sharded checkpoint
+holds exactly what a run without tensor parallelism holds, and exports the same way.
 """
 
 from __future__ import annotations
@@ -21,15 +37,137 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.placement_types import _StridedShard
 
-from mmformer.training.checkpoint import check_checkpoint
+from mmformer.model import MMFormer
+from mmformer.training.checkpoint import check_checkpoint, is_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "bf16": torch.bfloat16,
                     "16": torch.float16, "bf16-true": torch.bfloat16, "16-true": torch.float16}
+
+
+TP_DIM = "tensor_parallel"  # the name of the tensor-parallel dimension of every mesh used here
+HEADS_PLACEMENT = _StridedShard(0, split_factor=3)  # rows [q; k; v]: rank r holds [q_r; k_r; v_r]
+
+
+def _parts(module: nn.Module) -> list[nn.Module]:
+    """The modules of a shared-or-per-modality part (one module, or a ModuleDict's values)."""
+    return list(module.values()) if isinstance(module, nn.ModuleDict) else [module]
+
+
+class HeadsParallelLinear(nn.Linear):
+    """A fused qkv ``nn.Linear`` split by heads over a tensor-parallel mesh (made by
+    :func:`apply_tensor_parallel`, which sets this class on the module; the parameters keep their
+    names and global shapes).
+
+    The weight (3D, D_in) is placed as :data:`HEADS_PLACEMENT`. The bias (3D,) is kept whole
+    (``Replicate``) and taken as this rank's ``[q_r; k_r; v_r]`` slice in forward (a local slice;
+    in backward the slices' gradients are all-gathered), so that FSDP2 can shard it over the
+    data-parallel ranks like any other parameter.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if bias is not None:
+            bias = bias.redistribute(bias.device_mesh, [HEADS_PLACEMENT])
+        return F.linear(x, self.weight, bias)
+
+
+def _shard_heads(name: str, module: nn.Module, mesh: Any) -> None:
+    """``distribute_module`` partition of a fused qkv Linear (see :class:`HeadsParallelLinear`)."""
+    if name:  # a Linear has no children; nothing below it to place
+        return
+    for pname, p in list(module.named_parameters(recurse=False)):
+        placement = HEADS_PLACEMENT if pname == "weight" else Replicate()
+        module.register_parameter(pname, nn.Parameter(distribute_tensor(p.detach(), mesh, [placement]),
+                                                      requires_grad=p.requires_grad))
+
+
+def _replicated_input(module: nn.Module, inputs: tuple, mesh: Any) -> tuple:
+    """(B, T, D) local input, the same on every rank -> a Replicate DTensor; in backward its
+    gradient (a partial sum over the ranks' heads) is all-reduced."""
+    x = inputs[0]
+    if not isinstance(x, DTensor):
+        x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+    return (x, *inputs[1:])
+
+
+def _local_output(module: nn.Module, output: Any, mesh: Any) -> torch.Tensor:
+    """This rank's (B, T, 3 D / tp) q, k, v of its heads, as a plain tensor."""
+    return output.to_local()
+
+
+def apply_tensor_parallel(model: MMFormer, mesh: Any) -> MMFormer:
+    """Split every block of ``model`` by heads over the 1-D tensor-parallel ``mesh``, in place.
+
+    Per block, for every modality's part (shared or not, see ``ModelConfig.share``):
+
+    - ``attn.qkv`` (column-parallel by heads): weight and bias placed as :data:`HEADS_PLACEMENT`,
+      so rank r computes q, k and v of heads ``r*H/tp .. (r+1)*H/tp`` from the replicated input;
+    - ``attn.proj`` (row-parallel): its input columns of those heads, outputs summed over ranks;
+    - ``mlp.fc1`` column-parallel, ``mlp.fc2`` row-parallel (Megatron's FFN split);
+    - norms, embeddings, the final norms, projections and the logit scale stay replicated: every
+      rank computes them identically (their gradients agree because the column-parallel inputs'
+      gradients are all-reduced).
+
+    ``attn.heads`` becomes ``heads / tp`` (the heads this rank computes). Parameter names and
+    global shapes do not change. Needs ``heads`` and the FFN width divisible by the mesh size.
+    """
+    tp = mesh.size()
+    c = model.config
+    problems = [f"heads={c.heads}" for _ in [0] if c.heads % tp] + \
+               [f"FFN width={c.mlp_hidden}" for _ in [0] if c.mlp_hidden % tp]
+    if problems:
+        raise ValueError(f"tensor_parallel_size={tp} must divide {' and '.join(problems)} "
+                         "(each rank holds whole heads and an equal slice of the FFN)")
+    if mesh.mesh_dim_names != (TP_DIM,):
+        raise ValueError(f"apply_tensor_parallel needs a 1-D mesh named ({TP_DIM!r},), got {mesh.mesh_dim_names}")
+    for block in model.blocks:
+        attn = block.attn
+        for qkv in _parts(attn.qkv):
+            if type(qkv) is not nn.Linear:
+                raise TypeError(f"tensor parallelism expects the fused qkv to be an nn.Linear, got {type(qkv).__name__}")
+            qkv.__class__ = HeadsParallelLinear
+            distribute_module(qkv, mesh, _shard_heads, _replicated_input, _local_output)
+        for proj in _parts(attn.proj):
+            parallelize_module(proj, mesh, RowwiseParallel())
+        for mlp in _parts(block.mlp):
+            parallelize_module(mlp, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+        attn.heads = c.heads // tp
+    return model
+
+
+def is_heads_sharded(t: Any) -> bool:
+    """True for a DTensor placed by heads (a strided shard on the tensor-parallel mesh dimension)."""
+    if not isinstance(t, DTensor):
+        return False
+    names = t.device_mesh.mesh_dim_names or ()
+    return any(isinstance(p, _StridedShard) and i < len(names) and names[i] == TP_DIM
+               for i, p in enumerate(t.placements))
+
+
+def _as_row_shards(t: Any) -> Any:
+    """A heads-sharded DTensor redistributed so that each rank holds one box of rows (what a
+    distributed checkpoint can store); anything else unchanged."""
+    if not is_heads_sharded(t):
+        return t
+    names = t.device_mesh.mesh_dim_names
+    placements = [Shard(p.dim) if isinstance(p, _StridedShard) and names[i] == TP_DIM else p
+                  for i, p in enumerate(t.placements)]
+    return t.redistribute(t.device_mesh, placements)
+
+
+def _fsdp_placement(p: nn.Parameter) -> Any:
+    """FSDP2 ``shard_placement_fn``: a heads-sharded qkv weight is sharded over the data-parallel
+    ranks along its input dimension (its rows are already split by heads); others along dim 0."""
+    return Shard(1) if is_heads_sharded(p) else None
 
 
 def apply_fsdp(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = None,
@@ -48,7 +186,7 @@ def apply_fsdp(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = No
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kwargs: dict[str, Any] = {"mesh": mesh}
+    kwargs: dict[str, Any] = {"mesh": mesh, "shard_placement_fn": _fsdp_placement}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.blocks:
@@ -111,7 +249,11 @@ class ShardedStrategy(ModelParallelStrategy):
     - sharded checkpoints are written into ``.NAME.tmp-*`` beside the target and renamed once
       every rank has written its shard, so a killed run never leaves a half-written checkpoint
       under the final name;
-    - loading checks the checkpoint first and names the file and what is wrong with it.
+    - loading checks the checkpoint first and names the file and what is wrong with it;
+    - with ``tensor_parallel_size`` > 1 (the module applies :func:`apply_tensor_parallel`), the
+      heads-sharded qkv weights and their AdamW moments go to the checkpoint as plain row shards
+      and are placed back by heads on load: the folder holds what a run without tensor
+      parallelism holds (``attn.qkv.weight`` (3D, D)).
     """
 
     def __init__(self, data_parallel_size: int | Literal["auto"] = "auto",
@@ -158,8 +300,65 @@ class ShardedStrategy(ModelParallelStrategy):
                 path.unlink()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        check_checkpoint(self.broadcast(str(checkpoint_path)))
-        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        path = check_checkpoint(self.broadcast(str(checkpoint_path)))
+        if not (_heads_sharded(self.model) and is_sharded_checkpoint(path)):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        return self._load_heads_sharded(path, weights_only)
+
+    # ---- tensor parallelism: heads-sharded tensors go to and from checkpoints as row shards -----
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if not (self._save_distributed_checkpoint and _heads_sharded(self.model)):
+            return super().lightning_module_state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return {k: _as_row_shards(v) for k, v in get_model_state_dict(self.model).items()}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if not (self._save_distributed_checkpoint and _heads_sharded(self.model)):
+            return super().optimizer_state(optimizer)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return _map_optimizer_state(get_optimizer_state_dict(self.model, getattr(optimizer, "_optimizer", optimizer)),
+                                    lambda k, n, v: _as_row_shards(v))
+
+    def _load_heads_sharded(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+        """Lightning's sharded load, with heads-sharded tensors read as row shards and placed back."""
+        from lightning.fabric.strategies.model_parallel import _distributed_checkpoint_load
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+
+        own = get_model_state_dict(self.model)
+        rows = {"state_dict": {k: _as_row_shards(v) for k, v in own.items()}}
+        _distributed_checkpoint_load(rows, path)
+        self.model.load_state_dict({k: _placed_like(v, own[k]) for k, v in rows["state_dict"].items()},
+                                   strict=self.lightning_module.strict_loading)
+        for i, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{i}"
+            own_opt = get_optimizer_state_dict(self.model, optimizer)
+            rows = {key: _map_optimizer_state(own_opt, lambda k, n, v: _as_row_shards(v))}
+            _distributed_checkpoint_load(rows, path)
+            placed = _map_optimizer_state(rows[key], lambda k, n, v: _placed_like(v, own_opt["state"][k][n]))
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=placed,
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+
+
+def _heads_sharded(model: nn.Module | None) -> bool:
+    return model is not None and any(is_heads_sharded(p) for p in model.parameters())
+
+
+def _placed_like(t: Any, like: Any) -> Any:
+    """``t`` redistributed to the placements of ``like`` (a DTensor), or ``t`` unchanged."""
+    if isinstance(like, DTensor) and isinstance(t, DTensor) and t.placements != like.placements:
+        return t.redistribute(like.device_mesh, like.placements)
+    return t
+
+
+def _map_optimizer_state(state: dict[str, Any], fn: Any) -> dict[str, Any]:
+    """A ``get_optimizer_state_dict`` result with ``fn(param_key, name, value)`` applied to every
+    per-parameter state value (moments, step)."""
+    return {**state, "state": {k: {n: fn(k, n, v) for n, v in per.items()} for k, per in state["state"].items()}}
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

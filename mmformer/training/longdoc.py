@@ -292,7 +292,8 @@ class LongDocModule(MMFormerModule):
             with torch.set_grad_enabled(hp.trainable == "all"):
                 image = model.encode_image(batch["images"])
             scale = model.logit_scale.exp().clamp(max=model.config.logit_scale_max)
-            logs["clip"] = clip_loss(image, doc, scale, batch["concepts"] if hp.concept_positives else None)
+            logs["clip"] = clip_loss(image, doc, scale, batch["concepts"] if hp.concept_positives else None,
+                                     group=self.loss_group)
             loss = loss + hp.clip_weight * logs["clip"]
         if hp.distill_weight or hp.window_distill_weight:
             with torch.no_grad():

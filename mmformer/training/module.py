@@ -21,8 +21,8 @@ from mmformer.model import MMFormer
 from mmformer.retrieval.metrics import concept_retrieval_metrics, pair_retrieval_metrics
 from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 from mmformer.training.checkpoint import guard_fit
-from mmformer.training.distributed import PRECISION_DTYPES, apply_fsdp, is_fsdp
 from mmformer.training.callbacks import ScheduleClock
+from mmformer.training.distributed import PRECISION_DTYPES, apply_fsdp, apply_tensor_parallel, is_fsdp
 from mmformer.training.optim import ClockLambdaLR, StepCosine, TimeCosine, parameter_groups
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ class MMFormerModule(L.LightningModule):
                 raise ValueError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
             self.model = MMFormer(config, tok)
         self._val_outputs: list[dict[str, torch.Tensor]] = []
+        # the ranks whose samples the contrastive loss gathers (None = all; the data-parallel
+        # group under tensor parallelism, set by configure_model)
+        self.loss_group = None
         self._step_start = 0.0
 
     @property
@@ -112,8 +115,9 @@ class MMFormerModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Compile the blocks (``compile``) and, under :class:`~mmformer.training.distributed.ShardedStrategy`
-        (Lightning's ``ModelParallelStrategy``), shard the model with FSDP2 over the data-parallel
-        mesh: one unit per multiway block, then the root. Idempotent."""
+        (Lightning's ``ModelParallelStrategy``), split every block by heads over the tensor-parallel
+        mesh (when ``tensor_parallel_size`` > 1) and shard the model with FSDP2 over the
+        data-parallel mesh: one unit per multiway block, then the root. Idempotent."""
         if is_fsdp(self.model):
             return
         if self.hparams.compile:
@@ -122,12 +126,12 @@ class MMFormerModule(L.LightningModule):
         mesh = self.device_mesh
         if mesh is None:
             return
-        if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                f"tensor_parallel_size={mesh['tensor_parallel'].size()}: tensor parallelism is not supported "
-                "by MMFormer (its fused qkv Linear stores q, k and v one after the other, so a column "
-                "split does not give each rank whole heads); use tensor_parallel_size=1")
         dp = mesh["data_parallel"] if "data_parallel" in mesh.mesh_dim_names else mesh
+        if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+            apply_tensor_parallel(self.model, mesh["tensor_parallel"])
+            self.loss_group = dp.get_group()  # tensor-parallel ranks hold copies of the same samples
+            log.info("tensor parallelism: %d heads per rank over %d ranks", self.model.blocks[0].attn.heads,
+                     mesh["tensor_parallel"].size())
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         param_dtype = PRECISION_DTYPES.get(precision) if self.hparams.fsdp_mixed_precision else None
         apply_fsdp(self.model, dp, param_dtype=param_dtype,
@@ -177,7 +181,8 @@ class MMFormerModule(L.LightningModule):
         """(loss, values to log as ``train/NAME``) of one batch: the CLIP loss and the logit scale."""
         out = self(batch["images"], batch["input_ids"], batch["attention_mask"])
         positives = batch.get("concepts") if self.hparams.concept_positives else None
-        loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], positives)
+        loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], positives,
+                         group=self.loss_group)
         return loss, {"logit_scale": out["logit_scale"].detach()}
 
     def _loss_is_finite(self, loss: torch.Tensor, batch_idx: int) -> bool:
@@ -223,7 +228,8 @@ class MMFormerModule(L.LightningModule):
 
         loss, logit_scale = contrastive_accumulation(
             lambda b: self(b["images"], b["input_ids"], b["attention_mask"]), micro, backward, positives,
-            is_finite=lambda v: self._loss_is_finite(v, batch_idx))
+            is_finite=lambda v: self._loss_is_finite(v, batch_idx),
+            loss_fn=lambda i, t, p, pos: clip_loss(i, t, p["logit_scale"], pos, group=self.loss_group))
         if loss is None:
             opt.zero_grad()
             return None
@@ -243,7 +249,10 @@ class MMFormerModule(L.LightningModule):
         elapsed = time.perf_counter() - self._step_start
         bs = batch["images"].shape[0]
         if elapsed > 0 and bs:
-            self.log("train/samples_per_s", bs * self.trainer.world_size / elapsed, prog_bar=True, batch_size=bs)
+            # data-parallel ranks only: tensor- or pipeline-parallel ranks share their samples
+            replicas = (getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}).get(
+                "num_replicas", self.trainer.world_size)
+            self.log("train/samples_per_s", bs * replicas / elapsed, prog_bar=True, batch_size=bs)
         opt = self.optimizers(use_pl_optimizer=False)
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=max(bs, 1))
 
@@ -315,7 +324,7 @@ class MMFormerModule(L.LightningModule):
         keys = ["image", "text", "image_ids"] + (["concepts"] if "concepts" in outs[0] else [])
         cols = {k: torch.cat([o[k] for o in outs]) for k in keys}
         if self.trainer.world_size > 1:  # every rank scores the whole set
-            cols = {k: self.all_gather(v).flatten(0, 1) for k, v in cols.items()}
+            cols = {k: self.all_gather(v, group=self.loss_group).flatten(0, 1) for k, v in cols.items()}
         if "concepts" in cols:
             metrics = concept_retrieval_metrics(cols["image"], cols["text"], cols["concepts"])
         else:
