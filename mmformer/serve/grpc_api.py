@@ -15,10 +15,12 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mmformer.serve.errors import ServeError
+from mmformer.serve.engine import metadata_json
+from mmformer.serve.errors import InvalidArgument, ServeError
 from mmformer.serve.proto import mmformer_pb2 as pb
 from mmformer.serve.proto import mmformer_pb2_grpc as pb_grpc
 from mmformer.serve.service import RetrievalService
@@ -38,13 +40,33 @@ def _embeddings(rows) -> list[pb.Embedding]:
     return [pb.Embedding(values=r.tolist()) for r in rows]
 
 
+class _Malformed:
+    """What the request deserializer hands over for bytes that are not a valid message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(message_class):
+    """``message_class.FromString`` that returns :class:`_Malformed` instead of raising, so the
+    call ends INVALID_ARGUMENT with a message (grpc would answer UNKNOWN and log a traceback)."""
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as e:
+            return _Malformed(e)
+    return parse
+
+
 class RetrievalServicer(pb_grpc.RetrievalServicer):
     def __init__(self, service: RetrievalService) -> None:
         self.service = service
 
-    async def _run(self, name: str, context, body):
+    async def _run(self, name: str, request, context, body):
         try:
             async with self.service.call(name, "grpc"):
+                if isinstance(request, _Malformed):
+                    raise InvalidArgument(f"not a valid {name}Request message ({request.error})", "request")
                 return await body()
         except ServeError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
@@ -56,13 +78,13 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         async def body():
             rows, dropped = await self.service.embed_text(list(request.texts), _deadline(context))
             return pb.EmbedTextResponse(embeddings=_embeddings(rows), pieces_dropped=dropped)
-        return await self._run("EmbedText", context, body)
+        return await self._run("EmbedText", request, context, body)
 
     async def EmbedImage(self, request, context):
         async def body():
             rows = await self.service.embed_image(list(request.images), _deadline(context))
             return pb.EmbedImageResponse(embeddings=_embeddings(rows))
-        return await self._run("EmbedImage", context, body)
+        return await self._run("EmbedImage", request, context, body)
 
     async def Search(self, request, context):
         async def body():
@@ -72,10 +94,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 index=request.index, k=request.k, deadline=_deadline(context))
             return pb.SearchResponse(pieces_dropped=dropped, hits=[
                 pb.Hit(id=h.id, score=h.score, row=h.row, caption=h.metadata.get("caption") or "",
-                       metadata_json=json.dumps({k: v for k, v in h.metadata.items() if k != "path"},
-                                                ensure_ascii=False))
+                       metadata_json=metadata_json(h))
                 for h in hits])
-        return await self._run("Search", context, body)
+        return await self._run("Search", request, context, body)
 
     async def Info(self, request, context):
         async def body():
@@ -86,7 +107,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 precision=info["precision"], indexes=[pb.IndexInfo(**ix) for ix in info["indexes"]],
                 batching=pb.BatchingInfo(enabled=b["enabled"], max_batch_size=b["max_batch_size"],
                                          max_delay_ms=b["max_delay_ms"], max_queue=b["max_queue"]))
-        return await self._run("Info", context, body)
+        return await self._run("Info", request, context, body)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -127,6 +148,18 @@ def _refusing_handler(handler: Any, message: str):
     return grpc.unary_unary_rpc_method_handler(abort, **kw)
 
 
+def _add_servicer(servicer: RetrievalServicer, server: grpc.aio.Server) -> None:
+    """``add_RetrievalServicer_to_server`` with lenient request parsing (see :func:`_lenient`)."""
+    methods = pb.DESCRIPTOR.services_by_name["Retrieval"].methods
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name), request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+        for m in methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def build_grpc_server(service: RetrievalService, host: str, port: int, *, api_key: str | None = None,
                       tls: tuple[bytes, bytes] | None = None, max_message_bytes: int = 16 << 20
                       ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
@@ -136,7 +169,7 @@ def build_grpc_server(service: RetrievalService, host: str, port: int, *, api_ke
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes),
                  ("grpc.so_reuseport", 0)])
-    pb_grpc.add_RetrievalServicer_to_server(RetrievalServicer(service), server)
+    _add_servicer(RetrievalServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -67,7 +67,8 @@ def _b64(value: Any, field: str) -> bytes:
 
 
 def build_app(service: RetrievalService, *, api_key: str | None = None, max_body_bytes: int = 16 << 20) -> FastAPI:
-    app = FastAPI(title="mmformer retrieval", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="mmformer retrieval", docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     expected = f"Bearer {api_key}".encode() if api_key else None
     page = PAGE.read_bytes()
 

@@ -164,12 +164,17 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="mmformer-serve", daemon=True)
 
-    def start(self, timeout: float = 60.0) -> Server:
+    def start(self, timeout: float = 60.0, wait_loaded: bool = True) -> Server:
+        """Start listening; with ``wait_loaded`` also wait until the model is loaded (or failed)."""
         self.thread.start()
         self.server = Server(self.settings, self.engine_factory)
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout)
-        asyncio.run_coroutine_threadsafe(self.server.wait_loaded(), self.loop).result(timeout)
+        if wait_loaded:
+            self.wait_loaded(timeout)
         return self.server
+
+    def wait_loaded(self, timeout: float = 60.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.wait_loaded(), self.loop).result(timeout)
 
     def stop(self, timeout: float = 60.0) -> None:
         asyncio.run_coroutine_threadsafe(self.server.drain(), self.loop).result(timeout)
