@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: Indexes up to this many rows are searched on the event loop (microseconds); larger ones in a thread.
 INLINE_SEARCH_ROWS = 20_000
+#: Encoded images up to this size are decoded on the event loop (a 64x64 PNG takes ~0.1 ms, less than
+#: a hop to a thread); larger ones, which may take tens of ms, in a thread.
+INLINE_DECODE_BYTES = 16 << 10
 
 
 @dataclass
@@ -122,8 +125,8 @@ class RetrievalService:
     async def embed_image(self, images: Any, deadline: float | None = None) -> list[np.ndarray]:
         engine = self._engine()
         engine.check_images(images)
-        tensors = await asyncio.to_thread(
-            lambda: [engine.prepare_image(im, f"images[{i}]") for i, im in enumerate(images)])
+        tensors = await _decode(lambda: [engine.prepare_image(im, f"images[{i}]") for i, im in enumerate(images)],
+                                sum(len(im) if isinstance(im, (bytes, bytearray)) else 0 for im in images))
         return await self.image_batcher.submit(tensors, deadline)
 
     async def search(self, *, text: Any = None, image: Any = None, index: Any = "", k: Any = 10,
@@ -142,7 +145,8 @@ class RetrievalService:
             dropped = t.dropped
             [emb] = await self.text_batcher.submit([t], deadline)
         else:
-            x = await asyncio.to_thread(engine.prepare_image, image, "image")
+            x = await _decode(lambda: engine.prepare_image(image, "image"),
+                              len(image) if isinstance(image, (bytes, bytearray)) else 0)
             [emb] = await self.image_batcher.submit([x], deadline)
         if len(engine.retrievers[name].index) <= INLINE_SEARCH_ROWS:
             hits = engine.search(name, emb, k)
@@ -155,3 +159,8 @@ class RetrievalService:
         b = self.batching
         return {**engine.info(), "batching": {"enabled": b.enabled, "max_batch_size": b.max_batch_size,
                                               "max_delay_ms": b.max_delay_ms, "max_queue": b.max_queue}}
+
+
+async def _decode(work, size: int):
+    """Run ``work`` (image decoding) inline when the bytes are few, else in a thread."""
+    return work() if size <= INLINE_DECODE_BYTES else await asyncio.to_thread(work)
