@@ -483,3 +483,18 @@ def test_tls_on_both_transports(model, index_dir, tmp_path):
             httpx.get(f"http://localhost:{server.http_port}/healthz", timeout=3).raise_for_status()
     finally:
         thread.stop()
+
+
+@pytest.mark.parametrize("which", ["grpc", "http"])
+def test_a_port_in_use_is_a_clear_error(model, which):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        settings = ServeSettings(grpc_port=port if which == "grpc" else 0, http_port=port if which == "http" else 0)
+        thread = ServerThread(settings, lambda: Engine(model))
+        with pytest.raises(OSError, match=f"cannot bind the {'gRPC' if which == 'grpc' else 'HTTP'} port .*--{which}-port"):
+            thread.start(timeout=30)
+        thread.loop.call_soon_threadsafe(thread.loop.stop)

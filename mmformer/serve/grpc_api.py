@@ -175,12 +175,15 @@ def build_grpc_server(service: RetrievalService, host: str, port: int, *, api_ke
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if tls is not None:
-        bound = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
-    else:
-        bound = server.add_insecure_port(address)
+    try:
+        if tls is not None:
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise OSError(f"cannot bind the gRPC port {address} (in use? choose another with --grpc-port): {e}") from e
     if not bound:
-        raise OSError(f"cannot bind the gRPC port {address}")
+        raise OSError(f"cannot bind the gRPC port {address} (in use? choose another with --grpc-port)")
     return server, health_servicer, bound
 
 

@@ -93,9 +93,13 @@ class Server:
         self.uvicorn = uvicorn.Server(config)
         config.load()
         self.uvicorn.lifespan = config.lifespan_class(config)
-        await self.uvicorn.startup()
+        try:
+            await self.uvicorn.startup()
+        except SystemExit:  # uvicorn exits when it cannot bind
+            self.uvicorn.started = False
         if not self.uvicorn.started:
-            raise OSError(f"cannot bind the HTTP port {s.host}:{s.http_port}")
+            await self.grpc.stop(None)
+            raise OSError(f"cannot bind the HTTP port {s.host}:{s.http_port} (in use? choose another with --http-port)")
         self.http_port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
         self._http_loop = asyncio.get_running_loop().create_task(self.uvicorn.main_loop())
 
