@@ -17,7 +17,8 @@ short warm-up, with one-item requests (one text, or one 64x64 PNG). Servers:
 The model is a fresh ``tiny`` MMFormer with the bundled tokenizer (weights do not change speed).
 Both servers use ``--threads`` torch threads. The client shares the machine's cores with the
 server: the table gives the CPU time each side used (client: this process; server: its process
-tree), in percent of one core. Mean batch: inputs per model call, from the server's
+tree), in percent of one core, and the server's CPU milliseconds per request (the figure
+least disturbed by other load on the machine). Mean batch: inputs per model call, from the server's
 ``/metrics`` (mmformer) or counted in the LitAPI's ``predict`` (LitServe).
 """
 
@@ -313,7 +314,8 @@ class Client:
         return {"req_s": len(latencies) / wall, "p50": float(np.percentile(lat, 50)),
                 "p95": float(np.percentile(lat, 95)), "p99": float(np.percentile(lat, 99)),
                 "batch": (inputs1 - inputs0) / max(calls1 - calls0, 1),
-                "client_cpu": 100 * cpu_client / wall, "server_cpu": 100 * cpu_server / wall, "n": len(latencies)}
+                "client_cpu": 100 * cpu_client / wall, "server_cpu": 100 * cpu_server / wall, "n": len(latencies),
+                "server_ms_req": 1000 * cpu_server / max(len(latencies), 1)}
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -328,7 +330,7 @@ def start_servers(which: str, model_dir: Path, args, tmp: Path) -> ServerProcess
                              http, None, "/health", batch_log=log)
     argv = [py, "-m", "mmformer.cli", "serve", "--model", str(model_dir), "--grpc-port", str(grpc_port),
             "--http-port", str(http), "--threads", str(args.threads), "--max-delay-ms", str(args.max_delay_ms),
-            "--max-batch-size", "64"]
+            "--max-batch-size", "64", "--loop", args.loop]
     if which == "mmformer --no-batching":
         argv.append("--no-batching")
     return ServerProcess(which, argv, http, grpc_port, "/readyz")
@@ -405,6 +407,7 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1, help="torch threads in each server")
     p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"], help="mmformer serve --loop")
     p.add_argument("--no-litserve", action="store_true")
     p.add_argument("--json", default=None, help="also write the rows here")
     # internal: the LitServe server process
@@ -425,7 +428,8 @@ def main() -> None:
     print(markdown_table(rows, [("server", "server", 0), ("transport", "transport", 0), ("input", "kind", 0),
                                 ("concurrency", "conc", 0), ("req/s", "req_s", 0), ("p50 ms", "p50", 1),
                                 ("p95 ms", "p95", 1), ("p99 ms", "p99", 1), ("mean batch", "batch", 1),
-                                ("client CPU %", "client_cpu", 0), ("server CPU %", "server_cpu", 0)]))
+                                ("client CPU %", "client_cpu", 0), ("server CPU %", "server_cpu", 0),
+                                ("server CPU ms/req", "server_ms_req", 2)]))
     print()
     for line in targets(rows):
         print(line)

@@ -48,8 +48,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
               flush=True)
 
     print(f"mmformer serve: loading {settings.model} ...", flush=True)
+    run = asyncio.run
+    if args.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError as e:
+            raise SystemExit("mmformer serve: --loop uvloop needs the uvloop package (pip install uvloop)") from e
+        run = uvloop.run
     try:
-        asyncio.run(serve_until_signal(settings, on_ready=ready))
+        run(serve_until_signal(settings, on_ready=ready))
     except (OSError, ValueError) as e:
         raise SystemExit(f"mmformer serve: {e}") from e
     print("mmformer serve: stopped (all requests in flight answered)", flush=True)

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-mb", type=float, default=8.0, help="largest encoded image (the upload limit)")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096,
                    help="largest image width*height (read from the header: refuses decompression bombs)")
+    p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"],
+                   help="event loop of both servers (uvloop: pip install uvloop)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the model (default: torch's)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM, wait this long at most for requests in flight")
