@@ -35,6 +35,7 @@ class _Request:
     deadline: float | None
     results: list[Any]
     remaining: int
+    expired: bool = False
 
 
 @dataclass(eq=False)
@@ -93,7 +94,14 @@ class DynamicBatcher:
         self._queue.extend(_Entry(req, i, item) for i, item in enumerate(items))
         self._gauge()
         self._wakeup.set()
-        return await req.future  # cancelling the caller cancels the future: its inputs are then skipped
+        # cancelling the caller cancels the future: its inputs are then skipped
+        if deadline is None:
+            return await req.future
+        try:
+            return await asyncio.wait_for(req.future, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:  # answered at the deadline; inputs still queued are skipped
+            req.expired = True
+            raise DeadlineExceeded("the deadline passed while the request was queued") from None
 
     # ---- the loop -----------------------------------------------------------------------------
     def _gauge(self) -> None:
@@ -126,7 +134,7 @@ class DynamicBatcher:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 return
 
     def _take(self) -> list[_Entry]:
@@ -143,8 +151,8 @@ class DynamicBatcher:
         live = []
         for e in batch:
             req = e.request
-            if req.future.done():  # cancelled by its caller, or failed with an earlier batch
-                self._count_drop("cancelled")
+            if req.future.done():  # cancelled by its caller or its deadline, or failed with an earlier batch
+                self._count_drop("deadline" if req.expired else "cancelled")
             elif req.deadline is not None and now >= req.deadline:
                 req.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
                 self._count_drop("deadline")

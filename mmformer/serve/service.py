@@ -107,7 +107,7 @@ class RetrievalService:
             self._idle = asyncio.Event()
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 log.warning("drain: %d request(s) still in flight after %.0f s", self.in_flight, timeout)
         for b in (self.text_batcher, self.image_batcher):
             if b is not None:
