@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -83,7 +84,8 @@ class Engine:
         self.device = torch.device("cpu") if precision == "int8" else next(model.parameters()).device
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.retrievers = {name: Retriever(model, index) for name, index in (indexes or {}).items()}
-        self._files = {name: _listed_files(index) for name, index in (indexes or {}).items()}
+        self._files: dict[str, dict[str, Path]] = {}  # index name -> id -> image file, read on first use
+        self._files_lock = threading.Lock()
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, index_dirs: dict[str, str | os.PathLike] | None = None, *,
@@ -179,8 +181,13 @@ class Engine:
     def thumbnail(self, name: str, item_id: str) -> bytes | None:
         """A small PNG of the image file that index ``name`` lists under ``item_id``; None for
         anything the index does not list (so no other file on disk can be reached)."""
-        path = self._files.get(name, {}).get(item_id)
-        if path is None:
+        if name not in self.retrievers:
+            return None
+        with self._files_lock:
+            if name not in self._files:
+                self._files[name] = _listed_files(self.retrievers[name].index)
+        path = self._files[name].get(item_id)
+        if path is None or not path.is_file():
             return None
         try:
             with Image.open(path) as im:
@@ -204,14 +211,15 @@ class Engine:
 
 
 def _listed_files(index: Index) -> dict[str, Path]:
-    """id -> image file of every row of an image index whose record holds a local file path."""
+    """id -> image file of every row of an image index whose record holds a local file path (not a
+    shard member ``url#key``)."""
     if index.kind != "image":
         return {}
     out = {}
     for row in range(len(index)):
         meta = index.metadata(row)
         path = meta.get("path")
-        if isinstance(path, str) and "#" not in path and os.path.isfile(path):
+        if isinstance(path, str) and "#" not in path:
             out[str(meta["id"])] = Path(path)
     return out
 
