@@ -318,6 +318,37 @@ class Client:
                 "server_ms_req": 1000 * cpu_server / max(len(latencies), 1)}
 
 
+# ---- model cost alone ---------------------------------------------------------------------------
+def model_cost(model_dir: Path, threads: int, batches=(1, 16, 64), repeats: int = 30) -> list[dict]:
+    """Best-of-``repeats`` time of one encode call at each batch size, in this process: the ceiling
+    of what batching can gain (a batch of B costs less than B single calls by this ratio)."""
+    import torch
+
+    from mmformer.data.transforms import build_transforms, load_image
+    from mmformer.model import MMFormer
+
+    torch.set_num_threads(threads)
+    model = MMFormer.from_pretrained(model_dir).eval()
+    c = model.config
+    tf = build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std)
+    images = torch.stack([tf(load_image(b)) for b in make_images(max(batches))])
+    texts = make_texts(max(batches))
+    rows = []
+    with torch.inference_mode():
+        for b in batches:
+            best = {"text": float("inf"), "image": float("inf")}
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model.encode_texts(texts[:b])
+                t1 = time.perf_counter()
+                model.encode_image(images[:b])
+                t2 = time.perf_counter()
+                best["text"], best["image"] = min(best["text"], t1 - t0), min(best["image"], t2 - t1)
+            rows.append({"batch": b, "text_ms": 1000 * best["text"], "image_ms": 1000 * best["image"],
+                         "text_per": 1000 * best["text"] / b, "image_per": 1000 * best["image"] / b})
+    return rows
+
+
 # ---- main ---------------------------------------------------------------------------------------
 def start_servers(which: str, model_dir: Path, args, tmp: Path) -> ServerProcess:
     py = sys.executable
@@ -409,6 +440,7 @@ def main() -> None:
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"], help="mmformer serve --loop")
     p.add_argument("--no-litserve", action="store_true")
+    p.add_argument("--model-cost-only", action="store_true", help="only time the model alone (batch 1, 16, 64)")
     p.add_argument("--json", default=None, help="also write the rows here")
     # internal: the LitServe server process
     p.add_argument("--litserve-worker", action="store_true", help=argparse.SUPPRESS)
@@ -423,6 +455,15 @@ def main() -> None:
     args.transports = args.transports.split(",")
     before = machine()
     t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        cost = model_cost(Path(args.model) if args.model else save_tiny_model(Path(tmp) / "model"), args.threads)
+    print(f"model alone, best of 30 calls, {args.threads} torch thread(s):")
+    print(markdown_table(cost, [("batch", "batch", 0), ("text ms", "text_ms", 2), ("image ms", "image_ms", 2),
+                                ("text ms/input", "text_per", 2), ("image ms/input", "image_per", 2)]))
+    print(flush=True)
+    if args.model_cost_only:
+        print(f"\ncommand: python bench/serve.py {' '.join(sys.argv[1:])}\nbefore: {before}\nafter:  {machine()}")
+        return
     rows = asyncio.run(bench(args))
     print()
     print(markdown_table(rows, [("server", "server", 0), ("transport", "transport", 0), ("input", "kind", 0),
