@@ -10,6 +10,8 @@
 - ``mmformer export --ckpt FILE|DIR --out DIR``: Lightning checkpoint (a file, or the folder of a
   sharded FSDP checkpoint) -> ``save_pretrained`` directory.
 - ``mmformer tokenizer --input FILE --out FILE``: train a SentencePiece tokenizer.
+- ``mmformer serve --model DIR --index NAME=DIR``: the retrieval service (gRPC + HTTP, see
+  :mod:`mmformer.serve`).
 """
 
 from __future__ import annotations
@@ -128,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     from mmformer.retrieval.commands import add_commands
 
     add_commands(sub)  # index build|info, search
+
+    # serve: arguments from a light module; the service (grpc, FastAPI) is imported only when run
+    from mmformer.serve.options import add_arguments as add_serve_arguments
+
+    sv = sub.add_parser("serve", help="serve a model and its indexes over gRPC and HTTP (dynamic batching, "
+                                      "search page, metrics)")
+    add_serve_arguments(sv)
+    sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
     t.add_argument("--input", required=True, nargs="+",
@@ -305,6 +315,12 @@ def read_texts(paths: list[str], fields: list[str], split: str | None):
             for f in fields:
                 v = row[f]
                 yield from (v if isinstance(v, list) else [v])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mmformer.serve.commands import cmd_serve as run_serve
+
+    return run_serve(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1,0 +1,63 @@
+"""``mmformer serve``: the retrieval service from the command line.
+
+    mmformer serve --model runs/demo/model --index emoji=runs/emoji-index
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from mmformer.serve.engine import Limits
+from mmformer.serve.server import ServeSettings, api_key_from, serve_until_signal
+from mmformer.serve.service import BatchSettings
+
+
+def parse_indexes(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, directory = v.partition("=")
+        if not sep or not name or not directory:
+            raise SystemExit(f"mmformer serve: --index {v!r}: expected NAME=DIR (e.g. emoji=runs/emoji-index)")
+        if name in out:
+            raise SystemExit(f"mmformer serve: --index {name!r} given twice")
+        out[name] = directory
+    return out
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    return ServeSettings(
+        model=args.model, indexes=parse_indexes(args.index), host=args.host, grpc_port=args.grpc_port,
+        http_port=args.http_port, precision="int8" if args.int8 else args.precision, device=args.device,
+        batching=BatchSettings(enabled=not args.no_batching, max_batch_size=args.max_batch_size,
+                               max_delay_ms=args.max_delay_ms, max_queue=args.max_queue),
+        limits=Limits(max_image_bytes=int(args.max_image_mb * (1 << 20)), max_pixels=args.max_pixels),
+        api_key=api_key_from(args.api_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
+        max_message_bytes=int(args.max_message_mb * (1 << 20)), threads=args.threads,
+        drain_seconds=args.drain_seconds)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    scheme = "https" if settings.tls_cert else "http"
+
+    def ready(server) -> None:
+        names = ", ".join(server.service.engine.retrievers) or "none"
+        print(f"mmformer serve: ready. gRPC {settings.host}:{server.grpc_port}, page {scheme}://{settings.host}:"
+              f"{server.http_port}/ (indexes: {names}; {'API key required' if settings.api_key else 'no API key'})",
+              flush=True)
+
+    print(f"mmformer serve: loading {settings.model} ...", flush=True)
+    run = asyncio.run
+    if args.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError as e:
+            raise SystemExit("mmformer serve: --loop uvloop needs the uvloop package (pip install uvloop)") from e
+        run = uvloop.run
+    try:
+        run(serve_until_signal(settings, on_ready=ready))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"mmformer serve: {e}") from e
+    print("mmformer serve: stopped (all requests in flight answered)", flush=True)
+    return 0

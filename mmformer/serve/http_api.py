@@ -1,0 +1,221 @@
+"""The HTTP/JSON face of the service (FastAPI, run by uvicorn on the same event loop as gRPC).
+
+    GET  /                  the search page (no key needed: a static file; it asks for the key)
+    GET  /healthz           alive                                   (no key)
+    GET  /readyz            200 when the model and indexes are loaded, 503 otherwise (no key)
+    GET  /metrics           Prometheus text format
+    GET  /v1/info           model fingerprint, config, indexes, batching
+    POST /v1/embed/text     {"texts": [...]} -> {"embeddings": [[...]], "pieces_dropped": [...]}
+    POST /v1/embed/image    {"images": [base64, ...]} or one raw image body (Content-Type image/*)
+    POST /v1/search         {"text": "..." | "image": base64, "index": NAME, "k": 10}
+    GET  /v1/thumbnail/{index}/{id}   a PNG thumbnail of a file the index lists; 404 for anything else
+
+Errors are ``{"error": {"code", "field", "message"}}`` with 400 / 401 / 404 / 413 / 415 / 429 /
+503 / 504. With an API key every call but ``/``, ``/healthz`` and ``/readyz`` needs the header
+``Authorization: Bearer KEY``. ``X-Timeout-Ms`` sets a deadline: a request still queued when it
+passes is dropped before inference (504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import time
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mmformer.serve.engine import hit_record
+from mmformer.serve.errors import InvalidArgument, ServeError, Unauthenticated
+from mmformer.serve.service import RetrievalService
+
+log = logging.getLogger(__name__)
+
+PAGE = resources.files("mmformer.serve").joinpath("static/index.html")
+
+
+class _HttpError(ServeError):
+    """An HTTP-only refusal (413, 415) with its own status."""
+
+    def __init__(self, status: int, code: str, message: str, field: str) -> None:
+        super().__init__(message, field)
+        self.status, self.code = status, code
+
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+
+def _error_response(e: ServeError) -> JSONResponse:
+    return JSONResponse({"error": e.to_dict()}, status_code=e.http_status)
+
+
+def _b64(value: Any, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"expected a base64 string, got {type(value).__name__}", field)
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidArgument(f"not valid base64 ({e})", field) from e
+
+
+def build_app(service: RetrievalService, *, api_key: str | None = None, max_body_bytes: int = 16 << 20) -> FastAPI:
+    app = FastAPI(title="mmformer retrieval", docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+    page = PAGE.read_bytes()
+
+    def authorize(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise Unauthenticated("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                  "Authorization")
+
+    def deadline(request: Request) -> float | None:
+        raw = request.headers.get("x-timeout-ms")
+        if raw is None:
+            return None
+        try:
+            ms = float(raw)
+        except ValueError:
+            raise InvalidArgument(f"expected milliseconds, got {raw!r}", "X-Timeout-Ms") from None
+        return time.monotonic() + ms / 1000
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise _HttpError(413, "INVALID_ARGUMENT", f"{declared} bytes exceeds the limit of {max_body_bytes} bytes",
+                             "body")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise _HttpError(413, "INVALID_ARGUMENT", f"more than the limit of {max_body_bytes} bytes", "body")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise _HttpError(415, "INVALID_ARGUMENT", f"expected application/json, got {ctype or 'none'!r}",
+                             "Content-Type")
+        body = await read_body(request)
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"malformed JSON ({e})", "body") from e
+        if not isinstance(data, dict):
+            raise InvalidArgument(f"expected a JSON object, got {type(data).__name__}", "body")
+        return data
+
+    async def handle(name: str, request: Request, body) -> Response:
+        try:
+            async with service.call(name, "http"):
+                authorize(request)
+                return await body()
+        except ServeError as e:
+            return _error_response(e)
+        except Exception as e:  # the process keeps serving
+            log.exception("%s failed", name)
+            return JSONResponse({"error": {"code": "INTERNAL", "field": "", "message": f"internal error: "
+                                           f"{type(e).__name__}"}}, status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT"}.get(exc.status_code, "INVALID_ARGUMENT")
+        return JSONResponse({"error": {"code": code, "field": "path",
+                                       "message": f"path: {request.url.path}: {exc.detail}"}},
+                            status_code=exc.status_code)
+
+    @app.get("/", include_in_schema=False)
+    async def index_page() -> Response:
+        return HTMLResponse(page)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        state = "ready" if service.ready else ("draining" if service.draining else "loading")
+        return JSONResponse({"status": state}, status_code=200 if service.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        try:
+            authorize(request)
+        except ServeError as e:
+            return _error_response(e)
+        return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/info")
+    async def info(request: Request) -> Response:
+        async def body():
+            return JSONResponse(service.info())
+        return await handle("Info", request, body)
+
+    @app.post("/v1/embed/text")
+    async def embed_text(request: Request) -> Response:
+        async def body():
+            data = await read_json(request)
+            if "texts" not in data:
+                raise InvalidArgument("missing (expected a list of strings)", "texts")
+            rows, dropped = await service.embed_text(data["texts"], deadline(request))
+            return JSONResponse({"embeddings": [r.tolist() for r in rows], "pieces_dropped": dropped})
+        return await handle("EmbedText", request, body)
+
+    @app.post("/v1/embed/image")
+    async def embed_image(request: Request) -> Response:
+        async def body():
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype.startswith("image/"):
+                images = [await read_body(request)]
+            else:
+                data = await read_json(request)
+                raw = data.get("images")
+                if not isinstance(raw, list):
+                    raise InvalidArgument("missing or not a list (expected base64-encoded images)", "images")
+                images = [_b64(v, f"images[{i}]") for i, v in enumerate(raw)]
+            rows = await service.embed_image(images, deadline(request))
+            return JSONResponse({"embeddings": [r.tolist() for r in rows]})
+        return await handle("EmbedImage", request, body)
+
+    @app.post("/v1/search")
+    async def search(request: Request) -> Response:
+        async def body():
+            data = await read_json(request)
+            unknown = sorted(set(data) - {"text", "image", "index", "k"})
+            if unknown:
+                raise InvalidArgument("unknown field (expected text, image, index, k)", unknown[0])
+            image = _b64(data["image"], "image") if "image" in data else None
+            hits, dropped = await service.search(text=data.get("text"), image=image, index=data.get("index", ""),
+                                                 k=data.get("k", 10), deadline=deadline(request))
+            return JSONResponse({"hits": [hit_record(h) for h in hits], "pieces_dropped": dropped})
+        return await handle("Search", request, body)
+
+    @app.get("/v1/thumbnail/{index}/{item_id:path}")
+    async def thumbnail(index: str, item_id: str, request: Request) -> Response:
+        try:
+            authorize(request)
+        except ServeError as e:
+            return _error_response(e)
+        engine = service.engine
+        png = None
+        if engine is not None and index in engine.retrievers:
+            png = await asyncio.to_thread(engine.thumbnail, index, item_id)
+        if png is None:
+            return JSONResponse({"error": {"code": "NOT_FOUND", "field": "id",
+                                           "message": f"id: index {index!r} lists no image file {item_id!r}"}},
+                                status_code=404)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    return app

@@ -1,0 +1,102 @@
+"""``mmformer serve`` as a user starts it: one command on a saved model and its index, the key
+from the environment, and SIGTERM draining: requests in flight are answered, new ones refused,
+then the process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from mmformer.cli import main
+from mmformer.serve.proto import mmformer_pb2 as pb
+from mmformer.serve.proto import mmformer_pb2_grpc as pb_grpc
+from serve_helpers import REPO, auth, build_gallery, free_port, grpc_metadata, tiny_model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-cli")
+    model = tiny_model()
+    model.save_pretrained(root / "model")
+    index = build_gallery(root, model)
+    return model, root / "model", index
+
+
+def wait_ready(proc, base: str, timeout: float = 90.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"mmformer serve exited with {proc.returncode}: {proc.stdout.read()}")
+        try:
+            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("mmformer serve did not become ready")
+
+
+def test_serve_command_drains_on_sigterm(saved):
+    model, model_dir, index_dir = saved
+    gport, hport = free_port(), free_port()
+    env = {**os.environ, "MMFORMER_API_KEY": "env-key", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "mmformer.cli", "serve", "--model", str(model_dir),
+                             "--index", f"shapes={index_dir}", "--grpc-port", str(gport), "--http-port", str(hport),
+                             "--max-delay-ms", "1500", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    base = f"http://127.0.0.1:{hport}"
+    try:
+        wait_ready(proc, base)
+        assert httpx.post(base + "/v1/search", json={"text": "red", "k": 1}).status_code == 401  # key from env
+        texts = [f"a {c} circle" for c in ("red", "green", "blue", "pink", "black", "white")]
+
+        async def main():
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client, \
+                    grpc.aio.insecure_channel(f"127.0.0.1:{gport}") as ch:
+                stub = pb_grpc.RetrievalStub(ch)
+                md = grpc_metadata("env-key")
+                pending = [asyncio.ensure_future(client.post("/v1/embed/text", json={"texts": [t]},
+                                                             headers=auth("env-key"))) for t in texts]
+                pending += [asyncio.ensure_future(stub.EmbedText(pb.EmbedTextRequest(texts=[t]), metadata=md))
+                            for t in texts]
+                await asyncio.sleep(0.4)  # all queued, waiting for the 1.5 s batch delay
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                try:
+                    late = (await client.post("/v1/embed/text", json={"texts": ["late"]},
+                                              headers=auth("env-key"))).status_code
+                except httpx.HTTPError:
+                    late = "refused"
+                return await asyncio.gather(*pending), late
+
+        answers, late = asyncio.run(main())
+        with torch.inference_mode():
+            ref = np.stack([model.encode_texts([t])[0].numpy() for t in texts])
+        http_rows = np.array([a.json()["embeddings"][0] for a in answers[:6]], np.float32)
+        grpc_rows = np.array([a.embeddings[0].values for a in answers[6:]], np.float32)
+        np.testing.assert_allclose(http_rows, ref, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(grpc_rows, ref, atol=1e-6, rtol=0)
+        assert late in (503, "refused")
+        assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read()
+        assert "ready. gRPC 127.0.0.1:" in out and "stopped (all requests in flight answered)" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_index_argument_is_a_one_line_error(saved):
+    _, model_dir, _ = saved
+    with pytest.raises(SystemExit, match="--index 'nonsense': expected NAME=DIR"):
+        main(["serve", "--model", str(model_dir), "--index", "nonsense"])
