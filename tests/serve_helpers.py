@@ -4,7 +4,6 @@ service (gRPC + HTTP in a thread of this process), and clients."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from mmformer.data.transforms import build_transforms, load_image
 from mmformer.retrieval import Index, Retriever
-from mmformer.serve.engine import Engine, Limits
+from mmformer.serve.engine import Engine
 from mmformer.serve.proto import mmformer_pb2 as pb
 from mmformer.serve.proto import mmformer_pb2_grpc as pb_grpc
 from mmformer.serve.server import ServeSettings, ServerThread
