@@ -24,7 +24,46 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``mmformer`` verb. Errors of the package's own kinds (bad files, bad values:
+    ``ValueError`` and its subclasses such as ``CheckpointError``, ``ManifestError``,
+    ``InvalidIndexError``, ``CorruptSample``; ``OSError``) print as one line,
+    ``mmformer <verb>: <message>``, and return 1; ``--debug`` shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    verb = " ".join(a for a in argv[:2] if not a.startswith("-")).split(" ")
+    verb = " ".join(verb[:2]) if verb[:1] == ["index"] else (verb[0] or "")
+    try:
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            check_ckpt_path_arg(argv)
+        return _dispatch(argv)
+    except (ValueError, OSError) as e:
+        if debug:
+            raise
+        print(one_line_error(verb, e), file=sys.stderr)
+        return 1
+
+
+def one_line_error(verb: str, e: BaseException) -> str:
+    """``mmformer <verb>: <message>`` (the message's lines joined; a prefix already there kept)."""
+    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    prefix = f"mmformer {verb}:" if verb else "mmformer:"
+    return msg if msg.startswith(prefix) else f"{prefix} {msg}"
+
+
+def check_ckpt_path_arg(argv: list[str]) -> None:
+    """``fit --ckpt_path X``: check X (named in the error, loaded with weights_only=True) before
+    LightningCLI reads it."""
+    from mmformer.training.checkpoint import check_checkpoint
+
+    for i, a in enumerate(argv):
+        value = argv[i + 1] if a == "--ckpt_path" and i + 1 < len(argv) else \
+            a.split("=", 1)[1] if a.startswith("--ckpt_path=") else None
+        if value and value not in ("null", "None", "last", "best", "hpc", "registry"):
+            check_checkpoint(value)
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         run_lightning_cli(argv)
         return 0
@@ -89,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="Lightning checkpoint -> save_pretrained directory")
     x.add_argument("--ckpt", required=True, help="Lightning .ckpt file or sharded checkpoint folder (FSDP)")
     x.add_argument("--out", required=True)
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an existing model folder at --out (swapped in only once complete)")
     x.set_defaults(func=cmd_export)
 
     from mmformer.retrieval.commands import add_commands
@@ -220,12 +261,10 @@ class _UniqueImages:
 
 # ---- export / tokenizer ----------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmformer.training.checkpoint import CheckpointError, export_checkpoint
+    from mmformer.training.checkpoint import export_checkpoint
 
-    try:  # a .ckpt file, or the folder of a sharded (FSDP) checkpoint
-        out = export_checkpoint(args.ckpt, args.out)
-    except CheckpointError as e:
-        raise SystemExit(f"mmformer export: {e}") from e
+    # a .ckpt file, or the folder of a sharded (FSDP) checkpoint; errors print as one line (main)
+    out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
     print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
     return 0
 

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from mmformer.training.checkpoint import check_checkpoint
+from mmformer.training.checkpoint import CheckpointError, check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,10 @@ class ShardedStrategy(ModelParallelStrategy):
                 path.unlink()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        check_checkpoint(self.broadcast(str(checkpoint_path)))
-        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        check_checkpoint(self.broadcast(str(checkpoint_path)))  # also proves it loads with weights_only=True
+        if weights_only is False:
+            raise CheckpointError(f"{checkpoint_path}: mmformer loads checkpoints with weights_only=True only")
+        return super().load_checkpoint(checkpoint_path, weights_only=True)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
