@@ -23,25 +23,30 @@ from typing import Sequence
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one ``mmformer`` verb. Errors of the package's own kinds (bad files, bad values:
-    ``ValueError`` and its subclasses such as ``CheckpointError``, ``ManifestError``,
-    ``InvalidIndexError``, ``CorruptSample``; ``OSError``) print as one line,
-    ``mmformer <verb>: <message>``, and return 1; ``--debug`` shows the traceback instead."""
+def run(argv: list[str] | None = None) -> int:
+    """The ``mmformer`` console command: :func:`main`, with errors of the package's own kinds (bad
+    files, bad values: ``ValueError`` and its subclasses such as ``CheckpointError``,
+    ``ManifestError``, ``InvalidIndexError``, ``CorruptSample``; ``OSError``) printed as one line,
+    ``mmformer <verb>: <message>``, and exit status 1; ``--debug`` shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    verb = " ".join(a for a in argv[:2] if not a.startswith("-")).split(" ")
-    verb = " ".join(verb[:2]) if verb[:1] == ["index"] else (verb[0] or "")
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    verb = " ".join(words[:2]) if words[:1] == ["index"] else (words[0] if words else "")
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
             check_ckpt_path_arg(argv)
-        return _dispatch(argv)
+        return main(argv)
     except (ValueError, OSError) as e:
         if debug:
             raise
         print(one_line_error(verb, e), file=sys.stderr)
         return 1
+    except SystemExit as e:
+        if isinstance(e.code, str) and not debug:
+            print(one_line_error(verb, ValueError(e.code)), file=sys.stderr)
+            return 1
+        raise
 
 
 def one_line_error(verb: str, e: BaseException) -> str:
@@ -63,7 +68,8 @@ def check_ckpt_path_arg(argv: list[str]) -> None:
             check_checkpoint(value)
 
 
-def _dispatch(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         run_lightning_cli(argv)
         return 0
@@ -312,4 +318,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

@@ -103,15 +103,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        old = path.parent / f".{path.name}.old-{_HOST}-{os.getpid()}"
-        if path.exists() or path.is_symlink():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists() or old.is_symlink():
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        swap_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_dir(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the finished folder ``new`` at ``path``: what is there is moved aside
+    (``.NAME.old-HOST-PID``), ``new`` renamed onto ``path``, then the old one removed."""
+    new, path = Path(new), Path(path)
+    old = path.parent / f".{path.name}.old-{_HOST}-{os.getpid()}"
+    if path.exists() or path.is_symlink():
+        os.replace(path, old)
+    os.replace(new, path)
+    if old.exists() or old.is_symlink():
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 def restore_moved_aside(path: str | os.PathLike) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmformer.cli import main
+from mmformer.cli import run
 from mmformer.training.checkpoint import CheckpointError, check_checkpoint, export_checkpoint
 
 
@@ -75,7 +75,7 @@ def test_export_of_a_sharded_folder_never_runs_its_payload(tmp_path, where, caps
     with pytest.raises(CheckpointError, match=r"weights_only|not part of a checkpoint index|refused"):
         check_checkpoint(folder)
     assert not flag.exists()
-    assert main(["export", "--ckpt", str(folder), "--out", str(tmp_path / "out")]) != 0
+    assert run(["export", "--ckpt", str(folder), "--out", str(tmp_path / "out")]) != 0
     assert not flag.exists()
     err = capsys.readouterr().err
     assert err.startswith("mmformer export: ") and str(folder) in err and len(err.strip().splitlines()) == 1
@@ -88,7 +88,7 @@ def test_export_of_a_file_never_runs_its_payload(tmp_path, capsys):
     flag = tmp_path / "pwned"
     ckpt = _ckpt_file_with_payload(tmp_path / "evil.ckpt", flag)
     for _ in range(2):
-        assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")]) != 0
+        assert run(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")]) != 0
         assert not flag.exists()
     err = capsys.readouterr().err
     assert f"{ckpt} holds Python objects other than tensors" in err
@@ -115,7 +115,7 @@ def test_fit_command_with_a_payload_folder_refuses_before_running_it(tmp_path, c
     folder = _sharded_with_payload(tmp_path / "evil.ckpt", flag, "meta")
     cfg = tmp_path / "fit.yaml"
     cfg.write_text(_FIT_YAML.format(root=tmp_path))
-    rc = main(["fit", "--config", str(cfg), "--ckpt_path", str(folder)])
+    rc = run(["fit", "--config", str(cfg), "--ckpt_path", str(folder)])
     assert rc != 0 and not flag.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mmformer fit: ") and str(folder) in err[-1]
@@ -149,3 +149,100 @@ class _Pairs(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(i)
         return {"images": torch.randn(3, 32, 32, generator=g), "input_ids": torch.randint(3, 100, (8,), generator=g),
                 "attention_mask": torch.ones(8, dtype=torch.bool)}
+
+
+# ---- 2. no user file is ever deleted ----------------------------------------------------------------
+COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 40, 230), "black": (5, 5, 5)}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from mmformer.config import ModelConfig
+    from mmformer.model import MMFormer
+    from mmformer.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.train([f"a {c} square" for c in COLORS] * 10, vocab_size=30)
+    cfg = ModelConfig(width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=64,
+                      context_length=8, embed_dim=16)
+    return MMFormer(cfg, tok).eval()
+
+
+@pytest.fixture()
+def images(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name, rgb in COLORS.items():
+        Image.new("RGB", (20, 20), rgb).save(d / f"{name}.png")
+    return d
+
+
+def _user_folder(path: Path) -> Path:
+    (path / "parts").mkdir(parents=True)
+    (path / "parts" / "important.txt").write_text("my notes")
+    (path / "metadata.jsonl").write_text('{"mine": 1}\n')
+    return path
+
+
+def test_index_build_refuses_a_folder_that_is_not_an_index(tiny_model, images, tmp_path, capsys):
+    from mmformer.retrieval import InvalidIndexError, build_index
+
+    out = _user_folder(tmp_path / "user")
+    with pytest.raises(InvalidIndexError, match=r"not empty and is not an mmformer index.*--overwrite"):
+        build_index(tiny_model, images, out, progress=False)
+    tiny_model.save_pretrained(tmp_path / "model")
+    rc = run(["index", "build", "--model", str(tmp_path / "model"), "--images", str(images), "--out", str(out)])
+    assert rc == 1 and capsys.readouterr().err.startswith(f"mmformer index build: {out} is not empty")
+    assert (out / "parts" / "important.txt").read_text() == "my notes"
+    assert (out / "metadata.jsonl").read_text() == '{"mine": 1}\n'
+    assert sorted(p.name for p in out.rglob("*")) == ["important.txt", "metadata.jsonl", "parts"]
+    # an empty folder is fine; --overwrite replaces the folder only once the new index is complete
+    idx = build_index(tiny_model, images, out, overwrite=True, progress=False)
+    assert len(idx) == len(COLORS) and not (out / "parts").exists()
+    assert not list(tmp_path.glob(".user*"))  # no staging folder left behind
+    assert len(build_index(tiny_model, images, tmp_path / "empty", progress=False)) == len(COLORS)
+
+
+def test_failed_overwrite_rebuild_leaves_the_old_index_working(tiny_model, images, tmp_path, monkeypatch):
+    import mmformer.retrieval.index as ix
+    from mmformer.retrieval import Index, build_index
+
+    out = tmp_path / "index"
+    build_index(tiny_model, images, out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (images / "extra.png").write_bytes((images / "red.png").read_bytes())
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ix, "_assemble", fail)
+    with pytest.raises(OSError, match="disk full"):
+        build_index(tiny_model, images, out, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert len(Index.open(out, verify=True)) == len(COLORS)
+    monkeypatch.undo()
+    # a rerun finishes the rebuild (its parts are reused) and swaps it in
+    assert len(build_index(tiny_model, images, out, overwrite=True, progress=False)) == len(COLORS) + 1
+    assert not list(tmp_path.glob(".index*"))
+
+
+def test_export_refuses_an_existing_model_folder_unless_overwrite(tmp_path, capsys):
+    import lightning as L
+
+    from mmformer.model import MMFormer
+
+    module = _tiny_module()
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    out = tmp_path / "trained"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"my trained weights")
+    assert run(["export", "--ckpt", str(tmp_path / "m.ckpt"), "--out", str(out)]) == 1
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == b"my trained weights"
+    assert run(["export", "--ckpt", str(tmp_path / "m.ckpt"), "--out", str(out), "--overwrite"]) == 0
+    MMFormer.from_pretrained(out)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

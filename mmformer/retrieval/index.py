@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.shards import IMAGE_EXTENSIONS, expand_shards
 from mmformer.data.transforms import build_transforms, load_image
-from mmformer.files import atomic_path, write_text_atomic
+from mmformer.files import atomic_path, remove_stale_temps, swap_dir, write_text_atomic
 from mmformer.model import model_fingerprint
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.retrieval.backends import (FAISS_FILE, BackendParams, ExactBackend, FaissBackend,
@@ -287,7 +287,10 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
 
     Resumable: parts finished by an earlier (killed) run with the same model, source and
     settings are reused. An existing complete index of the same model and source is returned
-    as is; anything else in ``out_dir`` is refused unless ``overwrite``.
+    as is; anything else in a non-empty ``out_dir`` (another index, another build's parts, or
+    files that are not an index) is refused unless ``overwrite``. With ``overwrite`` the new
+    index is built in ``.NAME.rebuild`` beside ``out_dir`` (resumable as well) and swapped in
+    when complete: a failed or killed rebuild leaves the old folder as it was.
 
     Args:
         model: an ``MMFormer`` (or an int8 copy from ``quantize_int8``).
@@ -310,28 +313,23 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
     int8 = bool(getattr(model, "is_int8", False))
     build = {"format": FORMAT_VERSION, "kind": kind, "source": description, "part_size": part_size,
              "model_fingerprint": fingerprint, "n_parts": len(parts)}
-    if (out / MANIFEST).is_file() and not overwrite:
-        existing = json.loads((out / MANIFEST).read_text())
-        if _same_input(existing.get("build", {}), build):
-            log.info("%s is already built from the same model and source", out)
-            return Index.open(out)
-        raise InvalidIndexError(f"{out} already holds an index built from {existing.get('build', {}).get('source')!r} "
-                          f"with model {existing.get('model', {}).get('fingerprint')}; pass overwrite=True "
-                          "(--overwrite) to replace it")
+    target = out
+    state = _folder_state(out, build)
+    if state == "same index" and not overwrite:
+        log.info("%s is already built from the same model and source", out)
+        remove_stale_temps(out)
+        return Index.open(out)
+    if state in ("other index", "other build", "foreign") and not overwrite:
+        raise InvalidIndexError(_refusal(out, state))
+    if state in ("same index", "other index", "other build", "foreign"):
+        # --overwrite: build beside it and swap at the end; until then the old folder stays as it was
+        out = out.parent / f".{out.name}.rebuild"
+        if _folder_state(out, build) != "same build":
+            shutil.rmtree(out, ignore_errors=True)
     parts_dir = out / PARTS
-    if overwrite and out.exists():
-        for name in (MANIFEST, EMBEDDINGS, METADATA, SKIPPED, FAISS_FILE, BUILD_INFO):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir(parents=True, exist_ok=True)
     info_path = parts_dir / BUILD_INFO
-    if info_path.is_file():
-        previous = json.loads(info_path.read_text())
-        if previous != build:
-            raise InvalidIndexError(f"{out} holds parts of another build ({previous.get('source')!r}, model "
-                              f"{previous.get('model_fingerprint')}, part_size {previous.get('part_size')}); "
-                              "pass overwrite=True (--overwrite) or use another directory")
-    else:
+    if not info_path.is_file():
         write_text_atomic(info_path, json.dumps(build, indent=1))
     done = _done_parts(parts_dir)
     todo = [p for p in parts if p.index not in done]
@@ -370,8 +368,75 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
                     model={"fingerprint": fingerprint, "path": model_path, "int8": int8,
                            "config": model.config.to_dict() if hasattr(model, "config") else None})
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    return Index.open(out)
+    _remove_parts(parts_dir)
+    if out != target:
+        swap_dir(out, target)
+    return Index.open(target)
+
+
+def _folder_state(out: Path, build: dict[str, Any]) -> str:
+    """What ``out`` holds: "empty" (or missing), "same index" / "other index" (a finished
+    index of the same / another input), "same build" / "other build" (parts of an unfinished
+    build), or "foreign" (anything else: never written into nor deleted without overwrite)."""
+    if not out.exists():
+        return "empty"
+    if not out.is_dir():
+        return "foreign"
+    entries = [e for e in out.iterdir() if not _is_our_temp(e.name)]
+    if not entries:
+        return "empty"
+    if (out / MANIFEST).is_file():
+        try:
+            existing = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return "foreign"
+        if not isinstance(existing, dict) or existing.get("format") is None or "build" not in existing:
+            return "foreign"
+        return "same index" if _same_input(existing.get("build", {}), build) else "other index"
+    info = out / PARTS / BUILD_INFO
+    ours = {PARTS, EMBEDDINGS, METADATA, SKIPPED, FAISS_FILE}
+    if info.is_file() and all(e.name in ours for e in entries) and \
+            all(_is_part_file(f.name) or _is_our_temp(f.name) for f in (out / PARTS).iterdir()):
+        try:
+            previous = json.loads(info.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return "foreign"
+        return "same build" if previous == build else "other build"
+    return "foreign"
+
+
+def _is_part_file(name: str) -> bool:
+    return name == BUILD_INFO or (name.startswith("part-") and name.endswith((".npy", ".json")))
+
+
+def _is_our_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith((".tmp", ".tmpdir"))
+
+
+def _refusal(out: Path, state: str) -> str:
+    if state == "other index":
+        existing = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        return (f"{out} already holds an index built from {existing.get('build', {}).get('source')!r} with model "
+                f"{existing.get('model', {}).get('fingerprint')}; pass overwrite=True (--overwrite) to replace it")
+    if state == "other build":
+        previous = json.loads((out / PARTS / BUILD_INFO).read_text(encoding="utf-8"))
+        return (f"{out} holds parts of another build ({previous.get('source')!r}, model "
+                f"{previous.get('model_fingerprint')}, part_size {previous.get('part_size')}); "
+                "pass overwrite=True (--overwrite) or use another directory")
+    return (f"{out} is not empty and is not an mmformer index (no {MANIFEST}); refusing to write into it. "
+            "Choose an empty or new directory, or pass overwrite=True (--overwrite) to replace the folder "
+            "(the new index is built beside it and swapped in when complete)")
+
+
+def _remove_parts(parts_dir: Path) -> None:
+    """Remove the part files of a finished build (only those), then the folder if it is empty."""
+    for f in parts_dir.iterdir():
+        if _is_part_file(f.name) or _is_our_temp(f.name):
+            f.unlink()
+    try:
+        parts_dir.rmdir()
+    except OSError:
+        log.warning("%s holds files that are not parts of the build; left in place", parts_dir)
 
 
 def _same_input(a: dict[str, Any], b: dict[str, Any]) -> bool:
