@@ -246,3 +246,131 @@ def test_export_refuses_an_existing_model_folder_unless_overwrite(tmp_path, caps
     assert run(["export", "--ckpt", str(tmp_path / "m.ckpt"), "--out", str(out), "--overwrite"]) == 0
     MMFormer.from_pretrained(out)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# ---- 3. bounded memory per input ------------------------------------------------------------------
+MEMORY_PROBE = r"""
+import resource, sys, torch
+torch.set_num_threads(1)
+from mmformer.data.transforms import build_transforms, load_and_transform
+tf = build_transforms(64, train=False)
+tf_train = build_transforms(64, train=True)
+load_and_transform(sys.argv[2], tf)  # warm up allocators and lazy imports before the limit
+def vm_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+limit = vm_bytes() + int(float(sys.argv[1]) * 2**30)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for path in sys.argv[3:]:
+    for t in (tf, tf_train):
+        out = load_and_transform(path, t)
+        assert tuple(out.shape) == (3, 64, 64), out.shape
+print("ok")
+"""
+
+
+@pytest.fixture(scope="module")
+def hostile_images(tmp_path_factory):
+    """A 1 x 1,000,000 grey PNG (2 KB) and a 16-bit 8192 x 8192 grey PNG (about 130 KB)."""
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("hostile")
+    Image.new("L", (1, 1_000_000), 128).save(d / "thin.png")
+    Image.new("L", (1_000_000, 1), 128).save(d / "wide.png")
+    Image.fromarray(np.full((8192, 8192), 40000, dtype=np.uint16)).save(d / "deep16.png")
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(d / "small.png")
+    return d
+
+
+def test_one_input_costs_bounded_memory(hostile_images):
+    import subprocess
+    import sys
+
+    d = hostile_images
+    assert (d / "thin.png").stat().st_size < 10_000 and (d / "deep16.png").stat().st_size < 500_000
+    # 1 GiB above what the process holds after imports: the 16-bit image itself decodes to
+    # 128 MiB (+ 64 MiB grey, 192 MiB RGB); the old code needed 12 GB / 1.8 GB for these
+    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, "1.0", str(d / "small.png"), str(d / "thin.png"),
+                           str(d / "wide.png"), str(d / "deep16.png")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_aspect_cap_keeps_eval_output_of_ordinary_images():
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from mmformer.data.transforms import CapAspect, build_transforms
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (30, 100, 3), dtype=np.uint8))  # 10:3, under the cap
+    plain = v2.Compose([v2.ToImage(), v2.Resize(16, antialias=True), v2.CenterCrop(16),
+                        v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3), v2.ToPureTensor()])
+    assert torch.equal(build_transforms(16, train=False)(img), plain(img))
+    long = Image.fromarray(rng.integers(0, 255, (10, 200, 3), dtype=np.uint8))  # 20:1 -> centre 40 x 10
+    assert CapAspect(4)(long).size == (40, 10)
+    # the central square the eval crop keeps is the same, up to the resize filter at the new edges
+    torch.testing.assert_close(build_transforms(16, train=False)(long), plain(long), atol=0.08, rtol=0)
+
+
+def test_16bit_conversion_is_unchanged_and_chunked(monkeypatch):
+    import numpy as np
+
+    import mmformer.data.transforms as T
+
+    rng = np.random.default_rng(0)
+    a16 = rng.integers(0, 65536, (37, 53), dtype=np.uint16)
+    ref = np.clip(np.rint(a16.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    monkeypatch.setattr(T, "_CHUNK", 100)  # many chunks
+    assert np.array_equal(T._high_depth_to_uint8(a16, "I;16"), ref)
+    f = rng.random((9, 11)).astype(np.float32)
+    f[0, 0] = np.nan
+    ref_f = np.clip(np.rint(np.nan_to_num(f.astype(np.float64)) * 255.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(T._high_depth_to_uint8(f, "F"), ref_f)
+
+
+def test_a_transform_failure_is_a_skipped_listed_sample(tiny_model, images, tmp_path, monkeypatch):
+    """Any failure of one input (here a MemoryError from the transform) skips and lists it: in
+    index build, and in the manifest dataset that training and eval read."""
+    import json
+
+    import mmformer.data.transforms as T
+    from mmformer.data.errors import CorruptSample
+    from mmformer.retrieval import build_index
+
+    real = T.load_image
+
+    def load(src, **kw):
+        img = real(src, **kw)
+        if str(src).endswith("green.png"):
+            img.info["boom"] = True
+        return img
+
+    class Boom:
+        def __init__(self, tf):
+            self.tf = tf
+
+        def __call__(self, img):
+            if img.info.get("boom"):
+                raise MemoryError("cannot allocate 12 GB")
+            return self.tf(img)
+
+    monkeypatch.setattr(T, "load_image", load)
+    real_build = T.build_transforms
+    import mmformer.retrieval.index as ix
+
+    monkeypatch.setattr(ix, "build_transforms", lambda *a, **k: Boom(real_build(*a, **k)))
+    idx = build_index(tiny_model, images, tmp_path / "index", progress=False)
+    assert len(idx) == len(COLORS) - 1 and idx.manifest["skipped"] == 1
+    skipped = [json.loads(x) for x in (tmp_path / "index" / "skipped.jsonl").read_text().splitlines()]
+    assert skipped[0]["source"].endswith("green.png") and "MemoryError" in skipped[0]["reason"]
+    from mmformer.data.manifest import ImageTextManifest
+
+    (images / "m.jsonl").write_text("".join(json.dumps({"image": f"{c}.png", "caption": c}) + "\n" for c in COLORS))
+    man = ImageTextManifest(images / "m.jsonl", transform=Boom(real_build(16, train=True)))
+    with pytest.raises(CorruptSample, match=r"green.png: cannot transform .*MemoryError"):
+        man[1]
+    assert man[0]["image"].shape == (3, 16, 16)

@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmformer.files import atomic_path
 from mmformer.data.errors import CorruptSample, Skipped
-from mmformer.data.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
+from mmformer.data.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_and_transform
 
 __all__ = ["IMAGE_EXTENSIONS", "ShardDataset", "expand_shards", "write_shards"]
 
@@ -150,8 +150,8 @@ class ShardDataset(IterableDataset):
             if ext is None:
                 raise CorruptSample(name, f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)}); "
                                           f"members: {sorted(k for k in raw if not k.startswith('__'))}")
-            image = load_image(raw[ext], max_pixels=self.max_pixels, name=f"{name}.{ext}")
-            return {"image": self.transform(image), "caption": caption, "index": -1,
+            image = load_and_transform(raw[ext], self.transform, max_pixels=self.max_pixels, name=f"{name}.{ext}")
+            return {"image": image, "caption": caption, "index": -1,
                     "key": raw.get("__key__"), "url": raw.get("__url__")}
         except CorruptSample as err:
             log.debug("skipping corrupt shard sample %s", err)

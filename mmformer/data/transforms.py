@@ -24,10 +24,14 @@ from torchvision.transforms import v2
 
 from mmformer.data.errors import CorruptSample
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageSource", "build_transforms", "load_image", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT", "CapAspect", "ImageSource", "build_transforms", "load_image",
+           "load_and_transform", "to_rgb"]
 
 #: Largest image (width * height) ``load_image`` accepts by default: 8192 x 8192.
 DEFAULT_MAX_PIXELS = 8192 * 8192
+#: Longest side / shortest side kept before resizing; longer images are centre-cropped to it.
+MAX_ASPECT = 4.0
+_CHUNK = 1 << 20  # pixels converted at a time from high-depth modes (bounded temporaries)
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, IO[bytes]]
 
@@ -91,6 +95,22 @@ def load_image(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         raise CorruptSample(label, f"cannot decode image: {type(err).__name__}: {err}") from err
 
 
+def load_and_transform(src: ImageSource, transform, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                       name: str | None = None) -> torch.Tensor:
+    """``transform(load_image(src))`` where ANY failure of this one input (decoding, an oversized
+    or odd image, a transform error, even a ``MemoryError`` or an allocation ``RuntimeError``)
+    is a :class:`CorruptSample` naming it, so callers skip and list it instead of stopping."""
+    label = _source_name(src, name)
+    image = load_image(src, max_pixels=max_pixels, name=name)
+    try:
+        return transform(image)
+    except CorruptSample:
+        raise
+    except Exception as err:  # noqa: BLE001 - one bad input must never stop a whole run
+        raise CorruptSample(label, f"cannot transform image {image.size[0]}x{image.size[1]}: "
+                                   f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+
+
 def _check_pixels(size: tuple[int, int], max_pixels: int | None, label: str) -> None:
     """Raise ``CorruptSample`` if ``size`` (w, h) has more than ``max_pixels`` pixels."""
     w, h = size
@@ -123,14 +143,48 @@ def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     when any value exceeds 255 (what 16-bit PNG/TIFF decoders produce), else as 8-bit.
     ``F``: treated as 0..1 when the maximum is <= 1, as 0..255 when <= 255, else as 16-bit.
     Values outside the assumed range are clipped.
+
+    Works on chunks of ``_CHUNK`` pixels, so the temporaries stay a few MB whatever the image
+    size (the output is the only full-size allocation).
     """
-    a = np.nan_to_num(arr.astype(np.float64), nan=0.0)
-    top = float(a.max()) if a.size else 0.0
-    if mode.startswith("I;16") or top > 255.0:
-        a = a / 257.0
-    elif mode == "F" and top <= 1.0:
-        a = a * 255.0
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    flat = arr.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.uint8)
+    top = 0.0
+    for s in range(0, flat.size, _CHUNK):
+        top = max(top, float(np.nan_to_num(flat[s:s + _CHUNK].astype(np.float64), nan=0.0).max()))
+    divide = mode.startswith("I;16") or top > 255.0
+    for s in range(0, flat.size, _CHUNK):
+        a = np.nan_to_num(flat[s:s + _CHUNK].astype(np.float64), nan=0.0)
+        if divide:
+            a /= 257.0
+        elif mode == "F" and top <= 1.0:
+            a *= 255.0
+        out[s:s + _CHUNK] = np.clip(np.rint(a), 0, 255)
+    return out.reshape(arr.shape)
+
+
+class CapAspect(torch.nn.Module):
+    """Centre-crop an image (PIL, tensor or ``tv_tensors.Image`` ``(..., H, W)``) whose long side
+    exceeds ``max_aspect`` times its short side, so that a following resize of the short side
+    cannot blow up (a 1 x 1,000,000 image resized to 64 would be 64 x 64,000,000).
+
+    Eval keeps only the central square after its resize, which lies inside this crop, so eval
+    outputs of ordinary images are unchanged (checked in tests/test_hardening.py).
+    """
+
+    def __init__(self, max_aspect: float = MAX_ASPECT) -> None:
+        super().__init__()
+        if max_aspect < 1:
+            raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+        self.max_aspect = max_aspect
+
+    def forward(self, img):
+        h, w = v2.functional.get_size(img)
+        ch = min(h, max(1, math.floor(w * self.max_aspect)))
+        cw = min(w, max(1, math.floor(h * self.max_aspect)))
+        if (ch, cw) == (h, w):
+            return img
+        return v2.functional.center_crop(img, [ch, cw])
 
 
 def build_transforms(image_size: int, train: bool, mean: Sequence[float] = (0.5, 0.5, 0.5),
@@ -144,9 +198,11 @@ def build_transforms(image_size: int, train: bool, mean: Sequence[float] = (0.5,
     emoji and text in images are not mirror-symmetric), a mild brightness/contrast jitter (never
     hue or saturation: colour identifies emoji; 0 disables), then normalise.
     Eval: Resize (shorter side to S, antialias) + CenterCrop(S), then normalise.
+    Both first centre-crop images more elongated than ``MAX_ASPECT`` : 1 (:class:`CapAspect`), so
+    the memory of one input is bounded by its pixel count, never by its shape.
     The output is ``(x / 255 - mean) / std``.
     """
-    steps: list[v2.Transform] = [v2.ToImage()]  # PIL or tensor -> tv_tensors.Image uint8 (3, H, W)
+    steps: list[v2.Transform] = [v2.ToImage(), CapAspect()]  # PIL or tensor -> tv_tensors.Image uint8 (3, H, W)
     if train:
         steps.append(v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True))
         if hflip:

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.shards import IMAGE_EXTENSIONS, expand_shards
-from mmformer.data.transforms import build_transforms, load_image
+from mmformer.data.transforms import build_transforms, load_and_transform
 from mmformer.files import atomic_path, remove_stale_temps, swap_dir, write_text_atomic
 from mmformer.model import model_fingerprint
 from mmformer.data.errors import CorruptSample, Skipped
@@ -173,7 +173,7 @@ class PartDataset(Dataset):
 
         def decode(src, name):
             try:
-                return self.transform(load_image(src, max_pixels=self.max_pixels, name=name))
+                return load_and_transform(src, self.transform, max_pixels=self.max_pixels, name=name)
             except CorruptSample as e:
                 return Skipped.from_error(e)
 
