@@ -288,15 +288,26 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 def read_texts(paths: list[str], fields: list[str], split: str | None):
     """Texts from .txt lines or the ``fields`` of .jsonl/.csv/.tsv rows (lists flattened)."""
     import csv
+    import io
+
+    from mmformer.files import read_utf8_lines, read_utf8_text
+
+    def jsonl(path: Path):  # errors name the file, line and column
+        for n, line in enumerate(read_utf8_lines(path), 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n} is not valid JSON: {e.msg} (column {e.colno})") from None
 
     for path in map(Path, paths):
         if path.suffix == ".txt":
-            yield from (line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            yield from (line.strip() for line in read_utf8_lines(path) if line.strip())
             continue
         if path.suffix == ".jsonl":
-            rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            rows = jsonl(path)
         elif path.suffix in (".csv", ".tsv"):
-            rows = csv.DictReader(path.open(encoding="utf-8", newline=""),
+            rows = csv.DictReader(io.StringIO(read_utf8_text(path), newline=""),
                                   delimiter="\t" if path.suffix == ".tsv" else ",")
         else:
             raise SystemExit(f"{path}: expected .txt, .jsonl, .csv or .tsv")

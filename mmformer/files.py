@@ -139,3 +139,20 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def read_utf8_text(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); a byte that is not UTF-8 is a
+    ``ValueError`` naming the file, the line and the byte offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 (byte {data[e.start:e.start + 1]!r} at offset "
+                         f"{e.start}); save the file as UTF-8") from None
+
+
+def read_utf8_lines(path: str | os.PathLike) -> list[str]:
+    """:func:`read_utf8_text` split into lines."""
+    return read_utf8_text(path).splitlines()

@@ -374,3 +374,160 @@ def test_a_transform_failure_is_a_skipped_listed_sample(tiny_model, images, tmp_
     with pytest.raises(CorruptSample, match=r"green.png: cannot transform .*MemoryError"):
         man[1]
     assert man[0]["image"].shape == (3, 16, 16)
+
+
+# ---- 4. one-line errors naming the file, line and field -------------------------------------------
+def _saved(tiny_model, path: Path) -> Path:
+    tiny_model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("width", "128", r"'width' must be int, got '128'"),
+    ("depth", 2.5, r"'depth' must be int, got 2.5"),
+    ("qkv_bias", "false", r"'qkv_bias' must be bool, got 'false'"),
+    ("context_length", 4, r"'context_length' = 4 but the weights were saved with 8"),
+])
+def test_config_json_is_type_checked_and_cross_checked(tiny_model, tmp_path, field, value, message):
+    import json
+
+    from mmformer.model import MMFormer
+
+    d = _saved(tiny_model, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"{d / 'config.json'}: .*{message}"):
+        MMFormer.from_pretrained(d)
+
+
+def test_tokenizer_is_cross_checked_and_never_left_stale(tiny_model, tmp_path):
+    from mmformer.model import MMFormer
+    from mmformer.tokenizer import Tokenizer
+
+    d = _saved(tiny_model, tmp_path / "m")
+    big = Tokenizer.train([f"word{i} thing{i * 7} other{i * 13}" for i in range(400)], vocab_size=200)
+    assert big.vocab_size > tiny_model.config.vocab_size
+    big.save(d / "tokenizer.model")
+    with pytest.raises(ValueError, match=r"tokenizer.model has \d+ pieces, more than vocab_size=64"):
+        MMFormer.from_pretrained(d)
+    # save_pretrained of a model without a tokenizer removes the old tokenizer.model
+    _saved(tiny_model, d)
+    MMFormer(tiny_model.config, None).save_pretrained(d)
+    assert not (d / "tokenizer.model").exists()
+    assert MMFormer.from_pretrained(d).tokenizer is None
+
+
+def test_index_manifest_faiss_file_and_exact_backend_checked_at_open(tiny_model, images, tmp_path):
+    import json
+
+    from mmformer.retrieval import Index, InvalidIndexError, build_index
+
+    a = tmp_path / "a"
+    build_index(tiny_model, images, a, backend="flat", progress=False)
+    (images / "more.png").write_bytes((images / "red.png").read_bytes())
+    b = tmp_path / "b"
+    build_index(tiny_model, images, b, backend="flat", progress=False)
+    # a foreign faiss.index (other ntotal) under a manifest that lists its size and hash
+    man = json.loads((a / "index.json").read_text())
+    (a / "faiss.index").write_bytes((b / "faiss.index").read_bytes())
+    man["files"]["faiss.index"] = json.loads((b / "index.json").read_text())["files"]["faiss.index"]
+    (a / "index.json").write_text(json.dumps(man))
+    with pytest.raises(InvalidIndexError, match=r"faiss.index: holds 5 vectors of dim 16, .* says 4 of dim 16"):
+        Index.open(a)
+    # exact search needs no faiss.index
+    (a / "faiss.index").unlink()
+    assert len(Index.open(a, backend="exact")) == 4
+    with pytest.raises(InvalidIndexError, match="faiss.index: missing"):
+        Index.open(a)
+    for key in ("count", "files", "model"):
+        broken = {k: v for k, v in man.items() if k != key}
+        (a / "index.json").write_text(json.dumps(broken))
+        with pytest.raises(InvalidIndexError, match=rf"index.json: missing or malformed field\(s\) '{key}'"):
+            Index.open(a, backend="exact")
+
+
+def test_non_utf8_inputs_name_the_file_and_line(tiny_model, images, tmp_path, capsys):
+    from mmformer.data.manifest import ImageTextManifest, ManifestError
+
+    bad = b'{"image": "red.png", "caption": "ok"}\n{"image": "red.png", "caption": "caf\xe9"}\n'
+    (images / "m.jsonl").write_bytes(bad)
+    with pytest.raises(ManifestError, match=r"m.jsonl: line 2 is not UTF-8"):
+        ImageTextManifest(images / "m.jsonl")
+    (images / "m.csv").write_bytes(b"image,caption\nred.png,ok\nred.png,caf\xe9\n")
+    with pytest.raises(ManifestError, match=r"m.csv: line 3 is not UTF-8"):
+        ImageTextManifest(images / "m.csv")
+    (images / "j.jsonl").write_text('{"image": "red.png", "caption": "a"}\n{"image": "red.png", "caption": }\n')
+    with pytest.raises(ManifestError, match=r"j.jsonl: line 2 is not valid JSON: .*\(column \d+\)"):
+        ImageTextManifest(images / "j.jsonl")
+    # tokenizer input and search queries: one line naming file and line
+    (tmp_path / "t.txt").write_bytes(b"hello\nwor\xffld\n")
+    assert run(["tokenizer", "--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "tok.model")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmformer tokenizer: {tmp_path / 't.txt'}: line 2 is not UTF-8") and err.count("\n") == 1
+    (tmp_path / "t.jsonl").write_text('{"caption": "a"}\n{"caption": \n')
+    assert run(["tokenizer", "--input", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "tok.model")]) == 1
+    assert "t.jsonl: line 2 is not valid JSON" in capsys.readouterr().err
+    from mmformer.retrieval import build_index
+
+    build_index(tiny_model, images, tmp_path / "index", progress=False)
+    _saved(tiny_model, tmp_path / "model")
+    assert run(["search", str(tmp_path / "index"), "--model", str(tmp_path / "model"),
+                "--queries", str(tmp_path / "t.txt")]) == 1
+    assert f"mmformer search: {tmp_path / 't.txt'}: line 2 is not UTF-8" in capsys.readouterr().err
+
+
+def test_zero_sizes_are_refused_before_any_work(tiny_model, images, tmp_path, capsys):
+    _saved(tiny_model, tmp_path / "model")
+    for flag in ("--batch-size", "--part-size"):
+        rc = run(["index", "build", "--model", str(tmp_path / "model"), "--images", str(images),
+                  "--out", str(tmp_path / "i"), flag, "0"])
+        assert rc == 1 and capsys.readouterr().err.strip() == f"mmformer index build: {flag} must be >= 1, got 0"
+        assert not (tmp_path / "i").exists()
+
+
+def test_search_output_escapes_control_characters(tiny_model, tmp_path, capsys):
+    import json
+
+    from mmformer.retrieval import build_index
+
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (200, 0, 0)).save(tmp_path / "x.png")
+    evil = "red\x1b[2J\x1b[H\nfake result line\x9b31m"
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "x.png", "caption": evil}) + "\n")
+    build_index(tiny_model, tmp_path / "m.jsonl", tmp_path / "index", progress=False)
+    _saved(tiny_model, tmp_path / "model")
+    assert run(["search", str(tmp_path / "index"), "red\x1b]0;x\x07", "--model", str(tmp_path / "model")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x9b" not in out and "\x07" not in out
+    assert "red\\x1b[2J\\x1b[H\\nfake result line\\u009b31m" in out and len(out.strip().splitlines()) == 2
+    assert run(["search", str(tmp_path / "index"), "red", "--model", str(tmp_path / "model"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["hits"][0]["metadata"]["caption"] == evil
+
+
+def test_stale_temp_files_of_killed_writers_are_removed_by_the_next_writer(tmp_path):
+    import subprocess
+    import sys
+
+    from mmformer.files import atomic_dir, write_text_atomic
+    from mmformer.training.checkpoint import AtomicCheckpointIO
+
+    # a writer killed inside atomic_path leaves its temp file (its process is gone)
+    code = ("import os, sys; from mmformer.files import atomic_path\n"
+            "held = [atomic_path(os.path.join(sys.argv[1], name)) for name in sys.argv[2:]]\n"
+            "for ctx in held:\n"
+            "    open(ctx.__enter__(), 'wb').write(b'half')\n"
+            "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), "last.ckpt", "epoch=0-step=3.ckpt", "embeddings.npy",
+                    "notes.txt"], check=True)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 4 and all(n.startswith(".") and n.endswith(".tmp") for n in left)
+    (tmp_path / ".mine.tmp").write_text("a user's file that only looks like a temp file")
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "last.ckpt")
+    assert not [p for p in tmp_path.iterdir() if "ckpt." in p.name and p.name.endswith(".tmp")]
+    write_text_atomic(tmp_path / "embeddings.npy", "x")
+    with atomic_dir(tmp_path / "sub") as d:
+        (d / "f").write_text("y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".mine.tmp", "last.ckpt", "embeddings.npy", "sub", next(n for n in left if n.startswith(".notes.txt"))])

@@ -9,6 +9,7 @@ checked when the manifest is loaded, with one error that lists every bad row.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -62,14 +63,18 @@ def _read_jsonl(path: Path) -> tuple[list[ManifestRow], list[str]]:
     """JSONL rows; data row numbers count non-blank lines."""
     rows: list[ManifestRow] = []
     columns: dict[str, None] = {}  # ordered set
-    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # tolerate a byte-order mark
+                raw = raw[3:]
+            line = _decode_line(path, line_no, raw)
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ManifestError(f"{path}: line {line_no} is not valid JSON: {err.msg}") from err
+                raise ManifestError(f"{path}: line {line_no} is not valid JSON: {err.msg} "
+                                    f"(column {err.colno})") from err
             if not isinstance(obj, dict):
                 raise ManifestError(f"{path}: line {line_no} is a JSON {type(obj).__name__}, "
                                     "expected an object")
@@ -78,18 +83,34 @@ def _read_jsonl(path: Path) -> tuple[list[ManifestRow], list[str]]:
     return rows, list(columns)
 
 
+def _decode_line(path: Path, line_no: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: line {line_no} is not UTF-8 (byte {raw[err.start:err.start + 1]!r} at "
+                            f"column {err.start + 1}); save the manifest as UTF-8") from None
+
+
 def _read_delimited(path: Path, delimiter: str) -> tuple[list[ManifestRow], list[str]]:
     """CSV/TSV rows via ``csv.DictReader``; the first line is the header.
 
     Cells beyond the header's columns are dropped; missing trailing cells read as empty.
     """
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if reader.fieldnames is None:
-            raise ManifestError(f"{path}: empty file, expected a header line with column names")
-        rows = [ManifestRow(i, {k: v for k, v in r.items() if k is not None})
-                for i, r in enumerate(reader, start=1)]
-        return rows, list(reader.fieldnames)
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # tolerate a byte-order mark
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = data[:err.start].count(b"\n") + 1
+        raise ManifestError(f"{path}: line {line_no} is not UTF-8 (byte {data[err.start:err.start + 1]!r}); "
+                            "save the manifest as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if reader.fieldnames is None:
+        raise ManifestError(f"{path}: empty file, expected a header line with column names")
+    rows = [ManifestRow(i, {k: v for k, v in r.items() if k is not None})
+            for i, r in enumerate(reader, start=1)]
+    return rows, list(reader.fieldnames)
 
 
 def _format_bad_rows(problems: list[str]) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmformer.compress import quantize_int8
+from mmformer.files import read_utf8_lines
 from mmformer.model import MMFormer
 from mmformer.retrieval.backends import BACKENDS
 from mmformer.retrieval.index import Index, build_index
@@ -89,8 +90,28 @@ def _backend_params(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def cmd_index_build(args: argparse.Namespace) -> int:
+def positive(name: str, value: int | None) -> None:
+    """A one-line error, before any work, for a count flag below 1 (``--batch-size 0``)."""
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0, 32), 127]}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+_CONTROL.update({c: f"\\u{c:04x}" for c in range(0x80, 0xA0)})  # C1 controls (CSI...)
+
+
+def printable(text: Any) -> str:
+    """``text`` with control characters (terminal escape sequences, newlines) shown as escapes,
+    for human-readable output: a caption cannot clear the screen or fake result lines."""
+    return str(text).translate(_CONTROL)
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    positive("--batch-size", args.batch_size)
+    positive("--part-size", args.part_size)
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     model = MMFormer.from_pretrained(args.model)
     if args.int8:
         model = quantize_int8(model)
@@ -126,8 +147,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     texts = list(args.query)
     if args.queries:
-        lines = Path(args.queries).read_text(encoding="utf-8").splitlines()
-        texts += [t.strip() for t in lines if t.strip()]
+        texts += [t.strip() for t in read_utf8_lines(args.queries) if t.strip()]
     if not texts and not args.image:
         raise SystemExit("give text queries, --queries FILE or --image PATH")
     if args.k < 1:
@@ -144,10 +164,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         print()
         return 0
     for q, hits in results:
-        print(f"query: {q}")
+        print(f"query: {printable(q)}")
         for rank, h in enumerate(hits, 1):
             label = h.metadata.get("caption") or h.metadata.get("text") or ""
-            print(f"  {rank:>3}  {h.score:7.4f}  {h.id}" + (f"  ({label})" if label else ""))
+            print(f"  {rank:>3}  {h.score:7.4f}  {printable(h.id)}" + (f"  ({printable(label)})" if label else ""))
     return 0
 
 

@@ -488,6 +488,28 @@ def _assemble(out: Path, parts: list[Part], dtype: str, backend: str, params: Ba
             "index_seconds": round(build_s, 3), "files": {f: _file_info(out / f) for f in files}}
 
 
+_REQUIRED = {"kind": str, "count": int, "dim": int, "dtype": str, "backend": str, "files": dict, "model": dict}
+
+
+def _check_manifest_fields(man_path: Path, manifest: dict[str, Any]) -> None:
+    """Every field :meth:`Index.open` reads is present with the right type (else one error)."""
+    bad = [f"{k!r} ({t.__name__})" for k, t in _REQUIRED.items()
+           if not isinstance(manifest.get(k), t) or isinstance(manifest.get(k), bool)]
+    if not bad and not isinstance(manifest["model"].get("fingerprint"), str):
+        bad.append("'model.fingerprint' (str)")
+    if not bad:
+        for name, info in manifest["files"].items():
+            if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+                bad.append(f"'files.{name}' ({{bytes, sha256}})")
+            elif Path(name).name != name or name.startswith("."):
+                bad.append(f"'files.{name}' (a file name inside the index folder)")
+    if bad:
+        raise InvalidIndexError(f"{man_path}: missing or malformed field(s) {', '.join(bad)}; rebuild the index")
+    if manifest["kind"] not in ("image", "text") or manifest["dtype"] not in ("float32", "float16"):
+        raise InvalidIndexError(f"{man_path}: kind {manifest['kind']!r} / dtype {manifest['dtype']!r} unknown; "
+                                "rebuild the index")
+
+
 def _file_info(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
@@ -555,10 +577,14 @@ class Index:
             manifest = json.loads(man_path.read_text())
         except ValueError as e:
             raise InvalidIndexError(f"{man_path}: damaged manifest ({e}); rebuild the index") from e
-        if manifest.get("format") != FORMAT_VERSION:
-            raise InvalidIndexError(f"{man_path}: index format {manifest.get('format')!r}, this version reads "
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+            got = manifest.get("format") if isinstance(manifest, dict) else manifest
+            raise InvalidIndexError(f"{man_path}: index format {got!r}, this version reads "
                               f"{FORMAT_VERSION}; rebuild the index")
-        files = manifest["files"]
+        _check_manifest_fields(man_path, manifest)
+        kind = backend or manifest["backend"]
+        # searching exactly needs no FAISS file: leave it out of the checks (it may be absent)
+        files = {n: i for n, i in manifest["files"].items() if not (kind == "exact" and n == FAISS_FILE)}
         total = 0
         for name, info in files.items():
             p = d / name
@@ -586,11 +612,14 @@ class Index:
             raise InvalidIndexError(f"{d / METADATA}: {len(starts) - 1} rows, the manifest says {manifest['count']}")
         params = BackendParams.from_dict({**manifest.get("backend_params", {}), **(search_params or {})})
         stored = manifest["backend"]
-        kind = backend or stored
         if kind == "exact":
             b = ExactBackend(emb)
         elif kind == stored:
-            b = FaissBackend.load(kind, d, params, embeddings=emb if kind == "ivfpq" else None, mmap=mmap)
+            try:
+                b = FaissBackend.load(kind, d, params, embeddings=emb if kind == "ivfpq" else None, mmap=mmap,
+                                      expect=(int(manifest["count"]), int(manifest["dim"])))
+            except ValueError as e:
+                raise InvalidIndexError(str(e)) from e
         else:
             b = FaissBackend.build(kind, emb, params)
         return cls(d, manifest, emb, b, meta, starts)

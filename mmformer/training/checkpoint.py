@@ -298,7 +298,7 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, overwrite
     info = extra.get("mmformer")
     if isinstance(info, dict) and "config" in info:
         tok = Tokenizer(info["tokenizer"]) if info.get("tokenizer") else None
-        model = MMFormer(ModelConfig.from_dict(info["config"]), tok)
+        model = MMFormer(ModelConfig.from_dict(info["config"], source=f"{path}: mmformer.config"), tok)
     else:
         raise CheckpointError(f"{path}: no 'mmformer' entry (model config and tokenizer) in the checkpoint; "
                               "was it written by mmformer.training.module.MMFormerModule?")
