@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-col", default="image")
     e.add_argument("--caption-col", default="caption")
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip, "
+                                                         "list and count it)")
+    e.add_argument("--root", default=None, help="refuse manifest image paths (absolute, ../, symlinks) that "
+                                                "lead outside DIR (for manifests taken from elsewhere)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--documents", choices=["text", "file"], default=None,
                    help="long documents: the caption column holds the document text ('text') or the path "
@@ -166,9 +170,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_index(args)
     if args.model is None:
         raise SystemExit("mmformer eval: --model DIR is required (or --index INDEX_DIR)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model = MMFormer.from_pretrained(args.model)
     if model.tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer.model")
+    if args.data is not None and not getattr(args, "documents", None):
+        from mmformer.retrieval.commands import eval_manifest
+
+        metrics, source = eval_manifest(model, args, warn=lambda m: print(m, file=sys.stderr))
+        print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics, source))
+        return 0
     images, captions, caption_to_image, source = load_eval_set(model, args)
     if getattr(args, "documents", None):
         metrics = eval_documents(model, images, captions, caption_to_image, args)

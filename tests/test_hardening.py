@@ -531,3 +531,79 @@ def test_stale_temp_files_of_killed_writers_are_removed_by_the_next_writer(tmp_p
         (d / "f").write_text("y")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [".mine.tmp", "last.ckpt", "embeddings.npy", "sub", next(n for n in left if n.startswith(".notes.txt"))])
+
+
+# ---- eval: unreadable images skipped, listed and counted; empty captions and duplicates ---------
+@pytest.fixture()
+def eval_set(tiny_model, tmp_path):
+    import json
+
+    from PIL import Image
+
+    rows = []
+    for name, rgb in COLORS.items():
+        Image.new("RGB", (20, 20), rgb).save(tmp_path / f"{name}.png")
+        rows.append({"image": f"{name}.png", "caption": f"a {name} square"})
+    _saved(tiny_model, tmp_path / "model")
+    return tmp_path, rows
+
+
+def _write_rows(path: Path, rows) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _eval(tmp, manifest, *extra, capsys):
+    import json
+
+    rc = run(["eval", "--model", str(tmp / "model"), "--data", str(manifest), "--json", *extra])
+    cap = capsys.readouterr()
+    return rc, (json.loads(cap.out) if rc == 0 else None), cap.err
+
+
+def test_eval_skips_lists_and_counts_unreadable_images(eval_set, capsys):
+    tmp, rows = eval_set
+    clean = _eval(tmp, _write_rows(tmp / "clean.jsonl", rows), capsys=capsys)[1]
+    (tmp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with_bad = rows[:2] + [{"image": "broken.png", "caption": "a broken square"}] + rows[2:]
+    rc, m, err = _eval(tmp, _write_rows(tmp / "bad.jsonl", with_bad), capsys=capsys)
+    assert rc == 0 and m["skipped_images"] == 1 and m["n_images"] == len(rows) and m["n_texts"] == len(rows)
+    assert "skipped 1 unreadable image(s)" in err and "broken.png: cannot decode image" in err
+    assert {k: m[k] for k in clean} == clean  # the metrics of the readable images, as if alone
+    rc, _, err = _eval(tmp, tmp / "bad.jsonl", "--strict", capsys=capsys)
+    last = err.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar
+    assert rc == 1 and last.startswith("mmformer eval: ") and "broken.png: cannot decode image" in last
+
+
+def test_eval_warns_on_empty_captions_and_counts_duplicates_once(eval_set, capsys):
+    tmp, rows = eval_set
+    clean = _eval(tmp, _write_rows(tmp / "clean.jsonl", rows), capsys=capsys)[1]
+    noisy = rows + [rows[0]] * 5 + [{"image": "red.png", "caption": "  "}]
+    rc, m, err = _eval(tmp, _write_rows(tmp / "noisy.jsonl", noisy), capsys=capsys)
+    assert rc == 0 and m["duplicate_rows"] == 5 and m["empty_captions"] == 1
+    assert "5 duplicate (image, caption) row(s) counted once (rows 5, 6, 7, 8, 9)" in err
+    assert "1 empty caption(s) left out (rows 10)" in err
+    assert {k: m[k] for k in clean} == clean
+
+
+def test_manifest_paths_may_leave_the_folder_unless_root_confines_them(eval_set, capsys):
+    from mmformer.data.manifest import ImageTextManifest, ManifestError
+
+    tmp, rows = eval_set
+    sub = tmp / "sub"
+    sub.mkdir()
+    outside = [{"image": f"../{r['image']}", "caption": r["caption"]} for r in rows]
+    outside[1]["image"] = str(tmp / "green.png")  # absolute
+    man = _write_rows(sub / "m.jsonl", outside)
+    assert len(ImageTextManifest(man).image_paths) == len(rows)  # a user's own manifest: fine
+    with pytest.raises(ManifestError, match=r"row 1: '../red.png' resolves outside the root"):
+        ImageTextManifest(man, confine=sub)
+    rc, _, err = _eval(tmp, man, "--root", str(sub), capsys=capsys)
+    assert rc == 1 and "resolves outside the root" in err
+    (sub / "link.png").symlink_to(tmp / "red.png")
+    with pytest.raises(ManifestError, match="link.png' resolves outside"):
+        ImageTextManifest(_write_rows(sub / "l.jsonl", [{"image": "link.png", "caption": "x"}]), confine=sub)
+    rc, m, _ = _eval(tmp, man, "--root", str(tmp), capsys=capsys)
+    assert rc == 0 and m["n_images"] == len(rows)

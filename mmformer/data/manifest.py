@@ -113,6 +113,12 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[list[ManifestRow], list
     return rows, list(reader.fieldnames)
 
 
+def _inside(path: str, root: Path) -> bool:
+    """``path`` (symlinks resolved) lies inside ``root`` (resolved)."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, base]) == base
+
+
 def _format_bad_rows(problems: list[str]) -> str:
     """Join per-row problems, listing at most ``_MAX_LISTED`` then "... and N more"."""
     shown = "\n  ".join(problems[:_MAX_LISTED])
@@ -146,6 +152,10 @@ class ImageTextManifest(Dataset):
         split: keep only rows whose ``split_col`` equals this (error if the column is absent).
         transform: ``PIL.Image -> tensor (3, S, S)``; default: eval ``build_transforms(image_size)``.
         root: directory relative image paths are resolved against (default: the manifest's).
+            Paths may be absolute or climb out with ``../`` (a user's own manifest may point
+            anywhere it likes).
+        confine: a directory every image must resolve into (symlinks followed), for manifests
+            taken from elsewhere (``--root DIR`` on the command line); others are bad rows.
         check_files: check at load that every image file exists (one ``stat`` per image).
         max_pixels: passed to :func:`mmformer.data.transforms.load_image`.
 
@@ -158,8 +168,10 @@ class ImageTextManifest(Dataset):
                  caption_col: str = "caption", split: str | None = None, split_col: str = "split",
                  transform: Callable[[Any], torch.Tensor] | None = None, image_size: int = 64,
                  root: str | os.PathLike[str] | None = None, check_files: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 confine: str | os.PathLike[str] | None = None) -> None:
         self.manifest = Path(manifest)
+        self.confine = Path(confine) if confine is not None else None
         self.image_col, self.caption_col = image_col, caption_col
         self.root = Path(root) if root is not None else self.manifest.parent
         self.transform = transform if transform is not None else build_transforms(image_size, train=False)
@@ -211,6 +223,10 @@ class ImageTextManifest(Dataset):
                 problems.append(f"row {row.number}: empty {self.image_col!r} field")
                 continue
             path = self._resolve(image)
+            if self.confine is not None and not _inside(path, self.confine):
+                problems.append(f"row {row.number}: {image!r} resolves outside the root {self.confine} "
+                                f"(confined with --root)")
+                continue
             if check_files and not exists.setdefault(path, os.path.isfile(path)):
                 problems.append(f"row {row.number}: file not found: {path}")
                 continue

@@ -74,7 +74,7 @@ class Part:
 
 def collect_parts(source: str | os.PathLike | Sequence[Any], kind: str, part_size: int,
                   image_col: str = "image", caption_col: str = "caption",
-                  split: str | None = None) -> tuple[list[Part], str]:
+                  split: str | None = None, root: str | os.PathLike | None = None) -> tuple[list[Part], str]:
     """Split ``source`` into parts; returns (parts, a description of the source).
 
     Images: a folder (searched recursively), a CSV/TSV/JSONL manifest (unique images, first
@@ -116,7 +116,7 @@ def collect_parts(source: str | os.PathLike | Sequence[Any], kind: str, part_siz
         return _split(items, part_size), f"{path} ({len(items)} texts)"
 
     man = ImageTextManifest(path, image_col=image_col, caption_col=caption_col, split=split,
-                            check_files=kind == "image")
+                            check_files=kind == "image", confine=root)
     if kind == "image":
         first: dict[int, str] = {}
         for cap, img in zip(man.captions, man.caption_to_image.tolist()):
@@ -282,7 +282,8 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
                 num_workers: int = 0, precision: str = "32-true", accelerator: str = "cpu",
                 devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
                 model_path: str | None = None, image_col: str = "image", caption_col: str = "caption",
-                split: str | None = None, overwrite: bool = False, progress: bool = True, seed: int = 0) -> "Index":
+                split: str | None = None, overwrite: bool = False, progress: bool = True, seed: int = 0,
+                root: str | os.PathLike | None = None) -> "Index":
     """Embed ``source`` with ``model`` and write an index to ``out_dir``; returns it opened.
 
     Resumable: parts finished by an earlier (killed) run with the same model, source and
@@ -301,6 +302,7 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
         precision, accelerator, devices, strategy, num_nodes: passed to the Lightning Trainer.
         model_path: where the model lives, recorded so ``mmformer search`` can find it.
         image_col, caption_col, split: manifest columns and row filter (manifest sources).
+        root: manifest sources: refuse image paths that resolve outside this folder.
     """
     import lightning as L
 
@@ -308,7 +310,7 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
         raise ValueError(f"dtype={dtype!r} must be 'float32' or 'float16'")
     out = Path(out_dir)
     params = BackendParams.from_dict(backend_params)
-    parts, description = collect_parts(source, kind, part_size, image_col, caption_col, split)
+    parts, description = collect_parts(source, kind, part_size, image_col, caption_col, split, root)
     fingerprint = model_fingerprint(model)
     int8 = bool(getattr(model, "is_int8", False))
     build = {"format": FORMAT_VERSION, "kind": kind, "source": description, "part_size": part_size,
