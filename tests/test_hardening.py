@@ -607,3 +607,35 @@ def test_manifest_paths_may_leave_the_folder_unless_root_confines_them(eval_set,
         ImageTextManifest(_write_rows(sub / "l.jsonl", [{"image": "link.png", "caption": "x"}]), confine=sub)
     rc, m, _ = _eval(tmp, man, "--root", str(tmp), capsys=capsys)
     assert rc == 0 and m["n_images"] == len(rows)
+
+
+# ---- a fit on corrupt data fails ----------------------------------------------------------------
+def _fit_yaml(tmp: Path, manifest: Path, extra: str = "") -> Path:
+    cfg = tmp / "fit.yaml"
+    cfg.write_text(_FIT_YAML.format(root=tmp).replace("  max_steps: 1\n", "  max_steps: 4\n")
+                   + f"  train_manifest: {manifest}\n  max_length: 8\n" + extra)
+    return cfg
+
+
+def test_fit_where_every_sample_is_corrupt_fails(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    rows = []
+    for i in range(16):
+        (tmp_path / f"bad{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(30))
+        rows.append({"image": f"bad{i}.png", "caption": f"thing {i}"})
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "good.png")
+    man = _write_rows(tmp_path / "train.jsonl", rows)
+    cfg = _fit_yaml(tmp_path, man)
+    rc = run(["fit", "--config", str(cfg)])
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert rc == 1 and last.startswith("mmformer fit: epoch 0: 16 of 16 training samples were skipped as corrupt")
+    assert "bad" in last and not list(tmp_path.rglob("*.ckpt"))
+    # a fraction: 4 of 16 corrupt is fine by default, refused with max_skipped_fraction 0.25
+    rows = rows[:4] + [{"image": "good.png", "caption": f"thing {i}"} for i in range(4, 16)]
+    man = _write_rows(tmp_path / "train.jsonl", rows)
+    assert run(["fit", "--config", str(cfg)]) == 0
+    rc = run(["fit", "--config", str(cfg), "--data.max_skipped_fraction", "0.25"])
+    assert rc == 1 and "4 of 16 training samples were skipped" in capsys.readouterr().err
