@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmformer.data.errors import CorruptSample
-from mmformer.data.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_and_transform
+from mmformer.data.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_and_transform, sample_rng
 
 __all__ = ["ImageTextManifest", "ManifestError", "ManifestRow", "read_manifest_rows"]
 
@@ -261,7 +261,8 @@ class ImageTextManifest(Dataset):
         caption = self.captions[index].strip()
         if not caption:
             raise CorruptSample(path, f"empty caption ({self.manifest.name} row {self.row_numbers[index]})")
-        image = load_and_transform(path, self.transform, max_pixels=self.max_pixels)
+        with sample_rng(index):  # seeded by (seed, epoch, index) under a ResumableSampler
+            image = load_and_transform(path, self.transform, max_pixels=self.max_pixels)
         return {"image": image, "caption": caption, "index": index, "image_index": image_index,
                 "path": path, "meta": self.metadata[index]}
 

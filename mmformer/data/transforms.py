@@ -7,9 +7,12 @@ uint8 ``(3, H, W)`` tensor) into a normalised float tensor ``(3, S, S)``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import math
 import os
+import random
 import struct
 import warnings
 import zlib
@@ -24,8 +27,8 @@ from torchvision.transforms import v2
 
 from mmformer.data.errors import CorruptSample
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT", "CapAspect", "ImageSource", "build_transforms", "load_image",
-           "load_and_transform", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT", "CapAspect", "ImageSource", "SampleKey", "build_transforms",
+           "load_image", "load_and_transform", "sample_rng", "sample_seed", "to_rgb"]
 
 #: Largest image (width * height) ``load_image`` accepts by default: 8192 x 8192.
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -42,6 +45,42 @@ _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 # some header parsers, zlib.error from PNG chunks, EOFError from truncated streams).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
                   Image.DecompressionBombError)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for the augmentation of sample ``index`` in ``epoch`` of a run seeded ``seed``."""
+    digest = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SampleKey(int):
+    """A dataset index (an ``int``) that carries the seed of its sample's augmentation, so that
+    augmentation depends on (run seed, epoch, sample index) only: not on the global RNG, the
+    DataLoader worker or how far a resumed run got (see :class:`mmformer.data.sampler.ResumableSampler`)."""
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> "SampleKey":
+        key = int.__new__(cls, index)
+        key.seed = int(seed)
+        return key
+
+    def __reduce__(self):
+        return (SampleKey, (int(self), self.seed))
+
+
+@contextlib.contextmanager
+def sample_rng(key: int):
+    """Inside: the torch RNG seeded from ``key.seed`` (a :class:`SampleKey`; restored after), and
+    a ``random.Random`` of the same seed is yielded for Python-level choices. A plain ``int``
+    leaves the global RNGs in use (yields the ``random`` module)."""
+    seed = getattr(key, "seed", None)
+    if seed is None:
+        yield random
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield random.Random(seed)
 
 
 def _source_name(src: ImageSource, name: str | None) -> str:
@@ -234,9 +273,15 @@ class BatchTrainTransform:
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.brightness, self.contrast = brightness, contrast
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """``seed``: draw this batch's augmentation from a generator seeded with it (exact resume);
+        None: from the global torch RNG."""
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise TypeError(f"expected a uint8 batch (B, 3, S, S), got {images.dtype} {tuple(images.shape)}")
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self(images)
         b = images.shape[0]
         x = images.float() / 255  # (B, 3, S, S) in [0, 1]
         area = torch.empty(b).uniform_(*self.scale)

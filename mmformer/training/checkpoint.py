@@ -218,10 +218,13 @@ class ExactResume(pl.Callback):
 
 
 def guard_fit(trainer: pl.Trainer) -> None:
-    """Before a fit loads anything: use :class:`AtomicCheckpointIO` where Lightning's default
-    writer would be used, and check ``trainer.ckpt_path`` (:func:`check_checkpoint`). Called by
-    :class:`ExactResume` and by ``MMFormerModule.setup``; idempotent."""
+    """Before a fit loads anything: add :class:`ExactResume` when the trainer has none, use
+    :class:`AtomicCheckpointIO` where Lightning's default writer would be used, and check
+    ``trainer.ckpt_path`` (:func:`check_checkpoint`). Called by :class:`ExactResume` and by
+    ``MMFormerModule.setup``; idempotent."""
     strategy = trainer.strategy
+    if not any(isinstance(c, ExactResume) for c in trainer.callbacks):
+        trainer.callbacks.insert(0, ExactResume())  # before ModelCheckpoint: positions are saved up to date
     io = getattr(strategy, "_checkpoint_io", None)
     if io is None or type(io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
