@@ -115,3 +115,13 @@ def test_bundled_emoji_resume_is_exact(tmp_path):
     if not (data / "manifest.jsonl").is_file():
         pytest.skip("bundled emoji data not in this checkout")
     _check_exact(tmp_path, "emoji", data)
+
+
+def test_shards_resume_is_exact(tmp_path, images):
+    from mmformer.data.shards import write_shards
+
+    rows = [json.loads(line) for line in (images / "m.jsonl").read_text().splitlines()]
+    paths = write_shards(({"image": images / r["image"], "caption": [r["caption"], r["caption"].upper()]}
+                          for r in rows), str(tmp_path / "shard-%03d.tar"), maxcount=5, caption_format="json")
+    assert len(paths) == 4
+    _check_exact(tmp_path / "run", "shards", tmp_path / "shard-{000..003}.tar")

@@ -27,7 +27,7 @@ from mmformer.data.errors import TooManySkipped
 from mmformer.data.emoji import CaptionMode, EmojiData, InMemoryImageText, default_data_dir
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.sampler import ResumableDataLoader, ResumableSampler
-from mmformer.data.shards import ShardDataset
+from mmformer.data.shards import ResumableShardLoader, ShardDataset
 from mmformer.data.transforms import build_transforms
 from mmformer.tokenizer import Tokenizer as SentencePieceTokenizer
 
@@ -175,6 +175,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             ranks = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
             sampler = ResumableSampler(dataset, shuffle=True, seed=hp.seed, **(ranks or {}))
             return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
+        if train:  # shards: each epoch's stream seeded by (seed, epoch, rank, worker), resumable mid-epoch
+            return ResumableShardLoader(dataset, **kwargs)
         return DataLoader(dataset, shuffle=False, **kwargs)
 
     def train_dataloader(self) -> DataLoader:

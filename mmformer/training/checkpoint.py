@@ -30,6 +30,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from mmformer.config import ModelConfig
 from mmformer.data.sampler import ResumableDataLoader
+from mmformer.data.shards import ResumableShardLoader
 from mmformer.files import atomic_dir, atomic_path, remove_stale_temps
 from mmformer.model import MMFormer
 from mmformer.tokenizer import Tokenizer
@@ -211,6 +212,11 @@ class ExactResume(pl.Callback):
         if stage == "fit":
             guard_fit(trainer)
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for loader in _train_loaders(trainer):
+            if isinstance(loader, ResumableShardLoader):
+                loader.set_epoch(trainer.current_epoch)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         for loader in _train_loaders(trainer):
@@ -232,13 +238,13 @@ def guard_fit(trainer: pl.Trainer) -> None:
         check_checkpoint(trainer.ckpt_path)
 
 
-def _train_loaders(trainer: pl.Trainer) -> list[ResumableDataLoader]:
+def _train_loaders(trainer: pl.Trainer) -> list[ResumableDataLoader | ResumableShardLoader]:
     loaders = trainer.train_dataloader
     if loaders is None:
         return []
     flat = loaders if isinstance(loaders, (list, tuple)) else \
         list(loaders.values()) if isinstance(loaders, dict) else [loaders]
-    return [dl for dl in flat if isinstance(dl, ResumableDataLoader)]
+    return [dl for dl in flat if isinstance(dl, (ResumableDataLoader, ResumableShardLoader))]
 
 
 # ---- conversion to save_pretrained -----------------------------------------------------------------
