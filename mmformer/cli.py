@@ -170,8 +170,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_index(args)
     if args.model is None:
         raise SystemExit("mmformer eval: --model DIR is required (or --index INDEX_DIR)")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--doc-batch-size", args.doc_batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     model = MMFormer.from_pretrained(args.model)
     if model.tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer.model")
@@ -336,6 +337,12 @@ def read_texts(paths: list[str], fields: list[str], split: str | None):
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmformer.demo import run_demo
+
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:  # 0 used to be ignored, -1 to train without end
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not args.minutes > 0:
+        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
 
     return run_demo(args)
 

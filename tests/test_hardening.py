@@ -639,3 +639,34 @@ def test_fit_where_every_sample_is_corrupt_fails(tmp_path, capsys):
     assert run(["fit", "--config", str(cfg)]) == 0
     rc = run(["fit", "--config", str(cfg), "--data.max_skipped_fraction", "0.25"])
     assert rc == 1 and "4 of 16 training samples were skipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--steps", "-1"], "mmformer demo: --steps must be >= 1, got -1"),
+    (["demo", "--steps", "0"], "mmformer demo: --steps must be >= 1, got 0"),
+    (["demo", "--batch-size", "0"], "mmformer demo: --batch-size must be >= 1, got 0"),
+    (["eval", "--model", "nowhere", "--batch-size", "0"], "mmformer eval: --batch-size must be >= 1, got 0"),
+])
+def test_bad_counts_are_one_line_errors_before_any_work(tmp_path, argv, message, capsys):
+    assert run(argv + (["--out", str(tmp_path / "demo")] if argv[0] == "demo" else [])) == 1
+    assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "demo").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run(["export", "--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "o"), "--debug"])
+
+
+def test_fit_ckpt_path_empty_or_truncated_names_the_file(tmp_path, capsys):
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text(_FIT_YAML.format(root=tmp_path))
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    assert run(["fit", "--config", str(cfg), "--ckpt_path", str(empty)]) == 1
+    assert capsys.readouterr().err.strip().startswith(f"mmformer fit: checkpoint {empty} is empty (0 bytes)")
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, tmp_path / "full.ckpt")
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes((tmp_path / "full.ckpt").read_bytes()[:1500])
+    assert run(["fit", "--config", str(cfg), f"--ckpt_path={cut}"]) == 1
+    assert capsys.readouterr().err.strip().startswith(f"mmformer fit: checkpoint {cut} is corrupt or truncated")
