@@ -210,6 +210,10 @@ class ImageTextDataModule(pl.LightningDataModule):
         seen, skipped = counts
         frac = self.hparams.max_skipped_fraction
         per_epoch = _samples_per_epoch(self.trainer, self.hparams.batch_size)
+        if per_epoch is None:  # a stream of unknown length: shards with an epoch size, else judged at its end
+            per_epoch = self.hparams.shard_epoch_size
+        if per_epoch is None and not ended:
+            return
         limit = math.ceil(frac * (per_epoch if per_epoch is not None and not ended else seen))
         if skipped and frac <= 1 and skipped >= max(1, limit):
             e = f" (e.g. {example[0]})" if example else ""
