@@ -28,6 +28,51 @@ DATA_DIR_HELP = ("the bundled emoji data: its folder, or a folder holding emoji/
                  "(default: $MMFORMER_DATA, else the checkout's copy, else the installed package's)")
 
 
+def run(argv: list[str] | None = None) -> int:
+    """The ``mmformer`` console command: :func:`main`, with errors of the package's own kinds (bad
+    files, bad values: ``ValueError`` and its subclasses such as ``CheckpointError``,
+    ``ManifestError``, ``InvalidIndexError``, ``CorruptSample``; ``OSError``) printed as one line,
+    ``mmformer <verb>: <message>``, and exit status 1; ``--debug`` shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    verb = " ".join(words[:2]) if words[:1] == ["index"] else (words[0] if words else "")
+    try:
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            check_ckpt_path_arg(argv)
+        return main(argv)
+    except (ValueError, OSError) as e:
+        if debug:
+            raise
+        print(one_line_error(verb, e), file=sys.stderr)
+        return 1
+    except SystemExit as e:
+        if isinstance(e.code, str) and not debug:
+            print(one_line_error(verb, ValueError(e.code)), file=sys.stderr)
+            return 1
+        raise
+
+
+def one_line_error(verb: str, e: BaseException) -> str:
+    """``mmformer <verb>: <message>`` (the message's lines joined; a prefix already there kept)."""
+    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    prefix = f"mmformer {verb}:" if verb else "mmformer:"
+    return msg if msg.startswith(prefix) else f"{prefix} {msg}"
+
+
+def check_ckpt_path_arg(argv: list[str]) -> None:
+    """``fit --ckpt_path X``: check X (named in the error, loaded with weights_only=True) before
+    LightningCLI reads it."""
+    from mmformer.training.checkpoint import check_checkpoint
+
+    for i, a in enumerate(argv):
+        value = argv[i + 1] if a == "--ckpt_path" and i + 1 < len(argv) else \
+            a.split("=", 1)[1] if a.startswith("--ckpt_path=") else None
+        if value and value not in ("null", "None", "last", "best", "hpc", "registry"):
+            check_checkpoint(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_output()
@@ -110,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-col", default="image")
     e.add_argument("--caption-col", default="caption")
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip, "
+                                                         "list and count it)")
+    e.add_argument("--root", default=None, help="refuse manifest image paths (absolute, ../, symlinks) that "
+                                                "lead outside DIR (for manifests taken from elsewhere)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--documents", choices=["text", "file"], default=None,
                    help="long documents: the caption column holds the document text ('text') or the path "
@@ -125,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="Lightning checkpoint -> save_pretrained directory")
     x.add_argument("--ckpt", required=True, help="Lightning .ckpt file or sharded checkpoint folder (FSDP)")
     x.add_argument("--out", required=True)
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an existing model folder at --out (swapped in only once complete)")
     x.set_defaults(func=cmd_export)
 
     from mmformer.retrieval.commands import add_commands
@@ -164,9 +215,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_index(args)
     if args.model is None:
         raise SystemExit("mmformer eval: --model DIR is required (or --index INDEX_DIR)")
+    for flag, value in (("--batch-size", args.batch_size), ("--doc-batch-size", args.doc_batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     model = MMFormer.from_pretrained(args.model)
     if model.tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer.model")
+    if args.data is not None and not getattr(args, "documents", None):
+        from mmformer.retrieval.commands import eval_manifest
+
+        metrics, source = eval_manifest(model, args, warn=lambda m: print(m, file=sys.stderr))
+        print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics, source))
+        return 0
     try:
         images, captions, caption_to_image, source = load_eval_set(model, args)
     except BundledDataNotFound as e:
@@ -271,12 +331,10 @@ class _UniqueImages:
 
 # ---- export / tokenizer ----------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmformer.training.checkpoint import CheckpointError, export_checkpoint
+    from mmformer.training.checkpoint import export_checkpoint
 
-    try:  # a .ckpt file, or the folder of a sharded (FSDP) checkpoint
-        out = export_checkpoint(args.ckpt, args.out)
-    except CheckpointError as e:
-        raise SystemExit(f"mmformer export: {e}") from e
+    # a .ckpt file, or the folder of a sharded (FSDP) checkpoint; errors print as one line (main)
+    out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
     print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
     return 0
 
@@ -294,15 +352,26 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 def read_texts(paths: list[str], fields: list[str], split: str | None):
     """Texts from .txt lines or the ``fields`` of .jsonl/.csv/.tsv rows (lists flattened)."""
     import csv
+    import io
+
+    from mmformer.files import read_utf8_lines, read_utf8_text
+
+    def jsonl(path: Path):  # errors name the file, line and column
+        for n, line in enumerate(read_utf8_lines(path), 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n} is not valid JSON: {e.msg} (column {e.colno})") from None
 
     for path in map(Path, paths):
         if path.suffix == ".txt":
-            yield from (line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            yield from (line.strip() for line in read_utf8_lines(path) if line.strip())
             continue
         if path.suffix == ".jsonl":
-            rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            rows = jsonl(path)
         elif path.suffix in (".csv", ".tsv"):
-            rows = csv.DictReader(path.open(encoding="utf-8", newline=""),
+            rows = csv.DictReader(io.StringIO(read_utf8_text(path), newline=""),
                                   delimiter="\t" if path.suffix == ".tsv" else ",")
         else:
             raise SystemExit(f"{path}: expected .txt, .jsonl, .csv or .tsv")
@@ -327,6 +396,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mmformer.data.bundled import BundledDataNotFound
     from mmformer.demo import run_demo
 
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:  # 0 used to be ignored, -1 to train without end
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not args.minutes > 0:
+        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
     try:
         return run_demo(args)
     except BundledDataNotFound as e:
@@ -334,4 +408,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

@@ -167,9 +167,13 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """A config from :meth:`to_dict` output; fields older versions wrote and nothing reads
-        (``extra``) are dropped with a debug log, so their config.json files still load."""
+    def from_dict(cls, d: dict[str, Any], source: str = "ModelConfig") -> "ModelConfig":
+        """Build from a dict (:meth:`to_dict` output). Fields older versions wrote and nothing reads
+        (``extra``) are dropped with a debug log, so their config.json files still load; unknown
+        fields and values of the wrong type (``"width": "128"``, ``"depth": 2.5``,
+        ``"qkv_bias": "false"``) are a ``ValueError`` naming ``source`` and the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object of ModelConfig fields, got {type(d).__name__}")
         d = dict(d)
         for name in RETIRED_FIELDS:
             if name in d:
@@ -177,8 +181,12 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+            raise ValueError(f"{source}: unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        check_field_types(d, source)
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the config as JSON atomically (temp file, then rename)."""
@@ -188,10 +196,48 @@ class ModelConfig:
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(d)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+        return cls.from_dict(d, source=str(path))
+
+
+# field type (as annotated) -> (accepted Python types, what to call it in errors)
+_POSITIVE_INTS = ("width", "depth", "heads", "image_size", "patch_size", "in_chans", "vocab_size",
+                  "context_length", "embed_dim", "fusion_heads")
+
+
+def check_field_types(d: dict[str, Any], source: str = "ModelConfig") -> None:
+    """Raise a ``ValueError`` naming ``source`` and every field whose value has the wrong type
+    (booleans are not numbers, strings are not numbers or booleans) or an impossible size."""
+    problems = []
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in d:
+            continue
+        v, t = d[f.name], str(f.type)
+        optional = t.endswith("| None")
+        base = t.replace(" | None", "")
+        if v is None and optional:
+            continue
+        is_int = isinstance(v, int) and not isinstance(v, bool)
+        ok = {"int": is_int, "float": is_int or isinstance(v, float) and not isinstance(v, bool),
+              "bool": isinstance(v, bool), "str": isinstance(v, str),
+              "dict[str, Any]": isinstance(v, dict)}.get(base)
+        if base.startswith("tuple["):
+            ok = isinstance(v, (list, tuple)) and len(v) == base.count(",") + 1 and \
+                all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        if ok is None:
+            continue
+        if not ok:
+            problems.append(f"{f.name!r} must be {base}{' or null' if optional else ''}, got {v!r}")
+        elif f.name in _POSITIVE_INTS and v < 1:
+            problems.append(f"{f.name!r} must be >= 1, got {v!r}")
+        elif f.name == "context_length" and v < 3:
+            problems.append(f"'context_length' must be >= 3 (bos, a piece, eos), got {v!r}")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -26,7 +26,7 @@ from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -449,9 +449,12 @@ class MMFormer(nn.Module):
         self.config.to_json(directory / CONFIG_NAME)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(state, tmp, metadata={"format": "pt", "library": "mmformer"})
+            save_file(state, tmp, metadata={"format": "pt", "library": "mmformer",
+                                            "mmformer_config": json.dumps(self.config.to_dict(), sort_keys=True)})
         if self.tokenizer is not None:
             self.tokenizer.save(directory / TOKENIZER_NAME)
+        else:  # a tokenizer.model left from an earlier save would not belong to these weights
+            (directory / TOKENIZER_NAME).unlink(missing_ok=True)
         return directory
 
     @classmethod
@@ -463,12 +466,17 @@ class MMFormer(nn.Module):
                 raise FileNotFoundError(f"{directory}: missing {name} (expected a save_pretrained directory)")
         config = ModelConfig.from_json(directory / CONFIG_NAME)
         tok_path = directory / TOKENIZER_NAME
-        model = cls(config, Tokenizer.load(tok_path) if tok_path.is_file() else None)
+        tok = Tokenizer.load(tok_path) if tok_path.is_file() else None
+        if tok is not None and tok.vocab_size > config.vocab_size:
+            raise ValueError(f"{tok_path} has {tok.vocab_size} pieces, more than vocab_size={config.vocab_size} "
+                             f"in {directory / CONFIG_NAME}: it is not the tokenizer these weights were trained with")
+        model = cls(config, tok)
         try:
             state = load_file(directory / WEIGHTS_NAME, device=str(map_location))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{directory / WEIGHTS_NAME}: unreadable weights ({e})") from e
         model.load_state_dict_checked(state, source=str(directory / WEIGHTS_NAME))
+        check_saved_config(directory, config)  # weights that fit, under an edited config.json
         return model
 
     def load_state_dict_checked(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
@@ -568,3 +576,27 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# config fields that only change how a model runs, not what its weights mean: may be edited
+RUNTIME_FIELDS = frozenset({"grad_checkpointing", "max_chunks", "chunk_overflow", "chunk_stride", "attention",
+                            "attention_window", "attention_global", "attention_compression", "extra"})
+
+
+def check_saved_config(directory: Path, config: ModelConfig) -> None:
+    """Compare ``config.json`` with the config stored inside ``model.safetensors`` at save time:
+    an edited field that changes what the weights compute (e.g. ``context_length``) is an error
+    naming config.json and the field. Weights saved without a stored config are not checked."""
+    try:
+        with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+            stored = (f.metadata() or {}).get("mmformer_config")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{directory / WEIGHTS_NAME}: unreadable weights ({e})") from e
+    if not stored:
+        return
+    saved, now = json.loads(stored), config.to_dict()
+    changed = [k for k in sorted(saved) if k in now and k not in RUNTIME_FIELDS and saved[k] != now[k]]
+    if changed:
+        raise ValueError(f"{directory / CONFIG_NAME}: field(s) " + ", ".join(
+            f"{k!r} = {now[k]!r} but the weights were saved with {saved[k]!r}" for k in changed)
+            + "; restore config.json (only " + ", ".join(sorted(RUNTIME_FIELDS - {'extra'})) + " may be edited)")

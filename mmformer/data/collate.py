@@ -106,8 +106,10 @@ class ImageTextCollator:
         image_ids = torch.tensor([int(s.get("image_index", s.get("index", -1))) for s in good],
                                  dtype=torch.long)
         images = torch.stack([s["image"] for s in good])  # (B, 3, S, S)
-        if self.batch_transform is not None:
-            images = self.batch_transform(images)
+        if self.batch_transform is not None:  # seeded by the samples' seeds when they carry them
+            seeds = [s["seed"] for s in good if "seed" in s]
+            images = self.batch_transform(images, seed=hash(tuple(seeds)) & (2**63 - 1)) \
+                if len(seeds) == len(good) else self.batch_transform(images)
         batch = {"images": images,
                  "input_ids": ids, "attention_mask": mask, "indices": indices, "image_ids": image_ids,
                  "captions": [s["caption"] for s in good], "n_skipped": len(skipped), "skipped": skipped}

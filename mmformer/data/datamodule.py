@@ -15,6 +15,7 @@ training uses it. Their datasets expose ``captions`` and ``caption_to_image`` fo
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,11 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
 from mmformer.data.collate import ImageTextCollator, SkipCorrupt, SkipStats, Tokenizer
+from mmformer.data.errors import TooManySkipped
 from mmformer.data.emoji import CaptionMode, EmojiData, InMemoryImageText, default_data_dir
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.sampler import ResumableDataLoader, ResumableSampler
-from mmformer.data.shards import ShardDataset
+from mmformer.data.shards import ResumableShardLoader, ShardDataset
 from mmformer.data.transforms import build_transforms
 from mmformer.tokenizer import Tokenizer as SentencePieceTokenizer
 
@@ -62,6 +64,9 @@ class ImageTextDataModule(pl.LightningDataModule):
             ``seed + epoch``, one slice per data-parallel rank, resumable mid-epoch).
         image_mean, image_std: normalisation, ``(x / 255 - mean) / std``; must match the model's
             ``ModelConfig.image_mean`` / ``image_std``.
+        max_skipped_fraction: training stops with :class:`~mmformer.data.errors.TooManySkipped`
+            once this fraction of one epoch's samples (on a rank) has been skipped as corrupt;
+            1.0 (default) = when every sample of an epoch was; above 1 = never.
     """
 
     def __init__(self, data_dir: str | None = None, train_manifest: str | None = None,
@@ -72,8 +77,12 @@ class ImageTextDataModule(pl.LightningDataModule):
                  shuffle_buffer: int = 1000, shard_epoch_size: int | None = None,
                  hflip: bool = False, cache_dir: str | None = None,
                  seed: int = 0, image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> None:
+                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+                 max_skipped_fraction: float = 1.0) -> None:
         super().__init__()
+        if not max_skipped_fraction > 0:
+            raise ValueError(f"max_skipped_fraction must be > 0, got {max_skipped_fraction}")
+        self._epoch_skips: dict[int, list[int]] = {}  # epoch -> [samples seen, samples skipped]
         self.save_hyperparameters()
         self.tokenizer: Tokenizer | None = _load_tokenizer(tokenizer_path) if tokenizer_path else None
         self.skip_stats: dict[str, SkipStats] = {stage: SkipStats() for stage in _STAGES}
@@ -166,6 +175,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             ranks = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
             sampler = ResumableSampler(dataset, shuffle=True, seed=hp.seed, **(ranks or {}))
             return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
+        if train:  # shards: each epoch's stream seeded by (seed, epoch, rank, worker), resumable mid-epoch
+            return ResumableShardLoader(dataset, **kwargs)
         return DataLoader(dataset, shuffle=False, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
@@ -181,6 +192,35 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     # -- skipped samples -----------------------------------------------------------------------
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training: count skipped samples per epoch and stop (:class:`TooManySkipped`) past
+        ``max_skipped_fraction`` of the epoch (a fit on all-corrupt data must not 'succeed')."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and isinstance(batch, dict) and "n_skipped" in batch:
+            epoch = trainer.current_epoch
+            for e in [e for e in self._epoch_skips if e < epoch]:  # an epoch ended: iterable sources
+                self._check_skips(e, self._epoch_skips.pop(e), ended=True)
+            counts = self._epoch_skips.setdefault(epoch, [0, 0])
+            counts[0] += int(batch["n_skipped"]) + int(batch["images"].shape[0])
+            counts[1] += int(batch["n_skipped"])
+            self._check_skips(epoch, counts, ended=False, example=batch.get("skipped"))
+        return batch
+
+    def _check_skips(self, epoch: int, counts: list[int], ended: bool, example: Any = None) -> None:
+        seen, skipped = counts
+        frac = self.hparams.max_skipped_fraction
+        per_epoch = _samples_per_epoch(self.trainer, self.hparams.batch_size)
+        if per_epoch is None:  # a stream of unknown length: shards with an epoch size, else judged at its end
+            per_epoch = self.hparams.shard_epoch_size
+        if per_epoch is None and not ended:
+            return
+        limit = math.ceil(frac * (per_epoch if per_epoch is not None and not ended else seen))
+        if skipped and frac <= 1 and skipped >= max(1, limit):
+            e = f" (e.g. {example[0]})" if example else ""
+            raise TooManySkipped(f"epoch {epoch}: {skipped} of {per_epoch or seen} training samples were skipped as "
+                                 f"corrupt{e}; at least max_skipped_fraction={frac} of an epoch stops the fit "
+                                 "(set data.max_skipped_fraction above 1 to go on anyway)")
+
     def skipped_summary(self, stage: str | None = None) -> str:
         """Skipped samples since the start, e.g. ``"train: skipped 2 corrupt samples (e.g. a.png:
         cannot decode image: ...)"``; one line per stage with skips (``stage`` picks one:
@@ -193,6 +233,22 @@ class ImageTextDataModule(pl.LightningDataModule):
         lines = [f"{s}: {self.skip_stats[s].summary(period=False)}" for s in stages
                  if self.skip_stats[s].total]
         return "\n".join(lines)
+
+
+def _samples_per_epoch(trainer, batch_size: int) -> int | None:
+    """Samples one rank draws per training epoch (None when the loader has no length)."""
+    dl = getattr(trainer, "train_dataloader", None)
+    n_batches = getattr(trainer, "num_training_batches", None)
+    try:
+        n = len(dl.sampler)
+    except (AttributeError, TypeError):
+        return None
+    bs = getattr(dl, "batch_size", None) or batch_size
+    if getattr(dl, "drop_last", False):
+        n = n // bs * bs
+    if n_batches is not None and n_batches != float("inf"):
+        n = min(n, int(n_batches) * bs)
+    return n
 
 
 def _load_tokenizer(path: str) -> Tokenizer:

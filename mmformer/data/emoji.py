@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,8 @@ from torch.utils.data import Dataset
 from mmformer.data.bundled import bundled_dir
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.data.manifest import ImageTextManifest
-from mmformer.data.transforms import DEFAULT_MAX_PIXELS, BatchTrainTransform, build_transforms, load_image
+from mmformer.data.transforms import (DEFAULT_MAX_PIXELS, BatchTrainTransform, build_transforms, load_image,
+                                      sample_rng)
 from mmformer.files import atomic_path, write_text_atomic
 
 __all__ = ["CaptionMode", "EmojiData", "InMemoryImageText", "default_data_dir", "read_concepts"]
@@ -304,7 +304,11 @@ class InMemoryImageText(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         concept = int(self.data.concept_ids[index])
-        caption = random.choice(self.choices[concept]) if self.train else self.names[index]
-        image = self.data.images[index]
-        return {"image": image if self.batch_transform else self.transform(image), "caption": caption,
-                "index": index, "image_index": index, "concept": concept}
+        with sample_rng(index) as rng:  # seeded by (seed, epoch, index) under a ResumableSampler
+            caption = rng.choice(self.choices[concept]) if self.train else self.names[index]
+            image = self.data.images[index]
+            image = image if self.batch_transform else self.transform(image)
+        item = {"image": image, "caption": caption, "index": int(index), "image_index": int(index), "concept": concept}
+        if getattr(index, "seed", None) is not None:
+            item["seed"] = index.seed  # the collator seeds the batch augmentation from these
+        return item

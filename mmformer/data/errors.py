@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["CorruptSample", "Skipped"]
+__all__ = ["CorruptSample", "Skipped", "TooManySkipped"]
 
 
 class CorruptSample(ValueError):
@@ -27,6 +27,10 @@ class CorruptSample(ValueError):
 
     def __reduce__(self):  # keep (path, reason) when pickled across DataLoader workers
         return (type(self), (self.path, self.reason))
+
+
+class TooManySkipped(ValueError):
+    """Training stopped: too large a fraction of an epoch's samples was skipped as corrupt."""
 
 
 class Skipped(NamedTuple):

@@ -9,6 +9,7 @@ checked when the manifest is loaded, with one error that lists every bad row.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmformer.data.errors import CorruptSample
-from mmformer.data.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
+from mmformer.data.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_and_transform, sample_rng
 
 __all__ = ["ImageTextManifest", "ManifestError", "ManifestRow", "read_manifest_rows"]
 
@@ -62,14 +63,18 @@ def _read_jsonl(path: Path) -> tuple[list[ManifestRow], list[str]]:
     """JSONL rows; data row numbers count non-blank lines."""
     rows: list[ManifestRow] = []
     columns: dict[str, None] = {}  # ordered set
-    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # tolerate a byte-order mark
+                raw = raw[3:]
+            line = _decode_line(path, line_no, raw)
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ManifestError(f"{path}: line {line_no} is not valid JSON: {err.msg}") from err
+                raise ManifestError(f"{path}: line {line_no} is not valid JSON: {err.msg} "
+                                    f"(column {err.colno})") from err
             if not isinstance(obj, dict):
                 raise ManifestError(f"{path}: line {line_no} is a JSON {type(obj).__name__}, "
                                     "expected an object")
@@ -78,18 +83,40 @@ def _read_jsonl(path: Path) -> tuple[list[ManifestRow], list[str]]:
     return rows, list(columns)
 
 
+def _decode_line(path: Path, line_no: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: line {line_no} is not UTF-8 (byte {raw[err.start:err.start + 1]!r} at "
+                            f"column {err.start + 1}); save the manifest as UTF-8") from None
+
+
 def _read_delimited(path: Path, delimiter: str) -> tuple[list[ManifestRow], list[str]]:
     """CSV/TSV rows via ``csv.DictReader``; the first line is the header.
 
     Cells beyond the header's columns are dropped; missing trailing cells read as empty.
     """
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if reader.fieldnames is None:
-            raise ManifestError(f"{path}: empty file, expected a header line with column names")
-        rows = [ManifestRow(i, {k: v for k, v in r.items() if k is not None})
-                for i, r in enumerate(reader, start=1)]
-        return rows, list(reader.fieldnames)
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # tolerate a byte-order mark
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = data[:err.start].count(b"\n") + 1
+        raise ManifestError(f"{path}: line {line_no} is not UTF-8 (byte {data[err.start:err.start + 1]!r}); "
+                            "save the manifest as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if reader.fieldnames is None:
+        raise ManifestError(f"{path}: empty file, expected a header line with column names")
+    rows = [ManifestRow(i, {k: v for k, v in r.items() if k is not None})
+            for i, r in enumerate(reader, start=1)]
+    return rows, list(reader.fieldnames)
+
+
+def _inside(path: str, root: Path) -> bool:
+    """``path`` (symlinks resolved) lies inside ``root`` (resolved)."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, base]) == base
 
 
 def _format_bad_rows(problems: list[str]) -> str:
@@ -125,6 +152,10 @@ class ImageTextManifest(Dataset):
         split: keep only rows whose ``split_col`` equals this (error if the column is absent).
         transform: ``PIL.Image -> tensor (3, S, S)``; default: eval ``build_transforms(image_size)``.
         root: directory relative image paths are resolved against (default: the manifest's).
+            Paths may be absolute or climb out with ``../`` (a user's own manifest may point
+            anywhere it likes).
+        confine: a directory every image must resolve into (symlinks followed), for manifests
+            taken from elsewhere (``--root DIR`` on the command line); others are bad rows.
         check_files: check at load that every image file exists (one ``stat`` per image).
         max_pixels: passed to :func:`mmformer.data.transforms.load_image`.
 
@@ -137,8 +168,10 @@ class ImageTextManifest(Dataset):
                  caption_col: str = "caption", split: str | None = None, split_col: str = "split",
                  transform: Callable[[Any], torch.Tensor] | None = None, image_size: int = 64,
                  root: str | os.PathLike[str] | None = None, check_files: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 confine: str | os.PathLike[str] | None = None) -> None:
         self.manifest = Path(manifest)
+        self.confine = Path(confine) if confine is not None else None
         self.image_col, self.caption_col = image_col, caption_col
         self.root = Path(root) if root is not None else self.manifest.parent
         self.transform = transform if transform is not None else build_transforms(image_size, train=False)
@@ -190,6 +223,10 @@ class ImageTextManifest(Dataset):
                 problems.append(f"row {row.number}: empty {self.image_col!r} field")
                 continue
             path = self._resolve(image)
+            if self.confine is not None and not _inside(path, self.confine):
+                problems.append(f"row {row.number}: {image!r} resolves outside the root {self.confine} "
+                                f"(confined with --root)")
+                continue
             if check_files and not exists.setdefault(path, os.path.isfile(path)):
                 problems.append(f"row {row.number}: file not found: {path}")
                 continue
@@ -224,7 +261,8 @@ class ImageTextManifest(Dataset):
         caption = self.captions[index].strip()
         if not caption:
             raise CorruptSample(path, f"empty caption ({self.manifest.name} row {self.row_numbers[index]})")
-        image = self.transform(load_image(path, max_pixels=self.max_pixels))
+        with sample_rng(index):  # seeded by (seed, epoch, index) under a ResumableSampler
+            image = load_and_transform(path, self.transform, max_pixels=self.max_pixels)
         return {"image": image, "caption": caption, "index": index, "image_index": image_index,
                 "path": path, "meta": self.metadata[index]}
 

@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mmformer.data.transforms import SampleKey, sample_seed
+
 log = logging.getLogger(__name__)
 
 
@@ -32,9 +34,11 @@ class ResumableSampler(DistributedSampler):
         self.skip = 0
 
     def __iter__(self) -> Iterator[int]:
+        """Indices as :class:`SampleKey`: each carries the seed of its sample's augmentation,
+        from (seed, epoch, index), so a resumed run augments exactly as an uninterrupted one."""
         indices = list(super().__iter__())
         skip, self.skip = self.skip, 0
-        return iter(indices[skip:])
+        return iter([SampleKey(i, sample_seed(self.seed, self.epoch, i)) for i in indices[skip:]])
 
 
 class ResumableDataLoader(DataLoader):

@@ -21,13 +21,14 @@ from typing import Any, Literal
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmformer.files import atomic_path
 from mmformer.data.errors import CorruptSample, Skipped
-from mmformer.data.transforms import DEFAULT_MAX_PIXELS, build_transforms, load_image
+from mmformer.data.transforms import (DEFAULT_MAX_PIXELS, SampleKey, build_transforms, load_and_transform,
+                                      sample_rng, sample_seed)
 
-__all__ = ["IMAGE_EXTENSIONS", "ShardDataset", "expand_shards", "write_shards"]
+__all__ = ["IMAGE_EXTENSIONS", "ResumableShardLoader", "ShardDataset", "expand_shards", "write_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,18 @@ class ShardDataset(IterableDataset):
         self.train, self.shuffle, self.caption_key = train, shuffle, caption_key
         self.seed, self.max_pixels, self.epoch_size = seed, max_pixels, epoch_size
         self._passes = 0
+        self.epoch: int | None = None  # set by ResumableShardLoader: passes seeded by (seed, epoch, rank, worker)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed every pass (shard order, shuffle buffer, caption choice, augmentation) by (seed,
+        epoch, rank, worker) only, so a resumed run replays an epoch exactly."""
+        self.epoch = int(epoch)
 
     def _pass_rng(self) -> random.Random:
         """RNG for this pass: differs per worker and per epoch, reproducible under a fixed seed."""
+        if self.epoch is not None:
+            rank, _, worker, _ = wds.utils.pytorch_worker_info()
+            return random.Random(sample_seed(self.seed, self.epoch, rank * 65536 + worker))
         info = get_worker_info()
         base = info.seed if info is not None else self._passes
         self._passes += 1
@@ -150,8 +160,10 @@ class ShardDataset(IterableDataset):
             if ext is None:
                 raise CorruptSample(name, f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)}); "
                                           f"members: {sorted(k for k in raw if not k.startswith('__'))}")
-            image = load_image(raw[ext], max_pixels=self.max_pixels, name=f"{name}.{ext}")
-            return {"image": self.transform(image), "caption": caption, "index": -1,
+            key = SampleKey(0, rng.getrandbits(63)) if self.epoch is not None else 0  # seeded augmentation
+            with sample_rng(key):
+                image = load_and_transform(raw[ext], self.transform, max_pixels=self.max_pixels, name=f"{name}.{ext}")
+            return {"image": image, "caption": caption, "index": -1,
                     "key": raw.get("__key__"), "url": raw.get("__url__")}
         except CorruptSample as err:
             log.debug("skipping corrupt shard sample %s", err)
@@ -174,6 +186,48 @@ class ShardDataset(IterableDataset):
         if not caption:
             raise CorruptSample(name, "empty caption")
         return caption
+
+
+class ResumableShardLoader(DataLoader):
+    """A training DataLoader over a :class:`ShardDataset` whose position is checkpointed: epoch
+    and ``batches_done`` (kept up to date by :class:`mmformer.training.checkpoint.ExactResume`,
+    which also calls :meth:`set_epoch`). Each epoch's stream is seeded by (seed, epoch, rank,
+    worker); a resumed epoch re-reads and drops its first ``batches_done`` batches (exact, at the
+    cost of decoding them again). Workers are not persistent (they must see the epoch)."""
+
+    def __init__(self, dataset: ShardDataset, **kwargs: Any) -> None:
+        if not isinstance(dataset, ShardDataset):
+            raise TypeError(f"ResumableShardLoader needs a ShardDataset, got {type(dataset).__name__}")
+        kwargs["persistent_workers"] = False
+        super().__init__(dataset, **kwargs)
+        self.epoch, self.batches_done, self._skip = 0, 0, 0
+        dataset.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.epoch, self._skip = int(epoch), 0
+        self.dataset.set_epoch(self.epoch)
+
+    def __iter__(self):
+        it = super().__iter__()
+        skip, self._skip = self._skip, 0
+        for _ in range(skip):
+            next(it, None)
+        return it
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "batch_size": self.batch_size,
+                "seed": self.dataset.seed, "epoch_size": self.dataset.epoch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        self.dataset.set_epoch(self.epoch)
+        same = all(state.get(k) == v for k, v in (("batch_size", self.batch_size), ("seed", self.dataset.seed),
+                                                  ("epoch_size", self.dataset.epoch_size)))
+        self._skip = self.batches_done if same else 0
+        if not same and self.batches_done:
+            log.warning("resuming shard epoch %d from its beginning: batch size, seed or epoch size changed",
+                        self.epoch)
 
 
 def _drain(recorder: _SkipRecorder) -> Iterator[Skipped]:

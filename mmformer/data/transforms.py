@@ -7,9 +7,12 @@ uint8 ``(3, H, W)`` tensor) into a normalised float tensor ``(3, S, S)``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import math
 import os
+import random
 import struct
 import warnings
 import zlib
@@ -24,10 +27,14 @@ from torchvision.transforms import v2
 
 from mmformer.data.errors import CorruptSample
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageSource", "build_transforms", "load_image", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT", "CapAspect", "ImageSource", "SampleKey", "build_transforms",
+           "load_image", "load_and_transform", "sample_rng", "sample_seed", "to_rgb"]
 
 #: Largest image (width * height) ``load_image`` accepts by default: 8192 x 8192.
 DEFAULT_MAX_PIXELS = 8192 * 8192
+#: Longest side / shortest side kept before resizing; longer images are centre-cropped to it.
+MAX_ASPECT = 4.0
+_CHUNK = 1 << 20  # pixels converted at a time from high-depth modes (bounded temporaries)
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, IO[bytes]]
 
@@ -38,6 +45,42 @@ _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 # some header parsers, zlib.error from PNG chunks, EOFError from truncated streams).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
                   Image.DecompressionBombError)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for the augmentation of sample ``index`` in ``epoch`` of a run seeded ``seed``."""
+    digest = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SampleKey(int):
+    """A dataset index (an ``int``) that carries the seed of its sample's augmentation, so that
+    augmentation depends on (run seed, epoch, sample index) only: not on the global RNG, the
+    DataLoader worker or how far a resumed run got (see :class:`mmformer.data.sampler.ResumableSampler`)."""
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> "SampleKey":
+        key = int.__new__(cls, index)
+        key.seed = int(seed)
+        return key
+
+    def __reduce__(self):
+        return (SampleKey, (int(self), self.seed))
+
+
+@contextlib.contextmanager
+def sample_rng(key: int):
+    """Inside: the torch RNG seeded from ``key.seed`` (a :class:`SampleKey`; restored after), and
+    a ``random.Random`` of the same seed is yielded for Python-level choices. A plain ``int``
+    leaves the global RNGs in use (yields the ``random`` module)."""
+    seed = getattr(key, "seed", None)
+    if seed is None:
+        yield random
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield random.Random(seed)
 
 
 def _source_name(src: ImageSource, name: str | None) -> str:
@@ -91,6 +134,22 @@ def load_image(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         raise CorruptSample(label, f"cannot decode image: {type(err).__name__}: {err}") from err
 
 
+def load_and_transform(src: ImageSource, transform, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                       name: str | None = None) -> torch.Tensor:
+    """``transform(load_image(src))`` where ANY failure of this one input (decoding, an oversized
+    or odd image, a transform error, even a ``MemoryError`` or an allocation ``RuntimeError``)
+    is a :class:`CorruptSample` naming it, so callers skip and list it instead of stopping."""
+    label = _source_name(src, name)
+    image = load_image(src, max_pixels=max_pixels, name=name)
+    try:
+        return transform(image)
+    except CorruptSample:
+        raise
+    except Exception as err:  # noqa: BLE001 - one bad input must never stop a whole run
+        raise CorruptSample(label, f"cannot transform image {image.size[0]}x{image.size[1]}: "
+                                   f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+
+
 def _check_pixels(size: tuple[int, int], max_pixels: int | None, label: str) -> None:
     """Raise ``CorruptSample`` if ``size`` (w, h) has more than ``max_pixels`` pixels."""
     w, h = size
@@ -123,14 +182,48 @@ def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     when any value exceeds 255 (what 16-bit PNG/TIFF decoders produce), else as 8-bit.
     ``F``: treated as 0..1 when the maximum is <= 1, as 0..255 when <= 255, else as 16-bit.
     Values outside the assumed range are clipped.
+
+    Works on chunks of ``_CHUNK`` pixels, so the temporaries stay a few MB whatever the image
+    size (the output is the only full-size allocation).
     """
-    a = np.nan_to_num(arr.astype(np.float64), nan=0.0)
-    top = float(a.max()) if a.size else 0.0
-    if mode.startswith("I;16") or top > 255.0:
-        a = a / 257.0
-    elif mode == "F" and top <= 1.0:
-        a = a * 255.0
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    flat = arr.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.uint8)
+    top = 0.0
+    for s in range(0, flat.size, _CHUNK):
+        top = max(top, float(np.nan_to_num(flat[s:s + _CHUNK].astype(np.float64), nan=0.0).max()))
+    divide = mode.startswith("I;16") or top > 255.0
+    for s in range(0, flat.size, _CHUNK):
+        a = np.nan_to_num(flat[s:s + _CHUNK].astype(np.float64), nan=0.0)
+        if divide:
+            a /= 257.0
+        elif mode == "F" and top <= 1.0:
+            a *= 255.0
+        out[s:s + _CHUNK] = np.clip(np.rint(a), 0, 255)
+    return out.reshape(arr.shape)
+
+
+class CapAspect(torch.nn.Module):
+    """Centre-crop an image (PIL, tensor or ``tv_tensors.Image`` ``(..., H, W)``) whose long side
+    exceeds ``max_aspect`` times its short side, so that a following resize of the short side
+    cannot blow up (a 1 x 1,000,000 image resized to 64 would be 64 x 64,000,000).
+
+    Eval keeps only the central square after its resize, which lies inside this crop, so eval
+    outputs of ordinary images are unchanged (checked in tests/test_hardening.py).
+    """
+
+    def __init__(self, max_aspect: float = MAX_ASPECT) -> None:
+        super().__init__()
+        if max_aspect < 1:
+            raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+        self.max_aspect = max_aspect
+
+    def forward(self, img):
+        h, w = v2.functional.get_size(img)
+        ch = min(h, max(1, math.floor(w * self.max_aspect)))
+        cw = min(w, max(1, math.floor(h * self.max_aspect)))
+        if (ch, cw) == (h, w):
+            return img
+        return v2.functional.center_crop(img, [ch, cw])
 
 
 def build_transforms(image_size: int, train: bool, mean: Sequence[float] = (0.5, 0.5, 0.5),
@@ -144,9 +237,11 @@ def build_transforms(image_size: int, train: bool, mean: Sequence[float] = (0.5,
     emoji and text in images are not mirror-symmetric), a mild brightness/contrast jitter (never
     hue or saturation: colour identifies emoji; 0 disables), then normalise.
     Eval: Resize (shorter side to S, antialias) + CenterCrop(S), then normalise.
+    Both first centre-crop images more elongated than ``MAX_ASPECT`` : 1 (:class:`CapAspect`), so
+    the memory of one input is bounded by its pixel count, never by its shape.
     The output is ``(x / 255 - mean) / std``.
     """
-    steps: list[v2.Transform] = [v2.ToImage()]  # PIL or tensor -> tv_tensors.Image uint8 (3, H, W)
+    steps: list[v2.Transform] = [v2.ToImage(), CapAspect()]  # PIL or tensor -> tv_tensors.Image uint8 (3, H, W)
     if train:
         steps.append(v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True))
         if hflip:
@@ -178,9 +273,15 @@ class BatchTrainTransform:
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.brightness, self.contrast = brightness, contrast
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """``seed``: draw this batch's augmentation from a generator seeded with it (exact resume);
+        None: from the global torch RNG."""
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise TypeError(f"expected a uint8 batch (B, 3, S, S), got {images.dtype} {tuple(images.shape)}")
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self(images)
         b = images.shape[0]
         x = images.float() / 255  # (B, 3, S, S) in [0, 1]
         area = torch.empty(b).uniform_(*self.scale)

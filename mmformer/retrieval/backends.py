@@ -208,7 +208,9 @@ class FaissBackend:
 
     @classmethod
     def load(cls, kind: str, directory: Path, params: BackendParams,
-             embeddings: np.ndarray | None = None, mmap: bool = True) -> "FaissBackend":
+             embeddings: np.ndarray | None = None, mmap: bool = True,
+             expect: tuple[int, int] | None = None) -> "FaissBackend":
+        """Read ``faiss.index``; ``expect`` = (count, dim) it must hold, checked at open."""
         faiss = import_faiss()
         path = Path(directory) / FAISS_FILE
         index = None
@@ -222,6 +224,10 @@ class FaissBackend:
                 index = faiss.read_index(str(path))
             except RuntimeError as e:
                 raise ValueError(f"{path}: unreadable FAISS index ({str(e).splitlines()[0]}); rebuild the index") from e
+        if expect is not None and (index.ntotal, index.d) != expect:
+            raise ValueError(f"{path}: holds {index.ntotal} vectors of dim {index.d}, the index manifest says "
+                             f"{expect[0]} of dim {expect[1]} (a file from another index?); rebuild the index "
+                             "or search with --backend exact")
         return cls(kind, index, params, embeddings)
 
 

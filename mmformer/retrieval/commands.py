@@ -13,10 +13,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mmformer.compress import quantize_int8
+from mmformer.data.errors import CorruptSample
+from mmformer.data.manifest import ImageTextManifest
+from mmformer.data.transforms import build_transforms, load_and_transform
+from mmformer.files import read_utf8_lines
 from mmformer.model import MMFormer
 from mmformer.retrieval.backends import BACKENDS
+from mmformer.retrieval.embed import embed_images, embed_texts
 from mmformer.retrieval.index import INDEX_DTYPES, Index, build_index
+from mmformer.retrieval.metrics import retrieval_metrics
 from mmformer.retrieval.retriever import Retriever, evaluate_index
 
 
@@ -40,6 +48,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--split", default=None, help="manifest rows whose 'split' column equals this")
     b.add_argument("--image-col", default="image")
     b.add_argument("--caption-col", default="caption")
+    b.add_argument("--root", default=None, help="manifest sources: refuse image paths (absolute, ../, symlinks) "
+                                                "that lead outside DIR (for manifests taken from elsewhere)")
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--part-size", type=int, default=1024, help="inputs per resumable part")
     b.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
@@ -89,8 +99,28 @@ def _backend_params(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def cmd_index_build(args: argparse.Namespace) -> int:
+def positive(name: str, value: int | None) -> None:
+    """A one-line error, before any work, for a count flag below 1 (``--batch-size 0``)."""
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0, 32), 127]}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+_CONTROL.update({c: f"\\u{c:04x}" for c in range(0x80, 0xA0)})  # C1 controls (CSI...)
+
+
+def printable(text: Any) -> str:
+    """``text`` with control characters (terminal escape sequences, newlines) shown as escapes,
+    for human-readable output: a caption cannot clear the screen or fake result lines."""
+    return str(text).translate(_CONTROL)
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    positive("--batch-size", args.batch_size)
+    positive("--part-size", args.part_size)
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     model = MMFormer.from_pretrained(args.model)
     if args.int8:
         model = quantize_int8(model)
@@ -101,7 +131,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, part_size=args.part_size, num_workers=args.workers,
         precision=args.precision, accelerator=args.accelerator, devices=devices, strategy=args.strategy,
         num_nodes=args.num_nodes, model_path=str(Path(args.model).resolve()), image_col=args.image_col,
-        caption_col=args.caption_col, split=args.split, overwrite=args.overwrite)
+        caption_col=args.caption_col, split=args.split, overwrite=args.overwrite, root=args.root)
     if index is None:  # a non-zero rank of a multi-device build
         return 0
     m = index.manifest
@@ -126,8 +156,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     texts = list(args.query)
     if args.queries:
-        lines = Path(args.queries).read_text(encoding="utf-8").splitlines()
-        texts += [t.strip() for t in lines if t.strip()]
+        texts += [t.strip() for t in read_utf8_lines(args.queries) if t.strip()]
     if not texts and not args.image:
         raise SystemExit("give text queries, --queries FILE or --image PATH")
     if args.k < 1:
@@ -144,10 +173,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         print()
         return 0
     for q, hits in results:
-        print(f"query: {q}")
+        print(f"query: {printable(q)}")
         for rank, h in enumerate(hits, 1):
             label = h.metadata.get("caption") or h.metadata.get("text") or ""
-            print(f"  {rank:>3}  {h.score:7.4f}  {h.id}" + (f"  ({label})" if label else ""))
+            print(f"  {rank:>3}  {h.score:7.4f}  {printable(h.id)}" + (f"  ({printable(label)})" if label else ""))
     return 0
 
 
@@ -166,3 +195,86 @@ def cmd_eval_index(args: argparse.Namespace) -> int:
         overlap = next((f"{v:.1f}% @{k.split('@')[1]}" for k, v in m.items() if k.startswith("overlap")), "")
         print(f"{name:<10}" + "".join(f"{m[k]:>8.2f}" for k in ks) + f"{overlap:>20}")
     return 0
+
+
+# ---- eval on a manifest: bad rows skipped, listed and counted ------------------------------------
+class _EvalImages(torch.utils.data.Dataset):
+    """The unique images of a manifest as (3, S, S) tensors; an image that cannot be read or
+    transformed gives zeros and is recorded in ``failed`` (index -> reason); run in-process."""
+
+    def __init__(self, manifest, strict: bool, size: int) -> None:
+        self.m, self.strict = manifest, strict
+        self.failed: dict[int, str] = {}
+        self.size = (3, size, size)
+
+    def __len__(self) -> int:
+        return len(self.m.image_paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        try:
+            x = load_and_transform(self.m.image_paths[i], self.m.transform, max_pixels=self.m.max_pixels)
+        except CorruptSample as e:
+            if self.strict:
+                raise
+            self.failed[i] = e.reason
+            return torch.zeros(self.size)
+        return x
+
+
+def eval_manifest(model, args: argparse.Namespace, warn=print) -> tuple[dict[str, Any], str]:
+    """``mmformer eval --model DIR --data MANIFEST``: recall@K over the images that can be read.
+
+    Unreadable images are skipped (their captions too), listed through ``warn`` and counted in the
+    metrics (``skipped_images``); ``args.strict`` makes the first one an error. Empty captions
+    are dropped and duplicate (image, caption) rows counted once, each with a warning (a
+    duplicated row counts its pair twice and inflates recall).
+    """
+    c = model.config
+    tf = build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std)
+    man = ImageTextManifest(args.data, image_col=args.image_col, caption_col=args.caption_col,
+                            transform=tf, split=args.split, confine=getattr(args, "root", None))
+    c2i = [int(i) for i in man.caption_to_image]
+    rows, seen, empty, dups = [], set(), [], []
+    for j, (cap, img) in enumerate(zip(man.captions, c2i)):
+        if not cap.strip():
+            empty.append(man.row_numbers[j])
+        elif (img, cap.strip()) in seen:
+            dups.append(man.row_numbers[j])
+        else:
+            seen.add((img, cap.strip()))
+            rows.append(j)
+    if empty:
+        warn(f"warning: {args.data}: {len(empty)} empty caption(s) left out (rows {_rows(empty)})")
+    if dups:
+        warn(f"warning: {args.data}: {len(dups)} duplicate (image, caption) row(s) counted once (rows {_rows(dups)})")
+    images = _EvalImages(man, strict=getattr(args, "strict", False), size=c.image_size)
+    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=0)
+    image_emb = embed_images(model, loader, progress=True)
+    bad = images.failed
+    if bad:
+        listed = sorted(bad.items())
+        warn(f"warning: {args.data}: skipped {len(bad)} unreadable image(s) and their captions "
+             "(--strict to stop instead):")
+        for i, reason in listed[:20]:
+            warn(f"  {printable(man.image_paths[i])}: {printable(reason)}")
+        if len(listed) > 20:
+            warn(f"  ... and {len(listed) - 20} more")
+    keep_img = [i for i in range(len(man.image_paths)) if i not in bad]
+    if not keep_img:
+        raise ValueError(f"{args.data}: no image could be read ({len(bad)} unreadable)")
+    new_index = {old: new for new, old in enumerate(keep_img)}
+    rows = [j for j in rows if c2i[j] in new_index]
+    if not rows:
+        raise ValueError(f"{args.data}: no caption left to evaluate")
+    text_emb = embed_texts(model, model.tokenizer, [man.captions[j].strip() for j in rows], args.batch_size,
+                           progress=True)
+    metrics = retrieval_metrics(image_emb[keep_img], text_emb, [new_index[c2i[j]] for j in rows])
+    if bad or empty or dups:
+        metrics.update(skipped_images=len(bad), empty_captions=len(empty), duplicate_rows=len(dups))
+    source = (f"{args.data} ({len(keep_img)} images, {len(rows)} captions"
+              + (f"; {len(bad)} unreadable images skipped" if bad else "") + ")")
+    return metrics, source
+
+
+def _rows(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:10])) + (f", ... {len(numbers) - 10} more" if len(numbers) > 10 else "")

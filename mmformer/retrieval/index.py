@@ -37,8 +37,8 @@ from torch.utils.data import Dataset
 
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.shards import IMAGE_EXTENSIONS, expand_shards
-from mmformer.data.transforms import build_transforms, load_image
-from mmformer.files import atomic_path, write_text_atomic
+from mmformer.data.transforms import build_transforms, load_and_transform
+from mmformer.files import atomic_path, remove_stale_temps, swap_dir, write_text_atomic
 from mmformer.model import model_fingerprint
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.retrieval.backends import (FAISS_FILE, BackendParams, ExactBackend, FaissBackend,
@@ -75,7 +75,7 @@ class Part:
 
 def collect_parts(source: str | os.PathLike | Sequence[Any], kind: str, part_size: int,
                   image_col: str = "image", caption_col: str = "caption",
-                  split: str | None = None) -> tuple[list[Part], str]:
+                  split: str | None = None, root: str | os.PathLike | None = None) -> tuple[list[Part], str]:
     """Split ``source`` into parts; returns (parts, a description of the source).
 
     Images: a folder (searched recursively), a CSV/TSV/JSONL manifest (unique images, first
@@ -117,7 +117,7 @@ def collect_parts(source: str | os.PathLike | Sequence[Any], kind: str, part_siz
         return _split(items, part_size), f"{path} ({len(items)} texts)"
 
     man = ImageTextManifest(path, image_col=image_col, caption_col=caption_col, split=split,
-                            check_files=kind == "image")
+                            check_files=kind == "image", confine=root)
     if kind == "image":
         first: dict[int, str] = {}
         for cap, img in zip(man.captions, man.caption_to_image.tolist()):
@@ -174,7 +174,7 @@ class PartDataset(Dataset):
 
         def decode(src, name):
             try:
-                return self.transform(load_image(src, max_pixels=self.max_pixels, name=name))
+                return load_and_transform(src, self.transform, max_pixels=self.max_pixels, name=name)
             except CorruptSample as e:
                 return Skipped.from_error(e)
 
@@ -283,12 +283,16 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
                 num_workers: int = 0, precision: str = "32-true", accelerator: str = "cpu",
                 devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
                 model_path: str | None = None, image_col: str = "image", caption_col: str = "caption",
-                split: str | None = None, overwrite: bool = False, progress: bool = True, seed: int = 0) -> "Index":
+                split: str | None = None, overwrite: bool = False, progress: bool = True, seed: int = 0,
+                root: str | os.PathLike | None = None) -> "Index":
     """Embed ``source`` with ``model`` and write an index to ``out_dir``; returns it opened.
 
     Resumable: parts finished by an earlier (killed) run with the same model, source and
     settings are reused. An existing complete index of the same model and source is returned
-    as is; anything else in ``out_dir`` is refused unless ``overwrite``.
+    as is; anything else in a non-empty ``out_dir`` (another index, another build's parts, or
+    files that are not an index) is refused unless ``overwrite``. With ``overwrite`` the new
+    index is built in ``.NAME.rebuild`` beside ``out_dir`` (resumable as well) and swapped in
+    when complete: a failed or killed rebuild leaves the old folder as it was.
 
     Args:
         model: an ``MMFormer`` (or an int8 copy from ``quantize_int8``).
@@ -299,6 +303,7 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
         precision, accelerator, devices, strategy, num_nodes: passed to the Lightning Trainer.
         model_path: where the model lives, recorded so ``mmformer search`` can find it.
         image_col, caption_col, split: manifest columns and row filter (manifest sources).
+        root: manifest sources: refuse image paths that resolve outside this folder.
     """
     import lightning as L
 
@@ -306,33 +311,28 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
         raise ValueError(f"dtype={dtype!r} must be 'float32' or 'float16'")
     out = Path(out_dir)
     params = BackendParams.from_dict(backend_params)
-    parts, description = collect_parts(source, kind, part_size, image_col, caption_col, split)
+    parts, description = collect_parts(source, kind, part_size, image_col, caption_col, split, root)
     fingerprint = model_fingerprint(model)
     int8 = bool(getattr(model, "is_int8", False))
     build = {"format": FORMAT_VERSION, "kind": kind, "source": description, "part_size": part_size,
              "model_fingerprint": fingerprint, "n_parts": len(parts)}
-    if (out / MANIFEST).is_file() and not overwrite:
-        existing = json.loads((out / MANIFEST).read_text())
-        if _same_input(existing.get("build", {}), build):
-            log.info("%s is already built from the same model and source", out)
-            return Index.open(out)
-        raise InvalidIndexError(f"{out} already holds an index built from {existing.get('build', {}).get('source')!r} "
-                          f"with model {existing.get('model', {}).get('fingerprint')}; pass overwrite=True "
-                          "(--overwrite) to replace it")
+    target = out
+    state = _folder_state(out, build)
+    if state == "same index" and not overwrite:
+        log.info("%s is already built from the same model and source", out)
+        remove_stale_temps(out)
+        return Index.open(out)
+    if state in ("other index", "other build", "foreign") and not overwrite:
+        raise InvalidIndexError(_refusal(out, state))
+    if state in ("same index", "other index", "other build", "foreign"):
+        # --overwrite: build beside it and swap at the end; until then the old folder stays as it was
+        out = out.parent / f".{out.name}.rebuild"
+        if _folder_state(out, build) != "same build":
+            shutil.rmtree(out, ignore_errors=True)
     parts_dir = out / PARTS
-    if overwrite and out.exists():
-        for name in (MANIFEST, EMBEDDINGS, METADATA, SKIPPED, FAISS_FILE, BUILD_INFO):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir(parents=True, exist_ok=True)
     info_path = parts_dir / BUILD_INFO
-    if info_path.is_file():
-        previous = json.loads(info_path.read_text())
-        if previous != build:
-            raise InvalidIndexError(f"{out} holds parts of another build ({previous.get('source')!r}, model "
-                              f"{previous.get('model_fingerprint')}, part_size {previous.get('part_size')}); "
-                              "pass overwrite=True (--overwrite) or use another directory")
-    else:
+    if not info_path.is_file():
         write_text_atomic(info_path, json.dumps(build, indent=1))
     done = _done_parts(parts_dir)
     todo = [p for p in parts if p.index not in done]
@@ -371,8 +371,75 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
                     model={"fingerprint": fingerprint, "path": model_path, "int8": int8,
                            "config": model.config.to_dict() if hasattr(model, "config") else None})
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    return Index.open(out)
+    _remove_parts(parts_dir)
+    if out != target:
+        swap_dir(out, target)
+    return Index.open(target)
+
+
+def _folder_state(out: Path, build: dict[str, Any]) -> str:
+    """What ``out`` holds: "empty" (or missing), "same index" / "other index" (a finished
+    index of the same / another input), "same build" / "other build" (parts of an unfinished
+    build), or "foreign" (anything else: never written into nor deleted without overwrite)."""
+    if not out.exists():
+        return "empty"
+    if not out.is_dir():
+        return "foreign"
+    entries = [e for e in out.iterdir() if not _is_our_temp(e.name)]
+    if not entries:
+        return "empty"
+    if (out / MANIFEST).is_file():
+        try:
+            existing = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return "foreign"
+        if not isinstance(existing, dict) or existing.get("format") is None or "build" not in existing:
+            return "foreign"
+        return "same index" if _same_input(existing.get("build", {}), build) else "other index"
+    info = out / PARTS / BUILD_INFO
+    ours = {PARTS, EMBEDDINGS, METADATA, SKIPPED, FAISS_FILE}
+    if info.is_file() and all(e.name in ours for e in entries) and \
+            all(_is_part_file(f.name) or _is_our_temp(f.name) for f in (out / PARTS).iterdir()):
+        try:
+            previous = json.loads(info.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return "foreign"
+        return "same build" if previous == build else "other build"
+    return "foreign"
+
+
+def _is_part_file(name: str) -> bool:
+    return name == BUILD_INFO or (name.startswith("part-") and name.endswith((".npy", ".json")))
+
+
+def _is_our_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith((".tmp", ".tmpdir"))
+
+
+def _refusal(out: Path, state: str) -> str:
+    if state == "other index":
+        existing = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        return (f"{out} already holds an index built from {existing.get('build', {}).get('source')!r} with model "
+                f"{existing.get('model', {}).get('fingerprint')}; pass overwrite=True (--overwrite) to replace it")
+    if state == "other build":
+        previous = json.loads((out / PARTS / BUILD_INFO).read_text(encoding="utf-8"))
+        return (f"{out} holds parts of another build ({previous.get('source')!r}, model "
+                f"{previous.get('model_fingerprint')}, part_size {previous.get('part_size')}); "
+                "pass overwrite=True (--overwrite) or use another directory")
+    return (f"{out} is not empty and is not an mmformer index (no {MANIFEST}); refusing to write into it. "
+            "Choose an empty or new directory, or pass overwrite=True (--overwrite) to replace the folder "
+            "(the new index is built beside it and swapped in when complete)")
+
+
+def _remove_parts(parts_dir: Path) -> None:
+    """Remove the part files of a finished build (only those), then the folder if it is empty."""
+    for f in parts_dir.iterdir():
+        if _is_part_file(f.name) or _is_our_temp(f.name):
+            f.unlink()
+    try:
+        parts_dir.rmdir()
+    except OSError:
+        log.warning("%s holds files that are not parts of the build; left in place", parts_dir)
 
 
 def _same_input(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -422,6 +489,28 @@ def _assemble(out: Path, parts: list[Part], dtype: str, backend: str, params: Ba
     return {"format": FORMAT_VERSION, "count": n, "dim": int(dim), "dtype": dtype, "metric": "inner_product",
             "backend": kind, "backend_params": params.to_dict(), "skipped": len(skipped),
             "index_seconds": round(build_s, 3), "files": {f: _file_info(out / f) for f in files}}
+
+
+_REQUIRED = {"kind": str, "count": int, "dim": int, "dtype": str, "backend": str, "files": dict, "model": dict}
+
+
+def _check_manifest_fields(man_path: Path, manifest: dict[str, Any]) -> None:
+    """Every field :meth:`Index.open` reads is present with the right type (else one error)."""
+    bad = [f"{k!r} ({t.__name__})" for k, t in _REQUIRED.items()
+           if not isinstance(manifest.get(k), t) or isinstance(manifest.get(k), bool)]
+    if not bad and not isinstance(manifest["model"].get("fingerprint"), str):
+        bad.append("'model.fingerprint' (str)")
+    if not bad:
+        for name, info in manifest["files"].items():
+            if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+                bad.append(f"'files.{name}' ({{bytes, sha256}})")
+            elif Path(name).name != name or name.startswith("."):
+                bad.append(f"'files.{name}' (a file name inside the index folder)")
+    if bad:
+        raise InvalidIndexError(f"{man_path}: missing or malformed field(s) {', '.join(bad)}; rebuild the index")
+    if manifest["kind"] not in ("image", "text") or manifest["dtype"] not in ("float32", "float16"):
+        raise InvalidIndexError(f"{man_path}: kind {manifest['kind']!r} / dtype {manifest['dtype']!r} unknown; "
+                                "rebuild the index")
 
 
 def _file_info(path: Path) -> dict[str, Any]:
@@ -491,10 +580,14 @@ class Index:
             manifest = json.loads(man_path.read_text())
         except ValueError as e:
             raise InvalidIndexError(f"{man_path}: damaged manifest ({e}); rebuild the index") from e
-        if manifest.get("format") != FORMAT_VERSION:
-            raise InvalidIndexError(f"{man_path}: index format {manifest.get('format')!r}, this version reads "
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+            got = manifest.get("format") if isinstance(manifest, dict) else manifest
+            raise InvalidIndexError(f"{man_path}: index format {got!r}, this version reads "
                               f"{FORMAT_VERSION}; rebuild the index")
-        files = manifest["files"]
+        _check_manifest_fields(man_path, manifest)
+        kind = backend or manifest["backend"]
+        # searching exactly needs no FAISS file: leave it out of the checks (it may be absent)
+        files = {n: i for n, i in manifest["files"].items() if not (kind == "exact" and n == FAISS_FILE)}
         total = 0
         for name, info in files.items():
             p = d / name
@@ -522,11 +615,14 @@ class Index:
             raise InvalidIndexError(f"{d / METADATA}: {len(starts) - 1} rows, the manifest says {manifest['count']}")
         params = BackendParams.from_dict({**manifest.get("backend_params", {}), **(search_params or {})})
         stored = manifest["backend"]
-        kind = backend or stored
         if kind == "exact":
             b = ExactBackend(emb)
         elif kind == stored:
-            b = FaissBackend.load(kind, d, params, embeddings=emb if kind == "ivfpq" else None, mmap=mmap)
+            try:
+                b = FaissBackend.load(kind, d, params, embeddings=emb if kind == "ivfpq" else None, mmap=mmap,
+                                      expect=(int(manifest["count"]), int(manifest["dim"])))
+            except ValueError as e:
+                raise InvalidIndexError(str(e)) from e
         else:
             b = FaissBackend.build(kind, emb, params)
         return cls(d, manifest, emb, b, meta, starts)

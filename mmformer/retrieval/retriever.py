@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from mmformer.compress import quantize_int8
-from mmformer.data.transforms import build_transforms, load_image, to_rgb
+from mmformer.data.transforms import build_transforms, load_and_transform, to_rgb
 from mmformer.model import MMFormer, model_fingerprint
 from mmformer.retrieval.backends import ExactBackend
 from mmformer.retrieval.index import Index, InvalidIndexError
@@ -90,7 +90,7 @@ class Retriever:
         device = next(self.model.parameters()).device if not getattr(self.model, "is_int8", False) else "cpu"
         out = []
         for s in range(0, len(images), self.batch_size):
-            batch = [tf(load_image(im) if isinstance(im, (str, os.PathLike)) else to_rgb(im))
+            batch = [load_and_transform(im, tf) if isinstance(im, (str, os.PathLike)) else tf(to_rgb(im))
                      for im in images[s:s + self.batch_size]]
             out.append(self.model.encode_image(torch.stack(batch).to(device)).float())
         return torch.cat(out)

@@ -45,7 +45,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from mmformer.model import MMFormer
-from mmformer.training.checkpoint import check_checkpoint, is_sharded_checkpoint
+from mmformer.training.checkpoint import CheckpointError, check_checkpoint, is_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -300,10 +300,12 @@ class ShardedStrategy(ModelParallelStrategy):
                 path.unlink()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        path = check_checkpoint(self.broadcast(str(checkpoint_path)))
+        path = check_checkpoint(self.broadcast(str(checkpoint_path)))  # also proves it loads with weights_only=True
+        if weights_only is False:
+            raise CheckpointError(f"{checkpoint_path}: mmformer loads checkpoints with weights_only=True only")
         if not (_heads_sharded(self.model) and is_sharded_checkpoint(path)):
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        return self._load_heads_sharded(path, weights_only)
+            return super().load_checkpoint(checkpoint_path, weights_only=True)
+        return self._load_heads_sharded(path)
 
     # ---- tensor parallelism: heads-sharded tensors go to and from checkpoints as row shards -----
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -321,7 +323,7 @@ class ShardedStrategy(ModelParallelStrategy):
         return _map_optimizer_state(get_optimizer_state_dict(self.model, getattr(optimizer, "_optimizer", optimizer)),
                                     lambda k, n, v: _as_row_shards(v))
 
-    def _load_heads_sharded(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+    def _load_heads_sharded(self, path: Path) -> dict[str, Any]:
         """Lightning's sharded load, with heads-sharded tensors read as row shards and placed back."""
         from lightning.fabric.strategies.model_parallel import _distributed_checkpoint_load
         from lightning.fabric.utilities.load import _METADATA_FILENAME
@@ -341,7 +343,7 @@ class ShardedStrategy(ModelParallelStrategy):
             placed = _map_optimizer_state(rows[key], lambda k, n, v: _placed_like(v, own_opt["state"][k][n]))
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=placed,
                                      options=StateDictOptions(cpu_offload=True))
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        return torch.load(path / _METADATA_FILENAME, weights_only=True)
 
 
 def _heads_sharded(model: nn.Module | None) -> bool:

@@ -50,7 +50,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from mmformer.losses import clip_loss
 from mmformer.model import MMFormer
-from mmformer.training.checkpoint import check_checkpoint, is_sharded_checkpoint
+from mmformer.training.checkpoint import CheckpointError, check_checkpoint, is_sharded_checkpoint
 from mmformer.training.distributed import PRECISION_DTYPES, ShardedStrategy, apply_fsdp
 
 log = logging.getLogger(__name__)
@@ -370,7 +370,9 @@ class PipelineStrategy(ShardedStrategy):
         return get_optimizer_state_dict(self.model, getattr(optimizer, "_optimizer", optimizer), options=options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        path = check_checkpoint(self.broadcast(str(checkpoint_path)))
+        path = check_checkpoint(self.broadcast(str(checkpoint_path)))  # also proves it loads with weights_only=True
+        if weights_only is False:
+            raise CheckpointError(f"{checkpoint_path}: mmformer loads checkpoints with weights_only=True only")
         if not is_sharded_checkpoint(path):
             raise ValueError(f"{path}: PipelineStrategy resumes from sharded checkpoint folders only")
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -385,4 +387,4 @@ class PipelineStrategy(ShardedStrategy):
             state = {key: get_optimizer_state_dict(self.model, optimizer, options=options)}
             _distributed_checkpoint_load(state, Path(path))
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key], options=options)
-        return torch.load(Path(path) / _METADATA_FILENAME, weights_only=weights_only)
+        return torch.load(Path(path) / _METADATA_FILENAME, weights_only=True)
