@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import pathlib
 import pickle
 from pathlib import Path
 from typing import Any
