@@ -14,8 +14,9 @@ patch-embedding convolution stay float32. Two implementations:
   modules are swapped for ``torch.ao.nn.quantized.dynamic.Linear``). Deprecated by PyTorch in
   favour of torchao; kept as the fallback.
 
-``backend="auto"`` takes :func:`default_backend` for this CPU and falls back to the other one
-when it is missing or fails (e.g. once torch removes the deprecated ``torch.ao`` API).
+``backend="auto"`` takes :func:`default_backend` (torch.ao, the faster one as measured) and falls
+back to the other one when it is missing or fails (e.g. once torch removes the deprecated
+``torch.ao`` API: then torchao serves alone).
 
 The copy is for inference only (no gradients, CPU only, not savable with ``save_pretrained``:
 quantize again after loading the float model; it takes well under a second for the presets).
@@ -64,29 +65,18 @@ def cpu_has_vnni() -> bool:
     return False
 
 
-def cpu_has_amx() -> bool:
-    """Whether the CPU has AMX tiles (int8/bf16 matrix units), as torch reports it."""
-    for probe in (getattr(torch._C, "_cpu", None), getattr(torch, "cpu", None)):
-        fn = getattr(probe, "_is_amx_tile_supported", None) if probe is not None else None
-        if fn is not None:
-            try:
-                return bool(fn())
-            except RuntimeError:
-                return False
-    return False
-
-
 def default_backend() -> str:
-    """The int8 backend ``backend="auto"`` tries first on this CPU.
+    """The int8 backend ``backend="auto"`` tries first: ``"torch.ao"``, with torchao as the fallback.
 
-    Measured on an AVX-512 + VNNI CPU without AMX (README, "int8 and ONNX"): the torch.ao fbgemm
-    kernels beat torchao in eager mode there at batch 1 and 64, so ``"torch.ao"`` leads wherever
-    VNNI is present without AMX and torchao is the fallback. With AMX, torchao's s8s8 path runs on
-    the tile units that fbgemm does not use, and without VNNI torchao needs its reduced-range mode:
-    neither kind was available to measure, so the rule keeps torchao first on AMX (PyTorch's
-    supported path) and torch.ao first everywhere else.
+    Measured on an AMD EPYC with AVX-512, AVX512-VNNI and AVX512-BF16, no AMX (README, "int8 and
+    ONNX"; bench/int8.py): torch.ao's fbgemm kernels are the fastest int8 path in eager mode there,
+    at batch 1 by more than 20x over torchao's eager path (whose per-Linear cost is tensor-subclass
+    dispatch in Python, not the matmul), and ``torch.compile`` brings torchao only level with
+    torch.ao at batch 64 after a compile of a minute or more per shape. That dispatch cost does not
+    depend on the CPU; AMX CPUs (where torchao's s8s8 matmuls could use the tile units) were not
+    available to measure, so the rule is one choice for every CPU kind rather than a guess per kind.
     """
-    return "torchao" if cpu_has_amx() else "torch.ao"
+    return "torch.ao"
 
 
 def available_backends() -> list[str]:
