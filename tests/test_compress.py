@@ -97,7 +97,7 @@ def test_auto_falls_back_to_torch_ao_when_torchao_fails(emoji, monkeypatch):
 
 
 def test_inplace_and_idempotent(emoji):
-    model, images, _ = emoji
+    model, _, _ = emoji
     copy = MMFormer(model.config, model.tokenizer).eval()
     copy.load_state_dict(model.state_dict())
     q = quantize_int8(copy, inplace=True, backend="torchao")
