@@ -8,7 +8,8 @@
 - ``mmformer index build --model DIR --images SRC --out INDEX``, ``mmformer search INDEX "text"``:
   retrieval indexes (see :mod:`mmformer.retrieval.commands`).
 - ``mmformer export --ckpt FILE|DIR --out DIR``: Lightning checkpoint (a file, or the folder of a
-  sharded FSDP checkpoint) -> ``save_pretrained`` directory.
+  sharded FSDP checkpoint) -> ``save_pretrained`` directory. ``mmformer export --model DIR --onnx
+  DIR`` (or ``--ckpt X --onnx DIR``): the image and text encoders as ONNX graphs (+ int8 copies).
 - ``mmformer tokenizer --input FILE --out FILE``: train a SentencePiece tokenizer.
 - ``mmformer serve --model DIR --index NAME=DIR``: the retrieval service (gRPC + HTTP, see
   :mod:`mmformer.serve`).
@@ -171,9 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="over the cap: error (default) or keep the first chunks (logged)")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="Lightning checkpoint -> save_pretrained directory")
-    x.add_argument("--ckpt", required=True, help="Lightning .ckpt file or sharded checkpoint folder (FSDP)")
-    x.add_argument("--out", required=True)
+    x = sub.add_parser("export", help="Lightning checkpoint -> save_pretrained directory; any model -> ONNX graphs")
+    x.add_argument("--ckpt", default=None, help="Lightning .ckpt file or sharded checkpoint folder (FSDP)")
+    x.add_argument("--out", default=None, help="save_pretrained directory to write (with --ckpt)")
+    x.add_argument("--model", default=None, help="save_pretrained directory to export to ONNX (with --onnx)")
+    x.add_argument("--onnx", default=None, metavar="DIR",
+                   help="write image.onnx, text.onnx (+ onnxruntime int8 copies), config and tokenizer to DIR")
+    x.add_argument("--no-int8", action="store_true", help="with --onnx: skip the int8 graphs")
     x.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder at --out (swapped in only once complete)")
     x.set_defaults(func=cmd_export)
@@ -331,12 +336,47 @@ class _UniqueImages:
 
 # ---- export / tokenizer ----------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
     from mmformer.training.checkpoint import export_checkpoint
 
-    # a .ckpt file, or the folder of a sharded (FSDP) checkpoint; errors print as one line (main)
-    out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
-    print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
+    if (args.ckpt is None) == (args.model is None):
+        raise SystemExit("mmformer export: give --ckpt FILE|DIR (with --out and/or --onnx) or --model DIR (with --onnx)")
+    if args.ckpt is not None and args.out is None and args.onnx is None:
+        raise SystemExit("mmformer export: --ckpt needs --out DIR (save_pretrained) and/or --onnx DIR")
+    if args.model is not None and args.onnx is None:
+        raise SystemExit("mmformer export: --model needs --onnx DIR")
+    model_dir = args.model
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.ckpt is not None:
+            # a .ckpt file, or the folder of a sharded (FSDP) checkpoint; errors print as one line (run)
+            model_dir = export_checkpoint(args.ckpt, args.out or Path(scratch) / "model",
+                                          overwrite=args.overwrite if args.out else False)
+            if args.out:
+                print(f"wrote {model_dir} (config.json, model.safetensors, tokenizer.model)")
+        if args.onnx is not None:
+            export_onnx_folder(model_dir, args.onnx, int8=not args.no_int8)
     return 0
+
+
+def export_onnx_folder(model_dir: str | Path, out: str, int8: bool) -> None:
+    from mmformer.compress.onnx import export_onnx
+    from mmformer.model import MMFormer
+
+    try:
+        model = MMFormer.from_pretrained(model_dir)
+        manifest = export_onnx(model, out, int8=int8)
+    except ImportError as e:
+        raise SystemExit(f"mmformer export: {e}") from e
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"mmformer export --onnx: {e}") from e
+    p = manifest["parity"]
+    files = "image.onnx, text.onnx" + (", image.int8.onnx, text.int8.onnx" if int8 else "")
+    print(f"wrote {out} ({files}, config.json, tokenizer.model, onnx.json)")
+    print(f"onnxruntime vs PyTorch: fp32 max |diff| image {p['image_fp32_max_abs_diff']:.1e}, "
+          f"text {p['text_fp32_max_abs_diff']:.1e}"
+          + (f"; int8 min cosine image {p['image_int8_min_cosine']:.4f}, text {p['text_int8_min_cosine']:.4f}"
+             if int8 else ""))
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:

@@ -4,7 +4,9 @@
 of SigLIP. Under DDP/FSDP the embeddings of every rank are gathered *with gradient*, so each
 rank's loss sees the negatives of the whole global batch and gradients flow back to the rank that
 produced each embedding. :func:`contrastive_accumulation`
-takes the loss and gradients of k micro-batches as if they were one batch.
+takes the loss and gradients of k micro-batches as if they were one batch. Distillation terms
+(teacher -> student): :func:`affinity_distill_loss`, :func:`feature_distill_loss` (with a
+:class:`FeatureProjection` when the widths differ) and :func:`interactive_contrastive_loss`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 
 def world_size(group: Any = None) -> int:
@@ -171,3 +174,127 @@ def contrastive_accumulation(encode, micro_batches: list[dict[str, Any]], backwa
 def _loss_params(out: dict[str, torch.Tensor], detach: bool) -> dict[str, torch.Tensor]:
     """The loss's scalar parameters among an ``encode`` output (everything but the embeddings)."""
     return {k: (v.detach() if detach else v) for k, v in out.items() if k not in ("image_embeds", "text_embeds")}
+
+
+# ---- distillation terms (teacher -> student) ------------------------------------------------------
+# Every term takes the student's and the teacher's (B, E) embeddings of the same batch; the teacher's
+# are treated as constants (computed without gradient, detached here). Like clip_loss, the
+# similarity-based terms gather the rows of every rank, so every rank computes the loss of the
+# global batch.
+
+
+def _soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """-sum_j softmax(teacher)_ij log softmax(student)_ij, averaged over rows i (float32)."""
+    p = teacher_logits.float().softmax(dim=1)
+    return -(p * student_logits.float().log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def affinity_distill_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                          teacher_image_embeds: torch.Tensor, teacher_text_embeds: torch.Tensor,
+                          teacher_logit_scale: torch.Tensor, gather: bool = True) -> torch.Tensor:
+    """Affinity distillation: the student's image-text similarity distributions follow the teacher's.
+
+    With S = s * X Y^T (student, N x N, rows = images) and T = t * X' Y'^T (teacher), the loss is
+    ``(H(softmax T, softmax S) + H(softmax T^T, softmax S^T)) / 2``, H the soft cross-entropy
+    ``-sum_j p_ij log q_ij`` averaged over rows: image->text and text->image distributions, as
+    open_clip's ``DistillClipLoss`` and TinyCLIP's affinity mimicking. The student and teacher
+    embedding widths may differ (only the N x N similarities are compared).
+
+    Args:
+        image_embeds, text_embeds: the student's (B, E) unit embeddings (row i of each a pair).
+        logit_scale, teacher_logit_scale: the scalar temperature multipliers exp(s) of each model.
+        teacher_image_embeds, teacher_text_embeds: the teacher's (B, E') unit embeddings.
+        gather: gather every rank's rows (student's with gradient) when running distributed.
+    Returns:
+        scalar loss (float32). Its minimum over the student is the teacher's entropy, not 0.
+    """
+    t_img, t_txt = teacher_image_embeds.detach(), teacher_text_embeds.detach()
+    if gather:
+        image_embeds, text_embeds = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
+        t_img, t_txt = gather_with_grad(t_img), gather_with_grad(t_txt)
+    student = logit_scale * image_embeds @ text_embeds.t()  # (N, N)
+    teacher = teacher_logit_scale.detach() * t_img @ t_txt.t()
+    return (_soft_cross_entropy(teacher, student) + _soft_cross_entropy(teacher.t(), student.t())) / 2
+
+
+class FeatureProjection(nn.Module):
+    """A learned linear map from the student's embedding width to the teacher's, (B, Es) -> (B, Et),
+    for :func:`feature_distill_loss` (and :func:`interactive_contrastive_loss`) when the widths
+    differ. Trained with the student; not part of the deployed model.
+
+    Initialised to a (semi-)orthogonal matrix: norms and angles of the student's embeddings are
+    kept at the start (exactly so when ``Es <= Et``).
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(student_dim, teacher_dim, bias=False)
+        nn.init.orthogonal_(self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def feature_distill_loss(student_embeds: torch.Tensor, teacher_embeds: torch.Tensor,
+                         projection: nn.Module | None = None) -> torch.Tensor:
+    """Feature distillation: MSE between the student's and the teacher's normalised embeddings.
+
+    ``mean_i || norm(P x_i) - norm(y_i) ||^2`` (= ``2 - 2 mean_i cos(P x_i, y_i)``), where P is
+    ``projection`` (a :class:`FeatureProjection` when the widths differ, else None = identity)
+    and ``norm`` scales to unit length. A per-row term: every rank averages its own rows (the
+    mean over ranks of DDP's gradient averaging makes it the global mean), no gather needed.
+
+    Args:
+        student_embeds: (B, Es) student embeddings of one modality (normalised or not).
+        teacher_embeds: (B, Et) the teacher's embeddings of the same inputs.
+    Returns:
+        scalar loss (float32), in [0, 4].
+    """
+    x = projection(student_embeds) if projection is not None else student_embeds
+    if x.shape != teacher_embeds.shape:
+        raise ValueError(f"student embeddings {tuple(x.shape)} (after the projection) do not match the "
+                         f"teacher's {tuple(teacher_embeds.shape)}; pass a FeatureProjection(student_dim, teacher_dim)")
+    x = F.normalize(x.float(), dim=-1)
+    y = F.normalize(teacher_embeds.detach().float(), dim=-1)
+    return (x - y).pow(2).sum(dim=-1).mean()
+
+
+def interactive_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                                 teacher_image_embeds: torch.Tensor, teacher_text_embeds: torch.Tensor,
+                                 logit_scale: torch.Tensor, positives: torch.Tensor | None = None,
+                                 gather: bool = True) -> torch.Tensor:
+    """CLIP-KD's interactive contrastive term: the student's embeddings of one modality against the
+    teacher's embeddings of the other, InfoNCE.
+
+    ``(CE(s * X_student Y_teacher^T) + CE(s * Y_student X_teacher^T)) / 2`` with the diagonal as
+    the positives: each student image must pick its own caption among the teacher's text
+    embeddings of the (global) batch, and each student text its image among the teacher's image
+    embeddings. The student's embeddings must have the teacher's width (project them with a
+    :class:`FeatureProjection` and re-normalise first when they do not).
+
+    Args:
+        image_embeds, text_embeds: the student's (B, E) unit embeddings.
+        teacher_image_embeds, teacher_text_embeds: the teacher's (B, E) unit embeddings.
+        logit_scale: the student's scalar exp(s).
+        positives: optional (B,) group ids: pairs of the same group are not negatives of each
+            other (as in :func:`clip_loss`).
+        gather: gather every rank's rows (student's with gradient) when running distributed.
+    Returns:
+        scalar loss (float32).
+    """
+    if image_embeds.shape[-1] != teacher_text_embeds.shape[-1]:
+        raise ValueError(f"student width {image_embeds.shape[-1]} != teacher width {teacher_text_embeds.shape[-1]}: "
+                         "project the student's embeddings (FeatureProjection) before the interactive term")
+    t_img, t_txt = teacher_image_embeds.detach(), teacher_text_embeds.detach()
+    if gather:
+        image_embeds, text_embeds = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
+        t_img, t_txt = gather_with_grad(t_img), gather_with_grad(t_txt)
+        positives = gather_groups(positives)
+    logits_i = logit_scale * image_embeds @ t_txt.t()  # (N, N): student images vs teacher texts
+    logits_t = logit_scale * text_embeds @ t_img.t()  # (N, N): student texts vs teacher images
+    if positives is not None:
+        same = positives[:, None] == positives[None, :]
+        same.fill_diagonal_(False)
+        logits_i, logits_t = logits_i.masked_fill(same, float("-inf")), logits_t.masked_fill(same, float("-inf"))
+    labels = torch.arange(logits_i.shape[0], device=logits_i.device)
+    return (F.cross_entropy(logits_i.float(), labels) + F.cross_entropy(logits_t.float(), labels)) / 2
