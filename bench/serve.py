@@ -72,10 +72,10 @@ def save_tiny_model(directory: Path) -> Path:
 
     from mmformer.config import get_config
     from mmformer.model import MMFormer
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 
     torch.manual_seed(0)
-    MMFormer(get_config("tiny"), Tokenizer.load(REPO / "data" / "emoji" / "tokenizer.model")).save_pretrained(directory)
+    MMFormer(get_config("tiny"), Tokenizer.load(default_tokenizer_path())).save_pretrained(directory)
     return directory
 
 

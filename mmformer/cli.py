@@ -220,6 +220,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_index(args)
     if args.model is None:
         raise SystemExit("mmformer eval: --model DIR is required (or --index INDEX_DIR)")
+    if args.data is not None and getattr(args, "data_dir", None) is not None:
+        raise SystemExit("mmformer eval: --data MANIFEST replaces the bundled data that --data-dir locates; pass one")
     for flag, value in (("--batch-size", args.batch_size), ("--doc-batch-size", args.doc_batch_size)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -305,8 +307,6 @@ def load_eval_set(model, args: argparse.Namespace):
     from mmformer.data.transforms import build_transforms
 
     c = model.config
-    if args.data is not None and getattr(args, "data_dir", None) is not None:
-        raise SystemExit("mmformer eval: --data MANIFEST replaces the bundled data that --data-dir locates; pass one")
     if args.data is None:
         ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std,
                                           root=default_data_dir(getattr(args, "data_dir", None)))

@@ -189,8 +189,13 @@ class MMFormer(nn.Module):
         convention): the token embeddings, the class token, a learned position table and the
         logit scale. Parameters of fewer than two dims (norms, biases, gates) take none either
         (:func:`mmformer.training.optim.parameter_groups`)."""
-        exempt = {id(p) for p in (self.token_embed.weight, self.cls_token, self.pos_embed, self.logit_scale,
-                                  *(self.document_embed.parameters() if self.document_embed is not None else ()))}
+        exempt: set[int] = set()
+        # parts may be None: a pipeline stage keeps only the parts its blocks need
+        for part in (self.token_embed, self.document_embed, self.cls_token, self.pos_embed, self.logit_scale):
+            if isinstance(part, nn.Module):
+                exempt.update(id(q) for q in part.parameters())
+            elif isinstance(part, torch.Tensor):
+                exempt.add(id(part))
         return {name for name, p in self.named_parameters() if id(p) in exempt}
 
     # ---- trunk --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from mmformer.retrieval import build_index
 from mmformer.serve.engine import Engine, Limits
 from mmformer.serve.server import ServeSettings, ServerThread
 from mmformer.serve.service import BatchSettings
-from mmformer.tokenizer import Tokenizer
+from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 
 REPO = Path(__file__).resolve().parent.parent
 COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 40, 230), "yellow": (240, 230, 20),
@@ -29,7 +29,7 @@ API_KEY = "test-key-123"
 
 def tiny_model() -> MMFormer:
     torch.manual_seed(0)
-    tok = Tokenizer.load(REPO / "data" / "emoji" / "tokenizer.model")
+    tok = Tokenizer.load(default_tokenizer_path())
     return MMFormer(get_config("tiny"), tok).eval()
 
 

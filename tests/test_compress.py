@@ -3,7 +3,6 @@ torchao path on its own (torch.ao's deprecated API made to fail), the auto fallb
 shared with the float model (indexes built with either are searched with the other), compile."""
 
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from mmformer.compress import available_backends, int8_linear_bytes, quantize_in
 from mmformer.config import ModelConfig
 from mmformer.model import MMFormer, model_fingerprint
 from mmformer.retrieval import Retriever, build_index
-from mmformer.tokenizer import Tokenizer
+from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 
 pytest.importorskip("torchao")
 COSINE_MIN = 0.99  # per row, int8 vs fp32 unit embeddings
@@ -26,7 +25,7 @@ def emoji():
     from mmformer.data.emoji import InMemoryImageText
 
     torch.manual_seed(0)
-    tok = Tokenizer.load(os.path.join(os.path.dirname(__file__), "..", "data", "emoji", "tokenizer.model"))
+    tok = Tokenizer.load(default_tokenizer_path())
     model = MMFormer(ModelConfig(vocab_size=tok.vocab_size), tok).eval()  # the tiny preset
     ds = InMemoryImageText.eval_split("test", 64)
     return model, ds.stacked_images()[:96], ds.captions[:96]

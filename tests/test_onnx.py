@@ -3,7 +3,6 @@
 > 0.99 per row) and ~4x smaller, the folder's manifest, and the refusals."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from mmformer.cli import main
 from mmformer.compress import quantize_int8
 from mmformer.config import ModelConfig
 from mmformer.model import MMFormer, model_fingerprint
-from mmformer.tokenizer import Tokenizer
+from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -28,7 +27,7 @@ def exported(tmp_path_factory):
     from mmformer.data.emoji import InMemoryImageText
 
     torch.manual_seed(0)
-    tok = Tokenizer.load(os.path.join(os.path.dirname(__file__), "..", "data", "emoji", "tokenizer.model"))
+    tok = Tokenizer.load(default_tokenizer_path())
     model = MMFormer(ModelConfig(vocab_size=tok.vocab_size), tok).eval()  # the tiny preset
     tmp = tmp_path_factory.mktemp("onnx")
     model.save_pretrained(tmp / "model")

@@ -266,7 +266,8 @@ class MMFormerModule(L.LightningModule):
           schedule's clock when training starts.
         """
         callbacks: list[L.Callback] = []
-        if not any(isinstance(c, SkippedSamplesCallback) for c in self.trainer.callbacks):
+        trainer_callbacks = self.trainer.callbacks if self._trainer is not None else []
+        if not any(isinstance(c, SkippedSamplesCallback) for c in trainer_callbacks):
             callbacks.append(SkippedSamplesCallback())
         if self.hparams.time_budget_s:
             callbacks.append(ScheduleClock())
