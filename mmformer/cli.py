@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training budget in minutes; the step count is calibrated to fit it")
     d.add_argument("--steps", type=int, default=None, help="exact number of optimizer steps (overrides --minutes)")
     d.add_argument("--batch-size", type=int, default=None)
-    d.add_argument("--precision", default="auto", help="auto | 32-true | bf16-mixed")
+    d.add_argument("--precision", default="auto", help="auto (time a few steps of each on this CPU, keep the faster) | 32-true | bf16-mixed")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--query", action="append", default=None, help="text query to search (repeatable)")
     d.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)

@@ -18,9 +18,10 @@ import torch
 
 from mmformer.data.datamodule import ImageTextDataModule, SkippedSamplesCallback
 from mmformer.data.emoji import InMemoryImageText, default_data_dir
-from mmformer.files import atomic_path
+from mmformer.files import atomic_path, write_text_atomic
 from mmformer.retrieval import embed_images, embed_texts, format_metrics, retrieval_metrics
 from mmformer.training.module import MMFormerModule
+from mmformer.training.precision import PrecisionChoice, choose_precision
 from mmformer.training.recipes import init_args, load_recipe
 from mmformer.training.trainer import make_trainer
 
@@ -43,24 +44,13 @@ DEMO_RECIPE = demo_recipe()
 DEFAULT_QUERIES = ["red apple", "dog face", "rocket", "smiling face with heart-eyes", "flag: japan"]
 
 
-def pick_precision(choice: str) -> str:
-    """``auto``: bf16-mixed where the CPU has native bf16 matmuls (AVX512-BF16 or AMX), else fp32.
-
-    Without them bf16 is emulated and much slower than fp32 (bench/train_throughput.py).
-    """
-    if choice != "auto":
-        return choice
-    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when /proc/cpuinfo lists ``avx512_bf16`` or ``amx_bf16`` (False off Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def measure_precision(module: MMFormerModule, dm: ImageTextDataModule) -> PrecisionChoice:
+    """``--precision auto``: time a few training steps of the demo's model on one real training
+    batch in fp32 and in bf16 autocast and keep the faster (cached per CPU, config and batch; see
+    :mod:`mmformer.training.precision`). The global RNG is left as it was."""
+    with torch.random.fork_rng():
+        batch = next(iter(dm.train_dataloader()))
+        return choose_precision(module.model, batch["images"], batch["input_ids"], batch["attention_mask"])
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -68,13 +58,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
-
     data_dir = default_data_dir(getattr(args, "data_dir", None))  # --data-dir, $MMFORMER_DATA or the bundled copy
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(args.seed, verbose=False)
     torch.set_float32_matmul_precision("high")
-    precision = pick_precision(args.precision)
     recipe = dict(DEMO_RECIPE)
     if args.batch_size:
         recipe["batch_size"] = args.batch_size
@@ -91,7 +79,14 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"loading the bundled emoji data from {data_dir} ...", flush=True)
     dm.setup("fit")
     print(f"  train: {len(dm.train_dataset)} images of 4 families; val: {len(dm.val_dataset)} images "
-          f"(held-out concepts); precision {precision}", flush=True)
+          "(held-out concepts)", flush=True)
+    precision = args.precision
+    if precision == "auto":
+        choice = measure_precision(module, dm)
+        precision = choice.precision
+        print(choice.reason(), flush=True)
+    else:
+        print(f"precision {precision} (as given)", flush=True)
 
     if args.steps:
         module.hparams.warmup_steps = min(recipe["warmup_steps"], max(1, args.steps // 10))
@@ -114,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
     results = evaluate_and_search(module.model.eval(), out, args.query or DEFAULT_QUERIES, data_dir)
     results.update({"train_seconds": train_s, "steps": trainer.global_step, "precision": precision,
                     "batch_size": recipe["batch_size"]})
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -12,3 +12,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Measurements the package caches (``--precision auto``) go to a temporary folder, not the
+    user's ~/.cache; subprocesses inherit it."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MMFORMER_CACHE", str(tmp_path_factory.mktemp("mmformer-cache")))
+    yield
+    mp.undo()

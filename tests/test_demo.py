@@ -20,6 +20,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     m = results["test_metrics"]
     assert m["n_images"] == 1906 and m["t2i_chance_R@1"] == pytest.approx(100 / 1906)
     assert results["steps"] == 2  # --steps trains exactly that many
+    # --precision auto (the default) timed both candidates and says which it kept and why
+    assert results["precision"] in ("32-true", "bf16-mixed")
+    assert f"precision auto -> {results['precision']}: fastest training step on this CPU" in printed
     assert len(results["queries"]["red apple"]) == 5
     model = MMFormer.from_pretrained(out / "model")
     assert model.tokenizer is not None and model.config.patch_size > 0
