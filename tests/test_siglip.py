@@ -132,3 +132,52 @@ def test_contrastive_accumulation_with_siglip_equals_one_big_batch():
     assert got.item() == pytest.approx(loss.item(), rel=1e-6)
     for (name, p), q in zip(ref.named_parameters(), acc.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---- the module: `loss: siglip` ------------------------------------------------------------------
+def test_module_with_siglip_starts_at_scale_10_and_bias_log_1_over_b_and_trains_the_bias(tmp_path):
+    from train_helpers import LossRecorder, make_loader, make_module, trainer
+
+    module = make_module(loss="siglip")
+    assert module.model.logit_scale.exp().item() == pytest.approx(10.0)
+    assert module.logit_bias is not None and not module.logit_bias_ready
+    no_decay = module.optimizer_groups()[1]["params"]
+    assert any(p is module.logit_bias for p in no_decay)  # the bias takes no weight decay
+    batch = next(iter(make_loader(8)))
+    loss, logs = module.training_loss(batch)
+    assert module.logit_bias.item() == pytest.approx(-math.log(8)) and module.logit_bias_ready
+    out = module(batch["images"], batch["input_ids"], batch["attention_mask"])
+    ref = siglip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], out["logit_bias"],
+                      batch["concepts"])
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert logs["logit_bias"].item() == pytest.approx(-math.log(8))
+
+    rec = LossRecorder()
+    fresh = make_module(loss="siglip")
+    trainer(tmp_path, 3, [rec]).fit(fresh, make_loader(8))
+    assert len(rec.losses) == 3 and all(math.isfinite(v) for v in rec.losses)
+    assert fresh.logit_bias.item() != pytest.approx(-math.log(8), abs=1e-7)  # the bias trained
+    checkpoint = {}
+    fresh.on_save_checkpoint(checkpoint)
+    again = make_module(loss="siglip")
+    again.on_load_checkpoint(checkpoint)
+    assert again.logit_bias_ready  # a resumed run keeps the trained bias, not log(1/B) again
+
+
+def test_siglip_with_contrastive_accumulation_equals_one_big_batch(tmp_path):
+    from train_helpers import LossRecorder, make_loader, make_module, trainer
+
+    rec_acc, rec_big = LossRecorder(), LossRecorder()
+    acc = make_module(loss="siglip", contrastive_accum=2)
+    trainer(tmp_path / "a", 2, [rec_acc]).fit(acc, make_loader(8))
+    big = make_module(loss="siglip")
+    trainer(tmp_path / "b", 2, [rec_big]).fit(big, make_loader(16))
+    assert rec_acc.losses == pytest.approx(rec_big.losses, rel=1e-5)
+    assert acc.logit_bias.item() == pytest.approx(big.logit_bias.item(), rel=1e-5)
+
+
+def test_unknown_loss_is_refused():
+    from train_helpers import make_module
+
+    with pytest.raises(ValueError, match=r"loss='sigmoid' must be one of \('clip', 'siglip'\)"):
+        make_module(loss="sigmoid")

@@ -207,6 +207,9 @@ class LongDocModule(MMFormerModule):
                  cache_max_gb: float = 8.0, **kwargs: Any) -> None:
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable={trainable!r} must be one of {TRAINABLE}")
+        if kwargs.get("loss", "clip") != "clip":
+            raise ValueError(f"loss={kwargs['loss']!r}: LongDocModule's optional image-document term is the CLIP "
+                             "loss; use loss=clip")
         if int(kwargs.get("contrastive_accum", 1)) != 1:
             raise ValueError(
                 f"contrastive_accum={kwargs['contrastive_accum']}: LongDocModule does not support contrastive "

@@ -7,16 +7,18 @@ holds the engineering (devices, precision, accumulation, checkpoints, logging).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from mmformer.config import get_config
 from mmformer.data.datamodule import SkippedSamplesCallback
-from mmformer.losses import clip_loss, contrastive_accumulation, world_size
+from mmformer.losses import clip_loss, contrastive_accumulation, siglip_loss, world_size
 from mmformer.model import MMFormer
 from mmformer.retrieval.metrics import concept_retrieval_metrics, pair_retrieval_metrics
 from mmformer.tokenizer import Tokenizer, default_tokenizer_path
@@ -28,6 +30,8 @@ from mmformer.training.optim import ClockLambdaLR, StepCosine, TimeCosine, param
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("stop", "skip")
+LOSSES = ("clip", "siglip")
+SIGLIP_SCALE_INIT = 10.0
 
 
 class MMFormerModule(L.LightningModule):
@@ -54,6 +58,11 @@ class MMFormerModule(L.LightningModule):
             each micro-batch is re-run with gradient against the cached rest; one optimizer step
             per k batches. Use it instead of the Trainer's ``accumulate_grad_batches`` (which
             averages k losses that each see only B-1 negatives); ``max_steps`` counts optimizer steps.
+        loss: ``"clip"`` (symmetric InfoNCE, :func:`~mmformer.losses.clip_loss`) or ``"siglip"``
+            (pairwise sigmoid, :func:`~mmformer.losses.siglip_loss`): a learnable bias
+            (``logit_bias``, kept in checkpoints, not in the exported model: it does not change
+            rankings) set to log(1/B) of the global batch B at the first training step, and for a
+            fresh model the logit scale starting at 10.
         nonfinite: what a NaN/inf loss does: ``"stop"`` raises ``FloatingPointError`` naming the
             optimizer step, epoch and batch; ``"skip"`` skips that optimizer step, counts it
             (``train/nonfinite_skipped``, kept in checkpoints) and goes on.
@@ -71,9 +80,12 @@ class MMFormerModule(L.LightningModule):
                  eps: float = 1e-6, warmup_steps: int = 100, min_lr_ratio: float = 0.0,
                  concept_positives: bool = True, time_budget_s: float | None = None,
                  contrastive_accum: int = 1, nonfinite: str = "stop", compile: bool = False,
-                 fsdp_mixed_precision: bool = True, reshard_after_forward: bool = True) -> None:
+                 fsdp_mixed_precision: bool = True, reshard_after_forward: bool = True,
+                 loss: str = "clip") -> None:
         super().__init__()
         self.save_hyperparameters()
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} must be one of {LOSSES}")
         if int(contrastive_accum) < 1:
             raise ValueError(f"contrastive_accum={contrastive_accum} must be >= 1")
         if nonfinite not in NONFINITE_POLICIES:
@@ -93,6 +105,13 @@ class MMFormerModule(L.LightningModule):
             if config.vocab_size < tok.vocab_size:
                 raise ValueError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
             self.model = MMFormer(config, tok)
+            if loss == "siglip":
+                with torch.no_grad():
+                    self.model.logit_scale.fill_(math.log(SIGLIP_SCALE_INIT))
+        # SigLIP's bias: set from the global batch size at the first step (the flag is kept in
+        # checkpoints, so a resumed run keeps the trained value)
+        self.logit_bias = nn.Parameter(torch.zeros(())) if loss == "siglip" else None
+        self.logit_bias_ready = False
         self._val_outputs: list[dict[str, torch.Tensor]] = []
         # the ranks whose samples the contrastive loss gathers (None = all; the data-parallel
         # group under tensor parallelism, set by configure_model)
@@ -140,19 +159,46 @@ class MMFormerModule(L.LightningModule):
                  len(self.model.blocks), dp.size(), param_dtype or "fp32")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the model config and tokenizer (for ``mmformer export``) and the skip counter."""
+        """Keep the model config and tokenizer (for ``mmformer export``), the skip counter and
+        whether SigLIP's bias was initialised."""
         tok = self.model.tokenizer
         checkpoint["mmformer"] = {"config": self.model.config.to_dict(),
                                   "tokenizer": tok._proto if tok is not None else None,
-                                  "nonfinite_skipped": self.nonfinite_skipped}
+                                  "nonfinite_skipped": self.nonfinite_skipped,
+                                  "logit_bias_ready": self.logit_bias_ready}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite_skipped = int(checkpoint.get("mmformer", {}).get("nonfinite_skipped", 0))
+        info = checkpoint.get("mmformer", {})
+        self.nonfinite_skipped = int(info.get("nonfinite_skipped", 0))
+        self.logit_bias_ready = bool(info.get("logit_bias_ready", False))
 
     # ---- training -----------------------------------------------------------------------
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.model(images, input_ids, attention_mask)
+        """The model's embeddings and logit scale (and SigLIP's ``logit_bias``): the loss's inputs."""
+        out = self.model(images, input_ids, attention_mask)
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+    def contrastive_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                         params: dict[str, torch.Tensor], positives: torch.Tensor | None) -> torch.Tensor:
+        """The configured loss (``clip`` or ``siglip``) over the data-parallel group's batch;
+        ``params`` holds ``logit_scale`` (and ``logit_bias``)."""
+        if self.hparams.loss == "siglip":
+            self._init_logit_bias(image_embeds.shape[0])
+            return siglip_loss(image_embeds, text_embeds, params["logit_scale"], params["logit_bias"], positives,
+                               group=self.loss_group)
+        return clip_loss(image_embeds, text_embeds, params["logit_scale"], positives, group=self.loss_group)
+
+    def _init_logit_bias(self, local_batch: int) -> None:
+        """log(1/B) for the global batch B = local rows x data-parallel ranks, once."""
+        if self.logit_bias_ready:
+            return
+        ranks = world_size(self.loss_group)
+        with torch.no_grad():
+            self.logit_bias.fill_(-math.log(local_batch * ranks))
+        self.logit_bias_ready = True
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
@@ -181,9 +227,11 @@ class MMFormerModule(L.LightningModule):
         """(loss, values to log as ``train/NAME``) of one batch: the CLIP loss and the logit scale."""
         out = self(batch["images"], batch["input_ids"], batch["attention_mask"])
         positives = batch.get("concepts") if self.hparams.concept_positives else None
-        loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], positives,
-                         group=self.loss_group)
-        return loss, {"logit_scale": out["logit_scale"].detach()}
+        loss = self.contrastive_loss(out["image_embeds"], out["text_embeds"], out, positives)
+        logs = {"logit_scale": out["logit_scale"].detach()}
+        if self.logit_bias is not None:
+            logs["logit_bias"] = self.logit_bias.detach()
+        return loss, logs
 
     def _loss_is_finite(self, loss: torch.Tensor, batch_idx: int) -> bool:
         """Apply the ``nonfinite`` policy; every rank takes the same decision."""
@@ -229,7 +277,7 @@ class MMFormerModule(L.LightningModule):
         loss, logit_scale = contrastive_accumulation(
             lambda b: self(b["images"], b["input_ids"], b["attention_mask"]), micro, backward, positives,
             is_finite=lambda v: self._loss_is_finite(v, batch_idx),
-            loss_fn=lambda i, t, p, pos: clip_loss(i, t, p["logit_scale"], pos, group=self.loss_group))
+            loss_fn=self.contrastive_loss)
         if loss is None:
             opt.zero_grad()
             return None
@@ -279,6 +327,8 @@ class MMFormerModule(L.LightningModule):
         and the logit scale without. Subclasses override this to add groups (own ``lr`` etc.); the
         schedule multiplies every group's ``lr`` by the same factor."""
         decay, no_decay = parameter_groups(self.model)
+        if self.logit_bias is not None:
+            no_decay.append(self.logit_bias)
         return [{"params": decay, "weight_decay": self.hparams.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 

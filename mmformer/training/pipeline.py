@@ -291,6 +291,9 @@ class PipelineStrategy(ShardedStrategy):
         if not module.automatic_optimization:
             raise ValueError("PipelineStrategy takes the micro-batches of a step itself (microbatches=); "
                              "use contrastive_accum=1")
+        if getattr(module.hparams, "loss", "clip") != "clip":
+            raise ValueError(f"loss={module.hparams.loss!r}: PipelineStrategy computes the CLIP loss on its last "
+                             "stage; use loss=clip")
         if trainer.gradient_clip_val:
             raise ValueError("gradient clipping is not supported with PipelineStrategy (each stage holds part of "
                              "the gradient); remove gradient_clip_val")
