@@ -2,13 +2,13 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from train_helpers import free_port
 
 from mmformer.losses import clip_loss
 
@@ -43,12 +43,6 @@ def test_same_concept_pairs_are_not_negatives():
     assert got.item() < clip_loss(img, txt, torch.tensor(10.0)).item()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, img, txt, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -74,7 +68,7 @@ def test_gathered_loss_sees_every_ranks_negatives_and_routes_gradients():
     full.backward()
 
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), img, txt, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), img, txt, out), nprocs=2, join=True)
     for rank in range(2):
         loss, grads = out[rank]
         # every rank computes the loss of the whole global batch (negatives from both ranks)

@@ -4,13 +4,13 @@ micro-batches equals one batch of k*B."""
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from train_helpers import free_port
 
 from mmformer.losses import contrastive_accumulation, siglip_loss, siglip_loss_fn
 
@@ -59,12 +59,6 @@ def test_gradient_reaches_the_bias_and_scale():
     assert log_scale.grad is not None and log_scale.grad.abs().item() > 0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, img, txt, groups, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -90,7 +84,7 @@ def test_same_loss_and_gradients_on_one_and_two_processes():
     full.backward()
 
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), img, txt, groups, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), img, txt, groups, out), nprocs=2, join=True)
     for rank in range(2):
         loss, grads, bias_grad = out[rank]
         assert loss.item() == pytest.approx(full.item(), rel=1e-6)
