@@ -48,6 +48,35 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return split_fused(x, 1, heads)[0]
 
 
+#: Longest query or key length for which low-precision CPU training takes the matmul path of
+#: :func:`scaled_dot_product` (measured in bench/attention_kernels.py).
+MATMUL_PATH_MAX_LEN = 512
+
+
+def use_matmul_path(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """True where plain matmuls + softmax beat ``F.scaled_dot_product_attention`` on the CPU: bf16/fp16
+    tensors that need gradients, sequences up to :data:`MATMUL_PATH_MAX_LEN`. There the CPU flash
+    kernel's backward is 3-10x slower than two batched matmuls, which run on the CPU's bf16 matmul
+    units (AMX, AVX512-BF16); in fp32, without gradients, or for long sequences the kernel is as
+    fast or faster and needs no (T, S) score matrix (bench/attention_kernels.py)."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad)
+            and max(q.shape[-2], k.shape[-2]) <= MATMUL_PATH_MAX_LEN)
+
+
+def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_head) masked) V for (B, H, T, Dh) heads and a boolean ``mask``
+    broadcastable to (B, H, T, S) (True = attend): ``F.scaled_dot_product_attention``, or the same
+    computed with two matmuls where :func:`use_matmul_path` says that is faster."""
+    if not use_matmul_path(q, k):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, T, Dh) -> (B, T, H*Dh)."""
     b, h, t, dh = x.shape
@@ -77,11 +106,11 @@ def attend(
 ) -> torch.Tensor:
     """Fused projections (B, T, 3D) -> attention output before the output projection, (B, T, D).
 
-    softmax(Q K^T / sqrt(d_head) + mask) V per head, via scaled_dot_product_attention.
+    softmax(Q K^T / sqrt(d_head) + mask) V per head, via :func:`scaled_dot_product`.
     """
     q, k, v = split_fused(qkv, 3, heads)  # each (B, H, T, Dh)
     mask = attn_bias_from_padding(key_padding_mask, qkv.shape[0], qkv.shape[1])
-    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    return merge_heads(scaled_dot_product(q, k, v, mask))
 
 
 class CrossAttention(nn.Module):
@@ -102,4 +131,4 @@ class CrossAttention(nn.Module):
         q = split_heads(self.q(x), self.heads)  # (B, H, Tq, Dh)
         k, v = split_fused(self.kv(context), 2, self.heads)  # (B, H, S, Dh)
         mask = attn_bias_from_padding(context_mask, context.shape[0], context.shape[1])
-        return self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        return self.proj(merge_heads(scaled_dot_product(q, k, v, mask)))
