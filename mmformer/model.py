@@ -62,14 +62,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, N, D) with a stride-``patch`` convolution (timm's layout: ``proj``)."""
+    """(B, C, H, W) -> (B, N, D): a stride-``patch`` convolution, kept as timm's ``proj`` Conv2d
+    parameters and computed as one matmul over the flattened patches (the same numbers; on the
+    CPU the matmul's backward is several times faster than the convolution's in bf16)."""
 
     def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        b, c, h, w = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
 class MMFormer(nn.Module):
