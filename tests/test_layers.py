@@ -125,3 +125,44 @@ def test_every_attention_kernel_gives_the_same_mask_error(bad):
         SelfAttention(8, 2)(torch.randn(2, 5, 8), bad)
     with pytest.raises(ValueError, match=r"dim=8 is not divisible by heads=3"):
         SelfAttention(8, 3)
+
+
+@pytest.mark.parametrize("t,s", [(17, 17), (5, 33)])
+def test_matmul_attention_path_equals_sdpa_in_bf16_with_gradients(t, s):
+    """bf16 CPU training takes the two-matmul path of scaled_dot_product (faster than the CPU flash
+    kernel's backward); outputs and gradients match SDPA's within bf16 rounding (relative to a
+    float64 reference, both paths' errors are of the same size)."""
+    from mmformer.layers.attention import scaled_dot_product, use_matmul_path
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 32, generator=g) for n in (t, s, s))
+    mask = torch.rand(3, 1, 1, s, generator=g) > 0.3
+    mask[..., 0] = True
+    grad = torch.randn(3, 4, t, 32, generator=g)
+
+    def run(fn, dtype):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves, mask)
+        out.backward(grad.to(dtype))
+        return [out.double()] + [x.grad.double() for x in leaves]
+
+    qq = q.bfloat16().requires_grad_()
+    assert use_matmul_path(qq, k.bfloat16()) and not use_matmul_path(q.clone().requires_grad_(), k)
+    with torch.no_grad():
+        assert not use_matmul_path(qq, k.bfloat16())
+    ref = run(lambda a, b, c, m: torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=m), torch.float64)
+    sdpa = run(lambda a, b, c, m: torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=m), torch.bfloat16)
+    ours = run(scaled_dot_product, torch.bfloat16)
+    for r, a, b in zip(ref, sdpa, ours):
+        err_sdpa, err_ours = (a - r).abs().max().item(), (b - r).abs().max().item()
+        assert err_ours <= max(2 * err_sdpa, 0.02), (err_ours, err_sdpa)
+
+
+def test_patch_embedding_matmul_equals_the_convolution():
+    from mmformer.model import PatchEmbed
+    torch.manual_seed(0)
+    pe = PatchEmbed(16, 3, 64)
+    x = torch.randn(2, 3, 64, 48)
+    ref = pe.proj(x).flatten(2).transpose(1, 2)
+    assert torch.allclose(pe(x), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="64x50 is not divisible by the patch size 16"):
+        pe(torch.randn(1, 3, 64, 50))
