@@ -128,3 +128,23 @@ def test_time_budget_clock_restarts_when_training_starts(monkeypatch):
     clocks[0].on_train_start(trainer, module)
     now[0] += 30.0
     assert sched.lr_lambdas[0](8) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_adamw_is_fused_for_plain_cpu_parameters_and_updates_as_the_default():
+    from mmformer.training.optim import fused_supported, make_adamw
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    groups = [{"params": list(a.parameters()), "weight_decay": 0.1}]
+    fused = make_adamw(groups, lr=1e-2)
+    plain = torch.optim.AdamW([{"params": list(b.parameters()), "weight_decay": 0.1}], lr=1e-2)
+    assert fused.defaults["fused"] and fused_supported(groups)
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for m, opt in ((a, fused), (b, plain)):
+            m(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert not fused_supported([{"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)]}])

@@ -25,7 +25,7 @@ from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 from mmformer.training.checkpoint import guard_fit
 from mmformer.training.callbacks import ScheduleClock
 from mmformer.training.distributed import PRECISION_DTYPES, apply_fsdp, apply_tensor_parallel, is_fsdp
-from mmformer.training.optim import ClockLambdaLR, StepCosine, TimeCosine, parameter_groups
+from mmformer.training.optim import ClockLambdaLR, StepCosine, TimeCosine, make_adamw, parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ class MMFormerModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        opt = torch.optim.AdamW(self.optimizer_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        opt = make_adamw(self.optimizer_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         if hp.time_budget_s:
             factor = TimeCosine(hp.warmup_steps, hp.time_budget_s, hp.min_lr_ratio)
         else:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from typing import Any
 
+import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -21,6 +24,27 @@ def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
         exempt = p.ndim < 2 or name in named_exempt
         (no_decay if exempt else decay).append(p)
     return decay, no_decay
+
+
+log = logging.getLogger(__name__)
+
+
+def fused_supported(groups: list[dict[str, Any]]) -> bool:
+    """True when every parameter is a plain (not sharded ``DTensor``) floating-point tensor on the
+    CPU or a CUDA device: the cases ``torch.optim.AdamW(fused=True)`` takes."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(type(p) in (nn.Parameter, torch.Tensor) and p.is_floating_point()
+                                and p.device.type in ("cpu", "cuda") for p in params)
+
+
+def make_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW over ``groups``, fused (one kernel for every parameter's update) where
+    :func:`fused_supported`, else PyTorch's default implementation. On the CPU the fused
+    update makes a ``small`` bf16 training step ~10% faster than the per-parameter loop
+    (bench/train_throughput.py, README "Training speed"); the arithmetic is the same."""
+    fused = fused_supported(groups)
+    log.debug("AdamW: %s implementation", "fused" if fused else "default")
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0,
