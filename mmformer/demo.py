@@ -21,7 +21,7 @@ from mmformer.data.emoji import InMemoryImageText, default_data_dir
 from mmformer.files import atomic_path, write_text_atomic
 from mmformer.retrieval import embed_images, embed_texts, format_metrics, retrieval_metrics
 from mmformer.training.module import MMFormerModule
-from mmformer.training.precision import PrecisionChoice, choose_precision
+from mmformer.training.precision import auto_precision
 from mmformer.training.recipes import init_args, load_recipe
 from mmformer.training.trainer import make_trainer
 
@@ -42,15 +42,6 @@ def demo_recipe() -> dict:
 DEMO_RECIPE_NAME = "tiny-cpu"
 DEMO_RECIPE = demo_recipe()
 DEFAULT_QUERIES = ["red apple", "dog face", "rocket", "smiling face with heart-eyes", "flag: japan"]
-
-
-def measure_precision(module: MMFormerModule, dm: ImageTextDataModule) -> PrecisionChoice:
-    """``--precision auto``: time a few training steps of the demo's model on one real training
-    batch in fp32 and in bf16 autocast and keep the faster (cached per CPU, config and batch; see
-    :mod:`mmformer.training.precision`). The global RNG is left as it was."""
-    with torch.random.fork_rng():
-        batch = next(iter(dm.train_dataloader()))
-        return choose_precision(module.model, batch["images"], batch["input_ids"], batch["attention_mask"])
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -82,7 +73,7 @@ def run_demo(args: argparse.Namespace) -> int:
           "(held-out concepts)", flush=True)
     precision = args.precision
     if precision == "auto":
-        choice = measure_precision(module, dm)
+        choice = auto_precision(module, dm)
         precision = choice.precision
         print(choice.reason(), flush=True)
     else:

@@ -105,3 +105,57 @@ def test_a_real_step_trains_a_copy_and_leaves_the_model_alone(tiny):
     assert isinstance(choice, PrecisionChoice) and set(choice.seconds_per_step) == {"32-true", "bf16-mixed"}
     assert choice.precision == pick_fastest(choice.seconds_per_step)
     assert all(s > 0 for s in choice.seconds_per_step.values())
+
+
+def test_interleaved_timing_is_not_biased_by_a_machine_that_slows_down(tiny):
+    """Two equally fast precisions on a machine that gets slower with every step (another process
+    starting): timed one after the other the second would look 2x slower; interleaved they tie."""
+    clock = FakeClock()
+    n = {"steps": 0}
+
+    def make_step(model, images, ids, mask, precision):
+        def step():
+            n["steps"] += 1
+            clock.now += 0.01 * n["steps"]
+        return step
+
+    choice = choose_precision(*tiny, steps=5, warmup=3, use_cache=False, timer=clock, make_step=make_step)
+    t = choice.seconds_per_step
+    assert t["bf16-mixed"] / t["32-true"] == pytest.approx(1.0, abs=0.1)
+    assert choice.precision == "32-true"
+
+
+@pytest.mark.parametrize("argv,auto,expect", [
+    (["fit", "--trainer.precision", "auto"], True, ["fit", "--trainer.precision", "32-true", "--trainer.precision=32-true"]),
+    (["fit", "--trainer.precision=auto", "--trainer.precision=bf16-mixed"], False,
+     ["fit", "--trainer.precision=auto", "--trainer.precision=bf16-mixed"]),
+    (["fit", "--trainer.max_steps", "3"], False, ["fit", "--trainer.max_steps", "3"]),
+])
+def test_recipe_precision_auto_is_the_last_precision_given(argv, auto, expect):
+    from mmformer.training.recipes import take_auto_precision
+    out, is_auto = take_auto_precision(argv)
+    assert (out, is_auto) == (expect, auto)
+
+
+def test_recipe_file_precision_auto_and_a_later_override(tmp_path):
+    from mmformer.training.recipes import take_auto_precision
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("trainer:\n  precision: auto\n")
+    out, is_auto = take_auto_precision(["fit", "--config", str(recipe)])
+    assert is_auto and out[-1] == "--trainer.precision=32-true"
+    out, is_auto = take_auto_precision(["fit", "--config", str(recipe), "--trainer.precision", "32-true"])
+    assert not is_auto
+
+
+def test_auto_precision_refuses_batches_that_are_not_image_text():
+    from mmformer.training.precision import auto_precision
+
+    class Docs:
+        def setup(self, stage):
+            pass
+
+        def train_dataloader(self):
+            return iter([{"chunks": torch.zeros(2, 4)}])
+
+    with pytest.raises(ValueError, match=r"Docs's batches have no \['images', 'input_ids', 'attention_mask'\]"):
+        auto_precision(object(), Docs())

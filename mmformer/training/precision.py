@@ -5,9 +5,15 @@ tiny preset trains 1.7x slower in bf16 autocast than in fp32 and the small one 1
 an AVX2-only CPU bf16 is emulated and one to two orders of magnitude slower. A flag in
 /proc/cpuinfo cannot tell, so :func:`choose_precision` times a few training steps (forward of
 both towers, CLIP loss, backward, AdamW step) of a copy of the model on the real batch shape in
-each candidate precision and keeps the fastest. The choice is cached per CPU model, torch
-version, model config and batch size (``~/.cache/mmformer/precision.json``, or
-``$MMFORMER_CACHE``), so a second run of the same recipe on the same machine decides at once.
+each candidate precision and keeps the fastest. The candidates' steps are interleaved (A B A B
+...) after a warm-up of each, so that a machine slowing down or speeding up during the
+measurement (another process, clock boost) biases no candidate. The choice is cached per CPU
+model, torch version, kernel version (:data:`KERNELS`), model config and batch size
+(``~/.cache/mmformer/precision.json``, or ``$MMFORMER_CACHE``), so a second run of the same recipe
+on the same machine decides at once.
+
+``mmformer demo --precision auto`` and ``mmformer fit ... --trainer.precision auto`` (or
+``precision: auto`` in a recipe) both decide through :func:`auto_precision`.
 """
 
 from __future__ import annotations
@@ -29,11 +35,16 @@ import torch
 from mmformer.files import write_text_atomic
 from mmformer.losses import clip_loss
 from mmformer.model import MMFormer
+from mmformer.training.optim import make_adamw
 
 log = logging.getLogger(__name__)
 
 CANDIDATES = ("32-true", "bf16-mixed")
 _AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16}
+#: Bumped whenever the training step's kernels change what is faster (cached choices made with
+#: older kernels are not reused): 2 = matmul attention for short low-precision sequences, patch
+#: embedding as a matmul, fused AdamW.
+KERNELS = 2
 
 
 @dataclass(frozen=True)
@@ -70,16 +81,25 @@ def pick_fastest(seconds_per_step: dict[str, float], margin: float = 0.05) -> st
 def time_steps(step: Callable[[], None], steps: int, warmup: int,
                timer: Callable[[], float] = time.perf_counter) -> float:
     """Median seconds of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    return time_interleaved({"step": step}, steps, warmup, timer)["step"]
+
+
+def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup: int,
+                     timer: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each closure in ``steps_of``: ``warmup`` untimed calls of each,
+    then ``steps`` rounds in which each is timed once, in turn."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    for _ in range(warmup):
-        step()
-    times = []
+    for step in steps_of.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps_of}
     for _ in range(steps):
-        t0 = timer()
-        step()
-        times.append(timer() - t0)
-    return statistics.median(times)
+        for name, step in steps_of.items():
+            t0 = timer()
+            step()
+            times[name].append(timer() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def training_step(model: MMFormer, images: torch.Tensor, input_ids: torch.Tensor,
@@ -89,7 +109,7 @@ def training_step(model: MMFormer, images: torch.Tensor, input_ids: torch.Tensor
     if precision not in _AUTOCAST:
         raise ValueError(f"precision {precision!r} is not one of {list(_AUTOCAST)}")
     work = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW([p for p in work.parameters() if p.requires_grad], lr=1e-4)
+    opt = make_adamw([{"params": [p for p in work.parameters() if p.requires_grad]}], lr=1e-4)
     dtype = _AUTOCAST[precision]
     device_type = images.device.type
 
@@ -106,7 +126,7 @@ def training_step(model: MMFormer, images: torch.Tensor, input_ids: torch.Tensor
 
 def cache_key(model: MMFormer, batch_size: int, device: str = "cpu") -> str:
     config = json.dumps(model.config.to_dict(), sort_keys=True)
-    parts = [cpu_name() if device == "cpu" else device, torch.__version__, str(torch.get_num_threads()),
+    parts = [cpu_name() if device == "cpu" else device, torch.__version__, f"kernels{KERNELS}", str(torch.get_num_threads()),
              str(batch_size), hashlib.sha256(config.encode()).hexdigest()[:16]]
     return "|".join(parts)
 
@@ -138,11 +158,11 @@ def _read_cache(path: Path) -> dict:
 
 def choose_precision(model: MMFormer, images: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor, candidates: Sequence[str] = CANDIDATES,
-                     steps: int = 3, warmup: int = 2, use_cache: bool = True,
+                     steps: int = 5, warmup: int = 3, use_cache: bool = True,
                      timer: Callable[[], float] = time.perf_counter,
                      make_step: Callable[..., Callable[[], None]] = training_step) -> PrecisionChoice:
     """Time ``steps`` training steps (after ``warmup``) of each candidate precision on this
-    batch and return the fastest. With ``use_cache``, a measurement made before for the same
+    batch, interleaved, and return the fastest. With ``use_cache``, a measurement made before for the same
     CPU, torch, thread count, model config and batch size is reused."""
     unknown = [c for c in candidates if c not in _AUTOCAST]
     if unknown:
@@ -154,12 +174,11 @@ def choose_precision(model: MMFormer, images: torch.Tensor, input_ids: torch.Ten
         if isinstance(hit, dict) and set(candidates) <= set(hit) and all(isinstance(hit[c], (int, float)) for c in candidates):
             times = {c: float(hit[c]) for c in candidates}
             return PrecisionChoice(pick_fastest(times), times, cached=True)
-    times = {}
-    for precision in candidates:
-        step = make_step(model, images, input_ids, attention_mask, precision)
-        times[precision] = time_steps(step, steps, warmup, timer)
-        log.info("precision %s: %.1f ms per training step (batch %d)", precision, times[precision] * 1e3,
-                 images.shape[0])
+    closures = {precision: make_step(model, images, input_ids, attention_mask, precision) for precision in candidates}
+    times = time_interleaved(closures, steps, warmup, timer)
+    del closures  # the model copies
+    for precision, t in times.items():
+        log.info("precision %s: %.1f ms per training step (batch %d)", precision, t * 1e3, images.shape[0])
     if use_cache:
         data = _read_cache(path)
         data[key] = times
@@ -168,3 +187,22 @@ def choose_precision(model: MMFormer, images: torch.Tensor, input_ids: torch.Ten
         except OSError as e:  # a read-only home is no reason to fail training
             log.warning("could not cache the precision measurement in %s: %s", path, e)
     return PrecisionChoice(pick_fastest(times), times)
+
+
+def auto_precision(module, datamodule, use_cache: bool = True) -> PrecisionChoice:
+    """``--precision auto`` for a training run: :func:`choose_precision` on the module's model and
+    one real training batch of ``datamodule`` (set up for ``fit`` here; the global RNG is left as
+    it was). The batch must be an image-text batch (``images``, ``input_ids``,
+    ``attention_mask``); other recipes (long documents) must name their precision."""
+    if hasattr(datamodule, "set_tokenizer") and getattr(datamodule, "tokenizer", None) is None:
+        datamodule.set_tokenizer(module.tokenizer)  # as the module's setup would
+    with torch.random.fork_rng():
+        datamodule.setup("fit")
+        batch = next(iter(datamodule.train_dataloader()))
+    missing = [k for k in ("images", "input_ids", "attention_mask") if not isinstance(batch, dict) or k not in batch]
+    if missing:
+        raise ValueError(f"precision auto times image-text training steps, but {type(datamodule).__name__}'s "
+                         f"batches have no {missing}; set the precision (32-true, bf16-mixed) in the recipe")
+    with torch.random.fork_rng():
+        return choose_precision(module.model, batch["images"], batch["input_ids"], batch["attention_mask"],
+                                use_cache=use_cache)

@@ -13,6 +13,11 @@ written in recipes: each is linked from the built module's ``model.config`` into
 module's argument of that name (:data:`MODEL_LINKS`), for every such argument the chosen data
 module takes. A recipe or command line that sets one of them to another value is an error.
 
+``trainer.precision: auto`` (in a recipe or as ``--trainer.precision auto``) is resolved before the
+Trainer is built: :func:`~mmformer.training.precision.auto_precision` times a few training steps
+of the built model on one real batch in each candidate precision and keeps the faster; the saved
+``config.yaml`` records the precision chosen.
+
 The recipes ship inside the package (``mmformer/recipes/*.yaml``; ``train/`` in the checkout
 links to them), so ``--config tiny-cpu`` names one in an installed package too.
 """
@@ -25,11 +30,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from mmformer.training.cpu import flush_denormals, keep_freed_memory
 from mmformer.training.module import MMFormerModule
+from mmformer.training.precision import auto_precision
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -121,6 +129,48 @@ def names_class(argv: Sequence[str], key: str) -> bool:
     return False
 
 
+def _precision_values(argv: Sequence[str]) -> list[tuple[int, str | None]]:
+    """(index, value) of every ``trainer.precision`` the command line sets, in order: from each
+    ``--config`` file (index of its value; None when the file sets none) and each
+    ``--trainer.precision`` argument (index of its value)."""
+    found: list[tuple[int, str | None]] = []
+    configs = dict(_config_values(argv))
+    for i, arg in enumerate(argv):
+        if i in configs:
+            try:
+                with open(configs[i], encoding="utf-8") as f:
+                    trainer = (yaml.safe_load(f) or {}).get("trainer") or {}
+                value = trainer.get("precision") if isinstance(trainer, dict) else None
+            except (OSError, yaml.YAMLError, AttributeError):
+                value = None
+            if value is not None:
+                found.append((i, str(value)))
+        name, eq, value = arg.partition("=")
+        if name == "--trainer.precision":
+            if eq:
+                found.append((i, value))
+            elif i + 1 < len(argv):
+                found.append((i + 1, argv[i + 1]))
+    return found
+
+
+def take_auto_precision(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """(argv, auto): when the precision that takes effect (the last one set) is ``auto``, argv gets
+    a placeholder ``--trainer.precision=32-true`` (Lightning knows no ``auto``; the choice replaces
+    it before the Trainer is built) and auto is True."""
+    argv = list(argv)
+    values = _precision_values(argv)
+    if not values or values[-1][1] != "auto":
+        return argv, False
+    for i, value in values:  # command-line "auto"s would fail validation: make them placeholders too
+        if value == "auto" and argv[i].partition("=")[0] == "--trainer.precision":
+            argv[i] = "--trainer.precision=32-true"
+        elif value == "auto" and i > 0 and argv[i - 1] == "--trainer.precision":
+            argv[i] = "32-true"
+    argv.append("--trainer.precision=32-true")
+    return argv, True
+
+
 def _import(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
@@ -143,7 +193,7 @@ class RecipeCLI(LightningCLI):
     ``LightningDataModule``, with the defaults and links described in the module docstring."""
 
     def __init__(self, args: Sequence[str], run: bool = True) -> None:
-        self._argv = resolve_recipes(args)
+        self._argv, self._auto_precision = take_auto_precision(resolve_recipes(args))
         super().__init__(MMFormerModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          args=self._argv, run=run, save_config_kwargs={"overwrite": True},
                          parser_kwargs={"default_env": False})
@@ -169,6 +219,21 @@ class RecipeCLI(LightningCLI):
             if name in params:
                 parser.link_arguments("model", f"data.init_args.{name}", apply_on="instantiate",
                                       compute_fn=_link(name, given.get(name), params[name].default, value_of))
+
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The Trainer, with ``precision: auto`` resolved by measurement on this model and data."""
+        if self._auto_precision and "precision" not in kwargs:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            accelerator = str(config.trainer.get("accelerator") or "auto")
+            if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
+                raise ValueError("precision auto measures CPU training steps; on an accelerator set the "
+                                 "precision (bf16-mixed, 16-mixed, 32-true) in the recipe")
+            choice = auto_precision(self.model, self.datamodule)
+            rank_zero_info(choice.reason())  # Lightning's logger: shown by the CLI like its own lines
+            kwargs["precision"] = choice.precision
+            config.trainer.precision = choice.precision  # what the saved config.yaml records
+        return super().instantiate_trainer(**kwargs)
 
 
 def run_recipe(argv: Sequence[str]) -> RecipeCLI:
