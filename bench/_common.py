@@ -5,6 +5,7 @@
   mmformer :class:`~mmformer.config.ModelConfig`, built from config dicts (no download).
 - :class:`Pair`: one interface over both models for training steps and retrieval embedding.
 - :func:`count_train_flops`: FLOPs of one forward+backward, including CPU attention kernels.
+- :func:`best_rate`: items per second of the fastest of several timed inference calls.
 - :func:`machine_line`, :func:`markdown_table`: the report's last lines.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,6 +144,21 @@ def count_train_flops(step: Callable[[], torch.Tensor]) -> int:
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
         step().backward()
     return counter.get_total_flops()
+
+
+# ---- speed ---------------------------------------------------------------------------------------
+def best_rate(fn, batch: int, repeats: int, min_seconds: float = 1.0) -> float:
+    """batch / the fastest of at least ``repeats`` timed calls (more, up to 200, until
+    ``min_seconds`` have passed: small batches get many tries on a shared machine)."""
+    with torch.inference_mode():
+        fn()  # warm-up (and compilation for compiled variants)
+        best, n, start = float("inf"), 0, time.perf_counter()
+        while n < repeats or (time.perf_counter() - start < min_seconds and n < 200):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+            n += 1
+    return batch / best
 
 
 # ---- report ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_tokenizer, machine_line, markdown_table  # noqa: E402
+from _common import best_rate, load_tokenizer, machine_line, markdown_table  # noqa: E402
 
 from mmformer.compress import default_backend, int8_linear_bytes, quantize_int8  # noqa: E402
 from mmformer.config import get_config  # noqa: E402
@@ -42,20 +42,6 @@ def serialized_mb(model: torch.nn.Module) -> float:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.tell() / 2**20
-
-
-def best_rate(fn, batch: int, repeats: int, min_seconds: float = 1.0) -> float:
-    """batch / the fastest of at least ``repeats`` timed calls (more, up to 200, until
-    ``min_seconds`` have passed: small batches get many tries on a shared machine)."""
-    with torch.inference_mode():
-        fn()  # warm-up (and compilation for compiled variants)
-        best, n, start = float("inf"), 0, time.perf_counter()
-        while n < repeats or (time.perf_counter() - start < min_seconds and n < 200):
-            t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-            n += 1
-    return batch / best
 
 
 class TorchVariant:

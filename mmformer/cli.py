@@ -10,6 +10,8 @@
 - ``mmformer export --ckpt FILE|DIR --out DIR``: Lightning checkpoint (a file, or the folder of a
   sharded FSDP checkpoint) -> ``save_pretrained`` directory. ``mmformer export --model DIR --onnx
   DIR`` (or ``--ckpt X --onnx DIR``): the image and text encoders as ONNX graphs (+ int8 copies).
+- ``mmformer prune --model DIR --heads FRACTION --out DIR``: remove attention heads (see
+  :mod:`mmformer.compress.prune`), optionally recovering by distillation (``--recover STEPS``).
 - ``mmformer tokenizer --input FILE --out FILE``: train a SentencePiece tokenizer.
 - ``mmformer serve --model DIR --index NAME=DIR``: the retrieval service (gRPC + HTTP, see
   :mod:`mmformer.serve`).
@@ -182,6 +184,29 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder at --out (swapped in only once complete)")
     x.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("prune", help="remove attention heads (gradient or magnitude importance), optionally "
+                                      "recover by distillation, save the smaller model")
+    pr.add_argument("--model", required=True, help="save_pretrained directory to prune")
+    pr.add_argument("--heads", type=float, required=True, metavar="FRACTION",
+                    help="fraction of all heads to remove, in [0, 1); the lowest-scored over all blocks, "
+                         "at least one head left in every block")
+    pr.add_argument("--out", required=True, help="save_pretrained directory to write the pruned model to")
+    pr.add_argument("--criterion", choices=["gradient", "magnitude"], default="gradient",
+                    help="head importance: mean |dL/d gate| of the CLIP loss on training batches (default), "
+                         "or the norm of the head's weights (no data)")
+    pr.add_argument("--batches", type=int, default=8, help="batches of the bundled emoji training split for "
+                                                           "the gradient criterion and recovery")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--recover", type=int, default=0, metavar="STEPS",
+                    help="fine-tune the pruned model this many steps (CLIP loss + distillation from the "
+                         "unpruned model); 0 = none")
+    pr.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate (AdamW)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the training batches' order and augmentation")
+    pr.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace an existing model folder at --out (swapped in only once complete)")
+    pr.set_defaults(func=cmd_prune)
 
     from mmformer.retrieval.commands import add_commands
 
@@ -377,6 +402,74 @@ def export_onnx_folder(model_dir: str | Path, out: str, int8: bool) -> None:
           f"text {p['text_fp32_max_abs_diff']:.1e}"
           + (f"; int8 min cosine image {p['image_int8_min_cosine']:.4f}, text {p['text_int8_min_cosine']:.4f}"
              if int8 else ""))
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """``mmformer prune``: score heads, remove them, optionally recover, save atomically."""
+    import torch
+
+    from mmformer.compress.prune import (
+        emoji_train_batches,
+        head_importance,
+        prune_heads,
+        recover,
+        select_heads,
+    )
+    from mmformer.data.bundled import BundledDataNotFound
+    from mmformer.data.emoji import default_data_dir
+    from mmformer.files import atomic_dir
+    from mmformer.model import MMFormer
+
+    if not 0 <= args.heads < 1:
+        raise ValueError(f"--heads must be a fraction in [0, 1) of the heads to remove, got {args.heads}")
+    for flag, value, least in (("--batches", args.batches, 1), ("--batch-size", args.batch_size, 2),
+                               ("--recover", args.recover, 0)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    out = Path(args.out)
+    if not args.overwrite and (out.is_file() or out.is_dir() and any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not empty (a model folder?); pass --overwrite to replace "
+                         "it, or choose another --out")
+    model = MMFormer.from_pretrained(args.model).eval()
+    c = model.config
+    before = model.num_parameters()
+    print(f"loaded {args.model}: {before:,} parameters, {c.depth} blocks, heads per block {c.heads_per_block}",
+          flush=True)
+    select_heads(torch.zeros(c.depth, c.heads), args.heads, c.heads_per_block)  # a fraction too large fails here
+    batches = None
+    if args.criterion == "gradient" or args.recover:
+        torch.manual_seed(args.seed)
+        try:
+            data_dir = default_data_dir(args.data_dir)
+        except BundledDataNotFound as e:
+            raise SystemExit(f"mmformer prune: {e}") from e
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer.model (needed to read the training captions)")
+        batches = emoji_train_batches(model, args.batches, args.batch_size, str(data_dir), args.seed)
+        print(f"data: {len(batches)} batches of {args.batch_size} pairs from the emoji training split in {data_dir}",
+              flush=True)
+    importance = head_importance(model, batches, args.criterion)
+    print(f"scored {sum(c.heads_per_block)} heads by {args.criterion}"
+          + (f" on {len(batches)} batches" if args.criterion == "gradient" else ""), flush=True)
+    plan = select_heads(importance, args.heads, c.heads_per_block)
+    for i, (removed, h) in enumerate(zip(plan, c.heads_per_block)):
+        print(f"block {i}: removed heads {removed or 'none'}, kept {h - len(removed)} of {h}", flush=True)
+    pruned = prune_heads(model, plan)
+    after = pruned.num_parameters()
+    print(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / before:.1f}% fewer); "
+          f"heads per block {pruned.config.heads_per_block}", flush=True)
+    if args.recover:
+        print(f"recovery: {args.recover} steps of AdamW at lr {args.lr:g}, CLIP loss + distillation from the "
+              "unpruned model", flush=True)
+        recover(pruned, model, batches, args.recover, lr=args.lr,
+                on_step=lambda step, loss: print(f"recovery step {step}/{args.recover}: loss {loss:.4f}", flush=True))
+    with atomic_dir(out) as tmp:
+        pruned.eval().save_pretrained(tmp)
+    print(f"wrote {out} (config.json with block_heads, model.safetensors"
+          + (", tokenizer.model)" if pruned.tokenizer is not None else ")"), flush=True)
+    return 0
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:

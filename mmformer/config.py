@@ -101,10 +101,16 @@ class ModelConfig:
     chunk_stride: int | None = None
     max_chunks: int | None = None
     chunk_overflow: str = "error"
+    # heads kept in each block after head pruning (mmformer.compress.prune): None = every block has
+    # ``heads``. A pruned block keeps the head width ``width // heads``, so its attention's inner
+    # width is block_heads[i] * head_dim < width (qkv: width -> 3 * inner, proj: inner -> width)
+    block_heads: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
+        if isinstance(self.block_heads, tuple):  # a list, as JSON gives it back
+            self.block_heads = list(self.block_heads)
         problems = []
         if self.share not in SHARE_MODES:
             problems.append(f"share={self.share!r} must be one of {SHARE_MODES}")
@@ -123,6 +129,7 @@ class ModelConfig:
         if self.image_pos == "sincos" and self.width % 4:
             problems.append(f"2-D sin-cos positions need width divisible by 4, got {self.width}")
         problems += self._long_document_problems()
+        problems += self._block_heads_problems()
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -142,6 +149,31 @@ class ModelConfig:
         if self.chunk_overflow not in OVERFLOW_POLICIES:
             problems.append(f"chunk_overflow={self.chunk_overflow!r} must be one of {OVERFLOW_POLICIES}")
         return problems
+
+    def _block_heads_problems(self) -> list[str]:
+        if self.block_heads is None:
+            return []
+        bh = self.block_heads
+        if not isinstance(bh, list) or any(isinstance(h, bool) or not isinstance(h, int) for h in bh):
+            return [f"block_heads={bh!r} must be a list of ints (heads kept per block) or None"]
+        problems = []
+        if len(bh) != self.depth:
+            problems.append(f"block_heads={bh} must have one entry per block (depth={self.depth}), got {len(bh)}")
+        bad = [i for i, h in enumerate(bh) if not 1 <= h <= self.heads]
+        if bad:
+            problems.append(f"block_heads={bh}: every block keeps 1..heads={self.heads} heads "
+                            f"(blocks {bad} do not)")
+        return problems
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head, ``width // heads`` in every block (pruned or not)."""
+        return self.width // self.heads
+
+    @property
+    def heads_per_block(self) -> list[int]:
+        """Attention heads of each block: ``block_heads``, or ``heads`` for every block."""
+        return list(self.block_heads) if self.block_heads is not None else [self.heads] * self.depth
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -224,7 +256,9 @@ def check_field_types(d: dict[str, Any], source: str = "ModelConfig") -> None:
         is_int = isinstance(v, int) and not isinstance(v, bool)
         ok = {"int": is_int, "float": is_int or isinstance(v, float) and not isinstance(v, bool),
               "bool": isinstance(v, bool), "str": isinstance(v, str),
-              "dict[str, Any]": isinstance(v, dict)}.get(base)
+              "dict[str, Any]": isinstance(v, dict),
+              "list[int]": isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+              }.get(base)
         if base.startswith("tuple["):
             ok = isinstance(v, (list, tuple)) and len(v) == base.count(",") + 1 and \
                 all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)

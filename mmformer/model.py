@@ -107,9 +107,9 @@ class MMFormer(nn.Module):
         self.token_embed = nn.Embedding(c.vocab_size, d)
         self.register_buffer("text_pos", c.pos_scale * sinusoidal_1d(c.context_length, d), persistent=False)
         # shared trunk
-        self.blocks = nn.ModuleList(
-            MultiwayBlock(d, c.heads, c.mlp_hidden, c.share, c.modalities, c.qkv_bias, c.ln_eps)
-            for _ in range(c.depth)
+        self.blocks = nn.ModuleList(  # a pruned config gives blocks fewer heads of the same width
+            MultiwayBlock(d, h, c.mlp_hidden, c.share, c.modalities, c.qkv_bias, c.ln_eps, c.head_dim)
+            for h in c.heads_per_block
         )
         self.norm = nn.ModuleDict({m: nn.LayerNorm(d, eps=c.ln_eps) for m in c.modalities})
         # long documents' own token embeddings (with the document expert)
@@ -549,6 +549,8 @@ def model_fingerprint(model: nn.Module) -> str:
         d = config.to_dict()
         if isinstance(config, ModelConfig):  # retired fields at the value they always had, so
             d = {**RETIRED_FIELDS, **d}  # fingerprints recorded in indexes stay valid
+            if d.get("block_heads") is None:  # unpruned: hashed as before the field existed
+                d.pop("block_heads", None)
         h.update(json.dumps(d, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         if not isinstance(t, torch.Tensor):

@@ -106,7 +106,9 @@ def attend(
 ) -> torch.Tensor:
     """Fused projections (B, T, 3D) -> attention output before the output projection, (B, T, D).
 
-    softmax(Q K^T / sqrt(d_head) + mask) V per head, via :func:`scaled_dot_product`.
+    softmax(Q K^T / sqrt(d_head) + mask) V per head, via :func:`scaled_dot_product`. D is the
+    attention's inner width ``heads * d_head``, not necessarily the model width (a pruned block
+    has fewer heads of the same ``d_head``).
     """
     q, k, v = split_fused(qkv, 3, heads)  # each (B, H, T, Dh)
     mask = attn_bias_from_padding(key_padding_mask, qkv.shape[0], qkv.shape[1])

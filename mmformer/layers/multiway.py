@@ -61,37 +61,59 @@ def sharing(share: str) -> dict[str, bool]:
 
 
 class MultiwayAttention(nn.Module):
-    """Self-attention whose ``qkv``/``proj`` are shared or per modality (see :func:`sharing`)."""
+    """Self-attention whose ``qkv``/``proj`` are shared or per modality (see :func:`sharing`).
+
+    ``heads`` heads of ``head_dim`` each (default ``dim // heads``): the inner width
+    ``heads * head_dim`` may be smaller than ``dim`` after head pruning
+    (:mod:`mmformer.compress.prune`): ``qkv`` maps dim -> 3 * inner (q, k, v, each head by head),
+    ``proj`` maps inner -> dim.
+
+    ``head_gate``: None (the default: nothing is computed for it), or an (H,) tensor that
+    multiplies each head's attention output before ``proj``, for every modality (head-importance
+    scoring differentiates the loss with respect to it; a 0 entry switches a head off).
+    """
 
     def __init__(self, dim: int, heads: int, share: str, modalities: tuple[str, ...],
-                 qkv_bias: bool = True) -> None:
+                 qkv_bias: bool = True, head_dim: int | None = None) -> None:
         super().__init__()
-        check_heads(dim, heads)
+        if head_dim is None:
+            check_heads(dim, heads)
+            head_dim = dim // heads
+        if heads < 1 or head_dim < 1:
+            raise ValueError(f"need heads >= 1 and head_dim >= 1, got heads={heads}, head_dim={head_dim}")
         s = sharing(share)
-        self.heads = heads
-        self.qkv = shared_or_per_modality(s["qkv"], lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), modalities)
-        self.proj = shared_or_per_modality(s["proj"], lambda: nn.Linear(dim, dim), modalities)
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.qkv = shared_or_per_modality(s["qkv"], lambda: nn.Linear(dim, 3 * inner, bias=qkv_bias), modalities)
+        self.proj = shared_or_per_modality(s["proj"], lambda: nn.Linear(inner, dim), modalities)
         # text attention kernel: dense by default, or a sparse one (mmformer.layers.sparse)
         self.text_attend = attend
+        self.head_gate: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, modality: str,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, D) of one modality; key_padding_mask: (B, T) bool, True = real token."""
         fn = attend if modality == "image" else self.text_attend
-        h = fn(route(self.qkv, modality)(x), self.heads, key_padding_mask)
+        h = fn(route(self.qkv, modality)(x), self.heads, key_padding_mask)  # (B, T, H*Dh)
+        if self.head_gate is not None:
+            b, t, _ = h.shape
+            h = (h.reshape(b, t, self.heads, self.head_dim) * self.head_gate.to(h.dtype)[:, None]).reshape(b, t, -1)
         return route(self.proj, modality)(h)
 
 
 class MultiwayBlock(nn.Module):
-    """Pre-LN residual block: x + Attn(LN1_m(x)), then x + FFN_m(LN2_m(x)) for modality m."""
+    """Pre-LN residual block: x + Attn(LN1_m(x)), then x + FFN_m(LN2_m(x)) for modality m.
+
+    ``head_dim``: width of each attention head (default ``dim // heads``); a pruned block has
+    fewer heads of the unpruned model's head width (see :class:`MultiwayAttention`)."""
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int, share: str = "qkv",
                  modalities: tuple[str, ...] = MODALITIES, qkv_bias: bool = True,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, head_dim: int | None = None) -> None:
         super().__init__()
         s = sharing(share)
         self.norm1 = nn.ModuleDict({m: nn.LayerNorm(dim, eps=eps) for m in modalities})
-        self.attn = MultiwayAttention(dim, heads, share, modalities, qkv_bias)
+        self.attn = MultiwayAttention(dim, heads, share, modalities, qkv_bias, head_dim)
         self.norm2 = nn.ModuleDict({m: nn.LayerNorm(dim, eps=eps) for m in modalities})
         self.mlp = shared_or_per_modality(s["mlp"], lambda: Mlp(dim, mlp_hidden), modalities)
 

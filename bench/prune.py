@@ -1,0 +1,122 @@
+"""Head pruning: held-out recall and encoder speed of a trained model after removing 10-50% of its
+attention heads, by gradient or magnitude importance, with and without recovery fine-tuning.
+
+    python bench/prune.py --model runs/demo/model                      # after `mmformer demo`
+    python bench/prune.py --model runs/demo/model --recover 0,200 --fractions 0.1,0.3,0.5
+
+Per row: the heads chosen from ``--batches`` batches of the bundled emoji training split
+(:func:`mmformer.compress.prune.head_importance`, computed once per criterion on the unpruned
+model), removed for real (:func:`~mmformer.compress.prune.prune_heads`), optionally recovered by
+``N`` steps of CLIP loss + affinity distillation from the unpruned model on the same batches
+(:func:`~mmformer.compress.prune.recover`). Recall: text->image and image->text R@1 on the bundled
+held-out family (never seen in training), computed as ``mmformer eval`` and ``mmformer demo`` do
+(:func:`mmformer.retrieval.evaluate_retrieval`). Speed: ``encode_image`` / ``encode_text`` of
+batches of ``--speed-batch`` held-out images and captions, the fastest of at least ``--repeats``
+timed passes after a warm-up, all rows in one process, so the ratios to the unpruned row compare
+like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import best_rate, machine_line, markdown_table  # noqa: E402
+
+from mmformer.compress.prune import (CRITERIA, emoji_train_batches, head_importance, prune_heads,  # noqa: E402
+                                     recover, select_heads)
+from mmformer.data.emoji import InMemoryImageText, default_data_dir  # noqa: E402
+from mmformer.model import MMFormer  # noqa: E402
+from mmformer.retrieval import evaluate_retrieval  # noqa: E402
+
+
+def csv_of(text: str, kind):
+    return [kind(v) for v in text.split(",") if v.strip()]
+
+
+def measure(model: MMFormer, held_out: InMemoryImageText, images: torch.Tensor, ids: torch.Tensor,
+            mask: torch.Tensor, repeats: int) -> dict:
+    """Held-out R@1 both ways and images/s, texts/s of one batch each."""
+    model.eval()
+    m = evaluate_retrieval(model, model.tokenizer, held_out.stacked_images(), held_out.captions,
+                           held_out.caption_to_image, batch_size=256)
+    b = images.shape[0]
+    return {"t2i": m["t2i_R@1"], "i2t": m["i2t_R@1"], "chance": m["t2i_chance_R@1"],
+            "params": model.num_parameters() / 1e6,
+            "img_s": best_rate(lambda: model.encode_image(images), b, repeats),
+            "txt_s": best_rate(lambda: model.encode_text(ids, mask), b, repeats)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="runs/demo/model", help="trained save_pretrained directory")
+    p.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5", help="fractions of all heads to remove")
+    p.add_argument("--criteria", default=",".join(CRITERIA))
+    p.add_argument("--recover", default="0,200", help="recovery steps per row (0 = no recovery)")
+    p.add_argument("--batches", type=int, default=16, help="training batches for importance and recovery")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate")
+    p.add_argument("--speed-batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--data-dir", default=None)
+    args = p.parse_args()
+    fractions, criteria, recoveries = csv_of(args.fractions, float), csv_of(args.criteria, str), csv_of(args.recover, int)
+    bad = [c for c in criteria if c not in CRITERIA]
+    if bad:
+        raise SystemExit(f"unknown criteria {bad}; choose from {CRITERIA}")
+
+    t_start = time.time()
+    torch.manual_seed(0)
+    model = MMFormer.from_pretrained(args.model).eval()
+    c = model.config
+    data_dir = default_data_dir(args.data_dir)
+    held_out = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std, root=data_dir)
+    n = min(args.speed_batch, len(held_out))
+    images = held_out.stacked_images()[:n]
+    ids, mask = model.tokenizer(held_out.captions[:n], max_length=c.context_length)
+    batches = emoji_train_batches(model, args.batches, args.batch_size, str(data_dir))
+    print(f"{args.model}: {c.depth} blocks x {c.heads} heads, {model.num_parameters() / 1e6:.2f} M parameters; "
+          f"{len(batches)} training batches of {args.batch_size}; held-out family: {len(held_out)} images",
+          flush=True)
+
+    base = measure(model, held_out, images, ids, mask, args.repeats)
+    rows = [{"criterion": "(unpruned)", "removed": "0%", "heads": str(c.heads_per_block), "steps": 0, **base,
+             "img_x": 1.0, "txt_x": 1.0}]
+    print(f"unpruned: t2i R@1 {base['t2i']:.2f}, i2t R@1 {base['i2t']:.2f}, {base['img_s']:.0f} images/s, "
+          f"{base['txt_s']:.0f} texts/s", flush=True)
+    for criterion in criteria:
+        importance = head_importance(model, batches, criterion)
+        for fraction in fractions:
+            pruned = prune_heads(model, select_heads(importance, fraction, c.heads_per_block))
+            for steps in recoveries:
+                student = pruned if steps == 0 else copy.deepcopy(pruned)
+                if steps:
+                    recover(student, model, batches, steps, lr=args.lr)
+                r = measure(student, held_out, images, ids, mask, args.repeats)
+                r.update(img_x=r["img_s"] / base["img_s"], txt_x=r["txt_s"] / base["txt_s"])
+                rows.append({"criterion": criterion, "removed": f"{fraction:.0%}",
+                             "heads": str(student.config.heads_per_block), "steps": steps, **r})
+                print(f"{criterion} {fraction:.0%} +{steps} steps: t2i R@1 {r['t2i']:.2f}, i2t R@1 {r['i2t']:.2f}, "
+                      f"{r['img_x']:.2f}x images/s, {r['txt_x']:.2f}x texts/s", flush=True)
+
+    print()
+    print(f"Head pruning of {args.model} (held-out family, {len(held_out)} images; chance R@1 {base['chance']:.2f}; "
+          f"speed at batch {n}; recovery lr {args.lr:g} on {len(batches)} batches of {args.batch_size})")
+    print()
+    print(markdown_table(rows, [("criterion", "criterion", 0), ("removed", "removed", 0),
+                                ("heads per block", "heads", 0), ("recovery steps", "steps", 0),
+                                ("params (M)", "params", 3), ("t2i R@1", "t2i", 2), ("i2t R@1", "i2t", 2),
+                                ("images/s", "img_s", 0), ("texts/s", "txt_s", 0),
+                                ("images/s vs unpruned", "img_x", 2), ("texts/s vs unpruned", "txt_x", 2)]))
+    print()
+    print(machine_line() + f"; total {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
