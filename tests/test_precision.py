@@ -3,6 +3,7 @@ and one real measurement on the tiny model."""
 
 import pytest
 import torch
+import yaml
 
 from mmformer.config import get_config
 from mmformer.model import MMFormer
@@ -126,7 +127,7 @@ def test_interleaved_timing_is_not_biased_by_a_machine_that_slows_down(tiny):
 
 
 @pytest.mark.parametrize("argv,auto,expect", [
-    (["fit", "--trainer.precision", "auto"], True, ["fit", "--trainer.precision", "32-true", "--trainer.precision=32-true"]),
+    (["fit", "--trainer.precision", "auto"], True, ["fit", "--trainer.precision", "32-true"]),
     (["fit", "--trainer.precision=auto", "--trainer.precision=bf16-mixed"], False,
      ["fit", "--trainer.precision=auto", "--trainer.precision=bf16-mixed"]),
     (["fit", "--trainer.max_steps", "3"], False, ["fit", "--trainer.max_steps", "3"]),
@@ -140,9 +141,12 @@ def test_recipe_precision_auto_is_the_last_precision_given(argv, auto, expect):
 def test_recipe_file_precision_auto_and_a_later_override(tmp_path):
     from mmformer.training.recipes import take_auto_precision
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("trainer:\n  precision: auto\n")
-    out, is_auto = take_auto_precision(["fit", "--config", str(recipe)])
-    assert is_auto and out[-1] == "--trainer.precision=32-true"
+    recipe.write_text("trainer:\n  precision: auto\n  max_steps: 3\n")
+    (tmp_path / "scratch").mkdir()
+    out, is_auto = take_auto_precision(["fit", "--config", str(recipe)], tmp_path / "scratch")
+    assert is_auto and out[:2] == ["fit", "--config"] and out[2] != str(recipe)
+    assert yaml.safe_load(open(out[2])) == {"trainer": {"precision": "32-true", "max_steps": 3}}
+    assert recipe.read_text() == "trainer:\n  precision: auto\n  max_steps: 3\n"  # the user's file untouched
     out, is_auto = take_auto_precision(["fit", "--config", str(recipe), "--trainer.precision", "32-true"])
     assert not is_auto
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -154,20 +155,33 @@ def _precision_values(argv: Sequence[str]) -> list[tuple[int, str | None]]:
     return found
 
 
-def take_auto_precision(argv: Sequence[str]) -> tuple[list[str], bool]:
-    """(argv, auto): when the precision that takes effect (the last one set) is ``auto``, argv gets
-    a placeholder ``--trainer.precision=32-true`` (Lightning knows no ``auto``; the choice replaces
-    it before the Trainer is built) and auto is True."""
+def take_auto_precision(argv: Sequence[str], scratch: str | Path | None = None) -> tuple[list[str], bool]:
+    """(argv, auto): when the precision that takes effect (the last one set) is ``auto``, auto is
+    True and argv says ``32-true`` in its place (Lightning knows no ``auto``; the measured choice
+    replaces it before the Trainer is built): a ``--trainer.precision auto`` argument is rewritten,
+    and a recipe file that says ``precision: auto`` is replaced by a copy that says ``32-true``,
+    written into the folder ``scratch`` (needed then)."""
     argv = list(argv)
     values = _precision_values(argv)
     if not values or values[-1][1] != "auto":
         return argv, False
-    for i, value in values:  # command-line "auto"s would fail validation: make them placeholders too
-        if value == "auto" and argv[i].partition("=")[0] == "--trainer.precision":
+    configs = dict(_config_values(argv))
+    for n, (i, value) in enumerate(values):
+        if value != "auto":
+            continue
+        if i in configs:
+            if scratch is None:
+                raise ValueError(f"{configs[i]} sets trainer.precision: auto; a scratch folder is needed to rewrite it")
+            with open(configs[i], encoding="utf-8") as f:
+                recipe = yaml.safe_load(f)
+            recipe["trainer"]["precision"] = "32-true"
+            copy = Path(scratch) / f"{n}-{Path(configs[i]).name}"
+            copy.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+            argv[i] = f"{argv[i].partition('=')[0]}={copy}" if argv[i].startswith(("--config=", "-c=")) else str(copy)
+        elif argv[i].partition("=")[0] == "--trainer.precision":
             argv[i] = "--trainer.precision=32-true"
-        elif value == "auto" and i > 0 and argv[i - 1] == "--trainer.precision":
+        else:
             argv[i] = "32-true"
-    argv.append("--trainer.precision=32-true")
     return argv, True
 
 
@@ -193,7 +207,8 @@ class RecipeCLI(LightningCLI):
     ``LightningDataModule``, with the defaults and links described in the module docstring."""
 
     def __init__(self, args: Sequence[str], run: bool = True) -> None:
-        self._argv, self._auto_precision = take_auto_precision(resolve_recipes(args))
+        self._scratch = tempfile.TemporaryDirectory(prefix="mmformer-recipe-")  # removed with the CLI object
+        self._argv, self._auto_precision = take_auto_precision(resolve_recipes(args), self._scratch.name)
         super().__init__(MMFormerModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          args=self._argv, run=run, save_config_kwargs={"overwrite": True},
                          parser_kwargs={"default_env": False})
