@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training budget in minutes; the step count is calibrated to fit it")
     d.add_argument("--steps", type=int, default=None, help="exact number of optimizer steps (overrides --minutes)")
     d.add_argument("--batch-size", type=int, default=None)
+    d.add_argument("--recipe", default=None,
+                   help="fit recipe (file or shipped name) whose model and data settings the demo trains with "
+                        "(default: tiny-cpu); its trainer section is not used")
     d.add_argument("--precision", default="auto", help="auto (time a few steps of each on this CPU, keep the faster) | 32-true | bf16-mixed")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--query", action="append", default=None, help="text query to search (repeatable)")

@@ -28,17 +28,25 @@ from mmformer.training.trainer import make_trainer
 log = logging.getLogger(__name__)
 
 
-def demo_recipe() -> dict:
-    """The model and data settings the demo trains with: those of the shipped ``tiny-cpu`` recipe
-    (``train/tiny-cpu.yaml``; see README "Results" for what it reaches and how it was chosen), as
-    ``{"preset", "model_config", "batch_size", "lr", "weight_decay", "warmup_steps", "caption_mode"}``."""
-    recipe = load_recipe(DEMO_RECIPE_NAME)
+def demo_recipe(name_or_path: str | Path | None = None) -> dict:
+    """The model and data settings the demo trains with: those of a fit recipe (default: the
+    shipped ``tiny-cpu``, ``train/tiny-cpu.yaml``; see README "Results" for what it reaches and how
+    it was chosen), as ``{"preset", "model_config", "batch_size", "lr", "weight_decay",
+    "warmup_steps", "caption_mode", "module_args", "data_args"}``: ``module_args`` are all the
+    recipe's :class:`MMFormerModule` arguments (loss, ...), ``data_args`` all its data arguments.
+    The recipe's trainer section (steps, precision) is not used: the demo trains for its budget."""
+    recipe = load_recipe(name_or_path or DEMO_RECIPE_NAME)
     model, data = init_args(recipe.get("model")), init_args(recipe.get("data"))
+    module_args = {k: v for k, v in model.items() if k != "time_budget_s"}
+    data_args = {k: v for k, v in data.items() if k not in ("data_dir", *DATA_FROM_MODEL)}
     return {"preset": model.get("preset", "tiny"), "model_config": dict(model.get("model_config") or {}),
             "batch_size": data["batch_size"], "lr": model["lr"], "weight_decay": model["weight_decay"],
-            "warmup_steps": model["warmup_steps"], "caption_mode": data["caption_mode"]}
+            "warmup_steps": model["warmup_steps"], "caption_mode": data.get("caption_mode", "name"),
+            "module_args": module_args, "data_args": data_args}
 
 
+#: Data arguments the demo takes from the built model, not from the recipe.
+DATA_FROM_MODEL = ("image_size", "max_length", "image_mean", "image_std")
 DEMO_RECIPE_NAME = "tiny-cpu"
 DEMO_RECIPE = demo_recipe()
 DEFAULT_QUERIES = ["red apple", "dog face", "rocket", "smiling face with heart-eyes", "flag: japan"]
@@ -54,17 +62,15 @@ def run_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(args.seed, verbose=False)
     torch.set_float32_matmul_precision("high")
-    recipe = dict(DEMO_RECIPE)
+    recipe = demo_recipe(args.recipe) if getattr(args, "recipe", None) else dict(DEMO_RECIPE)
     if args.batch_size:
         recipe["batch_size"] = args.batch_size
 
     budget_s = None if args.steps else args.minutes * 60
-    module = MMFormerModule(preset=recipe["preset"], model_config=recipe["model_config"], lr=recipe["lr"],
-                            weight_decay=recipe["weight_decay"], warmup_steps=recipe["warmup_steps"],
-                            time_budget_s=budget_s)
+    module = MMFormerModule(**{**recipe["module_args"], "time_budget_s": budget_s})
     c = module.model.config
-    dm = ImageTextDataModule(data_dir=str(data_dir), image_size=c.image_size, batch_size=recipe["batch_size"],
-                             max_length=c.context_length, caption_mode=recipe["caption_mode"],
+    dm = ImageTextDataModule(**{**recipe["data_args"], "batch_size": recipe["batch_size"]}, data_dir=str(data_dir),
+                             image_size=c.image_size, max_length=c.context_length,
                              image_mean=c.image_mean, image_std=c.image_std)
     dm.set_tokenizer(module.tokenizer)
     print(f"loading the bundled emoji data from {data_dir} ...", flush=True)
