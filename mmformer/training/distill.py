@@ -188,10 +188,13 @@ class DistillModule(MMFormerModule):
                  "every batch's images; caption embeddings are cached by text", why)
 
     def configure_model(self) -> None:
+        """One process or DDP only: under ``ShardedStrategy`` / ``PipelineStrategy`` (a device mesh)
+        the feature projection, outside the sharded model, would not be synchronised and the
+        distillation terms gather over every rank, not the data-parallel group."""
+        if self.device_mesh is not None:
+            raise ValueError("DistillModule runs on one process or under DDP; ShardedStrategy and PipelineStrategy "
+                             "(FSDP2, tensor or pipeline parallelism) are not supported")
         super().configure_model()
-        if self.loss_group is not None:
-            raise ValueError("DistillModule: the distillation terms gather the batch over every rank; tensor "
-                             "parallelism (tensor_parallel_size > 1) is not supported")
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
@@ -249,8 +252,8 @@ class DistillModule(MMFormerModule):
         return t_ids.to(ids.device), t_mask.to(ids.device)
 
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        with self._autocast(images.device):
-            return F.normalize(self.teacher.encode_image(self._teacher_images(images)).float(), dim=-1)
+        with self._autocast(images.device):  # fp32 in (a bf16-true Trainer hands bf16 batches), autocast or not
+            return F.normalize(self.teacher.encode_image(self._teacher_images(images).float()).float(), dim=-1)
 
     def _encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with self._autocast(ids.device):
@@ -325,7 +328,7 @@ class DistillModule(MMFormerModule):
         if self.logit_bias is not None:
             logs["logit_bias"] = self.logit_bias.detach()
         if teacher is not None and self.teacher_cache is not None and self.teacher_cache.cache_images:
-            logs["teacher_cached"] = torch.tensor(teacher.cached)
+            logs["teacher_cached"] = out["logit_scale"].detach().new_tensor(teacher.cached)
         return loss, logs
 
     # ---- optimisation ----------------------------------------------------------------------
