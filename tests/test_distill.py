@@ -167,6 +167,26 @@ def test_teacher_precision_auto_follows_the_trainer_and_the_cpu(teacher_dir, mon
     assert (out.image_embeds - fp32.image_embeds).abs().max() < 0.05  # bf16 autocast, not another model
 
 
+def test_a_teacher_of_another_image_size_and_context_gets_its_own_inputs(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TEACHER, "depth": 1, "image_size": 32, "context_length": 6,
+                         "image_mean": (0.4, 0.5, 0.6), "image_std": (0.2, 0.3, 0.25)})
+    MMFormer(cfg, TOK).save_pretrained(tmp_path / "t")
+    module = student(tmp_path / "t", inherit=False)
+    batch = random_batch()
+    got = module.teacher_outputs(batch)
+    t = MMFormer.from_pretrained(tmp_path / "t").eval()
+    pixels = batch["images"] * 0.5 + 0.5  # the student's normalisation undone
+    pixels = F.interpolate(pixels, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    mean, std = torch.tensor(cfg.image_mean).view(1, 3, 1, 1), torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    ids, mask = TOK(batch["captions"], max_length=6)  # the teacher's context, not the batch's 8 tokens
+    with torch.no_grad():
+        assert torch.allclose(got.image_embeds, t.encode_image((pixels - mean) / std), atol=1e-6)
+        assert torch.allclose(got.text_embeds, t.encode_text(ids, mask), atol=1e-6)
+    with pytest.raises(InheritanceError, match="image_size: student 16, teacher 32"):
+        student(tmp_path / "t", inherit=True)
+
+
 # ---- the teacher stays frozen and out of everything saved ---------------------------------------------
 def test_teacher_is_frozen_and_not_in_parameters_checkpoints_or_the_export(teacher_dir, emoji, tmp_path):
     module = student(teacher_dir, interactive_weight=0.5)
@@ -220,7 +240,8 @@ def test_without_augmentation_the_teacher_embeds_each_sample_once_and_the_cache_
         fit(module, dm, steps=6)  # 3 epochs
     assert "image embeddings by sample" in caplog.text
     cache = module.teacher_cache
-    assert cache.cache_images and sorted(cache.images) == [0, 1, 2, 3] and sorted(cache.texts) == ["cat face", "grinning face"]
+    assert cache.cache_images and sorted(cache.images) == [0, 1, 2, 3]
+    assert sorted(cache.texts) == ["cat face", "grinning face"]
     assert counter.images == 4 and counter.texts == 2  # first epoch only, each caption once
     # the cached embeddings are the teacher's of the (un-augmented) training images and captions
     t = MMFormer.from_pretrained(teacher_dir).eval()
@@ -299,7 +320,8 @@ def test_fewer_heads_keep_the_heads_and_channels_of_largest_norm(teacher_dir):
     assert plan.blocks == [0, 2] and plan.heads[1] == [1, 3]
     # head norms by hand for block 2: q, k and v rows of each head in the shared qkv, proj columns per modality
     b, hd = t.blocks[2], 8
-    w = b.attn.qkv.weight.view(3, 4, hd, 32).pow(2).sum(dim=(0, 2, 3)) + b.attn.qkv.bias.view(3, 4, hd).pow(2).sum((0, 2))
+    w = b.attn.qkv.weight.view(3, 4, hd, 32).pow(2).sum(dim=(0, 2, 3))
+    w = w + b.attn.qkv.bias.view(3, 4, hd).pow(2).sum(dim=(0, 2))
     for proj in (b.attn.proj.image, b.attn.proj.text):
         w = w + proj.weight.view(32, 4, hd).pow(2).sum(dim=(0, 2))
     assert plan.heads[1] == sorted(torch.topk(w, 2).indices.tolist())

@@ -123,7 +123,8 @@ def _check_configs(s: ModelConfig, t: ModelConfig) -> None:
     s_hd, t_hd = s.width // s.heads, t.width // t.heads
     if s_hd != t_hd:
         problems.append(f"head width (width / heads): student {s.width}/{s.heads} = {s_hd}, teacher "
-                        f"{t.width}/{t.heads} = {t_hd}; whole heads are kept, so give the student width = heads * {t_hd}")
+                        f"{t.width}/{t.heads} = {t_hd}; whole heads are kept, so give the student "
+                        f"width = heads * {t_hd}")
     elif s.heads > t.heads:
         problems.append(f"heads: the student has {s.heads}, more than the teacher's {t.heads}")
     if s.mlp_hidden > t.mlp_hidden:

@@ -146,8 +146,9 @@ class DistillModule(MMFormerModule):
         if inherit:
             if self.model.tokenizer is None or teacher_model.tokenizer is None or \
                     self.model.tokenizer._proto != teacher_model.tokenizer._proto:
-                raise ValueError(f"inherit=true: the student's tokenizer is not the teacher's ({teacher}/{TOKENIZER_NAME}); "
-                                 "inherited token embeddings need the same token ids (leave tokenizer unset)")
+                raise ValueError(f"inherit=true: the student's tokenizer is not the teacher's "
+                                 f"({teacher}/{TOKENIZER_NAME}); inherited token embeddings need the same token "
+                                 "ids (leave tokenizer unset)")
             inherit_weights(self.model, teacher_model)
         needs_projection = (feature_weight or interactive_weight) and s.embed_dim != t.embed_dim
         self.feature_projection = FeatureProjection(s.embed_dim, t.embed_dim) if needs_projection else None
