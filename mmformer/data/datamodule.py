@@ -58,6 +58,10 @@ class ImageTextDataModule(pl.LightningDataModule):
         shard_epoch_size: shard items per rank per epoch (see ``ShardDataset.epoch_size``); set it
             for multi-rank training from shards so every rank runs the same number of steps.
         hflip: random horizontal flips in training.
+        augment: augment the training images (random resized crop, mild brightness/contrast,
+            ``hflip``); False = training images go through the eval transform, so a sample
+            has the same pixels in every epoch (:attr:`augment` tells a module that caches
+            per-sample results, e.g. a distillation teacher's embeddings).
         cache_dir: optional ``.npy`` cache directory for decoded emoji pixels.
         seed: shard shuffling seed, and the seed of the training order of map-style datasets
             (a :class:`~mmformer.training.checkpoint.ResumableSampler`: permutation per epoch from
@@ -75,7 +79,7 @@ class ImageTextDataModule(pl.LightningDataModule):
                  num_workers: int = 0, max_length: int = 16, caption_mode: CaptionMode = "name",
                  tokenizer_path: str | None = None, image_col: str = "image", caption_col: str = "caption",
                  shuffle_buffer: int = 1000, shard_epoch_size: int | None = None,
-                 hflip: bool = False, cache_dir: str | None = None,
+                 hflip: bool = False, augment: bool = True, cache_dir: str | None = None,
                  seed: int = 0, image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
                  image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
                  max_skipped_fraction: float = 1.0) -> None:
@@ -95,6 +99,11 @@ class ImageTextDataModule(pl.LightningDataModule):
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Use ``tokenizer`` (``ids, mask = tok(texts, max_length=T)``) for every loader."""
         self.tokenizer = tokenizer
+
+    @property
+    def augment(self) -> bool:
+        """True when training images are augmented (a sample's pixels change from epoch to epoch)."""
+        return bool(self.hparams.augment)
 
     @property
     def uses_emoji(self) -> bool:
@@ -122,7 +131,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         hp = self.hparams
         data = EmojiData.load(hp.data_dir or default_data_dir(), split, hp.image_size, cache_dir=hp.cache_dir)
         return InMemoryImageText(data, train=train, caption_mode=hp.caption_mode if train else "name",
-                                 mean=hp.image_mean, std=hp.image_std)
+                                 mean=hp.image_mean, std=hp.image_std, augment=hp.augment)
 
     def _manifest(self, path: str, train: bool) -> ImageTextManifest:
         """A manifest dataset with the train or eval transform."""
@@ -132,9 +141,9 @@ class ImageTextDataModule(pl.LightningDataModule):
                                  transform=transform)
 
     def _transform(self, train: bool):
-        """The PIL -> tensor pipeline for manifests and shards."""
+        """The PIL -> tensor pipeline for manifests and shards (the eval one for training without ``augment``)."""
         hp = self.hparams
-        return build_transforms(hp.image_size, train, hp.image_mean, hp.image_std, hflip=hp.hflip)
+        return build_transforms(hp.image_size, train and hp.augment, hp.image_mean, hp.image_std, hflip=hp.hflip)
 
     def _train_dataset(self) -> Dataset:
         hp = self.hparams

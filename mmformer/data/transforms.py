@@ -27,8 +27,8 @@ from torchvision.transforms import v2
 
 from mmformer.data.errors import CorruptSample
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT", "CapAspect", "ImageSource", "SampleKey", "build_transforms",
-           "load_image", "load_and_transform", "sample_rng", "sample_seed", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT", "BatchNormalize", "CapAspect", "ImageSource", "SampleKey",
+           "build_transforms", "load_image", "load_and_transform", "sample_rng", "sample_seed", "to_rgb"]
 
 #: Largest image (width * height) ``load_image`` accepts by default: 8192 x 8192.
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -303,3 +303,19 @@ class BatchTrainTransform:
             grey = x.mean(dim=(1, 2, 3), keepdim=True)
             x = (x - grey) * torch.empty(b, 1, 1, 1).uniform_(1 - self.contrast, 1 + self.contrast) + grey
         return (x.clamp(0, 1) - self.mean) / self.std
+
+
+class BatchNormalize:
+    """The un-augmented counterpart of :class:`BatchTrainTransform` for a whole uint8 batch:
+    (B, 3, S, S) uint8 -> (B, 3, S, S) float, ``(x / 255 - mean) / std``; the same pixels as
+    ``build_transforms(S, train=False)`` on images already S x S. Deterministic: ``seed`` (passed
+    by the collator like to :class:`BatchTrainTransform`) is accepted and ignored."""
+
+    def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise TypeError(f"expected a uint8 batch (B, 3, S, S), got {images.dtype} {tuple(images.shape)}")
+        return (images.float() / 255 - self.mean) / self.std

@@ -131,16 +131,41 @@ def cache_key(model: MMFormer, batch_size: int, device: str = "cpu") -> str:
     return "|".join(parts)
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux) and its bf16 flags."""
+#: /proc/cpuinfo flags of native bf16 matmuls (without them torch emulates bf16 on the CPU).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo_lines() -> list[str] | None:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            return f.read().splitlines()
     except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux) and its bf16 flags."""
+    lines = _cpuinfo_lines()
+    if lines is None:
         return platform.processor() or platform.machine()
     name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.machine())
     flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    return f"{name} [{' '.join(f for f in ('avx512_bf16', 'amx_bf16') if f in flags) or 'no bf16'}]"
+    return f"{name} [{' '.join(f for f in BF16_FLAGS if f in flags) or 'no bf16'}]"
+
+
+def has_native_bf16(device: torch.device | str = "cpu") -> bool:
+    """True when ``device`` runs bf16 matmuls natively: a CUDA device that supports bf16, or a CPU
+    whose /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (elsewhere bf16 on the CPU is emulated,
+    one to two orders of magnitude slower than fp32). Whether bf16 is then also *faster* depends
+    on the model's size (see the module docstring); this only says it is not emulated."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    lines = _cpuinfo_lines() or []
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    return any(f in flags for f in BF16_FLAGS)
 
 
 def cache_path() -> Path:
