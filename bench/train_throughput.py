@@ -25,6 +25,7 @@ step is one to two orders of magnitude slower than fp32 (seconds per sample), so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (Pair, build_open_clip, count_train_flops, load_tokenizer, machine_line,  # noqa: E402
@@ -119,14 +121,22 @@ def build(impl: str, cfg, vocab_size: int, seed: int) -> Pair:
     return Pair(impl, model.train())
 
 
-def time_training(pair: Pair, batch, precision: str, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of ``steps`` timed training steps, after ``warmup`` untimed ones."""
+OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+
+
+def time_training(pair: Pair, batch, precision: str, warmup: int, steps: int, optimizer: str = "fused",
+                  math_attention: bool = False) -> list[float]:
+    """Seconds of each of ``steps`` timed training steps, after ``warmup`` untimed ones. The same
+    AdamW implementation (``optimizer``) for every model; ``math_attention`` runs the step with
+    SDPA restricted to its math backend (how open_clip can be given matmul attention)."""
     images, ids, mask = batch
-    opt = torch.optim.AdamW(pair.model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    opt = torch.optim.AdamW(pair.model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1,
+                            **OPTIMIZERS[optimizer])
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        kernels = sdpa_kernel([SDPBackend.MATH]) if math_attention else contextlib.nullcontext()
+        with kernels, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             img, txt, scale = pair(images, ids, mask)
             loss = clip_loss(img, txt, scale)
         loss.backward()
@@ -139,13 +149,52 @@ def time_training(pair: Pair, batch, precision: str, warmup: int, steps: int) ->
     return times
 
 
+def parse_batch_sizes(text: str | None) -> dict[str, int]:
+    """``"64"`` -> every model 64 (key ``*``); ``"tiny=128,small=64"`` -> per preset; None -> {}."""
+    if not text:
+        return {}
+    if text.isdigit():
+        return {"*": int(text)}
+    out = {}
+    for part in text.split(","):
+        name, eq, value = part.partition("=")
+        if not eq or not value.isdigit():
+            raise ValueError(f"--batch-size {text!r}: expected N or PRESET=N,PRESET=N")
+        out[name] = int(value)
+    return out
+
+
+def ratio_lines(rows: list[dict]) -> list[str]:
+    """Per model: mmformer's best samples/s over each other implementation's best (each in its own
+    fastest precision)."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        best = {}
+        for r in rows:
+            if r["model"] == model and r["samples_per_s"] > best.get(r["impl"], {}).get("samples_per_s", 0):
+                best[r["impl"]] = r
+        ours = next((r for impl, r in best.items() if impl.startswith("mmformer")), None)
+        if ours is None:
+            continue
+        for impl, r in best.items():
+            if r is not ours:
+                lines.append(f"{model}: mmformer ({ours['precision']}) {ours['samples_per_s']:.1f} samples/s = "
+                             f"{ours['samples_per_s'] / r['samples_per_s']:.2f}x {impl} ({r['precision']}) "
+                             f"{r['samples_per_s']:.1f}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,small", help="comma-separated presets (default: tiny,small)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
-    p.add_argument("--impls", default="mmformer,open_clip", help="comma-separated: mmformer, open_clip")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--impls", default="mmformer,open_clip",
+                   help="comma-separated: mmformer, open_clip (as shipped: SDPA picks its kernel), "
+                        "open_clip+math (SDPA restricted to its math backend)")
+    p.add_argument("--optimizer", default="fused", choices=sorted(OPTIMIZERS),
+                   help="AdamW implementation, the same for every model (default: fused)")
+    p.add_argument("--batch-size", default=None,
                    help="batch size for every model (default: " +
                         ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()) + ")")
     p.add_argument("--steps", type=int, default=3, help="timed steps after 2 warm-up steps (default: 3)")
@@ -169,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         if x not in DTYPES:
             p.error(f"unknown precision {x!r}; choose from {sorted(DTYPES)}")
     for x in impls:
-        if x not in ("mmformer", "open_clip"):
-            p.error(f"unknown impl {x!r}; choose from mmformer, open_clip")
+        if x not in ("mmformer", "open_clip", "open_clip+math"):
+            p.error(f"unknown impl {x!r}; choose from mmformer, open_clip, open_clip+math")
+    try:
+        batch_sizes = parse_batch_sizes(args.batch_size)
+    except ValueError as e:
+        p.error(str(e))
 
     tok, tok_source = load_tokenizer(args.tokenizer)
     print(f"tokenizer: {tok.vocab_size} pieces ({tok_source})", flush=True)
@@ -183,19 +236,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for preset in models:
         cfg = get_config(preset, vocab_size=tok.vocab_size)
-        bs = args.batch_size or DEFAULT_BATCH.get(preset, 32)
+        bs = batch_sizes.get(preset, batch_sizes.get("*", DEFAULT_BATCH.get(preset, 32)))
         batch = random_batch(cfg, bs, tok.vocab_size, args.seed)
-        for impl in impls:
+        for impl_name in impls:
+            impl, math_attention = impl_name.split("+")[0], impl_name.endswith("+math")
             pair = build(impl, cfg, tok.vocab_size, args.seed)
             images, ids, mask = batch
             flops = count_train_flops(lambda: clip_loss(*pair(images, ids, mask)))  # noqa: B023
             pair.model.zero_grad(set_to_none=True)
-            label = f"mmformer share={cfg.share}" if impl == "mmformer" else "open_clip"
+            label = f"mmformer share={cfg.share}" if impl == "mmformer" else impl_name
             for precision in precisions:
                 pair = build(impl, cfg, tok.vocab_size, args.seed)  # fresh weights per run
                 print(f"timing {preset} {label} {precision} batch {bs}: {args.warmup_steps} warm-up + "
                       f"{args.steps} steps ...", flush=True)
-                times = time_training(pair, batch, precision, args.warmup_steps, args.steps)
+                times = time_training(pair, batch, precision, args.warmup_steps, args.steps, args.optimizer,
+                                      math_attention)
                 sps = bs * len(times) / sum(times)
                 achieved = flops / bs * sps
                 rows.append({
@@ -217,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         ("% of measured peak", "pct_of_peak", 1),
     ]))
     print()
+    for line in ratio_lines(rows):
+        print(line)
+    print(f"optimizer: AdamW ({args.optimizer}) for every model; {args.warmup_steps} warm-up + {args.steps} timed steps")
     for name in DTYPES:
         print(f"measured matmul peak {name}: " + describe_peak(peaks[name]))
     print(f"peak bf16/fp32 = {peaks['bf16']['peak_flops'] / peaks['fp32']['peak_flops']:.2f}; "
