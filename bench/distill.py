@@ -51,6 +51,7 @@ from mmformer.model import TOKENIZER_NAME, MMFormer  # noqa: E402
 from mmformer.retrieval import evaluate_retrieval  # noqa: E402
 from mmformer.training.distill import DISTILL_TERMS, DistillModule  # noqa: E402
 from mmformer.training.module import MMFormerModule  # noqa: E402
+from mmformer.training.precision import auto_precision  # noqa: E402
 from mmformer.training.recipes import init_args, load_recipe  # noqa: E402
 from mmformer.training.trainer import make_trainer  # noqa: E402
 
@@ -127,6 +128,10 @@ def train_run(run: str, args: argparse.Namespace, model_args: dict[str, Any], da
     budget_s = args.minutes * 60
     L.seed_everything(args.seed, verbose=False)
     module, dm, setting = build(run, model_args, data_args, args.teacher, budget_s, data_dir)
+    if precision == "auto":  # the recipe's "auto": measured on this model and batch (cached per CPU)
+        choice = auto_precision(module, dm)
+        print(f"{run}: {choice.reason()}", flush=True)
+        precision = choice.precision
     trainer = make_trainer(max_steps=-1, max_time={"seconds": budget_s}, precision=precision,
                            limit_val_batches=0, num_sanity_val_steps=0)
     t0 = time.perf_counter()
@@ -134,7 +139,7 @@ def train_run(run: str, args: argparse.Namespace, model_args: dict[str, Any], da
     train_s = time.perf_counter() - t0
     model = module.model.eval()
     metrics = held_out_recall(model, data_dir)
-    row = {"run": run, "params": model.num_parameters(), "images_s": images_per_s(model, args.batch_size),
+    row = {"run": run, "precision": precision, "params": model.num_parameters(), "images_s": images_per_s(model, args.batch_size),
            "steps": trainer.global_step, "train_min": train_s / 60, "t2i": metrics["t2i_R@1"],
            "i2t": metrics["i2t_R@1"], "t2i10": metrics["t2i_R@10"], "augment": setting["augment"],
            "setting": describe(setting), "metrics": metrics}
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                                 ("params", "params", 0),
                                 ("% of teacher params", "param_ratio", 1),
                                 (f"images/s (b{args.batch_size}, fp32)", "images_s", 0),
-                                ("x teacher", "speedup", 2), ("steps", "steps", 0), ("train min", "train_min", 1),
+                                ("x teacher", "speedup", 2), ("precision", "precision", 0), ("steps", "steps", 0), ("train min", "train_min", 1),
                                 ("t2i R@1", "t2i", 2), ("i2t R@1", "i2t", 2), ("t2i R@10", "t2i10", 2),
                                 ("% of teacher t2i R@1", "of_teacher", 1)]))
     print(f"\nheld-out family: the bundled test split; recipe {args.recipe}, {args.minutes:g} min per student, "
