@@ -6,6 +6,9 @@
 - :class:`Pair`: one interface over both models for training steps and retrieval embedding.
 - :func:`count_train_flops`: FLOPs of one forward+backward, including CPU attention kernels.
 - :func:`best_rate`: items per second of the fastest of several timed inference calls.
+- :class:`OnnxModel`: an ``export_onnx`` folder run by onnxruntime behind MMFormer's encoder calls.
+- :func:`held_out_split`, :func:`held_out_recall`: the bundled held-out family and a model's
+  retrieval metrics on it, as ``mmformer demo`` computes them.
 - :func:`machine_line`, :func:`markdown_table`: the report's last lines.
 """
 
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from mmformer.compress.onnx import GRAPHS, INT8_GRAPHS, OnnxEncoder
 from mmformer.config import ModelConfig
 from mmformer.tokenizer import EOS_ID, PAD_ID, Tokenizer, default_tokenizer_path
 
@@ -159,6 +163,63 @@ def best_rate(fn, batch: int, repeats: int, min_seconds: float = 1.0) -> float:
             best = min(best, time.perf_counter() - t)
             n += 1
     return batch / best
+
+
+# ---- exported models and held-out recall -------------------------------------------------------
+class OnnxModel(nn.Module):
+    """The graphs of an :func:`~mmformer.compress.onnx.export_onnx` folder run by onnxruntime,
+    behind MMFormer's encoder calls: ``encode_image(images)`` and ``encode_text(ids, mask)`` give
+    (B, E) unit float32 tensors, ``config`` and ``tokenizer`` are the exported ones. So the timing
+    loops and :func:`mmformer.retrieval.evaluate_retrieval` take it as they take the model (a
+    module without parameters: the embedding helpers then run it on the CPU).
+
+    Args:
+        folder: written by ``export_onnx``.
+        int8: the onnxruntime int8 graphs (``image.int8.onnx``, ``text.int8.onnx``).
+        threads: onnxruntime intra-op threads (0 = its default).
+    """
+
+    def __init__(self, folder: str | os.PathLike, int8: bool = False, threads: int = 0) -> None:
+        super().__init__()
+        self.encoder = OnnxEncoder(folder, int8=int8, threads=threads)
+        self.config, self.tokenizer = self.encoder.config, self.encoder.tokenizer
+        self.files = [Path(folder) / f for f in (INT8_GRAPHS if int8 else GRAPHS).values()]
+
+    @staticmethod
+    def _unit_only(normalize: bool) -> None:
+        if not normalize:
+            raise ValueError("the exported graphs return L2-normalised embeddings only (normalize=True)")
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        self._unit_only(normalize)
+        return torch.from_numpy(self.encoder.encode_image(images.numpy()))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    normalize: bool = True) -> torch.Tensor:
+        self._unit_only(normalize)
+        return torch.from_numpy(self.encoder.encode_text(input_ids.numpy(), attention_mask.numpy()))
+
+    def file_bytes(self) -> int:
+        """Bytes of the two graph files this model runs (each holds the shared trunk)."""
+        return sum(f.stat().st_size for f in self.files)
+
+
+def held_out_split(config: ModelConfig, data_dir: str | os.PathLike | None = None):
+    """The bundled held-out drawing family (the emoji test split, never seen in training) at the
+    model's image size and normalisation, one concept name per image."""
+    from mmformer.data.emoji import InMemoryImageText
+
+    return InMemoryImageText.eval_split("test", config.image_size, config.image_mean, config.image_std,
+                                        root=data_dir)
+
+
+def held_out_recall(model: nn.Module, data_dir: str | os.PathLike | None = None, split=None) -> dict[str, float]:
+    """:func:`mmformer.retrieval.evaluate_retrieval` of ``model`` on the held-out family
+    (``split``: an already loaded :func:`held_out_split` of the model's image settings)."""
+    from mmformer.retrieval import evaluate_retrieval
+
+    ds = split if split is not None else held_out_split(model.config, data_dir)
+    return evaluate_retrieval(model.eval(), model.tokenizer, ds.stacked_images(), ds.captions, ds.caption_to_image)
 
 
 # ---- report ------------------------------------------------------------------------------------

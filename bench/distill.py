@@ -42,13 +42,12 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, markdown_table  # noqa: E402
+from _common import held_out_recall, machine_line, markdown_table  # noqa: E402
 
 from mmformer.cli import configure_output  # noqa: E402
 from mmformer.data.datamodule import ImageTextDataModule  # noqa: E402
-from mmformer.data.emoji import InMemoryImageText, default_data_dir  # noqa: E402
+from mmformer.data.emoji import default_data_dir  # noqa: E402
 from mmformer.model import TOKENIZER_NAME, MMFormer  # noqa: E402
-from mmformer.retrieval import evaluate_retrieval  # noqa: E402
 from mmformer.training.distill import DISTILL_TERMS, DistillModule  # noqa: E402
 from mmformer.training.module import MMFormerModule  # noqa: E402
 from mmformer.training.precision import auto_precision  # noqa: E402
@@ -87,13 +86,6 @@ def images_per_s(model: MMFormer, batch_size: int = 64, reps: int = 20, warmup: 
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return batch_size / statistics.median(times)
-
-
-def held_out_recall(model: MMFormer, data_dir: Path) -> dict[str, float]:
-    """Retrieval metrics on the held-out family (the test split), one concept name per image."""
-    c = model.config
-    ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std, root=data_dir)
-    return evaluate_retrieval(model.eval(), model.tokenizer, ds.stacked_images(), ds.captions, ds.caption_to_image)
 
 
 def build(run: str, model_args: dict[str, Any], data_args: dict[str, Any], teacher: str, budget_s: float,

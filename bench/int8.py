@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_rate, load_tokenizer, machine_line, markdown_table  # noqa: E402
+from _common import OnnxModel, best_rate, load_tokenizer, machine_line, markdown_table  # noqa: E402
 
 from mmformer.compress import default_backend, int8_linear_bytes, quantize_int8  # noqa: E402
 from mmformer.config import get_config  # noqa: E402
@@ -64,21 +64,14 @@ class TorchVariant:
         return int8_linear_bytes(self.model)[0] / 2**20, serialized_mb(self.model) if self.dtype is None else None
 
 
-class OnnxVariant:
+class OnnxVariant(TorchVariant):
+    """The exported graphs in onnxruntime (as many threads as torch), called as the model is."""
+
     def __init__(self, folder: Path, int8: bool) -> None:
-        from mmformer.compress.onnx import INT8_GRAPHS, GRAPHS, OnnxEncoder
-
-        self.enc = OnnxEncoder(folder, int8=int8, threads=torch.get_num_threads())
-        self.files = [folder / f for f in (INT8_GRAPHS if int8 else GRAPHS).values()]
-
-    def image(self, images: torch.Tensor):
-        return torch.from_numpy(self.enc.encode_image(images.numpy()))
-
-    def text(self, ids: torch.Tensor, mask: torch.Tensor):
-        return torch.from_numpy(self.enc.encode_text(ids.numpy(), mask.numpy()))
+        super().__init__(OnnxModel(folder, int8=int8, threads=torch.get_num_threads()))
 
     def sizes(self) -> tuple[float | None, float | None]:
-        return None, sum(f.stat().st_size for f in self.files) / 2**20
+        return None, self.model.file_bytes() / 2**20
 
 
 def variants(model: MMFormer, args, scratch: Path, name: str) -> dict[str, object]:
