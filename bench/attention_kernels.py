@@ -1,0 +1,104 @@
+"""Attention kernels on the CPU: SDPA (flash / math backends) against two plain matmuls.
+
+For each dtype (fp32, bf16) and attention shape (B, H, T, Dh) it times forward+backward (the
+training case) and forward alone under ``no_grad`` (inference) of
+
+- ``flash``: ``F.scaled_dot_product_attention`` as PyTorch dispatches it on the CPU (its flash kernel);
+- ``sdpa-math``: the same restricted to SDPA's math backend;
+- ``matmul``: ``softmax(Q K^T / sqrt(Dh)) V`` with two matmuls, what
+  :func:`mmformer.layers.attention.scaled_dot_product` does where
+  :func:`~mmformer.layers.attention.use_matmul_path` says so,
+
+and prints the median milliseconds per call and which path mmformer takes. This is the measurement
+behind ``use_matmul_path`` (bf16/fp16, gradients, sequences up to ``MATMUL_PATH_MAX_LEN``).
+
+    python bench/attention_kernels.py
+    python bench/attention_kernels.py --shapes 32x6x65x64,16x6x256x64 --reps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_line, markdown_table  # noqa: E402
+
+from mmformer.layers.attention import MATMUL_PATH_MAX_LEN, use_matmul_path  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_SHAPES = "32x6x65x64,32x6x32x64,64x4x17x32,128x4x16x32,16x6x256x64,4x6x1024x64"
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+
+def sdpa_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "flash": F.scaled_dot_product_attention, "sdpa-math": sdpa_math, "matmul": matmul_attention}
+
+
+def time_ms(fn: Callable[..., torch.Tensor], qkv: list[torch.Tensor], backward: bool, reps: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``reps`` calls (forward+backward, or forward under no_grad)."""
+    times = []
+    for i in range(warmup + reps):
+        leaves = [x.detach().requires_grad_(backward) for x in qkv]
+        t0 = time.perf_counter()
+        if backward:
+            fn(*leaves).float().sum().backward()
+        else:
+            with torch.no_grad():
+                fn(*leaves)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BxHxTxDh (default: %(default)s)")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args(argv)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        for shape in args.shapes.split(","):
+            b, h, t, d = (int(x) for x in shape.split("x"))
+            qkv = [torch.randn(b, h, t, d, generator=g).to(dtype) for _ in range(3)]
+            for backward in (True, False):
+                row = {"dtype": dname, "shape": shape, "pass": "fwd+bwd" if backward else "fwd (no_grad)"}
+                for name, fn in KERNELS.items():
+                    row[name] = time_ms(fn, qkv, backward, args.reps)
+                probe = qkv[0].detach().requires_grad_(backward)
+                with torch.set_grad_enabled(backward):
+                    row["mmformer takes"] = "matmul" if use_matmul_path(probe, qkv[1]) else "flash"
+                rows.append(row)
+                print(f"{dname} {shape} {row['pass']}: " + ", ".join(f"{k} {row[k]:.2f} ms" for k in KERNELS), flush=True)
+    print()
+    print(markdown_table(rows, [("dtype", "dtype", 0), ("B x H x T x Dh", "shape", 0), ("pass", "pass", 0),
+                                ("flash ms", "flash", 2), ("sdpa-math ms", "sdpa-math", 2), ("matmul ms", "matmul", 2),
+                                ("mmformer takes", "mmformer takes", 0)]))
+    print(f"\nmedian of {args.reps} calls after 2 warm-up; matmul path for bf16/fp16 with gradients and "
+          f"T <= {MATMUL_PATH_MAX_LEN}")
+    print(machine_line())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
