@@ -129,7 +129,7 @@ def test_interleaved_timing_is_not_biased_by_a_machine_that_slows_down(tiny):
 @pytest.mark.parametrize("argv,auto,expect", [
     (["fit", "--trainer.precision", "auto"], True, ["fit", "--trainer.precision", "32-true"]),
     (["fit", "--trainer.precision=auto", "--trainer.precision=bf16-mixed"], False,
-     ["fit", "--trainer.precision=auto", "--trainer.precision=bf16-mixed"]),
+     ["fit", "--trainer.precision=32-true", "--trainer.precision=bf16-mixed"]),
     (["fit", "--trainer.max_steps", "3"], False, ["fit", "--trainer.max_steps", "3"]),
 ])
 def test_recipe_precision_auto_is_the_last_precision_given(argv, auto, expect):
@@ -147,8 +147,10 @@ def test_recipe_file_precision_auto_and_a_later_override(tmp_path):
     assert is_auto and out[:2] == ["fit", "--config"] and out[2] != str(recipe)
     assert yaml.safe_load(open(out[2])) == {"trainer": {"precision": "32-true", "max_steps": 3}}
     assert recipe.read_text() == "trainer:\n  precision: auto\n  max_steps: 3\n"  # the user's file untouched
-    out, is_auto = take_auto_precision(["fit", "--config", str(recipe), "--trainer.precision", "32-true"])
-    assert not is_auto
+    out, is_auto = take_auto_precision(["fit", "--config", str(recipe), "--trainer.precision", "bf16-mixed"],
+                                       tmp_path / "scratch")
+    assert not is_auto and out[2] != str(recipe) and out[3:] == ["--trainer.precision", "bf16-mixed"]
+    assert yaml.safe_load(open(out[2]))["trainer"]["precision"] == "32-true"  # parseable; overridden anyway
 
 
 def test_auto_precision_refuses_batches_that_are_not_image_text():

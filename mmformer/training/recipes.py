@@ -156,14 +156,16 @@ def _precision_values(argv: Sequence[str]) -> list[tuple[int, str | None]]:
 
 
 def take_auto_precision(argv: Sequence[str], scratch: str | Path | None = None) -> tuple[list[str], bool]:
-    """(argv, auto): when the precision that takes effect (the last one set) is ``auto``, auto is
-    True and argv says ``32-true`` in its place (Lightning knows no ``auto``; the measured choice
-    replaces it before the Trainer is built): a ``--trainer.precision auto`` argument is rewritten,
-    and a recipe file that says ``precision: auto`` is replaced by a copy that says ``32-true``,
-    written into the folder ``scratch`` (needed then)."""
+    """(argv, auto): auto is True when the precision that takes effect (the last one set) is
+    ``auto``. Every ``auto`` in argv becomes ``32-true`` (Lightning knows no ``auto``, even in a
+    recipe file whose value a later argument overrides; the measured choice replaces the
+    placeholder before the Trainer is built): a ``--trainer.precision auto`` argument is
+    rewritten, and a recipe file that says ``precision: auto`` is replaced by a copy that says
+    ``32-true``, written into the folder ``scratch`` (needed then)."""
     argv = list(argv)
     values = _precision_values(argv)
-    if not values or values[-1][1] != "auto":
+    auto = bool(values) and values[-1][1] == "auto"
+    if not any(value == "auto" for _, value in values):
         return argv, False
     configs = dict(_config_values(argv))
     for n, (i, value) in enumerate(values):
@@ -182,7 +184,7 @@ def take_auto_precision(argv: Sequence[str], scratch: str | Path | None = None) 
             argv[i] = "--trainer.precision=32-true"
         else:
             argv[i] = "32-true"
-    return argv, True
+    return argv, auto
 
 
 def _import(class_path: str) -> type:
