@@ -11,6 +11,7 @@
 - data 2 x tensor 2 on 4 processes: 3 steps give the one-process losses and parameters.
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -74,14 +75,17 @@ def _forward_check(rank: int) -> dict:
     return out
 
 
-def _tp_worker(rank, port, root, out):
-    init_rank_env(rank, port)
+def _tp_worker(rank, ports, root, out):
+    init_rank_env(rank, ports[0])
     import torch.distributed as dist
 
     from mmformer.training.distributed import ShardedStrategy
 
     root = Path(root)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # its own port: the Trainer's group below rendezvouses on MASTER_PORT, and a second store on
+    # the port of a group just destroyed could hang the rendezvous
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[1]}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))
     forward = _forward_check(rank)
     dist.destroy_process_group()
 
@@ -101,8 +105,8 @@ def _tp_worker(rank, port, root, out):
                  "params5": full_params(module2), "heads": heads}
 
 
-def _dp_tp_worker(rank, port, root, out):
-    init_rank_env(rank, port)
+def _dp_tp_worker(rank, ports, root, out):
+    init_rank_env(rank, ports[0])
     from mmformer.training.distributed import ShardedStrategy
 
     rec = LossRecorder()
@@ -117,7 +121,12 @@ def _dp_tp_worker(rank, port, root, out):
 
 def _spawn(fn, nprocs, root):
     out = mp.Manager().dict()
-    mp.start_processes(fn, args=(free_port(), str(root), out), nprocs=nprocs, join=True, start_method="fork")
+    ports = [free_port()]
+    while len(ports) < 2:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    mp.start_processes(fn, args=(ports, str(root), out), nprocs=nprocs, join=True, start_method="fork")
     return dict(out)
 
 
