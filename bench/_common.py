@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -231,6 +233,16 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def run_demo(demo_args: list[str], run_dir: Path) -> dict[str, Any]:
+    """Run ``mmformer demo DEMO_ARGS --out RUN_DIR`` in a fresh process (the checkout's code) and
+    return its ``results.json``; a failed run raises with the end of its stderr."""
+    cmd = [sys.executable, "-m", "mmformer.cli", "demo", *demo_args, "--out", str(run_dir)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
 
 
 def machine_line() -> str:

@@ -21,13 +21,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_line, markdown_table  # noqa: E402
+from _common import REPO, machine_line, markdown_table, run_demo  # noqa: E402
 
 FAMILIES = ("google", "twitter", "openmoji", "emojione", "noto")
 
@@ -61,17 +60,12 @@ def run_family(family: str, args: argparse.Namespace, out: Path) -> dict:
     data = out / "data" / family
     counts = resplit(Path(args.data_dir), data, family)
     run_dir = out / family
-    cmd = [sys.executable, "-m", "mmformer.cli", "demo", "--minutes", str(args.minutes), "--data-dir", str(data),
-           "--out", str(run_dir), "--precision", args.precision, "--seed", str(args.seed), "--query", "red apple"]
-    if args.recipe:
-        cmd += ["--recipe", args.recipe]
+    demo = ["--minutes", str(args.minutes), "--data-dir", str(data), "--precision", args.precision,
+            "--seed", str(args.seed), "--query", "red apple"] + (["--recipe", args.recipe] if args.recipe else [])
     print(f"{family}: train {counts['train']} / val {counts['val']} / test {counts['test']} images; "
-          f"{' '.join(cmd[2:])}", flush=True)
+          f"mmformer demo {' '.join(demo)}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    if proc.returncode:
-        raise RuntimeError(f"demo for held-out {family} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    res = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    res = run_demo(demo, run_dir)
     m = res["test_metrics"]
     row = {"held-out": family, "test images": counts["test"], "steps": res["steps"], "precision": res["precision"],
            "t2i R@1": m["t2i_R@1"], "i2t R@1": m["i2t_R@1"], "t2i R@10": m["t2i_R@10"],

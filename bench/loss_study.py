@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_line, markdown_table  # noqa: E402
+from _common import machine_line, markdown_table, run_demo  # noqa: E402
 
 from mmformer.training.recipes import load_recipe  # noqa: E402
 
@@ -43,13 +41,9 @@ def recipe_with_loss(base: str, loss: str, out: Path) -> Path:
 
 def run(loss: str, batch: int, seed: int, args: argparse.Namespace, out: Path) -> dict:
     run_dir = out / f"{loss}-b{batch}-s{seed}"
-    cmd = [sys.executable, "-m", "mmformer.cli", "demo", "--steps", str(args.steps), "--batch-size", str(batch),
-           "--recipe", str(recipe_with_loss(args.recipe, loss, out)), "--precision", args.precision,
-           "--seed", str(seed), "--out", str(run_dir), "--query", "red apple"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    res = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    res = run_demo(["--steps", str(args.steps), "--batch-size", str(batch),
+                    "--recipe", str(recipe_with_loss(args.recipe, loss, out)), "--precision", args.precision,
+                    "--seed", str(seed), "--query", "red apple"], run_dir)
     m = res["test_metrics"]
     row = {"batch": batch, "loss": loss, "seed": seed, "steps": res["steps"], "precision": res["precision"],
            "train s": res["train_seconds"], "t2i R@1": m["t2i_R@1"], "i2t R@1": m["i2t_R@1"],
