@@ -122,7 +122,7 @@ def apply_tensor_parallel(model: MMFormer, mesh: Any) -> MMFormer:
     """
     tp = mesh.size()
     c = model.config
-    if getattr(c, "block_heads", None) is not None:
+    if c.block_heads is not None:
         raise ValueError(f"tensor parallelism splits every block's {c.heads} heads evenly; this model's blocks were "
                          f"pruned to {c.block_heads} heads: train or fine-tune it without tensor_parallel_size")
     problems = [f"heads={c.heads}" for _ in [0] if c.heads % tp] + \

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+log = logging.getLogger(__name__)
+
 
 def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(decay, no_decay): weight matrices decay; parameters of fewer than two dims (norms, biases,
@@ -26,9 +28,6 @@ def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return decay, no_decay
 
 
-log = logging.getLogger(__name__)
-
-
 def fused_supported(groups: list[dict[str, Any]]) -> bool:
     """True when every parameter is a plain (not sharded ``DTensor``) floating-point tensor on the
     CPU or a CUDA device: the cases ``torch.optim.AdamW(fused=True)`` takes."""
@@ -41,7 +40,7 @@ def make_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW
     """AdamW over ``groups``, fused (one kernel for every parameter's update) where
     :func:`fused_supported`, else PyTorch's default implementation. On the CPU the fused
     update makes a ``small`` bf16 training step ~10% faster than the per-parameter loop
-    (bench/train_throughput.py, README "Training speed"); the arithmetic is the same."""
+    (bench/train_throughput.py, README "Training throughput"); the arithmetic is the same."""
     fused = fused_supported(groups)
     log.debug("AdamW: %s implementation", "fused" if fused else "default")
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)

@@ -149,8 +149,13 @@ def cpu_name() -> str:
     if lines is None:
         return platform.processor() or platform.machine()
     name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.machine())
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    flags = _cpu_flags(lines)
     return f"{name} [{' '.join(f for f in BF16_FLAGS if f in flags) or 'no bf16'}]"
+
+
+def _cpu_flags(lines: list[str]) -> list[str]:
+    """The ``flags`` of the first CPU in /proc/cpuinfo's ``lines`` ([] when there are none)."""
+    return next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
 
 
 def has_native_bf16(device: torch.device | str = "cpu") -> bool:
@@ -163,8 +168,7 @@ def has_native_bf16(device: torch.device | str = "cpu") -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    lines = _cpuinfo_lines() or []
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    flags = _cpu_flags(_cpuinfo_lines() or [])
     return any(f in flags for f in BF16_FLAGS)
 
 
@@ -188,7 +192,7 @@ def choose_precision(model: MMFormer, images: torch.Tensor, input_ids: torch.Ten
                      make_step: Callable[..., Callable[[], None]] = training_step) -> PrecisionChoice:
     """Time ``steps`` training steps (after ``warmup``) of each candidate precision on this
     batch, interleaved, and return the fastest. With ``use_cache``, a measurement made before for the same
-    CPU, torch, thread count, model config and batch size is reused."""
+    CPU, torch, kernel version, thread count, model config and batch size is reused."""
     unknown = [c for c in candidates if c not in _AUTOCAST]
     if unknown:
         raise ValueError(f"unknown precision(s) {unknown}; auto chooses among {list(_AUTOCAST)}")

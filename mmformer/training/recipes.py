@@ -120,14 +120,20 @@ def names_class(argv: Sequence[str], key: str) -> bool:
         if arg.partition("=")[0] in (f"--{key}", f"--{key}.class_path"):
             return True
     for _, value in _config_values(argv):
-        try:
-            with open(value, encoding="utf-8") as f:
-                section = (yaml.safe_load(f) or {}).get(key)
-        except (OSError, yaml.YAMLError, AttributeError):
-            continue
+        section = config_section(value, key)
         if isinstance(section, str) or (isinstance(section, dict) and "class_path" in section):
             return True
     return False
+
+
+def config_section(path: str, key: str) -> Any:
+    """Section ``key`` of the YAML file ``path``; None when the file cannot be read or parsed or
+    has no such section (LightningCLI reports what is wrong with the file itself)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return (yaml.safe_load(f) or {}).get(key)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
 
 
 def _precision_values(argv: Sequence[str]) -> list[tuple[int, str | None]]:
@@ -138,12 +144,8 @@ def _precision_values(argv: Sequence[str]) -> list[tuple[int, str | None]]:
     configs = dict(_config_values(argv))
     for i, arg in enumerate(argv):
         if i in configs:
-            try:
-                with open(configs[i], encoding="utf-8") as f:
-                    trainer = (yaml.safe_load(f) or {}).get("trainer") or {}
-                value = trainer.get("precision") if isinstance(trainer, dict) else None
-            except (OSError, yaml.YAMLError, AttributeError):
-                value = None
+            trainer = config_section(configs[i], "trainer")
+            value = trainer.get("precision") if isinstance(trainer, dict) else None
             if value is not None:
                 found.append((i, str(value)))
         name, eq, value = arg.partition("=")
