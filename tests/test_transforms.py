@@ -256,3 +256,81 @@ def test_batch_train_transform_crops_and_normalises_like_the_per_image_pipeline(
     assert len({tuple(o[0, 8].tolist()) for o in out}) > 1
     with pytest.raises(TypeError, match="uint8 batch"):
         BatchTrainTransform()(images.float())
+
+
+# ---- drawing-style augmentations (posterize, blur, greyscale, saturation) --------------------------
+
+
+def test_batch_style_ops_equal_torchvision_per_image():
+    from torchvision.transforms.v2 import functional as TF
+
+    from mmformer.data.transforms import gaussian_blur_batch, grayscale_batch, posterize_batch
+
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=g)
+    x = u8.float() / 255
+    for bits in (1, 3, 8):
+        torch.testing.assert_close(posterize_batch(x, bits), TF.posterize(u8, bits).float() / 255, atol=1e-6, rtol=0)
+    sigma = torch.tensor([0.2, 0.5, 1.0, 2.0])
+    blurred = gaussian_blur_batch(x, sigma)
+    for i, s in enumerate(sigma.tolist()):
+        torch.testing.assert_close(blurred[i], TF.gaussian_blur(x[i], [5, 5], [s, s]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grayscale_batch(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+
+
+def test_batch_train_transform_style_augmentations():
+    from mmformer.data.transforms import BatchTrainTransform
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
+    still = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "brightness": 0, "contrast": 0}
+    # posterize always: every value on the 3-bit grid k * 32 / 255 (before normalisation)
+    out = BatchTrainTransform(**still, posterize=1.0, posterize_bits=3)(images)
+    levels = (out * 0.5 + 0.5) * 255 / 32
+    torch.testing.assert_close(levels, levels.round(), atol=1e-3, rtol=0)
+    # greyscale always: the three channels are equal
+    out = BatchTrainTransform(**still, grayscale=1.0)(images)
+    torch.testing.assert_close(out[:, 0], out[:, 1]) and torch.testing.assert_close(out[:, 1], out[:, 2])
+    # blur always: a checkerboard loses contrast, the mean stays
+    board = ((torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 255).to(torch.uint8).expand(4, 3, 16, 16)
+    out = BatchTrainTransform(**still, blur=1.0, blur_sigma=(0.8, 1.0))(board.contiguous())
+    assert out.std() < 0.5 * (board.float() / 127.5 - 1).std()
+    # saturation: grey pixels stay grey, coloured ones change
+    grey = torch.full((4, 3, 8, 8), 100, dtype=torch.uint8)
+    torch.testing.assert_close(BatchTrainTransform(**still, saturation=0.5)(grey), (grey.float() / 255 - 0.5) / 0.5,
+                               atol=1e-4, rtol=0)  # the luma weights sum to 0.9999
+    # each probability chooses samples independently: about half of them greyscale at p = 0.5
+    out = BatchTrainTransform(**still, grayscale=0.5)(images.repeat(4, 1, 1, 1))
+    n_grey = sum(bool(torch.equal(o[0], o[1]) and torch.equal(o[1], o[2])) for o in out)
+    assert 16 <= n_grey <= 48
+
+
+def test_per_image_pipeline_style_augmentations():
+    torch.manual_seed(0)
+    arr = np.random.default_rng(5).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    still = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "brightness": 0.0, "contrast": 0.0}
+    out = build_transforms(16, train=True, grayscale=1.0, **still)(Image.fromarray(arr))
+    torch.testing.assert_close(out[0], out[1]) and torch.testing.assert_close(out[1], out[2])
+    out = build_transforms(16, train=True, posterize=1.0, posterize_bits=2, **still)(Image.fromarray(arr))
+    levels = (out * 0.5 + 0.5) * 255 / 64
+    torch.testing.assert_close(levels, levels.round(), atol=1e-3, rtol=0)
+
+
+def test_augment_args_are_checked_with_useful_errors():
+    from mmformer.data.datamodule import ImageTextDataModule
+    from mmformer.data.transforms import AUGMENT_DEFAULTS, BatchTrainTransform, augment_args
+
+    assert augment_args(None) == {**AUGMENT_DEFAULTS}
+    assert augment_args({"blur": 0.3, "scale": [0.5, 1]})["scale"] == (0.5, 1.0)
+    with pytest.raises(ValueError, match=r"ImageTextDataModule augment_args: unknown key\(s\) \['blurr'\]; expected"):
+        ImageTextDataModule(augment_args={"blurr": 0.5})
+    with pytest.raises(ValueError, match="'grayscale' is a probability in \\[0, 1\\], got 1.5"):
+        BatchTrainTransform(grayscale=1.5)
+    with pytest.raises(ValueError, match="'scale' is a range"):
+        build_transforms(16, train=True, scale=(0.9, 0.1))
+    with pytest.raises(ValueError, match="'posterize_bits' is an integer 1..8"):
+        augment_args({"posterize_bits": 0})
+    with pytest.raises(ValueError, match="'saturation' is a jitter strength"):
+        augment_args({"saturation": -0.1})
+    assert ImageTextDataModule(hflip=True, augment_args={"blur": 0.2}).augment_settings["hflip"] is True

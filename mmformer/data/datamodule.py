@@ -28,6 +28,7 @@ from mmformer.data.emoji import CaptionMode, EmojiData, InMemoryImageText, defau
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.sampler import ResumableDataLoader, ResumableSampler
 from mmformer.data.shards import ResumableShardLoader, ShardDataset
+from mmformer.data.transforms import augment_args as augment_args_of
 from mmformer.data.transforms import build_transforms
 from mmformer.tokenizer import Tokenizer as SentencePieceTokenizer
 
@@ -57,11 +58,16 @@ class ImageTextDataModule(pl.LightningDataModule):
         shuffle_buffer: shard sample-shuffle buffer.
         shard_epoch_size: shard items per rank per epoch (see ``ShardDataset.epoch_size``); set it
             for multi-rank training from shards so every rank runs the same number of steps.
-        hflip: random horizontal flips in training.
+        hflip: random horizontal flips in training (the same as ``augment_args: {hflip: true}``).
         augment: augment the training images (random resized crop, mild brightness/contrast,
-            ``hflip``); False = training images go through the eval transform, so a sample
-            has the same pixels in every epoch (:attr:`augment` tells a module that caches
-            per-sample results, e.g. a distillation teacher's embeddings).
+            ``hflip``, and what ``augment_args`` switches on); False = training images go
+            through the eval transform, so a sample has the same pixels in every epoch
+            (:attr:`augment` tells a module that caches per-sample results, e.g. a distillation
+            teacher's embeddings).
+        augment_args: settings of the training augmentation over
+            :data:`~mmformer.data.transforms.AUGMENT_DEFAULTS` (crop ``scale``/``ratio``, jitter
+            strengths, and the drawing-style augmentations ``posterize``, ``blur``,
+            ``grayscale``, off by default); checked here, an unknown key is an error.
         cache_dir: optional ``.npy`` cache directory for decoded emoji pixels.
         seed: shard shuffling seed, and the seed of the training order of map-style datasets
             (a :class:`~mmformer.training.checkpoint.ResumableSampler`: permutation per epoch from
@@ -82,10 +88,12 @@ class ImageTextDataModule(pl.LightningDataModule):
                  hflip: bool = False, augment: bool = True, cache_dir: str | None = None,
                  seed: int = 0, image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
                  image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                 max_skipped_fraction: float = 1.0) -> None:
+                 max_skipped_fraction: float = 1.0, augment_args: dict[str, Any] | None = None) -> None:
         super().__init__()
         if not max_skipped_fraction > 0:
             raise ValueError(f"max_skipped_fraction must be > 0, got {max_skipped_fraction}")
+        #: the training augmentation's settings (every key of AUGMENT_DEFAULTS), checked
+        self.augment_settings = augment_args_of({"hflip": hflip, **(augment_args or {})}, "ImageTextDataModule augment_args")
         self._epoch_skips: dict[int, list[int]] = {}  # epoch -> [samples seen, samples skipped]
         self.save_hyperparameters()
         self.tokenizer: Tokenizer | None = _load_tokenizer(tokenizer_path) if tokenizer_path else None
@@ -131,7 +139,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         hp = self.hparams
         data = EmojiData.load(hp.data_dir or default_data_dir(), split, hp.image_size, cache_dir=hp.cache_dir)
         return InMemoryImageText(data, train=train, caption_mode=hp.caption_mode if train else "name",
-                                 mean=hp.image_mean, std=hp.image_std, augment=hp.augment)
+                                 mean=hp.image_mean, std=hp.image_std, augment=hp.augment,
+                                 augment_args=self.augment_settings)
 
     def _manifest(self, path: str, train: bool) -> ImageTextManifest:
         """A manifest dataset with the train or eval transform."""
@@ -143,7 +152,7 @@ class ImageTextDataModule(pl.LightningDataModule):
     def _transform(self, train: bool):
         """The PIL -> tensor pipeline for manifests and shards (the eval one for training without ``augment``)."""
         hp = self.hparams
-        return build_transforms(hp.image_size, train and hp.augment, hp.image_mean, hp.image_std, hflip=hp.hflip)
+        return build_transforms(hp.image_size, train and hp.augment, hp.image_mean, hp.image_std, **self.augment_settings)
 
     def _train_dataset(self) -> Dataset:
         hp = self.hparams

@@ -246,7 +246,8 @@ class InMemoryImageText(Dataset):
     Item ``i`` is image ``i`` with a caption: in eval (``train=False``) always the concept name;
     in training per ``caption_mode``: ``"name"`` -> the name, ``"name+keywords"`` -> uniformly
     the name or its keywords joined by ", " (the name when there are no keywords). Training
-    images are augmented unless ``augment=False``: then item ``i`` always has the same pixels,
+    images are augmented (``augment_args``: keys of
+    :data:`~mmformer.data.transforms.AUGMENT_DEFAULTS`) unless ``augment=False``: then item ``i`` always has the same pixels,
     those of eval (what lets a teacher's embeddings of it be computed once, see
     :class:`~mmformer.training.distill.DistillModule`).
 
@@ -257,17 +258,19 @@ class InMemoryImageText(Dataset):
 
     def __init__(self, data: EmojiData, *, train: bool, image_size: int | None = None,
                  caption_mode: CaptionMode = "name", mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 std: Sequence[float] = (0.5, 0.5, 0.5), augment: bool = True) -> None:
+                 std: Sequence[float] = (0.5, 0.5, 0.5), augment: bool = True,
+                 augment_args: dict | None = None) -> None:
         if caption_mode not in get_args(CaptionMode):
             raise ValueError(f"caption_mode must be 'name' or 'name+keywords', got {caption_mode!r}")
         self.data, self.train, self.caption_mode = data, train, caption_mode
         self.augment = train and augment
-        self.transform = build_transforms(image_size or data.image_size, self.augment, mean, std)
+        aug = augment_args or {}
+        self.transform = build_transforms(image_size or data.image_size, self.augment, mean, std, **aug)
         # training items stay uint8; the collator transforms the whole batch at once (much cheaper)
         same_size = image_size in (None, data.image_size)
         self.batch_transform = None
         if train and same_size:
-            self.batch_transform = BatchTrainTransform(mean, std) if self.augment else BatchNormalize(mean, std)
+            self.batch_transform = BatchTrainTransform(mean, std, **aug) if self.augment else BatchNormalize(mean, std)
         self.names = [data.concept_names[int(c)] for c in data.concept_ids]  # per image
         self.choices = [self._caption_choices(int(c)) for c in range(len(data.concept_names))]
 

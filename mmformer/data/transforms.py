@@ -27,8 +27,9 @@ from torchvision.transforms import v2
 
 from mmformer.data.errors import CorruptSample
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT", "BatchNormalize", "CapAspect", "ImageSource", "SampleKey",
-           "build_transforms", "load_image", "load_and_transform", "sample_rng", "sample_seed", "to_rgb"]
+__all__ = ["AUGMENT_DEFAULTS", "DEFAULT_MAX_PIXELS", "MAX_ASPECT", "BatchNormalize", "BatchTrainTransform", "CapAspect",
+           "ImageSource", "SampleKey", "augment_args", "build_transforms", "gaussian_blur_batch", "grayscale_batch",
+           "posterize_batch", "load_image", "load_and_transform", "sample_rng", "sample_seed", "to_rgb"]
 
 #: Largest image (width * height) ``load_image`` accepts by default: 8192 x 8192.
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -229,52 +230,138 @@ class CapAspect(torch.nn.Module):
         return v2.functional.center_crop(img, [ch, cw])
 
 
+#: The training augmentation's settings and their defaults, shared by :func:`build_transforms` (per
+#: image, PIL) and :class:`BatchTrainTransform` (per uint8 batch); :func:`augment_args` checks a
+#: partial dict of them (a data module's ``augment_args``). Geometry: ``scale``/``ratio`` of the
+#: random resized crop, ``hflip``. Colour: ``brightness``/``contrast``/``saturation`` jitter
+#: strengths (a factor uniform in [1 - s, 1 + s]; never hue: colour identifies emoji). Drawing
+#: style (off by default): ``posterize`` = probability of keeping ``posterize_bits`` bits per
+#: channel (flattens shading into bands), ``blur`` = probability of a 5-tap Gaussian blur with
+#: sigma uniform in ``blur_sigma`` pixels (less detail), ``grayscale`` = probability of ITU-R 601
+#: luma (shape without colour).
+AUGMENT_DEFAULTS: dict[str, object] = {
+    "scale": (0.6, 1.0), "ratio": (0.85, 1.18), "hflip": False, "brightness": 0.1, "contrast": 0.1,
+    "saturation": 0.0, "posterize": 0.0, "posterize_bits": 3, "blur": 0.0, "blur_sigma": (0.2, 1.0),
+    "grayscale": 0.0,
+}
+_PROBABILITIES = ("posterize", "blur", "grayscale")
+_STRENGTHS = ("brightness", "contrast", "saturation")
+_BLUR_TAPS = 5
+
+
+def augment_args(args: dict | None = None, source: str = "augment_args") -> dict:
+    """``args`` (a partial dict of :data:`AUGMENT_DEFAULTS` keys) over the defaults, checked:
+    unknown keys, probabilities outside [0, 1], negative strengths and bad ranges raise a
+    ``ValueError`` that names ``source``, the key and what was expected."""
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(AUGMENT_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(AUGMENT_DEFAULTS)}")
+    out = {**AUGMENT_DEFAULTS, **args}
+    for k in _PROBABILITIES:
+        if not isinstance(out[k], (int, float)) or not 0 <= out[k] <= 1:
+            raise ValueError(f"{source}: {k!r} is a probability in [0, 1], got {out[k]!r}")
+    for k in _STRENGTHS:
+        if not isinstance(out[k], (int, float)) or not 0 <= out[k] < 1:
+            raise ValueError(f"{source}: {k!r} is a jitter strength in [0, 1), got {out[k]!r}")
+    for k, lo in (("scale", 0.0), ("ratio", 0.0), ("blur_sigma", 0.0)):
+        v = out[k]
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(e, (int, float)) for e in v)
+                and lo < v[0] <= v[1]):
+            raise ValueError(f"{source}: {k!r} is a range [low, high] with 0 < low <= high, got {v!r}")
+        out[k] = (float(v[0]), float(v[1]))
+    if out["scale"][1] > 1:
+        raise ValueError(f"{source}: 'scale' is a fraction of the image area, at most 1; got {out['scale']!r}")
+    if out["posterize_bits"] not in range(1, 9):
+        raise ValueError(f"{source}: 'posterize_bits' is an integer 1..8, got {out['posterize_bits']!r}")
+    if not isinstance(out["hflip"], bool):
+        raise ValueError(f"{source}: 'hflip' is true or false, got {out['hflip']!r}")
+    return out
+
+
 def build_transforms(image_size: int, train: bool, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                     std: Sequence[float] = (0.5, 0.5, 0.5), *, hflip: bool = False,
-                     scale: tuple[float, float] = (0.6, 1.0),
-                     ratio: tuple[float, float] = (0.85, 1.18),
-                     brightness: float = 0.1, contrast: float = 0.1) -> v2.Compose:
+                     std: Sequence[float] = (0.5, 0.5, 0.5), **augment) -> v2.Compose:
     """Image pipeline: ``PIL.Image`` (RGB) or uint8 tensor ``(3, H, W)`` -> float ``(3, S, S)``.
 
     Train: RandomResizedCrop(scale, ratio, antialias), optional horizontal flip (off by default:
-    emoji and text in images are not mirror-symmetric), a mild brightness/contrast jitter (never
-    hue or saturation: colour identifies emoji; 0 disables), then normalise.
+    emoji and text in images are not mirror-symmetric), then with their probabilities posterize,
+    Gaussian blur, a mild brightness/contrast(/saturation) jitter (never hue: colour identifies
+    emoji; 0 disables) and greyscale; then normalise. ``augment``: keys of
+    :data:`AUGMENT_DEFAULTS` (checked by :func:`augment_args`).
     Eval: Resize (shorter side to S, antialias) + CenterCrop(S), then normalise.
     Both first centre-crop images more elongated than ``MAX_ASPECT`` : 1 (:class:`CapAspect`), so
     the memory of one input is bounded by its pixel count, never by its shape.
     The output is ``(x / 255 - mean) / std``.
     """
+    a = augment_args(augment, "build_transforms")
     steps: list[v2.Transform] = [v2.ToImage(), CapAspect()]  # PIL or tensor -> tv_tensors.Image uint8 (3, H, W)
     if train:
-        steps.append(v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True))
-        if hflip:
+        steps.append(v2.RandomResizedCrop(image_size, scale=a["scale"], ratio=a["ratio"], antialias=True))
+        if a["hflip"]:
             steps.append(v2.RandomHorizontalFlip())
+        if a["posterize"] > 0:
+            steps.append(v2.RandomPosterize(a["posterize_bits"], p=a["posterize"]))
     else:
         steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
     steps.append(v2.ToDtype(torch.float32, scale=True))  # uint8 -> float in [0, 1]
-    if train and (brightness > 0 or contrast > 0):
-        # on float: adjust_contrast on uint8 is ~40x slower with 2 intra-op threads
-        steps.append(v2.ColorJitter(brightness=brightness or None, contrast=contrast or None))
+    if train:
+        if a["blur"] > 0:
+            steps.append(v2.RandomApply([v2.GaussianBlur(_BLUR_TAPS, sigma=a["blur_sigma"])], p=a["blur"]))
+        if any(a[k] > 0 for k in _STRENGTHS):
+            # on float: adjust_contrast on uint8 is ~40x slower with 2 intra-op threads
+            steps.append(v2.ColorJitter(**{k: a[k] or None for k in _STRENGTHS}))
+        if a["grayscale"] > 0:
+            steps.append(v2.RandomGrayscale(p=a["grayscale"]))
     steps += [v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]  # plain torch.Tensor out
     return v2.Compose(steps)
+
+
+def posterize_batch(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Float images in [0, 1] with only the top ``bits`` bits of each 8-bit value kept
+    (torchvision's ``posterize`` on ``round(255 x)``), as floats in [0, 1]."""
+    step = 2 ** (8 - bits)
+    return torch.floor(torch.round(x * 255) / step) * (step / 255)
+
+
+def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, taps: int = _BLUR_TAPS) -> torch.Tensor:
+    """(B, C, H, W) float blurred by a ``taps``-tap Gaussian of standard deviation ``sigma[b]``
+    pixels per sample (separable, reflect padding: torchvision's ``gaussian_blur`` per image)."""
+    b, c, h, w = x.shape
+    r = taps // 2
+    d = torch.linspace(-r, r, taps, dtype=x.dtype)
+    k = torch.exp(-0.5 * (d[None, :] / sigma.to(x.dtype)[:, None]) ** 2)
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (B*C, taps)
+    y = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=b * c)  # along W
+    y = F.conv2d(y, k[:, None, :, None], groups=b * c)  # along H
+    return y.reshape(b, c, h, w)
+
+
+def grayscale_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) ITU-R 601 luma (torchvision's ``rgb_to_grayscale``)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
 class BatchTrainTransform:
     """Train augmentation for a whole uint8 batch at once: (B, 3, S, S) uint8 -> (B, 3, S, S) float.
 
     The same augmentation family as ``build_transforms(train=True)`` (random resized crop with
-    ``scale``/``ratio``, optional horizontal flip, mild brightness/contrast, normalise), but done
+    ``scale``/``ratio``, optional horizontal flip, posterize, blur, mild brightness/contrast/
+    saturation, greyscale, normalise; ``augment``: keys of :data:`AUGMENT_DEFAULTS`), but done
     with one ``affine_grid``/``grid_sample`` call for the batch: per-sample torchvision
-    transforms cost about half a model step for the tiny preset on a 2-core CPU.
+    transforms cost about half a model step for the tiny preset on a 2-core CPU. With the style
+    augmentations off (the defaults) it draws the same random numbers as before they existed.
     """
 
-    def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5), *,
-                 scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (0.85, 1.18),
-                 hflip: bool = False, brightness: float = 0.1, contrast: float = 0.1) -> None:
+    def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                 **augment) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.scale, self.ratio, self.hflip = scale, ratio, hflip
-        self.brightness, self.contrast = brightness, contrast
+        a = augment_args(augment, "BatchTrainTransform")
+        self.scale, self.ratio, self.hflip = a["scale"], a["ratio"], a["hflip"]
+        self.brightness, self.contrast, self.saturation = a["brightness"], a["contrast"], a["saturation"]
+        self.posterize, self.posterize_bits = a["posterize"], a["posterize_bits"]
+        self.blur, self.blur_sigma, self.grayscale = a["blur"], a["blur_sigma"], a["grayscale"]
 
     def __call__(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """``seed``: draw this batch's augmentation from a generator seeded with it (exact resume);
@@ -300,12 +387,27 @@ class BatchTrainTransform:
         theta[:, 1, 1], theta[:, 1, 2] = h, cy
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.posterize > 0:
+            x = torch.where(_chosen(b, self.posterize), posterize_batch(x, self.posterize_bits), x)
+        if self.blur > 0:
+            on, sigma = _chosen(b, self.blur), torch.empty(b).uniform_(*self.blur_sigma)
+            x = torch.where(on, gaussian_blur_batch(x, sigma), x)
         if self.brightness > 0:
             x = x * torch.empty(b, 1, 1, 1).uniform_(1 - self.brightness, 1 + self.brightness)
         if self.contrast > 0:
             grey = x.mean(dim=(1, 2, 3), keepdim=True)
             x = (x - grey) * torch.empty(b, 1, 1, 1).uniform_(1 - self.contrast, 1 + self.contrast) + grey
+        if self.saturation > 0:
+            luma = grayscale_batch(x.clamp(0, 1))
+            x = (x.clamp(0, 1) - luma) * torch.empty(b, 1, 1, 1).uniform_(1 - self.saturation, 1 + self.saturation) + luma
+        if self.grayscale > 0:
+            x = torch.where(_chosen(b, self.grayscale), grayscale_batch(x.clamp(0, 1)).expand_as(x), x)
         return (x.clamp(0, 1) - self.mean) / self.std
+
+
+def _chosen(b: int, p: float) -> torch.Tensor:
+    """(B, 1, 1, 1) bool: each sample independently True with probability ``p``."""
+    return (torch.rand(b) < p).view(b, 1, 1, 1)
 
 
 class BatchNormalize:
