@@ -20,6 +20,7 @@ from mmformer.data.datamodule import ImageTextDataModule, SkippedSamplesCallback
 from mmformer.data.emoji import InMemoryImageText, default_data_dir
 from mmformer.files import atomic_path, write_text_atomic
 from mmformer.retrieval import embed_images, embed_texts, format_metrics, retrieval_metrics
+from mmformer.training.cpu import flush_denormals, keep_freed_memory
 from mmformer.training.module import MMFormerModule
 from mmformer.training.precision import auto_precision
 from mmformer.training.recipes import init_args, load_recipe
@@ -62,6 +63,8 @@ def run_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(args.seed, verbose=False)
     torch.set_float32_matmul_precision("high")
+    flush_denormals()  # as `mmformer fit` does (mmformer.training.cpu)
+    keep_freed_memory()
     recipe = demo_recipe(args.recipe) if getattr(args, "recipe", None) else dict(DEMO_RECIPE)
     if args.batch_size:
         recipe["batch_size"] = args.batch_size

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +241,14 @@ def _save_cache(path: Path | None, pixels: np.ndarray, skipped: list[Skipped]) -
         np.save(f, pixels, allow_pickle=False)
 
 
+def _caption_rng(key: int):
+    """The ``random.Random`` that :func:`~mmformer.data.transforms.sample_rng` yields for ``key``
+    (seeded from a :class:`~mmformer.data.transforms.SampleKey`'s seed; the ``random`` module for a
+    plain int), without touching the torch RNG."""
+    seed = getattr(key, "seed", None)
+    return random if seed is None else random.Random(seed)
+
+
 class InMemoryImageText(Dataset):
     """Training/eval pairs from :class:`EmojiData`, augmented on uint8 tensors.
 
@@ -313,10 +322,17 @@ class InMemoryImageText(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         concept = int(self.data.concept_ids[index])
-        with sample_rng(index) as rng:  # seeded by (seed, epoch, index) under a ResumableSampler
-            caption = rng.choice(self.choices[concept]) if self.train else self.names[index]
+        if self.batch_transform is not None:
+            # the image is transformed with its batch (in the collator): only the caption choice is
+            # random here, and it needs no torch RNG (seeding and restoring it per sample would
+            # cost more than the rest of the item)
             image = self.data.images[index]
-            image = image if self.batch_transform else self.transform(image)
+            choices = self.choices[concept]
+            caption = choices[0] if len(choices) == 1 else _caption_rng(index).choice(choices)
+        else:
+            with sample_rng(index) as rng:  # seeded by (seed, epoch, index) under a ResumableSampler
+                caption = rng.choice(self.choices[concept]) if self.train else self.names[index]
+                image = self.transform(self.data.images[index])
         item = {"image": image, "caption": caption, "index": int(index), "image_index": int(index), "concept": concept}
         if getattr(index, "seed", None) is not None:
             item["seed"] = index.seed  # the collator seeds the batch augmentation from these
