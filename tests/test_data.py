@@ -567,6 +567,26 @@ def test_in_memory_dataset_caption_modes(emoji_root: Path):
         InMemoryImageText(data, train=True, caption_mode="keywords")  # type: ignore[arg-type]
 
 
+def test_in_memory_training_item_seeded_caption_leaves_torch_rng_alone(emoji_root: Path):
+    """A seeded training item (a SampleKey from the resumable sampler) picks its caption from its
+    own seed alone, and neither reads nor advances the global torch RNG (the batch augmentation
+    is seeded in the collator)."""
+    import random
+
+    from mmformer.data.transforms import SampleKey
+
+    data = EmojiData.load(emoji_root, "train", image_size=8)
+    train = InMemoryImageText(data, train=True, image_size=8, caption_mode="name+keywords")
+    picks = {seed: train[SampleKey(0, seed)]["caption"] for seed in range(30)}
+    assert picks == {seed: random.Random(seed).choice(["grinning face", "face, grin"]) for seed in range(30)}
+    assert set(picks.values()) == {"grinning face", "face, grin"}
+    assert train[SampleKey(0, 7)]["seed"] == 7
+    state = torch.get_rng_state()
+    for seed in range(5):
+        train[SampleKey(1, seed)]
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_bundled_emoji_val_split_matches_manifest():
     try:
         root = default_data_dir()
