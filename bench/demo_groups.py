@@ -14,7 +14,6 @@ Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, machine_line, markdown_table  # noqa: E402
 
-from mmformer.data.emoji import InMemoryImageText  # noqa: E402
+from mmformer.data.emoji import InMemoryImageText, read_concepts  # noqa: E402
 from mmformer.model import MMFormer  # noqa: E402
 from mmformer.retrieval import embed_images, embed_texts  # noqa: E402
 
@@ -41,12 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         img = embed_images(model, ds.stacked_images(), batch_size=256)
         txt = embed_texts(model, model.tokenizer, ds.captions, batch_size=512)
     hit = ((txt @ img.T).argmax(1) == ds.caption_to_image).float()
-    concepts = {}
-    with open(Path(args.data_dir) / "concepts.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                concepts[row["name"]] = row
+    concepts = {row["name"]: row for row in read_concepts(Path(args.data_dir) / "concepts.jsonl").values()}
     groups: dict[str, list[float]] = defaultdict(list)
     for i, name in enumerate(ds.captions):
         row = concepts.get(name, {})

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from mmformer.data.bundled import bundled_dir
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.transforms import (DEFAULT_MAX_PIXELS, BatchNormalize, BatchTrainTransform, build_transforms,
-                                      load_image, sample_rng)
+                                      load_image, sample_random, sample_rng)
 from mmformer.files import atomic_path, write_text_atomic
 
 __all__ = ["CaptionMode", "EmojiData", "InMemoryImageText", "default_data_dir", "read_concepts"]
@@ -241,14 +240,6 @@ def _save_cache(path: Path | None, pixels: np.ndarray, skipped: list[Skipped]) -
         np.save(f, pixels, allow_pickle=False)
 
 
-def _caption_rng(key: int):
-    """The ``random.Random`` that :func:`~mmformer.data.transforms.sample_rng` yields for ``key``
-    (seeded from a :class:`~mmformer.data.transforms.SampleKey`'s seed; the ``random`` module for a
-    plain int), without touching the torch RNG."""
-    seed = getattr(key, "seed", None)
-    return random if seed is None else random.Random(seed)
-
-
 class InMemoryImageText(Dataset):
     """Training/eval pairs from :class:`EmojiData`, augmented on uint8 tensors.
 
@@ -328,7 +319,7 @@ class InMemoryImageText(Dataset):
             # cost more than the rest of the item)
             image = self.data.images[index]
             choices = self.choices[concept]
-            caption = choices[0] if len(choices) == 1 else _caption_rng(index).choice(choices)
+            caption = choices[0] if len(choices) == 1 else sample_random(index).choice(choices)
         else:
             with sample_rng(index) as rng:  # seeded by (seed, epoch, index) under a ResumableSampler
                 caption = rng.choice(self.choices[concept]) if self.train else self.names[index]

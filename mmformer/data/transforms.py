@@ -29,7 +29,7 @@ from mmformer.data.errors import CorruptSample
 
 __all__ = ["AUGMENT_DEFAULTS", "DEFAULT_MAX_PIXELS", "MAX_ASPECT", "BatchNormalize", "BatchTrainTransform", "CapAspect",
            "ImageSource", "SampleKey", "augment_args", "build_transforms", "gaussian_blur_batch", "grayscale_batch",
-           "posterize_batch", "load_image", "load_and_transform", "sample_rng", "sample_seed", "to_rgb"]
+           "posterize_batch", "load_image", "load_and_transform", "sample_random", "sample_rng", "sample_seed", "to_rgb"]
 
 #: Largest image (width * height) ``load_image`` accepts by default: 8192 x 8192.
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -70,21 +70,29 @@ class SampleKey(int):
         return (SampleKey, (int(self), self.seed))
 
 
+def sample_random(key: int):
+    """The Python-level RNG of one sample: a ``random.Random`` seeded from ``key.seed`` (a
+    :class:`SampleKey`), or the ``random`` module for a plain ``int``. Touches no torch RNG (for
+    samples whose only randomness is a Python-level choice; :func:`sample_rng` yields the same)."""
+    seed = getattr(key, "seed", None)
+    return random if seed is None else random.Random(seed)
+
+
 @contextlib.contextmanager
 def sample_rng(key: int):
     """Inside: the torch RNG seeded from ``key.seed`` (a :class:`SampleKey`; restored after), and
-    a ``random.Random`` of the same seed is yielded for Python-level choices. A plain ``int``
-    leaves the global RNGs in use (yields the ``random`` module)."""
+    :func:`sample_random` (a ``random.Random`` of the same seed) is yielded for Python-level
+    choices. A plain ``int`` leaves the global RNGs in use (yields the ``random`` module)."""
     seed = getattr(key, "seed", None)
     if seed is None:
-        yield random
+        yield sample_random(key)
         return
     with torch.random.fork_rng(devices=[]):
         # the CPU generator only: torch.manual_seed would also queue seeding every accelerator
         # backend (CUDA, XPU, MTIA: a formatted stack trace each when none is initialised, ~0.5 ms
         # per sample) and leave those seeds changed after the block
         torch.default_generator.manual_seed(seed)
-        yield random.Random(seed)
+        yield sample_random(key)
 
 
 def _source_name(src: ImageSource, name: str | None) -> str:

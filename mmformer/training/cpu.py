@@ -1,8 +1,9 @@
 """CPU settings for training and encoding with torch on Linux.
 
-Neither is applied on import: the training command (``mmformer fit|validate|test``,
-:func:`mmformer.training.recipes.run_recipe`) calls both before any torch work; call them yourself
-before CPU work that allocates large blocks every step (training, long-document encoding).
+Neither is applied on import: the training commands (``mmformer fit|validate|test``,
+:func:`mmformer.training.recipes.run_recipe`, and ``mmformer demo``) call both before any torch
+work; call them yourself before CPU work that allocates large blocks every step (training,
+long-document encoding).
 """
 
 from __future__ import annotations
