@@ -126,7 +126,9 @@ def _spawn(fn, nprocs, root):
         port = free_port()
         if port not in ports:
             ports.append(port)
-    mp.start_processes(fn, args=(ports, str(root), out), nprocs=nprocs, join=True, start_method="fork")
+    # spawn, not fork: a forked worker inherits the threads' locks of the test process (earlier tests
+    # start threads) and once hung for minutes in a checkpoint load of the resume step
+    mp.start_processes(fn, args=(ports, str(root), out), nprocs=nprocs, join=True, start_method="spawn")
     return dict(out)
 
 
