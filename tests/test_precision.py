@@ -88,6 +88,36 @@ def test_time_steps_takes_the_median_after_warmup():
         time_steps(step, steps=0, warmup=0)
 
 
+def test_a_far_slower_candidate_is_dropped_after_its_second_step(tiny):
+    """Emulated bf16 on an AVX2-only CPU (18x fp32): timed for 2 rounds, not 8; fp32 still 8."""
+    clock, made, stepped = FakeClock(), [], []
+    seconds = {"32-true": 0.4, "bf16-mixed": 7.6}
+
+    def make_step(model, images, ids, mask, precision):
+        made.append(precision)
+
+        def step():
+            stepped.append(precision)
+            clock.now += seconds[precision] * (3 if stepped.count(precision) == 1 else 1)  # slow first call
+        return step
+
+    choice = choose_precision(*tiny, steps=5, warmup=3, use_cache=False, timer=clock, make_step=make_step)
+    assert choice.precision == "32-true"
+    assert stepped.count("bf16-mixed") == 2 and stepped.count("32-true") == 8
+    assert choice.seconds_per_step == pytest.approx(seconds)  # the dropped one: its second (warm) call
+    # within the factor (2x) both are timed to the end
+    clock, stepped[:] = FakeClock(), []
+    seconds.update({"bf16-mixed": 0.8})
+    choose_precision(*tiny, steps=5, warmup=3, use_cache=False, timer=clock, make_step=make_step)
+    assert stepped.count("bf16-mixed") == 8
+
+
+def test_time_interleaved_refuses_a_drop_factor_of_one_or_less():
+    from mmformer.training.precision import time_interleaved
+    with pytest.raises(ValueError, match="drop_slower must be > 1"):
+        time_interleaved({"a": lambda: None}, steps=1, warmup=0, drop_slower=1.0)
+
+
 def test_bad_candidates_and_empty_measurements_are_refused(tiny):
     with pytest.raises(ValueError, match=r"unknown precision\(s\) \['16-mixed'\]"):
         choose_precision(*tiny, candidates=("32-true", "16-mixed"))

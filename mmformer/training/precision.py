@@ -6,8 +6,9 @@ an AVX2-only CPU bf16 is emulated and one to two orders of magnitude slower. A f
 /proc/cpuinfo cannot tell, so :func:`choose_precision` times a few training steps (forward of
 both towers, CLIP loss, backward, AdamW step) of a copy of the model on the real batch shape in
 each candidate precision and keeps the fastest. The candidates' steps are interleaved (A B A B
-...) after a warm-up of each, so that a machine slowing down or speeding up during the
-measurement (another process, clock boost) biases no candidate. The choice is cached per CPU
+...), warm-up included, so that a machine slowing down or speeding up during the
+measurement (another process, clock boost) biases no candidate; a candidate 3x slower than the
+fastest in one round (from the second on) is dropped there rather than timed to the end. The choice is cached per CPU
 model, torch version, kernel version (:data:`KERNELS`), model config and batch size
 (``~/.cache/mmformer/precision.json``, or ``$MMFORMER_CACHE``), so a second run of the same recipe
 on the same machine decides at once.
@@ -45,6 +46,8 @@ _AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16}
 #: older kernels are not reused): 2 = matmul attention for short low-precision sequences, patch
 #: embedding as a matmul, fused AdamW.
 KERNELS = 2
+#: A candidate more than this many times slower than the fastest in one round is not timed further.
+DROP_SLOWER = 3.0
 
 
 @dataclass(frozen=True)
@@ -85,20 +88,37 @@ def time_steps(step: Callable[[], None], steps: int, warmup: int,
 
 
 def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup: int,
-                     timer: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median seconds per call of each closure in ``steps_of``: ``warmup`` untimed calls of each,
-    then ``steps`` rounds in which each is timed once, in turn."""
+                     timer: Callable[[], float] = time.perf_counter,
+                     drop_slower: float | None = None) -> dict[str, float]:
+    """Median seconds per call of each closure in ``steps_of``: ``warmup`` untimed rounds, then
+    ``steps`` timed rounds, each round calling every closure once, in turn.
+
+    With ``drop_slower`` (a factor), a closure whose call took more than ``drop_slower`` times the
+    fastest call of the same round is not called again, from the second round on (the first
+    carries one-off costs): its time is then that call's. An emulated bf16 step on an AVX2-only
+    CPU is ~18x slower than fp32, and timing all of its rounds took a minute of a demo's start.
+    """
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    for step in steps_of.values():
-        for _ in range(warmup):
-            step()
+    if drop_slower is not None and drop_slower <= 1:
+        raise ValueError(f"drop_slower must be > 1 (a factor over the fastest call), got {drop_slower}")
+    active = list(steps_of)
     times: dict[str, list[float]] = {name: [] for name in steps_of}
-    for _ in range(steps):
-        for name, step in steps_of.items():
+    for r in range(warmup + steps):
+        this_round = {}
+        for name in active:
             t0 = timer()
-            step()
-            times[name].append(timer() - t0)
+            steps_of[name]()
+            this_round[name] = timer() - t0
+            if r >= warmup:
+                times[name].append(this_round[name])
+        if drop_slower is not None and r >= 1 and len(active) > 1:
+            fastest = min(this_round.values())
+            for name in [n for n in active if this_round[n] > drop_slower * fastest]:
+                active.remove(name)
+                log.info("precision timing: %s took %.1fx the fastest step; not timed further", name,
+                         this_round[name] / fastest)
+                times[name] = times[name] or [this_round[name]]
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -204,7 +224,7 @@ def choose_precision(model: MMFormer, images: torch.Tensor, input_ids: torch.Ten
             times = {c: float(hit[c]) for c in candidates}
             return PrecisionChoice(pick_fastest(times), times, cached=True)
     closures = {precision: make_step(model, images, input_ids, attention_mask, precision) for precision in candidates}
-    times = time_interleaved(closures, steps, warmup, timer)
+    times = time_interleaved(closures, steps, warmup, timer, drop_slower=DROP_SLOWER)
     del closures  # the model copies
     for precision, t in times.items():
         log.info("precision %s: %.1f ms per training step (batch %d)", precision, t * 1e3, images.shape[0])
