@@ -100,10 +100,12 @@ class _GradDtypes(L.Callback):
 def fsdp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     out = mp.Manager().dict()
-    # fork, not spawn: the children need not import torch and Lightning again (20 s on 2 loaded
-    # cores); they set one thread before any torch op, so no OpenMP pool is inherited in use
+    # spawn, not fork: a forked worker inherits the locks of the test process's threads (earlier
+    # tests start threads); a forked worker of the tensor-parallel test once hung for minutes in the
+    # resume's sharded checkpoint load, which these workers do too. Spawning costs the children
+    # an import of torch and Lightning each.
     mp.start_processes(_fsdp_worker, args=(free_port(), str(root), out), nprocs=WORLD, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     return root, dict(out)
 
 

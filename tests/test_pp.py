@@ -98,7 +98,8 @@ def _dp_pp_worker(rank, port, root, out):
 def pp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pp")
     out = mp.Manager().dict()
-    mp.start_processes(_pp_worker, args=(free_port(), str(root), out), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: see tests/test_fsdp.py (a forked worker can hang in the sharded checkpoint load)
+    mp.start_processes(_pp_worker, args=(free_port(), str(root), out), nprocs=2, join=True, start_method="spawn")
     return root, dict(out)
 
 
@@ -191,7 +192,7 @@ def test_pipeline_validation_gives_the_model_embeddings(pp_run):
 def test_data_2_x_pipeline_2_with_fsdp_equals_one_process(tmp_path, reference):
     out = mp.Manager().dict()
     mp.start_processes(_dp_pp_worker, args=(free_port(), str(tmp_path), out), nprocs=4, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     ref_losses, ref3, _ = reference
     for rank in range(4):
         assert out[rank]["sharded"], rank
