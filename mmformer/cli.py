@@ -466,8 +466,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.recover:
         print(f"recovery: {args.recover} steps of AdamW at lr {args.lr:g}, CLIP loss + distillation from the "
               "unpruned model", flush=True)
-        recover(pruned, model, batches, args.recover, lr=args.lr,
-                on_step=lambda step, loss: print(f"recovery step {step}/{args.recover}: loss {loss:.4f}", flush=True))
+        from tqdm.auto import tqdm
+
+        losses: list[float] = []
+        with tqdm(total=args.recover, desc="recovery", unit="step") as bar:
+            def on_step(step: int, loss: float) -> None:
+                losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                bar.update(1)
+            recover(pruned, model, batches, args.recover, lr=args.lr, on_step=on_step)
+        if losses:
+            print(f"recovery: loss {losses[0]:.4f} at step 1, {losses[-1]:.4f} at step {len(losses)}", flush=True)
     with atomic_dir(out) as tmp:
         pruned.eval().save_pretrained(tmp)
     print(f"wrote {out} (config.json with block_heads, model.safetensors"
