@@ -65,6 +65,10 @@ class ModelConfig:
     image_pool: str = "cls"  # "cls" or "mean"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # fraction of each image's patch tokens dropped at random in training (the class token is always
+    # kept), after the positions are added: fewer image tokens per step (FLIP; open_clip's
+    # patch_dropout). 0 = off; evaluation and inference always see every patch
+    patch_dropout: float = 0.0
     # text path
     vocab_size: int = 4096
     context_length: int = 16
@@ -120,6 +124,8 @@ class ModelConfig:
             problems.append(
                 f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
             )
+        if not 0.0 <= self.patch_dropout < 1.0:
+            problems.append(f"patch_dropout={self.patch_dropout} must be in [0, 1) (a fraction of the patches)")
         if self.image_pos not in ("sincos", "learned"):
             problems.append(f"image_pos={self.image_pos!r} must be 'sincos' or 'learned'")
         if self.image_pool not in ("cls", "mean"):

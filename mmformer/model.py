@@ -80,6 +80,20 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
+def drop_patches(x: torch.Tensor, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 1+N, D) image tokens, class token first -> (B, 1+K, D): the class token and, per image, a
+    random K = N - round(fraction * N) of its N patch tokens (at least one), in their original
+    order. The positions must already be added (FLIP's patch dropout, open_clip's ``patch_dropout``)."""
+    b, t, d = x.shape
+    n = t - 1
+    keep = max(1, n - round(fraction * n))
+    if keep >= n:
+        return x
+    order = torch.rand(b, n, device=x.device, generator=generator).argsort(dim=1)[:, :keep].sort(dim=1).values
+    patches = x[:, 1:].gather(1, order.unsqueeze(-1).expand(b, keep, d))
+    return torch.cat([x[:, :1], patches], dim=1)
+
+
 class MMFormer(nn.Module):
     """Image-text model with attention weights shared across modalities.
 
@@ -240,7 +254,10 @@ class MMFormer(nn.Module):
             )
         x = self.patch_embed(images)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        return self.norm_pre(x + self.pos_embed.to(x.dtype))
+        x = x + self.pos_embed.to(x.dtype)
+        if self.training and c.patch_dropout > 0:
+            x = drop_patches(x, c.patch_dropout)
+        return self.norm_pre(x)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, C, H, W) -> (B, E) joint-space embeddings (unit length when ``normalize``)."""
