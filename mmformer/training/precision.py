@@ -95,7 +95,8 @@ def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup
 
     With ``drop_slower`` (a factor), a closure whose call took more than ``drop_slower`` times the
     fastest call of the same round is not called again, from the second round on (the first
-    carries one-off costs): its time is then that call's. An emulated bf16 step on an AVX2-only
+    carries one-off costs): its time is then the median of its timed calls, or that call's if it
+    was dropped in a warm-up round. An emulated bf16 step on an AVX2-only
     CPU is ~18x slower than fp32, and timing all of its rounds took a minute of a demo's start.
     """
     if steps < 1 or warmup < 0:
