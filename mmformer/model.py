@@ -568,6 +568,7 @@ def model_fingerprint(model: nn.Module) -> str:
             d = {**RETIRED_FIELDS, **d}  # fingerprints recorded in indexes stay valid
             if d.get("block_heads") is None:  # unpruned: hashed as before the field existed
                 d.pop("block_heads", None)
+            d.pop("patch_dropout", None)  # training only: the same weights embed the same way
         h.update(json.dumps(d, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         if not isinstance(t, torch.Tensor):

@@ -58,3 +58,13 @@ def test_patch_dropout_round_trips_through_save_pretrained(tmp_path):
     model = MMFormer(get_config("tiny", vocab_size=64, patch_dropout=0.25))
     model.save_pretrained(tmp_path / "m")
     assert MMFormer.from_pretrained(tmp_path / "m").config.patch_dropout == 0.25
+
+
+def test_patch_dropout_leaves_the_model_fingerprint_alone():
+    """Indexes record the fingerprint; a training-only field must not invalidate them."""
+    from mmformer.model import model_fingerprint
+    torch.manual_seed(0)
+    a = MMFormer(get_config("tiny", vocab_size=64))
+    b = MMFormer(get_config("tiny", vocab_size=64, patch_dropout=0.5))
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) == model_fingerprint(b)
