@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmformer.compress.int8 import cpu_has_vnni
 from mmformer.config import ModelConfig
 from mmformer.files import atomic_path, write_text_atomic
 from mmformer.model import CONFIG_NAME, TOKENIZER_NAME, MMFormer, model_fingerprint
@@ -180,7 +181,6 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, reduce_ra
     say which it needs."""
     _require("onnxruntime")
     if reduce_range is None:
-        from mmformer.compress.int8 import cpu_has_vnni
         reduce_range = not cpu_has_vnni()
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
