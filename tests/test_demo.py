@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from mmformer.cli import main
+from mmformer.demo import DEMO_RECIPE
 from mmformer.model import MMFormer
 
 
@@ -26,5 +27,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert len(results["queries"]["red apple"]) == 5
     model = MMFormer.from_pretrained(out / "model")
     assert model.tokenizer is not None and model.config.patch_size > 0
+    # the shipped recipe's model settings reach the saved model (tiny, 2 blocks deep)
+    assert model.config.depth == DEMO_RECIPE["model_config"]["depth"] == 2
+    assert "the tiny preset, 128 wide x 2 blocks" in printed
     grid = Image.open(out / "search.png")
     assert grid.size[0] > 5 * 64 and grid.size[1] >= 96
