@@ -1,6 +1,6 @@
 """``mmformer demo``: the main job on the bundled data.
 
-Trains the ``tiny`` preset (at the shipped ``tiny-cpu`` recipe's depth, 2 blocks) on four emoji
+Trains the ``tiny`` preset (at the depth the shipped ``tiny-cpu`` recipe sets) on four emoji
 drawing families for a fixed time budget on the CPU, saves it as a ``save_pretrained``
 directory, evaluates text<->image retrieval on the held-out fifth family (never seen in
 training) next to chance, and answers a few text queries with a PNG grid of the retrieved images.
@@ -76,9 +76,9 @@ def run_demo(args: argparse.Namespace) -> int:
                              image_size=c.image_size, max_length=c.context_length,
                              image_mean=c.image_mean, image_std=c.image_std)
     dm.set_tokenizer(module.tokenizer)
-    n_params = sum(p.numel() for p in module.model.parameters())
-    print(f"model: the {recipe['preset']} preset, {c.width} wide x {c.depth} blocks, {n_params / 1e6:.2f} M "
-          f"parameters (recipe {args.recipe or DEMO_RECIPE_NAME})", flush=True)
+    print(f"model: the {recipe['preset']} preset, {c.width} wide x {c.depth} blocks, "
+          f"{module.model.num_parameters() / 1e6:.2f} M parameters (recipe {args.recipe or DEMO_RECIPE_NAME})",
+          flush=True)
     print(f"loading the bundled emoji data from {data_dir} ...", flush=True)
     dm.setup("fit")
     print(f"  train: {len(dm.train_dataset)} images of 4 families; val: {len(dm.val_dataset)} images "

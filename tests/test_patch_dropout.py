@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmformer.config import ModelConfig, get_config
-from mmformer.model import MMFormer, drop_patches
+from mmformer.model import MMFormer, drop_patches, model_fingerprint
 
 
 def test_drop_patches_keeps_the_class_token_and_a_subset_in_order():
@@ -62,7 +62,6 @@ def test_patch_dropout_round_trips_through_save_pretrained(tmp_path):
 
 def test_patch_dropout_leaves_the_model_fingerprint_alone():
     """Indexes record the fingerprint; a training-only field must not invalidate them."""
-    from mmformer.model import model_fingerprint
     torch.manual_seed(0)
     a = MMFormer(get_config("tiny", vocab_size=64))
     b = MMFormer(get_config("tiny", vocab_size=64, patch_dropout=0.5))

@@ -195,8 +195,7 @@ def test_pipeline_validation_gives_the_model_embeddings(pp_run):
 @pytest.mark.slow
 def test_data_2_x_pipeline_2_with_fsdp_equals_one_process(tmp_path, reference):
     out = mp.Manager().dict()
-    # fork: this run loads no checkpoint, and 4 spawned ranks on 2 cores once ended in a SIGSEGV of
-    # one rank (full-suite run on an AVX2 EPYC; not reproduced alone)
+    # fork: this run loads no checkpoint (spawned, it crashed as well; see above)
     mp.start_processes(_dp_pp_worker, args=(free_port(), str(tmp_path), out), nprocs=4, join=True,
                        start_method="fork")
     ref_losses, ref3, _ = reference
