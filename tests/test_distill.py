@@ -388,8 +388,9 @@ def test_shipped_recipes_parse_with_their_sizes(tmp_path):
     cli = RecipeCLI(["--config", "teacher", "--trainer.precision", "bf16-mixed"], run=False)
     c = cli.model.model.config
     assert (c.width, c.depth, c.heads, c.embed_dim, c.patch_size, c.image_size, c.context_length) == \
-        (256, 6, 8, 256, 16, 64, 16)
-    assert cli.model.hparams.time_budget_s == 1800 and str(cli.trainer.precision) == "bf16-mixed"
+        (192, 3, 6, 192, 16, 64, 16)
+    assert cli.model.hparams.time_budget_s == 2400 and str(cli.trainer.precision) == "bf16-mixed"
+    assert cli.datamodule.hparams.batch_size == 256
     export = [cb for cb in cli.trainer.callbacks if isinstance(cb, ExportModel)]
     assert export and export[0].target(cli.trainer) == Path("runs/teacher/model")
     # distill.yaml: the tiny student of a teacher of the teacher recipe's shape (random, saved here)
@@ -399,9 +400,9 @@ def test_shipped_recipes_parse_with_their_sizes(tmp_path):
                     run=False)
     s = cli.model.model
     assert isinstance(cli.model, DistillModule) and cli.datamodule.augment is True
-    assert (s.config.width, s.config.depth, s.config.heads) == (128, 3, 4)
+    assert (s.config.width, s.config.depth, s.config.heads) == (128, 2, 4)  # the demo's model
     assert s.num_parameters() <= 0.5 * teacher.num_parameters()
-    plan = plan_inheritance(s.config, teacher)  # inherited: 128 of the 256 channels, blocks 0, 2, 4
-    assert cli.model.hparams.inherit and plan.blocks == [0, 2, 4]
+    plan = plan_inheritance(s.config, teacher)  # inherited: 128 of the 192 channels, blocks 0 and 2
+    assert cli.model.hparams.inherit and plan.blocks == [0, 2]
     assert torch.equal(s.token_embed.weight, teacher.token_embed.weight[:, plan.channels])
     assert cli.model.hparams.time_budget_s == 480
