@@ -3,12 +3,17 @@ attention heads, by gradient or magnitude importance, with and without recovery 
 
     python bench/prune.py --model runs/demo/model                      # after `mmformer demo`
     python bench/prune.py --model runs/demo/model --recover 0,200 --fractions 0.1,0.3,0.5
+    python bench/prune.py --model runs/distill/model --fractions 0,0.3 --normalize none,block --recover 0,500
 
 Per row: the heads chosen from ``--batches`` batches of the bundled emoji training split
 (:func:`mmformer.compress.prune.head_importance`, computed once per criterion on the unpruned
-model), removed for real (:func:`~mmformer.compress.prune.prune_heads`), optionally recovered by
-``N`` steps of CLIP loss + affinity distillation from the unpruned model on the same batches
-(:func:`~mmformer.compress.prune.recover`). Recall: text->image and image->text R@1 on the bundled
+model; ranked raw or after dividing each block's scores by their L2 norm, ``--normalize``),
+removed for real (:func:`~mmformer.compress.prune.prune_heads`), optionally recovered by ``N``
+steps of CLIP loss + affinity distillation from the unpruned model on batches of the whole
+training split, augmented, epoch after epoch (:func:`~mmformer.compress.prune.recover`,
+:func:`~mmformer.compress.prune.emoji_train_loader`). Fraction 0 is the control: the unpruned
+model given the same recovery steps, which tells what the recovery training alone is worth to a
+model trained for a short budget. Recall: text->image and image->text R@1 on the bundled
 held-out family (never seen in training), computed as ``mmformer eval`` and ``mmformer demo`` do
 (:func:`mmformer.retrieval.evaluate_retrieval`). Speed: ``encode_image`` / ``encode_text`` of
 batches of ``--speed-batch`` held-out images and captions, the fastest of at least ``--repeats``
@@ -29,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_rate, machine_line, markdown_table  # noqa: E402
 
-from mmformer.compress.prune import (CRITERIA, emoji_train_batches, head_importance, prune_heads,  # noqa: E402
-                                     recover, select_heads)
+from mmformer.compress.prune import (CRITERIA, emoji_train_batches, emoji_train_loader,  # noqa: E402
+                                     head_importance, normalize_per_block, prune_heads, recover, select_heads)
 from mmformer.data.emoji import InMemoryImageText, default_data_dir  # noqa: E402
 from mmformer.model import MMFormer  # noqa: E402
 from mmformer.retrieval import evaluate_retrieval  # noqa: E402
@@ -59,17 +64,20 @@ def main() -> None:
     p.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5", help="fractions of all heads to remove")
     p.add_argument("--criteria", default=",".join(CRITERIA))
     p.add_argument("--recover", default="0,200", help="recovery steps per row (0 = no recovery)")
-    p.add_argument("--batches", type=int, default=16, help="training batches for importance and recovery")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate")
+    p.add_argument("--normalize", default="none,block", help="score normalisations before the ranking: none, block")
+    p.add_argument("--batches", type=int, default=8, help="training batches for the gradient importance")
+    p.add_argument("--batch-size", type=int, default=256, help="pairs per batch (importance and recovery)")
+    p.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate (cosine decay to 0)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="recovery learning rate schedule")
     p.add_argument("--speed-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
     fractions, criteria, recoveries = csv_of(args.fractions, float), csv_of(args.criteria, str), csv_of(args.recover, int)
-    bad = [c for c in criteria if c not in CRITERIA]
+    normalizations = csv_of(args.normalize, str)
+    bad = [c for c in criteria if c not in CRITERIA] + [n for n in normalizations if n not in ("none", "block")]
     if bad:
-        raise SystemExit(f"unknown criteria {bad}; choose from {CRITERIA}")
+        raise SystemExit(f"unknown criteria or normalisations {bad}; choose from {CRITERIA} and none, block")
 
     t_start = time.time()
     torch.manual_seed(0)
@@ -81,35 +89,48 @@ def main() -> None:
     images = held_out.stacked_images()[:n]
     ids, mask = model.tokenizer(held_out.captions[:n], max_length=c.context_length)
     batches = emoji_train_batches(model, args.batches, args.batch_size, str(data_dir))
+    loader = emoji_train_loader(model, args.batch_size, str(data_dir))
     print(f"{args.model}: {c.depth} blocks x {c.heads} heads, {model.num_parameters() / 1e6:.2f} M parameters; "
           f"{len(batches)} training batches of {args.batch_size}; held-out family: {len(held_out)} images",
           flush=True)
 
     base = measure(model, held_out, images, ids, mask, args.repeats)
-    rows = [{"criterion": "(unpruned)", "removed": "0%", "heads": str(c.heads_per_block), "steps": 0, **base,
+    rows = [{"criterion": "(unpruned)", "norm": "-", "removed": "0%", "heads": str(c.heads_per_block), "steps": 0, **base,
              "img_x": 1.0, "txt_x": 1.0}]
     print(f"unpruned: t2i R@1 {base['t2i']:.2f}, i2t R@1 {base['i2t']:.2f}, {base['img_s']:.0f} images/s, "
           f"{base['txt_s']:.0f} texts/s", flush=True)
+    plans = []  # (criterion, normalisation, fraction, heads to remove); fraction 0 once, as the control
+    if 0 in fractions:
+        plans.append(("(none)", "-", 0.0, [[] for _ in c.heads_per_block]))
     for criterion in criteria:
-        importance = head_importance(model, batches, criterion)
-        for fraction in fractions:
-            pruned = prune_heads(model, select_heads(importance, fraction, c.heads_per_block))
-            for steps in recoveries:
-                student = pruned if steps == 0 else copy.deepcopy(pruned)
-                if steps:
-                    recover(student, model, batches, steps, lr=args.lr)
-                r = measure(student, held_out, images, ids, mask, args.repeats)
-                r.update(img_x=r["img_s"] / base["img_s"], txt_x=r["txt_s"] / base["txt_s"])
-                rows.append({"criterion": criterion, "removed": f"{fraction:.0%}",
-                             "heads": str(student.config.heads_per_block), "steps": steps, **r})
-                print(f"{criterion} {fraction:.0%} +{steps} steps: t2i R@1 {r['t2i']:.2f}, i2t R@1 {r['i2t']:.2f}, "
-                      f"{r['img_x']:.2f}x images/s, {r['txt_x']:.2f}x texts/s", flush=True)
+        raw = head_importance(model, batches, criterion)
+        for norm in normalizations:
+            importance = normalize_per_block(raw) if norm == "block" else raw
+            plans += [(criterion, norm, f, select_heads(importance, f, c.heads_per_block)) for f in fractions if f]
+    for criterion, norm, fraction, remove in plans:
+        pruned = prune_heads(model, remove)
+        for steps in recoveries:
+            if fraction == 0 and steps == 0:
+                continue  # the unpruned row
+            student = pruned if steps == 0 else copy.deepcopy(pruned)
+            if steps:
+                torch.manual_seed(0)  # the same recovery batches for every row
+                recover(student, model, loader, steps, lr=args.lr, schedule=args.schedule)
+            r = measure(student, held_out, images, ids, mask, args.repeats)
+            r.update(img_x=r["img_s"] / base["img_s"], txt_x=r["txt_s"] / base["txt_s"])
+            rows.append({"criterion": criterion, "norm": norm, "removed": f"{fraction:.0%}",
+                         "heads": str(student.config.heads_per_block), "steps": steps, **r})
+            print(f"{criterion} ({norm}) {fraction:.0%} {student.config.heads_per_block} +{steps} steps: "
+                  f"t2i R@1 {r['t2i']:.2f}, i2t R@1 {r['i2t']:.2f}, {r['img_x']:.2f}x images/s, "
+                  f"{r['txt_x']:.2f}x texts/s", flush=True)
 
     print()
     print(f"Head pruning of {args.model} (held-out family, {len(held_out)} images; chance R@1 {base['chance']:.2f}; "
-          f"speed at batch {n}; recovery lr {args.lr:g} on {len(batches)} batches of {args.batch_size})")
+          f"speed at batch {n}; importance on {len(batches)} batches of {args.batch_size}; recovery lr {args.lr:g} "
+          f"({args.schedule}) "
+          f"on batches of {args.batch_size} from the whole training split)")
     print()
-    print(markdown_table(rows, [("criterion", "criterion", 0), ("removed", "removed", 0),
+    print(markdown_table(rows, [("criterion", "criterion", 0), ("scores", "norm", 0), ("removed", "removed", 0),
                                 ("heads per block", "heads", 0), ("recovery steps", "steps", 0),
                                 ("params (M)", "params", 3), ("t2i R@1", "t2i", 2), ("i2t R@1", "i2t", 2),
                                 ("images/s", "img_s", 0), ("texts/s", "txt_s", 0),

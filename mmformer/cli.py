@@ -198,13 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--criterion", choices=["gradient", "magnitude"], default="gradient",
                     help="head importance: mean |dL/d gate| of the CLIP loss on training batches (default), "
                          "or the norm of the head's weights (no data)")
+    pr.add_argument("--normalize", choices=["block", "none"], default="block",
+                    help="divide each block's scores by their L2 norm before the global ranking (block, "
+                         "default: Michel et al. 2019), or rank the raw scores (none)")
     pr.add_argument("--batches", type=int, default=8, help="batches of the bundled emoji training split for "
-                                                           "the gradient criterion and recovery")
-    pr.add_argument("--batch-size", type=int, default=64)
+                                                           "the gradient criterion")
+    pr.add_argument("--batch-size", type=int, default=256,
+                    help="pairs per batch, for the scores and the recovery (default 256, the demo's training "
+                         "batch: a smaller contrastive batch than the model was trained with costs it recall "
+                         "in recovery; README \"Compression\")")
     pr.add_argument("--recover", type=int, default=0, metavar="STEPS",
                     help="fine-tune the pruned model this many steps (CLIP loss + distillation from the "
-                         "unpruned model); 0 = none")
-    pr.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate (AdamW)")
+                         "unpruned model) on the whole emoji training split, augmented, epoch after "
+                         "epoch; 0 = none")
+    pr.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate (AdamW), decayed to 0 on a cosine")
     pr.add_argument("--seed", type=int, default=0, help="seed of the training batches' order and augmentation")
     pr.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     pr.add_argument("--overwrite", action="store_true",
@@ -413,7 +420,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from mmformer.compress.prune import (
         emoji_train_batches,
+        emoji_train_loader,
         head_importance,
+        normalize_per_block,
         prune_heads,
         recover,
         select_heads,
@@ -441,7 +450,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"loaded {args.model}: {before:,} parameters, {c.depth} blocks, heads per block {c.heads_per_block}",
           flush=True)
     select_heads(torch.zeros(c.depth, c.heads), args.heads, c.heads_per_block)  # a fraction too large fails here
-    batches = None
+    batches = data_dir = None
     if args.criterion == "gradient" or args.recover:
         torch.manual_seed(args.seed)
         try:
@@ -450,12 +459,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise SystemExit(f"mmformer prune: {e}") from e
         if model.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.model (needed to read the training captions)")
+    if args.criterion == "gradient":
         batches = emoji_train_batches(model, args.batches, args.batch_size, str(data_dir), args.seed)
         print(f"data: {len(batches)} batches of {args.batch_size} pairs from the emoji training split in {data_dir}",
               flush=True)
     importance = head_importance(model, batches, args.criterion)
+    if args.normalize == "block":
+        importance = normalize_per_block(importance)
     print(f"scored {sum(c.heads_per_block)} heads by {args.criterion}"
-          + (f" on {len(batches)} batches" if args.criterion == "gradient" else ""), flush=True)
+          + (f" on {len(batches)} batches" if args.criterion == "gradient" else "")
+          + (", normalised per block" if args.normalize == "block" else ""), flush=True)
     plan = select_heads(importance, args.heads, c.heads_per_block)
     for i, (removed, h) in enumerate(zip(plan, c.heads_per_block)):
         print(f"block {i}: removed heads {removed or 'none'}, kept {h - len(removed)} of {h}", flush=True)
@@ -464,8 +477,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / before:.1f}% fewer); "
           f"heads per block {pruned.config.heads_per_block}", flush=True)
     if args.recover:
-        print(f"recovery: {args.recover} steps of AdamW at lr {args.lr:g}, CLIP loss + distillation from the "
-              "unpruned model", flush=True)
+        print(f"recovery: {args.recover} steps of AdamW at lr {args.lr:g} (cosine decay), CLIP loss + distillation from the "
+              f"unpruned model, batches of {args.batch_size} from the whole emoji training split in {data_dir}",
+              flush=True)
         from tqdm.auto import tqdm
 
         losses: list[float] = []
@@ -474,7 +488,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 bar.update(1)
-            recover(pruned, model, batches, args.recover, lr=args.lr, on_step=on_step)
+            loader = emoji_train_loader(model, args.batch_size, str(data_dir), args.seed)
+            recover(pruned, model, loader, args.recover, lr=args.lr, on_step=on_step)
         if losses:
             print(f"recovery: loss {losses[0]:.4f} at step 1, {losses[-1]:.4f} at step {len(losses)}", flush=True)
     with atomic_dir(out) as tmp:

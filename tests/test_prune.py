@@ -8,19 +8,23 @@ the service engine and quantizes to int8."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from mmformer.cli import main, run
 from mmformer.compress import quantize_int8
 from mmformer.compress.prune import (
     emoji_train_batches,
+    emoji_train_loader,
     head_gates,
     head_importance,
     magnitude_importance,
+    normalize_per_block,
     prune_heads,
     recover,
     select_heads,
@@ -223,6 +227,22 @@ def test_select_heads_ranks_globally_and_keeps_a_head_per_block():
     assert select_heads(pruned_imp, 0.4, [2, 3]) == [[], [1, 2]]
 
 
+def test_per_block_normalisation_by_hand_and_its_effect_on_the_ranking():
+    nan = float("nan")
+    imp = torch.tensor([[3.0, 4.0, nan], [0.0, 0.0, 0.0], [0.01, 0.02, 0.03]])
+    got = normalize_per_block(imp)
+    assert torch.allclose(got[0, :2], torch.tensor([0.6, 0.8])) and got[0, 2].isnan()
+    assert torch.equal(got[1], torch.zeros(3))  # an all-zero block stays zero, no NaN
+    assert torch.allclose(got[2], imp[2] / (0.01**2 + 0.02**2 + 0.03**2) ** 0.5)
+    # raw scores take both heads from the block whose scores are small overall; normalised, the
+    # relatively weakest heads of each block go
+    imp = torch.tensor([[1.0, 4.0, 8.0], [0.01, 0.02, 0.03]])
+    assert select_heads(imp, 2 / 6, [3, 3]) == [[], [0, 1]]
+    assert select_heads(normalize_per_block(imp), 2 / 6, [3, 3]) == [[0], [0]]
+    with pytest.raises(ValueError, match=r"\(depth, heads\)"):
+        normalize_per_block(torch.ones(3))
+
+
 def test_a_pruned_model_prunes_again():
     model = tiny()
     once = prune_heads(model, [[0], [1, 2], []])
@@ -357,6 +377,25 @@ def test_recover_distills_from_the_frozen_teacher():
     with pytest.raises(ValueError, match="batches ran out after 1"):
         recover(student, teacher, iter([batch()]), 2)
     assert recover(student, teacher, batches, 0) == []
+    with pytest.raises(ValueError, match="schedule='linear' must be 'cosine' or 'constant'"):
+        recover(student, teacher, batches, 1, schedule="linear")
+
+
+def test_recover_decays_the_learning_rate_on_a_cosine():
+    """Each step's learning rate, read from the optimizer inside the step: lr (1 + cos(pi k / n)) / 2
+    for cosine, lr throughout for constant."""
+    teacher = tiny()
+    for schedule, want in (("cosine", [1e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]),
+                           ("constant", [1e-3] * 4)):
+        student = prune_heads(teacher, [[0], [], []])
+        seen = []
+        hook = register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+        try:
+            recover(student, teacher, [batch(1)], 4, lr=1e-3, schedule=schedule)
+        finally:
+            hook.remove()
+        assert seen == pytest.approx(want, rel=1e-12), schedule
 
 
 # ---- the command, the service, int8 --------------------------------------------------------------------
@@ -378,7 +417,7 @@ def test_the_prune_command_end_to_end(tiny_dir, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"loaded {tiny_dir}: ") and "heads per block [4, 4, 4]" in lines[0]
     assert any(line.startswith("data: 1 batches of 8 pairs") for line in lines)
-    assert "scored 12 heads by gradient on 1 batches" in lines
+    assert "scored 12 heads by gradient on 1 batches, normalised per block" in lines
     removed = [line for line in lines if line.startswith("block ")]
     assert len(removed) == 3
     assert any(line.startswith("parameters: ") and "fewer" in line for line in lines)
@@ -407,6 +446,13 @@ def test_emoji_batches_fit_the_model(tiny_dir):
     batches = emoji_train_batches(model, 2, 8)
     assert len(batches) == 2 and batches[0]["images"].shape == (8, 3, 16, 16)
     assert batches[0]["input_ids"].shape[1] <= 8 and "concepts" in batches[0]
+    # the recovery loader is the whole training split, and a second pass is a new, reshuffled epoch
+    loader = emoji_train_loader(model, 512)
+    first, second = [b["concepts"] for b in loader], [b["concepts"] for b in loader]
+    n = sum(len(c) for c in first)
+    assert n == sum(len(c) for c in second) and n > 5000  # 6084 bundled training pairs
+    assert torch.equal(torch.sort(torch.cat(first)).values, torch.sort(torch.cat(second)).values)
+    assert not torch.equal(torch.cat(first), torch.cat(second))
 
 
 def test_the_service_engine_and_int8_take_a_pruned_model(tiny_dir, tmp_path):

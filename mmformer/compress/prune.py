@@ -26,7 +26,8 @@ Three steps, each usable on its own (``mmformer prune`` runs them in order):
 
 :func:`recover` fine-tunes the pruned model for a few steps: CLIP loss plus affinity
 distillation (:func:`mmformer.losses.affinity_distill_loss`) from the unpruned model, frozen.
-:func:`emoji_train_batches` gives batches of the bundled emoji training split for both.
+:func:`emoji_train_batches` gives a few batches of the bundled emoji training split (for the
+gradient criterion), :func:`emoji_train_loader` the whole split epoch after epoch (for recovery).
 """
 
 from __future__ import annotations
@@ -135,6 +136,19 @@ def magnitude_importance(model: MMFormer, p: float = 2.0) -> torch.Tensor:
                 w = proj.weight.detach().double().reshape(-1, h, dh).transpose(0, 1).reshape(h, -1)
                 scores[i, :h] += torch.linalg.vector_norm(w, p, dim=1).cpu()
     return _mask_absent(model, scores.float())
+
+
+def normalize_per_block(importance: torch.Tensor) -> torch.Tensor:
+    """Each block's scores divided by their L2 norm over the heads the block has (NaN places,
+    heads pruned earlier, are left out and stay NaN), as Michel et al. (2019) normalise per layer
+    before ranking heads globally: without it a block whose scores are small overall gives up
+    most of the removed heads. A block whose scores are all zero stays zero."""
+    if importance.ndim != 2:
+        raise ValueError(f"importance must be (depth, heads), got shape {tuple(importance.shape)}")
+    present = ~torch.isnan(importance)
+    norms = torch.where(present, importance, torch.zeros_like(importance)).double().pow(2).sum(1).sqrt()
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms)).to(importance.dtype)
+    return importance / norms[:, None]
 
 
 def _mask_absent(model: MMFormer, scores: torch.Tensor) -> torch.Tensor:
@@ -247,6 +261,7 @@ def prune_heads(model: MMFormer, remove: float | Sequence[Sequence[int]],
 # ---- recovery ------------------------------------------------------------------------------------
 def recover(student: MMFormer, teacher: MMFormer, batches: Iterable[Batch], steps: int, *, lr: float = 1e-4,
             weight_decay: float = 0.05, distill_weight: float = 1.0, max_grad_norm: float | None = 1.0,
+            schedule: str = "cosine",
             on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Fine-tune ``student`` in place for ``steps`` AdamW steps, one batch each, cycling through
     ``batches`` (a list or another re-iterable); returns each step's loss.
@@ -254,14 +269,18 @@ def recover(student: MMFormer, teacher: MMFormer, batches: Iterable[Batch], step
     Loss: ``clip_loss + distill_weight * affinity_distill_loss`` against ``teacher`` (the
     unpruned model, run in eval mode without gradient, never changed). Weight decay applies to
     the matrices outside ``student.no_weight_decay()``; gradients are clipped to
-    ``max_grad_norm`` (None: not clipped). ``on_step(step, loss)`` is called after each step
-    (1-based). The student is left in the train/eval mode it came in.
+    ``max_grad_norm`` (None: not clipped). ``schedule``: ``"cosine"`` (the learning rate of
+    step k, 0-based, is ``lr * (1 + cos(pi * k / steps)) / 2``: from ``lr`` down towards 0) or
+    ``"constant"``. ``on_step(step, loss)`` is called after each step (1-based). The student is
+    left in the train/eval mode it came in.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"recovery steps must be an int >= 0, got {steps!r}")
     if not lr > 0 or weight_decay < 0 or distill_weight < 0:
         raise ValueError(f"need lr > 0, weight_decay >= 0 and distill_weight >= 0, got {lr}, {weight_decay}, "
                          f"{distill_weight}")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule={schedule!r} must be 'cosine' or 'constant'")
     if steps == 0:
         return []
     exempt = student.no_weight_decay()
@@ -288,6 +307,9 @@ def recover(student: MMFormer, teacher: MMFormer, batches: Iterable[Batch], step
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"recovery step {len(losses) + 1}: the loss is {loss.item()}; "
                                          "lower the learning rate")
+            if schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * (1 + math.cos(math.pi * len(losses) / steps)) / 2
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:
@@ -318,13 +340,32 @@ def _cycle(batches: Iterable[Batch], steps: int) -> Iterator[Batch]:
 
 
 # ---- data ----------------------------------------------------------------------------------------
-def emoji_train_batches(model: nn.Module, n_batches: int, batch_size: int = 64, data_dir: str | None = None,
-                        seed: int = 0) -> list[dict[str, Any]]:
-    """The first ``n_batches`` batches (fewer if the split is shorter) of the bundled emoji
-    training split in the seeded training order, with the training augmentation and the model's
-    image size, normalisation, context length and tokenizer."""
-    if n_batches < 1 or batch_size < 2:
-        raise ValueError(f"need n_batches >= 1 and batch_size >= 2, got {n_batches} and {batch_size}")
+class Epochs:
+    """A training DataLoader whose every pass is the next epoch (its sampler's ``set_epoch``):
+    a new order and new augmentation each time it is iterated, where the loader alone would
+    repeat the first epoch."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.loader.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        return iter(self.loader)
+
+
+def emoji_train_loader(model: nn.Module, batch_size: int = 64, data_dir: str | None = None,
+                       seed: int = 0) -> Epochs:
+    """Batches of the bundled emoji training split with the training augmentation and the model's
+    image size, normalisation, context length and tokenizer, epoch after epoch: every pass over
+    the result is a new epoch of the whole split (reshuffled, freshly augmented), which is what a
+    recovery of more steps than one epoch's batches should cycle through."""
+    if batch_size < 2:
+        raise ValueError(f"need batch_size >= 2 (contrastive pairs), got {batch_size}")
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("the model has no tokenizer attached (tokenizer.model missing from its directory)")
@@ -334,7 +375,16 @@ def emoji_train_batches(model: nn.Module, n_batches: int, batch_size: int = 64, 
                              image_mean=c.image_mean, image_std=c.image_std, seed=seed)
     dm.set_tokenizer(tokenizer)
     dm.setup("fit")
-    batches = list(itertools.islice(iter(dm.train_dataloader()), n_batches))
+    return Epochs(dm.train_dataloader())
+
+
+def emoji_train_batches(model: nn.Module, n_batches: int, batch_size: int = 64, data_dir: str | None = None,
+                        seed: int = 0) -> list[dict[str, Any]]:
+    """The first ``n_batches`` batches (fewer if the split is shorter) of
+    :func:`emoji_train_loader`'s first epoch, as a list."""
+    if n_batches < 1:
+        raise ValueError(f"need n_batches >= 1, got {n_batches}")
+    batches = list(itertools.islice(iter(emoji_train_loader(model, batch_size, data_dir, seed)), n_batches))
     if len(batches) < n_batches:
         log.info("the emoji training split holds %d batches of %d; using those", len(batches), batch_size)
     return batches
