@@ -405,4 +405,4 @@ def test_shipped_recipes_parse_with_their_sizes(tmp_path):
     plan = plan_inheritance(s.config, teacher)  # inherited: 128 of the 192 channels, blocks 0 and 2
     assert cli.model.hparams.inherit and plan.blocks == [0, 2]
     assert torch.equal(s.token_embed.weight, teacher.token_embed.weight[:, plan.channels])
-    assert cli.model.hparams.time_budget_s == 480
+    assert cli.model.hparams.time_budget_s == 960
