@@ -205,8 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "the gradient criterion")
     pr.add_argument("--batch-size", type=int, default=256,
                     help="pairs per batch, for the scores and the recovery (default 256, the demo's training "
-                         "batch: a smaller contrastive batch than the model was trained with costs it recall "
-                         "in recovery; README \"Compression\")")
+                         "batch; README \"Compression\" shows what the earlier 64 with a constant rate cost)")
     pr.add_argument("--recover", type=int, default=0, metavar="STEPS",
                     help="fine-tune the pruned model this many steps (CLIP loss + distillation from the "
                          "unpruned model) on the whole emoji training split, augmented, epoch after "
