@@ -452,6 +452,10 @@ def test_emoji_batches_fit_the_model(tiny_dir):
     for epoch in (first, second):
         assert torch.equal(torch.sort(epoch).values, torch.arange(6084))
     assert not torch.equal(first, second)
+    with pytest.raises(ValueError, match=r"need batch_size >= 2 \(contrastive pairs\), got 1"):
+        emoji_train_loader(model, 1)
+    with pytest.raises(ValueError, match="need n_batches >= 1, got 0"):
+        emoji_train_batches(model, 0, 8)
 
 
 def test_the_service_engine_and_int8_take_a_pruned_model(tiny_dir, tmp_path):
