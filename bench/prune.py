@@ -39,6 +39,7 @@ from mmformer.compress.prune import (CRITERIA, emoji_train_batches, emoji_train_
 from mmformer.data.emoji import InMemoryImageText, default_data_dir  # noqa: E402
 from mmformer.model import MMFormer  # noqa: E402
 from mmformer.retrieval import evaluate_retrieval  # noqa: E402
+from mmformer.training.precision import autocast_for  # noqa: E402
 
 
 def csv_of(text: str, kind):
@@ -69,6 +70,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256, help="pairs per batch (importance and recovery)")
     p.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate (cosine decay to 0)")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="recovery learning rate schedule")
+    p.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+                   help="recovery precision (auto: timed on the unpruned model, as `mmformer prune` does)")
     p.add_argument("--speed-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--data-dir", default=None)
@@ -94,6 +97,11 @@ def main() -> None:
           f"{len(batches)} training batches of {args.batch_size}; held-out family: {len(held_out)} images",
           flush=True)
 
+    autocast_dtype = None
+    if any(recoveries):
+        autocast_dtype, choice = autocast_for(args.precision, model, next(iter(loader.loader)))
+        print(f"recovery in {'fp32' if autocast_dtype is None else 'bf16 autocast'}"
+              + (f" ({choice.reason()})" if choice else ""), flush=True)
     base = measure(model, held_out, images, ids, mask, args.repeats)
     rows = [{"criterion": "(unpruned)", "norm": "-", "removed": "0%", "heads": str(c.heads_per_block), "steps": 0, **base,
              "img_x": 1.0, "txt_x": 1.0}]
@@ -114,8 +122,10 @@ def main() -> None:
                 continue  # the unpruned row
             student = pruned if steps == 0 else copy.deepcopy(pruned)
             if steps:
-                torch.manual_seed(0)  # the same recovery batches for every row
-                recover(student, model, loader, steps, lr=args.lr, schedule=args.schedule)
+                torch.manual_seed(0)  # the same recovery batches for every row: from the first epoch on
+                loader.epoch = 0
+                recover(student, model, loader, steps, lr=args.lr, schedule=args.schedule,
+                        autocast_dtype=autocast_dtype)
             r = measure(student, held_out, images, ids, mask, args.repeats)
             r.update(img_x=r["img_s"] / base["img_s"], txt_x=r["txt_s"] / base["txt_s"])
             rows.append({"criterion": criterion, "norm": norm, "removed": f"{fraction:.0%}",
@@ -127,7 +137,7 @@ def main() -> None:
     print()
     print(f"Head pruning of {args.model} (held-out family, {len(held_out)} images; chance R@1 {base['chance']:.2f}; "
           f"speed at batch {n}; importance on {len(batches)} batches of {args.batch_size}; recovery lr {args.lr:g} "
-          f"({args.schedule}) "
+          f"({args.schedule}, {'fp32' if autocast_dtype is None else 'bf16 autocast'}) "
           f"on batches of {args.batch_size} from the whole training split)")
     print()
     print(markdown_table(rows, [("criterion", "criterion", 0), ("scores", "norm", 0), ("removed", "removed", 0),

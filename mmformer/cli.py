@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "unpruned model) on the whole emoji training split, augmented, epoch after "
                          "epoch; 0 = none")
     pr.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate (AdamW), decayed to 0 on a cosine")
+    pr.add_argument("--precision", choices=["auto", "32-true", "bf16-mixed"], default="auto",
+                    help="recovery precision: auto (time a few training steps of each on one recovery batch, "
+                         "keep the faster, as `mmformer demo` does), 32-true, or bf16-mixed (bf16 autocast, "
+                         "fp32 weights)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the training batches' order and augmentation")
     pr.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     pr.add_argument("--overwrite", action="store_true",
@@ -430,6 +434,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from mmformer.data.emoji import default_data_dir
     from mmformer.files import atomic_dir
     from mmformer.model import MMFormer
+    from mmformer.training.precision import autocast_for
 
     if not 0 <= args.heads < 1:
         raise ValueError(f"--heads must be a fraction in [0, 1) of the heads to remove, got {args.heads}")
@@ -481,14 +486,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
               flush=True)
         from tqdm.auto import tqdm
 
+        loader = emoji_train_loader(model, args.batch_size, str(data_dir), args.seed)
+        # timed on the loader's first batch; iterating the DataLoader itself leaves the epochs alone
+        autocast_dtype, choice = autocast_for(args.precision, pruned, next(iter(loader.loader)))
+        if choice is not None:
+            print(f"recovery {choice.reason()}", flush=True)
         losses: list[float] = []
         with tqdm(total=args.recover, desc="recovery", unit="step") as bar:
             def on_step(step: int, loss: float) -> None:
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 bar.update(1)
-            loader = emoji_train_loader(model, args.batch_size, str(data_dir), args.seed)
-            recover(pruned, model, loader, args.recover, lr=args.lr, on_step=on_step)
+            recover(pruned, model, loader, args.recover, lr=args.lr, on_step=on_step, autocast_dtype=autocast_dtype)
         if losses:
             print(f"recovery: loss {losses[0]:.4f} at step 1, {losses[-1]:.4f} at step {len(losses)}", flush=True)
     with atomic_dir(out) as tmp:

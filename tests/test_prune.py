@@ -34,6 +34,7 @@ from mmformer.layers.multiway import MultiwayAttention, each
 from mmformer.losses import affinity_distill_loss, clip_loss
 from mmformer.model import MMFormer, model_fingerprint
 from mmformer.tokenizer import Tokenizer, default_tokenizer_path
+from mmformer.training.precision import autocast_for, cache_key
 
 TINY = dict(width=32, depth=3, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8,
             embed_dim=16)
@@ -398,6 +399,52 @@ def test_recover_decays_the_learning_rate_on_a_cosine():
         assert seen == pytest.approx(want, rel=1e-12), schedule
 
 
+def test_recover_under_bf16_autocast_keeps_fp32_weights():
+    """The first step's loss equals the same forward computed by hand under bf16 autocast; the
+    weights and the optimizer's state stay fp32, the teacher is untouched."""
+    teacher = tiny()
+    student = prune_heads(teacher, [[0], [], [3]])
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    b = batch(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # with gradients, as in training (attention's kernel)
+        s = student(b["images"], b["input_ids"], b["attention_mask"])
+        with torch.no_grad():
+            t = teacher(b["images"], b["input_ids"], b["attention_mask"])
+        want = clip_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], gather=False) + \
+            affinity_distill_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], t["image_embeds"],
+                                  t["text_embeds"], t["logit_scale"], gather=False)
+    assert s["image_embeds"].dtype == torch.bfloat16  # the autocast reference really is bf16
+    with torch.no_grad():
+        s32 = student(b["images"], b["input_ids"], b["attention_mask"])
+        fp32 = clip_loss(s32["image_embeds"], s32["text_embeds"], s32["logit_scale"], gather=False)
+    losses = recover(student, teacher, [b], 2, lr=1e-3, autocast_dtype=torch.bfloat16)
+    assert losses[0] == pytest.approx(float(want), rel=1e-5)
+    assert float(want) != pytest.approx(float(fp32), rel=1e-6)  # bf16 was used, not fp32
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
+    with pytest.raises(ValueError, match="autocast_dtype=torch.int8 must be None"):
+        recover(student, teacher, [b], 1, autocast_dtype=torch.int8)
+
+
+def test_the_recovery_precision_names_and_auto(tmp_path, monkeypatch):
+    """``autocast_for``: the named precisions map to their autocast dtype; ``auto`` times the
+    model on the batch (here: a measurement already cached for this CPU, model and batch size)."""
+    monkeypatch.setenv("MMFORMER_CACHE", str(tmp_path))
+    model, b = tiny(), batch(1)
+    assert autocast_for("32-true") == (None, None)
+    assert autocast_for("bf16-mixed") == (torch.bfloat16, None)
+    with pytest.raises(ValueError, match="precision 'fp16' must be auto or one of"):
+        autocast_for("fp16")
+    with pytest.raises(ValueError, match="auto needs the model and one image-text batch"):
+        autocast_for("auto", model)
+    key = cache_key(model, b["images"].shape[0])
+    for times, want in (({"32-true": 0.05, "bf16-mixed": 0.01}, torch.bfloat16),
+                        ({"32-true": 0.01, "bf16-mixed": 0.05}, None)):
+        (tmp_path / "precision.json").write_text(json.dumps({key: times}))
+        dtype, choice = autocast_for("auto", model, b)
+        assert dtype == want and choice.cached and choice.seconds_per_step == times
+
+
 # ---- the command, the service, int8 --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -421,6 +468,8 @@ def test_the_prune_command_end_to_end(tiny_dir, tmp_path, capsys):
     removed = [line for line in lines if line.startswith("block ")]
     assert len(removed) == 3
     assert any(line.startswith("parameters: ") and "fewer" in line for line in lines)
+    # the recovery's precision was measured (auto, the default) and said in one line
+    assert len([line for line in lines if line.startswith("recovery precision auto -> ")]) == 1
     # one summary line for the recovery (the per-step progress is a bar on stderr)
     summary = [line for line in lines if line.startswith("recovery: loss ")]
     assert len(summary) == 1 and summary[0].endswith("at step 2"), summary

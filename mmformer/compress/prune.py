@@ -261,7 +261,7 @@ def prune_heads(model: MMFormer, remove: float | Sequence[Sequence[int]],
 # ---- recovery ------------------------------------------------------------------------------------
 def recover(student: MMFormer, teacher: MMFormer, batches: Iterable[Batch], steps: int, *, lr: float = 1e-4,
             weight_decay: float = 0.05, distill_weight: float = 1.0, max_grad_norm: float | None = 1.0,
-            schedule: str = "cosine",
+            schedule: str = "cosine", autocast_dtype: torch.dtype | None = None,
             on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Fine-tune ``student`` in place for ``steps`` AdamW steps, one batch each, cycling through
     ``batches`` (a list or another re-iterable); returns each step's loss.
@@ -271,8 +271,12 @@ def recover(student: MMFormer, teacher: MMFormer, batches: Iterable[Batch], step
     the matrices outside ``student.no_weight_decay()``; gradients are clipped to
     ``max_grad_norm`` (None: not clipped). ``schedule``: ``"cosine"`` (the learning rate of
     step k, 0-based, is ``lr * (1 + cos(pi * k / steps)) / 2``: from ``lr`` down towards 0) or
-    ``"constant"``. ``on_step(step, loss)`` is called after each step (1-based). The student is
-    left in the train/eval mode it came in.
+    ``"constant"``. ``autocast_dtype``: None (full precision) or a low-precision dtype
+    (``torch.bfloat16``) that the student's and the teacher's forward passes and the losses run
+    under autocast in (the weights, their gradients and the optimizer stay fp32, as in
+    ``bf16-mixed`` training; which is faster depends on the CPU: the CLI measures it with
+    :func:`mmformer.training.precision.choose_precision`). ``on_step(step, loss)`` is called
+    after each step (1-based). The student is left in the train/eval mode it came in.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"recovery steps must be an int >= 0, got {steps!r}")
@@ -281,6 +285,8 @@ def recover(student: MMFormer, teacher: MMFormer, batches: Iterable[Batch], step
                          f"{distill_weight}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule={schedule!r} must be 'cosine' or 'constant'")
+    if autocast_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast_dtype={autocast_dtype!r} must be None, torch.bfloat16 or torch.float16")
     if steps == 0:
         return []
     exempt = student.no_weight_decay()
@@ -290,20 +296,22 @@ def recover(student: MMFormer, teacher: MMFormer, batches: Iterable[Batch], step
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     device = next(student.parameters()).device
+    enabled = autocast_dtype not in (None, torch.float32)
     was_training = student.training
     losses: list[float] = []
     student.train()
     try:
         for batch in _cycle(batches, steps):
             images, ids, mask, concepts = _to_device(batch, device)
-            with torch.no_grad(), eval_mode(teacher):
-                t = teacher(images, ids, mask)
-            s = student(images, ids, mask)
-            loss = clip_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], concepts, gather=False)
-            if distill_weight:
-                loss = loss + distill_weight * affinity_distill_loss(
-                    s["image_embeds"], s["text_embeds"], s["logit_scale"], t["image_embeds"], t["text_embeds"],
-                    t["logit_scale"], gather=False)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=enabled):
+                with torch.no_grad(), eval_mode(teacher):
+                    t = teacher(images, ids, mask)
+                s = student(images, ids, mask)
+                loss = clip_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], concepts, gather=False)
+                if distill_weight:
+                    loss = loss + distill_weight * affinity_distill_loss(
+                        s["image_embeds"], s["text_embeds"], s["logit_scale"], t["image_embeds"], t["text_embeds"],
+                        t["logit_scale"], gather=False)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"recovery step {len(losses) + 1}: the loss is {loss.item()}; "
                                          "lower the learning rate")

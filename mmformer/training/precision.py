@@ -29,7 +29,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -256,3 +256,23 @@ def auto_precision(module, datamodule, use_cache: bool = True) -> PrecisionChoic
     with torch.random.fork_rng():
         return choose_precision(module.model, batch["images"], batch["input_ids"], batch["attention_mask"],
                                 use_cache=use_cache)
+
+
+def autocast_for(precision: str, model: MMFormer | None = None,
+                 batch: Mapping[str, torch.Tensor] | None = None,
+                 use_cache: bool = True) -> tuple[torch.dtype | None, PrecisionChoice | None]:
+    """The autocast dtype (None = full precision) for a loop written outside Lightning (head
+    pruning's recovery) that is given ``precision`` = ``32-true``, ``bf16-mixed`` or ``auto``;
+    ``auto`` runs :func:`choose_precision` on ``model`` and one image-text ``batch`` and also
+    returns the choice (whose :meth:`PrecisionChoice.reason` is the line to show), else None."""
+    if precision == "auto":
+        if model is None or batch is None:
+            raise ValueError("precision auto needs the model and one image-text batch to time")
+        with torch.random.fork_rng():
+            choice = choose_precision(model, batch["images"], batch["input_ids"], batch["attention_mask"],
+                                      use_cache=use_cache)
+        return _AUTOCAST[choice.precision], choice
+    if precision not in _AUTOCAST:
+        raise ValueError(f"precision {precision!r} must be auto or one of {list(_AUTOCAST)}")
+    return _AUTOCAST[precision], None
+
