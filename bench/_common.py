@@ -9,6 +9,7 @@
 - :class:`OnnxModel`: an ``export_onnx`` folder run by onnxruntime behind MMFormer's encoder calls.
 - :func:`held_out_split`, :func:`held_out_recall`: the bundled held-out family and a model's
   retrieval metrics on it, as ``mmformer demo`` computes them.
+- :func:`apply_cpu_settings`: the process settings the training commands apply, or none.
 - :func:`machine_line`, :func:`markdown_table`: the report's last lines.
 """
 
@@ -30,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from mmformer.compress.onnx import GRAPHS, INT8_GRAPHS, OnnxEncoder
 from mmformer.config import ModelConfig
 from mmformer.tokenizer import EOS_ID, PAD_ID, Tokenizer, default_tokenizer_path
+from mmformer.training.cpu import flush_denormals, keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,6 +245,27 @@ def run_demo(demo_args: list[str], run_dir: Path) -> dict[str, Any]:
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+
+
+#: ``--cpu-settings`` choices: what ``mmformer fit`` / ``mmformer demo`` apply before training, or nothing
+CPU_SETTINGS = ("training", "none")
+
+
+def apply_cpu_settings(which: str) -> str:
+    """Apply the process-wide CPU settings ``which`` names and return a line saying what was applied:
+    ``"training"`` = what the training commands apply before any torch work
+    (:func:`mmformer.training.cpu.keep_freed_memory`: glibc keeps freed blocks for reuse instead of
+    unmapping them, so a step's large activations are not fresh pages to fault in;
+    :func:`~mmformer.training.cpu.flush_denormals`); ``"none"`` = the C library's and torch's defaults.
+    The settings are process-wide: every implementation timed in the run gets the same."""
+    if which not in CPU_SETTINGS:
+        raise ValueError(f"cpu settings {which!r} must be one of {CPU_SETTINGS}")
+    if which == "none":
+        return "cpu settings: none (glibc malloc and denormals as the defaults leave them)"
+    kept = keep_freed_memory()
+    flush_denormals()
+    return ("cpu settings: the training commands' (freed memory kept for reuse" + ("" if kept else
+            ": not available, no glibc mallopt") + "; denormals flushed to zero), for every model timed")
 
 
 def machine_line() -> str:

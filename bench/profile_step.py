@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_tokenizer, machine_line, markdown_table  # noqa: E402
+from _common import CPU_SETTINGS, apply_cpu_settings, load_tokenizer, machine_line, markdown_table  # noqa: E402
 from train_throughput import DEFAULT_BATCH, build, random_batch  # noqa: E402
 
 from mmformer.config import get_config  # noqa: E402
@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
     p.add_argument("--steps", type=int, default=3, help="profiled steps after 2 warm-up steps")
     p.add_argument("--top", type=int, default=15, help="operators listed by self time")
+    p.add_argument("--cpu-settings", default="training", choices=CPU_SETTINGS,
+                   help="training (default): the process settings mmformer fit and demo apply (malloc keeps freed "
+                        "memory, denormals flushed), for every model timed; none: the defaults")
     args = p.parse_args(argv)
+    settings_line = apply_cpu_settings(args.cpu_settings)
 
     tok, _ = load_tokenizer()
     cfg = get_config(args.model, vocab_size=tok.vocab_size)
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for e in events:
         by_cat[category(e.key)] += e.self_cpu_time_total
     print(machine_line())
+    print(settings_line)
     print(f"{args.model} ({cfg.width} wide, {cfg.depth} layers), {args.precision}, batch {batch_size}: "
           f"{total / 1e3 / args.steps:.1f} ms of operator self time per profiled step\n")
     rows = [{"category": c, "ms per step": t / 1e3 / args.steps, "share %": 100 * t / total}

@@ -36,8 +36,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Pair, build_open_clip, count_train_flops, load_tokenizer, machine_line,  # noqa: E402
-                     markdown_table, num_params)
+from _common import (CPU_SETTINGS, Pair, apply_cpu_settings, build_open_clip, count_train_flops,  # noqa: E402
+                     load_tokenizer, machine_line, markdown_table, num_params)
 
 from mmformer.config import get_config  # noqa: E402
 from mmformer.losses import clip_loss  # noqa: E402
@@ -207,10 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the bundled one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows (and the peaks) as JSON here")
+    p.add_argument("--cpu-settings", default="training", choices=CPU_SETTINGS,
+                   help="training (default): the process settings mmformer fit and demo apply (malloc keeps freed "
+                        "memory, denormals flushed), for every model timed; none: the defaults")
     args = p.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    settings_line = apply_cpu_settings(args.cpu_settings)
+    print(settings_line, flush=True)
     models = [m for m in args.models.split(",") if m]
     precisions = [x for x in args.precisions.split(",") if x]
     impls = [x for x in args.impls.split(",") if x]
@@ -281,10 +286,12 @@ def main(argv: list[str] | None = None) -> int:
           "fp32 rows are compared with the fp32 peak, bf16 rows with the bf16 peak")
     print("FLOPs: FlopCounterMode on one forward+backward (matmuls, convs, attention incl. the CPU "
           "flash kernels), / batch; the optimizer step is not counted")
+    print(settings_line)
     print(machine_line())
 
     if args.json:
-        out = {"rows": rows, "peaks": peaks, "machine": machine_line(), "tokenizer": tok_source,
+        out = {"rows": rows, "peaks": peaks, "machine": machine_line(), "cpu_settings": args.cpu_settings,
+               "tokenizer": tok_source,
                "steps": args.steps, "warmup_steps": args.warmup_steps}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
