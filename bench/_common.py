@@ -9,7 +9,8 @@
 - :class:`OnnxModel`: an ``export_onnx`` folder run by onnxruntime behind MMFormer's encoder calls.
 - :func:`held_out_split`, :func:`held_out_recall`: the bundled held-out family and a model's
   retrieval metrics on it, as ``mmformer demo`` computes them.
-- :func:`apply_cpu_settings`: the process settings the training commands apply, or none.
+- :func:`add_cpu_settings_argument`, :func:`apply_cpu_settings`: the process settings the training
+  commands apply, or none.
 - :func:`machine_line`, :func:`markdown_table`: the report's last lines.
 """
 
@@ -249,6 +250,13 @@ def run_demo(demo_args: list[str], run_dir: Path) -> dict[str, Any]:
 
 #: ``--cpu-settings`` choices: what ``mmformer fit`` / ``mmformer demo`` apply before training, or nothing
 CPU_SETTINGS = ("training", "none")
+
+
+def add_cpu_settings_argument(parser) -> None:
+    """``--cpu-settings training|none`` on a bench's argparse ``parser`` (see :func:`apply_cpu_settings`)."""
+    parser.add_argument("--cpu-settings", default="training", choices=CPU_SETTINGS,
+                        help="training (default): the process settings mmformer fit and demo apply (malloc keeps "
+                             "freed memory, denormals flushed), for every model timed; none: the defaults")
 
 
 def apply_cpu_settings(which: str) -> str:

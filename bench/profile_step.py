@@ -24,7 +24,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CPU_SETTINGS, apply_cpu_settings, load_tokenizer, machine_line, markdown_table  # noqa: E402
+from _common import (add_cpu_settings_argument, apply_cpu_settings, load_tokenizer, machine_line,  # noqa: E402
+                     markdown_table)
 from train_throughput import DEFAULT_BATCH, build, random_batch  # noqa: E402
 
 from mmformer.config import get_config  # noqa: E402
@@ -59,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
     p.add_argument("--steps", type=int, default=3, help="profiled steps after 2 warm-up steps")
     p.add_argument("--top", type=int, default=15, help="operators listed by self time")
-    p.add_argument("--cpu-settings", default="training", choices=CPU_SETTINGS,
-                   help="training (default): the process settings mmformer fit and demo apply (malloc keeps freed "
-                        "memory, denormals flushed), for every model timed; none: the defaults")
+    add_cpu_settings_argument(p)
     args = p.parse_args(argv)
     settings_line = apply_cpu_settings(args.cpu_settings)
 

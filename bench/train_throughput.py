@@ -36,8 +36,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (CPU_SETTINGS, Pair, apply_cpu_settings, build_open_clip, count_train_flops,  # noqa: E402
-                     load_tokenizer, machine_line, markdown_table, num_params)
+from _common import (Pair, add_cpu_settings_argument, apply_cpu_settings, build_open_clip,  # noqa: E402
+                     count_train_flops, load_tokenizer, machine_line, markdown_table, num_params)
 
 from mmformer.config import get_config  # noqa: E402
 from mmformer.losses import clip_loss  # noqa: E402
@@ -207,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the bundled one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows (and the peaks) as JSON here")
-    p.add_argument("--cpu-settings", default="training", choices=CPU_SETTINGS,
-                   help="training (default): the process settings mmformer fit and demo apply (malloc keeps freed "
-                        "memory, denormals flushed), for every model timed; none: the defaults")
+    add_cpu_settings_argument(p)
     args = p.parse_args(argv)
 
     if args.threads:
