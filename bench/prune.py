@@ -68,7 +68,8 @@ def main() -> None:
     p.add_argument("--normalize", default="none,block", help="score normalisations before the ranking: none, block")
     p.add_argument("--batches", type=int, default=8, help="training batches for the gradient importance")
     p.add_argument("--batch-size", type=int, default=256, help="pairs per batch (importance and recovery)")
-    p.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate (cosine decay to 0)")
+    p.add_argument("--lr", type=float, default=8e-4,
+                   help="recovery learning rate (cosine decay to 0; default: the shipped recipes' training rate)")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="recovery learning rate schedule")
     p.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
                    help="recovery precision (auto: timed on the unpruned model, as `mmformer prune` does)")
@@ -99,7 +100,9 @@ def main() -> None:
 
     autocast_dtype = None
     if any(recoveries):
-        autocast_dtype, choice = autocast_for(args.precision, model, next(iter(loader.loader)))
+        with torch.random.fork_rng():  # timed on the first batch: neither the global RNG nor the epochs move
+            first = next(iter(loader.loader)) if args.precision == "auto" else None
+        autocast_dtype, choice = autocast_for(args.precision, model, first)
         print(f"recovery in {'fp32' if autocast_dtype is None else 'bf16 autocast'}"
               + (f" ({choice.reason()})" if choice else ""), flush=True)
     base = measure(model, held_out, images, ids, mask, args.repeats)
