@@ -259,7 +259,7 @@ def prune_heads(model: MMFormer, remove: float | Sequence[Sequence[int]],
 
 
 # ---- recovery ------------------------------------------------------------------------------------
-def recover(student: MMFormer, teacher: MMFormer, batches: Iterable[Batch], steps: int, *, lr: float = 1e-4,
+def recover(student: MMFormer, teacher: MMFormer, batches: Iterable[Batch], steps: int, *, lr: float = 8e-4,
             weight_decay: float = 0.05, distill_weight: float = 1.0, max_grad_norm: float | None = 1.0,
             schedule: str = "cosine", autocast_dtype: torch.dtype | None = None,
             on_step: Callable[[int, float], None] | None = None) -> list[float]:
