@@ -98,13 +98,12 @@ def main() -> None:
           f"{len(batches)} training batches of {args.batch_size}; held-out family: {len(held_out)} images",
           flush=True)
 
-    autocast_dtype = None
+    autocast_dtype, recovery_precision = None, "fp32"
     if any(recoveries):
-        with torch.random.fork_rng():  # timed on the first batch: neither the global RNG nor the epochs move
-            first = next(iter(loader.loader)) if args.precision == "auto" else None
-        autocast_dtype, choice = autocast_for(args.precision, model, first)
-        print(f"recovery in {'fp32' if autocast_dtype is None else 'bf16 autocast'}"
-              + (f" ({choice.reason()})" if choice else ""), flush=True)
+        autocast_dtype, choice = autocast_for(args.precision, model,
+                                              loader.peek() if args.precision == "auto" else None)
+        recovery_precision = "fp32" if autocast_dtype is None else "bf16 autocast"
+        print(f"recovery in {recovery_precision}" + (f" ({choice.reason()})" if choice else ""), flush=True)
     base = measure(model, held_out, images, ids, mask, args.repeats)
     rows = [{"criterion": "(unpruned)", "norm": "-", "removed": "0%", "heads": str(c.heads_per_block), "steps": 0, **base,
              "img_x": 1.0, "txt_x": 1.0}]
@@ -140,7 +139,7 @@ def main() -> None:
     print()
     print(f"Head pruning of {args.model} (held-out family, {len(held_out)} images; chance R@1 {base['chance']:.2f}; "
           f"speed at batch {n}; importance on {len(batches)} batches of {args.batch_size}; recovery lr {args.lr:g} "
-          f"({args.schedule}, {'fp32' if autocast_dtype is None else 'bf16 autocast'}) "
+          f"({args.schedule}, {recovery_precision}) "
           f"on batches of {args.batch_size} from the whole training split)")
     print()
     print(markdown_table(rows, [("criterion", "criterion", 0), ("scores", "norm", 0), ("removed", "removed", 0),

@@ -489,9 +489,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from tqdm.auto import tqdm
 
         loader = emoji_train_loader(model, args.batch_size, str(data_dir), args.seed)
-        with torch.random.fork_rng():  # timed on the first batch: neither the global RNG nor the epochs move
-            first = next(iter(loader.loader)) if args.precision == "auto" else None
-        autocast_dtype, choice = autocast_for(args.precision, pruned, first)
+        autocast_dtype, choice = autocast_for(args.precision, pruned,
+                                              loader.peek() if args.precision == "auto" else None)
         if choice is not None:
             print(f"recovery {choice.reason()}", flush=True)
         losses: list[float] = []

@@ -501,6 +501,12 @@ def test_emoji_batches_fit_the_model(tiny_dir):
     for epoch in (first, second):
         assert torch.equal(torch.sort(epoch).values, torch.arange(6084))
     assert not torch.equal(first, second)
+    # peek: the next pass's first batch, without moving the epoch count or the global RNG
+    state = torch.random.get_rng_state()
+    peeked = loader.peek()
+    assert loader.epoch == 2 and torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(peeked["indices"], next(iter(loader))["indices"])
+    assert not torch.equal(peeked["indices"], second[:468])
     with pytest.raises(ValueError, match=r"need batch_size >= 2 \(contrastive pairs\), got 1"):
         emoji_train_loader(model, 1)
     with pytest.raises(ValueError, match="need n_batches >= 1, got 0"):

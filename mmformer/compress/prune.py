@@ -286,7 +286,8 @@ def recover(student: MMFormer, teacher: MMFormer, batches: Iterable[Batch], step
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule={schedule!r} must be 'cosine' or 'constant'")
     if autocast_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"autocast_dtype={autocast_dtype!r} must be None, torch.bfloat16 or torch.float16")
+        raise ValueError(f"autocast_dtype={autocast_dtype!r} must be None, torch.float32, torch.bfloat16 "
+                         "or torch.float16")
     if steps == 0:
         return []
     exempt = student.no_weight_decay()
@@ -364,6 +365,13 @@ class Epochs:
         self.loader.sampler.set_epoch(self.epoch)
         self.epoch += 1
         return iter(self.loader)
+
+    def peek(self) -> dict[str, Any]:
+        """The first batch the next pass will give, drawn without moving the epoch count or the
+        global RNG (a DataLoader iterator draws its base seed from it): a batch to time on."""
+        self.loader.sampler.set_epoch(self.epoch)
+        with torch.random.fork_rng():
+            return next(iter(self.loader))
 
 
 def emoji_train_loader(model: nn.Module, batch_size: int = 64, data_dir: str | None = None,

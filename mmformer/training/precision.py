@@ -253,9 +253,7 @@ def auto_precision(module, datamodule, use_cache: bool = True) -> PrecisionChoic
     if missing:
         raise ValueError(f"precision auto times image-text training steps, but {type(datamodule).__name__}'s "
                          f"batches have no {missing}; set the precision (32-true, bf16-mixed) in the recipe")
-    with torch.random.fork_rng():
-        return choose_precision(module.model, batch["images"], batch["input_ids"], batch["attention_mask"],
-                                use_cache=use_cache)
+    return autocast_for("auto", module.model, batch, use_cache)[1]
 
 
 def autocast_for(precision: str, model: MMFormer | None = None,
