@@ -88,8 +88,8 @@ def test_time_steps_takes_the_median_after_warmup():
         time_steps(step, steps=0, warmup=0)
 
 
-def test_a_far_slower_candidate_is_dropped_after_its_second_step(tiny):
-    """Emulated bf16 on an AVX2-only CPU (18x fp32): timed for 2 rounds, not 8; fp32 still 8."""
+def test_a_far_slower_candidate_is_stopped_after_two_slow_rounds(tiny):
+    """Emulated bf16 on an AVX2-only CPU (18x fp32): timed for 3 rounds, not 8; fp32 still 8."""
     clock, made, stepped = FakeClock(), [], []
     seconds = {"32-true": 0.4, "bf16-mixed": 7.6}
 
@@ -101,15 +101,37 @@ def test_a_far_slower_candidate_is_dropped_after_its_second_step(tiny):
             clock.now += seconds[precision] * (3 if stepped.count(precision) == 1 else 1)  # slow first call
         return step
 
-    choice = choose_precision(*tiny, steps=5, warmup=3, use_cache=False, timer=clock, make_step=make_step)
+    choice = choose_precision(*tiny, steps=5, warmup=3, timer=clock, make_step=make_step)
     assert choice.precision == "32-true"
-    assert stepped.count("bf16-mixed") == 2 and stepped.count("32-true") == 8
-    assert choice.seconds_per_step == pytest.approx(seconds)  # the dropped one: its second (warm) call
+    assert stepped.count("bf16-mixed") == 3 and stepped.count("32-true") == 8
+    assert choice.seconds_per_step == pytest.approx(seconds)  # the stopped one: its warm calls
+    assert choice.stopped == ("bf16-mixed",)
+    assert "bf16-mixed 7600 ms (stopped early: over 3x the fastest)" in choice.reason()
+    cached = choose_precision(*tiny, steps=5, warmup=3, timer=clock, make_step=make_step)
+    assert cached.cached and cached.stopped == ("bf16-mixed",) and "stopped early" in cached.reason()
     # within the factor (2x) both are timed to the end
     clock, stepped[:] = FakeClock(), []
     seconds.update({"bf16-mixed": 0.8})
-    choose_precision(*tiny, steps=5, warmup=3, use_cache=False, timer=clock, make_step=make_step)
-    assert stepped.count("bf16-mixed") == 8
+    choice = choose_precision(*tiny, steps=5, warmup=3, use_cache=False, timer=clock, make_step=make_step)
+    assert stepped.count("bf16-mixed") == 8 and choice.stopped == ()
+
+
+def test_one_slow_warm_up_call_does_not_stop_a_candidate(tiny):
+    """Seen on an AMX Xeon: fp32's second call took 398 ms (4.6x the bf16 step), its warm steps
+    123 ms. The old one-slow-round rule stopped it there and reported 398 ms."""
+    clock, stepped = FakeClock(), []
+    calls = {"32-true": [0.2, 0.398] + [0.123] * 6, "bf16-mixed": [0.15] + [0.087] * 7}
+
+    def make_step(model, images, ids, mask, precision):
+        def step():
+            stepped.append(precision)
+            clock.now += calls[precision][stepped.count(precision) - 1]
+        return step
+
+    choice = choose_precision(*tiny, steps=5, warmup=3, use_cache=False, timer=clock, make_step=make_step)
+    assert stepped.count("32-true") == 8 and choice.stopped == ()
+    assert choice.seconds_per_step == pytest.approx({"32-true": 0.123, "bf16-mixed": 0.087})
+    assert choice.precision == "bf16-mixed" and "32-true 123 ms" in choice.reason()
 
 
 def test_time_interleaved_refuses_a_drop_factor_of_one_or_less():

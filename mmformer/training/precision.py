@@ -8,7 +8,7 @@ both towers, CLIP loss, backward, AdamW step) of a copy of the model on the real
 each candidate precision and keeps the fastest. The candidates' steps are interleaved (A B A B
 ...), warm-up included, so that a machine slowing down or speeding up during the
 measurement (another process, clock boost) biases no candidate; a candidate 3x slower than the
-fastest in one round (from the second on) is dropped there rather than timed to the end. The choice is cached per CPU
+fastest in two rounds in a row (from the second on) is stopped there rather than timed to the end. The choice is cached per CPU
 model, torch version, kernel version (:data:`KERNELS`), model config and batch size
 (``~/.cache/mmformer/precision.json``, or ``$MMFORMER_CACHE``), so a second run of the same recipe
 on the same machine decides at once.
@@ -42,26 +42,30 @@ log = logging.getLogger(__name__)
 
 CANDIDATES = ("32-true", "bf16-mixed")
 _AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16}
-#: Bumped whenever the training step's kernels change what is faster (cached choices made with
-#: older kernels are not reused): 2 = matmul attention for short low-precision sequences, patch
-#: embedding as a matmul, fused AdamW.
-KERNELS = 2
-#: A candidate more than this many times slower than the fastest in one round is not timed further.
+#: Bumped whenever the training step's kernels, or how they are timed, change what is faster
+#: (cached choices made before are not reused): 2 = matmul attention for short low-precision
+#: sequences, patch embedding as a matmul, fused AdamW; 3 = a candidate is stopped after two slow
+#: rounds, not one (:func:`time_interleaved`).
+KERNELS = 3
+#: A candidate more than this many times slower than the fastest in two rounds in a row is not timed further.
 DROP_SLOWER = 3.0
 
 
 @dataclass(frozen=True)
 class PrecisionChoice:
-    """The chosen precision, the seconds per step measured for each candidate (median), and
-    whether the choice came from the cache."""
+    """The chosen precision, the seconds per step measured for each candidate (median), whether
+    the choice came from the cache, and the candidates that were stopped early for being far
+    slower than the fastest (their time is from their few calls, not from a full measurement)."""
 
     precision: str
     seconds_per_step: dict[str, float]
     cached: bool = False
+    stopped: tuple[str, ...] = ()
 
     def reason(self) -> str:
         """One line for the user: what was chosen and why."""
-        times = ", ".join(f"{p} {s * 1e3:.0f} ms" for p, s in sorted(self.seconds_per_step.items(), key=lambda kv: kv[1]))
+        times = ", ".join(f"{p} {s * 1e3:.0f} ms" + (f" (stopped early: over {DROP_SLOWER:g}x the fastest)" if p in self.stopped else "")
+                          for p, s in sorted(self.seconds_per_step.items(), key=lambda kv: kv[1]))
         others = [s for p, s in self.seconds_per_step.items() if p != self.precision]
         speed = f", {min(others) / self.seconds_per_step[self.precision]:.2f}x the next" if others else ""
         source = " (cached measurement)" if self.cached else ""
@@ -84,20 +88,23 @@ def pick_fastest(seconds_per_step: dict[str, float], margin: float = 0.05) -> st
 def time_steps(step: Callable[[], None], steps: int, warmup: int,
                timer: Callable[[], float] = time.perf_counter) -> float:
     """Median seconds of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
-    return time_interleaved({"step": step}, steps, warmup, timer)["step"]
+    return time_interleaved({"step": step}, steps, warmup, timer)[0]["step"]
 
 
 def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup: int,
                      timer: Callable[[], float] = time.perf_counter,
-                     drop_slower: float | None = None) -> dict[str, float]:
+                     drop_slower: float | None = None) -> tuple[dict[str, float], tuple[str, ...]]:
     """Median seconds per call of each closure in ``steps_of``: ``warmup`` untimed rounds, then
-    ``steps`` timed rounds, each round calling every closure once, in turn.
+    ``steps`` timed rounds, each round calling every closure once, in turn. Returns the medians
+    and the names of the closures that were not timed to the end (see ``drop_slower``).
 
     With ``drop_slower`` (a factor), a closure whose call took more than ``drop_slower`` times the
-    fastest call of the same round is not called again, from the second round on (the first
-    carries one-off costs): its time is then the median of its timed calls, or that call's if it
-    was dropped in a warm-up round. An emulated bf16 step on an AVX2-only
-    CPU is ~18x slower than fp32, and timing all of its rounds took a minute of a demo's start.
+    fastest call of its round in two rounds in a row, from the second round on (the first carries
+    one-off costs), is not called again: its time is then the median of its calls from the second
+    round on. One slow call is not enough: on an AMX Xeon an fp32 step's second call once took
+    398 ms against 123 ms warm, 4.6x the bf16 step, and a rule of one slow call reported 398 ms. An
+    emulated bf16 step on an AVX2-only CPU is ~18x slower than fp32, and timing all of its rounds
+    took a minute of a demo's start: it is stopped after three calls.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -105,6 +112,9 @@ def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup
         raise ValueError(f"drop_slower must be > 1 (a factor over the fastest call), got {drop_slower}")
     active = list(steps_of)
     times: dict[str, list[float]] = {name: [] for name in steps_of}
+    warm: dict[str, list[float]] = {name: [] for name in steps_of}  # every call from the second round on
+    slow_rounds = dict.fromkeys(steps_of, 0)  # consecutive rounds over the factor
+    stopped: list[str] = []
     for r in range(warmup + steps):
         this_round = {}
         for name in active:
@@ -113,14 +123,19 @@ def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup
             this_round[name] = timer() - t0
             if r >= warmup:
                 times[name].append(this_round[name])
+            if r >= 1:
+                warm[name].append(this_round[name])
         if drop_slower is not None and r >= 1 and len(active) > 1:
             fastest = min(this_round.values())
-            for name in [n for n in active if this_round[n] > drop_slower * fastest]:
-                active.remove(name)
-                log.info("precision timing: %s took %.1fx the fastest step; not timed further", name,
-                         this_round[name] / fastest)
-                times[name] = times[name] or [this_round[name]]
-    return {name: statistics.median(t) for name, t in times.items()}
+            for name in list(active):
+                slow_rounds[name] = slow_rounds[name] + 1 if this_round[name] > drop_slower * fastest else 0
+                if slow_rounds[name] == 2:
+                    active.remove(name)
+                    stopped.append(name)
+                    log.info("precision timing: %s took over %.0fx the fastest step in two rounds; not timed further",
+                             name, drop_slower)
+    medians = {name: statistics.median(times[name] if name not in stopped else warm[name]) for name in steps_of}
+    return medians, tuple(stopped)
 
 
 def training_step(model: MMFormer, images: torch.Tensor, input_ids: torch.Tensor,
@@ -223,20 +238,21 @@ def choose_precision(model: MMFormer, images: torch.Tensor, input_ids: torch.Ten
         hit = _read_cache(path).get(key)
         if isinstance(hit, dict) and set(candidates) <= set(hit) and all(isinstance(hit[c], (int, float)) for c in candidates):
             times = {c: float(hit[c]) for c in candidates}
-            return PrecisionChoice(pick_fastest(times), times, cached=True)
+            stopped = tuple(c for c in hit.get("stopped", ()) if c in times)
+            return PrecisionChoice(pick_fastest(times), times, cached=True, stopped=stopped)
     closures = {precision: make_step(model, images, input_ids, attention_mask, precision) for precision in candidates}
-    times = time_interleaved(closures, steps, warmup, timer, drop_slower=DROP_SLOWER)
+    times, stopped = time_interleaved(closures, steps, warmup, timer, drop_slower=DROP_SLOWER)
     del closures  # the model copies
     for precision, t in times.items():
         log.info("precision %s: %.1f ms per training step (batch %d)", precision, t * 1e3, images.shape[0])
     if use_cache:
         data = _read_cache(path)
-        data[key] = times
+        data[key] = {**times, "stopped": list(stopped)}
         try:
             write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
         except OSError as e:  # a read-only home is no reason to fail training
             log.warning("could not cache the precision measurement in %s: %s", path, e)
-    return PrecisionChoice(pick_fastest(times), times)
+    return PrecisionChoice(pick_fastest(times), times, stopped=stopped)
 
 
 def auto_precision(module, datamodule, use_cache: bool = True) -> PrecisionChoice:
