@@ -258,6 +258,22 @@ def test_batch_train_transform_crops_and_normalises_like_the_per_image_pipeline(
         BatchTrainTransform()(images.float())
 
 
+def test_crop_grid_is_affine_grid_for_axis_aligned_crops():
+    import torch
+    import torch.nn.functional as F
+
+    from mmformer.data.transforms import crop_grid
+
+    g = torch.Generator().manual_seed(0)
+    b, h, w = 6, 12, 20  # not square: rows and columns must not be swapped
+    sx = torch.rand(b, generator=g) * torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)  # flips too
+    sy, tx, ty = torch.rand(b, generator=g), torch.rand(b, generator=g) - 0.5, torch.rand(b, generator=g) - 0.5
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+    expect = F.affine_grid(theta, [b, 3, h, w], align_corners=False)
+    torch.testing.assert_close(crop_grid(sx, tx, sy, ty, h, w), expect, rtol=0, atol=3e-7)
+
+
 # ---- drawing-style augmentations (posterize, blur, greyscale, saturation) --------------------------
 
 
