@@ -138,9 +138,9 @@ def main() -> None:
 
     print()
     print(f"Head pruning of {args.model} (held-out family, {len(held_out)} images; chance R@1 {base['chance']:.2f}; "
-          f"speed at batch {n}; importance on {len(batches)} batches of {args.batch_size}; recovery lr {args.lr:g} "
-          f"({args.schedule}, {recovery_precision}) "
-          f"on batches of {args.batch_size} from the whole training split)")
+          f"speed at batch {n}; importance on {len(batches)} batches of {args.batch_size}; "
+          + (f"recovery lr {args.lr:g} ({args.schedule}, {recovery_precision}) on batches of {args.batch_size} "
+             "from the whole training split)" if any(recoveries) else "no recovery)"))
     print()
     print(markdown_table(rows, [("criterion", "criterion", 0), ("scores", "norm", 0), ("removed", "removed", 0),
                                 ("heads per block", "heads", 0), ("recovery steps", "steps", 0),
