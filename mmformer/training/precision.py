@@ -111,8 +111,7 @@ def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup
     if drop_slower is not None and drop_slower <= 1:
         raise ValueError(f"drop_slower must be > 1 (a factor over the fastest call), got {drop_slower}")
     active = list(steps_of)
-    times: dict[str, list[float]] = {name: [] for name in steps_of}
-    warm: dict[str, list[float]] = {name: [] for name in steps_of}  # every call from the second round on
+    calls: dict[str, list[float]] = {name: [] for name in steps_of}  # calls[name][r]: its call in round r
     slow_rounds = dict.fromkeys(steps_of, 0)  # consecutive rounds over the factor
     stopped: list[str] = []
     for r in range(warmup + steps):
@@ -121,10 +120,7 @@ def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup
             t0 = timer()
             steps_of[name]()
             this_round[name] = timer() - t0
-            if r >= warmup:
-                times[name].append(this_round[name])
-            if r >= 1:
-                warm[name].append(this_round[name])
+            calls[name].append(this_round[name])
         if drop_slower is not None and r >= 1 and len(active) > 1:
             fastest = min(this_round.values())
             for name in list(active):
@@ -134,7 +130,7 @@ def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup
                     stopped.append(name)
                     log.info("precision timing: %s took over %.0fx the fastest step in two rounds; not timed further",
                              name, drop_slower)
-    medians = {name: statistics.median(times[name] if name not in stopped else warm[name]) for name in steps_of}
+    medians = {name: statistics.median(calls[name][1:] if name in stopped else calls[name][warmup:]) for name in steps_of}
     return medians, tuple(stopped)
 
 
