@@ -102,7 +102,7 @@ def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup
     fastest call of its round in two rounds in a row, from the second round on (the first carries
     one-off costs), is not called again: its time is then the median of its calls from the second
     round on. One slow call is not enough: on an AMX Xeon an fp32 step's second call once took
-    398 ms against 123 ms warm, 4.6x the bf16 step, and a rule of one slow call reported 398 ms. An
+    398 ms against 129 ms warm, 4.6x the bf16 step, and a rule of one slow call reported 398 ms. An
     emulated bf16 step on an AVX2-only CPU is ~18x slower than fp32, and timing all of its rounds
     took a minute of a demo's start: it is stopped after three calls.
     """
