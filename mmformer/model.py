@@ -37,6 +37,7 @@ from mmformer.files import atomic_path
 from mmformer.layers.fusion import DocumentFusion
 from mmformer.layers.init import init_linears_and_norms
 from mmformer.layers.multiway import MultiwayBlock, each, sharing
+from mmformer.layers.packing import TokenPacking
 from mmformer.layers.positions import sincos_2d, sinusoidal_1d
 from mmformer.layers.sparse import make_attend
 from mmformer.tokenizer import Tokenizer
@@ -222,19 +223,20 @@ class MMFormer(nn.Module):
 
     # ---- trunk --------------------------------------------------------------------------
     def run_blocks(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
-                   blocks: list[nn.Module] | None = None) -> torch.Tensor:
+                   blocks: list[nn.Module] | None = None, packing: TokenPacking | None = None) -> torch.Tensor:
         """(B, T, D) through ``blocks`` (default: all; a pipeline stage passes its own) for one
-        modality, with activation checkpointing per block when enabled; no final norm."""
+        modality, with activation checkpointing per block when enabled; no final norm. With
+        ``packing`` (of ``key_padding_mask``), x is the (N, D) real tokens and so is the result."""
         for block in self.blocks if blocks is None else blocks:
             if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, modality, key_padding_mask, use_reentrant=False)
+                x = checkpoint(block, x, modality, key_padding_mask, packing, use_reentrant=False)
             else:
-                x = block(x, modality, key_padding_mask)
+                x = block(x, modality, key_padding_mask, packing)
         return x
 
-    def _run_blocks(self, x: torch.Tensor, modality: str,
-                    key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.norm[modality](self.run_blocks(x, modality, key_padding_mask))
+    def _run_blocks(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
+                    packing: TokenPacking | None = None) -> torch.Tensor:
+        return self.norm[modality](self.run_blocks(x, modality, key_padding_mask, packing=packing))
 
     # ---- image path ---------------------------------------------------------------------
     def forward_image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -278,7 +280,29 @@ class MMFormer(nn.Module):
         token embeddings and block parts instead of the text path's (positions and shared
         attention weights are the same)."""
         x = self.embed_text(input_ids, modality)
-        return self._run_blocks(x, modality, self._text_mask(input_ids, attention_mask))
+        mask = self._text_mask(input_ids, attention_mask)
+        packing = self._packing(mask)
+        if packing is None:
+            return self._run_blocks(x, modality, mask)
+        return packing.unpack(self._run_blocks(packing.pack(x), modality, mask, packing))
+
+    #: Run the text path's per-token layers on the real tokens only (:mod:`mmformer.layers.packing`)
+    #: when at most this fraction of a batch's (B, T) positions are real tokens; 0 switches it off.
+    #: The states of the real tokens are the same either way; pad positions come back as zeros.
+    pack_text_below: float = 0.9
+    #: the packed token count is rounded up to a multiple of this (see :class:`TokenPacking`)
+    pack_text_multiple: int = 64
+
+    def _packing(self, mask: torch.Tensor) -> TokenPacking | None:
+        """The packing :meth:`forward_text_features` runs with: None (padded) when packing is off,
+        the batch is (nearly) pad-free, or the graph is being traced or exported (its token
+        count would be a data-dependent shape)."""
+        if self.pack_text_below <= 0 or torch.jit.is_tracing() or torch.compiler.is_compiling() \
+                or torch.onnx.is_in_onnx_export():
+            return None
+        if mask.float().mean().item() > self.pack_text_below:
+            return None
+        return TokenPacking(mask, self.pack_text_multiple)
 
     def embed_text(self, input_ids: torch.Tensor, modality: str = "text") -> torch.Tensor:
         """(B, T) ids -> the blocks' input (B, T, D): token embeddings plus positions."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from mmformer.config import MODALITIES, SHARE_MODES
 from mmformer.layers.attention import attend, check_heads
+from mmformer.layers.packing import TokenPacking
 
 
 class Mlp(nn.Module):
@@ -90,15 +91,18 @@ class MultiwayAttention(nn.Module):
         self.text_attend = attend
         self.head_gate: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, modality: str,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, D) of one modality; key_padding_mask: (B, T) bool, True = real token."""
+    def forward(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
+                packing: TokenPacking | None = None) -> torch.Tensor:
+        """x: (B, T, D) of one modality, or its (N, D) real tokens with their ``packing`` (then the
+        projections run on the N tokens and only the attention kernel sees the (B, T) layout);
+        key_padding_mask: (B, T) bool, True = real token."""
         fn = attend if modality == "image" else self.text_attend
-        h = fn(route(self.qkv, modality)(x), self.heads, key_padding_mask)  # (B, T, H*Dh)
+        qkv = route(self.qkv, modality)(x)
+        h = fn(qkv if packing is None else packing.unpack(qkv), self.heads, key_padding_mask)  # (B, T, H*Dh)
         if self.head_gate is not None:
             b, t, _ = h.shape
             h = (h.reshape(b, t, self.heads, self.head_dim) * self.head_gate.to(h.dtype)[:, None]).reshape(b, t, -1)
-        return route(self.proj, modality)(h)
+        return route(self.proj, modality)(h if packing is None else packing.pack(h))
 
 
 class MultiwayBlock(nn.Module):
@@ -117,12 +121,13 @@ class MultiwayBlock(nn.Module):
         self.norm2 = nn.ModuleDict({m: nn.LayerNorm(dim, eps=eps) for m in modalities})
         self.mlp = shared_or_per_modality(s["mlp"], lambda: Mlp(dim, mlp_hidden), modalities)
 
-    def forward(self, x: torch.Tensor, modality: str,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, D) -> (B, T, D)."""
+    def forward(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
+                packing: TokenPacking | None = None) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D); or, with ``packing`` (of ``key_padding_mask``), the (N, D) real
+        tokens -> (N, D) (see :mod:`mmformer.layers.packing`)."""
         if modality not in self.norm1:
             raise KeyError(f"unknown modality {modality!r}; this block serves {list(self.norm1)}")
-        x = x + self.attn(self.norm1[modality](x), modality, key_padding_mask)
+        x = x + self.attn(self.norm1[modality](x), modality, key_padding_mask, packing)
         return x + route(self.mlp, modality)(self.norm2[modality](x))
 
     def parts(self) -> tuple[nn.Module, ...]:
