@@ -13,7 +13,10 @@ achieved TFLOP/s and its fraction of this machine's matmul peak, measured in the
 Both models see the same batches: images (B, 3, S, S) ~ N(0, 1) and ids ``[bos] pieces [eos]
 pad...`` of random lengths 3..T (T = the preset's context length), pieces drawn uniformly from
 the tokenizer's vocabulary. The open_clip model pools its text at the EOS token (see
-``bench/_common.py:open_clip_config`` for why not its default ``argmax``). It prints a table; it
+``bench/_common.py:open_clip_config`` for why not its default ``argmax``). mmformer runs its text
+path's per-token layers on the real tokens only (``mmformer.layers.packing``; on average (T + 3) / 2
+of the T positions here), open_clip on every position; ``--impls mmformer+padded`` times mmformer on the
+padded batch too. FLOPs are counted per implementation, as each computes them. It prints a table; it
 asserts nothing about timings.
 
 Run time: on CPUs without native bf16 (AVX2 only) bf16 autocast emulates its matmuls and a bf16
@@ -115,9 +118,16 @@ def random_batch(cfg, batch_size: int, vocab_size: int, seed: int) -> tuple[torc
     return images, ids, ids != PAD_ID
 
 
-def build(impl: str, cfg, vocab_size: int, seed: int) -> Pair:
+IMPLS = ("mmformer", "mmformer+padded", "open_clip", "open_clip+math")
+
+
+def build(impl: str, cfg, vocab_size: int, seed: int, padded: bool = False) -> Pair:
+    """A fresh model; ``padded``: an MMFormer whose text path runs on the padded batch (token
+    packing off, ``MMFormer.pack_text_below = 0``), as open_clip's does."""
     torch.manual_seed(seed)
     model = MMFormer(cfg) if impl == "mmformer" else build_open_clip(cfg, vocab_size)
+    if padded:
+        model.pack_text_below = 0
     return Pair(impl, model.train())
 
 
@@ -190,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="tiny,small", help="comma-separated presets (default: tiny,small)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     p.add_argument("--impls", default="mmformer,open_clip",
-                   help="comma-separated: mmformer, open_clip (as shipped: SDPA picks its kernel), "
+                   help="comma-separated: mmformer, mmformer+padded (the text path on the padded batch, "
+                        "without token packing), open_clip (as shipped: SDPA picks its kernel), "
                         "open_clip+math (SDPA restricted to its math backend)")
     p.add_argument("--optimizer", default="fused", choices=sorted(OPTIMIZERS),
                    help="AdamW implementation, the same for every model (default: fused)")
@@ -221,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         if x not in DTYPES:
             p.error(f"unknown precision {x!r}; choose from {sorted(DTYPES)}")
     for x in impls:
-        if x not in ("mmformer", "open_clip", "open_clip+math"):
-            p.error(f"unknown impl {x!r}; choose from mmformer, open_clip, open_clip+math")
+        if x not in IMPLS:
+            p.error(f"unknown impl {x!r}; choose from {', '.join(IMPLS)}")
     try:
         batch_sizes = parse_batch_sizes(args.batch_size)
     except ValueError as e:
@@ -243,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         batch = random_batch(cfg, bs, tok.vocab_size, args.seed)
         for impl_name in impls:
             impl, math_attention = impl_name.split("+")[0], impl_name.endswith("+math")
-            pair = build(impl, cfg, tok.vocab_size, args.seed)
+            padded = impl_name.endswith("+padded")
+            pair = build(impl, cfg, tok.vocab_size, args.seed, padded)
             images, ids, mask = batch
             flops = count_train_flops(lambda: clip_loss(*pair(images, ids, mask)))  # noqa: B023
             pair.model.zero_grad(set_to_none=True)
-            label = f"mmformer share={cfg.share}" if impl == "mmformer" else impl_name
+            label = f"mmformer share={cfg.share}" + (" padded" if padded else "") if impl == "mmformer" else impl_name
             for precision in precisions:
-                pair = build(impl, cfg, tok.vocab_size, args.seed)  # fresh weights per run
+                pair = build(impl, cfg, tok.vocab_size, args.seed, padded)  # fresh weights per run
                 print(f"timing {preset} {label} {precision} batch {bs}: {args.warmup_steps} warm-up + "
                       f"{args.steps} steps ...", flush=True)
                 times = time_training(pair, batch, precision, args.warmup_steps, args.steps, args.optimizer,
