@@ -288,7 +288,8 @@ class MMFormer(nn.Module):
 
     #: Run the text path's per-token layers on the real tokens only (:mod:`mmformer.layers.packing`)
     #: when at most this fraction of a batch's (B, T) positions are real tokens; 0 switches it off.
-    #: The states of the real tokens are the same either way; pad positions come back as zeros.
+    #: The states of the real tokens are the same either way; pad positions come back as zeros (or,
+    #: for the pad rows that round the count up, as states of no meaning: read them through the mask).
     pack_text_below: float = 0.9
     #: the packed token count is rounded up to a multiple of this (see :class:`TokenPacking`)
     pack_text_multiple: int = 64

@@ -8,7 +8,8 @@ outputs are never read. :class:`TokenPacking` holds where the real tokens sit an
 activations between the two layouts; :class:`~mmformer.layers.multiway.MultiwayBlock` takes one
 and unpacks just around its attention kernel. The real tokens' states are the padded batch's
 (the rows of a matmul do not depend on each other; different row counts may round differently
-in the last float bit), and pad positions come back as zeros (they are never computed).
+in the last float bit); pad positions come back as zeros, except the pad rows packed to round
+the token count up (``multiple``), which are computed like any token and mean nothing.
 """
 
 from __future__ import annotations
