@@ -22,17 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_line  # noqa: E402
 
-from mmformer.data.datamodule import ImageTextDataModule  # noqa: E402
 from mmformer.data.emoji import default_data_dir  # noqa: E402
-from mmformer.demo import DEMO_RECIPE, demo_recipe  # noqa: E402
+from mmformer.demo import DEMO_RECIPE, demo_process_settings, demo_recipe, demo_training  # noqa: E402
 from mmformer.model import MMFormer  # noqa: E402
-from mmformer.training.cpu import flush_denormals, keep_freed_memory  # noqa: E402
-from mmformer.training.module import MMFormerModule  # noqa: E402
 from mmformer.training.trainer import make_trainer  # noqa: E402
 
 
@@ -55,20 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 1:
         p.error("--epochs must be >= 1")
 
-    flush_denormals()  # as `mmformer demo` does
-    keep_freed_memory()
-    torch.set_float32_matmul_precision("high")
-    L.seed_everything(args.seed, verbose=False)
+    demo_process_settings(args.seed)  # as `mmformer demo` does
     recipe = demo_recipe(args.recipe) if args.recipe else dict(DEMO_RECIPE)
-    batch_size = args.batch_size or recipe["batch_size"]
-    module = MMFormerModule(**recipe["module_args"])
+    if args.batch_size:
+        recipe["batch_size"] = args.batch_size
+    module, dm = demo_training(recipe, default_data_dir(None))
     module.model.pack_text_below = args.pack_text_below
     module.model.pack_text_multiple = args.pack_text_multiple
-    c = module.model.config
-    dm = ImageTextDataModule(**{**recipe["data_args"], "batch_size": batch_size}, data_dir=str(default_data_dir(None)),
-                             image_size=c.image_size, max_length=c.context_length,
-                             image_mean=c.image_mean, image_std=c.image_std)
-    dm.set_tokenizer(module.tokenizer)
     dm.setup("fit")
 
     class Clock(L.Callback):
@@ -85,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                            check_val_every_n_epoch=10 ** 6, num_sanity_val_steps=0,
                            profiler="simple" if args.breakdown else None)
     trainer.fit(module, dm)
-    print(f"demo loop ({args.recipe or 'shipped recipe'}, batch {batch_size}, {args.precision}, pack_text_below "
+    print(f"demo loop ({args.recipe or 'shipped recipe'}, batch {recipe['batch_size']}, {args.precision}, pack_text_below "
           f"{args.pack_text_below:g}, pack_text_multiple {args.pack_text_multiple}): "
           f"{1e3 * clock.seconds / clock.steps:.1f} ms per step over {clock.steps} steps "
           f"(epochs 2-{1 + args.epochs})", flush=True)

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             images, ids, mask = batch
             flops = count_train_flops(lambda: clip_loss(*pair(images, ids, mask)))  # noqa: B023
             pair.model.zero_grad(set_to_none=True)
-            label = f"mmformer share={cfg.share}" + (" padded" if padded else "") if impl == "mmformer" else impl_name
+            label = (f"mmformer share={cfg.share}" + (" padded" if padded else "")) if impl == "mmformer" else impl_name
             for precision in precisions:
                 pair = build(impl, cfg, tok.vocab_size, args.seed, padded)  # fresh weights per run
                 print(f"timing {preset} {label} {precision} batch {bs}: {args.warmup_steps} warm-up + "

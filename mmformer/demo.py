@@ -53,29 +53,46 @@ DEMO_RECIPE = demo_recipe()
 DEFAULT_QUERIES = ["red apple", "dog face", "rocket", "smiling face with heart-eyes", "flag: japan"]
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def demo_process_settings(seed: int) -> None:
+    """The process settings the demo trains under: the seed, matmul precision, and the CPU settings
+    `mmformer fit` applies (denormals flushed, freed memory kept: :mod:`mmformer.training.cpu`)."""
     import lightning as L
+
+    L.seed_everything(seed, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    flush_denormals()
+    keep_freed_memory()
+
+
+def demo_training(recipe: dict, data_dir: str | Path,
+                  time_budget_s: float | None = None) -> tuple[MMFormerModule, ImageTextDataModule]:
+    """The module and data module of a :func:`demo_recipe` on the emoji data in ``data_dir``, the
+    data's image size, text length and normalisation taken from the model; the data module is not
+    set up yet. ``time_budget_s``: the module's learning-rate clock (None: by steps)."""
+    module = MMFormerModule(**{**recipe["module_args"], "time_budget_s": time_budget_s})
+    c = module.model.config
+    dm = ImageTextDataModule(**{**recipe["data_args"], "batch_size": recipe["batch_size"]}, data_dir=str(data_dir),
+                             image_size=c.image_size, max_length=c.context_length,
+                             image_mean=c.image_mean, image_std=c.image_std)
+    dm.set_tokenizer(module.tokenizer)
+    return module, dm
+
+
+def run_demo(args: argparse.Namespace) -> int:
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
     data_dir = default_data_dir(getattr(args, "data_dir", None))  # --data-dir, $MMFORMER_DATA or the bundled copy
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(args.seed, verbose=False)
-    torch.set_float32_matmul_precision("high")
-    flush_denormals()  # as `mmformer fit` does (mmformer.training.cpu)
-    keep_freed_memory()
+    demo_process_settings(args.seed)
     recipe = demo_recipe(args.recipe) if getattr(args, "recipe", None) else dict(DEMO_RECIPE)
     if args.batch_size:
         recipe["batch_size"] = args.batch_size
 
     budget_s = None if args.steps else args.minutes * 60
-    module = MMFormerModule(**{**recipe["module_args"], "time_budget_s": budget_s})
+    module, dm = demo_training(recipe, data_dir, budget_s)
     c = module.model.config
-    dm = ImageTextDataModule(**{**recipe["data_args"], "batch_size": recipe["batch_size"]}, data_dir=str(data_dir),
-                             image_size=c.image_size, max_length=c.context_length,
-                             image_mean=c.image_mean, image_std=c.image_std)
-    dm.set_tokenizer(module.tokenizer)
     print(f"model: the {recipe['preset']} preset, {c.width} wide x {c.depth} blocks, "
           f"{module.model.num_parameters() / 1e6:.2f} M parameters (recipe {args.recipe or DEMO_RECIPE_NAME})",
           flush=True)
