@@ -301,9 +301,10 @@ class MMFormer(nn.Module):
         if self.pack_text_below <= 0 or torch.jit.is_tracing() or torch.compiler.is_compiling() \
                 or torch.onnx.is_in_onnx_export():
             return None
-        if mask.float().mean().item() > self.pack_text_below:
+        real = int(mask.sum())  # the one host sync of packing
+        if real > self.pack_text_below * mask.numel():
             return None
-        return TokenPacking(mask, self.pack_text_multiple)
+        return TokenPacking(mask, self.pack_text_multiple, real=real)
 
     def embed_text(self, input_ids: torch.Tensor, modality: str = "text") -> torch.Tensor:
         """(B, T) ids -> the blocks' input (B, T, D): token embeddings plus positions."""

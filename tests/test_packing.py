@@ -37,6 +37,7 @@ def test_pack_unpack_round_trip_and_multiple():
     assert torch.equal(back[mask], x[mask]) and not back[~mask].any()
     p64 = TokenPacking(mask, multiple=64)  # 66 real tokens -> 128 rows, the extra 62 from the pads
     assert p64.tokens == 128 and torch.equal(p64.index, p64.index.sort().values)
+    assert torch.equal(TokenPacking(mask, multiple=64, real=66).index, p64.index)  # the count passed in
     packed_mask = torch.zeros(mask.numel(), dtype=torch.bool)
     packed_mask[p64.index] = True
     assert packed_mask.view_as(mask)[mask].all()  # every real token is packed
