@@ -1,0 +1,127 @@
+"""The matmuls of one transformer block's Linear layers in a training step, each timed alone.
+
+For a preset and batch, each block runs its four Linears (``qkv``, ``proj``, ``fc1``, ``fc2``) on
+the image tokens (batch x (patches + 1)) and on the packed text tokens (the real tokens of the
+throughput bench's random captions, rounded up as ``MMFormer`` rounds them); a training step
+computes three matmuls per Linear, laid out as autograd lays them out:
+
+- forward ``addmm(b, x, W.T)``: (N, K) x (K, M) with the bias broadcast into the output;
+- input gradient ``dy @ W``: (N, M) x (M, K);
+- weight gradient ``dy.T @ x``: (M, N) x (N, K), the token dimension N summed over (``W.T``'s
+  gradient computed as ``(x.T @ dy).T`` is timed beside it).
+
+Each is timed alone on warm operands in ``--precision`` (median of ``--reps`` after a warm-up) and
+printed with its TFLOP/s and its share of this run's measured matmul peak
+(``bench/train_throughput.py``'s: the best of square and Linear-shaped matmuls), then their sum
+per block and for the whole stack (x depth), against what the same FLOPs would take at the peak.
+It says how far the Linear matmuls alone are from the peak; the rest of a step (attention,
+GELU, LayerNorm, casts, the optimizer) is what ``bench/profile_step.py`` breaks down. Nothing is
+asserted.
+
+    python bench/linear_matmuls.py --model small --batch-size 256
+    python bench/linear_matmuls.py --model tiny --batch-size 64 --precision fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (add_cpu_settings_argument, apply_cpu_settings, load_tokenizer, machine_line,  # noqa: E402
+                     markdown_table)
+from train_throughput import DEFAULT_BATCH, DTYPES, describe_peak, measure_matmul_peak, random_batch  # noqa: E402
+
+from mmformer.config import get_config  # noqa: E402
+from mmformer.model import MMFormer  # noqa: E402
+
+
+def median_seconds(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def block_linears(cfg) -> dict[str, tuple[int, int]]:
+    """Name -> (in, out) features of one multiway block's Linears."""
+    d, h = cfg.width, cfg.mlp_hidden
+    return {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, h), "fc2": (h, d)}
+
+
+def time_linear(n: int, k: int, m: int, dtype: torch.dtype, reps: int, seed: int = 0) -> dict[str, float]:
+    """Seconds of the forward, input-gradient and weight-gradient matmuls of a Linear k -> m on n
+    tokens (and of the transposed weight-gradient layout)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g).to(dtype)
+    w = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(m, generator=g).to(dtype)
+    dy = torch.randn(n, m, generator=g).to(dtype)
+    return {
+        "forward": median_seconds(lambda: torch.addmm(b, x, w.t()), reps),
+        "input grad": median_seconds(lambda: dy @ w, reps),
+        "weight grad": median_seconds(lambda: dy.t() @ x, reps),
+        "weight grad as (x.T @ dy).T": median_seconds(lambda: (x.t() @ dy).t(), reps),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", help="preset (default: small)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
+    p.add_argument("--precision", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--reps", type=int, default=15, help="timed calls per matmul (default: 15)")
+    p.add_argument("--seed", type=int, default=0)
+    add_cpu_settings_argument(p)
+    args = p.parse_args(argv)
+    settings_line = apply_cpu_settings(args.cpu_settings)
+    dtype = DTYPES[args.precision]
+
+    tok, _ = load_tokenizer()
+    cfg = get_config(args.model, vocab_size=tok.vocab_size)
+    batch = args.batch_size or DEFAULT_BATCH.get(args.model, 32)
+    _, _, mask = random_batch(cfg, batch, tok.vocab_size, args.seed)
+    model = MMFormer(cfg)
+    packing = model._packing(mask)
+    text_tokens = mask.numel() if packing is None else packing.index.numel()
+    tokens = {"image": batch * (cfg.num_patches + 1), "text": text_tokens}
+
+    peak = measure_matmul_peak(dtype, 2048, reps=5, max_seconds=5.0)
+    rows, total_s, total_flops = [], 0.0, 0.0
+    for modality, n in tokens.items():
+        for name, (k, m) in block_linears(cfg).items():
+            flops = 2.0 * n * k * m
+            for kind, s in time_linear(n, k, m, dtype, args.reps, args.seed).items():
+                if kind != "weight grad as (x.T @ dy).T":
+                    total_s += s
+                    total_flops += flops
+                rows.append({"tokens": f"{modality} {n}", "linear": f"{name} {k}->{m}", "matmul": kind,
+                             "ms": 1e3 * s, "tflops": flops / s / 1e12,
+                             "pct": 100 * flops / s / peak["peak_flops"]})
+    print(machine_line())
+    print(settings_line)
+    print(f"{args.model} ({cfg.width} wide, {cfg.depth} layers), {args.precision}, batch {batch}: "
+          f"{tokens['image']} image tokens, {tokens['text']} text tokens (packed, of {mask.numel()} positions)")
+    print(f"measured matmul peak {args.precision}: " + describe_peak(peak) + "\n")
+    print(markdown_table(rows, [("tokens", "tokens", 0), ("linear", "linear", 0), ("matmul", "matmul", 0),
+                                ("ms", "ms", 2), ("TFLOP/s", "tflops", 3), ("% of peak", "pct", 1)]))
+    at_peak = total_flops / peak["peak_flops"]
+    print(f"\none block, both modalities (forward, input grad, weight grad): {1e3 * total_s:.1f} ms, "
+          f"{total_flops / total_s / 1e12:.3f} TFLOP/s = {100 * at_peak / total_s:.1f}% of the peak "
+          f"({1e3 * at_peak:.1f} ms at the peak)")
+    print(f"the stack ({cfg.depth} blocks): {1e3 * cfg.depth * total_s:.0f} ms of Linear matmuls per step "
+          f"({1e3 * cfg.depth * at_peak:.0f} ms at the peak)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
