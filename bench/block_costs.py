@@ -24,22 +24,17 @@ inflates short elementwise kernels). Beside it, the sum of the block's Linear ma
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_cpu_settings_argument, apply_cpu_settings, load_tokenizer, machine_line,  # noqa: E402
-                     markdown_table)
-from linear_matmuls import block_linears, time_linear  # noqa: E402
-from train_throughput import DEFAULT_BATCH, DTYPES, random_batch  # noqa: E402
+from _common import machine_line, markdown_table  # noqa: E402
+from linear_matmuls import block_bench_setup, block_linears, median_seconds, time_linear  # noqa: E402
+from train_throughput import DTYPES  # noqa: E402
 
-from mmformer.config import get_config  # noqa: E402
 from mmformer.layers.multiway import MultiwayBlock, route  # noqa: E402
 from mmformer.model import MMFormer  # noqa: E402
 
@@ -87,35 +82,12 @@ def time_block(block: MultiwayBlock, modality: str, x: torch.Tensor, mask, packi
         block.zero_grad(set_to_none=True)
         x.grad = None
 
-    for _ in range(3):
-        once()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(once, reps, warmup=3)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small", help="preset (default: small)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
-    p.add_argument("--precision", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--reps", type=int, default=10, help="timed passes per variant (default: 10)")
-    p.add_argument("--seed", type=int, default=0)
-    add_cpu_settings_argument(p)
-    args = p.parse_args(argv)
-    settings_line = apply_cpu_settings(args.cpu_settings)
-
-    tok, _ = load_tokenizer()
-    cfg = get_config(args.model, vocab_size=tok.vocab_size)
-    batch = args.batch_size or DEFAULT_BATCH.get(args.model, 32)
-    _, ids, mask = random_batch(cfg, batch, tok.vocab_size, args.seed)
+    args, settings_line, cfg, batch, mask, packing = block_bench_setup(__doc__, argv, 10, "timed passes per variant")
     g = torch.Generator().manual_seed(args.seed)
-    model = MMFormer(cfg)
-    packing = model._packing(mask)
     n_text = mask.numel() if packing is None else packing.index.numel()
     act_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     inputs = {  # the blocks' input dtype: bf16 under autocast (the embeddings' output), else fp32

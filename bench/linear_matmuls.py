@@ -41,8 +41,10 @@ from mmformer.config import get_config  # noqa: E402
 from mmformer.model import MMFormer  # noqa: E402
 
 
-def median_seconds(fn, reps: int) -> float:
-    fn()
+def median_seconds(fn, reps: int, warmup: int = 1) -> float:
+    """Median seconds of ``reps`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -73,25 +75,29 @@ def time_linear(n: int, k: int, m: int, dtype: torch.dtype, reps: int, seed: int
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def block_bench_setup(doc: str, argv: list[str] | None, reps: int, reps_help: str):
+    """The arguments both block benches take (this one and ``bench/block_costs.py``), parsed, the
+    CPU settings applied: (args, settings line, config, batch size, the batch's (B, T) text mask,
+    its packing or None as ``MMFormer`` packs it)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="preset (default: small)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
     p.add_argument("--precision", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--reps", type=int, default=15, help="timed calls per matmul (default: 15)")
+    p.add_argument("--reps", type=int, default=reps, help=f"{reps_help} (default: {reps})")
     p.add_argument("--seed", type=int, default=0)
     add_cpu_settings_argument(p)
     args = p.parse_args(argv)
     settings_line = apply_cpu_settings(args.cpu_settings)
-    dtype = DTYPES[args.precision]
-
     tok, _ = load_tokenizer()
     cfg = get_config(args.model, vocab_size=tok.vocab_size)
     batch = args.batch_size or DEFAULT_BATCH.get(args.model, 32)
     _, _, mask = random_batch(cfg, batch, tok.vocab_size, args.seed)
-    model = MMFormer(cfg)
-    packing = model._packing(mask)
+    return args, settings_line, cfg, batch, mask, MMFormer(cfg)._packing(mask)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, settings_line, cfg, batch, mask, packing = block_bench_setup(__doc__, argv, 15, "timed calls per matmul")
+    dtype = DTYPES[args.precision]
     text_tokens = mask.numel() if packing is None else packing.index.numel()
     tokens = {"image": batch * (cfg.num_patches + 1), "text": text_tokens}
 
