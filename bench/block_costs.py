@@ -32,7 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_line, markdown_table  # noqa: E402
-from linear_matmuls import block_bench_setup, block_linears, median_seconds, time_linear  # noqa: E402
+from linear_matmuls import (TRANSPOSED_WEIGHT_GRAD, block_bench_setup, block_linears, median_seconds,  # noqa: E402
+                            time_linear)
 from train_throughput import DTYPES  # noqa: E402
 
 from mmformer.layers.multiway import MultiwayBlock, route  # noqa: E402
@@ -56,7 +57,6 @@ def variant_block(block: MultiwayBlock, modality: str, variant: str) -> Multiway
         block.norm1[modality] = nn.Identity()
         block.norm2[modality] = nn.Identity()
     if variant in ("attention core -> identity", "all three -> identity"):
-        block.attn.text_attend = v_slot
         block.attn.forward = _forward_without_attention(block.attn)
     return block
 
@@ -86,13 +86,13 @@ def time_block(block: MultiwayBlock, modality: str, x: torch.Tensor, mask, packi
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, settings_line, cfg, batch, mask, packing = block_bench_setup(__doc__, argv, 10, "timed passes per variant")
+    args, settings_line, cfg, batch, mask, packing, tokens = block_bench_setup(__doc__, argv, 10,
+                                                                              "timed passes per variant")
     g = torch.Generator().manual_seed(args.seed)
-    n_text = mask.numel() if packing is None else packing.index.numel()
     act_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     inputs = {  # the blocks' input dtype: bf16 under autocast (the embeddings' output), else fp32
         "image": (torch.randn(batch, cfg.num_patches + 1, cfg.width, generator=g).to(act_dtype), None, None),
-        "text": ((torch.randn(n_text, cfg.width, generator=g) if packing is not None
+        "text": ((torch.randn(tokens["text"], cfg.width, generator=g) if packing is not None
                   else torch.randn(batch, mask.shape[1], cfg.width, generator=g)).to(act_dtype), mask, packing),
     }
     rows = []
@@ -103,13 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             block = variant_block(MMFormer(cfg).blocks[0].train(), modality, variant)
             s = time_block(block, modality, x, m, pk, args.precision, args.reps)
             whole = s if whole is None else whole
-            rows.append({"tokens": f"{modality} {x.shape[0] * (x.shape[1] if x.ndim == 3 else 1)}",
+            rows.append({"tokens": f"{modality} {tokens[modality]}",
                          "variant": variant, "ms": 1e3 * s,
                          "part": "" if variant == "whole block" else f"{1e3 * (whole - s):.1f}",
                          "share": "" if variant == "whole block" else f"{100 * (whole - s) / whole:.0f}"})
-        n = x.shape[0] * (x.shape[1] if x.ndim == 3 else 1)
-        lin = sum(sum(v for k, v in time_linear(n, i, o, DTYPES[args.precision], 15, args.seed).items()
-                      if k != "weight grad as (x.T @ dy).T") for i, o in block_linears(cfg).values())
+        lin = sum(sum(v for k, v in time_linear(tokens[modality], i, o, DTYPES[args.precision], 15, args.seed).items()
+                      if k != TRANSPOSED_WEIGHT_GRAD) for i, o in block_linears(cfg).values())
         rows.append({"tokens": rows[-1]["tokens"], "variant": "its Linear matmuls alone (linear_matmuls.py)",
                      "ms": 1e3 * lin, "part": "", "share": f"{100 * lin / whole:.0f}"})
     print(machine_line())

@@ -59,6 +59,10 @@ def block_linears(cfg) -> dict[str, tuple[int, int]]:
     return {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, h), "fc2": (h, d)}
 
 
+#: the key of :func:`time_linear`'s alternative layout, timed beside the three a step computes
+TRANSPOSED_WEIGHT_GRAD = "weight grad as (x.T @ dy).T"
+
+
 def time_linear(n: int, k: int, m: int, dtype: torch.dtype, reps: int, seed: int = 0) -> dict[str, float]:
     """Seconds of the forward, input-gradient and weight-gradient matmuls of a Linear k -> m on n
     tokens (and of the transposed weight-gradient layout)."""
@@ -71,14 +75,15 @@ def time_linear(n: int, k: int, m: int, dtype: torch.dtype, reps: int, seed: int
         "forward": median_seconds(lambda: torch.addmm(b, x, w.t()), reps),
         "input grad": median_seconds(lambda: dy @ w, reps),
         "weight grad": median_seconds(lambda: dy.t() @ x, reps),
-        "weight grad as (x.T @ dy).T": median_seconds(lambda: (x.t() @ dy).t(), reps),
+        TRANSPOSED_WEIGHT_GRAD: median_seconds(lambda: (x.t() @ dy).t(), reps),
     }
 
 
 def block_bench_setup(doc: str, argv: list[str] | None, reps: int, reps_help: str):
     """The arguments both block benches take (this one and ``bench/block_costs.py``), parsed, the
     CPU settings applied: (args, settings line, config, batch size, the batch's (B, T) text mask,
-    its packing or None as ``MMFormer`` packs it)."""
+    its packing or None as ``MMFormer`` packs it, the token count per modality: image
+    ``batch x (patches + 1)``, text the packed count or every position)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="preset (default: small)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
@@ -92,14 +97,15 @@ def block_bench_setup(doc: str, argv: list[str] | None, reps: int, reps_help: st
     cfg = get_config(args.model, vocab_size=tok.vocab_size)
     batch = args.batch_size or DEFAULT_BATCH.get(args.model, 32)
     _, _, mask = random_batch(cfg, batch, tok.vocab_size, args.seed)
-    return args, settings_line, cfg, batch, mask, MMFormer(cfg)._packing(mask)
+    packing = MMFormer(cfg)._packing(mask)
+    tokens = {"image": batch * (cfg.num_patches + 1),
+              "text": mask.numel() if packing is None else packing.index.numel()}
+    return args, settings_line, cfg, batch, mask, packing, tokens
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, settings_line, cfg, batch, mask, packing = block_bench_setup(__doc__, argv, 15, "timed calls per matmul")
+    args, settings_line, cfg, batch, mask, _, tokens = block_bench_setup(__doc__, argv, 15, "timed calls per matmul")
     dtype = DTYPES[args.precision]
-    text_tokens = mask.numel() if packing is None else packing.index.numel()
-    tokens = {"image": batch * (cfg.num_patches + 1), "text": text_tokens}
 
     peak = measure_matmul_peak(dtype, 2048, reps=5, max_seconds=5.0)
     rows, total_s, total_flops = [], 0.0, 0.0
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (k, m) in block_linears(cfg).items():
             flops = 2.0 * n * k * m
             for kind, s in time_linear(n, k, m, dtype, args.reps, args.seed).items():
-                if kind != "weight grad as (x.T @ dy).T":
+                if kind != TRANSPOSED_WEIGHT_GRAD:
                     total_s += s
                     total_flops += flops
                 rows.append({"tokens": f"{modality} {n}", "linear": f"{name} {k}->{m}", "matmul": kind,

@@ -95,14 +95,14 @@ def _shrunk(shape: tuple[int, int, int], dtype: torch.dtype, layout: str, max_se
             grow: str) -> tuple[int, int, int]:
     """``shape``, or a smaller one where one matmul of it is predicted to take over ``max_seconds /
     4``: from 256 rows, ``grow="all"`` doubles every dimension (a square), ``grow="rows"`` only M."""
-    m, k, n = shape
-    cur = (min(256, m), min(256, k), min(256, n)) if grow == "all" else (min(256, m), k, n)
-    factor = 8 if grow == "all" else 2
+    grows = (True, True, True) if grow == "all" else (True, False, False)
+    factor = 2 ** sum(grows)  # how much longer the next doubling takes
+    cur = tuple(min(256, s) if g else s for s, g in zip(shape, grows))
     while cur != shape:
         t = min(_time_mm(dtype, cur, layout, reps=1, max_seconds=max_seconds))
         if factor * t > max_seconds / 4:
             break
-        cur = (min(2 * cur[0], m), min(2 * cur[1], k), min(2 * cur[2], n)) if grow == "all" else (min(2 * cur[0], m), k, n)
+        cur = tuple(min(2 * c, s) if g else c for c, s, g in zip(cur, shape, grows))
     return cur
 
 
