@@ -12,6 +12,12 @@ training case) and forward alone under ``no_grad`` (inference) of
 and prints the median milliseconds per call and which path mmformer takes. This is the measurement
 behind ``use_matmul_path`` (bf16/fp16, gradients, sequences up to ``MATMUL_PATH_MAX_LEN``).
 
+A second table times the training case of :func:`mmformer.layers.attention.attend` as the blocks
+call it, from fused projections (B, T, 3 H Dh), in bf16 forward+backward, without and with a key
+padding mask (random key lengths): ``composite`` (views of ``qkv`` into the matmul path above,
+autograd's backward) against ``fused-qkv`` (:class:`~mmformer.layers.attention.FusedQKVAttention`,
+what ``attend`` takes there).
+
     python bench/attention_kernels.py
     python bench/attention_kernels.py --shapes 32x6x65x64,16x6x256x64 --reps 20
 """
@@ -30,9 +36,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, markdown_table  # noqa: E402
+from _common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table  # noqa: E402
 
-from mmformer.layers.attention import MATMUL_PATH_MAX_LEN, use_matmul_path  # noqa: E402
+from mmformer.layers.attention import (MATMUL_PATH_MAX_LEN, FusedQKVAttention, attn_bias_from_padding,  # noqa: E402
+                                       merge_heads, scaled_dot_product, split_fused, use_matmul_path)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = "32x6x65x64,32x6x32x64,64x4x17x32,128x4x16x32,16x6x256x64,4x6x1024x64"
@@ -67,13 +74,42 @@ def time_ms(fn: Callable[..., torch.Tensor], qkv: list[torch.Tensor], backward: 
     return statistics.median(times) * 1e3
 
 
+def composite_attend(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """``attend`` without FusedQKVAttention: head views of ``qkv`` into the matmul path."""
+    q, k, v = split_fused(qkv, 3, heads)
+    return merge_heads(scaled_dot_product(q, k, v, attn_bias_from_padding(mask, qkv.shape[0], qkv.shape[1])))
+
+
+FUSED_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "composite": composite_attend, "fused-qkv": FusedQKVAttention.apply}
+
+
+def fused_qkv_rows(shapes: list[tuple[int, int, int, int]], reps: int, g: torch.Generator) -> list[dict]:
+    """bf16 forward+backward of both ``attend`` paths from a (B, T, 3 H Dh) qkv, per shape and mask."""
+    rows = []
+    for b, h, t, d in shapes:
+        qkv = torch.randn(b, t, 3 * h * d, generator=g).bfloat16()
+        lengths = torch.randint(1, t + 1, (b,), generator=g)
+        for mask in (None, torch.arange(t)[None, :] < lengths[:, None]):
+            row = {"shape": f"{b}x{h}x{t}x{d}", "mask": "none" if mask is None else "padding"}
+            for name, fn in FUSED_KERNELS.items():
+                row[name] = time_ms(lambda x, fn=fn, mask=mask: fn(x, h, mask), [qkv], True, reps)
+            row["ratio"] = row["fused-qkv"] / row["composite"]
+            rows.append(row)
+            print(f"bf16 {row['shape']} qkv mask={row['mask']}: " +
+                  ", ".join(f"{k} {row[k]:.2f} ms" for k in FUSED_KERNELS), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BxHxTxDh (default: %(default)s)")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--reps", type=int, default=10)
+    add_cpu_settings_argument(p)
     args = p.parse_args(argv)
+    settings_line = apply_cpu_settings(args.cpu_settings)
     g = torch.Generator().manual_seed(0)
     rows = []
     for dname in args.dtypes.split(","):
@@ -94,8 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows, [("dtype", "dtype", 0), ("B x H x T x Dh", "shape", 0), ("pass", "pass", 0),
                                 ("flash ms", "flash", 2), ("sdpa-math ms", "sdpa-math", 2), ("matmul ms", "matmul", 2),
                                 ("mmformer takes", "mmformer takes", 0)]))
+    shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+    fused = fused_qkv_rows([s for s in shapes if s[2] <= MATMUL_PATH_MAX_LEN], args.reps, g)
+    print()
+    print(markdown_table(fused, [("bf16 fwd+bwd, B x H x T x Dh", "shape", 0), ("mask", "mask", 0),
+                                 ("composite ms", "composite", 2), ("fused-qkv ms", "fused-qkv", 2),
+                                 ("fused / composite", "ratio", 2)]))
     print(f"\nmedian of {args.reps} calls after 2 warm-up; matmul path for bf16/fp16 with gradients and "
-          f"T <= {MATMUL_PATH_MAX_LEN}")
+          f"T <= {MATMUL_PATH_MAX_LEN}; attend takes fused-qkv there")
+    print(settings_line)
     print(machine_line())
     return 0
 

@@ -46,8 +46,9 @@ _AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16}
 #: (cached choices made before are not reused): 2 = matmul attention for short low-precision
 #: sequences, patch embedding as a matmul, fused AdamW; 3 = a candidate is stopped after two slow
 #: rounds, not one (:func:`time_interleaved`); 4 = the text path runs on the real tokens only
-#: (:mod:`mmformer.layers.packing`).
-KERNELS = 4
+#: (:mod:`mmformer.layers.packing`); 5 = low-precision attention from fused qkv with its own
+#: backward (:class:`mmformer.layers.attention.FusedQKVAttention`).
+KERNELS = 5
 #: A candidate more than this many times slower than the fastest in two rounds in a row is not timed further.
 DROP_SLOWER = 3.0
 
