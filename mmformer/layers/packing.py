@@ -22,7 +22,7 @@ class TokenPacking:
 
     ``pack``: (B, T, C) -> (N, C), the real tokens in row-major order; ``unpack``: (N, C) ->
     (B, T, C) with zeros at the positions not packed. Both are differentiable (index_select /
-    index_copy).
+    index_copy_).
 
     ``multiple``: N is the number of real tokens rounded up to a multiple of it (at most B * T),
     the extra rows being the first pad positions: every new matmul shape costs oneDNN a kernel
@@ -62,4 +62,5 @@ class TokenPacking:
         if x.ndim != 2 or x.shape[0] != self.tokens:
             raise ValueError(f"expected ({self.tokens}, C) packed tokens, got {tuple(x.shape)}")
         out = x.new_zeros(self.batch * self.length, x.shape[-1])
-        return out.index_copy(0, self.index, x).view(self.batch, self.length, -1)
+        # in place on the fresh zeros: the out-of-place index_copy would copy them once more
+        return out.index_copy_(0, self.index, x).view(self.batch, self.length, -1)
