@@ -13,10 +13,11 @@ and prints the median milliseconds per call and which path mmformer takes. This 
 behind ``use_matmul_path`` (bf16/fp16, gradients, sequences up to ``MATMUL_PATH_MAX_LEN``).
 
 A second table times the training case of :func:`mmformer.layers.attention.attend` as the blocks
-call it, from fused projections (B, T, 3 H Dh), in bf16 forward+backward, without and with a key
-padding mask (random key lengths): ``composite`` (views of ``qkv`` into the matmul path above,
-autograd's backward) against ``fused-qkv`` (:class:`~mmformer.layers.attention.FusedQKVAttention`,
-what ``attend`` takes there).
+call it, from fused projections (B, T, 3 H Dh), forward+backward per dtype, without and with a key
+padding mask (random key lengths): ``composite`` (views of ``qkv`` into ``scaled_dot_product``:
+the matmul path above with autograd's backward, or SDPA's flash kernel where that path is not
+taken) against ``fused-qkv`` (:class:`~mmformer.layers.attention.FusedQKVAttention`), and which
+one ``attend`` takes (:func:`~mmformer.layers.attention.use_fused_qkv_path`).
 
     python bench/attention_kernels.py
     python bench/attention_kernels.py --shapes 32x6x65x64,16x6x256x64 --reps 20
@@ -38,8 +39,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table  # noqa: E402
 
-from mmformer.layers.attention import (MATMUL_PATH_MAX_LEN, FusedQKVAttention, attn_bias_from_padding,  # noqa: E402
-                                       merge_heads, scaled_dot_product, split_fused, use_matmul_path)
+from mmformer.layers.attention import (MATMUL_PATH_MAX_LEN, FusedQKVAttention,  # noqa: E402
+                                       attn_bias_from_padding, merge_heads, scaled_dot_product, split_fused,
+                                       use_fused_qkv_path, use_matmul_path)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = "32x6x65x64,32x6x32x64,64x4x17x32,128x4x16x32,16x6x256x64,4x6x1024x64"
@@ -84,20 +86,27 @@ FUSED_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "composite": composite_attend, "fused-qkv": FusedQKVAttention.apply}
 
 
-def fused_qkv_rows(shapes: list[tuple[int, int, int, int]], reps: int, g: torch.Generator) -> list[dict]:
-    """bf16 forward+backward of both ``attend`` paths from a (B, T, 3 H Dh) qkv, per shape and mask."""
+def fused_qkv_rows(dtypes: list[str], shapes: list[tuple[int, int, int, int]], reps: int,
+                   g: torch.Generator) -> list[dict]:
+    """Forward+backward of both ``attend`` paths from a (B, T, 3 H Dh) qkv, per dtype, shape and mask."""
     rows = []
-    for b, h, t, d in shapes:
-        qkv = torch.randn(b, t, 3 * h * d, generator=g).bfloat16()
-        lengths = torch.randint(1, t + 1, (b,), generator=g)
-        for mask in (None, torch.arange(t)[None, :] < lengths[:, None]):
-            row = {"shape": f"{b}x{h}x{t}x{d}", "mask": "none" if mask is None else "padding"}
-            for name, fn in FUSED_KERNELS.items():
-                row[name] = time_ms(lambda x, fn=fn, mask=mask: fn(x, h, mask), [qkv], True, reps)
-            row["ratio"] = row["fused-qkv"] / row["composite"]
-            rows.append(row)
-            print(f"bf16 {row['shape']} qkv mask={row['mask']}: " +
-                  ", ".join(f"{k} {row[k]:.2f} ms" for k in FUSED_KERNELS), flush=True)
+    for dname in dtypes:
+        for b, h, t, d in shapes:
+            qkv = torch.randn(b, t, 3 * h * d, generator=g).to(DTYPES[dname])
+            lengths = torch.randint(1, t + 1, (b,), generator=g)
+            probe = qkv.detach().requires_grad_()
+            q, k, _ = split_fused(probe, 3, h)
+            row0 = {"dtype": dname, "shape": f"{b}x{h}x{t}x{d}",
+                    "composite is": "matmul" if use_matmul_path(q, k) else "flash",
+                    "attend takes": "fused-qkv" if use_fused_qkv_path(probe) else "composite"}
+            for mask in (None, torch.arange(t)[None, :] < lengths[:, None]):
+                row = {**row0, "mask": "none" if mask is None else "padding"}
+                for name, fn in FUSED_KERNELS.items():
+                    row[name] = time_ms(lambda x, fn=fn, mask=mask: fn(x, h, mask), [qkv], True, reps)
+                row["ratio"] = row["fused-qkv"] / row["composite"]
+                rows.append(row)
+                print(f"{dname} {row['shape']} qkv mask={row['mask']}: " +
+                      ", ".join(f"{k} {row[k]:.2f} ms" for k in FUSED_KERNELS), flush=True)
     return rows
 
 
@@ -131,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                                 ("flash ms", "flash", 2), ("sdpa-math ms", "sdpa-math", 2), ("matmul ms", "matmul", 2),
                                 ("mmformer takes", "mmformer takes", 0)]))
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
-    fused = fused_qkv_rows([s for s in shapes if s[2] <= MATMUL_PATH_MAX_LEN], args.reps, g)
+    fused = fused_qkv_rows(args.dtypes.split(","), [s for s in shapes if s[2] <= MATMUL_PATH_MAX_LEN], args.reps, g)
     print()
-    print(markdown_table(fused, [("bf16 fwd+bwd, B x H x T x Dh", "shape", 0), ("mask", "mask", 0),
-                                 ("composite ms", "composite", 2), ("fused-qkv ms", "fused-qkv", 2),
-                                 ("fused / composite", "ratio", 2)]))
+    print(markdown_table(fused, [("dtype", "dtype", 0), ("fwd+bwd, B x H x T x Dh", "shape", 0), ("mask", "mask", 0),
+                                 ("composite is", "composite is", 0), ("composite ms", "composite", 2),
+                                 ("fused-qkv ms", "fused-qkv", 2), ("fused / composite", "ratio", 2),
+                                 ("attend takes", "attend takes", 0)]))
     print(f"\nmedian of {args.reps} calls after 2 warm-up; matmul path for bf16/fp16 with gradients and "
-          f"T <= {MATMUL_PATH_MAX_LEN}; attend takes fused-qkv there")
+          f"T <= {MATMUL_PATH_MAX_LEN}; attend takes fused-qkv for training there")
     print(settings_line)
     print(machine_line())
     return 0

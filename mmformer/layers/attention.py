@@ -81,14 +81,16 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def use_fused_qkv_path(qkv: torch.Tensor) -> bool:
     """True where :func:`attend` computes attention with :class:`FusedQKVAttention`: the conditions
     of :func:`use_matmul_path` (CPU, bf16/fp16, gradients, T <= :data:`MATMUL_PATH_MAX_LEN`) on a
-    plain tensor (tensor subclasses such as DTensor keep the composite path)."""
+    plain tensor (tensor subclasses such as DTensor keep the composite path). fp32 stays on SDPA's
+    flash kernel: the fused path is 0.78-1.04x its time up to T = 128 there, but a step gains only
+    ~1.5% and its gradients depend more on the batch split (bench/attention_kernels.py)."""
     return (type(qkv) is torch.Tensor and qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16)
             and torch.is_grad_enabled() and qkv.requires_grad and qkv.shape[1] <= MATMUL_PATH_MAX_LEN)
 
 
 class FusedQKVAttention(torch.autograd.Function):
     """softmax(Q K^T / sqrt(d_head) masked) V from fused projections (B, T, 3 H Dh), with its own
-    backward: the training case of :func:`attend` on the CPU in bf16/fp16.
+    backward: the training case of :func:`attend` on the CPU in bf16/fp16 (:func:`use_fused_qkv_path`).
 
     The composite path (views of ``qkv`` into :func:`scaled_dot_product`) lets autograd copy each
     head-strided operand and gradient on its own and scale Q in a separate pass; here ``qkv`` is
@@ -96,8 +98,8 @@ class FusedQKVAttention(torch.autograd.Function):
     additive -inf bias) go into ``baddbmm``, and the backward writes dQ, dK, dV into one buffer that
     is copied once back to the (B, T, 3 H Dh) layout. The same six batched matmuls and one softmax
     (forward and backward) as the composite path, in 0.66-0.92x its time at the presets' shapes
-    at batch 256 (the second table of ``python bench/attention_kernels.py``). Saved for backward:
-    the head-major buffer and the (B H, T, T) probabilities."""
+    at batch 256 in bf16 (the second table of ``python bench/attention_kernels.py``). Saved for
+    backward: the head-major buffer and the (B H, T, T) probabilities."""
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, heads: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -105,7 +107,8 @@ class FusedQKVAttention(torch.autograd.Function):
         dh = width // (3 * heads)
         scale = dh ** -0.5
         with torch.autocast(qkv.device.type, enabled=False):
-            hm = qkv.reshape(b, t, 3, heads, dh).permute(2, 0, 3, 1, 4).reshape(3, b * heads, t, dh)
+            # contiguous(), not reshape: a view with odd strides (an expanded tensor) sends bmm down a slow path
+            hm = qkv.reshape(b, t, 3, heads, dh).permute(2, 0, 3, 1, 4).contiguous().view(3, b * heads, t, dh)
             q, k, v = hm.unbind(0)
             if mask is None:
                 scores = torch.empty(b * heads, t, t, dtype=qkv.dtype)
@@ -129,7 +132,7 @@ class FusedQKVAttention(torch.autograd.Function):
         b = bh // heads
         scale = dh ** -0.5
         q, k, v = hm.unbind(0)
-        g = grad.to(hm.dtype).reshape(b, t, heads, dh).transpose(1, 2).reshape(bh, t, dh)
+        g = grad.to(hm.dtype).reshape(b, t, heads, dh).transpose(1, 2).contiguous().view(bh, t, dh)
         dhm = torch.empty_like(hm)
         dq, dk, dv = dhm.unbind(0)
         torch.bmm(probs.transpose(1, 2), g, out=dv)
