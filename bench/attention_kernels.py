@@ -39,9 +39,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table  # noqa: E402
 
-from mmformer.layers.attention import (MATMUL_PATH_MAX_LEN, FusedQKVAttention,  # noqa: E402
-                                       attn_bias_from_padding, merge_heads, scaled_dot_product, split_fused,
-                                       use_fused_qkv_path, use_matmul_path)
+from mmformer.layers.attention import (MATMUL_PATH_MAX_LEN, FusedQKVAttention, attend_composite,  # noqa: E402
+                                       split_fused, use_fused_qkv_path, use_matmul_path)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = "32x6x65x64,32x6x32x64,64x4x17x32,128x4x16x32,16x6x256x64,4x6x1024x64"
@@ -76,14 +75,8 @@ def time_ms(fn: Callable[..., torch.Tensor], qkv: list[torch.Tensor], backward: 
     return statistics.median(times) * 1e3
 
 
-def composite_attend(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """``attend`` without FusedQKVAttention: head views of ``qkv`` into the matmul path."""
-    q, k, v = split_fused(qkv, 3, heads)
-    return merge_heads(scaled_dot_product(q, k, v, attn_bias_from_padding(mask, qkv.shape[0], qkv.shape[1])))
-
-
 FUSED_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    "composite": composite_attend, "fused-qkv": FusedQKVAttention.apply}
+    "composite": attend_composite, "fused-qkv": FusedQKVAttention.apply}
 
 
 def fused_qkv_rows(dtypes: list[str], shapes: list[tuple[int, int, int, int]], reps: int,
@@ -120,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings_line = apply_cpu_settings(args.cpu_settings)
     g = torch.Generator().manual_seed(0)
+    shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     rows = []
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
-        for shape in args.shapes.split(","):
-            b, h, t, d = (int(x) for x in shape.split("x"))
+        for b, h, t, d in shapes:
+            shape = f"{b}x{h}x{t}x{d}"
             qkv = [torch.randn(b, h, t, d, generator=g).to(dtype) for _ in range(3)]
             for backward in (True, False):
                 row = {"dtype": dname, "shape": shape, "pass": "fwd+bwd" if backward else "fwd (no_grad)"}
@@ -139,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows, [("dtype", "dtype", 0), ("B x H x T x Dh", "shape", 0), ("pass", "pass", 0),
                                 ("flash ms", "flash", 2), ("sdpa-math ms", "sdpa-math", 2), ("matmul ms", "matmul", 2),
                                 ("mmformer takes", "mmformer takes", 0)]))
-    shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     fused = fused_qkv_rows(args.dtypes.split(","), [s for s in shapes if s[2] <= MATMUL_PATH_MAX_LEN], args.reps, g)
     print()
     print(markdown_table(fused, [("dtype", "dtype", 0), ("fwd+bwd, B x H x T x Dh", "shape", 0), ("mask", "mask", 0),

@@ -164,8 +164,7 @@ def test_fused_qkv_attention_equals_the_composite_path_with_gradients(dtype, mas
     head-major copy); its output and qkv gradient match the composite path's (two matmuls and a
     softmax under autograd) within that dtype's rounding of a float64 reference, with and without
     a padding mask, and in bf16 also inside autocast. fp32 keeps the composite path (SDPA)."""
-    from mmformer.layers.attention import (MATMUL_PATH_MAX_LEN, attn_bias_from_padding, merge_heads,
-                                           scaled_dot_product, use_fused_qkv_path)
+    from mmformer.layers.attention import MATMUL_PATH_MAX_LEN, attend_composite, use_fused_qkv_path
     g = torch.Generator().manual_seed(1)
     b, t, heads, dh = 3, 9, 2, 16
     qkv = torch.randn(b, t, 3 * heads * dh, generator=g)
@@ -184,8 +183,7 @@ def test_fused_qkv_attention_equals_the_composite_path_with_gradients(dtype, mas
         return out, leaf.grad.double()
 
     def composite(x):
-        q, k, v = split_fused(x, 3, heads)
-        return merge_heads(scaled_dot_product(q, k, v, attn_bias_from_padding(mask, b, t)))
+        return attend_composite(x, heads, mask)
 
     ref_out, ref_grad = run(composite, torch.float64)
     comp_out, comp_grad = run(composite, dtype)
@@ -201,9 +199,8 @@ def test_fused_qkv_attention_equals_the_composite_path_with_gradients(dtype, mas
     assert use_fused_qkv_path(x) and not use_fused_qkv_path(qkv.clone().requires_grad_())  # fp32: SDPA
     with torch.no_grad():
         assert not use_fused_qkv_path(x)
-    longest = MATMUL_PATH_MAX_LEN
-    assert use_fused_qkv_path(torch.zeros(1, longest, 6, dtype=dtype, requires_grad=True))
-    assert not use_fused_qkv_path(torch.zeros(1, longest + 1, 6, dtype=dtype, requires_grad=True))
+    assert use_fused_qkv_path(torch.zeros(1, MATMUL_PATH_MAX_LEN, 6, dtype=dtype, requires_grad=True))
+    assert not use_fused_qkv_path(torch.zeros(1, MATMUL_PATH_MAX_LEN + 1, 6, dtype=dtype, requires_grad=True))
     with pytest.raises(ValueError, match=r"fused qkv width 96 is not 3 x heads \(5\) x d_head"):
         attend(x, 5, mask)
 

@@ -84,8 +84,7 @@ def use_fused_qkv_path(qkv: torch.Tensor) -> bool:
     plain tensor (tensor subclasses such as DTensor keep the composite path). fp32 stays on SDPA's
     flash kernel: the fused path is 0.78-1.04x its time up to T = 128 there, but a step gains only
     ~1.5% and its gradients depend more on the batch split (bench/attention_kernels.py)."""
-    return (type(qkv) is torch.Tensor and qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16)
-            and torch.is_grad_enabled() and qkv.requires_grad and qkv.shape[1] <= MATMUL_PATH_MAX_LEN)
+    return type(qkv) is torch.Tensor and use_matmul_path(qkv, qkv)  # (B, T, 3D): T is dim -2, as for heads
 
 
 class FusedQKVAttention(torch.autograd.Function):
@@ -180,6 +179,15 @@ def attend(
         raise ValueError(f"fused qkv width {qkv.shape[-1]} is not 3 x heads ({heads}) x d_head")
     if use_fused_qkv_path(qkv):
         return FusedQKVAttention.apply(qkv, heads, check_padding_mask(key_padding_mask, qkv.shape[0], qkv.shape[1]))
+    return attend_composite(qkv, heads, key_padding_mask)
+
+
+def attend_composite(
+    qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`attend` by head views of ``qkv`` into :func:`scaled_dot_product` (autograd's
+    backward): what it takes outside :func:`use_fused_qkv_path`, and the reference the fused path
+    is measured and tested against."""
     q, k, v = split_fused(qkv, 3, heads)  # each (B, H, T, Dh)
     mask = attn_bias_from_padding(key_padding_mask, qkv.shape[0], qkv.shape[1])
     return merge_heads(scaled_dot_product(q, k, v, mask))
