@@ -33,11 +33,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_cpu_settings_argument, apply_cpu_settings, load_tokenizer, machine_line,  # noqa: E402
-                     markdown_table)
-from train_throughput import DEFAULT_BATCH, DTYPES, describe_peak, measure_matmul_peak, random_batch  # noqa: E402
+from _common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table  # noqa: E402
+from train_throughput import (DTYPES, add_preset_arguments, describe_peak, measure_matmul_peak,  # noqa: E402
+                              preset_config, random_batch)
 
-from mmformer.config import get_config  # noqa: E402
 from mmformer.model import MMFormer  # noqa: E402
 
 
@@ -85,17 +84,13 @@ def block_bench_setup(doc: str, argv: list[str] | None, reps: int, reps_help: st
     its packing or None as ``MMFormer`` packs it, the token count per modality: image
     ``batch x (patches + 1)``, text the packed count or every position)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small", help="preset (default: small)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
-    p.add_argument("--precision", default="bf16", choices=sorted(DTYPES))
+    add_preset_arguments(p)
     p.add_argument("--reps", type=int, default=reps, help=f"{reps_help} (default: {reps})")
     p.add_argument("--seed", type=int, default=0)
     add_cpu_settings_argument(p)
     args = p.parse_args(argv)
     settings_line = apply_cpu_settings(args.cpu_settings)
-    tok, _ = load_tokenizer()
-    cfg = get_config(args.model, vocab_size=tok.vocab_size)
-    batch = args.batch_size or DEFAULT_BATCH.get(args.model, 32)
+    tok, cfg, batch = preset_config(args)
     _, _, mask = random_batch(cfg, batch, tok.vocab_size, args.seed)
     packing = MMFormer(cfg)._packing(mask)
     tokens = {"image": batch * (cfg.num_patches + 1),

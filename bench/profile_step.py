@@ -24,11 +24,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_cpu_settings_argument, apply_cpu_settings, load_tokenizer, machine_line,  # noqa: E402
-                     markdown_table)
-from train_throughput import DEFAULT_BATCH, build, random_batch  # noqa: E402
+from _common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table  # noqa: E402
+from train_throughput import add_preset_arguments, build, preset_config, random_batch  # noqa: E402
 
-from mmformer.config import get_config  # noqa: E402
 from mmformer.losses import clip_loss  # noqa: E402
 
 #: operator-name substrings -> category, first match wins (names are aten ops and autograd nodes)
@@ -55,18 +53,14 @@ def category(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small", help="preset (default: small)")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
-    p.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
+    add_preset_arguments(p)
     p.add_argument("--steps", type=int, default=3, help="profiled steps after 2 warm-up steps")
     p.add_argument("--top", type=int, default=15, help="operators listed by self time")
     add_cpu_settings_argument(p)
     args = p.parse_args(argv)
     settings_line = apply_cpu_settings(args.cpu_settings)
 
-    tok, _ = load_tokenizer()
-    cfg = get_config(args.model, vocab_size=tok.vocab_size)
-    batch_size = args.batch_size or DEFAULT_BATCH.get(args.model, 32)
+    tok, cfg, batch_size = preset_config(args)
     pair = build("mmformer", cfg, tok.vocab_size, seed=0)
     images, ids, mask = random_batch(cfg, batch_size, tok.vocab_size, seed=0)
     opt = torch.optim.AdamW(pair.model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)

@@ -140,6 +140,22 @@ def describe_peak(peak: dict) -> str:
             f"({peak['peak_shape']}); best square {peak['square_flops'] / 1e9:.1f} ({peak['square_shape']})")
 
 
+def add_preset_arguments(parser) -> None:
+    """``--model``, ``--batch-size`` and ``--precision``: what the one-preset benches built on this
+    one's step take (``bench/profile_step.py``, ``bench/linear_matmuls.py``, ``bench/block_costs.py``)."""
+    parser.add_argument("--model", default="small", help="preset (default: small)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
+    parser.add_argument("--precision", default="bf16", choices=sorted(DTYPES))
+
+
+def preset_config(args):
+    """(tokenizer, the preset's config at the bundled vocabulary, batch size) for
+    :func:`add_preset_arguments`' parsed ``args``."""
+    tok, _ = load_tokenizer()
+    cfg = get_config(args.model, vocab_size=tok.vocab_size)
+    return tok, cfg, args.batch_size or DEFAULT_BATCH.get(args.model, 32)
+
+
 def random_batch(cfg, batch_size: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images (B, 3, S, S), ids (B, T), mask (B, T)) with T = cfg.context_length."""
     g = torch.Generator().manual_seed(seed)
