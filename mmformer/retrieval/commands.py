@@ -23,7 +23,7 @@ from mmformer.files import read_utf8_lines
 from mmformer.model import MMFormer
 from mmformer.retrieval.backends import BACKENDS
 from mmformer.retrieval.embed import embed_images, embed_texts
-from mmformer.retrieval.index import INDEX_DTYPES, Index, build_index
+from mmformer.retrieval.index import INDEX_DTYPES, Index
 from mmformer.retrieval.metrics import retrieval_metrics
 from mmformer.retrieval.retriever import Retriever, evaluate_index
 
@@ -121,6 +121,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     positive("--part-size", args.part_size)
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    from mmformer.training.index_build import build_index  # the application side: Lightning
+
     model = MMFormer.from_pretrained(args.model)
     if args.int8:
         model = quantize_int8(model)

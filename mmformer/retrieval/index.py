@@ -1,4 +1,4 @@
-"""On-disk retrieval indexes: build (embed with Lightning, resumable), open (checked), search.
+"""On-disk retrieval indexes: build (resumable), open (checked), search.
 
 An index directory holds::
 
@@ -9,10 +9,10 @@ An index directory holds::
     skipped.jsonl     inputs that could not be read, with the reason
     faiss.index       the FAISS structure (backends flat, hnsw, ivfpq)
 
-Building splits the inputs into parts of ``part_size`` items. ``trainer.predict`` embeds one
-part per step (so the same command runs over several devices or nodes with a strategy flag,
-each rank writing its own parts) and a writer callback stores each finished part atomically
-under ``parts/``. A re-run after a kill embeds only the missing parts; the final files are
+Building splits the inputs into parts of ``part_size`` items, embeds one part per step and
+stores each finished part atomically under ``parts/`` (:func:`build_index` here, in this process;
+:func:`mmformer.training.index_build.build_index` runs the same steps with ``trainer.predict``
+over several devices or nodes, each rank writing its own parts). A re-run after a kill embeds only the missing parts; the final files are
 assembled from the parts, each written to a temporary file and renamed, and ``index.json``
 is written last, so a directory without it is an unfinished build, never a damaged index.
 """
@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -208,50 +207,20 @@ def _collate_one(batch: dict[str, Any]) -> dict[str, Any]:
     return batch  # one part per step; the part is already batched
 
 
-# ---- Lightning prediction -------------------------------------------------------------------
-def _embed_module(model: nn.Module, kind: str, batch_size: int):
-    import lightning as L
-
-    class EmbedParts(L.LightningModule):
-        """``predict_step``: one part -> its (n, E) float32 embeddings, in sub-batches."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
-            out = []
-            n = len(batch["items"])
-            for s in range(0, n, batch_size):
-                if kind == "image":
-                    z = self.model.encode_image(batch["images"][s:s + batch_size])
-                else:
-                    z = self.model.encode_text(batch["input_ids"][s:s + batch_size],
-                                               batch["attention_mask"][s:s + batch_size])
-                out.append(z.float().cpu())
-            emb = torch.cat(out) if out else torch.zeros(0, 0)
-            return {"part": batch["part"], "embeddings": emb, "items": batch["items"],
-                    "skipped": batch["skipped"]}
-
-    return EmbedParts()
-
-
-def _part_writer(parts_dir: Path):
-    from lightning.pytorch.callbacks import BasePredictionWriter
-
-    class PartWriter(BasePredictionWriter):
-        """Writes each finished part as ``part-NNNNNN.npy`` + ``.json`` (the json, written last,
-        marks the part done)."""
-
-        def __init__(self) -> None:
-            super().__init__(write_interval="batch")
-
-        def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
-                               dataloader_idx=0) -> None:
-            write_part(parts_dir, prediction)
-            # nothing is kept in memory: trainer.predict runs with return_predictions=False
-
-    return PartWriter()
+# ---- embedding one part ----------------------------------------------------------------------
+def embed_part(model: nn.Module, part: dict[str, Any], kind: str, batch_size: int) -> dict[str, Any]:
+    """One part of :class:`PartDataset` -> ``{"part", "embeddings": (n, E) float32 CPU, "items",
+    "skipped"}``, encoded in sub-batches of ``batch_size`` (the record :func:`write_part` stores)."""
+    out = []
+    n = len(part["items"])
+    for s in range(0, n, batch_size):
+        if kind == "image":
+            z = model.encode_image(part["images"][s:s + batch_size])
+        else:
+            z = model.encode_text(part["input_ids"][s:s + batch_size], part["attention_mask"][s:s + batch_size])
+        out.append(z.float().cpu())
+    emb = torch.cat(out) if out else torch.zeros(0, 0)
+    return {"part": part["part"], "embeddings": emb, "items": part["items"], "skipped": part["skipped"]}
 
 
 def write_part(parts_dir: Path, prediction: dict[str, Any]) -> None:
@@ -277,15 +246,115 @@ def _done_parts(parts_dir: Path) -> set[int]:
 
 
 # ---- build ----------------------------------------------------------------------------------
+@dataclass
+class BuildPlan:
+    """What is left to do for one index build: the parts still to embed (``dataset``, one part per
+    item) and where they go. Made by :func:`plan_build`, finished by :func:`finish_build`; the
+    embedding in between is :func:`build_index`'s loop here, or ``trainer.predict`` across
+    processes in :func:`mmformer.training.index_build.build_index`."""
+
+    model: nn.Module
+    target: Path  # the index folder the user named
+    out: Path  # where this build writes (``target``, or ``.NAME.rebuild`` beside it under overwrite)
+    parts: list[Part]
+    todo: list[Part]
+    dataset: "PartDataset | None"  # the parts in ``todo``; None when every part is done
+    build: dict[str, Any]
+    kind: str
+    dtype: str
+    backend: str
+    params: BackendParams
+    seed: int
+    model_path: str | None
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.out / PARTS
+
+    def loader(self, num_workers: int = 0) -> torch.utils.data.DataLoader:
+        """The parts still to embed, one per step (a part is already a batch)."""
+        return torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
+                                           collate_fn=_collate_one, persistent_workers=False)
+
+
+def plan_build(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_dir: str | os.PathLike, *,
+               kind: str = "image", backend: str = "auto", backend_params: dict[str, Any] | None = None,
+               dtype: str = "float32", part_size: int = 1024, model_path: str | None = None,
+               image_col: str = "image", caption_col: str = "caption", split: str | None = None,
+               overwrite: bool = False, seed: int = 0,
+               root: str | os.PathLike | None = None) -> "BuildPlan | Index":
+    """Check ``out_dir`` and list the parts left to embed; an existing complete index of the same
+    model and source is returned opened instead (see :func:`build_index` for the rules)."""
+    if dtype not in INDEX_DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be 'float32' or 'float16'")
+    out = Path(out_dir)
+    params = BackendParams.from_dict(backend_params)
+    parts, description = collect_parts(source, kind, part_size, image_col, caption_col, split, root)
+    fingerprint = model_fingerprint(model)
+    build = {"format": FORMAT_VERSION, "kind": kind, "source": description, "part_size": part_size,
+             "model_fingerprint": fingerprint, "n_parts": len(parts)}
+    target = out
+    state = _folder_state(out, build)
+    if state == "same index" and not overwrite:
+        log.info("%s is already built from the same model and source", out)
+        remove_stale_temps(out)
+        return Index.open(out)
+    if state in ("other index", "other build", "foreign") and not overwrite:
+        raise InvalidIndexError(_refusal(out, state))
+    if state in ("same index", "other index", "other build", "foreign"):
+        # overwrite: build beside it and swap at the end; until then the old folder stays as it was
+        out = out.parent / f".{out.name}.rebuild"
+        if _folder_state(out, build) != "same build":
+            shutil.rmtree(out, ignore_errors=True)
+    parts_dir = out / PARTS
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    info_path = parts_dir / BUILD_INFO
+    if not info_path.is_file():
+        write_text_atomic(info_path, json.dumps(build, indent=1))
+    done = _done_parts(parts_dir)
+    todo = [p for p in parts if p.index not in done]
+    log.info("%s: %d parts, %d already done", description, len(parts), len(parts) - len(todo))
+    dataset = None
+    if todo:
+        if kind == "text" and getattr(model, "tokenizer", None) is None:
+            raise ValueError("text indexes need a model with a tokenizer")
+        c = model.config
+        dataset = PartDataset(todo, kind, transform=build_transforms(c.image_size, train=False, mean=c.image_mean,
+                                                                     std=c.image_std),
+                              tokenizer=model.tokenizer, max_length=c.context_length)
+    return BuildPlan(model=model, target=target, out=out, parts=parts, todo=todo, dataset=dataset, build=build,
+                     kind=kind, dtype=dtype, backend=backend, params=params, seed=seed, model_path=model_path)
+
+
+def finish_build(plan: BuildPlan, embed_seconds: float) -> "Index":
+    """Every part written -> the index files (assembled, manifest last), the parts removed, the
+    folder swapped in when rebuilding; returns the index opened."""
+    out = plan.out
+    missing = sorted({p.index for p in plan.parts} - _done_parts(plan.parts_dir))
+    if missing:
+        raise InvalidIndexError(f"{out}: parts {missing[:10]} were not written; rerun the build to finish them")
+    model = plan.model
+    manifest = _assemble(out, plan.parts, plan.dtype, plan.backend, plan.params, plan.seed)
+    manifest.update(kind=plan.kind, build=plan.build, embed_seconds=round(embed_seconds, 3),
+                    model={"fingerprint": plan.build["model_fingerprint"], "path": plan.model_path,
+                           "int8": bool(getattr(model, "is_int8", False)),
+                           "config": model.config.to_dict() if hasattr(model, "config") else None})
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    _remove_parts(plan.parts_dir)
+    if out != plan.target:
+        swap_dir(out, plan.target)
+    return Index.open(plan.target)
+
+
 def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_dir: str | os.PathLike, *,
                 kind: str = "image", backend: str = "auto", backend_params: dict[str, Any] | None = None,
                 dtype: str = "float32", batch_size: int = 256, part_size: int = 1024,
-                num_workers: int = 0, precision: str = "32-true", accelerator: str = "cpu",
-                devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
-                model_path: str | None = None, image_col: str = "image", caption_col: str = "caption",
-                split: str | None = None, overwrite: bool = False, progress: bool = True, seed: int = 0,
-                root: str | os.PathLike | None = None) -> "Index":
-    """Embed ``source`` with ``model`` and write an index to ``out_dir``; returns it opened.
+                num_workers: int = 0, model_path: str | None = None, image_col: str = "image",
+                caption_col: str = "caption", split: str | None = None, overwrite: bool = False,
+                progress: bool = True, seed: int = 0, root: str | os.PathLike | None = None) -> "Index":
+    """Embed ``source`` with ``model`` in this process and write an index to ``out_dir``; returns
+    it opened. (Across devices or nodes: :func:`mmformer.training.index_build.build_index`, the
+    same files from ``trainer.predict``.)
 
     Resumable: parts finished by an earlier (killed) run with the same model, source and
     settings are reused. An existing complete index of the same model and source is returned
@@ -300,81 +369,31 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
         kind: ``"image"`` or ``"text"`` (what the rows of the index are).
         backend: ``auto`` | ``exact`` | ``flat`` | ``hnsw`` | ``ivfpq`` (see backends.py).
         dtype: ``float32`` or ``float16`` storage of ``embeddings.npy``.
-        precision, accelerator, devices, strategy, num_nodes: passed to the Lightning Trainer.
+        batch_size: inputs per model call; ``part_size``: inputs per resumable part.
+        num_workers: data-loader worker processes that decode the inputs.
         model_path: where the model lives, recorded so ``mmformer search`` can find it.
         image_col, caption_col, split: manifest columns and row filter (manifest sources).
         root: manifest sources: refuse image paths that resolve outside this folder.
     """
-    import lightning as L
-
-    if dtype not in INDEX_DTYPES:
-        raise ValueError(f"dtype={dtype!r} must be 'float32' or 'float16'")
-    out = Path(out_dir)
-    params = BackendParams.from_dict(backend_params)
-    parts, description = collect_parts(source, kind, part_size, image_col, caption_col, split, root)
-    fingerprint = model_fingerprint(model)
-    int8 = bool(getattr(model, "is_int8", False))
-    build = {"format": FORMAT_VERSION, "kind": kind, "source": description, "part_size": part_size,
-             "model_fingerprint": fingerprint, "n_parts": len(parts)}
-    target = out
-    state = _folder_state(out, build)
-    if state == "same index" and not overwrite:
-        log.info("%s is already built from the same model and source", out)
-        remove_stale_temps(out)
-        return Index.open(out)
-    if state in ("other index", "other build", "foreign") and not overwrite:
-        raise InvalidIndexError(_refusal(out, state))
-    if state in ("same index", "other index", "other build", "foreign"):
-        # --overwrite: build beside it and swap at the end; until then the old folder stays as it was
-        out = out.parent / f".{out.name}.rebuild"
-        if _folder_state(out, build) != "same build":
-            shutil.rmtree(out, ignore_errors=True)
-    parts_dir = out / PARTS
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    info_path = parts_dir / BUILD_INFO
-    if not info_path.is_file():
-        write_text_atomic(info_path, json.dumps(build, indent=1))
-    done = _done_parts(parts_dir)
-    todo = [p for p in parts if p.index not in done]
-    log.info("%s: %d parts, %d already done", description, len(parts), len(parts) - len(todo))
+    plan = plan_build(model, source, out_dir, kind=kind, backend=backend, backend_params=backend_params,
+                      dtype=dtype, part_size=part_size, model_path=model_path, image_col=image_col,
+                      caption_col=caption_col, split=split, overwrite=overwrite, seed=seed, root=root)
+    if isinstance(plan, Index):
+        return plan
     t0 = time.perf_counter()
-    is_rank0 = True
-    if todo:
-        if int8 and accelerator not in ("cpu", "auto"):
-            raise ValueError("int8 (dynamically quantized) models run on the CPU only; use accelerator='cpu'")
+    if plan.todo:
+        from tqdm.auto import tqdm
 
-        c = model.config
-        dataset = PartDataset(todo, kind, transform=build_transforms(c.image_size, train=False, mean=c.image_mean,
-                                                                     std=c.image_std),
-                              tokenizer=model.tokenizer, max_length=c.context_length)
-        if kind == "text" and model.tokenizer is None:
-            raise ValueError("text indexes need a model with a tokenizer")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                             collate_fn=_collate_one, persistent_workers=False)
-        trainer = L.Trainer(accelerator="cpu" if int8 else accelerator, devices=devices, strategy=strategy,
-                            num_nodes=num_nodes, precision=precision, logger=False,
-                            callbacks=[_part_writer(parts_dir)], enable_progress_bar=progress,
-                            enable_model_summary=False, enable_checkpointing=False, inference_mode=True)
-        with warnings.catch_warnings():  # parts are whole batches: there are no sampler batch indices
-            warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
-            trainer.predict(_embed_module(model, kind, batch_size), dataloaders=loader, return_predictions=False)
-        trainer.strategy.barrier()
-        is_rank0 = trainer.is_global_zero
-    if not is_rank0:
-        return None  # type: ignore[return-value]  # other ranks: rank 0 assembles the index
-    missing = sorted({p.index for p in parts} - _done_parts(parts_dir))
-    if missing:
-        raise InvalidIndexError(f"{out}: parts {missing[:10]} were not written; rerun the build to finish them")
-    embed_s = time.perf_counter() - t0
-    manifest = _assemble(out, parts, dtype, backend, params, seed)
-    manifest.update(kind=kind, build=build, embed_seconds=round(embed_s, 3),
-                    model={"fingerprint": fingerprint, "path": model_path, "int8": int8,
-                           "config": model.config.to_dict() if hasattr(model, "config") else None})
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    _remove_parts(parts_dir)
-    if out != target:
-        swap_dir(out, target)
-    return Index.open(target)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for part in tqdm(plan.loader(num_workers), total=len(plan.todo), desc="embedding parts",
+                                 unit="part", disable=not progress):
+                    write_part(plan.parts_dir, embed_part(model, part, kind, batch_size))
+        finally:
+            model.train(was_training)
+    return finish_build(plan, time.perf_counter() - t0)
 
 
 def _folder_state(out: Path, build: dict[str, Any]) -> str:
