@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from mmformer.compress.onnx import GRAPHS, INT8_GRAPHS, OnnxEncoder
 from mmformer.config import ModelConfig
 from mmformer.tokenizer import EOS_ID, PAD_ID, Tokenizer, default_tokenizer_path
-from mmformer.training.cpu import flush_denormals, keep_freed_memory
+from mmformer.runtime import flush_denormals, keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -262,9 +262,9 @@ def add_cpu_settings_argument(parser) -> None:
 def apply_cpu_settings(which: str) -> str:
     """Apply the process-wide CPU settings ``which`` names and return a line saying what was applied:
     ``"training"`` = what the training commands apply before any torch work
-    (:func:`mmformer.training.cpu.keep_freed_memory`: glibc keeps freed blocks for reuse instead of
+    (:func:`mmformer.runtime.keep_freed_memory`: glibc keeps freed blocks for reuse instead of
     unmapping them, so a step's large activations are not fresh pages to fault in;
-    :func:`~mmformer.training.cpu.flush_denormals`); ``"none"`` = the C library's and torch's defaults.
+    :func:`~mmformer.runtime.flush_denormals`); ``"none"`` = the C library's and torch's defaults.
     The settings are process-wide: every implementation timed in the run gets the same."""
     if which not in CPU_SETTINGS:
         raise ValueError(f"cpu settings {which!r} must be one of {CPU_SETTINGS}")

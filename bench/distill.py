@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import held_out_recall, machine_line, markdown_table  # noqa: E402
 
 from mmformer.cli import configure_output  # noqa: E402
-from mmformer.data.datamodule import ImageTextDataModule  # noqa: E402
+from mmformer.training.datamodule import ImageTextDataModule  # noqa: E402
 from mmformer.data.emoji import default_data_dir  # noqa: E402
 from mmformer.model import TOKENIZER_NAME, MMFormer  # noqa: E402
 from mmformer.training.distill import DISTILL_TERMS, DistillModule  # noqa: E402

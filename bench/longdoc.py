@@ -19,7 +19,7 @@ subprocess) for one document, chunked + fusion versus one window over the whole 
 dense, local (sliding window + global) or compressed attention (same weights, context grown to
 the document; only the cost is meaningful there, the model was not trained at that length).
 
-On the CPU the bench calls :func:`mmformer.training.cpu.keep_freed_memory` first (as the fine-tuning
+On the CPU the bench calls :func:`mmformer.runtime.keep_freed_memory` first (as the fine-tuning
 command does; ``--unmap-freed-memory`` to leave malloc alone): with glibc's default every large
 buffer is a fresh mapping whose page faults grow with the document. On CUDA (``--device cuda``) memory is the peak of torch's allocator above what the model and
 inputs already hold, and times are synchronised; ``--precision bf16`` runs every encode under
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_line, markdown_table  # noqa: E402
 
-from mmformer.training.cpu import keep_freed_memory  # noqa: E402
+from mmformer.runtime import keep_freed_memory  # noqa: E402
 from mmformer.data.emoji import InMemoryImageText  # noqa: E402
 from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents  # noqa: E402
 from mmformer.config import DOCUMENT_MODES as MODES  # noqa: E402
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = bf16 autocast")
     p.add_argument("--unmap-freed-memory", action="store_true",
-                   help="leave glibc's malloc as it is (mmformer.training.cpu.keep_freed_memory is called otherwise)")
+                   help="leave glibc's malloc as it is (mmformer.runtime.keep_freed_memory is called otherwise)")
     p.add_argument("--measure", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from mmformer.data.datamodule import ImageTextDataModule, SkippedSamplesCallback
+from mmformer.training.datamodule import ImageTextDataModule, SkippedSamplesCallback
 from mmformer.data.emoji import InMemoryImageText, default_data_dir
 from mmformer.files import atomic_path, write_text_atomic
 from mmformer.retrieval import embed_images, embed_texts, format_metrics, retrieval_metrics
-from mmformer.training.cpu import flush_denormals, keep_freed_memory
+from mmformer.runtime import flush_denormals, keep_freed_memory
 from mmformer.training.module import MMFormerModule
 from mmformer.training.precision import auto_precision
 from mmformer.training.recipes import init_args, load_recipe
@@ -55,7 +55,7 @@ DEFAULT_QUERIES = ["red apple", "dog face", "rocket", "smiling face with heart-e
 
 def demo_process_settings(seed: int) -> None:
     """The process settings the demo trains under: the seed, matmul precision, and the CPU settings
-    `mmformer fit` applies (denormals flushed, freed memory kept: :mod:`mmformer.training.cpu`)."""
+    `mmformer fit` applies (denormals flushed, freed memory kept: :mod:`mmformer.runtime`)."""
     import lightning as L
 
     L.seed_everything(seed, verbose=False)

@@ -148,8 +148,9 @@ def test_fit_runs_the_long_document_recipe_with_clean_output(longdoc_setup):
 
 
 def test_linked_data_settings_come_from_the_model_and_refuse_other_values(longdoc_setup):
-    from mmformer.data.datamodule import ImageTextDataModule
-    from mmformer.training.longdoc import LongDocModule, NeedleDataModule
+    from mmformer.training.datamodule import ImageTextDataModule
+    from mmformer.training.datamodule import NeedleDataModule
+    from mmformer.training.longdoc import LongDocModule
     from mmformer.training.recipes import RecipeCLI
 
     tmp = longdoc_setup
@@ -171,7 +172,7 @@ def test_linked_data_settings_come_from_the_model_and_refuse_other_values(longdo
 def test_recipes_written_without_class_path_still_load(tmp_path):
     """A recipe in the format before subclass mode (init arguments directly under model/data,
     sizes repeated) loads with MMFormerModule and ImageTextDataModule."""
-    from mmformer.data.datamodule import ImageTextDataModule
+    from mmformer.training.datamodule import ImageTextDataModule
     from mmformer.training.module import MMFormerModule
     from mmformer.training.recipes import RecipeCLI
 

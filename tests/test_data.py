@@ -17,18 +17,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mmformer.training.datamodule import ImageTextDataModule, SkippedSamplesCallback
 from mmformer.data import (
     CorruptSample,
     EmojiData,
     ImageTextCollator,
-    ImageTextDataModule,
     ImageTextManifest,
     InMemoryImageText,
     ManifestError,
     ShardDataset,
     SkipCorrupt,
     Skipped,
-    SkippedSamplesCallback,
     SkipStats,
     default_data_dir,
     is_empty_batch,
@@ -686,7 +685,7 @@ def test_datamodule_manifest_skips_and_summarises(bad_manifest: Path, caplog: py
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[SkippedSamplesCallback()], limit_val_batches=0)
     model = Probe()
-    with caplog.at_level(logging.WARNING, logger="mmformer.data.datamodule"):
+    with caplog.at_level(logging.WARNING, logger="mmformer.training.datamodule"):
         trainer.fit(model, datamodule=dm)
     assert sorted(model.batch_sizes) == [0, 1]
     assert dm.skip_stats["train"].total == 3

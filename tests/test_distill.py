@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mmformer.compress.inherit import InheritanceError, inherit_weights, plan_inheritance, teacher_blocks
 from mmformer.config import ModelConfig
-from mmformer.data.datamodule import ImageTextDataModule
+from mmformer.training.datamodule import ImageTextDataModule
 from mmformer.data.emoji import EmojiData, InMemoryImageText
 from mmformer.losses import (affinity_distill_loss, clip_loss, feature_distill_loss,
                              interactive_contrastive_loss)

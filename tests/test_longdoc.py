@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.config import ModelConfig
-from mmformer.data.datamodule import SkippedSamplesCallback
+from mmformer.training.datamodule import SkippedSamplesCallback
 from mmformer.data.emoji import default_data_dir
 from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents
 from mmformer.documents import DocumentCollator, TooManyChunks
@@ -272,7 +272,8 @@ def test_saved_models_without_the_long_document_fields_load_with_old_behaviour(t
 
 def _fit_longdoc(tok, tmp_path, max_steps=3, callbacks=(), **module_kw):
     """A few Lightning steps of LongDocModule on a tiny emoji layout; returns (base model, module, trainer)."""
-    from mmformer.training.longdoc import LongDocModule, NeedleDataModule
+    from mmformer.training.datamodule import NeedleDataModule
+    from mmformer.training.longdoc import LongDocModule
     from mmformer.training.trainer import make_trainer
     from test_data import make_emoji_layout
 
@@ -439,7 +440,7 @@ def test_keep_freed_memory_keeps_large_blocks_on_the_heap():
 
     code = """
 import sys, torch
-from mmformer.training.cpu import keep_freed_memory
+from mmformer.runtime import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def rss():

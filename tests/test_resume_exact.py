@@ -28,7 +28,7 @@ import lightning as L
 import torch
 torch.set_num_threads(1)
 from lightning.pytorch.callbacks import ModelCheckpoint
-from mmformer.data.datamodule import ImageTextDataModule
+from mmformer.training.datamodule import ImageTextDataModule
 from mmformer.training.module import MMFormerModule
 
 root, source, data, kill_at, ckpt = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] or None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmformer.data.datamodule import ImageTextDataModule, SkippedSamplesCallback
+from mmformer.training.datamodule import ImageTextDataModule, SkippedSamplesCallback
 from mmformer.training.module import MMFormerModule
 
 MODEL = dict(width=32, depth=1, heads=2, embed_dim=16, image_size=16, patch_size=8)

@@ -392,7 +392,7 @@ def test_per_image_pipeline_style_augmentations():
 
 
 def test_augment_args_are_checked_with_useful_errors():
-    from mmformer.data.datamodule import ImageTextDataModule
+    from mmformer.training.datamodule import ImageTextDataModule
     from mmformer.data.transforms import AUGMENT_DEFAULTS, BatchTrainTransform, augment_args
 
     assert augment_args(None) == {**AUGMENT_DEFAULTS}

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from mmformer.data.datamodule import ImageTextDataModule
+from mmformer.training.datamodule import ImageTextDataModule
 from mmformer.data.emoji import default_data_dir
 from mmformer.layers.multiway import each
 from mmformer.losses import affinity_distill_loss, clip_loss

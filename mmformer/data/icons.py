@@ -3,7 +3,7 @@
 800 Tabler outline icons (MIT), 64x64 RGBA PNG, captioned with their names; the human-written
 tags are the ``keywords`` in ``concepts.jsonl``. ``data/build_icons.py`` rebuilds it; see
 ``data/README.md``. It has the emoji data's layout, so :class:`~mmformer.data.emoji.EmojiData`
-and :class:`~mmformer.data.datamodule.ImageTextDataModule` (``data_dir=icons_data_dir()``) read
+and :class:`~mmformer.training.datamodule.ImageTextDataModule` (``data_dir=icons_data_dir()``) read
 it as they are: splits ``train`` and ``val`` (held-out icons), one concept per icon.
 """
 

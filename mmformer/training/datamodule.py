@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
@@ -25,14 +25,16 @@ from torch.utils.data import DataLoader, Dataset
 from mmformer.data.collate import ImageTextCollator, SkipCorrupt, SkipStats, Tokenizer
 from mmformer.data.errors import TooManySkipped
 from mmformer.data.emoji import CaptionMode, EmojiData, InMemoryImageText, default_data_dir
+from mmformer.data.longdoc import Filler, NeedleCollator, NeedleDataset, load_prose
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.sampler import ResumableDataLoader, ResumableSampler
 from mmformer.data.shards import ResumableShardLoader, ShardDataset
 from mmformer.data.transforms import augment_args as augment_args_of
 from mmformer.data.transforms import build_transforms
+from mmformer.documents import DocumentCollator
 from mmformer.tokenizer import Tokenizer as SentencePieceTokenizer
 
-__all__ = ["ImageTextDataModule", "SkippedSamplesCallback"]
+__all__ = ["ImageTextDataModule", "NeedleDataModule", "SkippedSamplesCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -320,3 +322,86 @@ class SkippedSamplesCallback(pl.Callback):
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
         self._report(trainer, "test")
+
+
+class NeedleDataModule(pl.LightningDataModule):
+    """Emoji images with needle documents, for :class:`~mmformer.training.longdoc.LongDocModule`.
+
+    Pairs the emoji images of the **train** split (training families only; the held-out twitter
+    family is never seen) with documents of prose filler and the image's caption inserted at a
+    random position, drawn afresh every epoch; validation uses the val split (unseen concepts) at
+    one fixed document length and seed.
+
+    Args:
+        root: emoji data directory (default: bundled).
+        prose: prose text file (default: ``data/prose/kjv.txt``).
+        lengths: training document lengths in pieces, drawn uniformly per document.
+        val_length: validation document length in pieces.
+        batch_size, num_workers: loaders.
+        image_size, image_mean, image_std: the model's image side and normalisation
+            (``ModelConfig.image_size`` / ``image_mean`` / ``image_std``; ``mmformer fit`` links
+            them from the model).
+        max_chunks: chunk cap; a document over it is an error (the lengths should fit it).
+
+    Documents are chunked as the model chunks them (its window and stride): the module hands its
+    collator over in ``setup`` (:meth:`set_document_collator`, as :class:`LongDocModule` does).
+    """
+
+    def __init__(self, root: str | None = None, prose: str | None = None,
+                 lengths: Sequence[int] = (14, 64, 128, 256, 512, 1024), val_length: int = 512,
+                 batch_size: int = 64, num_workers: int = 0, image_size: int = 64,
+                 max_chunks: int | None = None, seed: int = 0,
+                 image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: SentencePieceTokenizer | None = None
+        self.document_collator: DocumentCollator | None = None
+        self.train_ds: NeedleDataset | None = None
+        self.val_ds: NeedleDataset | None = None
+
+    def set_tokenizer(self, tokenizer: SentencePieceTokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def set_document_collator(self, collator: DocumentCollator) -> None:
+        """Chunk documents with ``collator``'s tokenizer, window and stride (the model's
+        :meth:`~mmformer.model.MMFormer.document_collator`), under this data module's
+        ``max_chunks`` cap (over it: an error)."""
+        self.document_collator = DocumentCollator(collator.tokenizer, collator.length, collator.stride,
+                                                  max_chunks=self.hparams.max_chunks, overflow="error")
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None and self.trainer is not None:  # Lightning sets up data before the module
+            self.tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
+        if self.tokenizer is None:
+            raise RuntimeError("NeedleDataModule needs a tokenizer: call set_tokenizer or attach it to a Trainer "
+                               "whose module has one")
+        if self.train_ds is not None:
+            return
+        hp = self.hparams
+        root = hp.root or default_data_dir()
+        filler = Filler(self.tokenizer, load_prose(self.tokenizer, hp.prose))
+        train = EmojiData.load(root, "train", hp.image_size)
+        val = EmojiData.load(root, "val", hp.image_size)
+        norm = dict(mean=hp.image_mean, std=hp.image_std)
+        self.train_ds = NeedleDataset(train.images, train.captions, self.tokenizer, filler, hp.lengths,
+                                      train.concept_ids, seed=hp.seed, **norm)
+        self.val_ds = NeedleDataset(val.images, val.captions, self.tokenizer, filler, [hp.val_length],
+                                    val.concept_ids, seed=hp.seed + 1, fixed=True, **norm)
+
+    def _collate(self) -> NeedleCollator:
+        """Chunking as the model will chunk at inference (its window, stride), cap as configured."""
+        if self.document_collator is None:
+            raise RuntimeError("NeedleDataModule's loaders chunk documents as the model does: call "
+                               "set_document_collator(model.document_collator()) or train with a LongDocModule, "
+                               "which hands its collator over in setup")
+        return NeedleCollator(self.document_collator)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_ds, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.hparams.num_workers, collate_fn=self._collate(),
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_ds, batch_size=self.hparams.batch_size, shuffle=False,
+                          num_workers=0, collate_fn=self._collate())

@@ -10,10 +10,7 @@ embedding of the bare caption into the fused document (and into every window tha
 caption), optionally the CLIP loss between images and documents. With only the fusion training,
 :class:`ProseStateCache` replaces the encoder call over prose windows with a lookup.
 
-:class:`NeedleDataModule` pairs the emoji images of the **train** split (training families only;
-the held-out twitter family is never seen) with documents of prose filler and the image's
-caption inserted at a random position, drawn afresh every epoch; validation uses the val split
-(unseen concepts) at one fixed document length and seed.
+Its data module is :class:`mmformer.training.datamodule.NeedleDataModule`.
 """
 from __future__ import annotations
 
@@ -22,20 +19,17 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from mmformer.training.cpu import flush_denormals
-from mmformer.data.emoji import EmojiData, default_data_dir
-from mmformer.documents import DocumentBatch, DocumentCollator
-from mmformer.data.longdoc import Filler, NeedleCollator, NeedleDataset, caption_windows, load_prose
+from mmformer.runtime import flush_denormals
+from mmformer.documents import DocumentBatch
+from mmformer.data.longdoc import NeedleDataset, caption_windows
 from mmformer.losses import clip_loss
 from mmformer.model import MMFormer, eval_mode
 from mmformer.training.module import MMFormerModule
-from mmformer.tokenizer import BOS_ID, EOS_ID, Tokenizer, chunk_starts
+from mmformer.tokenizer import BOS_ID, EOS_ID, chunk_starts
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +267,7 @@ class LongDocModule(MMFormerModule):
 
     def setup(self, stage: str) -> None:
         """The parent's setup, then hand a data module that chunks documents
-        (``set_document_collator``, e.g. :class:`NeedleDataModule`) the model's window and stride."""
+        (``set_document_collator``, e.g. :class:`~mmformer.training.datamodule.NeedleDataModule`) the model's window and stride."""
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "set_document_collator"):
@@ -322,81 +316,3 @@ class LongDocModule(MMFormerModule):
             "image_ids": batch["indices"].long(),
             "concepts": batch["concepts"].long(),
         })
-
-
-class NeedleDataModule(L.LightningDataModule):
-    """Emoji images with needle documents (see module docstring).
-
-    Args:
-        root: emoji data directory (default: bundled).
-        prose: prose text file (default: ``data/prose/kjv.txt``).
-        lengths: training document lengths in pieces, drawn uniformly per document.
-        val_length: validation document length in pieces.
-        batch_size, num_workers: loaders.
-        image_size, image_mean, image_std: the model's image side and normalisation
-            (``ModelConfig.image_size`` / ``image_mean`` / ``image_std``; ``mmformer fit`` links
-            them from the model).
-        max_chunks: chunk cap; a document over it is an error (the lengths should fit it).
-
-    Documents are chunked as the model chunks them (its window and stride): the module hands its
-    collator over in ``setup`` (:meth:`set_document_collator`, as :class:`LongDocModule` does).
-    """
-
-    def __init__(self, root: str | None = None, prose: str | None = None,
-                 lengths: Sequence[int] = (14, 64, 128, 256, 512, 1024), val_length: int = 512,
-                 batch_size: int = 64, num_workers: int = 0, image_size: int = 64,
-                 max_chunks: int | None = None, seed: int = 0,
-                 image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.tokenizer: Tokenizer | None = None
-        self.document_collator: DocumentCollator | None = None
-        self.train_ds: NeedleDataset | None = None
-        self.val_ds: NeedleDataset | None = None
-
-    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-
-    def set_document_collator(self, collator: DocumentCollator) -> None:
-        """Chunk documents with ``collator``'s tokenizer, window and stride (the model's
-        :meth:`~mmformer.model.MMFormer.document_collator`), under this data module's
-        ``max_chunks`` cap (over it: an error)."""
-        self.document_collator = DocumentCollator(collator.tokenizer, collator.length, collator.stride,
-                                                  max_chunks=self.hparams.max_chunks, overflow="error")
-
-    def setup(self, stage: str) -> None:
-        if self.tokenizer is None and self.trainer is not None:  # Lightning sets up data before the module
-            self.tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
-        if self.tokenizer is None:
-            raise RuntimeError("NeedleDataModule needs a tokenizer: call set_tokenizer or attach it to a Trainer "
-                               "whose module has one")
-        if self.train_ds is not None:
-            return
-        hp = self.hparams
-        root = hp.root or default_data_dir()
-        filler = Filler(self.tokenizer, load_prose(self.tokenizer, hp.prose))
-        train = EmojiData.load(root, "train", hp.image_size)
-        val = EmojiData.load(root, "val", hp.image_size)
-        norm = dict(mean=hp.image_mean, std=hp.image_std)
-        self.train_ds = NeedleDataset(train.images, train.captions, self.tokenizer, filler, hp.lengths,
-                                      train.concept_ids, seed=hp.seed, **norm)
-        self.val_ds = NeedleDataset(val.images, val.captions, self.tokenizer, filler, [hp.val_length],
-                                    val.concept_ids, seed=hp.seed + 1, fixed=True, **norm)
-
-    def _collate(self) -> NeedleCollator:
-        """Chunking as the model will chunk at inference (its window, stride), cap as configured."""
-        if self.document_collator is None:
-            raise RuntimeError("NeedleDataModule's loaders chunk documents as the model does: call "
-                               "set_document_collator(model.document_collator()) or train with a LongDocModule, "
-                               "which hands its collator over in setup")
-        return NeedleCollator(self.document_collator)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_ds, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.hparams.num_workers, collate_fn=self._collate(),
-                          persistent_workers=self.hparams.num_workers > 0)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_ds, batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=0, collate_fn=self._collate())

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mmformer.config import get_config
-from mmformer.data.datamodule import SkippedSamplesCallback
+from mmformer.training.datamodule import SkippedSamplesCallback
 from mmformer.losses import clip_loss, contrastive_accumulation, siglip_loss, world_size
 from mmformer.model import MMFormer
 from mmformer.retrieval.metrics import concept_retrieval_metrics, pair_retrieval_metrics
@@ -206,7 +206,7 @@ class MMFormerModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
         """Take the :meth:`training_loss`, apply the ``nonfinite`` policy and log; subclasses
         change the loss (:meth:`training_loss`), not this. (Skipped samples are counted by
-        :class:`~mmformer.data.datamodule.SkippedSamplesCallback`, see :meth:`configure_callbacks`.)"""
+        :class:`~mmformer.training.datamodule.SkippedSamplesCallback`, see :meth:`configure_callbacks`.)"""
         if not self.automatic_optimization:
             return self._accumulating_step(batch, batch_idx)
         if batch is None or batch["images"].shape[0] == 0:  # every sample of the batch was corrupt
@@ -308,7 +308,7 @@ class MMFormerModule(L.LightningModule):
         """The module's own callbacks:
 
         - skipped samples are counted, warned about each epoch and logged (``train/skipped_samples``)
-          by one :class:`~mmformer.data.datamodule.SkippedSamplesCallback`: the Trainer's, or
+          by one :class:`~mmformer.training.datamodule.SkippedSamplesCallback`: the Trainer's, or
           this one when it has none;
         - with a time budget, :class:`~mmformer.training.callbacks.ScheduleClock` starts the
           schedule's clock when training starts.

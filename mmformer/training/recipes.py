@@ -3,8 +3,8 @@
 A recipe is a LightningCLI YAML (``trainer``, ``model``, ``data``). The module and the data module
 are chosen in it by class (subclass mode): ``model.class_path`` is :class:`MMFormerModule` or a
 subclass (:class:`~mmformer.training.longdoc.LongDocModule`), ``data.class_path`` any
-``LightningDataModule`` (:class:`~mmformer.data.datamodule.ImageTextDataModule`,
-:class:`~mmformer.training.longdoc.NeedleDataModule`). Without a ``class_path`` they default to
+``LightningDataModule`` (:class:`~mmformer.training.datamodule.ImageTextDataModule`,
+:class:`~mmformer.training.datamodule.NeedleDataModule`). Without a ``class_path`` they default to
 :class:`MMFormerModule` and :class:`ImageTextDataModule`, so recipes written before subclass mode
 (init arguments only) still load.
 
@@ -36,7 +36,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmformer.training.cpu import flush_denormals, keep_freed_memory
+from mmformer.runtime import flush_denormals, keep_freed_memory
 from mmformer.training.module import MMFormerModule
 from mmformer.training.precision import auto_precision
 
@@ -45,7 +45,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 #: The classes a recipe gets when it names none.
 DEFAULT_CLASSES = {
     "model": "mmformer.training.module.MMFormerModule",
-    "data": "mmformer.data.datamodule.ImageTextDataModule",
+    "data": "mmformer.training.datamodule.ImageTextDataModule",
 }
 
 #: Data-module arguments that come from the built module's model config.
@@ -257,7 +257,7 @@ class RecipeCLI(LightningCLI):
 
 def run_recipe(argv: Sequence[str]) -> RecipeCLI:
     """``mmformer fit|validate|test|predict ...``: apply the CPU settings of
-    :mod:`mmformer.training.cpu` first (before any torch work, so that every thread torch starts
+    :mod:`mmformer.runtime` first (before any torch work, so that every thread torch starts
     inherits them), then run :class:`RecipeCLI`."""
     flush_denormals()
     keep_freed_memory()
