@@ -4,6 +4,7 @@ service (gRPC + HTTP in a thread of this process), and clients."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 
@@ -88,3 +89,40 @@ def auth(key: str = API_KEY) -> dict[str, str]:
 
 def grpc_metadata(key: str = API_KEY) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
+
+
+class LogCapture(logging.Handler):
+    """Every record of the package, uvicorn (whose loggers do not propagate), grpc and the rest,
+    DEBUG included for ``mmformer`` and uvicorn, while in the ``with`` block."""
+
+    WATCHED = ("mmformer", "uvicorn")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> LogCapture:
+        self._levels = {name: logging.getLogger(name).level for name in self.WATCHED}
+        for name in ("", "uvicorn"):  # uvicorn's loggers do not propagate to the root
+            logging.getLogger(name).addHandler(self)
+        for name in self.WATCHED:
+            logging.getLogger(name).setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in ("", "uvicorn"):
+            logging.getLogger(name).removeHandler(self)
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+
+    def text(self) -> str:
+        return "\n".join(f"{r.levelname} {r.name}: {r.getMessage()}" for r in self.records)
+
+    def assert_quiet(self, most: int = 1, needle: str = "") -> None:
+        """No traceback and nothing above INFO; at most ``most`` records mentioning ``needle``."""
+        assert not [r for r in self.records if r.exc_info or r.levelno > logging.INFO], self.text()
+        if needle:
+            assert len([r for r in self.records if needle in r.getMessage()]) <= most, self.text()

@@ -27,7 +27,8 @@ from mmformer.serve.proto import mmformer_pb2 as pb
 from mmformer.serve.proto import mmformer_pb2_grpc as pb_grpc
 from mmformer.serve.server import ServeSettings, ServerThread
 from mmformer.serve.service import BatchSettings
-from serve_helpers import API_KEY, COLORS, auth, build_gallery, grpc_metadata, png_bytes, start_service, tiny_model
+from serve_helpers import (API_KEY, COLORS, LogCapture, auth, build_gallery, grpc_metadata, png_bytes, start_service,
+                           tiny_model)
 
 TEXTS = ["a red square", "blue", "a very long caption about a purple circle " * 6, "keycap: #", "green circle",
          "the smiling face with heart shaped eyes", "x", "a brown square on white"]
@@ -268,6 +269,17 @@ BAD_HTTP = [  # (path, kwargs, status, field)
     ("/v1/search", dict(json={"txt": "red"}), 400, "txt"),
     ("/v1/search", dict(json={"text": ""}), 400, "text"),
     ("/v1/search", dict(json={"text": ["red"]}), 400, "text"),
+    ("/v1/embed/text", dict(content=b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                            headers={"Content-Type": "application/json"}), 400, "body"),
+    ("/v1/embed/text", dict(content=b'{"texts": ["a", "b", "c", "x\\ud800"]}',
+                            headers={"Content-Type": "application/json"}), 400, "texts[3]"),
+    ("/v1/embed/text", dict(content=b'{"texts": ["\xed\xa0\x80"]}', headers={"Content-Type": "application/json"}),
+     400, "body"),  # a surrogate encoded as UTF-8 bytes
+    ("/v1/search", dict(content=b'{"text": "\\udc00 red"}', headers={"Content-Type": "application/json"}), 400, "text"),
+    ("/v1/search", dict(content=b'{"text": "red", "index": "\\ud83d"}', headers={"Content-Type": "application/json"}),
+     400, "index"),
+    ("/v1/search", dict(content=b'{"text": "red", "\\ud800": 1}', headers={"Content-Type": "application/json"}),
+     400, "body"),
 ]
 
 
@@ -278,6 +290,39 @@ def test_bad_http_requests_get_a_4xx_and_a_message_naming_the_field(http, path, 
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["field"] == field and err["message"].startswith(field + ": ")
+
+
+def test_over_deep_json_and_lone_surrogates_are_400s_without_a_traceback(http):
+    deep = b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with LogCapture() as logs:
+        r = http.post("/v1/embed/text", content=deep, headers={**auth(), "Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("body: JSON nested too deeply"), r.text
+        for _ in range(3):  # a client repeating it cannot flood the log
+            r = http.post("/v1/embed/text", content=b'{"texts": ["ok", "\\ud800"]}',
+                          headers={**auth(), "Content-Type": "application/json"})
+            assert r.json()["error"] == {"code": "INVALID_ARGUMENT", "field": "texts[1]", "message":
+                                         "texts[1]: not valid Unicode (a lone surrogate U+D800 at character 0; "
+                                         "expected UTF-8 text)"}
+    logs.assert_quiet(most=1, needle="surrogate")
+    logs.assert_quiet(most=1, needle="nested")
+    # an escaped surrogate PAIR is an ordinary character, embedded like the character itself
+    pair = http.post("/v1/embed/text", content=b'{"texts": ["\\ud83d\\ude00 red"]}',
+                     headers={**auth(), "Content-Type": "application/json"})
+    plain = http.post("/v1/embed/text", json={"texts": ["\U0001F600 red"]}, headers=auth())
+    assert pair.status_code == 200 and pair.json() == plain.json()
+
+
+@pytest.mark.parametrize("method,raw,field", [
+    ("EmbedText", b"\x0a\x02ok" * 3 + b"\x0a\x03a\xffb", "texts[3]"),
+    ("Search", b"\x0a\x02\xc3(\x20\x03", "text"),
+    ("Search", b"\x0a\x03red\x1a\x01\xed\x20\x03", "index"),
+])
+def test_grpc_strings_that_are_not_utf8_name_the_field(service, method, raw, field):
+    with LogCapture() as logs:
+        err = grpc_error(service_raw_call(service, method), raw, metadata=grpc_metadata(), timeout=10)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith(f"{field}: not valid UTF-8 (byte 0x"), err.details()
+    logs.assert_quiet()
 
 
 def test_fuzz_then_a_normal_request_still_gets_the_right_answer(model, service, stub, http):

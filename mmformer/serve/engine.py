@@ -105,6 +105,7 @@ class Engine:
             raise InvalidArgument("empty text (expected at least one non-space character)", field)
         if len(text) > self.limits.max_text_chars:
             raise InvalidArgument(f"{len(text)} characters exceeds the limit of {self.limits.max_text_chars}", field)
+        check_unicode(text, field)
         pieces = self.model.tokenizer.encode(text)
         keep = self.context_length - 2  # bos and eos
         return TextInput(pieces[:keep], max(0, len(pieces) - keep))
@@ -208,6 +209,19 @@ class Engine:
                          "backend": r.index.manifest["backend"], "dim": int(r.index.manifest["dim"])}
                         for n, r in self.retrievers.items()],
         }
+
+
+def check_unicode(text: str, field: str, what: str = "") -> None:
+    """Refuse a string that no UTF-8 text can hold: one with a lone surrogate (JSON's ``"\\ud800"``
+    escape decodes to one). ``what`` names the string when it is not the field's value (``"a key"``)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        subject = f"{what} is not" if what else "not"
+        raise InvalidArgument(f"{subject} valid Unicode (a lone surrogate U+{ord(text[e.start]):04X} at character "
+                              f"{e.start}; expected UTF-8 text)", field) from None
 
 
 def _listed_files(index: Index) -> dict[str, Path]:

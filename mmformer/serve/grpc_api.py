@@ -8,6 +8,7 @@ except the health service; a wrong or missing key ends the call UNAUTHENTICATED 
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -15,7 +16,8 @@ import time
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -41,10 +43,11 @@ def _embeddings(rows) -> list[pb.Embedding]:
 
 
 class _Malformed:
-    """What the request deserializer hands over for bytes that are not a valid message."""
+    """What the request deserializer hands over for bytes that are not a valid message: the parse
+    error, or the string field that is not UTF-8 (``field``, ``reason``)."""
 
-    def __init__(self, error: Exception) -> None:
-        self.error = error
+    def __init__(self, error: Exception, field: str = "", reason: str = "") -> None:
+        self.error, self.field, self.reason = error, field, reason
 
 
 def _lenient(message_class):
@@ -54,8 +57,53 @@ def _lenient(message_class):
         try:
             return message_class.FromString(data)
         except DecodeError as e:
-            return _Malformed(e)
+            return _Malformed(e, *(_bad_utf8_field(message_class, data) or ("", "")))
     return parse
+
+
+@functools.cache
+def _bytes_pool() -> descriptor_pool.DescriptorPool:
+    """The messages of ``mmformer.proto`` with every string field turned into bytes (a separate pool),
+    to read a request whose strings failed UTF-8 validation."""
+    file = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(file)
+    todo = list(file.message_type)
+    while todo:
+        m = todo.pop()
+        todo.extend(m.nested_type)
+        for f in m.field:
+            if f.type == f.TYPE_STRING:
+                f.type = f.TYPE_BYTES
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return pool
+
+
+def _bad_utf8_field(message_class, data: bytes) -> tuple[str, str] | None:
+    """(field, reason) of the first string of a request that is not UTF-8 (``texts[3]``), or None
+    when the bytes are malformed otherwise."""
+    twin = message_factory.GetMessageClass(_bytes_pool().FindMessageTypeByName(message_class.DESCRIPTOR.full_name))
+    try:
+        message = twin.FromString(data)
+    except DecodeError:
+        return None
+    todo = [(message, message_class.DESCRIPTOR, "")]
+    while todo:
+        message, descriptor, prefix = todo.pop()
+        for twin_field, value in message.ListFields():
+            field = descriptor.fields_by_name[twin_field.name]
+            repeated = not isinstance(value, (bytes, Message))
+            for i, v in enumerate(value if repeated else [value]):
+                name = f"{prefix}{field.name}[{i}]" if repeated else prefix + field.name
+                if field.type == field.TYPE_STRING:
+                    try:
+                        v.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        return name, (f"not valid UTF-8 (byte 0x{v[e.start]:02x} at offset {e.start}; strings are "
+                                      f"UTF-8 text)")
+                elif field.type == field.TYPE_MESSAGE:
+                    todo.append((v, field.message_type, name + "."))
+    return None
 
 
 class RetrievalServicer(pb_grpc.RetrievalServicer):
@@ -66,6 +114,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         try:
             async with self.service.call(name, "grpc"):
                 if isinstance(request, _Malformed):
+                    if request.field:
+                        raise InvalidArgument(request.reason, request.field)
                     raise InvalidArgument(f"not a valid {name}Request message ({request.error})", "request")
                 return await body()
         except ServeError as e:

@@ -24,6 +24,7 @@ import binascii
 import hmac
 import json
 import logging
+import re
 import time
 from importlib import resources
 from typing import Any
@@ -32,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mmformer.serve.engine import hit_record
+from mmformer.serve.engine import check_unicode, hit_record
 from mmformer.serve.errors import InvalidArgument, ServeError, Unauthenticated
 from mmformer.serve.service import RetrievalService
 
@@ -54,7 +55,7 @@ class _HttpError(ServeError):
 
 
 def _error_response(e: ServeError) -> JSONResponse:
-    return JSONResponse({"error": e.to_dict()}, status_code=e.http_status)
+    return _ErrorResponse({"error": e.to_dict()}, status_code=e.http_status)
 
 
 def _b64(value: Any, field: str) -> bytes:
@@ -64,6 +65,57 @@ def _b64(value: Any, field: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as e:
         raise InvalidArgument(f"not valid base64 ({e})", field) from e
+
+
+#: A JSON escape of a UTF-16 surrogate (``\ud83d`` of a pair, or a lone ``\ud800``).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, refusing (naming where) what no UTF-8 text holds: bytes
+    that are not UTF-8, and strings with a lone surrogate. Nesting deeper than the interpreter's
+    recursion limit is refused too."""
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"not valid UTF-8 (byte 0x{body[e.start]:02x} at offset {e.start}; JSON bodies are "
+                              f"UTF-8)", "body") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise InvalidArgument("JSON nested too deeply (a request needs at most a few levels)", "body") from None
+    except ValueError as e:
+        raise InvalidArgument(f"malformed JSON ({e})", "body") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"expected a JSON object, got {type(data).__name__}", "body")
+    if _SURROGATE_ESCAPE.search(text):
+        _check_strings(data)
+    return data
+
+
+def _check_strings(data: dict[str, Any]) -> None:
+    """:func:`check_unicode` on every key and string of ``data`` (without recursion), naming a bad
+    one by its path (``texts[3]``, ``index``); a dict's keys are checked before its values."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            check_unicode(value, path)
+        elif isinstance(value, dict):
+            items = []
+            for k, v in value.items():
+                check_unicode(k, path or "body", "a key")
+                items.append((v, f"{path}.{k}" if path else k))
+            stack.extend(reversed(items))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value))))
+
+
+class _ErrorResponse(JSONResponse):
+    """An error as JSON, all ASCII: a message quoting client input can never fail to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def build_app(service: RetrievalService, *, api_key: str | None = None, max_body_bytes: int = 16 << 20) -> FastAPI:
@@ -108,14 +160,7 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
         if ctype != "application/json":
             raise _HttpError(415, "INVALID_ARGUMENT", f"expected application/json, got {ctype or 'none'!r}",
                              "Content-Type")
-        body = await read_body(request)
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidArgument(f"malformed JSON ({e})", "body") from e
-        if not isinstance(data, dict):
-            raise InvalidArgument(f"expected a JSON object, got {type(data).__name__}", "body")
-        return data
+        return parse_json_object(await read_body(request))
 
     async def handle(name: str, request: Request, body) -> Response:
         try:
@@ -126,15 +171,15 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
             return _error_response(e)
         except Exception as e:  # the process keeps serving
             log.exception("%s failed", name)
-            return JSONResponse({"error": {"code": "INTERNAL", "field": "", "message": f"internal error: "
-                                           f"{type(e).__name__}"}}, status_code=500)
+            return _ErrorResponse({"error": {"code": "INTERNAL", "field": "", "message": f"internal error: "
+                                             f"{type(e).__name__}"}}, status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT"}.get(exc.status_code, "INVALID_ARGUMENT")
-        return JSONResponse({"error": {"code": code, "field": "path",
-                                       "message": f"path: {request.url.path}: {exc.detail}"}},
-                            status_code=exc.status_code)
+        return _ErrorResponse({"error": {"code": code, "field": "path",
+                                         "message": f"path: {request.url.path}: {exc.detail}"}},
+                              status_code=exc.status_code)
 
     @app.get("/", include_in_schema=False)
     async def index_page() -> Response:
@@ -213,9 +258,9 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
         if engine is not None and index in engine.retrievers:
             png = await asyncio.to_thread(engine.thumbnail, index, item_id)
         if png is None:
-            return JSONResponse({"error": {"code": "NOT_FOUND", "field": "id",
-                                           "message": f"id: index {index!r} lists no image file {item_id!r}"}},
-                                status_code=404)
+            return _ErrorResponse({"error": {"code": "NOT_FOUND", "field": "id",
+                                             "message": f"id: index {index!r} lists no image file {item_id!r}"}},
+                                  status_code=404)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     return app
