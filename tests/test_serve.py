@@ -325,6 +325,22 @@ def test_grpc_strings_that_are_not_utf8_name_the_field(service, method, raw, fie
     logs.assert_quiet()
 
 
+def test_image_errors_say_what_is_wrong_without_object_reprs(stub, http):
+    truncated = png_bytes((1, 2, 3))[:60]
+    cases = [(b"GIF89a broken", "format not recognized"), (b"not an image at all", "format not recognized"),
+             (truncated, "cannot decode image")]
+    for data, reason in cases:
+        request = pb.EmbedImageRequest(images=[data])
+        messages = [grpc_error(stub.EmbedImage, request, metadata=grpc_metadata()).details(),
+                    http.post("/v1/embed/image", content=data, headers={**auth(), "Content-Type": "image/png"}
+                              ).json()["error"]["message"],
+                    http.post("/v1/search", json={"image": base64.b64encode(data).decode()}, headers=auth()
+                              ).json()["error"]["message"]]
+        for message, field in zip(messages, ["images[0]", "images[0]", "image"]):
+            assert message.startswith(f"{field}: not a readable image (PNG, JPEG, WebP...): {reason}"), message
+            assert " object at 0x" not in message and "<" not in message, message
+
+
 def test_fuzz_then_a_normal_request_still_gets_the_right_answer(model, service, stub, http):
     rng = random.Random(1)
     junk_values = [None, 0, -1, 1.5, True, "", "a" * 50, [], {}, [None], [""], [1, 2], {"a": 1}, "\x00"]
@@ -355,6 +371,7 @@ def test_fuzz_then_a_normal_request_still_gets_the_right_answer(model, service, 
                 codes.append(e.code().name)
             continue
         statuses.append(r.status_code)
+        assert " object at 0x" not in r.text, r.text
     assert statuses and all(400 <= s < 500 or s == 200 for s in statuses), sorted(set(statuses))
     assert "INVALID_ARGUMENT" in codes and set(codes) <= {"OK", "INVALID_ARGUMENT", "NOT_FOUND"}, set(codes)
     # still alive and right

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mmformer.compress import quantize_int8
 from mmformer.data.errors import CorruptSample
@@ -129,7 +130,7 @@ class Engine:
         try:
             image = load_image(bytes(data), max_pixels=self.limits.max_pixels, name=field)
         except CorruptSample as e:
-            raise InvalidArgument(f"not a readable image (PNG, JPEG, WebP...): {e.reason}", field) from e
+            raise InvalidArgument(f"not a readable image (PNG, JPEG, WebP...): {_decode_reason(e)}", field) from None
         return self.transform(image)
 
     def check_images(self, images: Any, field: str = "images") -> None:
@@ -209,6 +210,17 @@ class Engine:
                          "backend": r.index.manifest["backend"], "dim": int(r.index.manifest["dim"])}
                         for n, r in self.retrievers.items()],
         }
+
+
+#: ``<_io.BytesIO object at 0x7f...>`` and the like, which decoders put in their messages.
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _decode_reason(e: CorruptSample) -> str:
+    """Why an uploaded image could not be read, in words about the upload (no object reprs)."""
+    if isinstance(e.__cause__, UnidentifiedImageError):
+        return "format not recognized"
+    return _OBJECT_REPR.sub("the upload", e.reason)
 
 
 def check_unicode(text: str, field: str, what: str = "") -> None:
