@@ -325,6 +325,15 @@ def test_grpc_strings_that_are_not_utf8_name_the_field(service, method, raw, fie
     logs.assert_quiet()
 
 
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "-5", "0", "-0.0", "abc", "", "1e400"])
+def test_x_timeout_ms_must_be_a_finite_positive_number(http, value):
+    r = http.post("/v1/embed/text", json={"texts": ["red"]}, headers={**auth(), "X-Timeout-Ms": value})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["field"] == "X-Timeout-Ms"
+    assert err["message"] == f"X-Timeout-Ms: expected a finite positive number of milliseconds, got {value!r}"
+
+
 def test_image_errors_say_what_is_wrong_without_object_reprs(stub, http):
     truncated = png_bytes((1, 2, 3))[:60]
     cases = [(b"GIF89a broken", "format not recognized"), (b"not an image at all", "format not recognized"),

@@ -12,8 +12,8 @@
 
 Errors are ``{"error": {"code", "field", "message"}}`` with 400 / 401 / 404 / 413 / 415 / 429 /
 503 / 504. With an API key every call but ``/``, ``/healthz`` and ``/readyz`` needs the header
-``Authorization: Bearer KEY``. ``X-Timeout-Ms`` sets a deadline: a request still queued when it
-passes is dropped before inference (504).
+``Authorization: Bearer KEY``. ``X-Timeout-Ms`` (a positive number) sets a deadline: a request
+still queued when it passes is dropped before inference (504).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import binascii
 import hmac
 import json
 import logging
+import math
 import re
 import time
 from importlib import resources
@@ -139,7 +140,10 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
         try:
             ms = float(raw)
         except ValueError:
-            raise InvalidArgument(f"expected milliseconds, got {raw!r}", "X-Timeout-Ms") from None
+            ms = math.nan
+        if not (math.isfinite(ms) and ms > 0):
+            raise InvalidArgument(f"expected a finite positive number of milliseconds, got {raw[:40]!r}",
+                                  "X-Timeout-Ms")
         return time.monotonic() + ms / 1000
 
     async def read_body(request: Request) -> bytes:
@@ -211,16 +215,18 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
     @app.post("/v1/embed/text")
     async def embed_text(request: Request) -> Response:
         async def body():
+            until = deadline(request)
             data = await read_json(request)
             if "texts" not in data:
                 raise InvalidArgument("missing (expected a list of strings)", "texts")
-            rows, dropped = await service.embed_text(data["texts"], deadline(request))
+            rows, dropped = await service.embed_text(data["texts"], until)
             return JSONResponse({"embeddings": [r.tolist() for r in rows], "pieces_dropped": dropped})
         return await handle("EmbedText", request, body)
 
     @app.post("/v1/embed/image")
     async def embed_image(request: Request) -> Response:
         async def body():
+            until = deadline(request)
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype.startswith("image/"):
                 images = [await read_body(request)]
@@ -230,20 +236,21 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
                 if not isinstance(raw, list):
                     raise InvalidArgument("missing or not a list (expected base64-encoded images)", "images")
                 images = [_b64(v, f"images[{i}]") for i, v in enumerate(raw)]
-            rows = await service.embed_image(images, deadline(request))
+            rows = await service.embed_image(images, until)
             return JSONResponse({"embeddings": [r.tolist() for r in rows]})
         return await handle("EmbedImage", request, body)
 
     @app.post("/v1/search")
     async def search(request: Request) -> Response:
         async def body():
+            until = deadline(request)
             data = await read_json(request)
             unknown = sorted(set(data) - {"text", "image", "index", "k"})
             if unknown:
                 raise InvalidArgument("unknown field (expected text, image, index, k)", unknown[0])
             image = _b64(data["image"], "image") if "image" in data else None
             hits, dropped = await service.search(text=data.get("text"), image=image, index=data.get("index", ""),
-                                                 k=data.get("k", 10), deadline=deadline(request))
+                                                 k=data.get("k", 10), deadline=until)
             return JSONResponse({"hits": [hit_record(h) for h in hits], "pieces_dropped": dropped})
         return await handle("Search", request, body)
 
