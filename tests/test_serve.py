@@ -11,7 +11,9 @@ import io
 import json
 import random
 import shutil
+import socket
 import subprocess
+import time
 
 import grpc
 import httpx
@@ -348,6 +350,22 @@ def test_image_errors_say_what_is_wrong_without_object_reprs(stub, http):
         for message, field in zip(messages, ["images[0]", "images[0]", "image"]):
             assert message.startswith(f"{field}: not a readable image (PNG, JPEG, WebP...): {reason}"), message
             assert " object at 0x" not in message and "<" not in message, message
+
+
+def test_a_client_leaving_mid_body_is_logged_at_debug_only(service):
+    counter = service.service.metrics.requests.labels("EmbedText", "http", "CANCELLED")
+    before = counter._value.get()
+    with LogCapture() as logs:
+        with socket.create_connection(("127.0.0.1", service.http_port), timeout=10) as s:
+            s.sendall(b"POST /v1/embed/text HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode() +
+                      b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"texts\": [\"red")
+            time.sleep(0.2)
+        end = time.monotonic() + 10
+        while counter._value.get() == before and time.monotonic() < end:
+            time.sleep(0.02)
+    assert counter._value.get() == before + 1
+    logs.assert_quiet()
+    assert [r.levelname for r in logs.records if "disconnected" in r.getMessage()] == ["DEBUG"], logs.text()
 
 
 def test_fuzz_then_a_normal_request_still_gets_the_right_answer(model, service, stub, http):

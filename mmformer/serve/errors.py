@@ -58,6 +58,12 @@ class Unavailable(ServeError):
     code = "UNAVAILABLE"
 
 
+class Cancelled(ServeError):
+    """The client went away before its request was read (nobody is left to answer)."""
+
+    code = "CANCELLED"
+
+
 class DeadlineExceeded(ServeError):
     code = "DEADLINE_EXCEEDED"
 

@@ -33,9 +33,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from mmformer.serve.engine import check_unicode, hit_record
-from mmformer.serve.errors import InvalidArgument, ServeError, Unauthenticated
+from mmformer.serve.errors import Cancelled, InvalidArgument, ServeError, Unauthenticated
 from mmformer.serve.service import RetrievalService
 
 log = logging.getLogger(__name__)
@@ -152,11 +153,15 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
             raise _HttpError(413, "INVALID_ARGUMENT", f"{declared} bytes exceeds the limit of {max_body_bytes} bytes",
                              "body")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise _HttpError(413, "INVALID_ARGUMENT", f"more than the limit of {max_body_bytes} bytes", "body")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise _HttpError(413, "INVALID_ARGUMENT", f"more than the limit of {max_body_bytes} bytes",
+                                     "body")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise Cancelled(f"the client disconnected after {size} bytes of the body", "body") from None
         return b"".join(chunks)
 
     async def read_json(request: Request) -> dict[str, Any]:
@@ -171,6 +176,9 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
             async with service.call(name, "http"):
                 authorize(request)
                 return await body()
+        except Cancelled as e:  # nobody to answer; an ordinary event, not a failure
+            log.debug("%s: %s", name, e.message)
+            return Response(status_code=e.http_status)
         except ServeError as e:
             return _error_response(e)
         except Exception as e:  # the process keeps serving
