@@ -100,3 +100,33 @@ def test_bad_index_argument_is_a_one_line_error(saved):
     _, model_dir, _ = saved
     with pytest.raises(SystemExit, match="--index 'nonsense': expected NAME=DIR"):
         main(["serve", "--model", str(model_dir), "--index", "nonsense"])
+
+
+def test_http_deadline_options_are_documented_and_reach_the_settings(capsys):
+    from mmformer.cli import build_parser
+    from mmformer.serve.commands import settings_from_args
+    from mmformer.serve.http_guard import HttpLimits
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--header-timeout S", "--body-timeout S", "--max-connections N"):
+        assert flag in text
+    assert "default: 10)" in text and "(default: 60)" in text and "(default: 1000)" in text
+    args = build_parser().parse_args(["serve", "--model", "m", "--header-timeout", "0.5", "--body-timeout", "3",
+                                      "--max-connections", "7"])
+    assert settings_from_args(args).http_limits == HttpLimits(header_timeout=0.5, body_timeout=3.0, max_connections=7)
+    assert settings_from_args(build_parser().parse_args(["serve", "--model", "m"])).http_limits == HttpLimits()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--header-timeout", "0", "--header-timeout 0: expected a positive number of seconds"),
+    ("--header-timeout", "-1", "--header-timeout -1: expected a positive number of seconds"),
+    ("--body-timeout", "nan", "--body-timeout nan: expected a positive number of seconds"),
+    ("--body-timeout", "inf", "--body-timeout inf: expected a positive number of seconds"),
+    ("--max-connections", "0", "--max-connections 0: expected at least 1"),
+])
+def test_bad_http_deadline_options_are_one_line_errors(flag, value, message):
+    with pytest.raises(SystemExit, match=f"^mmformer serve: {message}$"):
+        main(["serve", "--model", "nowhere", flag, value])

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 
 from mmformer.serve.engine import Limits
+from mmformer.serve.http_guard import HttpLimits
 from mmformer.serve.server import ServeSettings, api_key_from, serve_until_signal
 from mmformer.serve.service import BatchSettings
 
@@ -26,6 +28,11 @@ def parse_indexes(values: list[str]) -> dict[str, str]:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    for flag, seconds in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise SystemExit(f"mmformer serve: {flag} {seconds:g}: expected a positive number of seconds")
+    if args.max_connections < 1:
+        raise SystemExit(f"mmformer serve: --max-connections {args.max_connections}: expected at least 1")
     return ServeSettings(
         model=args.model, indexes=parse_indexes(args.index), host=args.host, grpc_port=args.grpc_port,
         http_port=args.http_port, precision="int8" if args.int8 else args.precision, device=args.device,
@@ -34,7 +41,9 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         limits=Limits(max_image_bytes=int(args.max_image_mb * (1 << 20)), max_pixels=args.max_pixels),
         api_key=api_key_from(args.api_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_message_bytes=int(args.max_message_mb * (1 << 20)), threads=args.threads,
-        drain_seconds=args.drain_seconds)
+        drain_seconds=args.drain_seconds,
+        http_limits=HttpLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                               max_connections=args.max_connections))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServeMetrics:
-    """Requests and errors by call and code, latency, queue depth, batch size, queue wait, model time."""
+    """Requests and errors by call and code, latency, queue depth, batch size, queue wait, model time,
+    open HTTP connections and those the server closed (deadlines, limit)."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -29,6 +30,10 @@ class ServeMetrics:
         self.refused = Counter("mmformer_refused", "Inputs refused because the queue was full", ["kind"], registry=r)
         self.dropped = Counter("mmformer_dropped", "Inputs dropped before inference (deadline passed or cancelled)",
                                ["kind", "reason"], registry=r)
+        self.http_connections = Gauge("mmformer_http_connections", "Open HTTP connections", registry=r)
+        self.http_connections_closed = Counter(
+            "mmformer_http_connections_closed", "HTTP connections closed by the server: header_timeout, "
+            "body_timeout, connection_limit", ["reason"], registry=r)
 
     def observe_request(self, call: str, transport: str, code: str, seconds: float) -> None:
         self.requests.labels(call, transport, code).inc()

@@ -39,3 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads of the model (default: torch's)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM, wait this long at most for requests in flight")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="HTTP: close a connection whose request headers are not complete S seconds after it opened "
+                        "or after its previous answer (idle and trickling clients; default: 10)")
+    p.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                   help="HTTP: answer 408 and close when a request body is not complete S seconds after its headers "
+                        "(default: 60)")
+    p.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="HTTP: open connections at most; one more is answered 503 and closed (default: 1000)")

@@ -8,6 +8,7 @@ and indexes in a thread, then turns ready. :meth:`Server.drain` (called on SIGTE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ import torch
 from mmformer.serve.engine import Engine, Limits
 from mmformer.serve.grpc_api import build_grpc_server, set_health
 from mmformer.serve.http_api import build_app
+from mmformer.serve.http_guard import HttpGuard, HttpLimits
 from mmformer.serve.options import API_KEY_ENV
 from mmformer.serve.service import BatchSettings, RetrievalService
 
@@ -47,6 +49,7 @@ class ServeSettings:
     max_message_bytes: int = 16 << 20
     threads: int | None = None
     drain_seconds: float = 30.0
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 class Server:
@@ -84,12 +87,15 @@ class Server:
 
     async def _start_http(self, tls) -> None:
         import uvicorn
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
         s = self.settings
         app = build_app(self.service, api_key=s.api_key, max_body_bytes=s.max_message_bytes)
+        guard = HttpGuard(s.http_limits, self.service.metrics)
         config = uvicorn.Config(app, host=s.host, port=s.http_port, log_level="warning", access_log=False,
                                 lifespan="off", ssl_certfile=s.tls_cert if tls else None,
-                                ssl_keyfile=s.tls_key if tls else None, timeout_graceful_shutdown=5)
+                                ssl_keyfile=s.tls_key if tls else None, timeout_graceful_shutdown=5,
+                                http=guard.protocol_class(AutoHTTPProtocol))
         self.uvicorn = uvicorn.Server(config)
         config.load()
         self.uvicorn.lifespan = config.lifespan_class(config)
@@ -101,7 +107,9 @@ class Server:
             await self.grpc.stop(None)
             raise OSError(f"cannot bind the HTTP port {s.host}:{s.http_port} (in use? choose another with --http-port)")
         self.http_port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
-        self._http_loop = asyncio.get_running_loop().create_task(self.uvicorn.main_loop())
+        loop = asyncio.get_running_loop()
+        self._http_loop = loop.create_task(self.uvicorn.main_loop())
+        self._http_guard = loop.create_task(guard.run(self.uvicorn.server_state.connections))
 
     async def _load(self) -> None:
         try:
@@ -134,6 +142,9 @@ class Server:
         self.uvicorn.should_exit = True
         await self._http_loop
         await self.uvicorn.shutdown()
+        self._http_guard.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._http_guard
         if not self._loader.done():
             self._loader.cancel()
 
