@@ -130,3 +130,31 @@ def test_http_deadline_options_are_documented_and_reach_the_settings(capsys):
 def test_bad_http_deadline_options_are_one_line_errors(flag, value, message):
     with pytest.raises(SystemExit, match=f"^mmformer serve: {message}$"):
         main(["serve", "--model", "nowhere", flag, value])
+
+
+#: Each module hidden in turn, in one fresh interpreter (one torch import instead of four). The order
+#: matters: a module of the service that an earlier check imported stays imported, so
+#: prometheus_client (imported by serve/metrics.py, which the FastAPI check imports) goes first.
+HIDE_IN_TURN = """
+import contextlib, io, sys
+from mmformer.cli import run
+for module in ["prometheus_client", "grpc", "fastapi", "uvicorn"]:
+    sys.modules[module] = None  # as if the package were not installed
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = run(["serve", "--model", "nowhere"])
+    del sys.modules[module]
+    print(repr((module, status, out.getvalue(), err.getvalue())))
+"""
+
+
+def test_without_the_serve_extra_serve_says_what_to_install(tmp_path):
+    import ast
+
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", HIDE_IN_TURN], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    answers = [ast.literal_eval(line) for line in r.stdout.splitlines()]
+    line = "mmformer serve: needs the [serve] extra: pip install 'mmformer[serve]'\n"
+    assert answers == [(m, 1, "", line) for m in ("prometheus_client", "grpc", "fastapi", "uvicorn")]

@@ -1,6 +1,9 @@
 """``mmformer serve``: the retrieval service from the command line.
 
     mmformer serve --model runs/demo/model --index emoji=runs/emoji-index
+
+The service's modules (grpc, FastAPI, uvicorn, prometheus_client: the ``[serve]`` extra) are
+imported when the command runs; without them it ends with one line naming the extra to install.
 """
 
 from __future__ import annotations
@@ -9,10 +12,24 @@ import argparse
 import asyncio
 import math
 
-from mmformer.serve.engine import Limits
-from mmformer.serve.http_guard import HttpLimits
-from mmformer.serve.server import ServeSettings, api_key_from, serve_until_signal
-from mmformer.serve.service import BatchSettings
+#: Top-level modules of the ``[serve]`` extra (and of what its packages pull in).
+SERVE_EXTRA_MODULES = frozenset({"grpc", "grpc_health", "grpc_reflection", "google", "fastapi", "starlette",
+                                 "uvicorn", "h11", "prometheus_client"})
+MISSING_EXTRA = "mmformer serve: needs the [serve] extra: pip install 'mmformer[serve]'"
+
+
+def import_service():
+    """``mmformer.serve.server`` (which imports the whole service), or a one-line SystemExit when a
+    module of the ``[serve]`` extra is missing."""
+    try:
+        import uvicorn  # noqa: F401  (imported by Server.start)
+
+        from mmformer.serve import server
+    except ImportError as e:
+        if (e.name or "").split(".")[0] in SERVE_EXTRA_MODULES:
+            raise SystemExit(MISSING_EXTRA) from None
+        raise
+    return server
 
 
 def parse_indexes(values: list[str]) -> dict[str, str]:
@@ -27,19 +44,25 @@ def parse_indexes(values: list[str]) -> dict[str, str]:
     return out
 
 
-def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+def settings_from_args(args: argparse.Namespace):
+    """The :class:`~mmformer.serve.server.ServeSettings` of the command line."""
+    server = import_service()
+    from mmformer.serve.engine import Limits
+    from mmformer.serve.http_guard import HttpLimits
+    from mmformer.serve.service import BatchSettings
+
     for flag, seconds in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
         if not (math.isfinite(seconds) and seconds > 0):
             raise SystemExit(f"mmformer serve: {flag} {seconds:g}: expected a positive number of seconds")
     if args.max_connections < 1:
         raise SystemExit(f"mmformer serve: --max-connections {args.max_connections}: expected at least 1")
-    return ServeSettings(
+    return server.ServeSettings(
         model=args.model, indexes=parse_indexes(args.index), host=args.host, grpc_port=args.grpc_port,
         http_port=args.http_port, precision="int8" if args.int8 else args.precision, device=args.device,
         batching=BatchSettings(enabled=not args.no_batching, max_batch_size=args.max_batch_size,
                                max_delay_ms=args.max_delay_ms, max_queue=args.max_queue),
         limits=Limits(max_image_bytes=int(args.max_image_mb * (1 << 20)), max_pixels=args.max_pixels),
-        api_key=api_key_from(args.api_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
+        api_key=server.api_key_from(args.api_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_message_bytes=int(args.max_message_mb * (1 << 20)), threads=args.threads,
         drain_seconds=args.drain_seconds,
         http_limits=HttpLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
@@ -47,13 +70,14 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    server = import_service()
     settings = settings_from_args(args)
     scheme = "https" if settings.tls_cert else "http"
 
-    def ready(server) -> None:
-        names = ", ".join(server.service.engine.retrievers) or "none"
-        print(f"mmformer serve: ready. gRPC {settings.host}:{server.grpc_port}, page {scheme}://{settings.host}:"
-              f"{server.http_port}/ (indexes: {names}; {'API key required' if settings.api_key else 'no API key'})",
+    def ready(running) -> None:
+        names = ", ".join(running.service.engine.retrievers) or "none"
+        print(f"mmformer serve: ready. gRPC {settings.host}:{running.grpc_port}, page {scheme}://{settings.host}:"
+              f"{running.http_port}/ (indexes: {names}; {'API key required' if settings.api_key else 'no API key'})",
               flush=True)
 
     print(f"mmformer serve: loading {settings.model} ...", flush=True)
@@ -65,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise SystemExit("mmformer serve: --loop uvloop needs the uvloop package (pip install uvloop)") from e
         run = uvloop.run
     try:
-        run(serve_until_signal(settings, on_ready=ready))
+        run(server.serve_until_signal(settings, on_ready=ready))
     except (OSError, ValueError) as e:
         raise SystemExit(f"mmformer serve: {e}") from e
     print("mmformer serve: stopped (all requests in flight answered)", flush=True)
