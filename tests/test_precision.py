@@ -7,7 +7,7 @@ import yaml
 
 from mmformer.config import get_config
 from mmformer.model import MMFormer
-from mmformer.training.precision import (PrecisionChoice, choose_precision, pick_fastest, time_steps,
+from mmformer.training.precision import (PrecisionChoice, choose_precision, pick_fastest, time_steps, train_step,
                                          training_step)
 
 
@@ -158,6 +158,40 @@ def test_a_real_step_trains_a_copy_and_leaves_the_model_alone(tiny):
     assert isinstance(choice, PrecisionChoice) and set(choice.seconds_per_step) == {"32-true", "bf16-mixed"}
     assert choice.precision == pick_fastest(choice.seconds_per_step)
     assert all(s > 0 for s in choice.seconds_per_step.values())
+
+
+def test_train_step_returns_the_loss_and_applies_one_optimizer_step():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(5, 3)
+    step = train_step(lambda inputs, scale: scale * layer(inputs).pow(2).mean(), opt, "32-true")
+    loss = step(x, 2.0)
+    ref_w, ref_b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    ref_loss = 2.0 * torch.nn.functional.linear(x, ref_w, ref_b).pow(2).mean()
+    ref_loss.backward()
+    assert not loss.requires_grad and torch.allclose(loss, ref_loss.detach())
+    assert torch.allclose(layer.weight, w0 - 0.1 * ref_w.grad) and torch.allclose(layer.bias, b0 - 0.1 * ref_b.grad)
+    assert layer.weight.grad is None and layer.bias.grad is None  # cleared for the next step
+
+
+def test_train_step_runs_the_loss_under_the_precision_autocast():
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0)
+    seen = []
+
+    def loss_of(x):
+        y = layer(x)
+        seen.append(y.dtype)
+        return y.float().sum()
+
+    x = torch.randn(2, 4)
+    train_step(loss_of, opt, "bf16-mixed")(x)
+    train_step(loss_of, opt, "32-true")(x)
+    assert seen == [torch.bfloat16, torch.float32]
+    with pytest.raises(ValueError, match="precision 'fp16' is not one of"):
+        train_step(loss_of, opt, "fp16")
 
 
 def test_interleaved_timing_is_not_biased_by_a_machine_that_slows_down(tiny):

@@ -136,26 +136,40 @@ def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup
     return medians, tuple(stopped)
 
 
+def train_step(loss_of: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, precision: str,
+               device_type: str = "cpu") -> Callable[..., torch.Tensor]:
+    """A closure running one training step: ``loss_of(*args)`` under ``precision``'s autocast
+    (``32-true``: none), backward, ``optimizer.step()``, gradients cleared; it returns the loss,
+    detached. The step :func:`training_step` times and the benchmarks in ``bench/`` run."""
+    if precision not in _AUTOCAST:
+        raise ValueError(f"precision {precision!r} is not one of {list(_AUTOCAST)}")
+    dtype = _AUTOCAST[precision]
+
+    def step(*args) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_of(*args)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
 def training_step(model: MMFormer, images: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor, precision: str) -> Callable[[], None]:
-    """A closure running one contrastive training step of ``model`` (a copy: the caller's model
-    and optimizer are untouched) in ``precision``."""
+                  attention_mask: torch.Tensor, precision: str) -> Callable[[], torch.Tensor]:
+    """A closure running one contrastive training step (:func:`train_step`) of ``model`` (a copy:
+    the caller's model and optimizer are untouched) in ``precision``."""
     if precision not in _AUTOCAST:
         raise ValueError(f"precision {precision!r} is not one of {list(_AUTOCAST)}")
     work = copy.deepcopy(model).train()
     opt = make_adamw([{"params": [p for p in work.parameters() if p.requires_grad]}], lr=1e-4)
-    dtype = _AUTOCAST[precision]
-    device_type = images.device.type
 
-    def step() -> None:
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-            out = work(images, input_ids, attention_mask)
-            loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], gather=False)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def loss_of() -> torch.Tensor:
+        out = work(images, input_ids, attention_mask)
+        return clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], gather=False)
 
-    return step
+    return train_step(loss_of, opt, precision, images.device.type)
 
 
 def cache_key(model: MMFormer, batch_size: int, device: str = "cpu") -> str:
