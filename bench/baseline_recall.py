@@ -4,8 +4,8 @@ Given the same wall-clock training budget on this CPU, what text->image R@1 on t
 ``twitter`` emoji family (never seen in training) does a plain open_clip CLIP of the same size
 reach, next to mmformer trained with ``mmformer.demo.DEMO_RECIPE``?
 
-    python bench/baseline_recall.py --impl open_clip --minutes 10 --json oc.json
-    python bench/baseline_recall.py --impl mmformer  --minutes 10 --json mm.json
+    python -m bench.baseline_recall --impl open_clip --minutes 10 --json oc.json
+    python -m bench.baseline_recall --impl mmformer  --minutes 10 --json mm.json
 
 Both impls share everything but the model (and its recipe): the train split of the bundled emoji
 data through ``InMemoryImageText(train=True)`` (its light random-resized-crop augmentation, the
@@ -17,7 +17,7 @@ concept name per image, ``retrieval_metrics``).
 
 - ``--impl open_clip``: ``open_clip.model.CLIP`` built from config dicts (random init, nothing
   downloaded): the ``tiny`` trunk (width 256, 6 layers, 4 heads), patch 8 on 64 px, text context
-  16, EOS pooling (see ``bench/_common.py``); batch 256, lr 5e-4, wd 0.1, warmup 50 (defaults).
+  16, EOS pooling (see ``bench/common.py``); batch 256, lr 5e-4, wd 0.1, warmup 50 (defaults).
   Weight decay follows open_clip's training rule (all matrices, incl. embeddings, decay).
 - ``--impl mmformer``: ``MMFormer`` on the ``tiny`` preset with ``DEMO_RECIPE`` read at run time
   (its model overrides, batch, lr, weight decay, warmup, caption mode) and the AdamW
@@ -36,25 +36,33 @@ import json
 import math
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Pair, build_open_clip, load_tokenizer, machine_line, markdown_table, num_params  # noqa: E402
-
-from mmformer.config import get_config  # noqa: E402
-from mmformer.data.emoji import EmojiData, InMemoryImageText, default_data_dir  # noqa: E402
-from mmformer.losses import clip_loss  # noqa: E402
-from mmformer.model import MMFormer  # noqa: E402
-from mmformer.training.module import MMFormerModule  # noqa: E402
-from mmformer.training.optim import warmup_cosine  # noqa: E402
-from mmformer.retrieval.metrics import retrieval_metrics  # noqa: E402
+from bench.common import (
+    PRECISIONS,
+    Pair,
+    add_csv_argument,
+    build_open_clip,
+    load_tokenizer,
+    machine_line,
+    markdown_table,
+    num_params,
+    write_csv,
+)
+from mmformer.config import get_config
+from mmformer.data.emoji import EmojiData, InMemoryImageText, default_data_dir
+from mmformer.losses import clip_loss
+from mmformer.model import MMFormer
+from mmformer.retrieval.metrics import retrieval_metrics
+from mmformer.training.module import MMFormerModule
+from mmformer.training.optim import warmup_cosine
+from mmformer.training.precision import time_steps, train_step
 
 # The reference baseline: an open_clip CLIP of width 256, 6 layers, patch 8 on 64 px, context 16.
 OPEN_CLIP_DEFAULTS = {"preset": "tiny",
@@ -144,15 +152,16 @@ def forever(loader: DataLoader):
 
 
 # ---- training ----------------------------------------------------------------------------------
-def train_step(pair: Pair, opt: torch.optim.Optimizer, batch, precision: str, positives: bool) -> float:
-    images, ids, mask, concepts = batch
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+def make_step(pair: Pair, opt: torch.optim.Optimizer, precision: str, positives: bool) -> Callable[[Any], torch.Tensor]:
+    """The library's training step (:func:`mmformer.training.precision.train_step`) of ``pair``:
+    ``step(batch)`` runs forward, ``clip_loss`` (``positives``: same-concept pairs are not
+    negatives), backward and ``opt``'s step, and returns the loss."""
+    def loss_of(batch) -> torch.Tensor:
+        images, ids, mask, concepts = batch
         img, txt, scale = pair(images, ids, mask)
-        loss = clip_loss(img, txt, scale, positives=concepts if positives else None)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+        return clip_loss(img, txt, scale, positives=concepts if positives else None)
+
+    return train_step(loss_of, opt, PRECISIONS[precision])
 
 
 def make_optimizer(pair: Pair, recipe: dict[str, Any], lr: float) -> torch.optim.AdamW:
@@ -165,16 +174,10 @@ def make_optimizer(pair: Pair, recipe: dict[str, Any], lr: float) -> torch.optim
 def calibrate(pair: Pair, recipe: dict[str, Any], batches, budget_s: float, precision: str,
               positives: bool, fraction: float = 0.95) -> tuple[int, float]:
     """(steps, seconds per step): one untimed + 3 timed steps on a copy (lr ~ 0), each including
-    fetching its batch; step time = their median."""
+    fetching its batch; step time = their median (:func:`mmformer.training.precision.time_steps`)."""
     twin = Pair(pair.impl, copy.deepcopy(pair.model).train(), pair.max_scale)
-    opt = make_optimizer(twin, recipe, lr=1e-12)
-    times = []
-    for i in range(4):
-        t0 = time.perf_counter()
-        train_step(twin, opt, next(batches), precision, positives)
-        if i:
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+    step = make_step(twin, make_optimizer(twin, recipe, lr=1e-12), precision, positives)
+    step_s = time_steps(lambda: step(next(batches)), steps=3, warmup=1)
     return max(1, int(fraction * budget_s / step_s)), step_s
 
 
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the bundled one)")
     p.add_argument("--json", default=None, help="also write the row, metrics and recipe as JSON here")
+    add_csv_argument(p)
     args = p.parse_args(argv)
     args.concept_positives = (args.concept_positives == "on"
                               or (args.concept_positives == "auto" and args.impl == "mmformer"))
@@ -262,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     hard_stop = budget_s * 1.25 + 30 if not args.steps else float("inf")  # a contended machine
     report_every = max(1, steps // 10)
     t0 = time.perf_counter()
+    train = make_step(pair, opt, args.precision, args.concept_positives)
     for step in range(steps):
-        losses.append(train_step(pair, opt, next(batches), args.precision, args.concept_positives))
+        losses.append(float(train(next(batches))))
         sched.step()
         elapsed = time.perf_counter() - t0
         if (step + 1) % report_every == 0 or step + 1 == steps:
@@ -312,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, [{**row, 'precision': args.precision, 'seed': args.seed}])}")
     return 0
 
 

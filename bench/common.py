@@ -11,11 +11,18 @@
   retrieval metrics on it, as ``mmformer demo`` computes them.
 - :func:`add_cpu_settings_argument`, :func:`apply_cpu_settings`: the process settings the training
   commands apply, or none.
+- :data:`PRECISIONS`: the benches' precision names for :func:`mmformer.training.precision.train_step`,
+  the one training step every bench runs (timed by :func:`mmformer.training.precision.time_steps`).
 - :func:`machine_line`, :func:`markdown_table`: the report's last lines.
+- :func:`add_csv_argument`, :func:`write_csv`: ``--csv PATH``, the rows with the run's date, commit,
+  CPU, load and torch version, written atomically (for ``docs/benchmarks/*.csv``).
+- :func:`module_command`: ``python -m bench...`` for a bench's own worker subprocess.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import platform
@@ -31,10 +38,17 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from mmformer.compress.onnx import GRAPHS, INT8_GRAPHS, OnnxEncoder
 from mmformer.config import ModelConfig
-from mmformer.tokenizer import EOS_ID, PAD_ID, Tokenizer, default_tokenizer_path
+from mmformer.files import write_text_atomic
 from mmformer.runtime import flush_denormals, keep_freed_memory
+from mmformer.tokenizer import EOS_ID, PAD_ID, Tokenizer, default_tokenizer_path
 
 REPO = Path(__file__).resolve().parents[1]
+#: the 1-minute load average when the bench started (imported this module)
+LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+#: the benches' precision names (and the library's own) -> the library's, as
+#: :func:`mmformer.training.precision.train_step` takes them
+PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed", "32-true": "32-true", "bf16-mixed": "bf16-mixed"}
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -241,8 +255,9 @@ def cpu_model() -> str:
 def run_demo(demo_args: list[str], run_dir: Path) -> dict[str, Any]:
     """Run ``mmformer demo DEMO_ARGS --out RUN_DIR`` in a fresh process (the checkout's code) and
     return its ``results.json``; a failed run raises with the end of its stderr."""
-    cmd = [sys.executable, "-m", "mmformer.cli", "demo", *demo_args, "--out", str(run_dir)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    run_dir = Path(run_dir).resolve()
+    cmd = module_command("mmformer.cli", "demo", *demo_args, "--out", str(run_dir))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
@@ -295,3 +310,89 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, int
     body = ["| " + " | ".join(fmt(r.get(k, ""), d) for _, k, d in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
+
+
+# ---- CSV rows for docs/benchmarks ----------------------------------------------------------------
+#: /proc/cpuinfo flags that decide which kernels the benches' numbers come from
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+#: the columns every CSV row starts with
+CONTEXT_COLUMNS = ("date", "commit", "cpu_model", "cpu_flags", "logical_cpus", "load_start", "load_end", "torch",
+                   "torch_threads")
+
+
+def cpu_flags() -> str:
+    """The :data:`CPU_FLAGS` this CPU has, space-separated ("none" when it has none of them)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    return " ".join(f for f in CPU_FLAGS if f in flags) or "none"
+
+
+def git_commit() -> str:
+    """The checkout's commit (12 hex digits, ``-dirty`` with uncommitted changes to tracked files), or
+    "unknown" outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def run_context() -> dict[str, Any]:
+    """The :data:`CONTEXT_COLUMNS` of this run: UTC date and time, commit, CPU model and flags, the
+    1-minute load average at the start and now, torch version and threads."""
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
+            "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count(),
+            "load_start": round(LOAD_AT_START, 2),
+            "load_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan"),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def add_csv_argument(parser) -> None:
+    """``--csv PATH`` on a bench's argparse ``parser`` (see :func:`write_csv`)."""
+    parser.add_argument("--csv", default=None, metavar="PATH",
+                        help="also write the table's rows as CSV here, each with the date, commit, CPU model "
+                             "and flags, load and torch version (written atomically)")
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.6g}"
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, default=str)
+    return v
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
+    """Write ``rows`` to ``path`` as CSV, atomically (a temp file beside it, then a rename): the
+    :data:`CONTEXT_COLUMNS` of this run, then every key of the rows in first-seen order (a row
+    without a key leaves its cell empty); floats with 6 significant digits, lists and dicts as JSON."""
+    context = run_context()
+    keys = list(CONTEXT_COLUMNS) + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in context]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _cell(v) for k, v in {**context, **r}.items()})
+    path = Path(path)
+    write_text_atomic(path, buf.getvalue())
+    return path
+
+
+def module_command(module: str, *args: str) -> list[str]:
+    """``python -m MODULE ARGS`` with this interpreter: how a bench starts its own worker process
+    (run it with :func:`subprocess_env`, so ``bench`` is importable from any working directory)."""
+    return [sys.executable, "-m", module, *args]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for :func:`module_command`: this one, the checkout first on ``PYTHONPATH``."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}

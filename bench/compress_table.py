@@ -1,7 +1,7 @@
 """Compression from teacher to deployed model, in one table: teacher -> distilled student ->
 pruned student -> int8 (PyTorch) -> ONNX fp32 / int8 (onnxruntime).
 
-    python bench/compress_table.py --teacher runs/teacher/model --student runs/distill/model \\
+    python -m bench.compress_table --teacher runs/teacher/model --student runs/distill/model \\
         --pruned runs/pruned/model --plain runs/plain/model --out runs/compress-table --json table.json
 
 Rows, all measured in one process on one CPU:
@@ -39,24 +39,20 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (OnnxModel, best_rate, held_out_recall, held_out_split, machine_line,  # noqa: E402
-                     markdown_table)
-
-from mmformer.cli import configure_output  # noqa: E402
-from mmformer.compress import quantize_int8  # noqa: E402
-from mmformer.compress.int8 import count_int8_linears  # noqa: E402
-from mmformer.compress.onnx import export_onnx  # noqa: E402
-from mmformer.data.emoji import default_data_dir  # noqa: E402
-from mmformer.files import atomic_path, write_text_atomic  # noqa: E402
-from mmformer.model import WEIGHTS_NAME, MMFormer  # noqa: E402
+from bench.common import OnnxModel, best_rate, held_out_recall, held_out_split, machine_line, markdown_table
+from mmformer.cli import configure_output
+from mmformer.compress import quantize_int8
+from mmformer.compress.int8 import count_int8_linears
+from mmformer.compress.onnx import export_onnx
+from mmformer.data.emoji import default_data_dir
+from mmformer.files import atomic_path, write_text_atomic
+from mmformer.model import WEIGHTS_NAME, MMFormer
 
 
 class HeldOut:

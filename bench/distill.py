@@ -21,9 +21,9 @@ images/s (``encode_image`` at batch 64, fp32, median of timed batches), optimize
 held-out text->image and image->text R@1 (``mmformer.retrieval.evaluate_retrieval`` on the test
 split, as ``mmformer demo`` reports it), and the fraction of the teacher's t2i R@1.
 
-    python bench/distill.py --teacher runs/teacher/model                      # distill + plain, 16 min each (the recipe)
-    python bench/distill.py --teacher runs/teacher/model --ablations --json distill.json
-    python bench/distill.py --teacher runs/teacher/model --runs distill --minutes 0.2   # smoke
+    python -m bench.distill --teacher runs/teacher/model                      # distill + plain, 16 min each (the recipe)
+    python -m bench.distill --teacher runs/teacher/model --ablations --json distill.json
+    python -m bench.distill --teacher runs/teacher/model --runs distill --minutes 0.2   # smoke
 
 It prints a table and the machine; it asserts nothing.
 """
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,18 +40,16 @@ from typing import Any
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import held_out_recall, machine_line, markdown_table  # noqa: E402
-
-from mmformer.cli import configure_output  # noqa: E402
-from mmformer.training.datamodule import ImageTextDataModule  # noqa: E402
-from mmformer.data.emoji import default_data_dir  # noqa: E402
-from mmformer.model import TOKENIZER_NAME, MMFormer  # noqa: E402
-from mmformer.training.distill import DISTILL_TERMS, DistillModule  # noqa: E402
-from mmformer.training.module import MMFormerModule  # noqa: E402
-from mmformer.training.precision import auto_precision  # noqa: E402
-from mmformer.training.recipes import init_args, load_recipe  # noqa: E402
-from mmformer.training.trainer import make_trainer  # noqa: E402
+from bench.common import held_out_recall, machine_line, markdown_table
+from mmformer.cli import configure_output
+from mmformer.data.emoji import default_data_dir
+from mmformer.model import TOKENIZER_NAME, MMFormer
+from mmformer.training.datamodule import ImageTextDataModule
+from mmformer.training.distill import DISTILL_TERMS, DistillModule
+from mmformer.training.module import MMFormerModule
+from mmformer.training.precision import auto_precision
+from mmformer.training.recipes import init_args, load_recipe
+from mmformer.training.trainer import make_trainer
 
 #: What each run changes in the distill recipe: module arguments, plus "distill" (False = a plain
 #: MMFormerModule) and "augment" (the data module's).

@@ -9,8 +9,8 @@ held-out metrics from its ``results.json``. It prints one row per family and the
 standard deviation over the five, so that a recipe change is judged on all five styles, not tuned
 on twitter alone.
 
-    python bench/families.py --minutes 1.5                        # the shipped demo recipe
-    python bench/families.py --minutes 1.5 --recipe my-recipe.yaml --json out.json
+    python -m bench.families --minutes 1.5                        # the shipped demo recipe
+    python -m bench.families --minutes 1.5 --recipe my-recipe.yaml --json out.json
 
 Run time: five times (budget + ~30 s of data loading and evaluation). Nothing is asserted.
 """
@@ -21,12 +21,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_line, markdown_table, run_demo  # noqa: E402
+from bench.common import REPO, machine_line, markdown_table, run_demo
 
 FAMILIES = ("google", "twitter", "openmoji", "emojione", "noto")
 

@@ -3,13 +3,13 @@
 # (train/longdoc-stage1.yaml, train/longdoc.yaml) given more time and needle documents up to
 # 16k pieces in stage 2, then the encode-cost table (bf16) and the retrieval tables of the result. Every log and the final model
 # go to OUT (default runs/longdoc-gpu).
-#   bash bench/longdoc-gpu.sh runs/demo/model [OUT] [STAGE1_S] [STAGE2_S]
+#   bash bench/gpu.sh runs/demo/model [OUT] [STAGE1_S] [STAGE2_S]
 # A quick run through every step on a CPU:
-#   DEVICE=cpu COST_LENGTHS=1024 LENGTHS=14,512 QUERIES=16 bash bench/longdoc-gpu.sh runs/demo/model /tmp/x 20 20
+#   DEVICE=cpu COST_LENGTHS=1024 LENGTHS=14,512 QUERIES=16 bash bench/gpu.sh runs/demo/model /tmp/x 20 20
 set -uo pipefail
 rm -rf /tmp/longdoc-stage1 /tmp/longdoc
 cd "$(dirname "$0")/.."
-DEMO=${1:?usage: bench/longdoc-gpu.sh DEMO_MODEL [OUT] [STAGE1_S] [STAGE2_S]}
+DEMO=${1:?usage: bench/gpu.sh DEMO_MODEL [OUT] [STAGE1_S] [STAGE2_S]}
 OUT=${2:-runs/longdoc-gpu}
 S1=${3:-130}
 S2=${4:-160}
@@ -35,7 +35,7 @@ python -m mmformer.cli fit --config train/longdoc.yaml \
     --data.lengths "[64,128,256,512,1024,2048,4096,8192,16384]" --data.num_workers 6 2>&1 | tail -n 30 | tee "$OUT/stage2.txt"
 cp /tmp/longdoc/logs/version_0/metrics.csv "$OUT/stage2-metrics.csv"
 MODEL=$([ -f "$OUT/model/config.json" ] && echo "$OUT/model" || echo "$DEMO")
-python bench/longdoc.py --model "$MODEL" --only cost --device "$DEVICE" --precision bf16 --repeats 5 \
+python -m bench.longdoc --model "$MODEL" --only cost --device "$DEVICE" --precision bf16 --repeats 5 \
     --cost-lengths "$COST_LENGTHS" 2>&1 | tee "$OUT/cost.txt"
-python bench/longdoc.py --model "$OUT/model" --only retrieval --device "$DEVICE" \
+python -m bench.longdoc --model "$OUT/model" --only retrieval --device "$DEVICE" \
     --lengths "$LENGTHS" --queries "$QUERIES" --long-queries "$QUERIES" --split-length 2048 2>&1 | tee "$OUT/retrieval.txt"

@@ -2,8 +2,8 @@
 int8 through torch.ao and through torchao (eager and torch.compile-d), and the exported ONNX
 graphs in onnxruntime (fp32 and int8), plus the held-out recall of a trained model under each.
 
-    python bench/int8.py --model runs/demo/model             # after `mmformer demo`
-    python bench/int8.py --presets tiny,small --model none   # speed and size only
+    python -m bench.int8 --model runs/demo/model             # after `mmformer demo`
+    python -m bench.int8 --presets tiny,small --model none   # speed and size only
 
 Speed: encode_image / encode_text (ONNX: the two graphs through onnxruntime) of batches of each
 ``--batch-sizes``, the fastest of at least ``--repeats`` timed passes (more, until a second has
@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OnnxModel, best_rate, load_tokenizer, machine_line, markdown_table  # noqa: E402
-
-from mmformer.compress import default_backend, int8_linear_bytes, quantize_int8  # noqa: E402
-from mmformer.config import get_config  # noqa: E402
-from mmformer.model import MMFormer  # noqa: E402
+from bench.common import OnnxModel, best_rate, load_tokenizer, machine_line, markdown_table
+from mmformer.compress import default_backend, int8_linear_bytes, quantize_int8
+from mmformer.config import get_config
+from mmformer.model import MMFormer
 
 TEXT = "a smiling face with heart eyes and a red apple"
 

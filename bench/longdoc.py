@@ -25,9 +25,9 @@ buffer is a fresh mapping whose page faults grow with the document. On CUDA (``-
 inputs already hold, and times are synchronised; ``--precision bf16`` runs every encode under
 bf16 autocast (the embeddings are compared in float32).
 
-    python bench/longdoc.py --model runs/longdoc/model                  # everything
-    flock /tmp/mmformer-bench.lock python bench/longdoc.py --model M --only cost
-    python bench/longdoc.py --model M --device cuda --precision bf16    # on a GPU
+    python -m bench.longdoc --model runs/longdoc/model                  # everything
+    flock /tmp/mmformer-bench.lock python -m bench.longdoc --model M --only cost
+    python -m bench.longdoc --model M --device cuda --precision bf16    # on a GPU
 """
 
 from __future__ import annotations
@@ -41,19 +41,16 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, markdown_table  # noqa: E402
-
-from mmformer.runtime import keep_freed_memory  # noqa: E402
-from mmformer.data.emoji import InMemoryImageText  # noqa: E402
-from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents  # noqa: E402
-from mmformer.config import DOCUMENT_MODES as MODES  # noqa: E402
-from mmformer.model import MMFormer  # noqa: E402
+from bench.common import machine_line, markdown_table
+from mmformer.config import DOCUMENT_MODES as MODES
+from mmformer.data.emoji import InMemoryImageText
+from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents
+from mmformer.model import MMFormer
+from mmformer.runtime import keep_freed_memory
 
 
 def t2i_r1(image: torch.Tensor, text: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,13 @@ given presets. Each configuration runs in a fresh subprocess with glibc's mmap t
 - ``state MiB``: parameters + gradients + AdamW moments (counted from the tensors);
 - ``step peak MiB``: peak RSS during the timed steps minus RSS just before them (activations,
   gradients, temporaries);
-- ``samples/s``: mean over the timed steps.
+- ``samples/s``: batch / the median timed step (the library's ``train_step``, timed by its ``time_steps``).
 
 Part 2: FSDP2 (``mmformer.training.distributed.apply_fsdp``) on 1 and 2 gloo processes: bytes each rank
 holds for its parameter shards and AdamW state after one step (counted from the local tensors).
 
-    python bench/memory.py --presets small,base --batch-size 8 --steps 2
-    python bench/memory.py --presets small --skip-fsdp          # part 1 only
+    python -m bench.memory --presets small,base --batch-size 8 --steps 2
+    python -m bench.memory --presets small --skip-fsdp          # part 1 only
 
 bf16 on a CPU without native bf16 matmuls (AVX2 only: no AVX512-BF16 / AMX) is emulated and
 ~20x slower than fp32; the samples/s column shows it.
@@ -28,12 +28,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 MiB = 2**20
 
@@ -71,10 +68,12 @@ def one_config(preset: str, precision: str, ckpt: bool, batch_size: int, steps: 
     """Run in a subprocess: measure one configuration (see the module docstring)."""
     import torch
 
+    from bench.common import PRECISIONS
     from mmformer.config import get_config
     from mmformer.losses import clip_loss
     from mmformer.model import MMFormer
     from mmformer.training.optim import parameter_groups
+    from mmformer.training.precision import time_steps, train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -83,36 +82,30 @@ def one_config(preset: str, precision: str, ckpt: bool, batch_size: int, steps: 
     decay, no_decay = parameter_groups(model)
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4)
     images, ids, mask = make_batch(config, batch_size)
-    dtype = {"fp32": None, "bf16-mixed": torch.bfloat16}[precision]
 
-    def step() -> None:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            out = model(images, ids, mask)
-            loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def loss_of() -> torch.Tensor:
+        out = model(images, ids, mask)
+        return clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
 
+    step = train_step(loss_of, opt, PRECISIONS[precision])
     step()  # warm-up: allocates the AdamW moments
     state = sum(p.numel() * p.element_size() for p in model.parameters()) * 2  # params + grads
     state += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if v.ndim)
     before = rss_bytes()
     reset_peak_rss()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    elapsed = time.perf_counter() - t0
+    step_s = time_steps(step, steps, warmup=0)
     return {"preset": preset, "precision": precision, "ckpt": "on" if ckpt else "off", "batch": batch_size,
             "params_m": model.num_parameters() / 1e6, "state_mib": state / MiB,
             "step_peak_mib": (peak_rss_bytes() - before) / MiB, "peak_rss_mib": peak_rss_bytes() / MiB,
-            "samples_s": batch_size * steps / elapsed}
+            "samples_s": batch_size / step_s}
 
 
 def run_config_subprocess(preset: str, precision: str, ckpt: bool, batch_size: int, steps: int,
                           threads: int) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, __file__, "--_one", json.dumps([preset, precision, ckpt, batch_size, steps, threads])]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    from bench.common import module_command, subprocess_env
+
+    cmd = module_command("bench.memory", "--_one", json.dumps([preset, precision, ckpt, batch_size, steps, threads]))
+    proc = subprocess.run(cmd, env=subprocess_env(MALLOC_MMAP_THRESHOLD_="65536"), capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{preset} {precision} ckpt={ckpt} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -125,9 +118,10 @@ def _fsdp_rank(rank: int, world: int, port: int, preset: str, batch_size: int, o
     from torch.distributed.device_mesh import init_device_mesh
 
     from mmformer.config import get_config
-    from mmformer.training.distributed import apply_fsdp, local_state_bytes
     from mmformer.losses import clip_loss
     from mmformer.model import MMFormer
+    from mmformer.training.distributed import apply_fsdp, local_state_bytes
+    from mmformer.training.precision import train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -140,9 +134,12 @@ def _fsdp_rank(rank: int, world: int, port: int, preset: str, batch_size: int, o
         apply_fsdp(model, init_device_mesh("cpu", (world,)))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         images, ids, mask = make_batch(config, batch_size, seed=rank)
-        o = model(images, ids, mask)
-        clip_loss(o["image_embeds"], o["text_embeds"], o["logit_scale"]).backward()
-        opt.step()
+
+        def loss_of() -> torch.Tensor:
+            o = model(images, ids, mask)
+            return clip_loss(o["image_embeds"], o["text_embeds"], o["logit_scale"])
+
+        train_step(loss_of, opt, "32-true")()  # the AdamW state exists after one step
         mem = local_state_bytes(model, opt)
         out[rank] = {"full_params": full, **mem}
     finally:
@@ -173,7 +170,7 @@ def fsdp_rows(presets: list[str], batch_size: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="small,base")
     p.add_argument("--precisions", default="fp32,bf16-mixed")
@@ -185,16 +182,20 @@ def main() -> None:
     p.add_argument("--fsdp-batch-size", type=int, default=2)
     p.add_argument("--skip-fsdp", action="store_true")
     p.add_argument("--skip-single", action="store_true")
+    p.add_argument("--csv", default=None, metavar="PATH",
+                   help="also write both tables' rows as CSV here (a table column says which), each with the date, "
+                        "commit, CPU model and flags, load and torch version (written atomically)")
     p.add_argument("--_one", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args._one:
         print(json.dumps(one_config(*json.loads(args._one))))
-        return
+        return 0
     import torch
 
-    from _common import machine_line, markdown_table
+    from bench.common import machine_line, markdown_table, write_csv
 
     presets = args.presets.split(",")
+    csv_rows = []
     if not args.skip_single:
         rows = []
         for preset in presets:
@@ -210,8 +211,10 @@ def main() -> None:
                                     ("state MiB (p+g+adam)", "state_mib", 0),
                                     ("step peak MiB", "step_peak_mib", 0), ("peak RSS MiB", "peak_rss_mib", 0),
                                     ("samples/s", "samples_s", 2)]))
+        csv_rows += [{"table": "one process", **r} for r in rows]
     if not args.skip_fsdp:
         rows = fsdp_rows(presets, args.fsdp_batch_size)
+        csv_rows += [{"table": "fsdp", **r} for r in rows]
         print("\n### FSDP2: per-rank parameter + optimizer memory\n")
         print(markdown_table(rows, [("preset", "preset", 0), ("params (M)", "params_m", 1),
                                     ("processes", "world", 0), ("param shard MiB", "param_mib", 1),
@@ -219,7 +222,10 @@ def main() -> None:
                                     ("vs 1 process", "ratio", 3)]))
     print(f"\n{machine_line()}; threads per process: {args.threads} (part 1), 1 (part 2); "
           f"torch {torch.__version__}")
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, csv_rows)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,9 +1,9 @@
 """Head pruning: held-out recall and encoder speed of a trained model after removing 10-50% of its
 attention heads, by gradient or magnitude importance, with and without recovery fine-tuning.
 
-    python bench/prune.py --model runs/demo/model                      # after `mmformer demo`
-    python bench/prune.py --model runs/demo/model --recover 0,200 --fractions 0.1,0.3,0.5
-    python bench/prune.py --model runs/distill/model --fractions 0,0.3 --normalize none,block --recover 0,500
+    python -m bench.prune --model runs/demo/model                      # after `mmformer demo`
+    python -m bench.prune --model runs/demo/model --recover 0,200 --fractions 0.1,0.3,0.5
+    python -m bench.prune --model runs/distill/model --fractions 0,0.3 --normalize none,block --recover 0,500
 
 Per row: the heads chosen from ``--batches`` batches of the bundled emoji training split
 (:func:`mmformer.compress.prune.head_importance`, computed once per criterion on the unpruned
@@ -25,21 +25,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_rate, machine_line, markdown_table  # noqa: E402
-
-from mmformer.compress.prune import (CRITERIA, emoji_train_batches, emoji_train_loader,  # noqa: E402
-                                     head_importance, normalize_per_block, prune_heads, recover, select_heads)
-from mmformer.data.emoji import InMemoryImageText, default_data_dir  # noqa: E402
-from mmformer.model import MMFormer  # noqa: E402
-from mmformer.retrieval import evaluate_retrieval  # noqa: E402
-from mmformer.training.precision import autocast_for  # noqa: E402
+from bench.common import best_rate, machine_line, markdown_table
+from mmformer.compress.prune import (
+    CRITERIA,
+    emoji_train_batches,
+    emoji_train_loader,
+    head_importance,
+    normalize_per_block,
+    prune_heads,
+    recover,
+    select_heads,
+)
+from mmformer.data.emoji import InMemoryImageText, default_data_dir
+from mmformer.model import MMFormer
+from mmformer.retrieval import evaluate_retrieval
+from mmformer.training.precision import autocast_for
 
 
 def csv_of(text: str, kind):

@@ -1,7 +1,7 @@
 """Search backends at scale: build time, memory, query latency and recall@10 against exact.
 
-    python bench/retrieval.py                                   # 100k and 1M x 256, clustered + random
-    python bench/retrieval.py --n 100000 --dims 256,512 --backends exact,flat,hnsw,ivfpq
+    python -m bench.retrieval                                   # 100k and 1M x 256, clustered + random
+    python -m bench.retrieval --n 100000 --dims 256,512 --backends exact,flat,hnsw,ivfpq
 
 Vectors are unit length: ``random`` = uniform on the sphere (the hardest case for any
 approximate index: no structure), ``clustered`` = 1000 centres with spread (closer to real
@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, markdown_table  # noqa: E402
-
-from mmformer.retrieval.backends import BackendParams, ExactBackend, FaissBackend  # noqa: E402
+from bench.common import machine_line, markdown_table
+from mmformer.retrieval.backends import BackendParams, ExactBackend, FaissBackend
 
 
 def rss_mb() -> float:

@@ -1,7 +1,7 @@
 """Load benchmark of ``mmformer serve``: dynamic batching on and off, beside LitServe.
 
-    flock /tmp/mmformer-bench.lock python bench/serve.py             # tiny model, ~3 minutes
-    python bench/serve.py --seconds 1 --concurrency 1,16 --kinds text  # quicker look
+    flock /tmp/mmformer-bench.lock python -m bench.serve             # tiny model, ~3 minutes
+    python -m bench.serve --seconds 1 --concurrency 1,16 --kinds text  # quicker look
 
 Each server runs in its own process on this machine; an asyncio client in this process
 (``grpc.aio`` for gRPC, ``aiohttp`` for HTTP) keeps C requests in flight (closed loop: every
@@ -39,8 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table  # noqa: E402
+from bench.common import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("red green blue yellow purple orange heart face smiling cat dog apple flag keycap star moon sun "
@@ -462,7 +461,7 @@ def main() -> None:
                                 ("text ms/input", "text_per", 2), ("image ms/input", "image_per", 2)]))
     print(flush=True)
     if args.model_cost_only:
-        print(f"\ncommand: python bench/serve.py {' '.join(sys.argv[1:])}\nbefore: {before}\nafter:  {machine()}")
+        print(f"\ncommand: python -m bench.serve {' '.join(sys.argv[1:])}\nbefore: {before}\nafter:  {machine()}")
         return
     rows = asyncio.run(bench(args))
     print()
@@ -474,7 +473,7 @@ def main() -> None:
     print()
     for line in targets(rows):
         print(line)
-    print(f"\ncommand: python bench/serve.py {' '.join(sys.argv[1:])}  ({time.time() - t0:.0f} s)")
+    print(f"\ncommand: python -m bench.serve {' '.join(sys.argv[1:])}  ({time.time() - t0:.0f} s)")
     print(f"before: {before}\nafter:  {machine()}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

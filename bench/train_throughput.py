@@ -1,21 +1,22 @@
 """Training throughput on the CPU: mmformer presets next to an open_clip CLIP of the same size.
 
 One training step = forward of both towers on a fixed random batch, ``clip_loss``, backward,
-AdamW step. For each preset (``tiny``, ``small``), implementation (mmformer ``share=qkv``,
+AdamW step (the library's ``mmformer.training.precision.train_step``, timed by its ``time_steps``:
+samples/s = batch / the median step). For each preset (``tiny``, ``small``), implementation (mmformer ``share=qkv``,
 open_clip ``CLIP``) and precision (fp32, bf16 autocast) it prints samples/s, the model FLOPs of
 one training sample (``FlopCounterMode`` on one forward+backward, divided by the batch), the
 achieved TFLOP/s and its fraction of this machine's matmul peak, measured in the same run for
 fp32 and bf16: the best of 2048^2 squares and of Linear-layer shapes (many tokens x K -> N;
 on AMX CPUs the latter run up to 1.7x faster in bf16), with the share of the best square beside
-it (the figure this bench called the peak before).
+it.
 
-    python bench/train_throughput.py                           # tiny + small, fp32 + bf16
-    python bench/train_throughput.py --models tiny --precisions fp32 --steps 3 --json out.json
+    python -m bench.train_throughput                           # tiny + small, fp32 + bf16
+    python -m bench.train_throughput --models tiny --precisions fp32 --steps 3 --json out.json
 
 Both models see the same batches: images (B, 3, S, S) ~ N(0, 1) and ids ``[bos] pieces [eos]
 pad...`` of random lengths 3..T (T = the preset's context length), pieces drawn uniformly from
 the tokenizer's vocabulary. The open_clip model pools its text at the EOS token (see
-``bench/_common.py:open_clip_config`` for why not its default ``argmax``). mmformer runs its text
+``bench/common.py:open_clip_config`` for why not its default ``argmax``). mmformer runs its text
 path's per-token layers on the real tokens only (``mmformer.layers.packing``; on average (T + 3) / 2
 of the T positions here), open_clip on every position; ``--impls mmformer+padded`` times mmformer on the
 padded batch too. FLOPs are counted per implementation, as each computes them. It prints a table; it
@@ -36,18 +37,30 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Pair, add_cpu_settings_argument, apply_cpu_settings, build_open_clip,  # noqa: E402
-                     count_train_flops, load_tokenizer, machine_line, markdown_table, num_params)
-
-from mmformer.config import get_config  # noqa: E402
-from mmformer.losses import clip_loss  # noqa: E402
-from mmformer.model import MMFormer  # noqa: E402
-from mmformer.tokenizer import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+from bench.common import (
+    PRECISIONS,
+    Pair,
+    add_cpu_settings_argument,
+    add_csv_argument,
+    apply_cpu_settings,
+    build_open_clip,
+    count_train_flops,
+    load_tokenizer,
+    machine_line,
+    markdown_table,
+    num_params,
+    write_csv,
+)
+from mmformer.config import get_config
+from mmformer.losses import clip_loss
+from mmformer.model import MMFormer
+from mmformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from mmformer.training.precision import time_steps, train_step
 
 DEFAULT_BATCH = {"tiny": 64, "small": 32, "base": 16}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -142,7 +155,7 @@ def describe_peak(peak: dict) -> str:
 
 def add_preset_arguments(parser) -> None:
     """``--model``, ``--batch-size`` and ``--precision``: what the one-preset benches built on this
-    one's step take (``bench/profile_step.py``, ``bench/linear_matmuls.py``, ``bench/block_costs.py``)."""
+    one's step take (``bench/diagnostics/profile_step.py``, ``bench/diagnostics/linear_matmuls.py``, ``bench/diagnostics/block_costs.py``)."""
     parser.add_argument("--model", default="small", help="preset (default: small)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
     parser.add_argument("--precision", default="bf16", choices=sorted(DTYPES))
@@ -186,29 +199,34 @@ def build(impl: str, cfg, vocab_size: int, seed: int, padded: bool = False) -> P
 OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
 
 
-def time_training(pair: Pair, batch, precision: str, warmup: int, steps: int, optimizer: str = "fused",
-                  math_attention: bool = False) -> list[float]:
-    """Seconds of each of ``steps`` timed training steps, after ``warmup`` untimed ones. The same
-    AdamW implementation (``optimizer``) for every model; ``math_attention`` runs the step with
-    SDPA restricted to its math backend (how open_clip can be given matmul attention)."""
+def make_train_step(pair: Pair, batch, precision: str, optimizer: str = "fused",
+                    math_attention: bool = False) -> Callable[[], torch.Tensor]:
+    """The library's training step (:func:`mmformer.training.precision.train_step`) of ``pair`` on
+    the fixed ``batch`` in ``precision`` (fp32, bf16): forward of both towers, ``clip_loss``,
+    backward, AdamW (``optimizer``: the same implementation for every model). ``math_attention``
+    runs the forward with SDPA restricted to its math backend (how open_clip can be given matmul
+    attention)."""
     images, ids, mask = batch
     opt = torch.optim.AdamW(pair.model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1,
                             **OPTIMIZERS[optimizer])
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        kernels = sdpa_kernel([SDPBackend.MATH]) if math_attention else contextlib.nullcontext()
-        with kernels, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            img, txt, scale = pair(images, ids, mask)
-            loss = clip_loss(img, txt, scale)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    if not torch.isfinite(loss):
-        print(f"  warning: non-finite loss {loss.item()} ({pair.impl}, {precision})", file=sys.stderr)
-    return times
+
+    def loss_of() -> torch.Tensor:
+        with sdpa_kernel([SDPBackend.MATH]) if math_attention else contextlib.nullcontext():
+            return clip_loss(*pair(images, ids, mask))
+
+    return train_step(loss_of, opt, PRECISIONS[precision])
+
+
+def time_training(pair: Pair, batch, precision: str, warmup: int, steps: int, optimizer: str = "fused",
+                  math_attention: bool = False) -> float:
+    """Median seconds of ``steps`` timed training steps (:func:`make_train_step`) after ``warmup``
+    untimed ones (:func:`mmformer.training.precision.time_steps`)."""
+    step = make_train_step(pair, batch, precision, optimizer, math_attention)
+    losses: list[torch.Tensor] = []
+    seconds = time_steps(lambda: losses.append(step()), steps, warmup)
+    if not torch.isfinite(losses[-1]):
+        print(f"  warning: non-finite loss {losses[-1].item()} ({pair.impl}, {precision})", file=sys.stderr)
+    return seconds
 
 
 def parse_batch_sizes(text: str | None) -> dict[str, int]:
@@ -261,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch size for every model (default: " +
                         ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()) + ")")
     p.add_argument("--steps", type=int, default=3, help="timed steps after 2 warm-up steps (default: 3)")
-    p.add_argument("--warmup-steps", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before them (default: 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n peak matmul (default: 2048)")
     p.add_argument("--peak-reps", type=int, default=5, help="timed peak matmuls per dtype and layout (default: 5)")
@@ -270,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the bundled one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows (and the peaks) as JSON here")
+    add_csv_argument(p)
     add_cpu_settings_argument(p)
     args = p.parse_args(argv)
 
@@ -316,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                 pair = build(impl, cfg, tok.vocab_size, args.seed, padded)  # fresh weights per run
                 print(f"timing {preset} {label} {precision} batch {bs}: {args.warmup_steps} warm-up + "
                       f"{args.steps} steps ...", flush=True)
-                times = time_training(pair, batch, precision, args.warmup_steps, args.steps, args.optimizer,
-                                      math_attention)
-                sps = bs * len(times) / sum(times)
+                step_s = time_training(pair, batch, precision, args.warmup_steps, args.steps, args.optimizer,
+                                       math_attention)
+                sps = bs / step_s
                 achieved = flops / bs * sps
                 rows.append({
                     "model": preset, "impl": label, "precision": precision,
@@ -326,11 +345,11 @@ def main(argv: list[str] | None = None) -> int:
                     "gflop_per_sample": flops / bs / 1e9, "achieved_tflops": achieved / 1e12,
                     "pct_of_peak": 100 * achieved / peaks[precision]["peak_flops"],
                     "pct_of_square_peak": 100 * achieved / peaks[precision]["square_flops"],
-                    "step_s_median": statistics.median(times), "step_s_min": min(times), "steps": len(times),
+                    "step_s_median": step_s, "steps": args.steps, "optimizer": args.optimizer,
                     "image_size": cfg.image_size, "patch_size": cfg.patch_size,
                     "context_length": cfg.context_length, "width": cfg.width, "depth": cfg.depth,
                 })
-                print(f"  {sps:.1f} samples/s (median step {statistics.median(times):.3f} s)", flush=True)
+                print(f"  {sps:.1f} samples/s (median step {step_s:.3f} s)", flush=True)
 
     print()
     print(markdown_table(rows, [
@@ -342,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in ratio_lines(rows):
         print(line)
-    print(f"optimizer: AdamW ({args.optimizer}) for every model; {args.warmup_steps} warm-up + {args.steps} timed steps")
+    print(f"optimizer: AdamW ({args.optimizer}) for every model; {args.warmup_steps} warm-up + {args.steps} timed "
+          "steps; samples/s = batch / the median step")
     for name in DTYPES:
         print(f"measured matmul peak {name}: " + describe_peak(peaks[name]))
     print(f"peak bf16/fp32 = {peaks['bf16']['peak_flops'] / peaks['fp32']['peak_flops']:.2f}; "
@@ -360,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, rows)}")
     return 0
 
 

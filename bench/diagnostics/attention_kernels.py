@@ -19,28 +19,30 @@ the matmul path above with autograd's backward, or SDPA's flash kernel where tha
 taken) against ``fused-qkv`` (:class:`~mmformer.layers.attention.FusedQKVAttention`), and which
 one ``attend`` takes (:func:`~mmformer.layers.attention.use_fused_qkv_path`).
 
-    python bench/attention_kernels.py
-    python bench/attention_kernels.py --shapes 32x6x65x64,16x6x256x64 --reps 20
+    python -m bench.diagnostics.attention_kernels
+    python -m bench.diagnostics.attention_kernels --shapes 32x6x65x64,16x6x256x64 --reps 20
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table  # noqa: E402
-
-from mmformer.layers.attention import (MATMUL_PATH_MAX_LEN, FusedQKVAttention, attend_composite,  # noqa: E402
-                                       split_fused, use_fused_qkv_path, use_matmul_path)
+from bench.common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table
+from mmformer.layers.attention import (
+    MATMUL_PATH_MAX_LEN,
+    FusedQKVAttention,
+    attend_composite,
+    split_fused,
+    use_fused_qkv_path,
+    use_matmul_path,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = "32x6x65x64,32x6x32x64,64x4x17x32,128x4x16x32,16x6x256x64,4x6x1024x64"

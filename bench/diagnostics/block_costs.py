@@ -14,30 +14,30 @@ time, each replacement keeping every shape and every Linear layer:
   (text) packing.
 
 The difference from the whole block is what the part costs in place (its kernels, their memory
-passes and their backward), without a profiler's per-operator overhead (``bench/profile_step.py``
+passes and their backward), without a profiler's per-operator overhead (``bench/diagnostics/profile_step.py``
 inflates short elementwise kernels). Beside it, the sum of the block's Linear matmuls timed alone
-(``bench/linear_matmuls.py``). Median of ``--reps`` passes after warm-up. Nothing is asserted.
+(``bench/diagnostics/linear_matmuls.py``). Median of ``--reps`` passes after warm-up. Nothing is asserted.
 
-    python bench/block_costs.py --model small --batch-size 256
-    python bench/block_costs.py --model tiny --batch-size 64 --precision fp32
+    python -m bench.diagnostics.block_costs --model small --batch-size 256
+    python -m bench.diagnostics.block_costs --model tiny --batch-size 64 --precision fp32
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, markdown_table  # noqa: E402
-from linear_matmuls import (TRANSPOSED_WEIGHT_GRAD, block_bench_setup, block_linears, median_seconds,  # noqa: E402
-                            time_linear)
-from train_throughput import DTYPES  # noqa: E402
-
-from mmformer.layers.multiway import MultiwayBlock, route  # noqa: E402
-from mmformer.model import MMFormer  # noqa: E402
+from bench.common import machine_line, markdown_table
+from bench.diagnostics.linear_matmuls import (
+    TRANSPOSED_WEIGHT_GRAD,
+    block_bench_setup,
+    block_linears,
+    median_seconds,
+    time_linear,
+)
+from bench.train_throughput import DTYPES
+from mmformer.layers.multiway import MultiwayBlock, route
+from mmformer.model import MMFormer
 
 VARIANTS = ("whole block", "GELU -> identity", "LayerNorms -> identity", "attention core -> identity",
             "all three -> identity")

@@ -6,7 +6,7 @@ concepts never seen in training (``split`` val) the fraction of names whose best
 their own (ties broken by index, so the total can differ from ``mmformer demo``'s R@1 by a few
 hundredths).
 
-    python bench/demo_groups.py runs/demo/model
+    python -m bench.diagnostics.demo_groups runs/demo/model
 
 Nothing is asserted.
 """
@@ -14,18 +14,15 @@ Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_line, markdown_table  # noqa: E402
-
-from mmformer.data.emoji import InMemoryImageText, read_concepts  # noqa: E402
-from mmformer.model import MMFormer  # noqa: E402
-from mmformer.retrieval import embed_images, embed_texts  # noqa: E402
+from bench.common import REPO, machine_line, markdown_table
+from mmformer.data.emoji import InMemoryImageText, read_concepts
+from mmformer.model import MMFormer
+from mmformer.retrieval import embed_images, embed_texts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,9 @@ logging) over whole epochs, after a first epoch that is not timed (warm-up: allo
 kernel builds), with no validation. One configuration per run; compare configurations by
 running them one after the other (or alternated), each in a fresh process:
 
-    python bench/demo_loop.py --precision bf16-mixed
-    python bench/demo_loop.py --precision bf16-mixed --pack-text-below 0      # text path padded
-    python bench/demo_loop.py --precision 32-true --pack-text-multiple 1      # no rounding
+    python -m bench.diagnostics.demo_loop --precision bf16-mixed
+    python -m bench.diagnostics.demo_loop --precision bf16-mixed --pack-text-below 0      # text path padded
+    python -m bench.diagnostics.demo_loop --precision 32-true --pack-text-multiple 1      # no rounding
 
 It prints one line per configuration, and with ``--breakdown`` Lightning's ``SimpleProfiler``
 summary (the time in the data loader, the training step, backward, the optimizer). Nothing is
@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line  # noqa: E402
-
-from mmformer.data.emoji import default_data_dir  # noqa: E402
-from mmformer.demo import DEMO_RECIPE, demo_process_settings, demo_recipe, demo_training  # noqa: E402
-from mmformer.model import MMFormer  # noqa: E402
-from mmformer.training.trainer import make_trainer  # noqa: E402
+from bench.common import machine_line
+from mmformer.data.emoji import default_data_dir
+from mmformer.demo import DEMO_RECIPE, demo_process_settings, demo_recipe, demo_training
+from mmformer.model import MMFormer
+from mmformer.training.trainer import make_trainer
 
 
 def main(argv: list[str] | None = None) -> int:

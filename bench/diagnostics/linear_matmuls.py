@@ -15,29 +15,31 @@ printed with its TFLOP/s and its share of this run's measured matmul peak
 (``bench/train_throughput.py``'s: the best of square and Linear-shaped matmuls), then their sum
 per block and for the whole stack (x depth), against what the same FLOPs would take at the peak.
 It says how far the Linear matmuls alone are from the peak; the rest of a step (attention,
-GELU, LayerNorm, casts, the optimizer) is what ``bench/profile_step.py`` breaks down. Nothing is
+GELU, LayerNorm, casts, the optimizer) is what ``bench/diagnostics/profile_step.py`` breaks down. Nothing is
 asserted.
 
-    python bench/linear_matmuls.py --model small --batch-size 256
-    python bench/linear_matmuls.py --model tiny --batch-size 64 --precision fp32
+    python -m bench.diagnostics.linear_matmuls --model small --batch-size 256
+    python -m bench.diagnostics.linear_matmuls --model tiny --batch-size 64 --precision fp32
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table  # noqa: E402
-from train_throughput import (DTYPES, add_preset_arguments, describe_peak, measure_matmul_peak,  # noqa: E402
-                              preset_config, random_batch)
-
-from mmformer.model import MMFormer  # noqa: E402
+from bench.common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table
+from bench.train_throughput import (
+    DTYPES,
+    add_preset_arguments,
+    describe_peak,
+    measure_matmul_peak,
+    preset_config,
+    random_batch,
+)
+from mmformer.model import MMFormer
 
 
 def median_seconds(fn, reps: int, warmup: int = 1) -> float:
@@ -79,7 +81,7 @@ def time_linear(n: int, k: int, m: int, dtype: torch.dtype, reps: int, seed: int
 
 
 def block_bench_setup(doc: str, argv: list[str] | None, reps: int, reps_help: str):
-    """The arguments both block benches take (this one and ``bench/block_costs.py``), parsed, the
+    """The arguments both block benches take (this one and ``bench/diagnostics/block_costs.py``), parsed, the
     CPU settings applied: (args, settings line, config, batch size, the batch's (B, T) text mask,
     its packing or None as ``MMFormer`` packs it, the token count per modality: image
     ``batch x (patches + 1)``, text the packed count or every position)."""

@@ -6,8 +6,8 @@ with the demo's recipe (``tiny-cpu``) and ``loss`` set (a copy of the recipe is 
 ``--out``), and reads the held-out family's metrics from the run's ``results.json``. Every run
 takes the same steps, so a bigger batch sees more samples; compare the losses within a batch size.
 
-    python bench/loss_study.py                                   # batch 32, 128, 512 x clip, siglip
-    python bench/loss_study.py --batch-sizes 128 --steps 200 --seeds 0,1
+    python -m bench.diagnostics.loss_study                                   # batch 32, 128, 512 x clip, siglip
+    python -m bench.diagnostics.loss_study --batch-sizes 128 --steps 200 --seeds 0,1
 
 Run time: a few minutes (steps x batch dominated by the batch-512 runs). Nothing is asserted.
 """
@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, markdown_table, run_demo  # noqa: E402
-
-from mmformer.training.recipes import load_recipe  # noqa: E402
+from bench.common import machine_line, markdown_table, run_demo
+from mmformer.training.recipes import load_recipe
 
 
 def recipe_with_loss(base: str, loss: str, out: Path) -> Path:

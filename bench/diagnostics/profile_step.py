@@ -6,8 +6,8 @@ self CPU time of every operator is summed into categories (matmuls, attention, c
 LayerNorm, GELU, softmax, the optimizer, the rest) and printed as a table with each category's
 share of the profiled time, then the top operators.
 
-    python bench/profile_step.py --model small --precision bf16 --batch-size 128
-    python bench/profile_step.py --model tiny --precision fp32 --top 25
+    python -m bench.diagnostics.profile_step --model small --precision bf16 --batch-size 128
+    python -m bench.diagnostics.profile_step --model tiny --precision fp32 --top 25
 
 Profiling adds overhead per operator call, so the shares, not the absolute times, are the result;
 ``bench/train_throughput.py`` measures the speed. Nothing is asserted.
@@ -16,18 +16,12 @@ Profiling adds overhead per operator call, so the shares, not the absolute times
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
-from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table  # noqa: E402
-from train_throughput import add_preset_arguments, build, preset_config, random_batch  # noqa: E402
-
-from mmformer.losses import clip_loss  # noqa: E402
+from bench.common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table
+from bench.train_throughput import add_preset_arguments, build, make_train_step, preset_config, random_batch
 
 #: operator-name substrings -> category, first match wins (names are aten ops and autograd nodes)
 CATEGORIES = [
@@ -62,17 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok, cfg, batch_size = preset_config(args)
     pair = build("mmformer", cfg, tok.vocab_size, seed=0)
-    images, ids, mask = random_batch(cfg, batch_size, tok.vocab_size, seed=0)
-    opt = torch.optim.AdamW(pair.model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            img, txt, scale = pair(images, ids, mask)
-            loss = clip_loss(img, txt, scale)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = make_train_step(pair, random_batch(cfg, batch_size, tok.vocab_size, seed=0), args.precision)
     for _ in range(2):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
