@@ -134,8 +134,8 @@ class Collate:
                 torch.tensor([s["concept"] for s in samples], dtype=torch.long))
 
 
-def train_loader(cfg, recipe: dict[str, Any], tokenizer, seed: int) -> DataLoader:
-    data = EmojiData.load(default_data_dir(), "train", cfg.image_size)
+def train_loader(cfg, recipe: dict[str, Any], tokenizer, seed: int, data_dir=None) -> DataLoader:
+    data = EmojiData.load(default_data_dir(data_dir), "train", cfg.image_size)
     ds = InMemoryImageText(data, train=True, caption_mode=recipe["caption_mode"],
                            mean=cfg.image_mean, std=cfg.image_std)
     if len(ds) < recipe["batch_size"]:
@@ -183,10 +183,10 @@ def calibrate(pair: Pair, recipe: dict[str, Any], batches, budget_s: float, prec
 
 # ---- evaluation --------------------------------------------------------------------------------
 @torch.inference_mode()
-def evaluate(pair: Pair, cfg, tokenizer) -> tuple[dict[str, float], int]:
+def evaluate(pair: Pair, cfg, tokenizer, data_dir=None) -> tuple[dict[str, float], int]:
     """Retrieval metrics on the test split (held-out family), fp32, one concept name per image."""
     pair.model.eval()
-    data = EmojiData.load(default_data_dir(), "test", cfg.image_size)
+    data = EmojiData.load(default_data_dir(data_dir), "test", cfg.image_size)
     ds = InMemoryImageText(data, train=False, mean=cfg.image_mean, std=cfg.image_std)
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])  # (N, 3, S, S)
     image_emb = torch.cat([pair.encode_image(images[i: i + 256]).float() for i in range(0, len(ds), 256)])
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the bundled one)")
+    p.add_argument("--data-dir", default=None, help="the emoji data (default: the bundled copy)")
     p.add_argument("--json", default=None, help="also write the row, metrics and recipe as JSON here")
     add_csv_argument(p)
     args = p.parse_args(argv)
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
           f"pieces ({tok_source})", flush=True)
 
     print("loading the train split ...", flush=True)
-    loader = train_loader(cfg, recipe, tok, args.seed)
+    loader = train_loader(cfg, recipe, tok, args.seed, args.data_dir)
     batches = forever(loader)
     budget_s = args.minutes * 60
     if args.steps:
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("evaluating on the held-out test family ...", flush=True)
     t_eval = time.perf_counter()
-    metrics, n_test = evaluate(pair, cfg, tok)
+    metrics, n_test = evaluate(pair, cfg, tok, args.data_dir)
     eval_s = time.perf_counter() - t_eval
 
     k = min(10, done)

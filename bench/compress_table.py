@@ -45,7 +45,16 @@ from typing import Any
 
 import torch
 
-from bench.common import OnnxModel, best_rate, held_out_recall, held_out_split, machine_line, markdown_table
+from bench.common import (
+    OnnxModel,
+    add_csv_argument,
+    best_rate,
+    held_out_recall,
+    held_out_split,
+    machine_line,
+    markdown_table,
+    write_csv,
+)
 from mmformer.cli import configure_output
 from mmformer.compress import quantize_int8
 from mmformer.compress.int8 import count_int8_linears
@@ -74,7 +83,7 @@ def load(folder: str, flag: str) -> MMFormer:
     return MMFormer.from_pretrained(folder).eval()
 
 
-def speed(model, split, batch_sizes: list[int], repeats: int) -> dict[str, float]:
+def speed(model, split, batch_sizes: list[int], repeats: int, min_seconds: float = 1.0) -> dict[str, float]:
     """images/s and texts/s of ``model`` at each batch size, on held-out inputs spread over the split."""
     c = model.config
     images = split.stacked_images()
@@ -83,8 +92,8 @@ def speed(model, split, batch_sizes: list[int], repeats: int) -> dict[str, float
         pick = torch.linspace(0, len(split) - 1, b).round().long().tolist()
         x = images[pick]
         ids, mask = model.tokenizer([split.captions[i] for i in pick], max_length=c.context_length)
-        out[f"img_{b}"] = best_rate(lambda: model.encode_image(x), b, repeats)
-        out[f"txt_{b}"] = best_rate(lambda: model.encode_text(ids, mask), b, repeats)
+        out[f"img_{b}"] = best_rate(lambda: model.encode_image(x), b, repeats, min_seconds)
+        out[f"txt_{b}"] = best_rate(lambda: model.encode_text(ids, mask), b, repeats, min_seconds)
     return out
 
 
@@ -95,7 +104,7 @@ def measure(name: str, form: str, model, params: int, files: list[Path], held_ou
     row: dict[str, Any] = {"row": name, "form": form, "params_m": params / 1e6,
                            "disk_mb": sum(f.stat().st_size for f in files) / 2**20,
                            "files": [str(f) for f in files]}
-    row.update(speed(model, split, args.batch_sizes, args.repeats))
+    row.update(speed(model, split, args.batch_sizes, args.repeats, args.min_seconds))
     m = held_out_recall(model, split=split)
     row.update(t2i=m["t2i_R@1"], i2t=m["i2t_R@1"], chance=m["t2i_chance_R@1"], n_images=m["n_images"])
     b = args.batch_sizes[-1]
@@ -116,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch and onnxruntime threads (default 0: torch's own default, and as many for onnxruntime)")
     p.add_argument("--data-dir", default=None, help="the emoji data (default: the bundled copy)")
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="keep timing a measurement (up to 200 calls) until this many seconds have passed (default: 1)")
     p.add_argument("--json", default=None, help="also write the rows and the machine here")
+    add_csv_argument(p)
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not args.batch_sizes or min(args.batch_sizes) < 1 or args.repeats < 1 or args.threads < 0:
@@ -200,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             {"rows": rows, "machine": machine_line(), "torch_threads": threads, "onnxruntime_threads": threads,
              "int8_backend": backend, "load_average_start": load_start, "load_average_end": load_end,
              "onnx_parity": parity, "args": vars(args)}, indent=2) + "\n")
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, [{**r, 'int8_backend': backend} for r in rows])}")
     return 0
 
 

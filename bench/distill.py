@@ -40,7 +40,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from bench.common import held_out_recall, machine_line, markdown_table
+from bench.common import add_csv_argument, held_out_recall, machine_line, markdown_table, write_csv
 from mmformer.cli import configure_output
 from mmformer.data.emoji import default_data_dir
 from mmformer.model import TOKENIZER_NAME, MMFormer
@@ -150,15 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablations", action="store_true", help="every run of RUNS (see the docstring)")
     p.add_argument("--precision", default=None, help="Trainer precision of the students (default: the recipe's)")
     p.add_argument("--batch-size", type=int, default=64, help="batch of the images/s measurement")
+    p.add_argument("--train-batch-size", type=int, default=None, help="training batch (default: the recipe's)")
     p.add_argument("--data-dir", default=None, help="the emoji data (default: the bundled copy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows here")
+    add_csv_argument(p)
     args = p.parse_args(argv)
     configure_output()  # mmformer's warnings once, no third-party tips
 
     recipe = load_recipe(args.recipe)
     model_args, data_args = init_args(recipe.get("model")), init_args(recipe.get("data"))
     model_args.pop("teacher", None)
+    if args.train_batch_size:
+        data_args["batch_size"] = args.train_batch_size
     if args.minutes is None:
         args.minutes = float(model_args.get("time_budget_s") or 480) / 60
     precision = args.precision or str((recipe.get("trainer") or {}).get("precision", "32-true"))
@@ -192,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line())
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=str) + "\n", encoding="utf-8")
+    if args.csv:
+        table = [{k: v for k, v in r.items() if k != "metrics"} for r in rows]
+        print(f"wrote {write_csv(args.csv, [{**r, 'recipe': args.recipe, 'minutes': args.minutes} for r in table])}")
     return 0
 
 

@@ -24,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import REPO, machine_line, markdown_table, run_demo
+from bench.common import REPO, add_csv_argument, machine_line, markdown_table, run_demo, write_csv
 
 FAMILIES = ("google", "twitter", "openmoji", "emojione", "noto")
 
@@ -60,6 +60,8 @@ def run_family(family: str, args: argparse.Namespace, out: Path) -> dict:
     run_dir = out / family
     demo = ["--minutes", str(args.minutes), "--data-dir", str(data), "--precision", args.precision,
             "--seed", str(args.seed), "--query", "red apple"] + (["--recipe", args.recipe] if args.recipe else [])
+    demo += ["--steps", str(args.steps)] if args.steps else []
+    demo += ["--batch-size", str(args.batch_size)] if args.batch_size else []
     print(f"{family}: train {counts['train']} / val {counts['val']} / test {counts['test']} images; "
           f"mmformer demo {' '.join(demo)}", flush=True)
     t0 = time.perf_counter()
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=1.5, help="training budget per family (default: 1.5)")
+    p.add_argument("--steps", type=int, default=None, help="exact optimizer steps per family (overrides --minutes)")
+    p.add_argument("--batch-size", type=int, default=None, help="demo --batch-size (default: the recipe's)")
     p.add_argument("--recipe", default=None, help="fit recipe the demo trains with (default: the demo's, tiny-cpu)")
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families to hold out in turn")
     p.add_argument("--precision", default="auto", help="demo --precision (default: auto)")
@@ -84,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=str(REPO / "data" / "emoji"), help="the emoji data (manifest.jsonl, images/)")
     p.add_argument("--out", default="runs/families", help="re-split manifests and demo runs go here")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    add_csv_argument(p)
     args = p.parse_args(argv)
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     rows = [run_family(f, args, out) for f in args.families.split(",")]
     for key in ("t2i R@1", "i2t R@1"):
         values = [r[key] for r in rows]
@@ -96,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows, [("held-out family", "held-out", 0), ("test images", "test images", 0),
                                 ("steps", "steps", 0), ("precision", "precision", 0), ("t2i R@1", "t2i R@1", 2),
                                 ("i2t R@1", "i2t R@1", 2), ("t2i R@10", "t2i R@10", 2), ("wall s", "wall s", 0)]))
-    print(f"\nrecipe: {args.recipe or 'tiny-cpu (the demo default)'}; {args.minutes:g} min of training per family")
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+    print(f"\nrecipe: {args.recipe or 'tiny-cpu (the demo default)'}; {budget} of training per family")
     print(machine_line())
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1) + "\n", encoding="utf-8")
+    if args.csv:
+        recipe = args.recipe or "tiny-cpu"
+        print(f"wrote {write_csv(args.csv, [{**r, 'recipe': recipe, 'budget': budget} for r in rows])}")
     return 0
 
 

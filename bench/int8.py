@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import OnnxModel, best_rate, load_tokenizer, machine_line, markdown_table
+from bench.common import OnnxModel, add_csv_argument, best_rate, load_tokenizer, machine_line, markdown_table, write_csv
 from mmformer.compress import default_backend, int8_linear_bytes, quantize_int8
 from mmformer.config import get_config
 from mmformer.model import MMFormer
@@ -126,7 +126,7 @@ def closeness(v, ref, model: MMFormer, n: int = 256) -> dict[str, float]:
     return {"cos_img": cos_i, "cos_txt": cos_t}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="tiny,small")
     p.add_argument("--model", default="runs/demo/model", help="trained model for the recall rows ('none' to skip)")
@@ -136,7 +136,10 @@ def main() -> None:
     p.add_argument("--skip-compile", action="store_true", help="no torch.compile rows (each compiles for a minute or more)")
     p.add_argument("--compile-fp32", action="store_true", help="also a compiled fp32 row (what compile alone gives)")
     p.add_argument("--skip-onnx", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="keep timing a measurement (up to 200 calls) until this many seconds have passed (default: 1)")
+    add_csv_argument(p)
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     tok, _ = load_tokenizer()
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -157,8 +160,8 @@ def main() -> None:
                 for b in batches:
                     images = torch.randn(b, 3, c.image_size, c.image_size)
                     ids, mask = model.tokenizer([TEXT] * b, max_length=c.context_length)
-                    row[f"img_{b}"] = best_rate(lambda: v.image(images), b, args.repeats)
-                    row[f"txt_{b}"] = best_rate(lambda: v.text(ids, mask), b, args.repeats)
+                    row[f"img_{b}"] = best_rate(lambda: v.image(images), b, args.repeats, args.min_seconds)
+                    row[f"txt_{b}"] = best_rate(lambda: v.text(ids, mask), b, args.repeats, args.min_seconds)
                 row.update(closeness(v, vs["fp32"], model))
                 if name.startswith("trained"):
                     row.update(recall(v, model))
@@ -176,7 +179,10 @@ def main() -> None:
     print(f"\nbest of {args.repeats} after a warm-up; {torch.get_num_threads()} torch / onnxruntime threads; "
           f"int8 auto backend on this CPU: {default_backend()}; total {time.time() - t_start:.0f} s")
     print(machine_line())
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, rows)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

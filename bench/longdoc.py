@@ -39,13 +39,12 @@ import os
 import random
 import statistics
 import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import machine_line, markdown_table
+from bench.common import add_csv_argument, machine_line, markdown_table, module_command, subprocess_env, write_csv
 from mmformer.config import DOCUMENT_MODES as MODES
 from mmformer.data.emoji import InMemoryImageText
 from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents
@@ -81,10 +80,12 @@ def embed_docs(model: MMFormer, docs: list[list[int]], modes: tuple[str, ...], m
     return {m: torch.cat(v) for m, v in out.items()}
 
 
-def retrieval(model: MMFormer, args) -> None:
+def retrieval(model: MMFormer, args) -> list[dict]:
+    """The length, position and (``--split-length``) split-needle tables; returns their rows."""
     tok = model.tokenizer
     modes = tuple(m for m in MODES if m != "fusion" or model.fusion is not None)
-    ds = InMemoryImageText.eval_split("test", model.config.image_size, model.config.image_mean, model.config.image_std)
+    ds = InMemoryImageText.eval_split("test", model.config.image_size, model.config.image_mean, model.config.image_std,
+                                      root=args.data_dir)
     device = model.logit_scale.device
     with torch.inference_mode(), autocast(device, args.precision):
         image = F.normalize(model.encode_image(ds.stacked_images().to(device)).float(), dim=-1)
@@ -133,11 +134,13 @@ def retrieval(model: MMFormer, args) -> None:
     print("\n### R@1 (%) vs needle position (decile of the document) \n")
     print(markdown_table(position_rows, [("length", "length", 0), ("method", "method", 0)]
                          + [(f"{k * 10}-{k * 10 + 10}%", f"d{k}", 1) for k in range(10)]))
+    rows = [{"table": "length", **r} for r in length_rows] + [{"table": "position", **r} for r in position_rows]
     if args.split_length:
-        split(model, image, ds, filler, modes, args)
+        rows += [{"table": "split", "length": args.split_length, **r} for r in split(model, image, ds, filler, modes, args)]
+    return rows
 
 
-def split(model, image, ds, filler, modes, args) -> None:
+def split(model, image, ds, filler, modes, args) -> list[dict]:
     tok = model.tokenizer
     rng = random.Random(args.seed + 7)
     q = sorted(rng.sample(range(len(ds)), min(args.queries, len(ds))))
@@ -156,6 +159,7 @@ def split(model, image, ds, filler, modes, args) -> None:
           f"documents + {len(negs)} hard negatives (chance {100 / (2 * len(docs)):.2f}%)\n")
     print(markdown_table(rows, [("method", "method", 0), ("R@1", "r1", 1),
                                 ("own hard negative scores higher (%)", "neg", 1)]))
+    return rows
 
 
 # ---- cost -----------------------------------------------------------------------------------------
@@ -218,8 +222,11 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
-def cost(args) -> None:
-    methods = ["chunked", "dense", "local", "compressed"]
+COST_METHODS = ("chunked", "dense", "local", "compressed")
+
+
+def cost(args) -> list[dict]:
+    methods = args.cost_methods
     rows = []
     for length in args.cost_lengths:
         row = {"length": length}
@@ -227,16 +234,20 @@ def cost(args) -> None:
             if m == "dense" and length > args.dense_max:
                 row[m + "_t"] = row[m + "_m"] = float("nan")
                 continue
-            cmd = [sys.executable, __file__, "--model", args.model, "--measure", m, str(length),
-                   "--repeats", str(args.repeats), "--window", str(args.window), "--compression", str(args.compression),
-                   "--device", args.device, "--precision", args.precision]
+            cmd = module_command("bench.longdoc", "--model", args.model, "--measure", m, str(length),
+                                 "--repeats", str(args.repeats), "--window", str(args.window),
+                                 "--compression", str(args.compression), "--device", args.device,
+                                 "--precision", args.precision)
             cmd += ["--unmap-freed-memory"] if args.unmap_freed_memory else []
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
+            if proc.returncode:
+                raise RuntimeError(f"cost of {m} at {length} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            out = proc.stdout.strip().splitlines()[-1]
             r = json.loads(out)
             row[m + "_t"], row[m + "_m"] = r["time_s"], r["peak_mb"]
         rows.append(row)
         print(f"cost {length}: {row}", flush=True)
-    for prev, cur in zip(rows, rows[1:]):
+    for prev, cur in zip(rows, rows[1:]) if "chunked" in methods else ():
         cur["chunked_ratio"] = cur["chunked_t"] / prev["chunked_t"] if cur["length"] == 2 * prev["length"] else float("nan")
     print(f"\n### Encode cost of one document on {args.device} ({args.precision}; time s, peak memory growth MB); "
           f"local window {args.window} + 1 global token, compression {args.compression}\n")
@@ -244,7 +255,9 @@ def cost(args) -> None:
             ("chunked MB", "chunked_m", 0), ("dense s", "dense_t", 3), ("dense MB", "dense_m", 0),
             ("local s", "local_t", 3), ("local MB", "local_m", 0), ("compressed s", "compressed_t", 3),
             ("compressed MB", "compressed_m", 0)]
+    cols = [c for c in cols if c[1] == "length" or c[1].rsplit("_", 1)[0] in methods]
     print(markdown_table(rows, cols))
+    return [{"table": "cost", **r} for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-from", type=int, default=4096)
     p.add_argument("--split-length", type=int, default=2048, help="0 = skip the split-needle table")
     p.add_argument("--cost-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--cost-methods", type=lambda s: [m for m in s.split(",") if m], default=list(COST_METHODS),
+                   help="comma-separated, of " + ", ".join(COST_METHODS) + " (default: all)")
     p.add_argument("--dense-max", type=int, default=16384, help="skip dense attention beyond this length")
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--compression", type=int, default=4)
@@ -266,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = bf16 autocast")
     p.add_argument("--unmap-freed-memory", action="store_true",
                    help="leave glibc's malloc as it is (mmformer.runtime.keep_freed_memory is called otherwise)")
+    p.add_argument("--data-dir", default=None, help="the emoji data of the query images (default: the bundled copy)")
+    add_csv_argument(p)
     p.add_argument("--measure", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args.cost_methods or set(args.cost_methods) - set(COST_METHODS):
+        p.error(f"--cost-methods {','.join(args.cost_methods)}: choose from {', '.join(COST_METHODS)}")
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     if not args.unmap_freed_memory:
         keep_freed_memory()  # as the fine-tuning command does; else page faults grow with length
@@ -277,12 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     model = MMFormer.from_pretrained(args.model).eval().to(args.device)
     print(f"model {args.model}: window {model.config.context_length} tokens ({model.config.context_length - 2} pieces), "
           f"fusion {'with ' + str(model.config.fusion_latents) + ' latents' if model.fusion is not None else 'none'}")
+    rows = []
     if args.only in (None, "retrieval"):
-        retrieval(model, args)
+        rows += retrieval(model, args)
     if args.only in (None, "cost"):
-        cost(args)
+        rows += cost(args)
     gpu = f", {torch.cuda.get_device_name(args.device)}" if torch.device(args.device).type == "cuda" else ""
     print("\n" + machine_line() + gpu + f", {args.precision}")
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, [{**r, 'device': args.device + gpu, 'precision': args.precision} for r in rows])}")
     return 0
 
 

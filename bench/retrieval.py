@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from bench.common import machine_line, markdown_table
+from bench.common import add_csv_argument, machine_line, markdown_table, write_csv
 from mmformer.retrieval.backends import BackendParams, ExactBackend, FaissBackend
 
 
@@ -59,7 +59,7 @@ def backend_bytes(b) -> int:
     return int(faiss.serialize_index(b.index).size)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", default="100000,1000000")
     p.add_argument("--dims", default="256")
@@ -70,7 +70,10 @@ def main() -> None:
     p.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: the library's)")
     p.add_argument("--exact-queries", type=int, default=None,
                    help="batch-1 exact latency over this many queries (default: all)")
-    args = p.parse_args()
+    add_csv_argument(p)
+    args = p.parse_args(argv)
+    if args.queries < 64:
+        p.error(f"--queries {args.queries}: at least 64 (the batch-64 latency needs one full batch)")
     params = BackendParams.from_dict({k: v for k, v in (("ef_search", args.ef_search), ("nprobe", args.nprobe))
                                       if v is not None})
     rows = []
@@ -93,7 +96,7 @@ def main() -> None:
                     b50, _ = latency(b, q, 64)
                     _, ids = b.search(q, 10)
                     recall = float(np.mean([len(np.intersect1d(a, t)) / 10 for a, t in zip(ids, truth)]))
-                    row = {"n": f"{n:,}", "dim": d, "data": kind, "backend": name, "build_s": build_s,
+                    row = {"n": n, "dim": d, "data": kind, "backend": name, "build_s": build_s,
                            "index_mb": backend_bytes(b) / 2**20, "rss_mb": grown, "p50_ms": p50, "p99_ms": p99,
                            "b64_ms": b50, "recall": recall}
                     rows.append(row)
@@ -102,7 +105,7 @@ def main() -> None:
                     del b
                 del x
     print()
-    print(markdown_table(rows, [("N", "n", 0), ("dim", "dim", 0), ("data", "data", 0), ("backend", "backend", 0),
+    print(markdown_table([{**r, "n": f"{r['n']:,}"} for r in rows], [("N", "n", 0), ("dim", "dim", 0), ("data", "data", 0), ("backend", "backend", 0),
                                 ("build s", "build_s", 1), ("index MB", "index_mb", 0),
                                 ("RSS growth MB", "rss_mb", 0), ("p50 ms (batch 1)", "p50_ms", 2),
                                 ("p99 ms (batch 1)", "p99_ms", 2), ("ms/query (batch 64)", "b64_ms", 3),
@@ -112,7 +115,10 @@ def main() -> None:
           f"IVF-PQ nlist ~4 sqrt(N), D/4 bytes per vector, nprobe={params.nprobe}, exact re-ranking of "
           f"{params.refine}x k candidates (library defaults: efSearch {defaults.ef_search}, nprobe {defaults.nprobe})")
     print(machine_line())
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, rows)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

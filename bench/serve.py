@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import markdown_table
+from bench.common import add_csv_argument, markdown_table, module_command, subprocess_env, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("red green blue yellow purple orange heart face smiling cat dog apple flag keycap star moon sun "
@@ -163,8 +163,7 @@ class ServerProcess:
     def __init__(self, name: str, argv: list[str], http_port: int, grpc_port: int | None, ready_path: str,
                  batch_log: str | None = None) -> None:
         self.name, self.http_port, self.grpc_port, self.batch_log = name, http_port, grpc_port, batch_log
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen(argv, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True)
         self.ready_path = ready_path
 
@@ -354,9 +353,9 @@ def start_servers(which: str, model_dir: Path, args, tmp: Path) -> ServerProcess
     http, grpc_port = free_port(), free_port()
     if which == "litserve":
         log = str(tmp / "litserve-batches.txt")
-        return ServerProcess("litserve", [py, __file__, "--litserve-worker", "--model", str(model_dir), "--port",
-                                          str(http), "--threads", str(args.threads), "--max-delay-ms",
-                                          str(args.max_delay_ms), "--batch-log", log],
+        return ServerProcess("litserve", module_command("bench.serve", "--litserve-worker", "--model", str(model_dir),
+                                                        "--port", str(http), "--threads", str(args.threads),
+                                                        "--max-delay-ms", str(args.max_delay_ms), "--batch-log", log),
                              http, None, "/health", batch_log=log)
     argv = [py, "-m", "mmformer.cli", "serve", "--model", str(model_dir), "--grpc-port", str(grpc_port),
             "--http-port", str(http), "--threads", str(args.threads), "--max-delay-ms", str(args.max_delay_ms),
@@ -371,9 +370,8 @@ async def bench(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = Path(args.model) if args.model else save_tiny_model(tmp / "model")
-        servers = ["mmformer", "mmformer --no-batching"] + ([] if args.no_litserve else ["litserve"])
-        for which in servers:
+        model_dir = Path(args.model).resolve() if args.model else save_tiny_model(tmp / "model")
+        for which in args.servers:
             server = start_servers(which, model_dir, args, tmp)
             try:
                 await server.wait_ready()
@@ -427,7 +425,10 @@ def machine() -> str:
     return f"CPU: {model}, {os.cpu_count()} logical CPUs; uptime: {load}"
 
 
-def main() -> None:
+SERVERS = ("mmformer", "mmformer --no-batching", "litserve")
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="save_pretrained directory (default: a fresh tiny model)")
     p.add_argument("--concurrency", default="1,4,16,64")
@@ -438,17 +439,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in each server")
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"], help="mmformer serve --loop")
-    p.add_argument("--no-litserve", action="store_true")
+    p.add_argument("--servers", default=",".join(SERVERS),
+                   help="comma-separated servers to load (default: %(default)s)")
+    p.add_argument("--no-litserve", action="store_true", help="leave litserve out of --servers")
     p.add_argument("--model-cost-only", action="store_true", help="only time the model alone (batch 1, 16, 64)")
     p.add_argument("--json", default=None, help="also write the rows here")
+    add_csv_argument(p)
     # internal: the LitServe server process
     p.add_argument("--litserve-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--batch-log", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.litserve_worker:
         run_litserve(args.model, args.port, args.threads, 64, args.max_delay_ms / 1000, args.batch_log)
-        return
+        return 0
+    args.servers = [x for x in args.servers.split(",") if x and not (args.no_litserve and x == "litserve")]
+    unknown = [x for x in args.servers if x not in SERVERS]
+    if unknown or not args.servers:
+        p.error(f"--servers {unknown or 'empty'}: choose from {', '.join(SERVERS)}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.kinds = args.kinds.split(",")
     args.transports = args.transports.split(",")
@@ -461,8 +469,11 @@ def main() -> None:
                                 ("text ms/input", "text_per", 2), ("image ms/input", "image_per", 2)]))
     print(flush=True)
     if args.model_cost_only:
-        print(f"\ncommand: python -m bench.serve {' '.join(sys.argv[1:])}\nbefore: {before}\nafter:  {machine()}")
-        return
+        print(f"\ncommand: python -m bench.serve {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+              f"before: {before}\nafter:  {machine()}")
+        if args.csv:
+            print(f"wrote {write_csv(args.csv, [{'table': 'model alone', **r} for r in cost])}")
+        return 0
     rows = asyncio.run(bench(args))
     print()
     print(markdown_table(rows, [("server", "server", 0), ("transport", "transport", 0), ("input", "kind", 0),
@@ -473,11 +484,16 @@ def main() -> None:
     print()
     for line in targets(rows):
         print(line)
-    print(f"\ncommand: python -m bench.serve {' '.join(sys.argv[1:])}  ({time.time() - t0:.0f} s)")
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"\ncommand: python -m bench.serve {command}  ({time.time() - t0:.0f} s)")
     print(f"before: {before}\nafter:  {machine()}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.csv:
+        load_rows = [{"table": "load", **{("mean_batch" if k == "batch" else k): v for k, v in r.items()}} for r in rows]
+        print(f"wrote {write_csv(args.csv, [{'table': 'model alone', **r} for r in cost] + load_rows)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
