@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from mmformer.model import TOKENIZER_NAME, MMFormer
 from mmformer.training.datamodule import ImageTextDataModule
 from mmformer.training.distill import DISTILL_TERMS, DistillModule
 from mmformer.training.module import MMFormerModule
-from mmformer.training.precision import auto_precision
+from mmformer.training.precision import auto_precision, time_steps
 from mmformer.training.recipes import init_args, load_recipe
 from mmformer.training.trainer import make_trainer
 
@@ -71,18 +70,13 @@ DISTILL_ARGS = ("teacher", "clip_weight", "teacher_precision", "cache_teacher", 
 
 
 def images_per_s(model: MMFormer, batch_size: int = 64, reps: int = 20, warmup: int = 3) -> float:
-    """Inference images/s of ``model.encode_image`` on random (B, 3, S, S) batches, fp32, median."""
+    """Inference images/s of ``model.encode_image`` on random (B, 3, S, S) batches, fp32: batch /
+    the median of ``reps`` calls after ``warmup`` (:func:`mmformer.training.precision.time_steps`)."""
     c = model.config
     x = torch.randn(batch_size, c.in_chans, c.image_size, c.image_size)
     model = model.eval()
-    times = []
     with torch.inference_mode():
-        for i in range(warmup + reps):
-            t0 = time.perf_counter()
-            model.encode_image(x)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return batch_size / statistics.median(times)
+        return batch_size / time_steps(lambda: model.encode_image(x), reps, warmup)
 
 
 def build(run: str, model_args: dict[str, Any], data_args: dict[str, Any], teacher: str, budget_s: float,

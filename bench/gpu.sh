@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Long documents on one CUDA GPU: both fine-tuning stages
-# (train/longdoc-stage1.yaml, train/longdoc.yaml) given more time and needle documents up to
-# 16k pieces in stage 2, then the encode-cost table (bf16) and the retrieval tables of the result. Every log and the final model
-# go to OUT (default runs/longdoc-gpu).
+# The bench run for a CUDA GPU (the one script to run when a GPU is available): long documents,
+# both fine-tuning stages (train/longdoc-stage1.yaml, train/longdoc.yaml) given more time and needle
+# documents up to 16k pieces in stage 2, then the encode-cost table (bf16) and the retrieval tables
+# of the result (python -m bench.longdoc, each also written as CSV). Every log, CSV and the final
+# model go to OUT (default runs/gpu).
 #   bash bench/gpu.sh runs/demo/model [OUT] [STAGE1_S] [STAGE2_S]
 # A quick run through every step on a CPU:
 #   DEVICE=cpu COST_LENGTHS=1024 LENGTHS=14,512 QUERIES=16 bash bench/gpu.sh runs/demo/model /tmp/x 20 20
@@ -10,7 +11,7 @@ set -uo pipefail
 rm -rf /tmp/longdoc-stage1 /tmp/longdoc
 cd "$(dirname "$0")/.."
 DEMO=${1:?usage: bench/gpu.sh DEMO_MODEL [OUT] [STAGE1_S] [STAGE2_S]}
-OUT=${2:-runs/longdoc-gpu}
+OUT=${2:-runs/gpu}
 S1=${3:-130}
 S2=${4:-160}
 DEVICE=${DEVICE:-cuda}
@@ -36,6 +37,7 @@ python -m mmformer.cli fit --config train/longdoc.yaml \
 cp /tmp/longdoc/logs/version_0/metrics.csv "$OUT/stage2-metrics.csv"
 MODEL=$([ -f "$OUT/model/config.json" ] && echo "$OUT/model" || echo "$DEMO")
 python -m bench.longdoc --model "$MODEL" --only cost --device "$DEVICE" --precision bf16 --repeats 5 \
-    --cost-lengths "$COST_LENGTHS" 2>&1 | tee "$OUT/cost.txt"
+    --cost-lengths "$COST_LENGTHS" --csv "$OUT/longdoc-cost.csv" 2>&1 | tee "$OUT/cost.txt"
 python -m bench.longdoc --model "$OUT/model" --only retrieval --device "$DEVICE" \
-    --lengths "$LENGTHS" --queries "$QUERIES" --long-queries "$QUERIES" --split-length 2048 2>&1 | tee "$OUT/retrieval.txt"
+    --lengths "$LENGTHS" --queries "$QUERIES" --long-queries "$QUERIES" --split-length 2048 \
+    --csv "$OUT/longdoc-retrieval.csv" 2>&1 | tee "$OUT/retrieval.txt"

@@ -37,7 +37,6 @@ import dataclasses
 import json
 import os
 import random
-import statistics
 import subprocess
 import time
 
@@ -50,6 +49,7 @@ from mmformer.data.emoji import InMemoryImageText
 from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents
 from mmformer.model import MMFormer
 from mmformer.runtime import keep_freed_memory
+from mmformer.training.precision import time_steps
 
 
 def t2i_r1(image: torch.Tensor, text: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -197,15 +197,15 @@ def measure(args) -> None:
         else:
             _reset_peak()
             mem0 = _status_mb("VmRSS")
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
+
+        def timed() -> None:
             run()
             if cuda:
                 torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
+
+        seconds = time_steps(timed, args.repeats, warmup=0)  # the median; warmed up above
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _status_mb("VmHWM")) - mem0
-    print(json.dumps({"time_s": statistics.median(times), "peak_mb": max(peak, 0.0)}))
+    print(json.dumps({"time_s": seconds, "peak_mb": max(peak, 0.0)}))
 
 
 def _reset_peak() -> None:
