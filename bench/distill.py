@@ -21,7 +21,7 @@ images/s (``encode_image`` at batch 64, fp32, median of timed batches), optimize
 held-out text->image and image->text R@1 (``mmformer.retrieval.evaluate_retrieval`` on the test
 split, as ``mmformer demo`` reports it), and the fraction of the teacher's t2i R@1.
 
-    python -m bench.distill --teacher runs/teacher/model                      # distill + plain, 16 min each (the recipe)
+    python -m bench.distill --teacher runs/teacher/model          # distill + plain, 16 min each (the recipe)
     python -m bench.distill --teacher runs/teacher/model --ablations --json distill.json
     python -m bench.distill --teacher runs/teacher/model --runs distill --minutes 0.2   # smoke
 

@@ -136,7 +136,8 @@ def retrieval(model: MMFormer, args) -> list[dict]:
                          + [(f"{k * 10}-{k * 10 + 10}%", f"d{k}", 1) for k in range(10)]))
     rows = [{"table": "length", **r} for r in length_rows] + [{"table": "position", **r} for r in position_rows]
     if args.split_length:
-        rows += [{"table": "split", "length": args.split_length, **r} for r in split(model, image, ds, filler, modes, args)]
+        split_rows = split(model, image, ds, filler, modes, args)
+        rows += [{"table": "split", "length": args.split_length, **r} for r in split_rows]
     return rows
 
 
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = f", {torch.cuda.get_device_name(args.device)}" if torch.device(args.device).type == "cuda" else ""
     print("\n" + machine_line() + gpu + f", {args.precision}")
     if args.csv:
-        print(f"wrote {write_csv(args.csv, [{**r, 'device': args.device + gpu, 'precision': args.precision} for r in rows])}")
+        rows = [{**r, "device": args.device + gpu, "precision": args.precision} for r in rows]
+        print(f"wrote {write_csv(args.csv, rows)}")
     return 0
 
 

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(machine_line() + f"; total {time.time() - t_start:.0f} s")
     if args.csv:
-        print(f"wrote {write_csv(args.csv, [{**r, 'model': args.model, 'recovery': recovery_precision} for r in rows])}")
+        rows = [{**r, "model": args.model, "recovery": recovery_precision} for r in rows]
+        print(f"wrote {write_csv(args.csv, rows)}")
     return 0
 
 

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                     del b
                 del x
     print()
-    print(markdown_table([{**r, "n": f"{r['n']:,}"} for r in rows], [("N", "n", 0), ("dim", "dim", 0), ("data", "data", 0), ("backend", "backend", 0),
+    shown = [{**r, "n": f"{r['n']:,}"} for r in rows]
+    print(markdown_table(shown, [("N", "n", 0), ("dim", "dim", 0), ("data", "data", 0), ("backend", "backend", 0),
                                 ("build s", "build_s", 1), ("index MB", "index_mb", 0),
                                 ("RSS growth MB", "rss_mb", 0), ("p50 ms (batch 1)", "p50_ms", 2),
                                 ("p99 ms (batch 1)", "p99_ms", 2), ("ms/query (batch 64)", "b64_ms", 3),

@@ -163,7 +163,8 @@ class ServerProcess:
     def __init__(self, name: str, argv: list[str], http_port: int, grpc_port: int | None, ready_path: str,
                  batch_log: str | None = None) -> None:
         self.name, self.http_port, self.grpc_port, self.batch_log = name, http_port, grpc_port, batch_log
-        self.proc = subprocess.Popen(argv, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen(argv, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE,
                                      start_new_session=True)
         self.ready_path = ready_path
 
@@ -490,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.csv:
-        load_rows = [{"table": "load", **{("mean_batch" if k == "batch" else k): v for k, v in r.items()}} for r in rows]
+        load_rows = [{"table": "load", **{("mean_batch" if k == "batch" else k): v for k, v in r.items()}}
+                     for r in rows]
         print(f"wrote {write_csv(args.csv, [{'table': 'model alone', **r} for r in cost] + load_rows)}")
     return 0
 

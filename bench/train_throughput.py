@@ -155,7 +155,8 @@ def describe_peak(peak: dict) -> str:
 
 def add_preset_arguments(parser) -> None:
     """``--model``, ``--batch-size`` and ``--precision``: what the one-preset benches built on this
-    one's step take (``bench/diagnostics/profile_step.py``, ``bench/diagnostics/linear_matmuls.py``, ``bench/diagnostics/block_costs.py``)."""
+    one's step take (``bench/diagnostics/profile_step.py``, ``bench/diagnostics/linear_matmuls.py``,
+    ``bench/diagnostics/block_costs.py``)."""
     parser.add_argument("--model", default="small", help="preset (default: small)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
     parser.add_argument("--precision", default="bf16", choices=sorted(DTYPES))

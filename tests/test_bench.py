@@ -81,7 +81,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     out = {}
     for name, overrides in (("teacher", {}), ("student", {"depth": 2})):
-        out[name] = MMFormer(get_config("tiny", vocab_size=tok.vocab_size, **overrides), tok).save_pretrained(root / name)
+        model = MMFormer(get_config("tiny", vocab_size=tok.vocab_size, **overrides), tok)
+        out[name] = model.save_pretrained(root / name)
     return out
 
 
