@@ -92,8 +92,8 @@ def speed(model, split, batch_sizes: list[int], repeats: int, min_seconds: float
         pick = torch.linspace(0, len(split) - 1, b).round().long().tolist()
         x = images[pick]
         ids, mask = model.tokenizer([split.captions[i] for i in pick], max_length=c.context_length)
-        out[f"img_{b}"] = best_rate(lambda: model.encode_image(x), b, repeats, min_seconds)
-        out[f"txt_{b}"] = best_rate(lambda: model.encode_text(ids, mask), b, repeats, min_seconds)
+        out[f"img_{b}"] = best_rate(lambda x=x: model.encode_image(x), b, repeats, min_seconds)
+        out[f"txt_{b}"] = best_rate(lambda ids=ids, mask=mask: model.encode_text(ids, mask), b, repeats, min_seconds)
     return out
 
 

@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 for b in batches:
                     images = torch.randn(b, 3, c.image_size, c.image_size)
                     ids, mask = model.tokenizer([TEXT] * b, max_length=c.context_length)
-                    row[f"img_{b}"] = best_rate(lambda: v.image(images), b, args.repeats, args.min_seconds)
-                    row[f"txt_{b}"] = best_rate(lambda: v.text(ids, mask), b, args.repeats, args.min_seconds)
+                    row[f"img_{b}"] = best_rate(lambda v=v, images=images: v.image(images), b, args.repeats, args.min_seconds)
+                    row[f"txt_{b}"] = best_rate(lambda v=v, ids=ids, mask=mask: v.text(ids, mask), b, args.repeats, args.min_seconds)
                 row.update(closeness(v, vs["fp32"], model))
                 if name.startswith("trained"):
                     row.update(recall(v, model))

@@ -36,8 +36,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel

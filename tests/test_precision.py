@@ -7,8 +7,14 @@ import yaml
 
 from mmformer.config import get_config
 from mmformer.model import MMFormer
-from mmformer.training.precision import (PrecisionChoice, choose_precision, pick_fastest, time_steps, train_step,
-                                         training_step)
+from mmformer.training.precision import (
+    PrecisionChoice,
+    choose_precision,
+    pick_fastest,
+    time_steps,
+    train_step,
+    training_step,
+)
 
 
 class FakeClock:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,7 @@ def fused_qkv_rows(dtypes: list[str], shapes: list[tuple[int, int, int, int]], r
             for mask in (None, torch.arange(t)[None, :] < lengths[:, None]):
                 row = {**row0, "mask": "none" if mask is None else "padding"}
                 for name, fn in FUSED_KERNELS.items():
-                    row[name] = time_ms(lambda x, fn=fn, mask=mask: fn(x, h, mask), [qkv], True, reps)
+                    row[name] = time_ms(lambda x, fn=fn, mask=mask, h=h: fn(x, h, mask), [qkv], True, reps)
                 row["ratio"] = row["fused-qkv"] / row["composite"]
                 rows.append(row)
                 print(f"{dname} {row['shape']} qkv mask={row['mask']}: " +
