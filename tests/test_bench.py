@@ -86,6 +86,21 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def test_write_csv_puts_the_context_first_and_leaves_missing_cells_empty(tmp_path):
+    from bench.common import write_csv
+
+    out = tmp_path / "sub" / "rows.csv"
+    out.parent.mkdir()
+    out.write_text("old\n")
+    write_csv(out, [{"a": 1.23456789, "b": [1, 2]}, {"c": "x", "a": float("nan")}])
+    rows = read_csv(out)
+    assert list(rows[0])[: len(CONTEXT_COLUMNS)] == list(CONTEXT_COLUMNS)
+    assert list(rows[0])[len(CONTEXT_COLUMNS):] == ["a", "b", "c"]
+    assert (rows[0]["a"], rows[0]["b"], rows[0]["c"]) == ("1.23457", "[1, 2]", "")
+    assert (rows[1]["a"], rows[1]["b"], rows[1]["c"]) == ("nan", "", "x")
+    assert [p.name for p in out.parent.iterdir()] == ["rows.csv"]  # replaced, no temp file left
+
+
 def test_train_throughput(tmp_path):
     from bench import train_throughput
 
