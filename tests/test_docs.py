@@ -122,8 +122,9 @@ def run_bash(block: Block) -> None:
         else:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
             done = subprocess.run(argv, env=env, capture_output=True, text=True)
-            assert done.returncode == 0, \
+            assert done.returncode == 0, (
                 f"{block.where}: `{shlex.join(argv)}` exited {done.returncode}:\n{done.stderr[-2000:]}"
+            )
 
 
 def check_same_as(block: Block) -> None:
@@ -229,9 +230,11 @@ def test_csv_table_hook_renders_constant_columns_once(tmp_path):
         import csv_tables
     finally:
         sys.path.pop(0)
-    (tmp_path / "t.csv").write_text("date,commit,cpu,cpu_flags,load,x,y\n"
-                                    "2026-01-01,abc1234,CPU A,avx2,1.0,1,a|b\n"
-                                    "2026-01-02,abc1234,CPU A,avx2,1.0,2,c\n")
+    (tmp_path / "t.csv").write_text(
+        "date,commit,cpu,cpu_flags,load,x,y\n"
+        "2026-01-01,abc1234,CPU A,avx2,1.0,1,a|b\n"
+        "2026-01-02,abc1234,CPU A,avx2,1.0,2,c\n"
+    )
     out = csv_tables.expand("<!-- csv: t.csv -->", tmp_path)
     assert out.split("\n")[0] == "*commit: abc1234; cpu: CPU A; cpu flags: avx2; load: 1.0*"
     assert "| date | x | y |" in out and "| 2026-01-01 | 1 | a\\|b |" in out
