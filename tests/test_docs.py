@@ -216,28 +216,41 @@ def test_benchmark_pages_render_every_csv():
         assert csv_tables.MARKER.search(rendered) is None, f"{page.name}: a csv marker was left unrendered"
     for path in sorted((bench / "data").glob("*.csv")):
         header, rows = csv_tables.read_csv(path)
-        assert header[:5] == list(csv_tables.META), f"{path.name}: header starts {header[:5]}"
+        assert header[: len(csv_tables.META)] == list(csv_tables.META), f"{path.name}: header starts {header[:9]}"
         assert rows, f"{path.name}: no rows"
         for i, row in enumerate(rows, start=2):
-            assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row[0]), f"{path.name} row {i}: date {row[0]!r}"
+            assert re.fullmatch(r"\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}:\d{2}Z)?", row[0]), (
+                f"{path.name} row {i}: date {row[0]!r}"
+            )
             assert re.fullmatch(r"[0-9a-f]{7,40}", row[1]), f"{path.name} row {i}: commit {row[1]!r}"
         assert path.resolve() in used, f"{path.name} is rendered by no page of docs/benchmarks"
 
 
 def test_csv_table_hook_renders_constant_columns_once(tmp_path):
+    """Context columns equal in every row become one line above the table; the rest stay columns;
+    a pipe in a cell is escaped; a short row or a missing context column is an error naming the file."""
     sys.path.insert(0, str(DOCS / "hooks"))
     try:
         import csv_tables
     finally:
         sys.path.pop(0)
+    meta = ",".join(csv_tables.META)
     (tmp_path / "t.csv").write_text(
-        "date,commit,cpu,cpu_flags,load,x,y\n"
-        "2026-01-01,abc1234,CPU A,avx2,1.0,1,a|b\n"
-        "2026-01-02,abc1234,CPU A,avx2,1.0,2,c\n"
+        f"{meta},x,y\n"
+        "2026-01-01,abc1234,CPU A,avx2,2,0.5,1.5,2.14.1,2,1,a|b\n"
+        "2026-01-02,abc1234,CPU A,avx2,2,0.7,1.9,2.14.1,2,2,c\n"
     )
-    out = csv_tables.expand("<!-- csv: t.csv -->", tmp_path)
-    assert out.split("\n")[0] == "*commit: abc1234; cpu: CPU A; cpu flags: avx2; load: 1.0*"
-    assert "| date | x | y |" in out and "| 2026-01-01 | 1 | a\\|b |" in out
-    (tmp_path / "bad.csv").write_text("date,commit,cpu,cpu_flags,load,x\n2026-01-01,abc1234,A,f,1\n")
-    with pytest.raises(ValueError, match=r"bad\.csv: row 2 has 5 fields, the header has 6"):
-        csv_tables.expand("<!-- csv: bad.csv -->", tmp_path)
+    out = csv_tables.expand("<!-- csv: t.csv -->", tmp_path).split("\n")
+    assert (
+        out[0]
+        == "*commit: abc1234; cpu model: CPU A; cpu flags: avx2; logical cpus: 2; torch: 2.14.1; torch threads: 2*"
+    )
+    assert out[2] == "| date | load_start | load_end | x | y |"
+    assert out[4] == "| 2026-01-01 | 0.5 | 1.5 | 1 | a\\|b |"
+    assert out[-1] == "Data: [t.csv](t.csv)"
+    (tmp_path / "short.csv").write_text(f"{meta},x\n2026-01-01,abc1234,A,f,2,1,1,2.14.1,2\n")
+    with pytest.raises(ValueError, match=r"short\.csv: row 2 has 9 fields, the header has 10"):
+        csv_tables.expand("<!-- csv: short.csv -->", tmp_path)
+    (tmp_path / "old.csv").write_text("date,commit,cpu,load,x\n2026-01-01,abc1234,A,1,2\n")
+    with pytest.raises(ValueError, match=r"old\.csv: header lacks cpu_model, cpu_flags, logical_cpus"):
+        csv_tables.expand("<!-- csv: old.csv -->", tmp_path)

@@ -1,9 +1,10 @@
 """mkdocs hook: render the benchmark CSV files into their pages.
 
 A page writes ``<!-- csv: data/NAME.csv -->`` on a line of its own; the hook replaces it with a
-markdown table of that file (path relative to the page). Columns whose value is the same in every
-row (typically date, commit, CPU, flags, load) are stated once in a line above the table instead of
-repeated per row, and a link to the CSV file follows the table. Offline: standard library only.
+markdown table of that file (path relative to the page). Every CSV starts with the run's context
+columns (:data:`META`, the columns the benches' ``--csv PATH`` write); those whose value is the same
+in every row are stated once in a line above the table instead of repeated per row, and a link to
+the CSV file follows the table. Offline: standard library only.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import re
 from pathlib import Path
 
 MARKER = re.compile(r"^<!-- csv: (?P<path>[^ ]+\.csv) -->$", re.MULTILINE)
-META = ("date", "commit", "cpu", "cpu_flags", "load")
+#: the context columns every benchmark CSV starts with, in this order
+META = ("date", "commit", "cpu_model", "cpu_flags", "logical_cpus", "load_start", "load_end", "torch", "torch_threads")
 
 
 def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
