@@ -139,8 +139,20 @@ def run_python(block: Block) -> None:
     exec(code, {"__name__": "__main__"})  # noqa: S102 (the page's own code, as a reader runs it)
 
 
+@pytest.fixture
+def process_settings():
+    """The commands run in this process set torch's threads and flush denormals (as `mmformer fit`
+    does); put both back for the tests that follow."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
 @pytest.mark.parametrize("session", SESSIONS)
-def test_page_blocks_run(session, tmp_path, monkeypatch):
+def test_page_blocks_run(session, tmp_path, monkeypatch, process_settings):
     """Every bash and python block of the pages runs at tiny size, in order, in one folder."""
     monkeypatch.chdir(tmp_path)
     _link_checkout(tmp_path)
