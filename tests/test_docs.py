@@ -209,6 +209,36 @@ def test_every_documented_command_parses(monkeypatch):
                 raise AssertionError(f"{where}: `mmformer {shlex.join(argv)}` does not parse") from e
 
 
+BENCH_COMMAND = re.compile(r"python -m (?P<module>bench(?:\.diagnostics)?\.\w+)(?![.\w])(?P<args>[^\n`]*)")
+
+
+def _bench_sources(module: str) -> str:
+    """The source of a bench module and of the bench modules it imports (where shared flags live)."""
+    path = ROOT / (module.replace(".", "/") + ".py")
+    assert path.is_file(), f"{module} is not a module of bench/"
+    text = path.read_text(encoding="utf-8")
+    for used in set(re.findall(r"(?:from|import) (bench(?:\.\w+)+)", text)):
+        other = ROOT / (used.replace(".", "/") + ".py")
+        if other.is_file():
+            text += other.read_text(encoding="utf-8")
+    return text
+
+
+def test_every_documented_bench_command_names_existing_flags():
+    """Each `python -m bench.NAME --flag ...` on a page names a bench module that exists and flags that
+    the module (or a bench module it imports) declares, so a renamed bench or flag fails here."""
+    pages = ["README.md", "CHANGELOG.md"] + sorted(str(p.relative_to(ROOT)) for p in DOCS.rglob("*.md"))
+    seen = 0
+    for page in pages:
+        text = (ROOT / page).read_text(encoding="utf-8").replace("\\\n", " ")
+        for m in BENCH_COMMAND.finditer(text):
+            source = _bench_sources(m.group("module"))
+            for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", m.group("args")):
+                assert f'"{flag}"' in source, f"{page}: `python -m {m.group('module')}` has no flag {flag}"
+            seen += 1
+    assert seen > 10, "expected the benchmark pages to name their bench commands"
+
+
 def test_benchmark_pages_render_every_csv():
     """Every CSV under docs/benchmarks/data is valid, has the metadata columns, and is rendered by a page."""
     sys.path.insert(0, str(DOCS / "hooks"))
