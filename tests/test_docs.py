@@ -19,7 +19,9 @@ How the blocks run (the mechanism the pages' sources state too):
 - Every other ``mmformer`` command in a bash block of any page (``docs/**/*.md`` and the README) is
   parsed without running: argparse verbs by the CLI's own parser, ``fit``/``validate``/``test``
   by the recipe CLI's parser (recipe, class paths and every ``--trainer/--model/--data`` key
-  checked), so a renamed verb or flag fails here.
+  checked), so a renamed verb or flag fails here. Each ``python -m bench.NAME --flag`` names a bench
+  module that exists and flags it declares.
+- Every CSV under ``docs/benchmarks/data`` starts with the context columns and is rendered by a page.
 """
 
 from __future__ import annotations
