@@ -211,7 +211,7 @@ def test_every_documented_command_parses(monkeypatch):
                 raise AssertionError(f"{where}: `mmformer {shlex.join(argv)}` does not parse") from e
 
 
-BENCH_COMMAND = re.compile(r"python -m (?P<module>bench(?:\.diagnostics)?\.\w+)(?![.\w])(?P<args>[^\n`]*)")
+BENCH_COMMAND = re.compile(r"python -m (?P<module>bench(?:\.diagnostics)?\.[a-z_][a-z0-9_]*)(?![.\w])(?P<args>[^\n`]*)")
 
 
 def _bench_sources(module: str) -> str:
