@@ -28,11 +28,25 @@ ATTENTION_KINDS = ("dense", "local", "compressed")
 #: What a document over ``max_chunks`` does (``ModelConfig.chunk_overflow``,
 #: :class:`mmformer.documents.DocumentCollator`): raise, or keep the first chunks.
 OVERFLOW_POLICIES = ("error", "first")
+#: Text self-attention masks (``ModelConfig.text_mask``): every token sees every real token, or
+#: only the tokens before it and itself (CLIP's text tower).
+TEXT_MASKS = ("bidirectional", "causal")
+#: Text pooling (``ModelConfig.text_pool``): "eos" = the last real token, "argmax" = the token of the
+#: highest id (CLIP's end-of-text, the last id of its vocabulary; the real tokens are those up to it
+#: when no mask is given), "cls" = the first token, "mean" = the mean over the real tokens.
+TEXT_POOLS = ("eos", "argmax", "cls", "mean")
+#: FFN activations (``ModelConfig.mlp_act``): exact GELU, or x * sigmoid(1.702 x) (OpenAI CLIP's).
+MLP_ACTS = ("gelu", "quick_gelu")
 #: Document embeddings from chunk embeddings (:meth:`mmformer.model.MMFormer.forward_document`).
 DOCUMENT_MODES = ("first", "mean", "max", "fusion")
 #: Fields older versions wrote into config.json (with the value they always had) that nothing
 #: reads: ignored when loading, hashed at that value by :func:`mmformer.model.model_fingerprint`.
 RETIRED_FIELDS: dict[str, Any] = {"extra": {}}
+#: Fields added after model fingerprints were first recorded in indexes, with their defaults: a model
+#: at the default is hashed without the field by :func:`mmformer.model.model_fingerprint`.
+LATER_FIELDS: dict[str, Any] = {"mlp_act": "gelu", "patch_bias": True, "text_pos": "sincos",
+                                "text_mask": "bidirectional", "text_width": None, "text_heads": None,
+                                "text_mlp_ratio": None}
 
 
 @dataclass
@@ -56,6 +70,7 @@ class ModelConfig:
     qkv_bias: bool = True
     ln_eps: float = 1e-6
     share: str = "qkv"
+    mlp_act: str = "gelu"  # "gelu" (exact) or "quick_gelu" (OpenAI CLIP)
     # image path
     image_size: int = 64
     patch_size: int = 16
@@ -69,11 +84,19 @@ class ModelConfig:
     # kept), after the positions are added: fewer image tokens per step (FLIP; open_clip's
     # patch_dropout). 0 = off; evaluation and inference always see every patch
     patch_dropout: float = 0.0
+    patch_bias: bool = True  # bias on the patch embedding (CLIP's has none)
     # text path
     vocab_size: int = 4096
     context_length: int = 16
-    text_pool: str = "eos"  # "eos" (last real token), "cls" (first token) or "mean"
+    text_pool: str = "eos"  # one of TEXT_POOLS
     pad_id: int = 0
+    text_pos: str = "sincos"  # "sincos" (fixed 1-D, times pos_scale) or "learned" (context_length, D)
+    text_mask: str = "bidirectional"  # or "causal" (CLIP's text tower)
+    # the text path's own width, heads and FFN ratio (None = the trunk's): only with share="none",
+    # where the modalities share no weights (a two-tower CLIP imports this way)
+    text_width: int | None = None
+    text_heads: int | None = None
+    text_mlp_ratio: float | None = None
     # Fixed sin-cos tables (amplitude 1) are multiplied by this so that they sit at the scale of
     # the learned token / patch embeddings (std 0.02) instead of drowning them.
     pos_scale: float = 0.02
@@ -130,14 +153,41 @@ class ModelConfig:
             problems.append(f"image_pos={self.image_pos!r} must be 'sincos' or 'learned'")
         if self.image_pool not in ("cls", "mean"):
             problems.append(f"image_pool={self.image_pool!r} must be 'cls' or 'mean'")
-        if self.text_pool not in ("eos", "cls", "mean"):
-            problems.append(f"text_pool={self.text_pool!r} must be 'eos', 'cls' or 'mean'")
+        if self.text_pool not in TEXT_POOLS:
+            problems.append(f"text_pool={self.text_pool!r} must be one of {TEXT_POOLS}")
+        problems += self._clip_problems()
         if self.image_pos == "sincos" and self.width % 4:
             problems.append(f"2-D sin-cos positions need width divisible by 4, got {self.width}")
         problems += self._long_document_problems()
         problems += self._block_heads_problems()
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    def _clip_problems(self) -> list[str]:
+        """The fields a CLIP tower needs: activation, text positions and mask, the text path's shape."""
+        problems = []
+        if self.mlp_act not in MLP_ACTS:
+            problems.append(f"mlp_act={self.mlp_act!r} must be one of {MLP_ACTS}")
+        if self.text_pos not in ("sincos", "learned"):
+            problems.append(f"text_pos={self.text_pos!r} must be 'sincos' or 'learned'")
+        if self.text_pos == "sincos" and self.text_dim % 2:
+            problems.append(f"1-D sin-cos text positions need an even text width, got {self.text_dim}")
+        if self.text_mask not in TEXT_MASKS:
+            problems.append(f"text_mask={self.text_mask!r} must be one of {TEXT_MASKS}")
+        if self.text_mask == "causal" and self.attention != "dense":
+            problems.append(f"text_mask='causal' needs attention='dense', got {self.attention!r}")
+        if self.text_dim < 1 or self.text_head_count < 1:
+            problems.append(f"text width {self.text_dim} and text heads {self.text_head_count} must be >= 1")
+        elif self.text_dim % self.text_head_count:
+            problems.append(f"text width {self.text_dim} is not divisible by text heads {self.text_head_count}")
+        if self.text_shape != (self.width, self.heads, self.mlp_hidden):
+            if self.share != "none":
+                problems.append(f"text_width/text_heads/text_mlp_ratio other than the trunk's need share='none' "
+                                f"(got share={self.share!r})")
+            if self.document_expert or self.fusion_latents or self.block_heads is not None:
+                problems.append("a text path of its own width/heads/FFN does not support document_expert, "
+                                "fusion_latents or block_heads")
+        return problems
 
     def _long_document_problems(self) -> list[str]:
         problems = []
@@ -180,6 +230,29 @@ class ModelConfig:
     def heads_per_block(self) -> list[int]:
         """Attention heads of each block: ``block_heads``, or ``heads`` for every block."""
         return list(self.block_heads) if self.block_heads is not None else [self.heads] * self.depth
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the text path: ``text_width``, or the trunk's ``width``."""
+        return self.width if self.text_width is None else self.text_width
+
+    @property
+    def text_head_count(self) -> int:
+        """Attention heads of the text path: ``text_heads``, or the trunk's ``heads``."""
+        return self.heads if self.text_heads is None else self.text_heads
+
+    @property
+    def text_shape(self) -> tuple[int, int, int]:
+        """(width, heads, FFN hidden width) of the text path."""
+        ratio = self.mlp_ratio if self.text_mlp_ratio is None else self.text_mlp_ratio
+        return self.text_dim, self.text_head_count, int(self.text_dim * ratio)
+
+    @property
+    def modality_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """(width, heads, FFN hidden width) of each block route: the trunk's for the image path,
+        :attr:`text_shape` for the text path (and the document expert, a copy of it)."""
+        trunk = (self.width, self.heads, self.mlp_hidden)
+        return {m: trunk if m == "image" else self.text_shape for m in self.modalities}
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -244,7 +317,7 @@ class ModelConfig:
 
 # field type (as annotated) -> (accepted Python types, what to call it in errors)
 _POSITIVE_INTS = ("width", "depth", "heads", "image_size", "patch_size", "in_chans", "vocab_size",
-                  "context_length", "embed_dim", "fusion_heads")
+                  "context_length", "embed_dim", "fusion_heads", "text_width", "text_heads")
 
 
 def check_field_types(d: dict[str, Any], source: str = "ModelConfig") -> None:

@@ -31,9 +31,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmformer.config import DOCUMENT_MODES, RETIRED_FIELDS, ModelConfig
+from mmformer.config import DOCUMENT_MODES, LATER_FIELDS, RETIRED_FIELDS, ModelConfig
 from mmformer.documents import DocumentCollator
 from mmformer.files import atomic_path
+from mmformer.layers.causal import causal_attend
 from mmformer.layers.fusion import DocumentFusion
 from mmformer.layers.init import init_linears_and_norms
 from mmformer.layers.multiway import MultiwayBlock, each, sharing
@@ -67,10 +68,10 @@ class PatchEmbed(nn.Module):
     parameters and computed as one matmul over the flattened patches (the same numbers; on the
     CPU the matmul's backward is several times faster than the convolution's in bf16)."""
 
-    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+    def __init__(self, patch_size: int, in_chans: int, dim: int, bias: bool = True) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -109,7 +110,7 @@ class MMFormer(nn.Module):
         self.tokenizer = tokenizer
         d = c.width
         # image path
-        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, d)
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, d, c.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         pos = c.pos_scale * torch.cat([torch.zeros(1, d), sincos_2d(c.grid_size, c.grid_size, d)])[None] \
             if c.image_pos == "sincos" else torch.zeros(1, 1 + c.num_patches, d)
@@ -119,19 +120,25 @@ class MMFormer(nn.Module):
             self.register_buffer("pos_embed", pos, persistent=False)  # (1, 1+N, D), cls gets 0
         self.norm_pre = nn.LayerNorm(d, eps=c.ln_eps) if c.image_pre_norm else nn.Identity()
         # text path
-        self.token_embed = nn.Embedding(c.vocab_size, d)
-        self.register_buffer("text_pos", c.pos_scale * sinusoidal_1d(c.context_length, d), persistent=False)
+        td = c.text_dim  # the trunk's width unless the text path has its own (share="none")
+        self.token_embed = nn.Embedding(c.vocab_size, td)
+        if c.text_pos == "learned":
+            self.text_pos = nn.Parameter(torch.zeros(c.context_length, td))  # (T, D)
+        else:
+            self.register_buffer("text_pos", c.pos_scale * sinusoidal_1d(c.context_length, td), persistent=False)
         # shared trunk
+        shapes = c.modality_shapes if c.text_shape != (d, c.heads, c.mlp_hidden) else None
         self.blocks = nn.ModuleList(  # a pruned config gives blocks fewer heads of the same width
-            MultiwayBlock(d, h, c.mlp_hidden, c.share, c.modalities, c.qkv_bias, c.ln_eps, c.head_dim)
+            MultiwayBlock(d, h, c.mlp_hidden, c.share, c.modalities, c.qkv_bias, c.ln_eps, c.head_dim,
+                          c.mlp_act, shapes)
             for h in c.heads_per_block
         )
-        self.norm = nn.ModuleDict({m: nn.LayerNorm(d, eps=c.ln_eps) for m in c.modalities})
+        self.norm = nn.ModuleDict({m: nn.LayerNorm(c.modality_shapes[m][0], eps=c.ln_eps) for m in c.modalities})
         # long documents' own token embeddings (with the document expert)
-        self.document_embed = nn.Embedding(c.vocab_size, d) if c.document_expert else None
+        self.document_embed = nn.Embedding(c.vocab_size, td) if c.document_expert else None
         # joint space
         self.image_proj = nn.Linear(d, c.embed_dim, bias=False)
-        self.text_proj = nn.Linear(d, c.embed_dim, bias=False)
+        self.text_proj = nn.Linear(td, c.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(c.logit_scale_init)))
         # long documents: text attention kernel (dense or sparse) and chunk fusion (optional)
         self.set_text_attention(c.attention)
@@ -163,6 +170,8 @@ class MMFormer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if isinstance(self.text_pos, nn.Parameter):
+            nn.init.normal_(self.text_pos, std=0.01)  # open_clip's init of its learned text positions
         with torch.no_grad():
             self.logit_scale.fill_(math.log(self.config.logit_scale_init))
         if getattr(self, "fusion", None) is not None:
@@ -195,7 +204,7 @@ class MMFormer(nn.Module):
                     owner[id(part)] = role
 
         mark("image", self.patch_embed, self.cls_token, self.pos_embed, self.norm_pre, self.image_proj)
-        mark("text", self.token_embed, self.text_proj)
+        mark("text", self.token_embed, self.text_pos, self.text_proj)
         mark("document", self.document_embed)
         for modality, norm in self.norm.items():
             mark(modality, norm)
@@ -214,7 +223,8 @@ class MMFormer(nn.Module):
         (:func:`mmformer.training.optim.parameter_groups`)."""
         exempt: set[int] = set()
         # parts may be None: a pipeline stage keeps only the parts its blocks need
-        for part in (self.token_embed, self.document_embed, self.cls_token, self.pos_embed, self.logit_scale):
+        for part in (self.token_embed, self.document_embed, self.cls_token, self.pos_embed, self.text_pos,
+                     self.logit_scale):
             if isinstance(part, nn.Module):
                 exempt.update(id(q) for q in part.parameters())
             elif isinstance(part, torch.Tensor):
@@ -320,7 +330,14 @@ class MMFormer(nn.Module):
         return x + self.text_pos[: input_ids.shape[1]].to(x.dtype)
 
     def _text_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        mask = input_ids != self.config.pad_id if attention_mask is None else attention_mask.bool()
+        """The (B, T) bool mask of real tokens: ``attention_mask``, or by default the ids that are not
+        ``pad_id`` (with ``text_pool="argmax"``: the tokens up to the one of the highest id, CLIP's
+        end-of-text, whose padding id 0 is also a word piece)."""
+        if attention_mask is None and self.config.text_pool == "argmax":
+            ends = input_ids.argmax(dim=1, keepdim=True)  # (B, 1)
+            mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None] <= ends
+        else:
+            mask = input_ids != self.config.pad_id if attention_mask is None else attention_mask.bool()
         if mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
         if not bool(mask.any(dim=1).all()):
@@ -335,6 +352,7 @@ class MMFormer(nn.Module):
         if pool == "mean":
             m = mask.to(states.dtype)[..., None]
             return (states * m).sum(1) / m.sum(1)
+        # "eos" and "argmax": the last real token (the mask of an "argmax" model ends at its highest id)
         last = mask.long().sum(dim=1) - 1  # (B,) index of the last real token (EOS)
         return states[torch.arange(states.shape[0], device=states.device), last]
 
@@ -376,7 +394,12 @@ class MMFormer(nn.Module):
         if kind != self.config.attention or changes:  # keep the caller's config object otherwise
             self.config = dataclasses.replace(self.config, attention=kind, **changes)
         c = self.config
-        fn = make_attend(kind, c.attention_window, c.attention_global, c.attention_compression)
+        if c.text_mask == "causal":
+            if kind != "dense":
+                raise ValueError(f"a causal text path (text_mask='causal') has only dense attention, not {kind!r}")
+            fn = causal_attend
+        else:
+            fn = make_attend(kind, c.attention_window, c.attention_global, c.attention_compression)
         for block in self.blocks:
             block.attn.text_attend = fn
 
@@ -595,6 +618,9 @@ def model_fingerprint(model: nn.Module) -> str:
             if d.get("block_heads") is None:  # unpruned: hashed as before the field existed
                 d.pop("block_heads", None)
             d.pop("patch_dropout", None)  # training only: the same weights embed the same way
+            for name, default in LATER_FIELDS.items():  # at their defaults: hashed as before they existed
+                if name in d and d[name] == default:
+                    d.pop(name)
         h.update(json.dumps(d, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         if not isinstance(t, torch.Tensor):

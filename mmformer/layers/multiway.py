@@ -10,7 +10,7 @@ weights live inside one block, so FSDP can shard each block as one unit.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -20,13 +20,29 @@ from mmformer.layers.attention import attend, check_heads
 from mmformer.layers.packing import TokenPacking
 
 
-class Mlp(nn.Module):
-    """Linear -> GELU (exact) -> Linear, named like timm's ``Mlp`` (fc1, fc2)."""
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP models were trained with."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_act(name: str) -> nn.Module:
+    """The FFN activation ``name``: ``"gelu"`` (exact) or ``"quick_gelu"``."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r}; choose 'gelu' or 'quick_gelu'")
+
+
+class Mlp(nn.Module):
+    """Linear -> activation (exact GELU by default) -> Linear, named like timm's ``Mlp`` (fc1, fc2)."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = make_act(act)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +91,8 @@ class MultiwayAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, share: str, modalities: tuple[str, ...],
-                 qkv_bias: bool = True, head_dim: int | None = None) -> None:
+                 qkv_bias: bool = True, head_dim: int | None = None,
+                 shapes: Mapping[str, tuple[int, int]] | None = None) -> None:
         super().__init__()
         if head_dim is None:
             check_heads(dim, heads)
@@ -87,9 +104,27 @@ class MultiwayAttention(nn.Module):
         inner = heads * head_dim
         self.qkv = shared_or_per_modality(s["qkv"], lambda: nn.Linear(dim, 3 * inner, bias=qkv_bias), modalities)
         self.proj = shared_or_per_modality(s["proj"], lambda: nn.Linear(inner, dim), modalities)
+        # modalities of their own (width, heads) (share="none" only): None = every modality has (dim, heads)
+        self.heads_by_modality: dict[str, int] | None = None
+        if shapes is not None and any(shapes.get(m, (dim, heads)) != (dim, heads) for m in modalities):
+            self._own_shapes(shapes, share, modalities, qkv_bias)
         # text attention kernel: dense by default, or a sparse one (mmformer.layers.sparse)
         self.text_attend = attend
         self.head_gate: torch.Tensor | None = None
+
+    def _own_shapes(self, shapes: Mapping[str, tuple[int, int]], share: str, modalities: tuple[str, ...],
+                    qkv_bias: bool) -> None:
+        """Give each modality its own (width, heads) projections: a two-tower model (share="none")."""
+        if share != "none" or self.heads * self.head_dim != next(iter(self.qkv.values())).in_features:
+            raise ValueError(f"modalities of different widths or heads need share='none' and unpruned heads, "
+                             f"got share={share!r}")
+        self.heads_by_modality = {}
+        for m in modalities:
+            width, heads = shapes.get(m, (self.heads * self.head_dim, self.heads))
+            check_heads(width, heads)
+            self.qkv[m] = nn.Linear(width, 3 * width, bias=qkv_bias)
+            self.proj[m] = nn.Linear(width, width)
+            self.heads_by_modality[m] = heads
 
     def forward(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
                 packing: TokenPacking | None = None) -> torch.Tensor:
@@ -97,8 +132,9 @@ class MultiwayAttention(nn.Module):
         projections run on the N tokens and only the attention kernel sees the (B, T) layout);
         key_padding_mask: (B, T) bool, True = real token."""
         fn = attend if modality == "image" else self.text_attend
+        heads = self.heads if self.heads_by_modality is None else self.heads_by_modality[modality]
         qkv = route(self.qkv, modality)(x)
-        h = fn(qkv if packing is None else packing.unpack(qkv), self.heads, key_padding_mask)  # (B, T, H*Dh)
+        h = fn(qkv if packing is None else packing.unpack(qkv), heads, key_padding_mask)  # (B, T, H*Dh)
         if self.head_gate is not None:
             b, t, _ = h.shape
             h = (h.reshape(b, t, self.heads, self.head_dim) * self.head_gate.to(h.dtype)[:, None]).reshape(b, t, -1)
@@ -113,13 +149,21 @@ class MultiwayBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int, share: str = "qkv",
                  modalities: tuple[str, ...] = MODALITIES, qkv_bias: bool = True,
-                 eps: float = 1e-6, head_dim: int | None = None) -> None:
+                 eps: float = 1e-6, head_dim: int | None = None, act: str = "gelu",
+                 shapes: Mapping[str, tuple[int, int, int]] | None = None) -> None:
+        """``shapes``: (width, heads, FFN hidden width) of modalities that differ from (dim, heads,
+        mlp_hidden), e.g. a CLIP text tower narrower than its image tower; only with share="none"."""
         super().__init__()
         s = sharing(share)
-        self.norm1 = nn.ModuleDict({m: nn.LayerNorm(dim, eps=eps) for m in modalities})
-        self.attn = MultiwayAttention(dim, heads, share, modalities, qkv_bias, head_dim)
-        self.norm2 = nn.ModuleDict({m: nn.LayerNorm(dim, eps=eps) for m in modalities})
-        self.mlp = shared_or_per_modality(s["mlp"], lambda: Mlp(dim, mlp_hidden), modalities)
+        shape = {m: (shapes or {}).get(m, (dim, heads, mlp_hidden)) for m in modalities}
+        self.norm1 = nn.ModuleDict({m: nn.LayerNorm(shape[m][0], eps=eps) for m in modalities})
+        self.attn = MultiwayAttention(dim, heads, share, modalities, qkv_bias, head_dim,
+                                      {m: shape[m][:2] for m in modalities})
+        self.norm2 = nn.ModuleDict({m: nn.LayerNorm(shape[m][0], eps=eps) for m in modalities})
+        if s["mlp"]:
+            self.mlp = Mlp(dim, mlp_hidden, act)
+        else:
+            self.mlp = nn.ModuleDict({m: Mlp(shape[m][0], shape[m][2], act) for m in modalities})
 
     def forward(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
                 packing: TokenPacking | None = None) -> torch.Tensor:
