@@ -599,6 +599,74 @@ class MMFormer(nn.Module):
             raise ValueError(f"timm ViT does not fit this config: shape mismatches={bad[:10]} unknown keys={unknown[:10]}")
         self.load_state_dict(converted, strict=False)
 
+    # ---- CLIP checkpoints (mmformer.convert) -----------------------------------------------
+    @classmethod
+    def from_open_clip(cls, model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+                       arch: str, quick_gelu: bool | None = None) -> "MMFormer":
+        """A ``share="none"`` MMFormer with the weights of an open_clip ``CLIP`` of architecture
+        ``arch`` (a name open_clip knows, e.g. ``"ViT-B-32"``; its config is read from open_clip's
+        bundled model configs): the model, its state dict, or a weights file (.pt/.pth/.bin, an
+        open_clip training checkpoint, or .safetensors). Its ``encode_image`` / ``encode_text``
+        equal open_clip's on the same normalised pixels and token ids.
+
+        ``quick_gelu``: the activation, when it is not the architecture's (OpenAI's weights, loaded
+        by open_clip with ``force_quick_gelu``); taken from the model when a model is given.
+        """
+        from mmformer.convert.open_clip import open_clip_config, open_clip_to_mmformer
+
+        source = f"open_clip {arch}"
+        if isinstance(model_or_state_dict, nn.Module):
+            if quick_gelu is None:
+                quick_gelu = any(type(m).__name__ == "QuickGELU" for m in model_or_state_dict.modules())
+            state = model_or_state_dict.state_dict()
+        elif isinstance(model_or_state_dict, (str, os.PathLike)):
+            source = str(model_or_state_dict)
+            state = _read_state_dict(Path(model_or_state_dict))
+        else:
+            state = model_or_state_dict
+        state = _unwrap_training_checkpoint(state)
+        config = open_clip_config(arch, quick_gelu)
+        model = cls(config)
+        model.load_state_dict_checked(open_clip_to_mmformer(state), source=source)
+        return model
+
+    @classmethod
+    def from_hf_clip(cls, model_or_dir: nn.Module | str | os.PathLike) -> "MMFormer":
+        """A ``share="none"`` MMFormer with the weights of a Hugging Face ``CLIPModel``: the model,
+        or a directory written by its ``save_pretrained`` (``config.json`` and ``model.safetensors``
+        or ``pytorch_model.bin``; transformers is not needed to read it). Its ``encode_image`` /
+        ``encode_text`` equal ``get_image_features`` / ``get_text_features``."""
+        from mmformer.convert.hf_clip import hf_clip_config, hf_clip_to_mmformer
+
+        if isinstance(model_or_dir, nn.Module):
+            source = type(model_or_dir).__name__
+            hf_config, state = model_or_dir.config.to_dict(), model_or_dir.state_dict()
+        else:
+            directory = Path(model_or_dir)
+            source = str(directory)
+            weights = [directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()]
+            if not (directory / CONFIG_NAME).is_file() or not weights:
+                raise FileNotFoundError(f"{directory}: expected a Hugging Face CLIP directory with config.json and "
+                                        "model.safetensors (or pytorch_model.bin)")
+            try:
+                hf_config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{directory / CONFIG_NAME}: not a JSON config ({e})") from None
+            state = _read_state_dict(weights[0])
+        model = cls(hf_clip_config(hf_config, source=source))
+        model.load_state_dict_checked(hf_clip_to_mmformer(state), source=source)
+        return model
+
+
+def _unwrap_training_checkpoint(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The weights of an open_clip training checkpoint (``{"state_dict": ...}``, keys under
+    ``module.`` when saved from DDP), or ``state`` itself."""
+    if "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
 
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 (16 hex digits) of the model's config and every tensor of its state dict.
