@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mmformer.bpe import CLIP_BPE_NAME, ClipTokenizer
 from mmformer.config import DOCUMENT_MODES, LATER_FIELDS, RETIRED_FIELDS, ModelConfig
 from mmformer.documents import DocumentCollator
 from mmformer.files import atomic_path
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.model"
+#: vocabulary size of CLIP's BPE tokenizer: an imported CLIP model of this size gets it attached
+CLIP_VOCAB_SIZE = 49408
 
 
 @contextlib.contextmanager
@@ -104,7 +107,7 @@ class MMFormer(nn.Module):
         tokenizer: optional SentencePiece tokenizer kept with the model and saved beside it.
     """
 
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | ClipTokenizer | None = None) -> None:
         super().__init__()
         c = self.config = config
         self.tokenizer = tokenizer
@@ -331,11 +334,17 @@ class MMFormer(nn.Module):
 
     def _text_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The (B, T) bool mask of real tokens: ``attention_mask``, or by default the ids that are not
-        ``pad_id`` (with ``text_pool="argmax"``: the tokens up to the one of the highest id, CLIP's
-        end-of-text, whose padding id 0 is also a word piece)."""
-        if attention_mask is None and self.config.text_pool == "argmax":
-            ends = input_ids.argmax(dim=1, keepdim=True)  # (B, 1)
+        ``pad_id``. With ``text_pool="argmax"`` the tokens up to the first one of the highest id
+        (CLIP's end of text, pooled there as open_clip does; its padding id 0 is also a word piece),
+        within ``attention_mask`` when one is given."""
+        if self.config.text_pool == "argmax":
+            ends = input_ids.argmax(dim=1, keepdim=True)  # (B, 1), the first highest id
             mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None] <= ends
+            if attention_mask is not None:
+                if attention_mask.shape != input_ids.shape:
+                    raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                                     f"{tuple(input_ids.shape)}")
+                mask = mask & attention_mask.bool()
         else:
             mask = input_ids != self.config.pad_id if attention_mask is None else attention_mask.bool()
         if mask.shape != input_ids.shape:
@@ -522,7 +531,8 @@ class MMFormer(nn.Module):
 
     # ---- persistence --------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.model``), each atomically."""
+        """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.model``, or CLIP's merges as
+        ``clip_bpe.txt.gz``), each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.to_json(directory / CONFIG_NAME)
@@ -530,10 +540,14 @@ class MMFormer(nn.Module):
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(state, tmp, metadata={"format": "pt", "library": "mmformer",
                                             "mmformer_config": json.dumps(self.config.to_dict(), sort_keys=True)})
+        # the tokenizer's own file (tokenizer.model, or CLIP's merges); another one left from an
+        # earlier save would not belong to these weights
+        name = getattr(self.tokenizer, "file_name", TOKENIZER_NAME) if self.tokenizer is not None else None
+        for other in (TOKENIZER_NAME, CLIP_BPE_NAME):
+            if other != name:
+                (directory / other).unlink(missing_ok=True)
         if self.tokenizer is not None:
-            self.tokenizer.save(directory / TOKENIZER_NAME)
-        else:  # a tokenizer.model left from an earlier save would not belong to these weights
-            (directory / TOKENIZER_NAME).unlink(missing_ok=True)
+            self.tokenizer.save(directory / name)
         return directory
 
     @classmethod
@@ -546,6 +560,9 @@ class MMFormer(nn.Module):
         config = ModelConfig.from_json(directory / CONFIG_NAME)
         tok_path = directory / TOKENIZER_NAME
         tok = Tokenizer.load(tok_path) if tok_path.is_file() else None
+        if tok is None and (directory / CLIP_BPE_NAME).is_file():
+            tok_path = directory / CLIP_BPE_NAME
+            tok = ClipTokenizer.load(tok_path)
         if tok is not None and tok.vocab_size > config.vocab_size:
             raise ValueError(f"{tok_path} has {tok.vocab_size} pieces, more than vocab_size={config.vocab_size} "
                              f"in {directory / CONFIG_NAME}: it is not the tokenizer these weights were trained with")
@@ -626,7 +643,7 @@ class MMFormer(nn.Module):
             state = model_or_state_dict
         state = _unwrap_training_checkpoint(state)
         config = open_clip_config(arch, quick_gelu)
-        model = cls(config)
+        model = cls(config, ClipTokenizer.default() if config.vocab_size == CLIP_VOCAB_SIZE else None)
         model.load_state_dict_checked(open_clip_to_mmformer(state), source=source)
         return model
 
@@ -653,7 +670,8 @@ class MMFormer(nn.Module):
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{directory / CONFIG_NAME}: not a JSON config ({e})") from None
             state = _read_state_dict(weights[0])
-        model = cls(hf_clip_config(hf_config, source=source))
+        config = hf_clip_config(hf_config, source=source)
+        model = cls(config, ClipTokenizer.default() if config.vocab_size == CLIP_VOCAB_SIZE else None)
         model.load_state_dict_checked(hf_clip_to_mmformer(state), source=source)
         return model
 

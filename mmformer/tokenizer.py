@@ -121,18 +121,21 @@ class Tokenizer:
         return chunk_ids(self.encode(text), length, stride)
 
 
-def wrap_and_pad(pieces: list[list[int]], max_length: int,
-                 pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def wrap_and_pad(pieces: list[list[int]], max_length: int, pad_to_max: bool = False,
+                 specials: tuple[int, int, int] = (BOS_ID, EOS_ID, PAD_ID)) -> tuple[torch.Tensor, torch.Tensor]:
     """Piece-id lists -> ((B, T) int64 ids, (B, T) bool mask): each row ``[bos] pieces [eos]``,
     pieces truncated (never the eos) to fit ``max_length``, padded to the longest row (or to
-    ``max_length`` with ``pad_to_max``)."""
-    rows = [[BOS_ID, *ids[: max_length - 2], EOS_ID] for ids in pieces]
+    ``max_length`` with ``pad_to_max``). ``specials``: the (bos, eos, pad) ids; the mask marks each
+    row's own tokens (a pad id that is also a piece, as CLIP's 0, stays real inside a row)."""
+    bos, eos, pad = specials
+    rows = [[bos, *ids[: max_length - 2], eos] for ids in pieces]
     t = max_length if pad_to_max else max((len(r) for r in rows), default=2)
-    ids = np.full((len(rows), t), PAD_ID, dtype=np.int64)
+    ids = np.full((len(rows), t), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), t), dtype=bool)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
-    ids = torch.from_numpy(ids)
-    return ids, ids != PAD_ID
+        mask[i, : len(r)] = True
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def chunk_ids(ids: list[int], length: int, stride: int | None = None) -> list[list[int]]:
