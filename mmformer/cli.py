@@ -10,6 +10,9 @@
 - ``mmformer export --ckpt FILE|DIR --out DIR``: Lightning checkpoint (a file, or the folder of a
   sharded FSDP checkpoint) -> ``save_pretrained`` directory. ``mmformer export --model DIR --onnx
   DIR`` (or ``--ckpt X --onnx DIR``): the image and text encoders as ONNX graphs (+ int8 copies).
+- ``mmformer import --open-clip ARCH --weights FILE --out DIR`` (or ``--hf-clip DIR``): CLIP weights
+  -> ``save_pretrained`` directory; ``mmformer export --model DIR --open-clip FILE``: back to open_clip
+  (see :mod:`mmformer.clip_io`).
 - ``mmformer prune --model DIR --heads FRACTION --out DIR``: remove attention heads (see
   :mod:`mmformer.compress.prune`), optionally recovering by distillation (``--recover STEPS``).
 - ``mmformer tokenizer --input FILE --out FILE``: train a SentencePiece tokenizer.
@@ -184,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--onnx", default=None, metavar="DIR",
                    help="write image.onnx, text.onnx (+ onnxruntime int8 copies), config and tokenizer to DIR")
     x.add_argument("--no-int8", action="store_true", help="with --onnx: skip the int8 graphs")
+    x.add_argument("--open-clip", default=None, metavar="FILE",
+                   help="with --model: write its weights as an open_clip CLIP state dict (.pt or .safetensors)")
     x.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder at --out (swapped in only once complete)")
     x.set_defaults(func=cmd_export)
@@ -234,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "search page, metrics)")
     add_serve_arguments(sv)
     sv.set_defaults(func=cmd_serve)
+
+    im = sub.add_parser("import", help="open_clip or Hugging Face CLIP weights -> save_pretrained directory")
+    im.add_argument("--open-clip", metavar="ARCH", help="open_clip architecture name (e.g. ViT-B-32), with --weights")
+    im.add_argument("--weights", help="open_clip state dict or training checkpoint file")
+    im.add_argument("--quick-gelu", action="store_true", default=None, help="QuickGELU (OpenAI's own weights)")
+    im.add_argument("--hf-clip", metavar="DIR", help="Hugging Face CLIPModel directory (config.json + weights)")
+    im.add_argument("--out", required=True, help="save_pretrained directory to write")
+    im.set_defaults(func=cmd_import)
 
     t = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
     t.add_argument("--input", required=True, nargs="+",
@@ -384,8 +397,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SystemExit("mmformer export: give --ckpt FILE|DIR (with --out and/or --onnx) or --model DIR (with --onnx)")
     if args.ckpt is not None and args.out is None and args.onnx is None:
         raise SystemExit("mmformer export: --ckpt needs --out DIR (save_pretrained) and/or --onnx DIR")
+    if args.model is not None and args.open_clip is not None:
+        print(f"wrote {_clip_io().export_open_clip(args.model, args.open_clip)}")
+        if args.onnx is None:
+            return 0
     if args.model is not None and args.onnx is None:
-        raise SystemExit("mmformer export: --model needs --onnx DIR")
+        raise SystemExit("mmformer export: --model needs --onnx DIR or --open-clip FILE")
     model_dir = args.model
     with tempfile.TemporaryDirectory() as scratch:
         if args.ckpt is not None:
@@ -396,6 +413,17 @@ def cmd_export(args: argparse.Namespace) -> int:
                 print(f"wrote {model_dir} (config.json, model.safetensors, tokenizer.model)")
         if args.onnx is not None:
             export_onnx_folder(model_dir, args.onnx, int8=not args.no_int8)
+    return 0
+
+
+def _clip_io():
+    from mmformer import clip_io
+
+    return clip_io
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    print(f"wrote {_clip_io().import_clip(args.out, args.open_clip, args.weights, args.hf_clip, args.quick_gelu)}")
     return 0
 
 
