@@ -48,7 +48,8 @@ def test_import_then_export_round_trips_through_open_clip(peer_file, tmp_path, c
 def test_import_errors_are_one_line(peer_file, tmp_path, capsys):
     _, weights = peer_file
     assert run(["import", "--open-clip", "ViT-B-32", "--out", str(tmp_path / "m")]) == 1
-    assert capsys.readouterr().err.strip() == "mmformer import: open_clip ViT-B-32: needs the weights file (--weights FILE)"
+    err = capsys.readouterr().err.strip()
+    assert err == "mmformer import: open_clip ViT-B-32: needs the weights file (--weights FILE)"
     assert run(["import", "--open-clip", "ViT-B-16", "--weights", str(weights), "--out", str(tmp_path / "m")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mmformer import: {weights} does not fit this model") and "\n" not in err
