@@ -46,7 +46,7 @@ RETIRED_FIELDS: dict[str, Any] = {"extra": {}}
 #: at the default is hashed without the field by :func:`mmformer.model.model_fingerprint`.
 LATER_FIELDS: dict[str, Any] = {"mlp_act": "gelu", "patch_bias": True, "text_pos": "sincos",
                                 "text_mask": "bidirectional", "text_width": None, "text_heads": None,
-                                "text_mlp_ratio": None}
+                                "text_mlp_ratio": None, "text_depth": None}
 
 
 @dataclass
@@ -97,6 +97,9 @@ class ModelConfig:
     text_width: int | None = None
     text_heads: int | None = None
     text_mlp_ratio: float | None = None
+    # blocks the text path runs through, the first text_depth of the stack (None = all ``depth``): a
+    # CLIP text tower shallower than its image tower; only with share="none"
+    text_depth: int | None = None
     # Fixed sin-cos tables (amplitude 1) are multiplied by this so that they sit at the scale of
     # the learned token / patch embeddings (std 0.02) instead of drowning them.
     pos_scale: float = 0.02
@@ -180,12 +183,14 @@ class ModelConfig:
             problems.append(f"text width {self.text_dim} and text heads {self.text_head_count} must be >= 1")
         elif self.text_dim % self.text_head_count:
             problems.append(f"text width {self.text_dim} is not divisible by text heads {self.text_head_count}")
-        if self.text_shape != (self.width, self.heads, self.mlp_hidden):
+        if self.text_depth is not None and not 1 <= self.text_depth <= self.depth:
+            problems.append(f"text_depth={self.text_depth} must be in [1, depth={self.depth}] or None")
+        if self.text_shape != (self.width, self.heads, self.mlp_hidden) or self.text_blocks != self.depth:
             if self.share != "none":
-                problems.append(f"text_width/text_heads/text_mlp_ratio other than the trunk's need share='none' "
-                                f"(got share={self.share!r})")
+                problems.append(f"text_width/text_heads/text_mlp_ratio/text_depth other than the trunk's need "
+                                f"share='none' (got share={self.share!r})")
             if self.document_expert or self.fusion_latents or self.block_heads is not None:
-                problems.append("a text path of its own width/heads/FFN does not support document_expert, "
+                problems.append("a text path of its own width/heads/FFN/depth does not support document_expert, "
                                 "fusion_latents or block_heads")
         return problems
 
@@ -240,6 +245,15 @@ class ModelConfig:
     def text_head_count(self) -> int:
         """Attention heads of the text path: ``text_heads``, or the trunk's ``heads``."""
         return self.heads if self.text_heads is None else self.text_heads
+
+    @property
+    def text_blocks(self) -> int:
+        """Blocks the text path runs through (the first ones of the stack): ``text_depth`` or ``depth``."""
+        return self.depth if self.text_depth is None else self.text_depth
+
+    def block_modalities(self, index: int) -> tuple[str, ...]:
+        """The routes block ``index`` serves: every modality, or only the image path past ``text_depth``."""
+        return self.modalities if index < self.text_blocks else ("image",)
 
     @property
     def text_shape(self) -> tuple[int, int, int]:
@@ -317,7 +331,7 @@ class ModelConfig:
 
 # field type (as annotated) -> (accepted Python types, what to call it in errors)
 _POSITIVE_INTS = ("width", "depth", "heads", "image_size", "patch_size", "in_chans", "vocab_size",
-                  "context_length", "embed_dim", "fusion_heads", "text_width", "text_heads")
+                  "context_length", "embed_dim", "fusion_heads", "text_width", "text_heads", "text_depth")
 
 
 def check_field_types(d: dict[str, Any], source: str = "ModelConfig") -> None:

@@ -132,9 +132,9 @@ class MMFormer(nn.Module):
         # shared trunk
         shapes = c.modality_shapes if c.text_shape != (d, c.heads, c.mlp_hidden) else None
         self.blocks = nn.ModuleList(  # a pruned config gives blocks fewer heads of the same width
-            MultiwayBlock(d, h, c.mlp_hidden, c.share, c.modalities, c.qkv_bias, c.ln_eps, c.head_dim,
+            MultiwayBlock(d, h, c.mlp_hidden, c.share, c.block_modalities(i), c.qkv_bias, c.ln_eps, c.head_dim,
                           c.mlp_act, shapes)
-            for h in c.heads_per_block
+            for i, h in enumerate(c.heads_per_block)
         )
         self.norm = nn.ModuleDict({m: nn.LayerNorm(c.modality_shapes[m][0], eps=c.ln_eps) for m in c.modalities})
         # long documents' own token embeddings (with the document expert)
@@ -240,12 +240,17 @@ class MMFormer(nn.Module):
         """(B, T, D) through ``blocks`` (default: all; a pipeline stage passes its own) for one
         modality, with activation checkpointing per block when enabled; no final norm. With
         ``packing`` (of ``key_padding_mask``), x is the (N, D) real tokens and so is the result."""
-        for block in self.blocks if blocks is None else blocks:
+        for block in self.blocks_of(modality) if blocks is None else blocks:
             if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, modality, key_padding_mask, packing, use_reentrant=False)
             else:
                 x = block(x, modality, key_padding_mask, packing)
         return x
+
+    def blocks_of(self, modality: str) -> nn.ModuleList:
+        """The blocks ``modality`` runs through: all, or for the text path the first ``text_depth``."""
+        n = self.config.text_blocks if modality != "image" else len(self.blocks)
+        return self.blocks if n == len(self.blocks) else self.blocks[:n]
 
     def _run_blocks(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
                     packing: TokenPacking | None = None) -> torch.Tensor:

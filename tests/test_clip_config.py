@@ -66,6 +66,8 @@ def test_two_tower_config_builds_per_modality_shapes():
     (dict(text_width=24), "need share='none'"),
     (dict(share="none", text_width=24, text_heads=5), "not divisible by text heads 5"),
     (dict(share="none", text_width=24, fusion_latents=4), "does not support document_expert"),
+    (dict(depth=3, text_depth=2), "need share='none'"),
+    (dict(share="none", depth=2, text_depth=3), r"text_depth=3 must be in \[1, depth=2\]"),
     (dict(mlp_act="relu"), "mlp_act='relu' must be one of"),
     (dict(text_mask="causal", attention="local"), "needs attention='dense'"),
     (dict(text_pos="rope"), "text_pos='rope' must be"),

@@ -74,8 +74,37 @@ def test_open_clip_unknown_or_missing_keys_are_one_line_errors():
         MMFormer.from_open_clip(peer.state_dict(), "ViT-B-16")
 
 
+def test_a_text_tower_shallower_than_the_image_tower_runs_through_the_first_blocks():
+    from mmformer.convert.open_clip import open_clip_config
+
+    assert open_clip_config("ViT-L-14").text_depth == 12 and open_clip_config("ViT-L-14").depth == 24
+    cfg = {"embed_dim": 32, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
+    torch.manual_seed(0)
+    peer = open_clip.model.CLIP(**cfg).eval()
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    config = open_clip_config("tiny", cfg=cfg)
+    assert (config.depth, config.text_depth, config.text_width) == (3, 2, 48)
+    model = MMFormer(config)
+    from mmformer.convert.open_clip import open_clip_to_mmformer
+
+    model.load_state_dict_checked(open_clip_to_mmformer(peer.state_dict()))
+    model.eval()
+    assert "blocks.2.norm1.text.weight" not in model.state_dict()
+    images, ids = torch.randn(2, 3, 32, 32), open_clip.get_tokenizer("ViT-B-32")(CAPTIONS[:2], context_length=12)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), peer.encode_image(images, normalize=True),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encode_text(ids), peer.encode_text(ids, normalize=True), atol=1e-5, rtol=0)
+    deeper = {**cfg, "text_cfg": {**cfg["text_cfg"], "layers": 4}}
+    with pytest.raises(ValueError, match="3 image blocks and 4 text blocks"):
+        open_clip_config("tiny", cfg=deeper)
+
+
 @pytest.mark.parametrize("arch, message", [
-    ("ViT-L-14", "24 image blocks and 12 text blocks"),
     ("ViT-B-16-SigLIP", "init_logit_bias = -10 is not supported"),
     ("no-such-arch", "open_clip has no architecture 'no-such-arch'"),
 ])

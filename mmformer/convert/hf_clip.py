@@ -33,9 +33,10 @@ def hf_clip_config(config: Mapping[str, Any], source: str = "CLIPConfig") -> Mod
         raise ValueError(f"{source}: model_type = {config.get('model_type')!r}, expected 'clip'")
     t = {**_TEXT_DEFAULTS, **config.get("text_config", {})}
     v = {**_VISION_DEFAULTS, **config.get("vision_config", {})}
-    if t["num_hidden_layers"] != v["num_hidden_layers"]:
+    if t["num_hidden_layers"] > v["num_hidden_layers"]:
         raise ValueError(f"{source}: {v['num_hidden_layers']} image layers and {t['num_hidden_layers']} text layers; "
-                         "MMFormer's one stack needs the same depth for both towers")
+                         "MMFormer's text path runs through the first blocks of the image path's stack, so it "
+                         "cannot be deeper")
     if t["hidden_act"] != v["hidden_act"] or t["hidden_act"] not in _ACTS:
         raise ValueError(f"{source}: hidden_act = {t['hidden_act']!r} (text) / {v['hidden_act']!r} (vision); "
                          f"expected one of {sorted(_ACTS)} for both")
@@ -54,7 +55,9 @@ def hf_clip_config(config: Mapping[str, Any], source: str = "CLIPConfig") -> Mod
         image_mean=CLIP_MEAN, image_std=CLIP_STD, patch_bias=False, vocab_size=t["vocab_size"],
         context_length=t["max_position_embeddings"], text_pool="argmax", pad_id=0, text_pos="learned",
         text_mask="causal", text_width=t["hidden_size"], text_heads=t["num_attention_heads"],
-        text_mlp_ratio=t["intermediate_size"] / t["hidden_size"], embed_dim=config.get("projection_dim", 512),
+        text_mlp_ratio=t["intermediate_size"] / t["hidden_size"],
+        text_depth=None if t["num_hidden_layers"] == v["num_hidden_layers"] else t["num_hidden_layers"],
+        embed_dim=config.get("projection_dim", 512),
     )
 
 

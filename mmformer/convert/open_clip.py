@@ -20,7 +20,7 @@ _VISION_FIELDS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "i
                   "output_tokens"}
 _TEXT_FIELDS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pad_id", "eos_id",
                 "output_tokens"}
-_TOP_FIELDS = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "custom_text", "cast_dtype"}
+_TOP_FIELDS = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "custom_text", "cast_dtype", "preprocess_cfg"}
 # per-block parts: open_clip name -> MMFormer part (the modality goes between part and parameter)
 _BLOCK_PARTS = {"ln_1": "norm1", "ln_2": "norm2", "attn.out_proj": "attn.proj", "mlp.c_fc": "mlp.{m}.fc1",
                 "mlp.c_proj": "mlp.{m}.fc2"}
@@ -80,9 +80,9 @@ def open_clip_config(arch: str, quick_gelu: bool | None = None, cfg: Mapping[str
     cfg = dict(open_clip_arch_config(arch) if cfg is None else cfg)
     _check_supported(arch, cfg)
     v, t = {**_defaults("vision_cfg"), **cfg["vision_cfg"]}, {**_defaults("text_cfg"), **cfg["text_cfg"]}
-    if v["layers"] != t["layers"]:
+    if t["layers"] > v["layers"]:
         raise ValueError(f"open_clip {arch}: {v['layers']} image blocks and {t['layers']} text blocks; MMFormer's "
-                         "one stack needs the same depth for both towers")
+                         "text path runs through the first blocks of the image path's stack, so it cannot be deeper")
     if v["width"] % v["head_width"]:
         raise ValueError(f"open_clip {arch}: vision width {v['width']} is not a multiple of "
                          f"head_width {v['head_width']}")
@@ -100,7 +100,8 @@ def open_clip_config(arch: str, quick_gelu: bool | None = None, cfg: Mapping[str
         image_std=tuple(pre.get("std", open_clip.OPENAI_DATASET_STD)),
         patch_bias=False, vocab_size=t["vocab_size"], context_length=t["context_length"], text_pool="argmax",
         pad_id=t["pad_id"], text_pos="learned", text_mask="causal", text_width=t["width"], text_heads=t["heads"],
-        text_mlp_ratio=float(t["mlp_ratio"]), embed_dim=cfg["embed_dim"],
+        text_mlp_ratio=float(t["mlp_ratio"]), text_depth=None if t["layers"] == v["layers"] else t["layers"],
+        embed_dim=cfg["embed_dim"],
     )
 
 
