@@ -16,8 +16,8 @@ import gzip
 import html
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -88,12 +88,12 @@ class ClipTokenizer:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def default(cls) -> "ClipTokenizer":
+    def default(cls) -> ClipTokenizer:
         """CLIP's tokenizer with the merges shipped inside the package."""
         return cls.load(default_clip_bpe_path())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ClipTokenizer":
+    def load(cls, path: str | os.PathLike) -> ClipTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"CLIP merges file not found: {path}")

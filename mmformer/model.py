@@ -624,7 +624,7 @@ class MMFormer(nn.Module):
     # ---- CLIP checkpoints (mmformer.convert) -----------------------------------------------
     @classmethod
     def from_open_clip(cls, model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
-                       arch: str, quick_gelu: bool | None = None) -> "MMFormer":
+                       arch: str, quick_gelu: bool | None = None) -> MMFormer:
         """A ``share="none"`` MMFormer with the weights of an open_clip ``CLIP`` of architecture
         ``arch`` (a name open_clip knows, e.g. ``"ViT-B-32"``; its config is read from open_clip's
         bundled model configs): the model, its state dict, or a weights file (.pt/.pth/.bin, an
@@ -653,7 +653,7 @@ class MMFormer(nn.Module):
         return model
 
     @classmethod
-    def from_hf_clip(cls, model_or_dir: nn.Module | str | os.PathLike) -> "MMFormer":
+    def from_hf_clip(cls, model_or_dir: nn.Module | str | os.PathLike) -> MMFormer:
         """A ``share="none"`` MMFormer with the weights of a Hugging Face ``CLIPModel``: the model,
         or a directory written by its ``save_pretrained`` (``config.json`` and ``model.safetensors``
         or ``pytorch_model.bin``; transformers is not needed to read it). Its ``encode_image`` /

@@ -9,7 +9,8 @@ with no counterpart is a one-line error naming it, never a silent drop.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
