@@ -7,7 +7,8 @@ Data flow (see DESIGN.md):
 - ids (B, T) -> token embedding + scaled sinusoidal positions -> blocks(modality="text",
   key padding mask) -> final norm -> EOS state -> projection -> L2-normalised (B, E)
 
-A checkpoint directory holds ``config.json`` + ``model.safetensors`` (+ ``tokenizer.model``).
+A checkpoint directory holds ``config.json`` + ``model.safetensors`` (+ ``tokenizer.model``, or
+``clip_bpe.txt.gz`` for CLIP's tokenizer).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class MMFormer(nn.Module):
 
     Args:
         config: the model's shape; see :class:`mmformer.config.ModelConfig`.
-        tokenizer: optional SentencePiece tokenizer kept with the model and saved beside it.
+        tokenizer: optional tokenizer kept with the model and saved beside it: SentencePiece
+            (:class:`mmformer.tokenizer.Tokenizer`) or CLIP's BPE (:class:`mmformer.bpe.ClipTokenizer`).
     """
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | ClipTokenizer | None = None) -> None:
