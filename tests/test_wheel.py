@@ -76,9 +76,11 @@ def fresh_env(wheel: Path, tmp_path_factory) -> tuple[Path, dict[str, str], Path
 
 
 def test_wheel_contents(wheel: Path):
-    """The tokenizer and the three datasets (with their license files) ship; the build scripts do not."""
+    """The tokenizers (CLIP's merges with their license) and the three datasets (with their license
+    files) ship; the build scripts do not."""
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("mmformer/assets/tokenizer.model", "mmformer/cli.py",
+                 "mmformer/assets/clip_bpe_simple_vocab_16e6.txt.gz", "mmformer/assets/LICENSE-clip-bpe.txt",
                  "mmformer/_data/emoji/manifest.jsonl", "mmformer/_data/emoji/concepts.jsonl",
                  "mmformer/_data/emoji/LICENSES.md", "mmformer/_data/emoji/images/twitter/1F600.png",
                  "mmformer/_data/icons/manifest.jsonl", "mmformer/_data/icons/LICENSE",
