@@ -149,6 +149,15 @@ class ClipTokenizer:
             ids += self._bpe("".join(self.byte_encoder[b] for b in token.encode("utf-8")))
         return ids
 
+    @property
+    def specials(self) -> tuple[int, int, int]:
+        """The (bos, eos, pad) ids :func:`mmformer.tokenizer.wrap_and_pad` wraps and pads rows with."""
+        return self.bos_id, self.eos_id, self.pad_id
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Piece ids of each text, without the start / end of text."""
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` up to the first end of text, without the start of text."""
         pieces = []
@@ -167,8 +176,7 @@ class ClipTokenizer:
             texts = [texts]
         if max_length < 3:
             raise ValueError(f"max_length must be >= 3 (start, one piece, end), got {max_length}")
-        return wrap_and_pad([self.encode(t) for t in texts], max_length, pad_to_max,
-                            specials=(self.bos_id, self.eos_id, self.pad_id))
+        return wrap_and_pad(self.encode_batch(texts), max_length, pad_to_max, specials=self.specials)
 
     def chunk(self, text: str, length: int, stride: int | None = None) -> list[list[int]]:
         """Windows of at most ``length`` piece ids, starting every ``stride`` ids (as

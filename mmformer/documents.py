@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from mmformer.config import OVERFLOW_POLICIES
-from mmformer.tokenizer import Tokenizer, chunk_ids, wrap_and_pad
+from mmformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, chunk_ids, wrap_and_pad
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class DocumentCollator:
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise TypeError(f"documents {bad[:20]} are not str")
-        return self.collate_ids(self.tokenizer.sp.encode(list(texts)))
+        return self.collate_ids(self.tokenizer.encode_batch(list(texts)))
 
     def collate_ids(self, docs: Sequence[Sequence[int]], names: Sequence[str] | None = None) -> DocumentBatch:
         """Documents as piece-id lists (no bos/eos) -> :class:`DocumentBatch`.
@@ -132,7 +132,8 @@ class DocumentCollator:
             rows += windows
             counts.append(len(windows))
             truncated.append(cut)
-        input_ids, attention_mask = wrap_and_pad(rows, self.length)
+        specials = self.tokenizer.specials if self.tokenizer is not None else (BOS_ID, EOS_ID, PAD_ID)
+        input_ids, attention_mask = wrap_and_pad(rows, self.length, specials=specials)
         return DocumentBatch(input_ids, attention_mask, torch.tensor(counts, dtype=torch.long),
                              torch.tensor(truncated, dtype=torch.bool),
                              torch.tensor([len(d) for d in docs], dtype=torch.long))

@@ -94,9 +94,18 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    @property
+    def specials(self) -> tuple[int, int, int]:
+        """The (bos, eos, pad) ids :func:`wrap_and_pad` wraps and pads rows with."""
+        return BOS_ID, EOS_ID, PAD_ID
+
     def encode(self, text: str) -> list[int]:
         """Piece ids of ``text`` without special tokens."""
         return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Piece ids of each text, without special tokens (one SentencePiece call)."""
+        return self.sp.encode(list(texts))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``, skipping pad/bos/eos."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +73,23 @@ def test_imported_model_saves_its_tokenizer_and_encodes_strings_as_open_clip(tmp
                                  context_length=8, embed_dim=16), tokenizer=None)
     small.save_pretrained(tmp_path / "m")
     assert not (tmp_path / "m" / "clip_bpe.txt.gz").exists()
+
+
+def test_documents_and_the_service_wrap_with_clips_specials(tok):
+    cfg = ModelConfig(width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=49408, context_length=8,
+                      embed_dim=16, share="none", text_pool="argmax", text_mask="causal", text_pos="learned")
+    torch.manual_seed(0)
+    model = MMFormer(cfg, tok).eval()
+    short, long = "a photo of a cat", "one two three four five six seven eight nine ten eleven"
+    batch = model.document_collator()([short, long])
+    assert batch.chunk_counts.tolist() == [1, 2]
+    assert all(row[0] == tok.bos_id and tok.eos_id in row for row in batch.input_ids.tolist())
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_document([short])[0], model.encode_texts([short])[0])
+    from mmformer.serve.engine import Engine
+
+    engine = Engine(model)
+    inputs = engine.prepare_texts([short, "two dogs"])
+    got = torch.from_numpy(np.stack(engine.encode_text_batch(inputs)))
+    with torch.no_grad():
+        torch.testing.assert_close(got, model.encode_texts([short, "two dogs"]), atol=1e-6, rtol=0)

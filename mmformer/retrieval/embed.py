@@ -278,7 +278,7 @@ def embed_documents(model, texts: Sequence[str], batch_size: int = 8, mode: str 
     out = []
     with eval_mode(model), torch.inference_mode():
         for s in starts:
-            ids = model.tokenizer.sp.encode(list(texts[s: s + batch_size]))
+            ids = model.tokenizer.encode_batch(list(texts[s: s + batch_size]))
             batch = collator.collate_ids(ids, names[s: s + batch_size])
             out.append(model.encode_document(batch, mode=mode).float().cpu())
     return torch.cat(out).clone()

@@ -144,7 +144,8 @@ class Engine:
     @torch.inference_mode()
     def encode_text_batch(self, inputs: Sequence[TextInput]) -> list[np.ndarray]:
         """(B) texts -> B float32 (E,) embeddings; ids padded to the longest text of the batch."""
-        ids, mask = wrap_and_pad([t.pieces for t in inputs], self.context_length)
+        ids, mask = wrap_and_pad([t.pieces for t in inputs], self.context_length,
+                                 specials=self.model.tokenizer.specials)
         z = self.model.encode_text(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
         return list(z)
 
