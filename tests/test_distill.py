@@ -218,6 +218,38 @@ def test_teacher_is_frozen_and_not_in_parameters_checkpoints_or_the_export(teach
     assert torch.equal(exported.eval().encode_image(x), module.model.eval().encode_image(x))
 
 
+def test_an_in_memory_teacher_and_student_equal_their_folders(teacher_dir, emoji, tmp_path, recwarn):
+    """teacher=MMFormer gives the same teacher embeddings and the same training as its folder;
+    pretrained=MMFormer trains that very model in place; the hyperparameters name the models
+    in a line (no weights, no nn.Module in hparams), and the checkpoint holds the student alone."""
+    L.seed_everything(0, verbose=False)
+    MMFormer(ModelConfig(**{**TEACHER, "depth": 2}), TOK).save_pretrained(tmp_path / "s")
+    teacher = MMFormer.from_pretrained(teacher_dir)
+    given = MMFormer.from_pretrained(tmp_path / "s")
+    kw = dict(teacher_precision="fp32", lr=1e-3, warmup_steps=1, feature_weight=0.5)
+    by_path = DistillModule(teacher=str(teacher_dir), pretrained=str(tmp_path / "s"), **kw)
+    in_memory = DistillModule(teacher=teacher, pretrained=given, **kw)
+    assert in_memory.teacher is teacher and in_memory.model is given
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert in_memory.hparams.teacher == "<in-memory MMFormer: 4 blocks, heads [4, 4, 4, 4]>"
+    assert in_memory.hparams.pretrained == "<in-memory MMFormer: 2 blocks, heads [4, 4]>"
+    assert not [w for w in recwarn if "nn.Module" in str(w.message)]
+    batch = random_batch()
+    a, b = by_path.teacher_outputs(batch), in_memory.teacher_outputs(batch)
+    assert torch.equal(a.image_embeds, b.image_embeds) and torch.equal(a.text_embeds, b.text_embeds)
+    for module in (by_path, in_memory):
+        fit(module, datamodule(emoji, augment=False), steps=2)
+    for (name, p), q in zip(by_path.model.state_dict().items(), given.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(given.state_dict()["blocks.0.attn.qkv.weight"],
+                           MMFormer.from_pretrained(tmp_path / "s").state_dict()["blocks.0.attn.qkv.weight"])
+    trainer = fit(in_memory, datamodule(emoji, augment=False), steps=1)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    ckpt = torch.load(tmp_path / "m.ckpt", weights_only=False)
+    assert set(ckpt["state_dict"]) == {f"model.{k}" for k in given.state_dict()}  # same widths: no projection
+    assert ckpt["hyper_parameters"]["teacher"].startswith("<in-memory MMFormer")
+
+
 # ---- the teacher cache ----------------------------------------------------------------------------
 def test_cached_rows_computes_each_missing_key_once():
     store, calls = {}, []

@@ -1,6 +1,6 @@
 """Teacher -> student knowledge distillation: :class:`DistillModule`.
 
-A trained teacher (a ``save_pretrained`` folder) runs beside the student without gradient; the
+A trained teacher (a ``save_pretrained`` folder, or an :class:`~mmformer.model.MMFormer` in memory) runs beside the student without gradient; the
 student's loss adds weighted distillation terms (:mod:`mmformer.losses`) to the contrastive one:
 
 - **affinity**: the student's image->text and text->image similarity distributions follow the
@@ -34,7 +34,7 @@ from mmformer.compress.inherit import inherit_weights
 from mmformer.losses import (FeatureProjection, affinity_distill_loss, feature_distill_loss,
                              interactive_contrastive_loss)
 from mmformer.model import TOKENIZER_NAME, MMFormer
-from mmformer.training.module import MMFormerModule
+from mmformer.training.module import MMFormerModule, in_memory_name
 from mmformer.training.precision import has_native_bf16
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,11 @@ class DistillModule(MMFormerModule):
     ``train/loss_NAME`` (``loss_clip`` or ``loss_siglip``, ``loss_affinity``, ...).
 
     Args:
-        teacher: the teacher's ``save_pretrained`` folder (e.g. ``runs/teacher/model``).
+        teacher: the teacher's ``save_pretrained`` folder (e.g. ``runs/teacher/model``), or an
+            :class:`~mmformer.model.MMFormer` in memory (e.g. the unpruned model when a pruned one
+            recovers, :mod:`mmformer.training.prune`): used as it is, put in eval mode with
+            ``requires_grad`` off, and moved to the training device; the hyperparameters record
+            :func:`~mmformer.training.module.in_memory_name` of it.
         affinity_weight, feature_weight, interactive_weight, clip_weight: the terms' weights
             (>= 0; 0 leaves a term out, and with every distillation weight 0 the teacher never runs).
         teacher_precision: how the teacher's forward runs: ``"fp32"``, ``"bf16"`` (autocast) or
@@ -111,15 +115,18 @@ class DistillModule(MMFormerModule):
             depth, the most important heads when it has fewer; see
             :func:`~mmformer.compress.inherit.inherit_weights`); an error when the shapes don't
             allow it. False = a fresh student.
-        tokenizer: the student's tokenizer; None = the teacher's ``tokenizer.model`` (so both see
-            the same token ids), else the package default.
+        tokenizer: the student's tokenizer; None = the teacher folder's ``tokenizer.model`` (so both
+            see the same token ids), else that of a ``pretrained`` student, else the package
+            default. With an in-memory teacher the student keeps its own (a pruned student has
+            its teacher's); for a fresh student pass ``tokenizer=PATH`` (when the two differ the
+            teacher tokenizes the captions itself).
         **kwargs: :class:`MMFormerModule`'s arguments (``preset``, ``model_config``, ``lr``,
             ``time_budget_s``, ``loss``, ...), except ``contrastive_accum`` > 1.
     """
 
     progress_bar_logs = ("loss_affinity",)
 
-    def __init__(self, teacher: str, affinity_weight: float = 1.0, feature_weight: float = 1.0,
+    def __init__(self, teacher: str | MMFormer, affinity_weight: float = 1.0, feature_weight: float = 1.0,
                  interactive_weight: float = 0.0, clip_weight: float = 1.0, teacher_precision: str = "auto",
                  cache_teacher: bool = True, inherit: bool = False, tokenizer: str | None = None,
                  **kwargs: Any) -> None:
@@ -136,9 +143,13 @@ class DistillModule(MMFormerModule):
         if inherit and kwargs.get("pretrained") is not None:
             raise ValueError("inherit=true starts the student from the teacher's weights; it can't also start "
                              f"from pretrained={kwargs['pretrained']!r}")
-        teacher_model = MMFormer.from_pretrained(teacher).eval().requires_grad_(False)
-        if tokenizer is None and (Path(teacher) / TOKENIZER_NAME).is_file():
-            tokenizer = str(Path(teacher) / TOKENIZER_NAME)
+        if isinstance(teacher, MMFormer):
+            teacher_model = teacher.eval().requires_grad_(False)
+            teacher = in_memory_name(teacher_model)  # what save_hyperparameters (in the parent) records
+        else:
+            teacher_model = MMFormer.from_pretrained(teacher).eval().requires_grad_(False)
+            if tokenizer is None and (Path(teacher) / TOKENIZER_NAME).is_file():
+                tokenizer = str(Path(teacher) / TOKENIZER_NAME)
         super().__init__(tokenizer=tokenizer, **kwargs)
         # a plain attribute, not a submodule: out of parameters(), state_dict(), .to() and .train()
         object.__setattr__(self, "_teacher", teacher_model)

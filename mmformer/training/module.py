@@ -34,6 +34,14 @@ LOSSES = ("clip", "siglip")
 SIGLIP_SCALE_INIT = 10.0
 
 
+def in_memory_name(model: MMFormer) -> str:
+    """What the hyperparameters record for a model given in memory rather than as a folder, e.g.
+    ``"<in-memory MMFormer: 3 blocks, heads [3, 4, 2]>"`` (a checkpoint of such a run cannot
+    rebuild the module from its hyperparameters; the weights are in its state dict)."""
+    c = model.config
+    return f"<in-memory MMFormer: {c.depth} blocks, heads {c.heads_per_block}>"
+
+
 class MMFormerModule(L.LightningModule):
     """Contrastive (CLIP InfoNCE) training of an MMFormer.
 
@@ -43,7 +51,8 @@ class MMFormerModule(L.LightningModule):
         tokenizer: SentencePiece model path; None = the default one shipped in the package
             (:func:`mmformer.tokenizer.default_tokenizer_path`).
         pretrained: a ``save_pretrained`` directory to start from (its config wins over
-            ``preset``/``model_config``).
+            ``preset``/``model_config``), or an :class:`MMFormer` in memory, which is trained in
+            place (the hyperparameters record :func:`in_memory_name` of it, not its weights).
         lr, weight_decay, betas, eps: AdamW. No decay on norms, biases, embeddings, logit scale.
         warmup_steps: linear warmup length (optimizer steps), then cosine decay to
             ``min_lr_ratio * lr`` at the end of training.
@@ -75,7 +84,7 @@ class MMFormerModule(L.LightningModule):
     """
 
     def __init__(self, preset: str = "tiny", model_config: dict[str, Any] | None = None,
-                 tokenizer: str | None = None, pretrained: str | None = None, lr: float = 5e-4,
+                 tokenizer: str | None = None, pretrained: str | MMFormer | None = None, lr: float = 5e-4,
                  weight_decay: float = 0.2, betas: tuple[float, float] = (0.9, 0.98),
                  eps: float = 1e-6, warmup_steps: int = 100, min_lr_ratio: float = 0.0,
                  concept_positives: bool = True, time_budget_s: float | None = None,
@@ -83,7 +92,10 @@ class MMFormerModule(L.LightningModule):
                  fsdp_mixed_precision: bool = True, reshard_after_forward: bool = True,
                  loss: str = "clip") -> None:
         super().__init__()
-        self.save_hyperparameters()
+        given = pretrained if isinstance(pretrained, MMFormer) else None
+        self.save_hyperparameters(ignore=["pretrained"] if given is not None else None)
+        if given is not None:  # the hyperparameters name the model; its weights are in the state dict
+            self.hparams["pretrained"] = in_memory_name(given)
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} must be one of {LOSSES}")
         if int(contrastive_accum) < 1:
@@ -94,7 +106,7 @@ class MMFormerModule(L.LightningModule):
         self._micro_batches: list[dict[str, Any]] = []
         self.nonfinite_skipped = 0
         if pretrained is not None:
-            self.model = MMFormer.from_pretrained(pretrained)
+            self.model = given if given is not None else MMFormer.from_pretrained(pretrained)
             if tokenizer is not None:
                 self.model.tokenizer = Tokenizer.load(tokenizer)
             if self.model.tokenizer is None:
