@@ -249,15 +249,17 @@ class DistillModule(MMFormerModule):
 
     def _teacher_tokens(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) ids and mask for the teacher: the batch's own when the teacher has the student's
-        tokenizer and no shorter context, else its captions tokenized by the teacher."""
+        tokenizer (or neither has one: in-memory models fed tokenized batches) and no shorter
+        context, else its captions tokenized by the teacher."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         s_tok, t_tok = self.model.tokenizer, self.teacher.tokenizer
-        same = s_tok is not None and t_tok is not None and s_tok._proto == t_tok._proto
+        same = (s_tok is None and t_tok is None) or (
+            s_tok is not None and t_tok is not None and s_tok._proto == t_tok._proto)
         if same and ids.shape[1] <= self.teacher.config.context_length:
             return ids, mask
         if t_tok is None:
-            raise ValueError(f"the teacher tokenizes differently from the student but its folder "
-                             f"({self.hparams.teacher}) has no {TOKENIZER_NAME}")
+            raise ValueError(f"the teacher tokenizes differently from the student but it ({self.hparams.teacher}) "
+                             f"has no {TOKENIZER_NAME}")
         if "captions" not in batch:
             raise ValueError("the teacher tokenizes differently from the student: batches need their 'captions'")
         t_ids, t_mask = t_tok(list(batch["captions"]), max_length=self.teacher.config.context_length)

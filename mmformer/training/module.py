@@ -52,7 +52,8 @@ class MMFormerModule(L.LightningModule):
             (:func:`mmformer.tokenizer.default_tokenizer_path`).
         pretrained: a ``save_pretrained`` directory to start from (its config wins over
             ``preset``/``model_config``), or an :class:`MMFormer` in memory, which is trained in
-            place (the hyperparameters record :func:`in_memory_name` of it, not its weights).
+            place (the hyperparameters record :func:`in_memory_name` of it, not its weights; it
+            may lack a tokenizer when the data module tokenizes on its own).
         lr, weight_decay, betas, eps: AdamW. No decay on norms, biases, embeddings, logit scale.
         warmup_steps: linear warmup length (optimizer steps), then cosine decay to
             ``min_lr_ratio * lr`` at the end of training.
@@ -109,7 +110,7 @@ class MMFormerModule(L.LightningModule):
             self.model = given if given is not None else MMFormer.from_pretrained(pretrained)
             if tokenizer is not None:
                 self.model.tokenizer = Tokenizer.load(tokenizer)
-            if self.model.tokenizer is None:
+            if self.model.tokenizer is None and given is None:  # a model in memory may come with tokenized data
                 raise ValueError(f"{pretrained} has no tokenizer.model; pass tokenizer=PATH")
         else:
             tok = Tokenizer.load(tokenizer or default_tokenizer_path())
