@@ -345,6 +345,23 @@ class MMFormerModule(L.LightningModule):
         return [{"params": decay, "weight_decay": self.hparams.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except under ``bf16-mixed`` with the fused AdamW
+        (:func:`~mmformer.training.optim.make_adamw`), which Lightning's mixed-precision plugin
+        refuses to clip for (a fused optimizer unscales fp16 gradients inside ``step``; bf16 has no
+        scaler, so the gradients are the true ones): there they are clipped here, by norm or by
+        value as the Trainer says."""
+        fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
+        if gradient_clip_val and fused and self._trainer is not None and str(self.trainer.precision) == "bf16-mixed":
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":  # GradClipAlgorithmType is a str enum
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         opt = make_adamw(self.optimizer_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
