@@ -13,8 +13,8 @@
 - ``mmformer import --open-clip ARCH --weights FILE --out DIR`` (or ``--hf-clip DIR``): CLIP weights
   -> ``save_pretrained`` directory; ``mmformer export --model DIR --open-clip FILE``: back to open_clip
   (see :mod:`mmformer.clip_io`).
-- ``mmformer prune --model DIR --heads FRACTION --out DIR``: remove attention heads (see
-  :mod:`mmformer.compress.prune`), optionally recovering by distillation (``--recover STEPS``).
+- ``mmformer prune --model DIR --heads FRACTION --out DIR [--data MANIFEST | --shards PATTERN]``: remove
+  attention heads (see :mod:`mmformer.training.prune`), optionally recovering by distillation (``--recover STEPS``).
 - ``mmformer tokenizer --input FILE --out FILE``: train a SentencePiece tokenizer.
 - ``mmformer serve --model DIR --index NAME=DIR``: the retrieval service (gRPC + HTTP, see
   :mod:`mmformer.serve`).
@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing model folder at --out (swapped in only once complete)")
     x.set_defaults(func=cmd_export)
 
-    pr = sub.add_parser("prune", help="remove attention heads (gradient or magnitude importance), optionally "
-                                      "recover by distillation, save the smaller model")
+    pr = sub.add_parser("prune", allow_abbrev=False,
+                        help="remove attention heads (gradient or magnitude importance), optionally "
+                             "recover by distillation, save the smaller model")
     pr.add_argument("--model", required=True, help="save_pretrained directory to prune")
     pr.add_argument("--heads", type=float, required=True, metavar="FRACTION",
                     help="fraction of all heads to remove, in [0, 1); the lowest-scored over all blocks, "
@@ -206,15 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--normalize", choices=["block", "none"], default="block",
                     help="divide each block's scores by their L2 norm before the global ranking (block, "
                          "default: Michel et al. 2019), or rank the raw scores (none)")
-    pr.add_argument("--batches", type=int, default=8, help="batches of the bundled emoji training split for "
-                                                           "the gradient criterion")
+    pr.add_argument("--batches", type=int, default=8, help="training batches for the gradient criterion")
     pr.add_argument("--batch-size", type=int, default=256,
                     help="pairs per batch, for the scores and the recovery (default 256, the demo's training "
                          "batch; README \"Compression\" shows what the earlier 64 with a constant rate cost)")
     pr.add_argument("--recover", type=int, default=0, metavar="STEPS",
                     help="fine-tune the pruned model this many steps (CLIP loss + distillation from the "
-                         "unpruned model) on the whole emoji training split, augmented, epoch after "
-                         "epoch; 0 = none")
+                         "unpruned model, through the Lightning Trainer) on the training data, augmented, epoch "
+                         "after epoch; 0 = none")
     pr.add_argument("--lr", type=float, default=8e-4,
                     help="recovery learning rate (AdamW), decayed to 0 on a cosine (default 8e-4, the shipped "
                          "recipes' training rate: README \"Compression\" compares 1e-4 and 4e-4)")
@@ -223,7 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "keep the faster, as `mmformer demo` does), 32-true, or bf16-mixed (bf16 autocast, "
                          "fp32 weights)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the training batches' order and augmentation")
-    pr.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    pr.add_argument("--data", default=None, metavar="MANIFEST",
+                    help="CSV/TSV/JSONL manifest of image-caption pairs to score and recover on (default: the "
+                         "bundled emoji training split)")
+    pr.add_argument("--shards", default=None, metavar="PATTERN",
+                    help="WebDataset shard pattern to score and recover on, instead of a manifest")
+    pr.add_argument("--image-col", default="image", help="with --data: the manifest's image column")
+    pr.add_argument("--caption-col", default="caption", help="with --data: the manifest's caption column")
+    pr.add_argument("--data-dir", default=None, help="without --data/--shards: " + DATA_DIR_HELP)
     pr.add_argument("--overwrite", action="store_true",
                     help="replace an existing model folder at --out (swapped in only once complete)")
     pr.set_defaults(func=cmd_prune)
@@ -448,93 +455,14 @@ def export_onnx_folder(model_dir: str | Path, out: str, int8: bool) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """``mmformer prune``: score heads, remove them, optionally recover, save atomically."""
-    import torch
+    """``mmformer prune``: :func:`mmformer.training.prune.prune_command`."""
+    from mmformer.training.prune import prune_command
 
-    from mmformer.compress.prune import (
-        emoji_train_batches,
-        emoji_train_loader,
-        head_importance,
-        normalize_per_block,
-        prune_heads,
-        recover,
-        select_heads,
-    )
-    from mmformer.data.bundled import BundledDataNotFound
-    from mmformer.data.emoji import default_data_dir
-    from mmformer.files import atomic_dir
-    from mmformer.model import MMFormer
-    from mmformer.training.precision import autocast_for
-
-    if not 0 <= args.heads < 1:
-        raise ValueError(f"--heads must be a fraction in [0, 1) of the heads to remove, got {args.heads}")
-    for flag, value, least in (("--batches", args.batches, 1), ("--batch-size", args.batch_size, 2),
-                               ("--recover", args.recover, 0)):
-        if value < least:
-            raise ValueError(f"{flag} must be >= {least}, got {value}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    out = Path(args.out)
-    if not args.overwrite and (out.is_file() or out.is_dir() and any(out.iterdir())):
-        raise ValueError(f"{out} already exists and is not empty (a model folder?); pass --overwrite to replace "
-                         "it, or choose another --out")
-    model = MMFormer.from_pretrained(args.model).eval()
-    c = model.config
-    before = model.num_parameters()
-    print(f"loaded {args.model}: {before:,} parameters, {c.depth} blocks, heads per block {c.heads_per_block}",
-          flush=True)
-    select_heads(torch.zeros(c.depth, c.heads), args.heads, c.heads_per_block)  # a fraction too large fails here
-    batches = data_dir = None
-    if args.criterion == "gradient" or args.recover:
-        torch.manual_seed(args.seed)
-        try:
-            data_dir = default_data_dir(args.data_dir)
-        except BundledDataNotFound as e:
-            raise SystemExit(f"mmformer prune: {e}") from e
-        if model.tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer.model (needed to read the training captions)")
-    if args.criterion == "gradient":
-        batches = emoji_train_batches(model, args.batches, args.batch_size, str(data_dir), args.seed)
-        print(f"data: {len(batches)} batches of {args.batch_size} pairs from the emoji training split in {data_dir}",
-              flush=True)
-    importance = head_importance(model, batches, args.criterion)
-    if args.normalize == "block":
-        importance = normalize_per_block(importance)
-    print(f"scored {sum(c.heads_per_block)} heads by {args.criterion}"
-          + (f" on {len(batches)} batches" if args.criterion == "gradient" else "")
-          + (", normalised per block" if args.normalize == "block" else ""), flush=True)
-    plan = select_heads(importance, args.heads, c.heads_per_block)
-    for i, (removed, h) in enumerate(zip(plan, c.heads_per_block)):
-        print(f"block {i}: removed heads {removed or 'none'}, kept {h - len(removed)} of {h}", flush=True)
-    pruned = prune_heads(model, plan)
-    after = pruned.num_parameters()
-    print(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / before:.1f}% fewer); "
-          f"heads per block {pruned.config.heads_per_block}", flush=True)
-    if args.recover:
-        print(f"recovery: {args.recover} steps of AdamW at lr {args.lr:g} (cosine decay), CLIP loss + distillation from the "
-              f"unpruned model, batches of {args.batch_size} from the whole emoji training split in {data_dir}",
-              flush=True)
-        from tqdm.auto import tqdm
-
-        loader = emoji_train_loader(model, args.batch_size, str(data_dir), args.seed)
-        autocast_dtype, choice = autocast_for(args.precision, pruned,
-                                              loader.peek() if args.precision == "auto" else None)
-        if choice is not None:
-            print(f"recovery {choice.reason()}", flush=True)
-        losses: list[float] = []
-        with tqdm(total=args.recover, desc="recovery", unit="step") as bar:
-            def on_step(step: int, loss: float) -> None:
-                losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                bar.update(1)
-            recover(pruned, model, loader, args.recover, lr=args.lr, on_step=on_step, autocast_dtype=autocast_dtype)
-        if losses:
-            print(f"recovery: loss {losses[0]:.4f} at step 1, {losses[-1]:.4f} at step {len(losses)}", flush=True)
-    with atomic_dir(out) as tmp:
-        pruned.eval().save_pretrained(tmp)
-    print(f"wrote {out} (config.json with block_heads, model.safetensors"
-          + (", tokenizer.model)" if pruned.tokenizer is not None else ")"), flush=True)
-    return 0
+    return prune_command(model=args.model, out=args.out, heads=args.heads, criterion=args.criterion,
+                         normalize=args.normalize, batches=args.batches, batch_size=args.batch_size,
+                         recover=args.recover, lr=args.lr, precision=args.precision, seed=args.seed, data=args.data,
+                         shards=args.shards, image_col=args.image_col, caption_col=args.caption_col,
+                         data_dir=args.data_dir, overwrite=args.overwrite)
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:

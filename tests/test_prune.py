@@ -1,32 +1,34 @@
-"""Head pruning (mmformer.compress.prune, ``mmformer prune``): removing nothing is the same model
-bit for bit; removing a head equals gating it to zero on every route (shared or per-modality
-weights, the document expert, sparse text kernels); importance against an autograd identity, a
-float64 finite difference and a hand computation; the pruned config and model round-trip through
-save_pretrained; bad inputs are clear errors; the command runs end to end and its result loads in
-the service engine and quantizes to int8."""
+"""Head pruning (mmformer.compress.prune, mmformer.training.prune, ``mmformer prune``): removing
+nothing is the same model bit for bit; removing a head equals gating it to zero on every route
+(shared or per-modality weights, the document expert, sparse text kernels); importance against an
+autograd identity, a float64 finite difference and a hand computation; the pruned config and model
+round-trip through save_pretrained; recovery through the Trainer against the loss and schedule by
+hand; bad inputs are clear errors; the command runs end to end, on the bundled data and on a
+user's manifest, and its result loads in the service engine and quantizes to int8."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from test_data import save_png, write_csv
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.data import DataLoader
 
-from mmformer.cli import main, run
+from mmformer.cli import build_parser, main, run
 from mmformer.compress import quantize_int8
 from mmformer.compress.prune import (
-    emoji_train_batches,
-    emoji_train_loader,
     head_gates,
     head_importance,
     magnitude_importance,
     normalize_per_block,
     prune_heads,
-    recover,
     select_heads,
 )
 from mmformer.config import ModelConfig, check_field_types
@@ -34,7 +36,10 @@ from mmformer.layers.multiway import MultiwayAttention, each
 from mmformer.losses import affinity_distill_loss, clip_loss
 from mmformer.model import MMFormer, model_fingerprint
 from mmformer.tokenizer import Tokenizer, default_tokenizer_path
+from mmformer.training import prune as training_prune
+from mmformer.training.distill import DistillModule
 from mmformer.training.precision import autocast_for, cache_key
+from mmformer.training.prune import pruning_datamodule, recover, scoring_batches
 
 TINY = dict(width=32, depth=3, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8,
             embed_dim=16)
@@ -354,76 +359,112 @@ def test_a_pruned_model_round_trips_through_save_pretrained(tmp_path):
         MMFormer.from_pretrained(tmp_path / "m")
 
 
+class Batches(L.LightningDataModule):
+    """The given batches as the training data, in order, epoch after epoch."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.batches, batch_size=None)  # each item is a batch already
+
+
+def by_hand_loss(student: MMFormer, teacher: MMFormer, b: dict) -> torch.Tensor:
+    """CLIP loss + affinity distillation of one batch, the teacher's embeddings as DistillModule
+    takes them (float32, normalised)."""
+    s = student(b["images"], b["input_ids"], b["attention_mask"])
+    with torch.no_grad():
+        t_img = F.normalize(teacher.encode_image(b["images"]).float(), dim=-1)
+        t_txt = F.normalize(teacher.encode_text(b["input_ids"], b["attention_mask"]).float(), dim=-1)
+        t_scale = teacher.logit_scale.float().exp().clamp(max=teacher.config.logit_scale_max)
+    return clip_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], gather=False) + \
+        affinity_distill_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], t_img, t_txt, t_scale,
+                              gather=False)
+
+
 def test_recover_distills_from_the_frozen_teacher():
     teacher = tiny()
     student = prune_heads(teacher, [[0], [1], [2]])
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_state = {k: v.clone() for k, v in student.state_dict().items()}
     batches = [batch(1), batch(2)]
-    # the first step's loss, by hand: CLIP loss + affinity distillation on the first batch
-    b = batches[0]
     with torch.no_grad():
-        s, t = (m(b["images"], b["input_ids"], b["attention_mask"]) for m in (student, teacher))
-        want = clip_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], gather=False) + \
-            affinity_distill_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], t["image_embeds"],
-                                  t["text_embeds"], t["logit_scale"], gather=False)
+        want = by_hand_loss(student, teacher, batches[0])
     seen = []
-    losses = recover(student, teacher, batches, 3, lr=1e-3, on_step=lambda step, loss: seen.append((step, loss)))
-    assert len(losses) == 3 and [s for s, _ in seen] == [1, 2, 3]
-    assert losses[0] == pytest.approx(float(want), rel=1e-5)
+    got = recover(student, teacher, Batches(batches), 3, lr=1e-3, on_step=lambda step, loss: seen.append((step, loss)))
+    assert got is student and [s for s, _ in seen] == [1, 2, 3]
+    assert seen[0][1] == pytest.approx(float(want), rel=1e-5)
+    assert all(math.isfinite(loss) for _, loss in seen)
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
     assert not teacher.training and not student.training  # modes kept
+    assert all(p.requires_grad for p in teacher.parameters())  # given back as it came
     assert any(not torch.equal(v, student.state_dict()[k]) for k, v in student_state.items())
     assert all(p.grad is None for p in student.parameters())
-    with pytest.raises(ValueError, match="batches ran out after 1"):
-        recover(student, teacher, iter([batch()]), 2)
-    assert recover(student, teacher, batches, 0) == []
-    with pytest.raises(ValueError, match="schedule='linear' must be 'cosine' or 'constant'"):
-        recover(student, teacher, batches, 1, schedule="linear")
+    assert recover(student, teacher, Batches(batches), 0) is student
+    with pytest.raises(ValueError, match="recovery ran 0 of 2 steps: the training data gave no batches"):
+        recover(student, teacher, Batches([]), 2)
+    with pytest.raises(ValueError, match=r"precision 'fp16' must be one of \['auto', '32-true', 'bf16-mixed'\]"):
+        recover(student, teacher, Batches(batches), 1, precision="fp16")
+    with pytest.raises(ValueError, match="recovery steps must be an int >= 0, got -1"):
+        recover(student, teacher, Batches(batches), -1)
 
 
-def test_recover_decays_the_learning_rate_on_a_cosine():
+def test_recover_decays_the_learning_rate_on_a_cosine_and_clips():
     """Each step's learning rate, read from the optimizer inside the step: lr (1 + cos(pi k / n)) / 2
-    for cosine, lr throughout for constant."""
+    for the default cosine, lr throughout with min_lr_ratio=1; the AdamW groups are the project's
+    (decay on weight matrices only); gradients are clipped to max_grad_norm."""
     teacher = tiny()
-    for schedule, want in (("cosine", [1e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]),
-                           ("constant", [1e-3] * 4)):
+    for kw, want in (({}, [1e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]),
+                     ({"min_lr_ratio": 1.0}, [1e-3] * 4)):
         student = prune_heads(teacher, [[0], [], []])
-        seen = []
-        hook = register_optimizer_step_pre_hook(
-            lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+        seen, norms = [], []
+
+        def pre_step(opt, args, kwargs):
+            seen.append(opt.param_groups[0]["lr"])
+            assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+            assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
+
+        class GradNorm(L.Callback):  # after the step: the gradients it used, clipped
+            def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
+                norms.append(float(torch.linalg.vector_norm(torch.stack(
+                    [p.grad.norm() for p in pl_module.parameters() if p.grad is not None]))))
+
+        hook = register_optimizer_step_pre_hook(pre_step)
         try:
-            recover(student, teacher, [batch(1)], 4, lr=1e-3, schedule=schedule)
+            recover(student, teacher, Batches([batch(1)]), 4, lr=1e-3, max_grad_norm=0.01, callbacks=[GradNorm()],
+                    **kw)
         finally:
             hook.remove()
-        assert seen == pytest.approx(want, rel=1e-12), schedule
+        assert seen == pytest.approx(want, rel=1e-12), kw
+        assert len(norms) == 4 and max(norms) <= 0.01 * (1 + 1e-4)
 
 
-def test_recover_under_bf16_autocast_keeps_fp32_weights():
-    """The first step's loss equals the same forward computed by hand under bf16 autocast; the
-    weights and the optimizer's state stay fp32, the teacher is untouched."""
+def test_recover_under_bf16_mixed_keeps_fp32_weights():
+    """The first step's loss equals the same forward computed by hand under bf16 autocast (the
+    teacher too); the weights stay fp32, the teacher is untouched."""
     teacher = tiny()
     student = prune_heads(teacher, [[0], [], [3]])
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     b = batch(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # with gradients, as in training (attention's kernel)
-        s = student(b["images"], b["input_ids"], b["attention_mask"])
-        with torch.no_grad():
-            t = teacher(b["images"], b["input_ids"], b["attention_mask"])
-        want = clip_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], gather=False) + \
-            affinity_distill_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], t["image_embeds"],
-                                  t["text_embeds"], t["logit_scale"], gather=False)
-    assert s["image_embeds"].dtype == torch.bfloat16  # the autocast reference really is bf16
+        want = by_hand_loss(student, teacher, b)
     with torch.no_grad():
-        s32 = student(b["images"], b["input_ids"], b["attention_mask"])
-        fp32 = clip_loss(s32["image_embeds"], s32["text_embeds"], s32["logit_scale"], gather=False)
-    losses = recover(student, teacher, [b], 2, lr=1e-3, autocast_dtype=torch.bfloat16)
-    assert losses[0] == pytest.approx(float(want), rel=1e-5)
-    assert float(want) != pytest.approx(float(fp32), rel=1e-6)  # bf16 was used, not fp32
+        fp32 = by_hand_loss(student, teacher, b)
+    assert float(want) != pytest.approx(float(fp32), rel=1e-6)  # the reference really is bf16
+    seen, norms = [], []
+
+    class GradNorm(L.Callback):  # Lightning refuses to clip for a fused optimizer under mixed precision
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
+            norms.append(float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in pl_module.parameters() if p.grad is not None]))))
+
+    recover(student, teacher, Batches([b]), 2, lr=1e-3, precision="bf16-mixed", max_grad_norm=0.01,
+            on_step=lambda step, loss: seen.append(loss), callbacks=[GradNorm()])
+    assert seen[0] == pytest.approx(float(want), rel=1e-5)
+    assert len(norms) == 2 and max(norms) <= 0.01 * (1 + 1e-3)
     assert all(p.dtype == torch.float32 for p in student.parameters())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
-    with pytest.raises(ValueError, match="autocast_dtype=torch.int8 must be None"):
-        recover(student, teacher, [b], 1, autocast_dtype=torch.int8)
 
 
 def test_the_recovery_precision_names_and_auto(tmp_path, monkeypatch):
@@ -463,7 +504,7 @@ def test_the_prune_command_end_to_end(tiny_dir, tmp_path, capsys):
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"loaded {tiny_dir}: ") and "heads per block [4, 4, 4]" in lines[0]
-    assert any(line.startswith("data: 1 batches of 8 pairs") for line in lines)
+    assert any(line.startswith("data: 1 batches of 8 pairs from the emoji training split in ") for line in lines)
     assert "scored 12 heads by gradient on 1 batches, normalised per block" in lines
     removed = [line for line in lines if line.startswith("block ")]
     assert len(removed) == 3
@@ -472,7 +513,8 @@ def test_the_prune_command_end_to_end(tiny_dir, tmp_path, capsys):
     assert len([line for line in lines if line.startswith("recovery precision auto -> ")]) == 1
     # one summary line for the recovery (the per-step progress is a bar on stderr)
     summary = [line for line in lines if line.startswith("recovery: loss ")]
-    assert len(summary) == 1 and summary[0].endswith("at step 2"), summary
+    assert len(summary) == 1, summary
+    assert "at step 2 (1 epoch of 760 batches from the emoji training split" in summary[0]
     assert lines[-1].startswith(f"wrote {out}")
     pruned = MMFormer.from_pretrained(out)
     assert sum(pruned.config.heads_per_block) == 9 and pruned.tokenizer is not None
@@ -490,27 +532,88 @@ def test_the_prune_command_end_to_end(tiny_dir, tmp_path, capsys):
     assert sum(MMFormer.from_pretrained(out).config.heads_per_block) == 6
 
 
-def test_emoji_batches_fit_the_model(tiny_dir):
+COLOURS = {"red": (220, 30, 30, 255), "green": (30, 200, 60, 255), "blue": (40, 60, 230, 255),
+           "yellow": (240, 220, 40, 255), "black": (10, 10, 10, 255), "white": (250, 250, 250, 255)}
+
+
+@pytest.fixture
+def colour_manifest(tmp_path) -> tuple[Path, list[str]]:
+    """A user's CSV manifest: six solid-colour PNGs (relative paths) with captions, in columns
+    named ``file`` and ``text``."""
+    captions = [f"a {name} square" for name in COLOURS]
+    for name, colour in COLOURS.items():
+        save_png(tmp_path / "pics" / f"{name}.png", colour, size=(20, 20))
+    rows = [[f"pics/{name}.png", caption] for name, caption in zip(COLOURS, captions)]
+    return write_csv(tmp_path / "pairs.csv", ["file", "text"], rows), captions
+
+
+def test_the_prune_command_on_a_user_manifest(tiny_dir, colour_manifest, tmp_path, capsys, monkeypatch):
+    """``mmformer prune --data MANIFEST``: the heads are scored and the recovery trains on the
+    manifest's pairs (every caption the recovery sees is one of the manifest's, all of them are
+    seen), the result has fewer heads and loads."""
+    manifest, captions = colour_manifest
+    seen: list[str] = []
+    training_loss = DistillModule.training_loss
+
+    def record(self, batch):
+        seen.extend(batch["captions"])
+        return training_loss(self, batch)
+
+    monkeypatch.setattr(DistillModule, "training_loss", record)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_dir), "--heads", "0.25", "--out", str(out), "--data", str(manifest),
+                 "--image-col", "file", "--caption-col", "text", "--batches", "4", "--batch-size", "3",
+                 "--recover", "5", "--precision", "32-true"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"data: 2 batches of 3 pairs from the manifest {manifest}" in lines  # 6 pairs: 2 batches, not 4
+    summary = [line for line in lines if line.startswith("recovery: loss ")]
+    assert len(summary) == 1 and summary[0].endswith(f"at step 5 (3 epochs of 2 batches from the manifest {manifest})")
+    first, last = (float(x) for x in re.findall(r"loss (\S+) at step 1, (\S+) at step 5", summary[0])[0])
+    assert math.isfinite(first) and math.isfinite(last)
+    assert len(seen) == 5 * 3 and set(seen) == set(captions)
+    pruned = MMFormer.from_pretrained(out)
+    assert sum(pruned.config.heads_per_block) == 9
+    assert all(torch.isfinite(t).all() for t in encode(pruned.eval(), inputs()))
+
+
+def test_prune_data_flags_are_exact_and_exclusive(tiny_dir, colour_manifest, tmp_path, capsys):
+    manifest, _ = colour_manifest
+    parser = build_parser()
+    with pytest.raises(SystemExit):  # no abbreviations: --data-d is not --data-dir, --shard not --shards
+        parser.parse_args(["prune", "--model", "m", "--heads", "0.1", "--out", "o", "--shard", "x.tar"])
+    assert capsys.readouterr().err.strip().endswith("unrecognized arguments: --shard x.tar")
+    args = parser.parse_args(["prune", "--model", "m", "--heads", "0.1", "--out", "o", "--data", "x.csv"])
+    assert args.data == "x.csv" and args.data_dir is None
+    base = ["prune", "--model", str(tiny_dir), "--heads", "0.25", "--out", str(tmp_path / "o")]
+    for extra, message in ((["--data", str(manifest), "--shards", "s-{0..1}.tar"], "two sources of training pairs"),
+                           (["--data", str(manifest), "--data-dir", str(tmp_path)], "--data MANIFEST replaces"),
+                           (["--data", str(tmp_path / "missing.csv")], "missing.csv")):
+        assert run(base + extra) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("mmformer prune: ") and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_scoring_batches_come_from_the_data_module(tiny_dir):
     model = MMFormer.from_pretrained(tiny_dir)
-    batches = emoji_train_batches(model, 2, 8)
+    dm = pruning_datamodule(model, batch_size=8)
+    state = torch.random.get_rng_state()
+    batches = scoring_batches(dm, 2)
+    assert torch.equal(torch.random.get_rng_state(), state)
     assert len(batches) == 2 and batches[0]["images"].shape == (8, 3, 16, 16)
     assert batches[0]["input_ids"].shape[1] <= 8 and "concepts" in batches[0]
-    # the recovery loader is the whole training split, and a second pass is a new, reshuffled epoch
-    loader = emoji_train_loader(model, 468)  # 6084 bundled training pairs = 13 batches of 468
-    first, second = (torch.cat([b["indices"] for b in loader]) for _ in range(2))
-    for epoch in (first, second):
-        assert torch.equal(torch.sort(epoch).values, torch.arange(6084))
-    assert not torch.equal(first, second)
-    # peek: the next pass's first batch, without moving the epoch count or the global RNG
-    state = torch.random.get_rng_state()
-    peeked = loader.peek()
-    assert loader.epoch == 2 and torch.equal(torch.random.get_rng_state(), state)
-    assert torch.equal(peeked["indices"], next(iter(loader))["indices"])
-    assert not torch.equal(peeked["indices"], second[:468])
+    # the training loader's first batches, in its seeded order, the same on every call
+    first = next(iter(dm.train_dataloader()))
+    assert torch.equal(batches[0]["indices"], first["indices"])
+    assert torch.equal(scoring_batches(dm, 1)[0]["indices"], first["indices"])
+    assert not torch.equal(batches[0]["indices"], batches[1]["indices"])
     with pytest.raises(ValueError, match=r"need batch_size >= 2 \(contrastive pairs\), got 1"):
-        emoji_train_loader(model, 1)
+        pruning_datamodule(model, batch_size=1)
     with pytest.raises(ValueError, match="need n_batches >= 1, got 0"):
-        emoji_train_batches(model, 0, 8)
+        scoring_batches(dm, 0)
+    with pytest.raises(ValueError, match="a manifest .* or shards .*, not both"):
+        pruning_datamodule(model, data="a.csv", shards="b.tar")
+    assert training_prune.PRECISIONS == ("auto", "32-true", "bf16-mixed")
 
 
 def test_the_service_engine_and_int8_take_a_pruned_model(tiny_dir, tmp_path):

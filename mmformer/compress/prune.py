@@ -24,28 +24,23 @@ Three steps, each usable on its own (``mmformer prune`` runs them in order):
    ``save_pretrained`` and loads with ``MMFormer.from_pretrained``. Removing head h gives the
    outputs of the unpruned model with ``g_h = 0``; removing nothing gives the same model.
 
-:func:`recover` fine-tunes the pruned model for a few steps: CLIP loss plus affinity
-distillation (:func:`mmformer.losses.affinity_distill_loss`) from the unpruned model, frozen.
-:func:`emoji_train_batches` gives a few batches of the bundled emoji training split (for the
-gradient criterion), :func:`emoji_train_loader` the whole split epoch after epoch (for recovery).
+These are model transforms only: no optimizer, schedule or data loading here. The batches for
+the gradient criterion come from the caller, and the recovery fine-tuning of a pruned model runs
+through the Lightning Trainer (:mod:`mmformer.training.prune`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import math
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from torch import nn
 
-from mmformer.training.datamodule import ImageTextDataModule
-from mmformer.data.emoji import default_data_dir
 from mmformer.layers.multiway import each
-from mmformer.losses import affinity_distill_loss, clip_loss
+from mmformer.losses import clip_loss
 from mmformer.model import MMFormer, eval_mode
 
 log = logging.getLogger(__name__)
@@ -70,7 +65,8 @@ def head_gates(model: MMFormer) -> Iterator[list[torch.Tensor]]:
             block.attn.head_gate = None
 
 
-def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _to_device(batch: Batch,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(images, input_ids, attention_mask, concepts or None) of a batch, on ``device``."""
     missing = [k for k in ("images", "input_ids", "attention_mask") if k not in batch]
     if missing:
@@ -256,151 +252,3 @@ def prune_heads(model: MMFormer, remove: float | Sequence[Sequence[int]],
     for i, (r, h) in enumerate(zip(remove, c.heads_per_block)):
         log.info("block %d: removed heads %s, %d of %d left", i, r, h - len(r), h)
     return pruned
-
-
-# ---- recovery ------------------------------------------------------------------------------------
-def recover(student: MMFormer, teacher: MMFormer, batches: Iterable[Batch], steps: int, *, lr: float = 8e-4,
-            weight_decay: float = 0.05, distill_weight: float = 1.0, max_grad_norm: float | None = 1.0,
-            schedule: str = "cosine", autocast_dtype: torch.dtype | None = None,
-            on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Fine-tune ``student`` in place for ``steps`` AdamW steps, one batch each, cycling through
-    ``batches`` (a list or another re-iterable); returns each step's loss.
-
-    Loss: ``clip_loss + distill_weight * affinity_distill_loss`` against ``teacher`` (the
-    unpruned model, run in eval mode without gradient, never changed). Weight decay applies to
-    the matrices outside ``student.no_weight_decay()``; gradients are clipped to
-    ``max_grad_norm`` (None: not clipped). ``schedule``: ``"cosine"`` (the learning rate of
-    step k, 0-based, is ``lr * (1 + cos(pi * k / steps)) / 2``: from ``lr`` down towards 0) or
-    ``"constant"``. ``autocast_dtype``: None (full precision) or a low-precision dtype
-    (``torch.bfloat16``) that the student's and the teacher's forward passes and the losses run
-    under autocast in (the weights, their gradients and the optimizer stay fp32, as in
-    ``bf16-mixed`` training; which is faster depends on the CPU: the CLI measures it with
-    :func:`mmformer.training.precision.choose_precision`). ``on_step(step, loss)`` is called
-    after each step (1-based). The student is left in the train/eval mode it came in.
-    """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"recovery steps must be an int >= 0, got {steps!r}")
-    if not lr > 0 or weight_decay < 0 or distill_weight < 0:
-        raise ValueError(f"need lr > 0, weight_decay >= 0 and distill_weight >= 0, got {lr}, {weight_decay}, "
-                         f"{distill_weight}")
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule={schedule!r} must be 'cosine' or 'constant'")
-    if autocast_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"autocast_dtype={autocast_dtype!r} must be None, torch.float32, torch.bfloat16 "
-                         "or torch.float16")
-    if steps == 0:
-        return []
-    exempt = student.no_weight_decay()
-    params = [(n, q) for n, q in student.named_parameters() if q.requires_grad]
-    decay = [q for n, q in params if q.ndim >= 2 and n not in exempt]
-    no_decay = [q for n, q in params if q.ndim < 2 or n in exempt]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    device = next(student.parameters()).device
-    enabled = autocast_dtype not in (None, torch.float32)
-    was_training = student.training
-    losses: list[float] = []
-    student.train()
-    try:
-        for batch in _cycle(batches, steps):
-            images, ids, mask, concepts = _to_device(batch, device)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=enabled):
-                with torch.no_grad(), eval_mode(teacher):
-                    t = teacher(images, ids, mask)
-                s = student(images, ids, mask)
-                loss = clip_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], concepts, gather=False)
-                if distill_weight:
-                    loss = loss + distill_weight * affinity_distill_loss(
-                        s["image_embeds"], s["text_embeds"], s["logit_scale"], t["image_embeds"], t["text_embeds"],
-                        t["logit_scale"], gather=False)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"recovery step {len(losses) + 1}: the loss is {loss.item()}; "
-                                         "lower the learning rate")
-            if schedule == "cosine":
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * (1 + math.cos(math.pi * len(losses) / steps)) / 2
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([q for _, q in params], max_grad_norm)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            if on_step is not None:
-                on_step(len(losses), losses[-1])
-    finally:
-        student.train(was_training)
-        student.zero_grad(set_to_none=True)
-    log.info("recovery: %d steps, loss %.4f -> %.4f", steps, losses[0], losses[-1])
-    return losses
-
-
-def _cycle(batches: Iterable[Batch], steps: int) -> Iterator[Batch]:
-    """``steps`` batches, starting over at the end; an empty pass is an error."""
-    given = 0
-    while given < steps:
-        n = 0
-        for batch in itertools.islice(batches, steps - given):
-            n += 1
-            given += 1
-            yield batch
-        if n == 0:
-            raise ValueError(f"recovery needs {steps} batches but the batches ran out after {given} "
-                             "(pass a list or another re-iterable)")
-
-
-# ---- data ----------------------------------------------------------------------------------------
-class Epochs:
-    """A training DataLoader whose every pass is the next epoch (its sampler's ``set_epoch``):
-    a new order and new augmentation each time it is iterated, where the loader alone would
-    repeat the first epoch."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.loader.sampler.set_epoch(self.epoch)
-        self.epoch += 1
-        return iter(self.loader)
-
-    def peek(self) -> dict[str, Any]:
-        """The first batch the next pass will give, drawn without moving the epoch count or the
-        global RNG (a DataLoader iterator draws its base seed from it): a batch to time on."""
-        self.loader.sampler.set_epoch(self.epoch)
-        with torch.random.fork_rng():
-            return next(iter(self.loader))
-
-
-def emoji_train_loader(model: nn.Module, batch_size: int = 64, data_dir: str | None = None,
-                       seed: int = 0) -> Epochs:
-    """Batches of the bundled emoji training split with the training augmentation and the model's
-    image size, normalisation, context length and tokenizer, epoch after epoch: every pass over
-    the result is a new epoch of the whole split (reshuffled, freshly augmented), which is what a
-    recovery of more steps than one epoch's batches should cycle through."""
-    if batch_size < 2:
-        raise ValueError(f"need batch_size >= 2 (contrastive pairs), got {batch_size}")
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError("the model has no tokenizer attached (tokenizer.model missing from its directory)")
-    c = model.config
-    dm = ImageTextDataModule(data_dir=str(default_data_dir(data_dir)), image_size=c.image_size,
-                             batch_size=batch_size, max_length=c.context_length, caption_mode="name",
-                             image_mean=c.image_mean, image_std=c.image_std, seed=seed)
-    dm.set_tokenizer(tokenizer)
-    dm.setup("fit")
-    return Epochs(dm.train_dataloader())
-
-
-def emoji_train_batches(model: nn.Module, n_batches: int, batch_size: int = 64, data_dir: str | None = None,
-                        seed: int = 0) -> list[dict[str, Any]]:
-    """The first ``n_batches`` batches (fewer if the split is shorter) of
-    :func:`emoji_train_loader`'s first epoch, as a list."""
-    if n_batches < 1:
-        raise ValueError(f"need n_batches >= 1, got {n_batches}")
-    batches = list(itertools.islice(iter(emoji_train_loader(model, batch_size, data_dir, seed)), n_batches))
-    if len(batches) < n_batches:
-        log.info("the emoji training split holds %d batches of %d; using those", len(batches), batch_size)
-    return batches

@@ -268,7 +268,8 @@ def choose_precision(model: MMFormer, images: torch.Tensor, input_ids: torch.Ten
 
 
 def auto_precision(module, datamodule, use_cache: bool = True) -> PrecisionChoice:
-    """``--precision auto`` for a training run: :func:`choose_precision` on the module's model and
+    """``--precision auto`` for a training run: :func:`choose_precision` on the module's model (or
+    on ``module`` itself when it is an :class:`MMFormer`, as for a pruned model's recovery) and
     one real training batch of ``datamodule`` (set up for ``fit`` here; the global RNG is left as
     it was). The batch must be an image-text batch (``images``, ``input_ids``,
     ``attention_mask``); other recipes (long documents) must name their precision."""
@@ -281,14 +282,15 @@ def auto_precision(module, datamodule, use_cache: bool = True) -> PrecisionChoic
     if missing:
         raise ValueError(f"precision auto times image-text training steps, but {type(datamodule).__name__}'s "
                          f"batches have no {missing}; set the precision (32-true, bf16-mixed) in the recipe")
-    return autocast_for("auto", module.model, batch, use_cache)[1]
+    model = module if isinstance(module, MMFormer) else module.model
+    return autocast_for("auto", model, batch, use_cache)[1]
 
 
 def autocast_for(precision: str, model: MMFormer | None = None,
                  batch: Mapping[str, torch.Tensor] | None = None,
                  use_cache: bool = True) -> tuple[torch.dtype | None, PrecisionChoice | None]:
-    """The autocast dtype (None = full precision) for a loop written outside Lightning (head
-    pruning's recovery) that is given ``precision`` = ``32-true``, ``bf16-mixed`` or ``auto``;
+    """The autocast dtype (None = full precision) of ``precision`` = ``32-true``, ``bf16-mixed`` or
+    ``auto``;
     ``auto`` runs :func:`choose_precision` on ``model`` and one image-text ``batch`` and also
     returns the choice (whose :meth:`PrecisionChoice.reason` is the line to show), else None."""
     if precision == "auto":
