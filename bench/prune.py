@@ -10,10 +10,10 @@ Per row: the heads chosen from ``--batches`` batches of the bundled emoji traini
 model; ranked raw or after dividing each block's scores by their L2 norm, ``--normalize``),
 removed for real (:func:`~mmformer.compress.prune.prune_heads`), optionally recovered by ``N``
 steps of CLIP loss + affinity distillation from the unpruned model on batches of the whole
-training split, augmented, epoch after epoch (:func:`~mmformer.compress.prune.recover`,
-:func:`~mmformer.compress.prune.emoji_train_loader`). Fraction 0 is the control: the unpruned
-model given the same recovery steps, which tells what the recovery training alone is worth to a
-model trained for a short budget. Recall: text->image and image->text R@1 on the bundled
+training split, augmented, epoch after epoch, through the Lightning Trainer
+(:func:`mmformer.training.prune.recover`, :func:`~mmformer.training.prune.pruning_datamodule`).
+Fraction 0 is the control: the unpruned model given the same recovery steps, which tells what
+the recovery training alone is worth to a model trained for a short budget. Recall: text->image and image->text R@1 on the bundled
 held-out family (never seen in training), computed as ``mmformer eval`` and ``mmformer demo`` do
 (:func:`mmformer.retrieval.evaluate_retrieval`). Speed: ``encode_image`` / ``encode_text`` of
 batches of ``--speed-batch`` held-out images and captions, the fastest of at least ``--repeats``
@@ -30,20 +30,12 @@ import time
 import torch
 
 from bench.common import add_csv_argument, best_rate, machine_line, markdown_table, write_csv
-from mmformer.compress.prune import (
-    CRITERIA,
-    emoji_train_batches,
-    emoji_train_loader,
-    head_importance,
-    normalize_per_block,
-    prune_heads,
-    recover,
-    select_heads,
-)
+from mmformer.compress.prune import CRITERIA, head_importance, normalize_per_block, prune_heads, select_heads
 from mmformer.data.emoji import InMemoryImageText, default_data_dir
 from mmformer.model import MMFormer
 from mmformer.retrieval import evaluate_retrieval
-from mmformer.training.precision import autocast_for
+from mmformer.training.precision import auto_precision
+from mmformer.training.prune import pruning_datamodule, recover, scoring_batches
 
 
 def csv_of(text: str, kind):
@@ -99,17 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     n = min(args.speed_batch, len(held_out))
     images = held_out.stacked_images()[:n]
     ids, mask = model.tokenizer(held_out.captions[:n], max_length=c.context_length)
-    batches = emoji_train_batches(model, args.batches, args.batch_size, str(data_dir))
-    loader = emoji_train_loader(model, args.batch_size, str(data_dir))
+    dm = pruning_datamodule(model, data_dir=str(data_dir), batch_size=args.batch_size)
+    batches = scoring_batches(dm, args.batches)
     print(f"{args.model}: {c.depth} blocks x {c.heads} heads, {model.num_parameters() / 1e6:.2f} M parameters; "
           f"{len(batches)} training batches of {args.batch_size}; held-out family: {len(held_out)} images",
           flush=True)
 
-    autocast_dtype, recovery_precision = None, "fp32"
+    precision, recovery_precision = args.precision, "fp32"
     if any(recoveries):
-        autocast_dtype, choice = autocast_for(args.precision, model,
-                                              loader.peek() if args.precision == "auto" else None)
-        recovery_precision = "fp32" if autocast_dtype is None else "bf16 autocast"
+        choice = auto_precision(model, dm) if args.precision == "auto" else None
+        precision = choice.precision if choice else args.precision
+        recovery_precision = "fp32" if precision == "32-true" else "bf16 autocast"
         print(f"recovery in {recovery_precision}" + (f" ({choice.reason()})" if choice else ""), flush=True)
     base = measure(model, held_out, images, ids, mask, args.repeats, args.min_seconds)
     rows = [{"criterion": "(unpruned)", "norm": "-", "removed": "0%", "heads": str(c.heads_per_block), "steps": 0, **base,
@@ -131,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # the unpruned row
             student = pruned if steps == 0 else copy.deepcopy(pruned)
             if steps:
-                torch.manual_seed(0)  # the same recovery batches for every row: from the first epoch on
-                loader.epoch = 0
-                recover(student, model, loader, steps, lr=args.lr, schedule=args.schedule,
-                        autocast_dtype=autocast_dtype)
+                torch.manual_seed(0)  # every row's Trainer starts at epoch 0 of the seeded order: the same batches
+                recover(student, model, dm, steps, lr=args.lr, precision=precision,
+                        min_lr_ratio=1.0 if args.schedule == "constant" else 0.0)
             r = measure(student, held_out, images, ids, mask, args.repeats, args.min_seconds)
             r.update(img_x=r["img_s"] / base["img_s"], txt_x=r["txt_s"] / base["txt_s"])
             rows.append({"criterion": criterion, "norm": norm, "removed": f"{fraction:.0%}",
