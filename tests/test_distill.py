@@ -11,21 +11,20 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from test_data import make_emoji_layout
 
 from mmformer.compress.inherit import InheritanceError, inherit_weights, plan_inheritance, teacher_blocks
 from mmformer.config import ModelConfig
-from mmformer.training.datamodule import ImageTextDataModule
 from mmformer.data.emoji import EmojiData, InMemoryImageText
-from mmformer.losses import (affinity_distill_loss, clip_loss, feature_distill_loss,
-                             interactive_contrastive_loss)
+from mmformer.losses import affinity_distill_loss, clip_loss, feature_distill_loss, interactive_contrastive_loss
 from mmformer.model import MMFormer
 from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 from mmformer.training import distill as distill_mod
 from mmformer.training.callbacks import ExportModel
+from mmformer.training.datamodule import ImageTextDataModule
 from mmformer.training.distill import DistillModule, cached_rows
 from mmformer.training.recipes import RecipeCLI, load_recipe, run_recipe
 from mmformer.training.trainer import make_trainer
-from test_data import make_emoji_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

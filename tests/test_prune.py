@@ -420,13 +420,13 @@ def test_recover_decays_the_learning_rate_on_a_cosine_and_clips():
         student = prune_heads(teacher, [[0], [], []])
         seen, norms = [], []
 
-        def pre_step(opt, args, kwargs):
+        def pre_step(opt, args, kwargs, seen=seen):
             seen.append(opt.param_groups[0]["lr"])
             assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
             assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
 
         class GradNorm(L.Callback):  # after the step: the gradients it used, clipped
-            def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
+            def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx, norms=norms):
                 norms.append(float(torch.linalg.vector_norm(torch.stack(
                     [p.grad.norm() for p in pl_module.parameters() if p.grad is not None]))))
 

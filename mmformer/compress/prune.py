@@ -35,7 +35,8 @@ import contextlib
 import dataclasses
 import logging
 import math
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 

@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.compress.inherit import inherit_weights
-from mmformer.losses import (FeatureProjection, affinity_distill_loss, feature_distill_loss,
-                             interactive_contrastive_loss)
+from mmformer.losses import FeatureProjection, affinity_distill_loss, feature_distill_loss, interactive_contrastive_loss
 from mmformer.model import TOKENIZER_NAME, MMFormer
 from mmformer.training.module import MMFormerModule, in_memory_name
 from mmformer.training.precision import has_native_bf16

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from mmformer.config import get_config
-from mmformer.training.datamodule import SkippedSamplesCallback
 from mmformer.losses import clip_loss, contrastive_accumulation, siglip_loss, world_size
 from mmformer.model import MMFormer
 from mmformer.retrieval.metrics import concept_retrieval_metrics, pair_retrieval_metrics
 from mmformer.tokenizer import Tokenizer, default_tokenizer_path
-from mmformer.training.checkpoint import guard_fit
 from mmformer.training.callbacks import ScheduleClock
+from mmformer.training.checkpoint import guard_fit
+from mmformer.training.datamodule import SkippedSamplesCallback
 from mmformer.training.distributed import PRECISION_DTYPES, apply_fsdp, apply_tensor_parallel, is_fsdp
 from mmformer.training.optim import ClockLambdaLR, StepCosine, TimeCosine, make_adamw, parameter_groups
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -37,10 +38,17 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed")
 
 
 # ---- data ----------------------------------------------------------------------------------------
-def pruning_datamodule(model: MMFormer, data: str | None = None, shards: str | None = None,
-                       data_dir: str | None = None, batch_size: int = 256, seed: int = 0,
-                       image_col: str = "image", caption_col: str = "caption",
-                       num_workers: int = 0) -> ImageTextDataModule:
+def pruning_datamodule(
+    model: MMFormer,
+    data: str | None = None,
+    shards: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    num_workers: int = 0,
+) -> ImageTextDataModule:
     """Training batches for ``model``'s head scores and recovery, set up for ``fit``.
 
     Args:
@@ -59,18 +67,32 @@ def pruning_datamodule(model: MMFormer, data: str | None = None, shards: str | N
     The training images are augmented as in a recipe's training (``augment: true``).
     """
     if data is not None and shards is not None:
-        raise ValueError(f"give one source of training pairs: a manifest (data={data!r}) or shards "
-                         f"(shards={shards!r}), not both")
+        raise ValueError(
+            f"give one source of training pairs: a manifest (data={data!r}) or shards (shards={shards!r}), not both"
+        )
     if batch_size < 2:
         raise ValueError(f"need batch_size >= 2 (contrastive pairs), got {batch_size}")
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer attached (tokenizer.model missing from its folder); "
-                         "it is needed to read the training captions")
+        raise ValueError(
+            "the model has no tokenizer attached (tokenizer.model missing from its folder); "
+            "it is needed to read the training captions"
+        )
     c = model.config
-    dm = ImageTextDataModule(data_dir=data_dir if data is None and shards is None else None, train_manifest=data,
-                             shards=shards, image_size=c.image_size, batch_size=batch_size, num_workers=num_workers,
-                             max_length=c.context_length, caption_mode="name", image_col=image_col,
-                             caption_col=caption_col, image_mean=c.image_mean, image_std=c.image_std, seed=seed)
+    dm = ImageTextDataModule(
+        data_dir=data_dir if data is None and shards is None else None,
+        train_manifest=data,
+        shards=shards,
+        image_size=c.image_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        max_length=c.context_length,
+        caption_mode="name",
+        image_col=image_col,
+        caption_col=caption_col,
+        image_mean=c.image_mean,
+        image_std=c.image_std,
+        seed=seed,
+    )
     dm.set_tokenizer(model.tokenizer)
     dm.setup("fit")
     return dm
@@ -108,8 +130,9 @@ class StepLosses(L.Callback):
         self.epochs += 1
         self.batches_per_epoch = trainer.num_training_batches
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # noqa: D102
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:  # noqa: D102
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:  # a skipped batch (all samples corrupt): no step
             return
@@ -118,12 +141,25 @@ class StepLosses(L.Callback):
             self.on_step(len(self.losses), self.losses[-1])
 
 
-def recover(student: MMFormer, teacher: MMFormer, datamodule: L.LightningDataModule, steps: int, *,
-            lr: float = 8e-4, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999),
-            eps: float = 1e-8, warmup_steps: int = 0, min_lr_ratio: float = 0.0, distill_weight: float = 1.0,
-            max_grad_norm: float | None = 1.0, precision: str = "32-true",
-            on_step: Callable[[int, float], None] | None = None, callbacks: Sequence[L.Callback] = (),
-            **trainer_args: Any) -> MMFormer:
+def recover(
+    student: MMFormer,
+    teacher: MMFormer,
+    datamodule: L.LightningDataModule,
+    steps: int,
+    *,
+    lr: float = 8e-4,
+    weight_decay: float = 0.05,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+    distill_weight: float = 1.0,
+    max_grad_norm: float | None = 1.0,
+    precision: str = "32-true",
+    on_step: Callable[[int, float], None] | None = None,
+    callbacks: Sequence[L.Callback] = (),
+    **trainer_args: Any,
+) -> MMFormer:
     """Fine-tune the pruned ``student`` in place for ``steps`` optimizer steps; returns it.
 
     A :class:`~mmformer.training.distill.DistillModule` with ``teacher`` (the unpruned model) as
@@ -159,8 +195,9 @@ def recover(student: MMFormer, teacher: MMFormer, datamodule: L.LightningDataMod
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"recovery steps must be an int >= 0, got {steps!r}")
     if not lr > 0 or weight_decay < 0 or distill_weight < 0:
-        raise ValueError(f"need lr > 0, weight_decay >= 0 and distill_weight >= 0, got {lr}, {weight_decay}, "
-                         f"{distill_weight}")
+        raise ValueError(
+            f"need lr > 0, weight_decay >= 0 and distill_weight >= 0, got {lr}, {weight_decay}, {distill_weight}"
+        )
     if precision not in PRECISIONS:
         raise ValueError(f"recovery precision {precision!r} must be one of {list(PRECISIONS)}")
     if steps == 0:
@@ -173,17 +210,33 @@ def recover(student: MMFormer, teacher: MMFormer, datamodule: L.LightningDataMod
     t_device = next(teacher.parameters()).device
     was_training, t_training = student.training, teacher.training
     t_grad = [p.requires_grad for p in teacher.parameters()]
-    module = DistillModule(teacher=teacher, pretrained=student, clip_weight=1.0, affinity_weight=distill_weight,
-                           feature_weight=0.0, interactive_weight=0.0,
-                           teacher_precision="bf16" if precision.startswith("bf16") else "fp32",
-                           lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, warmup_steps=warmup_steps,
-                           min_lr_ratio=min_lr_ratio)
+    module = DistillModule(
+        teacher=teacher,
+        pretrained=student,
+        clip_weight=1.0,
+        affinity_weight=distill_weight,
+        feature_weight=0.0,
+        interactive_weight=0.0,
+        teacher_precision="bf16" if precision.startswith("bf16") else "fp32",
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=betas,
+        eps=eps,
+        warmup_steps=warmup_steps,
+        min_lr_ratio=min_lr_ratio,
+    )
     if device.type == "cuda":
         trainer_args = {"accelerator": "gpu", "devices": [device.index or 0], **trainer_args}
     progress = StepLosses(on_step)
-    trainer = make_trainer(max_steps=steps, precision=precision, gradient_clip_val=max_grad_norm,
-                           limit_val_batches=0, num_sanity_val_steps=0,
-                           callbacks=[progress, *callbacks], **trainer_args)
+    trainer = make_trainer(
+        max_steps=steps,
+        precision=precision,
+        gradient_clip_val=max_grad_norm,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[progress, *callbacks],
+        **trainer_args,
+    )
     module.train()  # the Trainer keeps the mode it is given
     try:
         trainer.fit(module, datamodule=datamodule)
@@ -194,18 +247,34 @@ def recover(student: MMFormer, teacher: MMFormer, datamodule: L.LightningDataMod
         for p, g in zip(teacher.parameters(), t_grad):
             p.requires_grad_(g)
     if trainer.global_step < steps:
-        raise ValueError(f"recovery ran {trainer.global_step} of {steps} steps: the training data gave "
-                         f"{'no' if not progress.losses else 'too few'} batches")
+        raise ValueError(
+            f"recovery ran {trainer.global_step} of {steps} steps: the training data gave "
+            f"{'no' if not progress.losses else 'too few'} batches"
+        )
     log.info("recovery: %d steps, loss %.4f -> %.4f", steps, progress.losses[0], progress.losses[-1])
     return student
 
 
 # ---- the command ---------------------------------------------------------------------------------
-def prune_command(model: str, out: str, heads: float, criterion: Literal["gradient", "magnitude"] = "gradient",
-                  normalize: Literal["block", "none"] = "block", batches: int = 8, batch_size: int = 256,
-                  recover: int = 0, lr: float = 8e-4, precision: Literal["auto", "32-true", "bf16-mixed"] = "auto",
-                  seed: int = 0, data: str | None = None, shards: str | None = None, image_col: str = "image",
-                  caption_col: str = "caption", data_dir: str | None = None, overwrite: bool = False) -> int:
+def prune_command(
+    model: str,
+    out: str,
+    heads: float,
+    criterion: Literal["gradient", "magnitude"] = "gradient",
+    normalize: Literal["block", "none"] = "block",
+    batches: int = 8,
+    batch_size: int = 256,
+    recover: int = 0,
+    lr: float = 8e-4,
+    precision: Literal["auto", "32-true", "bf16-mixed"] = "auto",
+    seed: int = 0,
+    data: str | None = None,
+    shards: str | None = None,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    data_dir: str | None = None,
+    overwrite: bool = False,
+) -> int:
     """Remove attention heads from a saved model, optionally recover by distillation, save the result.
 
     Args:
@@ -258,17 +327,20 @@ def prune_command(model: str, out: str, heads: float, criterion: Literal["gradie
     if data is not None and shards is not None:
         raise ValueError("--data MANIFEST and --shards PATTERN are two sources of training pairs; pass one")
     if (data is not None or shards is not None) and data_dir is not None:
-        raise ValueError(f"{'--data MANIFEST' if data is not None else '--shards'} replaces the bundled data that "
-                         "--data-dir locates; pass one")
+        raise ValueError(
+            f"{'--data MANIFEST' if data is not None else '--shards'} replaces the bundled data that "
+            "--data-dir locates; pass one"
+        )
     target = Path(out)
     if not overwrite and (target.is_file() or target.is_dir() and any(target.iterdir())):
-        raise ValueError(f"{target} already exists and is not empty (a model folder?); pass --overwrite to replace "
-                         "it, or choose another --out")
+        raise ValueError(
+            f"{target} already exists and is not empty (a model folder?); pass --overwrite to replace "
+            "it, or choose another --out"
+        )
     unpruned = MMFormer.from_pretrained(model).eval()
     c = unpruned.config
     before = unpruned.num_parameters()
-    print(f"loaded {model}: {before:,} parameters, {c.depth} blocks, heads per block {c.heads_per_block}",
-          flush=True)
+    print(f"loaded {model}: {before:,} parameters, {c.depth} blocks, heads per block {c.heads_per_block}", flush=True)
     select_heads(torch.zeros(c.depth, c.heads), heads, c.heads_per_block)  # a fraction too large fails here
     dm = None
     source = f"the manifest {data}" if data is not None else f"the shards {shards}" if shards is not None else None
@@ -292,38 +364,59 @@ def prune_command(model: str, out: str, heads: float, criterion: Literal["gradie
     importance = head_importance(unpruned, scored, criterion)
     if normalize == "block":
         importance = normalize_per_block(importance)
-    print(f"scored {sum(c.heads_per_block)} heads by {criterion}"
-          + (f" on {len(scored)} batches" if scored is not None else "")
-          + (", normalised per block" if normalize == "block" else ""), flush=True)
+    print(
+        f"scored {sum(c.heads_per_block)} heads by {criterion}"
+        + (f" on {len(scored)} batches" if scored is not None else "")
+        + (", normalised per block" if normalize == "block" else ""),
+        flush=True,
+    )
     plan = select_heads(importance, heads, c.heads_per_block)
     for i, (removed, h) in enumerate(zip(plan, c.heads_per_block)):
         print(f"block {i}: removed heads {removed or 'none'}, kept {h - len(removed)} of {h}", flush=True)
     pruned = prune_heads(unpruned, plan)
     after = pruned.num_parameters()
-    print(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / before:.1f}% fewer); "
-          f"heads per block {pruned.config.heads_per_block}", flush=True)
+    print(
+        f"parameters: {before:,} -> {after:,} ({100 * (before - after) / before:.1f}% fewer); "
+        f"heads per block {pruned.config.heads_per_block}",
+        flush=True,
+    )
     if recover:
         _recover_with_progress(pruned, unpruned, dm, recover, lr, precision, batch_size, source)
     with atomic_dir(target) as tmp:
         pruned.eval().save_pretrained(tmp)
-    print(f"wrote {target} (config.json with block_heads, model.safetensors"
-          + (", tokenizer.model)" if pruned.tokenizer is not None else ")"), flush=True)
+    print(
+        f"wrote {target} (config.json with block_heads, model.safetensors"
+        + (", tokenizer.model)" if pruned.tokenizer is not None else ")"),
+        flush=True,
+    )
     return 0
 
 
-def _recover_with_progress(pruned: MMFormer, unpruned: MMFormer, dm: ImageTextDataModule, steps: int, lr: float,
-                           precision: str, batch_size: int, source: str) -> None:
+def _recover_with_progress(
+    pruned: MMFormer,
+    unpruned: MMFormer,
+    dm: ImageTextDataModule,
+    steps: int,
+    lr: float,
+    precision: str,
+    batch_size: int,
+    source: str,
+) -> None:
     """``mmformer prune --recover STEPS``: :func:`recover` with a progress bar on stderr and its lines."""
     from tqdm.auto import tqdm
 
-    print(f"recovery: {steps} steps of AdamW at lr {lr:g} (cosine decay), CLIP loss + distillation from the "
-          f"unpruned model, batches of {batch_size} from {source}", flush=True)
+    print(
+        f"recovery: {steps} steps of AdamW at lr {lr:g} (cosine decay), CLIP loss + distillation from the "
+        f"unpruned model, batches of {batch_size} from {source}",
+        flush=True,
+    )
     if precision == "auto":
         choice = auto_precision(pruned, dm)
         print(f"recovery {choice.reason()}", flush=True)
         precision = choice.precision
     progress = StepLosses()
     with tqdm(total=steps, desc="recovery", unit="step") as bar:
+
         def on_step(step: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
@@ -332,7 +425,12 @@ def _recover_with_progress(pruned: MMFormer, unpruned: MMFormer, dm: ImageTextDa
         recover(pruned, unpruned, dm, steps, lr=lr, precision=precision, callbacks=[progress])
     losses = progress.losses
     per_epoch = progress.batches_per_epoch
-    epochs = (f"{progress.epochs} epoch{'s' if progress.epochs != 1 else ''} of {int(per_epoch)} batches"
-              if per_epoch is not None and per_epoch != float("inf") else "a stream of batches")
-    print(f"recovery: loss {losses[0]:.4f} at step 1, {losses[-1]:.4f} at step {len(losses)} "
-          f"({epochs} from {source})", flush=True)
+    epochs = (
+        f"{progress.epochs} epoch{'s' if progress.epochs != 1 else ''} of {int(per_epoch)} batches"
+        if per_epoch is not None and per_epoch != float("inf")
+        else "a stream of batches"
+    )
+    print(
+        f"recovery: loss {losses[0]:.4f} at step 1, {losses[-1]:.4f} at step {len(losses)} ({epochs} from {source})",
+        flush=True,
+    )
