@@ -1,7 +1,8 @@
 """Teacher -> student knowledge distillation: :class:`DistillModule`.
 
-A trained teacher (a ``save_pretrained`` folder, or an :class:`~mmformer.model.MMFormer` in memory) runs beside the student without gradient; the
-student's loss adds weighted distillation terms (:mod:`mmformer.losses`) to the contrastive one:
+A trained teacher (a ``save_pretrained`` folder, or an :class:`~mmformer.model.MMFormer` in
+memory) runs beside the student without gradient; the student's loss adds weighted distillation
+terms (:mod:`mmformer.losses`) to the contrastive one:
 
 - **affinity**: the student's image->text and text->image similarity distributions follow the
   teacher's (:func:`~mmformer.losses.affinity_distill_loss`);

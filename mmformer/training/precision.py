@@ -290,9 +290,8 @@ def autocast_for(precision: str, model: MMFormer | None = None,
                  batch: Mapping[str, torch.Tensor] | None = None,
                  use_cache: bool = True) -> tuple[torch.dtype | None, PrecisionChoice | None]:
     """The autocast dtype (None = full precision) of ``precision`` = ``32-true``, ``bf16-mixed`` or
-    ``auto``;
-    ``auto`` runs :func:`choose_precision` on ``model`` and one image-text ``batch`` and also
-    returns the choice (whose :meth:`PrecisionChoice.reason` is the line to show), else None."""
+    ``auto``; ``auto`` runs :func:`choose_precision` on ``model`` and one image-text ``batch`` and
+    also returns the choice (whose :meth:`PrecisionChoice.reason` is the line to show), else None."""
     if precision == "auto":
         if model is None or batch is None:
             raise ValueError("precision auto needs the model and one image-text batch to time")
