@@ -254,8 +254,11 @@ class MMFormer(nn.Module):
         n = self.config.text_blocks if modality != "image" else len(self.blocks)
         return self.blocks if n == len(self.blocks) else self.blocks[:n]
 
-    def _run_blocks(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
-                    packing: TokenPacking | None = None) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
+                       packing: TokenPacking | None = None) -> torch.Tensor:
+        """The blocks' input (B, T, D) of one modality (:meth:`patch_tokens`, :meth:`text_tokens`) ->
+        final-norm states (B, T, D): the modality's blocks (:meth:`run_blocks`), then its final norm.
+        With ``packing``, the (N, D) real tokens in and out."""
         return self.norm[modality](self.run_blocks(x, modality, key_padding_mask, packing=packing))
 
     # ---- image path ---------------------------------------------------------------------
@@ -264,10 +267,11 @@ class MMFormer(nn.Module):
 
         Equals timm's ``VisionTransformer.forward_features`` when loaded with its weights.
         """
-        return self._run_blocks(self.embed_image(images), "image")
+        return self.forward_tokens(self.patch_tokens(images), "image")
 
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> the blocks' input (B, 1+N, D): patches, class token, positions, pre-norm."""
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the blocks' input (B, 1+N, D): the class token, then the N patch embeddings,
+        positions added, pre-norm (not the joint-space embedding: that is :meth:`encode_image`)."""
         c = self.config
         if images.ndim != 4 or images.shape[1:] != (c.in_chans, c.image_size, c.image_size):
             raise ValueError(
@@ -299,12 +303,12 @@ class MMFormer(nn.Module):
         ``modality="document"`` runs the document expert (``config.document_expert``): its own
         token embeddings and block parts instead of the text path's (positions and shared
         attention weights are the same)."""
-        x = self.embed_text(input_ids, modality)
+        x = self.text_tokens(input_ids, modality)
         mask = self._text_mask(input_ids, attention_mask)
         packing = self._packing(mask)
         if packing is None:
-            return self._run_blocks(x, modality, mask)
-        return packing.unpack(self._run_blocks(packing.pack(x), modality, mask, packing))
+            return self.forward_tokens(x, modality, mask)
+        return packing.unpack(self.forward_tokens(packing.pack(x), modality, mask, packing))
 
     #: Run the text path's per-token layers on the real tokens only (:mod:`mmformer.layers.packing`)
     #: when at most this fraction of a batch's (B, T) positions are real tokens; 0 switches it off.
@@ -326,8 +330,9 @@ class MMFormer(nn.Module):
             return None
         return TokenPacking(mask, self.pack_text_multiple, real=real)
 
-    def embed_text(self, input_ids: torch.Tensor, modality: str = "text") -> torch.Tensor:
-        """(B, T) ids -> the blocks' input (B, T, D): token embeddings plus positions."""
+    def text_tokens(self, input_ids: torch.Tensor, modality: str = "text") -> torch.Tensor:
+        """(B, T) ids -> the blocks' input (B, T, D): token embeddings plus positions (not the
+        joint-space embedding: that is :meth:`encode_text`)."""
         c = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")

@@ -35,10 +35,10 @@ def test_training_drops_patches_and_evaluation_sees_them_all():
     model.eval()
     assert torch.equal(model.encode_image(images), ref.encode_image(images))  # bit for bit
     model.train()
-    assert model.embed_image(images).shape == (3, 1 + 8, 128)
+    assert model.patch_tokens(images).shape == (3, 1 + 8, 128)
     # training-mode embedding = the full embedding with the same random patches kept
     torch.manual_seed(7)
-    got = model.embed_image(images)
+    got = model.patch_tokens(images)
     full = torch.cat([model.cls_token.expand(3, -1, -1), model.patch_embed(images)], dim=1) + model.pos_embed
     torch.manual_seed(7)
     want = model.norm_pre(drop_patches(full, 0.5))

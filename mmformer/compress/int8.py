@@ -116,7 +116,7 @@ def quantize_int8(model: nn.Module, inplace: bool = False, backend: str = "auto"
     Args:
         backend: ``"auto"`` (:func:`default_backend`, then the other one if that is missing or
             fails), ``"torchao"`` or ``"torch.ao"`` (that one only; errors propagate).
-        compile: ``torch.compile`` the transformer trunk (``MMFormer._run_blocks``) after
+        compile: ``torch.compile`` the transformer trunk (``MMFormer.forward_tokens``) after
             quantizing: ``True`` for inductor, or a ``torch.compile`` backend name. The first
             call of each modality (and of a new input shape) compiles, which takes tens of
             seconds on a small CPU: worth it for a long-running service, not a one-off query.
@@ -196,16 +196,15 @@ _QUANTIZERS = {"torchao": _quantize_torchao, "torch.ao": _quantize_torch_ao}
 
 
 def _compile_trunk(model: nn.Module, backend: str) -> None:
-    """Replace the model's ``_run_blocks`` by a compiled copy (an instance attribute).
+    """Replace the model's ``forward_tokens`` by a compiled copy (an instance attribute).
 
     The trunk is the whole per-token compute of both modalities; the input checks around it
     (shapes, all-padding rows) stay in eager Python, so the graph has no data-dependent breaks.
     """
-    run_blocks = getattr(model, "_run_blocks", None)
-    if run_blocks is None:
-        raise TypeError(f"compile=True needs an MMFormer (a model with _run_blocks), got {type(model).__name__}")
-    compiled = torch.compile(run_blocks, backend=backend, dynamic=None)
-    model._run_blocks = compiled
+    forward_tokens = getattr(model, "forward_tokens", None)
+    if forward_tokens is None:
+        raise TypeError(f"compile=True needs an MMFormer (a model with forward_tokens), got {type(model).__name__}")
+    model.forward_tokens = torch.compile(forward_tokens, backend=backend, dynamic=None)
     model.int8_compiled = backend
 
 

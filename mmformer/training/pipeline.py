@@ -112,7 +112,7 @@ class PipelineStageModule(nn.Module):
         m = self.model
         if self.first:
             mask = m._text_mask(b, c)
-            x_img, x_txt = m.embed_image(a), m.embed_text(b)
+            x_img, x_txt = m.patch_tokens(a), m.text_tokens(b)
         else:
             x_img, x_txt, mask = a, b, c.bool()
         x_img = m.run_blocks(x_img, "image", None, self.blocks)

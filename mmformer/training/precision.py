@@ -9,7 +9,7 @@ each candidate precision and keeps the fastest. The candidates' steps are interl
 ...), warm-up included, so that a machine slowing down or speeding up during the
 measurement (another process, clock boost) biases no candidate; a candidate 3x slower than the
 fastest in two rounds in a row (from the second on) is stopped there rather than timed to the end. The choice is cached per CPU
-model, torch version, kernel version (:data:`KERNELS`), model config and batch size
+model, torch version, cache version (:data:`PRECISION_CACHE_VERSION`), model config and batch size
 (``~/.cache/mmformer/precision.json``, or ``$MMFORMER_CACHE``), so a second run of the same recipe
 on the same machine decides at once.
 
@@ -42,13 +42,10 @@ log = logging.getLogger(__name__)
 
 CANDIDATES = ("32-true", "bf16-mixed")
 _AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16}
-#: Bumped whenever the training step's kernels, or how they are timed, change what is faster
-#: (cached choices made before are not reused): 2 = matmul attention for short low-precision
-#: sequences, patch embedding as a matmul, fused AdamW; 3 = a candidate is stopped after two slow
-#: rounds, not one (:func:`time_interleaved`); 4 = the text path runs on the real tokens only
-#: (:mod:`mmformer.layers.packing`); 5 = low-precision attention from fused qkv with its own
-#: backward (:class:`mmformer.layers.attention.FusedQKVAttention`).
-KERNELS = 5
+#: Version of the cached measurements: part of every cache key, so bumping it (when a change to the
+#: training step's kernels, or to how they are timed, may change which precision is faster) makes
+#: every cached choice be measured again.
+PRECISION_CACHE_VERSION = 5
 #: A candidate more than this many times slower than the fastest in two rounds in a row is not timed further.
 DROP_SLOWER = 3.0
 
@@ -174,8 +171,8 @@ def training_step(model: MMFormer, images: torch.Tensor, input_ids: torch.Tensor
 
 def cache_key(model: MMFormer, batch_size: int, device: str = "cpu") -> str:
     config = json.dumps(model.config.to_dict(), sort_keys=True)
-    parts = [cpu_name() if device == "cpu" else device, torch.__version__, f"kernels{KERNELS}", str(torch.get_num_threads()),
-             str(batch_size), hashlib.sha256(config.encode()).hexdigest()[:16]]
+    parts = [cpu_name() if device == "cpu" else device, torch.__version__, f"kernels{PRECISION_CACHE_VERSION}",
+             str(torch.get_num_threads()), str(batch_size), hashlib.sha256(config.encode()).hexdigest()[:16]]
     return "|".join(parts)
 
 
@@ -240,7 +237,7 @@ def choose_precision(model: MMFormer, images: torch.Tensor, input_ids: torch.Ten
                      make_step: Callable[..., Callable[[], None]] = training_step) -> PrecisionChoice:
     """Time ``steps`` training steps (after ``warmup``) of each candidate precision on this
     batch, interleaved, and return the fastest. With ``use_cache``, a measurement made before for the same
-    CPU, torch, kernel version, thread count, model config and batch size is reused."""
+    CPU, torch, cache version, thread count, model config and batch size is reused."""
     unknown = [c for c in candidates if c not in _AUTOCAST]
     if unknown:
         raise ValueError(f"unknown precision(s) {unknown}; auto chooses among {list(_AUTOCAST)}")
