@@ -109,6 +109,10 @@ class ModelConfig:
     logit_scale_max: float = 100.0
     # memory / speed
     grad_checkpointing: bool = False
+    # the text path runs its per-token layers on the real tokens only (mmformer.layers.packing)
+    # when at most this fraction of a batch's (B, T) positions are real tokens; 0 = always padded.
+    # The real tokens' states are the same either way
+    pack_text_below: float = 0.9
     # text self-attention inside a window: "dense", "local" (sliding window of +-attention_window
     # tokens plus the first attention_global tokens) or "compressed" (K/V mean-pooled over
     # strides of attention_compression); see mmformer.layers.sparse
@@ -150,6 +154,8 @@ class ModelConfig:
             problems.append(
                 f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
             )
+        if not 0.0 <= self.pack_text_below <= 1.0:
+            problems.append(f"pack_text_below={self.pack_text_below} must be in [0, 1] (a fraction of the positions)")
         if not 0.0 <= self.patch_dropout < 1.0:
             problems.append(f"patch_dropout={self.patch_dropout} must be in [0, 1) (a fraction of the patches)")
         if self.image_pos not in ("sincos", "learned"):

@@ -310,23 +310,20 @@ class MMFormer(nn.Module):
             return self.forward_tokens(x, modality, mask)
         return packing.unpack(self.forward_tokens(packing.pack(x), modality, mask, packing))
 
-    #: Run the text path's per-token layers on the real tokens only (:mod:`mmformer.layers.packing`)
-    #: when at most this fraction of a batch's (B, T) positions are real tokens; 0 switches it off.
-    #: The states of the real tokens are the same either way; pad positions come back as zeros (or,
-    #: for the pad rows that round the count up, as states of no meaning: read them through the mask).
-    pack_text_below: float = 0.9
     #: the packed token count is rounded up to a multiple of this (see :class:`TokenPacking`)
     pack_text_multiple: int = 64
 
     def _packing(self, mask: torch.Tensor) -> TokenPacking | None:
-        """The packing :meth:`forward_text_features` runs with: None (padded) when packing is off,
-        the batch is (nearly) pad-free, or the graph is being traced or exported (its token
-        count would be a data-dependent shape)."""
-        if self.pack_text_below <= 0 or torch.jit.is_tracing() or torch.compiler.is_compiling() \
-                or torch.onnx.is_in_onnx_export():
+        """The packing :meth:`forward_text_features` runs with: None (padded) when packing is off
+        (``config.pack_text_below`` 0), the batch is (nearly) pad-free, or the graph is being traced
+        or exported (its token count would be a data-dependent shape). Packed, the real tokens'
+        states are the padded path's; pad positions come back as zeros (or, for the pad rows that
+        round the count up, as states of no meaning: read them through the mask)."""
+        below = self.config.pack_text_below
+        if below <= 0 or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
             return None
         real = int(mask.sum())  # the one host sync of packing
-        if real > self.pack_text_below * mask.numel():
+        if real > below * mask.numel():
             return None
         return TokenPacking(mask, self.pack_text_multiple, real=real)
 
@@ -698,6 +695,12 @@ def _unwrap_training_checkpoint(state: Mapping[str, torch.Tensor]) -> Mapping[st
     return state
 
 
+#: Config fields left out of :func:`model_fingerprint`: the same weights embed the same way whatever
+#: their value (training-only patch dropout; the text path's packing, whose states equal the padded
+#: path's), so indexes built before the field existed, or with another value, stay valid.
+UNHASHED_FIELDS = ("patch_dropout", "pack_text_below")
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 (16 hex digits) of the model's config and every tensor of its state dict.
 
@@ -715,7 +718,8 @@ def model_fingerprint(model: nn.Module) -> str:
             d = {**RETIRED_FIELDS, **d}  # fingerprints recorded in indexes stay valid
             if d.get("block_heads") is None:  # unpruned: hashed as before the field existed
                 d.pop("block_heads", None)
-            d.pop("patch_dropout", None)  # training only: the same weights embed the same way
+            for name in UNHASHED_FIELDS:  # how the same weights run, not what they compute
+                d.pop(name, None)
             for name, default in LATER_FIELDS.items():  # at their defaults: hashed as before they existed
                 if name in d and d[name] == default:
                     d.pop(name)
@@ -763,7 +767,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 # config fields that only change how a model runs, not what its weights mean: may be edited
 RUNTIME_FIELDS = frozenset({"grad_checkpointing", "max_chunks", "chunk_overflow", "chunk_stride", "attention",
-                            "attention_window", "attention_global", "attention_compression", "extra"})
+                            "attention_window", "attention_global", "attention_compression", "extra",
+                            "pack_text_below"})
 
 
 def check_saved_config(directory: Path, config: ModelConfig) -> None:

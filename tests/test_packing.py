@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from mmformer.config import get_config
+from mmformer.config import ModelConfig, get_config
 from mmformer.layers.packing import TokenPacking
 from mmformer.model import MMFormer
 
@@ -19,12 +23,16 @@ def text_batch(lengths=LENGTHS, t=16, seed=0):
     return ids, mask
 
 
+def packing_below(model, fraction):
+    """``model`` with ``config.pack_text_below = fraction`` (a fresh config: the caller's is not edited)."""
+    model.config = dataclasses.replace(model.config, pack_text_below=fraction)
+    return model
+
+
 def padded_and_packed(model, fn):
     """fn(model) with packing off, then on (the default)."""
-    model.pack_text_below = 0
-    padded = fn(model)
-    model.pack_text_below = MMFormer.pack_text_below
-    return padded, fn(model)
+    padded = fn(packing_below(model, 0))
+    return padded, fn(packing_below(model, ModelConfig.pack_text_below))
 
 
 def test_pack_unpack_round_trip_and_multiple():
@@ -102,9 +110,8 @@ def test_packing_is_skipped_without_pads_when_off_and_when_traced():
     ids, mask = text_batch()
     assert model._packing(mask) is not None
     assert model._packing(torch.ones_like(mask)) is None  # nothing to save
-    model.pack_text_below = 0
-    assert model._packing(mask) is None
-    model.pack_text_below = MMFormer.pack_text_below
+    assert packing_below(model, 0)._packing(mask) is None
+    packing_below(model, ModelConfig.pack_text_below)
     seen = []
     original = model._packing
     model._packing = lambda m: seen.append(original(m)) or seen[-1]
@@ -118,3 +125,38 @@ def test_packing_is_skipped_without_pads_when_off_and_when_traced():
 
     torch.jit.trace(EncodeText(), (ids, mask), check_trace=False)
     assert seen == [None]  # a traced graph keeps the padded shapes
+
+
+def test_pack_text_below_is_a_config_field_and_old_configs_pack_as_before(tmp_path):
+    """A config.json written before the field existed loads with the default (0.9), packs the same
+    batches and gives the same fingerprint; the field is saved, and a model saved with packing off
+    loads with packing off."""
+    from mmformer.model import model_fingerprint
+
+    old = json.loads((Path(__file__).parent / "fixtures" / "config-227686d.json").read_text())
+    assert "pack_text_below" not in old
+    cfg = ModelConfig.from_json(Path(__file__).parent / "fixtures" / "config-227686d.json")
+    assert cfg.pack_text_below == 0.9
+    torch.manual_seed(0)
+    model = MMFormer(cfg).eval()
+    ids, mask = text_batch([2, 8, 3, 1], t=8)  # 14 of 32 positions real: packed
+    ids = ids % cfg.vocab_size * mask  # the fixture's 64-piece vocabulary
+    assert model._packing(mask) is not None and model._packing(torch.ones_like(mask)) is None
+    off = MMFormer(dataclasses.replace(cfg, pack_text_below=0)).eval()
+    off.load_state_dict(model.state_dict())
+    assert off._packing(mask) is None
+    assert model_fingerprint(off) == model_fingerprint(model)  # indexes stay valid
+    torch.testing.assert_close(model.encode_text(ids, mask), off.encode_text(ids, mask), atol=1e-6, rtol=0)
+
+    off.save_pretrained(tmp_path / "off")
+    assert json.loads((tmp_path / "off" / "config.json").read_text())["pack_text_below"] == 0
+    back = MMFormer.from_pretrained(tmp_path / "off")
+    assert back.config.pack_text_below == 0 and back._packing(mask) is None
+    # a runtime field: editing it in config.json is allowed
+    d = json.loads((tmp_path / "off" / "config.json").read_text())
+    (tmp_path / "off" / "config.json").write_text(json.dumps({**d, "pack_text_below": 0.5}))
+    assert MMFormer.from_pretrained(tmp_path / "off").config.pack_text_below == 0.5
+    with pytest.raises(ValueError, match=r"pack_text_below=1.5 must be in \[0, 1\]"):
+        ModelConfig(pack_text_below=1.5)
+    with pytest.raises(ValueError, match="'pack_text_below' must be float"):
+        ModelConfig.from_dict({**old, "pack_text_below": "0.9"})
