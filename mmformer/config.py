@@ -25,6 +25,10 @@ SHARE_MODES = ("qkv", "attention", "all", "none")
 MODALITIES = ("image", "text")
 #: Text self-attention kernels (``ModelConfig.attention``, :func:`mmformer.layers.sparse.make_attend`).
 ATTENTION_KINDS = ("dense", "local", "compressed")
+#: The blocks' dense attention kernel (``ModelConfig.attention_kernel``): ``"default"`` is the
+#: reference :func:`mmformer.layers.attention.attend`; ``"fused_cpu"`` is
+#: :func:`mmformer.layers.cpu_attention.attend_fused_cpu` (its own backward for bf16/fp16 CPU training).
+ATTENTION_KERNELS = ("default", "fused_cpu")
 #: What a document over ``max_chunks`` does (``ModelConfig.chunk_overflow``,
 #: :class:`mmformer.documents.DocumentCollator`): raise, or keep the first chunks.
 OVERFLOW_POLICIES = ("error", "first")
@@ -113,6 +117,9 @@ class ModelConfig:
     # when at most this fraction of a batch's (B, T) positions are real tokens; 0 = always padded.
     # The real tokens' states are the same either way
     pack_text_below: float = 0.9
+    # the blocks' dense attention kernel, one of ATTENTION_KERNELS: "default" (the reference) or
+    # "fused_cpu" (mmformer.layers.cpu_attention: taken only in bf16/fp16 training on the CPU)
+    attention_kernel: str = "default"
     # text self-attention inside a window: "dense", "local" (sliding window of +-attention_window
     # tokens plus the first attention_global tokens) or "compressed" (K/V mean-pooled over
     # strides of attention_compression); see mmformer.layers.sparse
@@ -154,6 +161,8 @@ class ModelConfig:
             problems.append(
                 f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
             )
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            problems.append(f"attention_kernel={self.attention_kernel!r} must be one of {ATTENTION_KERNELS}")
         if not 0.0 <= self.pack_text_below <= 1.0:
             problems.append(f"pack_text_below={self.pack_text_below} must be in [0, 1] (a fraction of the positions)")
         if not 0.0 <= self.patch_dropout < 1.0:

@@ -36,7 +36,9 @@ from mmformer.bpe import CLIP_BPE_NAME, ClipTokenizer
 from mmformer.config import DOCUMENT_MODES, LATER_FIELDS, RETIRED_FIELDS, ModelConfig
 from mmformer.documents import DocumentCollator
 from mmformer.files import atomic_path
+from mmformer.layers.attention import AttendFn, attend
 from mmformer.layers.causal import causal_attend
+from mmformer.layers.cpu_attention import attend_fused_cpu
 from mmformer.layers.fusion import DocumentFusion
 from mmformer.layers.init import init_linears_and_norms
 from mmformer.layers.multiway import MultiwayBlock, each, sharing
@@ -48,6 +50,8 @@ from mmformer.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
+#: ``ModelConfig.attention_kernel`` -> the blocks' dense attention (one switch; the default is the reference)
+ATTENTION_KERNEL_FNS: dict[str, AttendFn] = {"default": attend, "fused_cpu": attend_fused_cpu}
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.model"
 #: vocabulary size of CLIP's BPE tokenizer: an imported CLIP model of this size gets it attached
@@ -135,7 +139,7 @@ class MMFormer(nn.Module):
         shapes = c.modality_shapes if c.text_shape != (d, c.heads, c.mlp_hidden) else None
         self.blocks = nn.ModuleList(  # a pruned config gives blocks fewer heads of the same width
             MultiwayBlock(d, h, c.mlp_hidden, c.share, c.block_modalities(i), c.qkv_bias, c.ln_eps, c.head_dim,
-                          c.mlp_act, shapes)
+                          c.mlp_act, shapes, attend=ATTENTION_KERNEL_FNS[c.attention_kernel])
             for i, h in enumerate(c.heads_per_block)
         )
         self.norm = nn.ModuleDict({m: nn.LayerNorm(c.modality_shapes[m][0], eps=c.ln_eps) for m in c.modalities})
@@ -417,9 +421,22 @@ class MMFormer(nn.Module):
                 raise ValueError(f"a causal text path (text_mask='causal') has only dense attention, not {kind!r}")
             fn = causal_attend
         else:
-            fn = make_attend(kind, c.attention_window, c.attention_global, c.attention_compression)
+            fn = make_attend(kind, c.attention_window, c.attention_global, c.attention_compression,
+                             dense=ATTENTION_KERNEL_FNS[c.attention_kernel])
         for block in self.blocks:
             block.attn.text_attend = fn
+
+    def set_attention_kernel(self, kernel: str) -> None:
+        """Run the blocks' dense attention with ``kernel`` (``ModelConfig.attention_kernel``:
+        ``"default"`` or ``"fused_cpu"``, see :mod:`mmformer.layers.cpu_attention`); the config is
+        updated so that a saved model keeps the choice. A sparse text kernel stays as it is."""
+        if kernel not in ATTENTION_KERNEL_FNS:
+            raise ValueError(f"attention_kernel={kernel!r} must be one of {tuple(ATTENTION_KERNEL_FNS)}")
+        if kernel != self.config.attention_kernel:
+            self.config = dataclasses.replace(self.config, attention_kernel=kernel)
+        for block in self.blocks:
+            block.attn.attend = ATTENTION_KERNEL_FNS[kernel]
+        self.set_text_attention(self.config.attention)
 
     def enable_fusion(self, latents: int = 16, heads: int | None = None) -> DocumentFusion:
         """Add a freshly initialised :class:`DocumentFusion` (gate at zero: documents embed as before)."""
@@ -697,8 +714,9 @@ def _unwrap_training_checkpoint(state: Mapping[str, torch.Tensor]) -> Mapping[st
 
 #: Config fields left out of :func:`model_fingerprint`: the same weights embed the same way whatever
 #: their value (training-only patch dropout; the text path's packing, whose states equal the padded
-#: path's), so indexes built before the field existed, or with another value, stay valid.
-UNHASHED_FIELDS = ("patch_dropout", "pack_text_below")
+#: path's; the attention kernel, whose result equals the reference's), so indexes built before the
+#: field existed, or with another value, stay valid.
+UNHASHED_FIELDS = ("patch_dropout", "pack_text_below", "attention_kernel")
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -768,7 +786,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 # config fields that only change how a model runs, not what its weights mean: may be edited
 RUNTIME_FIELDS = frozenset({"grad_checkpointing", "max_chunks", "chunk_overflow", "chunk_stride", "attention",
                             "attention_window", "attention_global", "attention_compression", "extra",
-                            "pack_text_below"})
+                            "pack_text_below", "attention_kernel"})
 
 
 def check_saved_config(directory: Path, config: ModelConfig) -> None:

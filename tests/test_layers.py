@@ -159,12 +159,17 @@ def test_matmul_attention_path_equals_sdpa_in_bf16_with_gradients(t, s):
 
 @pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, False), (torch.bfloat16, True),
                                           (torch.float16, True)])
-def test_fused_qkv_attention_equals_the_composite_path_with_gradients(dtype, masked):
-    """bf16/fp16 CPU training of ``attend`` takes FusedQKVAttention (its own backward over a
-    head-major copy); its output and qkv gradient match the composite path's (two matmuls and a
-    softmax under autograd) within that dtype's rounding of a float64 reference, with and without
-    a padding mask, and in bf16 also inside autocast. fp32 keeps the composite path (SDPA)."""
-    from mmformer.layers.attention import MATMUL_PATH_MAX_LEN, attend_composite, use_fused_qkv_path
+def test_fused_cpu_kernel_equals_the_reference_with_gradients(dtype, masked):
+    """The ``fused_cpu`` attention kernel (``ModelConfig.attention_kernel``) takes FusedQKVAttention
+    in bf16/fp16 CPU training (its own backward over a head-major copy); its output and qkv gradient
+    match the reference ``attend`` (two matmuls and a softmax under autograd) within that dtype's
+    rounding of a float64 reference, with and without a padding mask, and in bf16 also inside
+    autocast. In fp32, and without gradients, it is the reference."""
+    from mmformer.layers.attention import MATMUL_PATH_MAX_LEN
+    from mmformer.layers.cpu_attention import use_fused_qkv_path
+    from mmformer.model import ATTENTION_KERNEL_FNS
+    fused = ATTENTION_KERNEL_FNS["fused_cpu"]
+    assert ATTENTION_KERNEL_FNS["default"] is attend
     g = torch.Generator().manual_seed(1)
     b, t, heads, dh = 3, 9, 2, 16
     qkv = torch.randn(b, t, 3 * heads * dh, generator=g)
@@ -178,31 +183,87 @@ def test_fused_qkv_attention_equals_the_composite_path_with_gradients(dtype, mas
     def run(fn, dtype, autocast=False):
         leaf = qkv.to(dtype, copy=True).requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = fn(leaf)
+            out = fn(leaf, heads, mask)
         out.backward(grad.to(out.dtype))
         return out, leaf.grad.double()
 
-    def composite(x):
-        return attend_composite(x, heads, mask)
-
-    ref_out, ref_grad = run(composite, torch.float64)
-    comp_out, comp_grad = run(composite, dtype)
+    ref_out, ref_grad = run(attend, torch.float64)
+    comp_out, comp_grad = run(attend, dtype)
     real = (mask if masked else torch.ones(b, t, dtype=torch.bool))[:, :, None].expand_as(ref_out)
     for autocast in (False, True) if dtype == torch.bfloat16 else (False,):
-        out, dqkv = run(lambda x: attend(x, heads, mask), dtype, autocast)
+        out, dqkv = run(fused, dtype, autocast)
         assert type(out.grad_fn).__name__ == "FusedQKVAttentionBackward" and out.dtype == dtype
         for ours, theirs, ref in ((out.double()[real], comp_out.double()[real], ref_out[real]),
                                   (dqkv, comp_grad, ref_grad)):
             err, err_comp = (ours - ref).abs().max().item(), (theirs - ref).abs().max().item()
             assert err <= max(2 * err_comp, floor), (err, err_comp)
+    fp32_out, fp32_grad = run(fused, torch.float32)
+    assert type(fp32_out.grad_fn).__name__ != "FusedQKVAttentionBackward"
+    assert torch.equal(fp32_out, run(attend, torch.float32)[0])
     x = qkv.to(dtype, copy=True).requires_grad_()
     assert use_fused_qkv_path(x) and not use_fused_qkv_path(qkv.clone().requires_grad_())  # fp32: SDPA
     with torch.no_grad():
         assert not use_fused_qkv_path(x)
     assert use_fused_qkv_path(torch.zeros(1, MATMUL_PATH_MAX_LEN, 6, dtype=dtype, requires_grad=True))
     assert not use_fused_qkv_path(torch.zeros(1, MATMUL_PATH_MAX_LEN + 1, 6, dtype=dtype, requires_grad=True))
-    with pytest.raises(ValueError, match=r"fused qkv width 96 is not 3 x heads \(5\) x d_head"):
-        attend(x, 5, mask)
+    for kernel in (attend, fused):
+        with pytest.raises(ValueError, match=r"fused qkv width 96 is not 3 x heads \(5\) x d_head"):
+            kernel(x, 5, mask)
+
+
+def test_attention_kernel_is_one_config_switch_with_the_reference_as_default(tmp_path, monkeypatch):
+    """``ModelConfig.attention_kernel`` picks the blocks' attention: the default model never takes
+    FusedQKVAttention, a ``fused_cpu`` one does in bf16 CPU training (image and dense text routes)
+    and trains the same loss and gradients within bf16 rounding; fp32 is bit for bit the same. The
+    choice is saved in config.json, switchable on a built model, and not part of the fingerprint."""
+    from mmformer.config import get_config
+    from mmformer.layers import cpu_attention
+    from mmformer.losses import clip_loss
+    from mmformer.model import MMFormer, model_fingerprint
+
+    calls = []
+    apply = cpu_attention.FusedQKVAttention.apply
+    monkeypatch.setattr(cpu_attention.FusedQKVAttention, "apply", lambda *a: calls.append(a[0].shape) or apply(*a))
+    torch.manual_seed(0)
+    ref = MMFormer(get_config("tiny", depth=2)).train()
+    fused = MMFormer(get_config("tiny", depth=2, attention_kernel="fused_cpu")).train()
+    fused.load_state_dict(ref.state_dict())
+    images = torch.randn(4, 3, 64, 64)
+    ids = torch.randint(4, 4000, (4, 16))
+    mask = torch.arange(16)[None] < torch.tensor([16, 9, 5, 12])[:, None]
+
+    def step(model, bf16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(images, ids, mask)
+            loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], gather=False)
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_ref, grads_ref = step(ref, True)
+    assert calls == []
+    loss_fused, grads_fused = step(fused, True)
+    assert len(calls) == 4  # 2 blocks x (image, text)
+    torch.testing.assert_close(loss_fused, loss_ref, atol=2e-2, rtol=2e-2)
+    for name, g in grads_ref.items():
+        assert (grads_fused[name] - g).norm() <= 0.1 * g.norm() + 1e-3, name
+    calls.clear()
+    loss32_ref, _ = step(ref, False)
+    loss32_fused, _ = step(fused, False)
+    assert calls == [] and torch.equal(loss32_ref, loss32_fused)
+
+    fused.save_pretrained(tmp_path / "m")
+    assert MMFormer.from_pretrained(tmp_path / "m").config.attention_kernel == "fused_cpu"
+    assert model_fingerprint(fused) == model_fingerprint(ref)
+    ref.set_text_attention("local", window=2)
+    ref.set_attention_kernel("fused_cpu")
+    assert ref.config.attention_kernel == "fused_cpu" and ref.config.attention == "local"
+    assert all(b.attn.attend is cpu_attention.attend_fused_cpu for b in ref.blocks)
+    assert all(b.attn.text_attend.func.__name__ == "local_global_attention" for b in ref.blocks)
+    with pytest.raises(ValueError, match=r"attention_kernel='fast' must be one of \('default', 'fused_cpu'\)"):
+        get_config("tiny", attention_kernel="fast")
+    with pytest.raises(ValueError, match="attention_kernel='fast' must be one of"):
+        ref.set_attention_kernel("fast")
 
 
 def test_patch_embedding_matmul_equals_the_convolution():

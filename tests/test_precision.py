@@ -257,3 +257,38 @@ def test_auto_precision_refuses_batches_that_are_not_image_text():
 
     with pytest.raises(ValueError, match=r"Docs's batches have no \['images', 'input_ids', 'attention_mask'\]"):
         auto_precision(object(), Docs())
+
+
+def test_auto_precision_times_the_model_as_configured(tiny, monkeypatch):
+    """The timed bf16 step runs the attention kernel the model's config names (``fused_cpu``:
+    FusedQKVAttention; the default: never), and the two configs are cached apart."""
+    from mmformer.layers import cpu_attention
+    from mmformer.training.precision import cache_key
+
+    calls = []
+    apply = cpu_attention.FusedQKVAttention.apply
+    monkeypatch.setattr(cpu_attention.FusedQKVAttention, "apply", lambda *a: calls.append(a[0].dtype) or apply(*a))
+    model, images, ids, mask = tiny
+    training_step(model, images, ids, mask, "bf16-mixed")()
+    assert calls == []
+    fused = MMFormer(get_config("tiny", vocab_size=64, attention_kernel="fused_cpu"))
+    training_step(fused, images, ids, mask, "bf16-mixed")()
+    assert calls and set(calls) == {torch.bfloat16}
+    assert cache_key(fused, 4) != cache_key(model, 4)
+
+
+@pytest.mark.parametrize("recipe", ["tiny-cpu", "teacher", "distill", "small-bf16"])
+def test_recipes_that_train_bf16_on_the_cpu_name_the_fused_cpu_kernel(recipe):
+    """The default kernel is the reference; the shipped recipes that train bf16 on the CPU (the demo
+    trains with tiny-cpu's model settings) turn the fused CPU kernel on by the one config switch."""
+    from pathlib import Path
+
+    import mmformer
+    from mmformer.layers.cpu_attention import attend_fused_cpu
+
+    text = (Path(mmformer.__file__).parent / "recipes" / f"{recipe}.yaml").read_text()
+    model_config = yaml.safe_load(text)["model"]["init_args"]["model_config"]
+    assert model_config["attention_kernel"] == "fused_cpu"
+    assert get_config("tiny").attention_kernel == "default"
+    built = MMFormer(get_config("tiny", **{**model_config, "depth": 1}))
+    assert all(b.attn.attend is attend_fused_cpu for b in built.blocks)

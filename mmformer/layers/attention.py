@@ -9,10 +9,15 @@ over heads and queries. :func:`split_fused` is the one split of fused projection
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+
+#: The signature of the blocks' attention kernels: fused projections (B, T, 3D), heads, key padding
+#: mask (B, T) or None -> (B, T, D) before the output projection (:func:`attend` and its alternatives).
+AttendFn = Callable[[torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
 
 
 def check_heads(dim: int, heads: int) -> None:
@@ -78,69 +83,6 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return scores.softmax(dim=-1) @ v
 
 
-def use_fused_qkv_path(qkv: torch.Tensor) -> bool:
-    """True where :func:`attend` computes attention with :class:`FusedQKVAttention`: the conditions
-    of :func:`use_matmul_path` (CPU, bf16/fp16, gradients, T <= :data:`MATMUL_PATH_MAX_LEN`) on a
-    plain tensor (tensor subclasses such as DTensor keep the composite path). fp32 stays on SDPA's
-    flash kernel: the fused path is 0.78-1.04x its time up to T = 128 there, but a step gains only
-    ~1.5% and its gradients depend more on the batch split (bench/attention_kernels.py)."""
-    return type(qkv) is torch.Tensor and use_matmul_path(qkv, qkv)  # (B, T, 3D): T is dim -2, as for heads
-
-
-class FusedQKVAttention(torch.autograd.Function):
-    """softmax(Q K^T / sqrt(d_head) masked) V from fused projections (B, T, 3 H Dh), with its own
-    backward: the training case of :func:`attend` on the CPU in bf16/fp16 (:func:`use_fused_qkv_path`).
-
-    The composite path (views of ``qkv`` into :func:`scaled_dot_product`) lets autograd copy each
-    head-strided operand and gradient on its own and scale Q in a separate pass; here ``qkv`` is
-    copied once into a head-major (3, B H, T, Dh) buffer, the scale (and the padding mask, as an
-    additive -inf bias) go into ``baddbmm``, and the backward writes dQ, dK, dV into one buffer that
-    is copied once back to the (B, T, 3 H Dh) layout. The same six batched matmuls and one softmax
-    (forward and backward) as the composite path, in 0.66-0.92x its time at the presets' shapes
-    at batch 256 in bf16 (the second table of ``python bench/attention_kernels.py``). Saved for
-    backward: the head-major buffer and the (B H, T, T) probabilities."""
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, heads: int, mask: torch.Tensor | None) -> torch.Tensor:
-        b, t, width = qkv.shape
-        dh = width // (3 * heads)
-        scale = dh ** -0.5
-        with torch.autocast(qkv.device.type, enabled=False):
-            # contiguous(), not reshape: a view with odd strides (an expanded tensor) sends bmm down a slow path
-            hm = qkv.reshape(b, t, 3, heads, dh).permute(2, 0, 3, 1, 4).contiguous().view(3, b * heads, t, dh)
-            q, k, v = hm.unbind(0)
-            if mask is None:
-                scores = torch.empty(b * heads, t, t, dtype=qkv.dtype)
-                torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=scale, out=scores)
-            else:
-                bias = torch.zeros(b, 1, 1, t, dtype=qkv.dtype).masked_fill_(~mask[:, None, None, :], float("-inf"))
-                scores = torch.baddbmm(bias.expand(b, heads, t, t).reshape(b * heads, t, t), q, k.transpose(1, 2),
-                                       alpha=scale)
-            probs = torch.softmax(scores, dim=-1)
-            out = torch.bmm(probs, v)
-        ctx.save_for_backward(hm, probs)
-        ctx.heads = heads
-        return out.view(b, heads, t, dh).transpose(1, 2).reshape(b, t, heads * dh)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        hm, probs = ctx.saved_tensors
-        heads = ctx.heads
-        _, bh, t, dh = hm.shape
-        b = bh // heads
-        scale = dh ** -0.5
-        q, k, v = hm.unbind(0)
-        g = grad.to(hm.dtype).reshape(b, t, heads, dh).transpose(1, 2).contiguous().view(bh, t, dh)
-        dhm = torch.empty_like(hm)
-        dq, dk, dv = dhm.unbind(0)
-        torch.bmm(probs.transpose(1, 2), g, out=dv)
-        dscores = torch._softmax_backward_data(torch.bmm(g, v.transpose(1, 2)), probs, -1, probs.dtype)
-        torch.baddbmm(dq, dscores, k, beta=0.0, alpha=scale, out=dq)
-        torch.baddbmm(dk, dscores.transpose(1, 2), q, beta=0.0, alpha=scale, out=dk)
-        return dhm.view(3, b, heads, t, dh).permute(1, 3, 0, 2, 4).reshape(b, t, 3 * heads * dh), None, None
-
-
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, T, Dh) -> (B, T, H*Dh)."""
     b, h, t, dh = x.shape
@@ -170,27 +112,23 @@ def attend(
 ) -> torch.Tensor:
     """Fused projections (B, T, 3D) -> attention output before the output projection, (B, T, D).
 
-    softmax(Q K^T / sqrt(d_head) + mask) V per head, via :func:`scaled_dot_product`, or, for CPU
-    training in bf16/fp16 (:func:`use_fused_qkv_path`), :class:`FusedQKVAttention`. D is the
-    attention's inner width ``heads * d_head``, not necessarily the model width (a pruned block
-    has fewer heads of the same ``d_head``).
+    softmax(Q K^T / sqrt(d_head) + mask) V per head: head views of ``qkv`` into
+    :func:`scaled_dot_product`, differentiated by autograd. D is the attention's inner width
+    ``heads * d_head``, not necessarily the model width (a pruned block has fewer heads of the
+    same ``d_head``). This is the reference every other kernel of the same signature is tested
+    against (``ModelConfig.attention_kernel``: :mod:`mmformer.layers.cpu_attention`; the sparse
+    text kernels of :mod:`mmformer.layers.sparse`).
     """
-    if qkv.shape[-1] % (3 * heads):
-        raise ValueError(f"fused qkv width {qkv.shape[-1]} is not 3 x heads ({heads}) x d_head")
-    if use_fused_qkv_path(qkv):
-        return FusedQKVAttention.apply(qkv, heads, check_padding_mask(key_padding_mask, qkv.shape[0], qkv.shape[1]))
-    return attend_composite(qkv, heads, key_padding_mask)
-
-
-def attend_composite(
-    qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """:func:`attend` by head views of ``qkv`` into :func:`scaled_dot_product` (autograd's
-    backward): what it takes outside :func:`use_fused_qkv_path`, and the reference the fused path
-    is measured and tested against."""
+    check_fused_width(qkv, heads)
     q, k, v = split_fused(qkv, 3, heads)  # each (B, H, T, Dh)
     mask = attn_bias_from_padding(key_padding_mask, qkv.shape[0], qkv.shape[1])
     return merge_heads(scaled_dot_product(q, k, v, mask))
+
+
+def check_fused_width(qkv: torch.Tensor, heads: int) -> None:
+    """Raise unless the last dim of fused projections (B, T, 3D) splits into q, k, v of ``heads`` heads."""
+    if qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"fused qkv width {qkv.shape[-1]} is not 3 x heads ({heads}) x d_head")
 
 
 class CrossAttention(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mmformer.config import MODALITIES, SHARE_MODES
-from mmformer.layers.attention import attend, check_heads
+from mmformer.layers.attention import AttendFn, attend, check_heads
 from mmformer.layers.packing import TokenPacking
 
 
@@ -88,11 +88,15 @@ class MultiwayAttention(nn.Module):
     ``head_gate``: None (the default: nothing is computed for it), or an (H,) tensor that
     multiplies each head's attention output before ``proj``, for every modality (head-importance
     scoring differentiates the loss with respect to it; a 0 entry switches a head off).
+
+    ``attend``: the dense attention kernel (default the reference
+    :func:`~mmformer.layers.attention.attend`); ``text_attend``, the text routes' kernel, starts as
+    the same and may be a sparse one (:func:`mmformer.layers.sparse.make_attend`).
     """
 
     def __init__(self, dim: int, heads: int, share: str, modalities: tuple[str, ...],
                  qkv_bias: bool = True, head_dim: int | None = None,
-                 shapes: Mapping[str, tuple[int, int]] | None = None) -> None:
+                 shapes: Mapping[str, tuple[int, int]] | None = None, attend: AttendFn = attend) -> None:
         super().__init__()
         if head_dim is None:
             check_heads(dim, heads)
@@ -108,8 +112,8 @@ class MultiwayAttention(nn.Module):
         self.heads_by_modality: dict[str, int] | None = None
         if shapes is not None and any(shapes.get(m, (dim, heads)) != (dim, heads) for m in modalities):
             self._own_shapes(shapes, share, modalities, qkv_bias)
-        # text attention kernel: dense by default, or a sparse one (mmformer.layers.sparse)
-        self.text_attend = attend
+        self.attend: AttendFn = attend
+        self.text_attend: AttendFn = attend
         self.head_gate: torch.Tensor | None = None
 
     def _own_shapes(self, shapes: Mapping[str, tuple[int, int]], share: str, modalities: tuple[str, ...],
@@ -131,7 +135,7 @@ class MultiwayAttention(nn.Module):
         """x: (B, T, D) of one modality, or its (N, D) real tokens with their ``packing`` (then the
         projections run on the N tokens and only the attention kernel sees the (B, T) layout);
         key_padding_mask: (B, T) bool, True = real token."""
-        fn = attend if modality == "image" else self.text_attend
+        fn = self.attend if modality == "image" else self.text_attend
         heads = self.heads if self.heads_by_modality is None else self.heads_by_modality[modality]
         qkv = route(self.qkv, modality)(x)
         h = fn(qkv if packing is None else packing.unpack(qkv), heads, key_padding_mask)  # (B, T, H*Dh)
@@ -145,12 +149,13 @@ class MultiwayBlock(nn.Module):
     """Pre-LN residual block: x + Attn(LN1_m(x)), then x + FFN_m(LN2_m(x)) for modality m.
 
     ``head_dim``: width of each attention head (default ``dim // heads``); a pruned block has
-    fewer heads of the unpruned model's head width (see :class:`MultiwayAttention`)."""
+    fewer heads of the unpruned model's head width; ``attend``: the attention kernel (see
+    :class:`MultiwayAttention`)."""
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int, share: str = "qkv",
                  modalities: tuple[str, ...] = MODALITIES, qkv_bias: bool = True,
                  eps: float = 1e-6, head_dim: int | None = None, act: str = "gelu",
-                 shapes: Mapping[str, tuple[int, int, int]] | None = None) -> None:
+                 shapes: Mapping[str, tuple[int, int, int]] | None = None, attend: AttendFn = attend) -> None:
         """``shapes``: (width, heads, FFN hidden width) of modalities that differ from (dim, heads,
         mlp_hidden), e.g. a CLIP text tower narrower than its image tower; only with share="none"."""
         super().__init__()
@@ -158,7 +163,7 @@ class MultiwayBlock(nn.Module):
         shape = {m: (shapes or {}).get(m, (dim, heads, mlp_hidden)) for m in modalities}
         self.norm1 = nn.ModuleDict({m: nn.LayerNorm(shape[m][0], eps=eps) for m in modalities})
         self.attn = MultiwayAttention(dim, heads, share, modalities, qkv_bias, head_dim,
-                                      {m: shape[m][:2] for m in modalities})
+                                      {m: shape[m][:2] for m in modalities}, attend=attend)
         self.norm2 = nn.ModuleDict({m: nn.LayerNorm(shape[m][0], eps=eps) for m in modalities})
         if s["mlp"]:
             self.mlp = Mlp(dim, mlp_hidden, act)

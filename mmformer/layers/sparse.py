@@ -19,15 +19,12 @@ outputs at padding positions are unspecified (finite); real positions never atte
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from mmformer.config import ATTENTION_KINDS
-from mmformer.layers.attention import attend, check_padding_mask, merge_heads, split_fused
-
-AttendFn = Callable[[torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
+from mmformer.layers.attention import AttendFn, attend, check_padding_mask, merge_heads, split_fused
 
 
 def local_global_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None,
@@ -97,10 +94,13 @@ def compressed_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torch.
     return merge_heads(out)
 
 
-def make_attend(kind: str = "dense", window: int = 128, n_global: int = 1, compression: int = 4) -> AttendFn:
-    """The attention function for ``ModelConfig.attention`` (picklable: a partial or ``attend``)."""
+def make_attend(kind: str = "dense", window: int = 128, n_global: int = 1, compression: int = 4,
+                dense: AttendFn = attend) -> AttendFn:
+    """The text attention function for ``ModelConfig.attention`` (picklable: a partial or a
+    module-level function): ``dense`` (the blocks' dense kernel, by default
+    :func:`~mmformer.layers.attention.attend`) for ``"dense"``."""
     if kind == "dense":
-        return attend
+        return dense
     if kind == "local":
         return functools.partial(local_global_attention, window=window, n_global=n_global)
     if kind == "compressed":
