@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmformer.layers.attention import CrossAttention, SelfAttention, attend, split_fused, split_heads
+from mmformer.layers.attention import SelfAttention, attend, cross_attend, split_fused, split_heads
 from mmformer.layers.multiway import MultiwayBlock
 from mmformer.layers.positions import sincos_2d, sinusoidal_1d
 from mmformer.layers.sparse import compressed_attention, local_global_attention
@@ -48,15 +48,31 @@ def test_self_attention_matches_float64_reference_with_padding_mask():
     torch.testing.assert_close(attn(x2, mask)[1, :4], got[1, :4])
 
 
-def test_cross_attention_matches_float64_reference_with_context_mask():
-    torch.manual_seed(1)
-    attn = CrossAttention(16, heads=2, context_dim=24)
-    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 24)
+def test_cross_attention_matches_float64_reference_with_key_mask_and_logit_scale():
+    """cross_attend (DocumentFusion's latents over chunk states): softmax(s_bh q k^T / sqrt(dh)) v
+    per batch row b and head h, padded keys never attended, against a float64 loop."""
+    g = torch.Generator().manual_seed(1)
+    b, m, s_len, heads, d = 2, 3, 5, 2, 16
+    dh = d // heads
+    q, kv = torch.randn(b, m, d, generator=g), torch.randn(b, s_len, 2 * d, generator=g)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    got = attn(x, ctx, mask)
-    ref = reference_attention(x, attn.q.weight, attn.q.bias, attn.proj.weight, attn.proj.bias, 2, mask,
-                              context=ctx, kv=(attn.kv.weight, attn.kv.bias))
-    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    scale = torch.rand(b, heads, 1, 1, generator=g) + 0.5
+    ref = torch.zeros(b, m, d, dtype=torch.float64)
+    k, v = kv.double().split(d, dim=-1)
+    for bi in range(b):
+        for h in range(heads):
+            sl = slice(h * dh, (h + 1) * dh)
+            scores = scale[bi, h].double() * q[bi, :, sl].double() @ k[bi, :, sl].T / math.sqrt(dh)  # (M, S)
+            scores = scores.masked_fill(~mask[bi][None, :], float("-inf"))
+            ref[bi, :, sl] = torch.softmax(scores, dim=-1) @ v[bi, :, sl]
+    torch.testing.assert_close(cross_attend(q, kv, heads, mask, logit_scale=scale).double(), ref, atol=1e-5, rtol=1e-5)
+    unscaled = cross_attend(q, kv, heads, mask)
+    torch.testing.assert_close(unscaled, cross_attend(q, kv, heads, mask, logit_scale=torch.ones(1, 1, 1, 1)))
+    kv2 = kv.clone()
+    kv2[0, 3:] += 10  # row 0's padded keys and values change nothing
+    torch.testing.assert_close(cross_attend(q, kv2, heads, mask)[0], unscaled[0])
+    with pytest.raises(ValueError, match=r"fused keys/values \(B, S, 2D\); got \(2, 3, 16\) and \(2, 5, 24\)"):
+        cross_attend(q, kv[..., :24], heads)
 
 
 def test_sinusoidal_positions_equal_the_formula():

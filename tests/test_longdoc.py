@@ -531,3 +531,26 @@ def test_longdoc_module_refuses_contrastive_accumulation(tok, tmp_path):
     # the parent's options are recorded with the given values or the parent's defaults
     assert module.hparams.nonfinite == "skip" and module.hparams.contrastive_accum == 1
     assert module.hparams.lr == 1e-3 and module.hparams.betas == (0.9, 0.98) and module.hparams.compile is False
+
+
+def test_document_fusion_loads_and_computes_as_saved_before_it_shared_cross_attend():
+    """A DocumentFusion state dict saved before the fusion used layers.attention.cross_attend
+    (tests/fixtures/document-fusion-1a49fae.safetensors: weights, inputs and outputs) loads with the
+    same keys, strictly, and gives the same outputs within 1e-6."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from mmformer.layers.fusion import DocumentFusion
+
+    saved = load_file(Path(__file__).parent / "fixtures" / "document-fusion-1a49fae.safetensors")
+    state = {k.removeprefix("state."): v for k, v in saved.items() if k.startswith("state.")}
+    fusion = DocumentFusion(32, 16, latents=4, heads=4).eval()
+    assert sorted(fusion.state_dict()) == sorted(state)
+    fusion.load_state_dict(state, strict=True)
+    args = saved["input.states"], saved["input.mask"], saved["input.counts"]
+    with torch.no_grad():
+        torch.testing.assert_close(fusion.fuse(*args), saved["output.fuse"], atol=1e-6, rtol=0)
+        out = fusion(saved["input.base"], *args)
+    torch.testing.assert_close(out, saved["output.forward"], atol=1e-6, rtol=0)
+    assert torch.equal(out[0], saved["input.base"][0])  # the one-chunk document keeps its base embedding

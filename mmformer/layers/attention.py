@@ -131,22 +131,20 @@ def check_fused_width(qkv: torch.Tensor, heads: int) -> None:
         raise ValueError(f"fused qkv width {qkv.shape[-1]} is not 3 x heads ({heads}) x d_head")
 
 
-class CrossAttention(nn.Module):
-    """Queries (B, Tq, D) attend over a context (B, S, Dc) with an optional context padding mask."""
-
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = True):
-        super().__init__()
-        check_heads(dim, heads)
-        self.heads = heads
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(context_dim or dim, 2 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x: (B, Tq, D), context: (B, S, Dc), context_mask: (B, S) bool -> (B, Tq, D)."""
-        q = split_heads(self.q(x), self.heads)  # (B, H, Tq, Dh)
-        k, v = split_fused(self.kv(context), 2, self.heads)  # (B, H, S, Dh)
-        mask = attn_bias_from_padding(context_mask, context.shape[0], context.shape[1])
-        return self.proj(merge_heads(scaled_dot_product(q, k, v, mask)))
+def cross_attend(q: torch.Tensor, kv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None,
+                 logit_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Queries (B, M, D) attend over fused key/value projections (B, S, 2D) -> (B, M, D) before the
+    output projection: softmax(s Q K^T / sqrt(d_head) masked) V per head, via
+    :func:`scaled_dot_product`. ``key_padding_mask``: (B, S) bool, True = a real key.
+    ``logit_scale``: None, or a factor s broadcastable to (B, H, 1, 1) that multiplies each
+    head's queries (a per-document, per-head temperature, as in
+    :class:`~mmformer.layers.fusion.DocumentFusion`)."""
+    if q.shape[-1] % heads or kv.shape[-1] != 2 * q.shape[-1]:
+        raise ValueError(f"cross attention needs queries (B, M, D) with D divisible by heads ({heads}) and fused "
+                         f"keys/values (B, S, 2D); got {tuple(q.shape)} and {tuple(kv.shape)}")
+    qh = split_heads(q, heads)  # (B, H, M, Dh)
+    if logit_scale is not None:
+        qh = qh * logit_scale
+    k, v = split_fused(kv, 2, heads)  # (B, H, S, Dh)
+    mask = attn_bias_from_padding(key_padding_mask, kv.shape[0], kv.shape[1])
+    return merge_heads(scaled_dot_product(qh, k, v, mask))

@@ -27,10 +27,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mmformer.layers.attention import SelfAttention, check_heads, merge_heads, split_fused, split_heads
+from mmformer.layers.attention import SelfAttention, check_heads, cross_attend
 from mmformer.layers.init import init_linears_and_norms
 from mmformer.layers.multiway import Mlp
 from mmformer.layers.positions import sinusoidal_1d
@@ -115,13 +114,12 @@ class DocumentFusion(nn.Module):
         key_mask = mask.new_zeros(b, n_max, length)
         key_mask[doc_mask] = mask
         s = n_max * length
-        k, v = split_fused(padded.view(b, s, 2 * d), 2, self.heads)  # (B, H, S, Dh)
         key_mask = key_mask.view(b, s)
         n_keys = key_mask.sum(1)  # (B,)
-        q = split_heads(self.q(self.norm_q(self.latents)).expand(b, -1, -1), self.heads)  # (B, H, M, Dh)
+        q = self.q(self.norm_q(self.latents)).expand(b, -1, -1)  # (B, M, D)
         factor = self.length_scale.view(1, -1, 1, 1) * torch.log(n_keys.to(q.dtype).clamp(min=2)).view(b, 1, 1, 1)
-        h = F.scaled_dot_product_attention(q * factor, k, v, attn_mask=key_mask[:, None, None, :])
-        x = self.latents + self.proj(merge_heads(h))  # (B, M, D)
+        h = cross_attend(q, padded.view(b, s, 2 * d), self.heads, key_mask, logit_scale=factor)  # (B, M, D)
+        x = self.latents + self.proj(h)  # (B, M, D)
         x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return self.out(self.norm_out(x.mean(1)))  # (B, E)
