@@ -386,7 +386,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU-trainable in minutes: 64 px images in 16x16 patches (a 4x4 grid), short captions.
     # At a fixed CPU budget this size retrieves better than 192x4 or 256x6, and two of its blocks
     # better than three on an AVX2-only CPU: the demo recipe train/tiny-cpu.yaml sets depth 2
-    # (README, Results).
+    # (see the benchmarks pages).
     "tiny": dict(width=128, depth=3, heads=4, image_size=64, patch_size=16, context_length=16,
                  embed_dim=128),
     "small": dict(width=384, depth=8, heads=6, image_size=128, patch_size=16, context_length=32,

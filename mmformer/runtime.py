@@ -32,9 +32,8 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30) -> bool:
     By default glibc serves every allocation above 32 MB with its own ``mmap`` and unmaps it on
     free, so each training step's large activations and chunk states are fresh pages that the
     kernel must fault in and zero. Raising the mmap threshold (and the trim threshold) keeps
-    them on the heap. Measured on train/longdoc.yaml on a 2-core Xeon: 238 steps in 2 minutes
-    against 127 (system time from half the CPU to almost none); the process's resident memory
-    stays at its peak. Returns False (and changes nothing) where the C library has no
+    them on the heap: far less system time in long-document training (see the benchmarks pages);
+    the process's resident memory stays at its peak. Returns False (and changes nothing) where the C library has no
     ``mallopt`` (not glibc).
     """
     try:

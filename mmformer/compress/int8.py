@@ -68,13 +68,12 @@ def cpu_has_vnni() -> bool:
 def default_backend() -> str:
     """The int8 backend ``backend="auto"`` tries first: ``"torch.ao"``, with torchao as the fallback.
 
-    Measured on an AMD EPYC with AVX-512, AVX512-VNNI and AVX512-BF16, no AMX (README, "int8 and
-    ONNX"; bench/int8.py): torch.ao's fbgemm kernels are the fastest int8 path there, 2-5x
-    faster than torchao's eager path (whose per-Linear cost is tensor-subclass dispatch in
-    Python, not the matmul); ``torch.compile`` brings torchao to 0.45-0.91x of torch.ao (1.15x
-    for the small preset's images at batch 64) after compiling each modality and shape. That dispatch cost does not
-    depend on the CPU; AMX CPUs (where torchao's s8s8 matmuls could use the tile units) were not
-    available to measure, so the rule is one choice for every CPU kind rather than a guess per kind.
+    On the CPUs measured (AVX-512 with VNNI, no AMX; see the benchmarks pages) torch.ao's fbgemm
+    kernels are the fastest int8 path, well ahead of torchao's eager path (whose per-Linear cost is
+    tensor-subclass dispatch in Python, not the matmul); ``torch.compile`` closes most of that gap
+    after compiling each modality and shape. That dispatch cost does not depend on the CPU; AMX
+    CPUs (where torchao's s8s8 matmuls could use the tile units) have not been measured, so the
+    rule is one choice for every CPU kind rather than a guess per kind.
     """
     return "torch.ao"
 

@@ -175,8 +175,8 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, reduce_ra
 
     ``reduce_range`` quantizes the weights to 7 bits. Without VNNI (AVX2-only CPUs) onnxruntime's
     uint8 x int8 kernels add pairs of products in int16, which saturates with full-range
-    per-channel weights: on an AVX2-only EPYC the image embeddings fell to a cosine of 0.974 with
-    fp32, below the 0.99 of the VNNI CPUs. ``None`` (default) reduces the range where this CPU has
+    per-channel weights: on an AVX2-only CPU the image embeddings then agree with fp32 markedly
+    worse than on VNNI CPUs (see the benchmarks pages). ``None`` (default) reduces the range where this CPU has
     no VNNI (:func:`mmformer.compress.int8.cpu_has_vnni`); a graph meant for another CPU kind can
     say which it needs."""
     _require("onnxruntime")

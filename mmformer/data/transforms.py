@@ -89,7 +89,7 @@ def sample_rng(key: int):
         return
     with torch.random.fork_rng(devices=[]):
         # the CPU generator only: torch.manual_seed would also queue seeding every accelerator
-        # backend (CUDA, XPU, MTIA: a formatted stack trace each when none is initialised, ~0.5 ms
+        # backend (CUDA, XPU, MTIA: a formatted stack trace each when none is initialised, a cost
         # per sample) and leave those seeds changed after the block
         torch.default_generator.manual_seed(seed)
         yield sample_random(key)
@@ -316,7 +316,7 @@ def build_transforms(image_size: int, train: bool, mean: Sequence[float] = (0.5,
         if a["blur"] > 0:
             steps.append(v2.RandomApply([v2.GaussianBlur(_BLUR_TAPS, sigma=a["blur_sigma"])], p=a["blur"]))
         if any(a[k] > 0 for k in _STRENGTHS):
-            # on float: adjust_contrast on uint8 is ~40x slower with 2 intra-op threads
+            # on float: adjust_contrast on uint8 is far slower with few intra-op threads
             steps.append(v2.ColorJitter(**{k: a[k] or None for k in _STRENGTHS}))
         if a["grayscale"] > 0:
             steps.append(v2.RandomGrayscale(p=a["grayscale"]))
@@ -358,7 +358,7 @@ class BatchTrainTransform:
     saturation, greyscale, normalise; ``augment``: keys of :data:`AUGMENT_DEFAULTS`), but done
     with one ``grid_sample`` call for the batch (grid from :func:`crop_grid`): per-sample torchvision
     transforms cost about half a model step for the tiny preset on a 2-core CPU. With the style
-    augmentations off (the defaults) it draws the same random numbers as before they existed.
+    augmentations off (the defaults) it draws no random numbers for them.
     """
 
     def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
@@ -377,8 +377,7 @@ class BatchTrainTransform:
 
         ``/ 255``, brightness and contrast are linear per sample, so they are folded into one
         ``x * gain + offset`` after the crop (also linear): with the default augmentation the batch
-        is read and written 6 times instead of 9, ~2 ms less per batch of 256 of the demo (the
-        same values within float rounding, tested)."""
+        is read and written 6 times instead of 9 (the same values within float rounding, tested)."""
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise TypeError(f"expected a uint8 batch (B, 3, S, S), got {images.dtype} {tuple(images.shape)}")
         if seed is not None:
@@ -411,7 +410,7 @@ class BatchTrainTransform:
             grey = x.mean(dim=(1, 2, 3), keepdim=True) * gain + offset
             c = torch.empty(b, 1, 1, 1).uniform_(1 - self.contrast, 1 + self.contrast)
             gain, offset = gain * c, (offset - grey) * c + grey
-        x.mul_(gain).add_(offset)  # in [0, 1] units from here (not clamped yet, as before the folding)
+        x.mul_(gain).add_(offset)  # in [0, 1] units from here (not clamped yet: clamped where a step needs it)
         if self.saturation > 0:  # blend with each pixel's luma: s * x + (1 - s) * luma
             luma = grayscale_batch(x.clamp_(0, 1))
             x.lerp_(luma, 1 - torch.empty(b, 1, 1, 1).uniform_(1 - self.saturation, 1 + self.saturation))
@@ -424,9 +423,8 @@ def crop_grid(sx: torch.Tensor, tx: torch.Tensor, sy: torch.Tensor, ty: torch.Te
               height: int, width: int) -> torch.Tensor:
     """The (B, H, W, 2) sampling grid of ``F.affine_grid(theta, (B, C, H, W), align_corners=False)``
     for the axis-aligned ``theta = [[sx, 0, tx], [0, sy, ty]]`` (per-sample (B,) scales and shifts,
-    no rotation), built from two (B, W) and (B, H) rows instead of a batched matmul over every pixel:
-    a demo batch of 256 costs ~1.5 ms less (9-10 ms instead of 11), equal to ``affine_grid``
-    within one float32 rounding (tested)."""
+    no rotation), built from two (B, W) and (B, H) rows instead of a batched matmul over every pixel,
+    equal to ``affine_grid`` within one float32 rounding (tested)."""
     xs = (torch.arange(width, dtype=torch.float32) * 2 + 1) / width - 1  # pixel centres in [-1, 1]
     ys = (torch.arange(height, dtype=torch.float32) * 2 + 1) / height - 1
     grid = torch.empty(sx.shape[0], height, width, 2)

@@ -55,16 +55,16 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 #: Longest query or key length for which low-precision CPU training takes the matmul path of
-#: :func:`scaled_dot_product` (measured in bench/attention_kernels.py).
+#: :func:`scaled_dot_product` (where it was measured faster: see the benchmarks pages).
 MATMUL_PATH_MAX_LEN = 512
 
 
 def use_matmul_path(q: torch.Tensor, k: torch.Tensor) -> bool:
     """True where plain matmuls + softmax beat ``F.scaled_dot_product_attention`` on the CPU: bf16/fp16
     tensors that need gradients, sequences up to :data:`MATMUL_PATH_MAX_LEN`. There the CPU flash
-    kernel's backward is 3-10x slower than two batched matmuls, which run on the CPU's bf16 matmul
-    units (AMX, AVX512-BF16); in fp32, without gradients, or for long sequences the kernel is as
-    fast or faster and needs no (T, S) score matrix (bench/attention_kernels.py)."""
+    kernel's backward is several times slower than two batched matmuls, which run on the CPU's
+    bf16 matmul units (AMX, AVX512-BF16); in fp32, without gradients, or for long sequences the
+    kernel is as fast or faster and needs no (T, S) score matrix (see the benchmarks pages)."""
     return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad)
             and max(q.shape[-2], k.shape[-2]) <= MATMUL_PATH_MAX_LEN)

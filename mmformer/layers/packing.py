@@ -26,8 +26,8 @@ class TokenPacking:
 
     ``multiple``: N is the number of real tokens rounded up to a multiple of it (at most B * T),
     the extra rows being the first pad positions: every new matmul shape costs oneDNN a kernel
-    build (~2 ms per shape for bf16 on an AMX Xeon, against ~0.5 ms for the matmul), and a
-    batch's real-token count is new nearly every step, while its multiples of 64 repeat.
+    build (for bf16, more than the matmul itself at these sizes), and a batch's real-token count
+    is new nearly every step, while its multiples of 64 repeat.
 
     ``real``: the mask's True count, if the caller has read it already (it must be that count).
     """

@@ -36,8 +36,8 @@ EXACT_MAX_AUTO = 100_000  # "auto" searches exactly up to this many vectors
 def choose_backend(n: int, requested: str = "auto") -> str:
     """The backend for ``n`` vectors: ``requested``, or by size when it is ``"auto"``.
 
-    Exact search up to 100k vectors (a few ms per query here, and no build time); HNSW above,
-    where a full scan costs tens of ms per query (see bench/retrieval.py).
+    Exact search up to 100k vectors (fast enough per query, and no build time); HNSW above, where
+    a full scan per query gets slow (see the benchmarks pages).
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend={requested!r} must be one of {BACKENDS}")

@@ -39,8 +39,8 @@ def fused_supported(groups: list[dict[str, Any]]) -> bool:
 def make_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
     """AdamW over ``groups``, fused (one kernel for every parameter's update) where
     :func:`fused_supported`, else PyTorch's default implementation. On the CPU the fused
-    update makes a ``small`` bf16 training step ~10% faster than the per-parameter loop
-    (bench/train_throughput.py, README "Training throughput"); the arithmetic is the same."""
+    update makes a bf16 training step faster than the per-parameter loop (see the benchmarks
+    pages); the arithmetic is the same."""
     fused = fused_supported(groups)
     log.debug("AdamW: %s implementation", "fused" if fused else "default")
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)

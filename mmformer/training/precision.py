@@ -1,8 +1,8 @@
 """``--precision auto``: choose the training precision by timing a few real steps of each.
 
 Which precision trains faster depends on the CPU and the model's size: on a CPU with AMX the
-tiny preset trains 1.7x slower in bf16 autocast than in fp32 and the small one 1.9x faster; on
-an AVX2-only CPU bf16 is emulated and one to two orders of magnitude slower. A flag in
+tiny preset can train slower in bf16 autocast than in fp32 while the small one trains faster; on
+an AVX2-only CPU bf16 is emulated and far slower (see the benchmarks pages). A flag in
 /proc/cpuinfo cannot tell, so :func:`choose_precision` times a few training steps (forward of
 both towers, CLIP loss, backward, AdamW step) of a copy of the model on the real batch shape in
 each candidate precision and keeps the fastest. The candidates' steps are interleaved (A B A B
@@ -100,10 +100,10 @@ def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup
     With ``drop_slower`` (a factor), a closure whose call took more than ``drop_slower`` times the
     fastest call of its round in two rounds in a row, from the second round on (the first carries
     one-off costs), is not called again: its time is then the median of its calls from the second
-    round on. One slow call is not enough: on an AMX Xeon an fp32 step's second call once took
-    398 ms against 129 ms warm, 4.6x the bf16 step, and a rule of one slow call reported 398 ms. An
-    emulated bf16 step on an AVX2-only CPU is ~18x slower than fp32, and timing all of its rounds
-    took a minute of a demo's start: it is stopped after three calls.
+    round on. One slow call is not enough: a single late warm-up call can take several times a
+    warm step, and a rule of one slow call would report that call. An emulated bf16 step on an
+    AVX2-only CPU is over an order of magnitude slower than fp32, and timing all of its rounds
+    would hold up a demo's start: it is stopped after three calls.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
