@@ -82,7 +82,7 @@ def variants(model: MMFormer, args, scratch: Path, name: str) -> dict[str, objec
         if args.compile_fp32:
             fp32c = MMFormer(model.config, model.tokenizer).eval()
             fp32c.load_state_dict(model.state_dict())
-            fp32c._run_blocks = torch.compile(fp32c._run_blocks)
+            fp32c.forward_tokens = torch.compile(fp32c.forward_tokens)
             out["fp32 + compile"] = TorchVariant(fp32c)
     if not args.skip_onnx:
         from mmformer.compress.onnx import export_onnx

@@ -31,6 +31,7 @@ step is one to two orders of magnitude slower than fp32 (seconds per sample), so
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import json
 import statistics
@@ -160,13 +161,15 @@ def add_preset_arguments(parser) -> None:
     parser.add_argument("--model", default="small", help="preset (default: small)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
     parser.add_argument("--precision", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--attention-kernel", default="fused_cpu", choices=["default", "fused_cpu"],
+                        help="ModelConfig.attention_kernel (default: fused_cpu, what the CPU recipes train with)")
 
 
 def preset_config(args):
     """(tokenizer, the preset's config at the bundled vocabulary, batch size) for
     :func:`add_preset_arguments`' parsed ``args``."""
     tok, _ = load_tokenizer()
-    cfg = get_config(args.model, vocab_size=tok.vocab_size)
+    cfg = get_config(args.model, vocab_size=tok.vocab_size, attention_kernel=args.attention_kernel)
     return tok, cfg, args.batch_size or DEFAULT_BATCH.get(args.model, 32)
 
 
@@ -189,11 +192,11 @@ IMPLS = ("mmformer", "mmformer+padded", "open_clip", "open_clip+math")
 
 def build(impl: str, cfg, vocab_size: int, seed: int, padded: bool = False) -> Pair:
     """A fresh model; ``padded``: an MMFormer whose text path runs on the padded batch (token
-    packing off, ``MMFormer.pack_text_below = 0``), as open_clip's does."""
+    packing off, ``ModelConfig.pack_text_below = 0``), as open_clip's does."""
     torch.manual_seed(seed)
+    if impl == "mmformer" and padded:
+        cfg = dataclasses.replace(cfg, pack_text_below=0.0)
     model = MMFormer(cfg) if impl == "mmformer" else build_open_clip(cfg, vocab_size)
-    if padded:
-        model.pack_text_below = 0
     return Pair(impl, model.train())
 
 
@@ -288,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="time bound per dtype and layout of the peak measurement (default: 5)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the bundled one)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-kernel", default="fused_cpu", choices=["default", "fused_cpu"],
+                   help="mmformer's ModelConfig.attention_kernel (default: fused_cpu, what the CPU recipes train with)")
     p.add_argument("--json", default=None, help="also write the rows (and the peaks) as JSON here")
     add_csv_argument(p)
     add_cpu_settings_argument(p)
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for preset in models:
-        cfg = get_config(preset, vocab_size=tok.vocab_size)
+        cfg = get_config(preset, vocab_size=tok.vocab_size, attention_kernel=args.attention_kernel)
         bs = batch_sizes.get(preset, batch_sizes.get("*", DEFAULT_BATCH.get(preset, 32)))
         batch = random_batch(cfg, bs, tok.vocab_size, args.seed)
         for impl_name in impls:

@@ -16,8 +16,8 @@ A second table times the training case of :func:`mmformer.layers.attention.atten
 call it, from fused projections (B, T, 3 H Dh), forward+backward per dtype, without and with a key
 padding mask (random key lengths): ``composite`` (views of ``qkv`` into ``scaled_dot_product``:
 the matmul path above with autograd's backward, or SDPA's flash kernel where that path is not
-taken) against ``fused-qkv`` (:class:`~mmformer.layers.attention.FusedQKVAttention`), and which
-one ``attend`` takes (:func:`~mmformer.layers.attention.use_fused_qkv_path`).
+taken) against ``fused-qkv`` (:class:`~mmformer.layers.cpu_attention.FusedQKVAttention`), and which
+one ``attend_fused_cpu`` (``ModelConfig.attention_kernel = "fused_cpu"``) takes (:func:`~mmformer.layers.cpu_attention.use_fused_qkv_path`).
 
     python -m bench.diagnostics.attention_kernels
     python -m bench.diagnostics.attention_kernels --shapes 32x6x65x64,16x6x256x64 --reps 20
@@ -35,14 +35,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import add_cpu_settings_argument, apply_cpu_settings, machine_line, markdown_table
-from mmformer.layers.attention import (
-    MATMUL_PATH_MAX_LEN,
-    FusedQKVAttention,
-    attend_composite,
-    split_fused,
-    use_fused_qkv_path,
-    use_matmul_path,
-)
+from mmformer.layers.attention import MATMUL_PATH_MAX_LEN, attend, split_fused, use_matmul_path
+from mmformer.layers.cpu_attention import FusedQKVAttention, use_fused_qkv_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = "32x6x65x64,32x6x32x64,64x4x17x32,128x4x16x32,16x6x256x64,4x6x1024x64"
@@ -78,7 +72,7 @@ def time_ms(fn: Callable[..., torch.Tensor], qkv: list[torch.Tensor], backward: 
 
 
 FUSED_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    "composite": attend_composite, "fused-qkv": FusedQKVAttention.apply}
+    "composite": attend, "fused-qkv": FusedQKVAttention.apply}
 
 
 def fused_qkv_rows(dtypes: list[str], shapes: list[tuple[int, int, int, int]], reps: int,
@@ -93,7 +87,7 @@ def fused_qkv_rows(dtypes: list[str], shapes: list[tuple[int, int, int, int]], r
             q, k, _ = split_fused(probe, 3, h)
             row0 = {"dtype": dname, "shape": f"{b}x{h}x{t}x{d}",
                     "composite is": "matmul" if use_matmul_path(q, k) else "flash",
-                    "attend takes": "fused-qkv" if use_fused_qkv_path(probe) else "composite"}
+                    "attend_fused_cpu takes": "fused-qkv" if use_fused_qkv_path(probe) else "composite"}
             for mask in (None, torch.arange(t)[None, :] < lengths[:, None]):
                 row = {**row0, "mask": "none" if mask is None else "padding"}
                 for name, fn in FUSED_KERNELS.items():
@@ -140,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(fused, [("dtype", "dtype", 0), ("fwd+bwd, B x H x T x Dh", "shape", 0), ("mask", "mask", 0),
                                  ("composite is", "composite is", 0), ("composite ms", "composite", 2),
                                  ("fused-qkv ms", "fused-qkv", 2), ("fused / composite", "ratio", 2),
-                                 ("attend takes", "attend takes", 0)]))
+                                 ("attend_fused_cpu takes", "attend_fused_cpu takes", 0)]))
     print(f"\nmedian of {args.reps} calls after 2 warm-up; matmul path for bf16/fp16 with gradients and "
-          f"T <= {MATMUL_PATH_MAX_LEN}; attend takes fused-qkv for training there")
+          f"T <= {MATMUL_PATH_MAX_LEN}; attend_fused_cpu (ModelConfig.attention_kernel = "fused_cpu") takes fused-qkv for training there")
     print(settings_line)
     print(machine_line())
     return 0
