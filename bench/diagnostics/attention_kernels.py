@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                                  ("fused-qkv ms", "fused-qkv", 2), ("fused / composite", "ratio", 2),
                                  ("attend_fused_cpu takes", "attend_fused_cpu takes", 0)]))
     print(f"\nmedian of {args.reps} calls after 2 warm-up; matmul path for bf16/fp16 with gradients and "
-          f"T <= {MATMUL_PATH_MAX_LEN}; attend_fused_cpu (ModelConfig.attention_kernel = "fused_cpu") takes fused-qkv for training there")
+          f"T <= {MATMUL_PATH_MAX_LEN}; attend_fused_cpu (attention_kernel 'fused_cpu') takes fused-qkv for training there")
     print(settings_line)
     print(machine_line())
     return 0
