@@ -54,6 +54,8 @@ def settings_from_args(args: argparse.Namespace):
     for flag, seconds in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
         if not (math.isfinite(seconds) and seconds > 0):
             raise SystemExit(f"mmformer serve: {flag} {seconds:g}: expected a positive number of seconds")
+    if args.decode_workers is not None and args.decode_workers < 0:
+        raise SystemExit(f"mmformer serve: --decode-workers {args.decode_workers}: expected 0 or more")
     if args.max_connections < 1:
         raise SystemExit(f"mmformer serve: --max-connections {args.max_connections}: expected at least 1")
     return server.ServeSettings(
@@ -64,7 +66,7 @@ def settings_from_args(args: argparse.Namespace):
         limits=Limits(max_image_bytes=int(args.max_image_mb * (1 << 20)), max_pixels=args.max_pixels),
         api_key=server.api_key_from(args.api_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_message_bytes=int(args.max_message_mb * (1 << 20)), threads=args.threads,
-        drain_seconds=args.drain_seconds,
+        drain_seconds=args.drain_seconds, decode_workers=args.decode_workers,
         http_limits=HttpLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                                max_connections=args.max_connections))
 

@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mmformer.compress import quantize_int8
 from mmformer.data.errors import CorruptSample
-from mmformer.data.transforms import build_transforms, load_image
+from mmformer.data.transforms import BatchNormalize, build_transforms, load_image
 from mmformer.model import MMFormer, model_fingerprint
 from mmformer.retrieval import Hit, Index, Retriever
+from mmformer.serve.decode import DecodeSpec, check_upload, decode_reason
 from mmformer.serve.errors import InvalidArgument, NotFound
 from mmformer.tokenizer import wrap_and_pad
 
@@ -82,6 +82,8 @@ class Engine:
         c = model.config
         self.context_length = c.context_length
         self.transform = build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std)
+        self.normalize = BatchNormalize(c.image_mean, c.image_std)
+        self.decode_spec = DecodeSpec(c.image_size, self.limits.max_pixels)
         self.device = torch.device("cpu") if precision == "int8" else next(model.parameters()).device
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.retrievers = {name: Retriever(model, index) for name, index in (indexes or {}).items()}
@@ -119,18 +121,13 @@ class Engine:
         return [self.prepare_text(t, f"{field}[{i}]") for i, t in enumerate(texts)]
 
     def prepare_image(self, data: Any, field: str) -> torch.Tensor:
-        """Encoded image bytes -> (3, S, S) float tensor (eval transforms of the model)."""
-        if not isinstance(data, (bytes, bytearray)):
-            raise InvalidArgument(f"expected encoded image bytes, got {type(data).__name__}", field)
-        if not data:
-            raise InvalidArgument("empty image (0 bytes)", field)
-        if len(data) > self.limits.max_image_bytes:
-            raise InvalidArgument(f"{len(data)} bytes exceeds the upload limit of {self.limits.max_image_bytes} bytes",
-                                  field)
+        """Encoded image bytes -> (3, S, S) float tensor (eval transforms of the model), in this thread.
+        The service decodes through a :class:`~mmformer.serve.decode.DecodePool` instead."""
+        check_upload(data, field, self.limits.max_image_bytes)
         try:
             image = load_image(bytes(data), max_pixels=self.limits.max_pixels, name=field)
         except CorruptSample as e:
-            raise InvalidArgument(f"not a readable image (PNG, JPEG, WebP...): {_decode_reason(e)}", field) from None
+            raise InvalidArgument(f"not a readable image (PNG, JPEG, WebP...): {decode_reason(e)}", field) from None
         return self.transform(image)
 
     def check_images(self, images: Any, field: str = "images") -> None:
@@ -151,8 +148,12 @@ class Engine:
 
     @torch.inference_mode()
     def encode_image_batch(self, images: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        """(B) (3, S, S) tensors -> B float32 (E,) embeddings."""
-        x = torch.stack(list(images)).to(self.device, self.dtype)
+        """(B) (3, S, S) tensors -> B float32 (E,) embeddings. uint8 tensors (decoded pixels, see
+        :mod:`mmformer.serve.decode`) are normalised here, float ones are taken as already normalised."""
+        x = torch.stack(list(images))
+        if x.dtype == torch.uint8:
+            x = self.normalize(x)
+        x = x.to(self.device, self.dtype)
         return list(self.model.encode_image(x).float().cpu().numpy())
 
     # ---- indexes ------------------------------------------------------------------------------
@@ -211,17 +212,6 @@ class Engine:
                          "backend": r.index.manifest["backend"], "dim": int(r.index.manifest["dim"])}
                         for n, r in self.retrievers.items()],
         }
-
-
-#: ``<_io.BytesIO object at 0x7f...>`` and the like, which decoders put in their messages.
-_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
-
-
-def _decode_reason(e: CorruptSample) -> str:
-    """Why an uploaded image could not be read, in words about the upload (no object reprs)."""
-    if isinstance(e.__cause__, UnidentifiedImageError):
-        return "format not recognized"
-    return _OBJECT_REPR.sub("the upload", e.reason)
 
 
 def check_unicode(text: str, field: str, what: str = "") -> None:

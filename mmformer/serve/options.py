@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest image width*height (read from the header: refuses decompression bombs)")
     p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"],
                    help="event loop of both servers (uvloop: pip install uvloop)")
+    p.add_argument("--decode-workers", type=int, default=None, metavar="N",
+                   help="processes that decode uploaded images, off the event loop (default: the CPU count less "
+                        "one, at most 8; 0: decode in the server process)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the model (default: torch's)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM, wait this long at most for requests in flight")

@@ -1,8 +1,9 @@
 """One process, one event loop: the gRPC server, the HTTP server and the batchers.
 
 :class:`Server` starts both listeners first (health NOT_SERVING, ``/readyz`` 503), loads the model
-and indexes in a thread, then turns ready. :meth:`Server.drain` (called on SIGTERM / SIGINT by
-:func:`run`) stops accepting work, answers everything in flight, then closes both listeners.
+and indexes in a thread and starts the image decoding processes, then turns ready.
+:meth:`Server.drain` (called on SIGTERM / SIGINT by :func:`run`) stops accepting work, answers
+everything in flight, stops the decoding processes, then closes both listeners.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from mmformer.serve.decode import DecodePool
 from mmformer.serve.engine import Engine, Limits
 from mmformer.serve.grpc_api import build_grpc_server, set_health
 from mmformer.serve.http_api import build_app
@@ -50,6 +52,7 @@ class ServeSettings:
     threads: int | None = None
     drain_seconds: float = 30.0
     http_limits: HttpLimits = field(default_factory=HttpLimits)
+    decode_workers: int | None = None  # image decoding processes; None: from the CPU count, 0: in this process
 
 
 class Server:
@@ -114,12 +117,19 @@ class Server:
     async def _load(self) -> None:
         try:
             engine = await asyncio.to_thread(self.engine_factory)
+            decoder = DecodePool(engine.decode_spec, self.settings.decode_workers,
+                                 max_pending=self.settings.batching.max_queue)
+            try:
+                await asyncio.to_thread(decoder.warm)
+            except BaseException:
+                await asyncio.to_thread(decoder.close)
+                raise
         except BaseException as e:  # reported by wait_loaded / run; the listeners keep answering 503
             log.error("loading failed: %s", e)
             self.load_error = e
             self.loaded.set()
             return
-        self.service.set_engine(engine)
+        self.service.set_engine(engine, decoder)
         await set_health(self.health, True)
         self.loaded.set()
         log.info("ready: %s", ", ".join(f"{n} ({len(r.index)} rows)" for n, r in engine.retrievers.items()) or

@@ -1,6 +1,7 @@
 """The calls of the service (EmbedText, EmbedImage, Search, Info), shared by gRPC and HTTP.
 
-:class:`RetrievalService` owns the two batchers (texts, images) and the model thread, counts
+:class:`RetrievalService` owns the two batchers (texts, images), the image decoding pool
+(:class:`~mmformer.serve.decode.DecodePool`) and the model thread, counts
 requests in flight (so SIGTERM can drain them), and refuses work until the engine is loaded
 and after draining starts. Transports call :meth:`call` around each request for the metrics.
 """
@@ -19,6 +20,7 @@ import numpy as np
 
 from mmformer.retrieval import Hit
 from mmformer.serve.batcher import DynamicBatcher
+from mmformer.serve.decode import DecodePool
 from mmformer.serve.engine import Engine
 from mmformer.serve.errors import InvalidArgument, ServeError, Unavailable
 from mmformer.serve.metrics import ServeMetrics
@@ -27,9 +29,6 @@ log = logging.getLogger(__name__)
 
 #: Indexes up to this many rows are searched on the event loop (microseconds); larger ones in a thread.
 INLINE_SEARCH_ROWS = 20_000
-#: Encoded images up to this size are decoded on the event loop (a 64x64 PNG takes ~0.1 ms, less than
-#: a hop to a thread); larger ones, which may take tens of ms, in a thread.
-INLINE_DECODE_BYTES = 16 << 10
 
 
 @dataclass
@@ -53,14 +52,17 @@ class RetrievalService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmformer-model")
         self.text_batcher: DynamicBatcher | None = None
         self.image_batcher: DynamicBatcher | None = None
+        self.decoder: DecodePool | None = None
 
     @property
     def ready(self) -> bool:
         return self.engine is not None and not self.draining
 
-    def set_engine(self, engine: Engine) -> None:
-        """Start the batchers on the running loop; the service is ready from now on."""
+    def set_engine(self, engine: Engine, decoder: DecodePool | None = None) -> None:
+        """Start the batchers on the running loop; the service is ready from now on. ``decoder``
+        decodes uploaded images (default: in this process, no worker processes)."""
         b = self.batching
+        self.decoder = decoder or DecodePool(engine.decode_spec, workers=0, max_pending=b.max_queue)
         kw = dict(max_batch_size=b.max_batch_size, max_delay_ms=b.max_delay_ms, max_queue=b.max_queue,
                   enabled=b.enabled, metrics=self.metrics)
         self.text_batcher = DynamicBatcher("text", engine.encode_text_batch, self._executor, **kw)
@@ -112,6 +114,8 @@ class RetrievalService:
         for b in (self.text_batcher, self.image_batcher):
             if b is not None:
                 await b.close()
+        if self.decoder is not None:
+            await asyncio.to_thread(self.decoder.close)
         self._executor.shutdown(wait=True)
 
     # ---- calls --------------------------------------------------------------------------------
@@ -125,8 +129,7 @@ class RetrievalService:
     async def embed_image(self, images: Any, deadline: float | None = None) -> list[np.ndarray]:
         engine = self._engine()
         engine.check_images(images)
-        tensors = await _decode(lambda: [engine.prepare_image(im, f"images[{i}]") for i, im in enumerate(images)],
-                                sum(len(im) if isinstance(im, (bytes, bytearray)) else 0 for im in images))
+        tensors = await self.decoder.decode(images, "images", max_bytes=engine.limits.max_image_bytes)
         return await self.image_batcher.submit(tensors, deadline)
 
     async def search(self, *, text: Any = None, image: Any = None, index: Any = "", k: Any = 10,
@@ -145,8 +148,7 @@ class RetrievalService:
             dropped = t.dropped
             [emb] = await self.text_batcher.submit([t], deadline)
         else:
-            x = await _decode(lambda: engine.prepare_image(image, "image"),
-                              len(image) if isinstance(image, (bytes, bytearray)) else 0)
+            [x] = await self.decoder.decode([image], "image", indexed=False, max_bytes=engine.limits.max_image_bytes)
             [emb] = await self.image_batcher.submit([x], deadline)
         if len(engine.retrievers[name].index) <= INLINE_SEARCH_ROWS:
             hits = engine.search(name, emb, k)
@@ -160,7 +162,3 @@ class RetrievalService:
         return {**engine.info(), "batching": {"enabled": b.enabled, "max_batch_size": b.max_batch_size,
                                               "max_delay_ms": b.max_delay_ms, "max_queue": b.max_queue}}
 
-
-async def _decode(work, size: int):
-    """Run ``work`` (image decoding) inline when the bytes are few, else in a thread."""
-    return work() if size <= INLINE_DECODE_BYTES else await asyncio.to_thread(work)
