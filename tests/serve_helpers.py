@@ -71,14 +71,16 @@ def free_port() -> int:
 
 def start_service(model: MMFormer, index_dir: Path, *, api_key: str | None = API_KEY, batching: bool = True,
                   max_batch_size: int = 64, max_delay_ms: float = 5.0, max_queue: int = 1024,
-                  limits: Limits | None = None, http_limits: HttpLimits | None = None) -> ServerThread:
+                  limits: Limits | None = None, http_limits: HttpLimits | None = None,
+                  decode_workers: int | None = None) -> ServerThread:
     from mmformer.retrieval import Index
 
     settings = ServeSettings(grpc_port=0, http_port=0, api_key=api_key,
                              batching=BatchSettings(enabled=batching, max_batch_size=max_batch_size,
                                                     max_delay_ms=max_delay_ms, max_queue=max_queue),
                              limits=limits or Limits(max_image_bytes=64 << 10, max_pixels=1 << 20),
-                             max_message_bytes=1 << 20, http_limits=http_limits or HttpLimits())
+                             max_message_bytes=1 << 20, http_limits=http_limits or HttpLimits(),
+                             decode_workers=decode_workers)
     thread = ServerThread(settings, lambda: Engine(model, {"shapes": Index.open(index_dir)}, limits=settings.limits))
     thread.start()
     return thread

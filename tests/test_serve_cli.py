@@ -5,6 +5,7 @@ then the process exits 0."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import subprocess
@@ -14,13 +15,15 @@ import time
 import grpc
 import httpx
 import numpy as np
+import psutil
 import pytest
 import torch
 
 from mmformer.cli import main
+from mmformer.data.transforms import build_transforms, load_image
 from mmformer.serve.proto import mmformer_pb2 as pb
 from mmformer.serve.proto import mmformer_pb2_grpc as pb_grpc
-from serve_helpers import REPO, auth, build_gallery, free_port, grpc_metadata, tiny_model
+from serve_helpers import COLORS, REPO, auth, build_gallery, free_port, grpc_metadata, png_bytes, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +55,17 @@ def test_serve_command_drains_on_sigterm(saved):
     env = {**os.environ, "MMFORMER_API_KEY": "env-key", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "mmformer.cli", "serve", "--model", str(model_dir),
                              "--index", f"shapes={index_dir}", "--grpc-port", str(gport), "--http-port", str(hport),
-                             "--max-delay-ms", "1500", "--threads", "1"],
+                             "--max-delay-ms", "1500", "--threads", "1", "--decode-workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     base = f"http://127.0.0.1:{hport}"
     try:
         wait_ready(proc, base)
         assert httpx.post(base + "/v1/search", json={"text": "red", "k": 1}).status_code == 401  # key from env
         texts = [f"a {c} circle" for c in ("red", "green", "blue", "pink", "black", "white")]
+        image = png_bytes(COLORS["orange"], "circle")
+        children = psutil.Process(proc.pid).children(recursive=True)  # the decoding workers and their fork server
+        workers = [p for p in children if p.ppid() != proc.pid]  # forked by the fork server
+        assert len(workers) == 2, [(p.pid, p.ppid(), p.cmdline()[:3]) for p in children]
 
         async def main():
             async with httpx.AsyncClient(base_url=base, timeout=30) as client, \
@@ -69,6 +76,8 @@ def test_serve_command_drains_on_sigterm(saved):
                                                              headers=auth("env-key"))) for t in texts]
                 pending += [asyncio.ensure_future(stub.EmbedText(pb.EmbedTextRequest(texts=[t]), metadata=md))
                             for t in texts]
+                pending.append(asyncio.ensure_future(client.post(
+                    "/v1/embed/image", json={"images": [base64.b64encode(image).decode()]}, headers=auth("env-key"))))
                 await asyncio.sleep(0.4)  # all queued, waiting for the 1.5 s batch delay
                 proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.2)
@@ -83,13 +92,21 @@ def test_serve_command_drains_on_sigterm(saved):
         with torch.inference_mode():
             ref = np.stack([model.encode_texts([t])[0].numpy() for t in texts])
         http_rows = np.array([a.json()["embeddings"][0] for a in answers[:6]], np.float32)
-        grpc_rows = np.array([a.embeddings[0].values for a in answers[6:]], np.float32)
+        grpc_rows = np.array([a.embeddings[0].values for a in answers[6:12]], np.float32)
+        tf = build_transforms(model.config.image_size, train=False, mean=model.config.image_mean,
+                              std=model.config.image_std)
+        with torch.inference_mode():
+            image_ref = model.encode_image(tf(load_image(image))[None])[0].numpy()
+        np.testing.assert_allclose(np.array(answers[12].json()["embeddings"][0], np.float32), image_ref, atol=1e-5,
+                                   rtol=0)
         np.testing.assert_allclose(http_rows, ref, atol=1e-6, rtol=0)
         np.testing.assert_allclose(grpc_rows, ref, atol=1e-6, rtol=0)
         assert late in (503, "refused")
         assert proc.wait(timeout=30) == 0
         out = proc.stdout.read()
         assert "ready. gRPC 127.0.0.1:" in out and "stopped (all requests in flight answered)" in out
+        _, alive = psutil.wait_procs(children, timeout=10)  # no orphan: every worker and the fork server gone
+        assert not alive, [p.cmdline() for p in alive]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -126,6 +143,7 @@ def test_http_deadline_options_are_documented_and_reach_the_settings(capsys):
     ("--body-timeout", "nan", "--body-timeout nan: expected a positive number of seconds"),
     ("--body-timeout", "inf", "--body-timeout inf: expected a positive number of seconds"),
     ("--max-connections", "0", "--max-connections 0: expected at least 1"),
+    ("--decode-workers", "-1", "--decode-workers -1: expected 0 or more"),
 ])
 def test_bad_http_deadline_options_are_one_line_errors(flag, value, message):
     with pytest.raises(SystemExit, match=f"^mmformer serve: {message}$"):
