@@ -158,6 +158,24 @@ def test_serve(tmp_path, models):
     assert all(float(r["p50"]) <= float(r["p99"]) for r in load)
 
 
+def test_serve_targets_name_each_target_met_or_not():
+    from bench.serve import targets
+
+    cost = [{"batch": 1, "text_per": 2.0, "image_per": 4.0}, {"batch": 16, "text_per": 0.5, "image_per": 1.0}]
+    row = dict(transport="http", conc=16, p99=40.0)
+    rows = [{**row, "server": "mmformer", "kind": "text", "req_s": 390.0},
+            {**row, "server": "mmformer --no-batching", "kind": "text", "req_s": 100.0},
+            {**row, "server": "litserve", "kind": "text", "req_s": 300.0, "p99": 70.0},
+            {**row, "server": "mmformer", "kind": "image", "req_s": 300.0, "p99": 55.0},
+            {**row, "server": "mmformer --no-batching", "kind": "image", "req_s": 100.0},
+            {**row, "server": "litserve", "kind": "image", "req_s": 250.0}]
+    image, text = targets(rows, cost)
+    assert text == ("text over http, c=16: batching 390 req/s, p99 40.0 ms (met: < 50 ms); 3.9x --no-batching = 98% "
+                    "of the model's batch-16 gain 4.0x (met: >= 90%); 1.30x LitServe (HTTP) 300 req/s p99 70.0 ms "
+                    "(met: >= 1.3x)")
+    assert image.count("NOT met") == 3 and "75% of the model's batch-16 gain 4.0x" in image and "1.20x" in image
+
+
 def test_memory(tmp_path):
     from bench import memory
 
