@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 
@@ -35,7 +36,7 @@ class PartWriter(BasePredictionWriter):
     """Writes each finished part as ``part-NNNNNN.npy`` + ``.json`` under ``parts_dir`` (the json,
     written last, marks the part done); nothing is kept in memory."""
 
-    def __init__(self, parts_dir: Path) -> None:
+    def __init__(self, parts_dir: Path | None = None) -> None:
         super().__init__(write_interval="batch")
         self.parts_dir = parts_dir
 
@@ -56,20 +57,34 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
     ``precision``, ``accelerator``, ``devices``, ``strategy`` and ``num_nodes`` go to the Trainer
     (a launch by ``torchrun`` or SLURM is read from the environment, as for ``fit``). Rank 0
     assembles the index and returns it; the other ranks return None."""
-    plan = plan_build(model, source, out_dir, kind=kind, backend=backend, backend_params=backend_params,
-                      dtype=dtype, part_size=part_size, model_path=model_path, image_col=image_col,
-                      caption_col=caption_col, split=split, overwrite=overwrite, seed=seed, root=root)
+    int8 = bool(getattr(model, "is_int8", False))
+    if int8 and accelerator not in ("cpu", "auto"):
+        raise ValueError("int8 (dynamically quantized) models run on the CPU only; use accelerator='cpu'")
+    writer = PartWriter()  # told the parts folder once the build is planned
+    trainer = L.Trainer(accelerator="cpu" if int8 else accelerator, devices=devices, strategy=strategy,
+                        num_nodes=num_nodes, precision=precision, logger=False,
+                        callbacks=[writer], enable_progress_bar=progress,
+                        enable_model_summary=False, enable_checkpointing=False, inference_mode=True)
+    plan_args = dict(kind=kind, backend=backend, backend_params=backend_params, dtype=dtype, part_size=part_size,
+                     model_path=model_path, image_col=image_col, caption_col=caption_col, split=split,
+                     overwrite=overwrite, seed=seed, root=root)
+    if _launched_externally(trainer):
+        # every process of a torchrun or SLURM launch starts here at once: rank 0 plans first (it
+        # alone creates, removes or resumes the folder), the others then read what it left, so all
+        # ranks list the same parts to embed
+        trainer.strategy.setup_environment()  # joins the process group (Lightning's predict reuses it)
+        plan = plan_build(model, source, out_dir, **plan_args) if trainer.is_global_zero else None
+        trainer.strategy.barrier("mmformer_index_planned")
+        if not trainer.is_global_zero:
+            plan = plan_build(model, source, out_dir, **plan_args)
+        trainer.strategy.barrier("mmformer_index_planned_everywhere")
+    else:
+        plan = plan_build(model, source, out_dir, **plan_args)
     if isinstance(plan, Index):
         return plan
     t0 = time.perf_counter()
     if plan.todo:
-        int8 = bool(getattr(model, "is_int8", False))
-        if int8 and accelerator not in ("cpu", "auto"):
-            raise ValueError("int8 (dynamically quantized) models run on the CPU only; use accelerator='cpu'")
-        trainer = L.Trainer(accelerator="cpu" if int8 else accelerator, devices=devices, strategy=strategy,
-                            num_nodes=num_nodes, precision=precision, logger=False,
-                            callbacks=[PartWriter(plan.parts_dir)], enable_progress_bar=progress,
-                            enable_model_summary=False, enable_checkpointing=False, inference_mode=True)
+        writer.parts_dir = plan.parts_dir
         with warnings.catch_warnings():  # parts are whole batches: there are no sampler batch indices
             warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
             trainer.predict(EmbedParts(model, kind, batch_size), dataloaders=plan.loader(num_workers),
@@ -77,4 +92,16 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
             return None  # rank 0 assembles the index
+    elif not trainer.is_global_zero:
+        return None
     return finish_build(plan, time.perf_counter() - t0)
+
+
+def _launched_externally(trainer: L.Trainer) -> bool:
+    """True for a process of a multi-process launch made outside Lightning (torchrun, SLURM's
+    srun, ...): every rank runs :func:`build_index` from the start, at the same time. False for
+    one process, and for the processes Lightning starts itself (``devices`` > 1 on one machine:
+    the first one plans before it starts the others)."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    return (env is not None and env.creates_processes_externally and not isinstance(env, LightningEnvironment)
+            and env.world_size() > 1)
