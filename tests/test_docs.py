@@ -16,7 +16,8 @@ How the blocks run (the mechanism the pages' sources state too):
   invisible on the rendered page. ``"same_as": "PAGE"`` runs nothing but asserts that every command
   line of the block appears verbatim in a block of PAGE, which runs (the README's training lines
   need the data that ``docs/own-data.md`` makes first).
-- Every other ``mmformer`` command in a bash block of any page (``docs/**/*.md`` and the README) is
+- Every other ``mmformer`` command in a bash block of any page (``docs/**/*.md`` and the README),
+  also one started by a launcher (``torchrun ... -m mmformer.cli ...``, ``srun mmformer ...``), is
   parsed without running: argparse verbs by the CLI's own parser, ``fit``/``validate``/``test``
   by the recipe CLI's parser (recipe, class paths and every ``--trainer/--model/--data`` key
   checked), so a renamed verb or flag fails here. Each ``python -m bench.NAME --flag`` names a bench
@@ -179,9 +180,24 @@ def _documented_commands() -> list[tuple[str, list[str]]]:
             if block.lang != "bash":
                 continue
             for argv in commands(block.code):
-                if argv[0] == "mmformer" and not any("$" in a for a in argv):
-                    found.append((f"{block.where}", argv[1:]))
+                args = mmformer_args(argv)
+                if args is not None and not any("$" in a for a in args):
+                    found.append((f"{block.where}", args))
     return found
+
+
+def mmformer_args(argv: list[str]) -> list[str] | None:
+    """The arguments of the mmformer command of a line: ``mmformer ARGS``, a launcher's
+    ``torchrun ... -m mmformer.cli ARGS`` (or ``python -m mmformer.cli ARGS``), ``srun [OPTIONS]
+    mmformer ARGS``; None for a line that runs no mmformer command."""
+    if argv[0] == "mmformer":
+        return argv[1:]
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-m" and argv[i + 1] == "mmformer.cli":
+            return argv[i + 2:]
+    if argv[0] == "srun" and "mmformer" in argv:
+        return argv[argv.index("mmformer") + 1:]
+    return None
 
 
 def test_every_documented_command_parses(monkeypatch):
