@@ -8,7 +8,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 from lightning.fabric.plugins.environments import LightningEnvironment
@@ -69,15 +69,8 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
                      model_path=model_path, image_col=image_col, caption_col=caption_col, split=split,
                      overwrite=overwrite, seed=seed, root=root)
     if _launched_externally(trainer):
-        # every process of a torchrun or SLURM launch starts here at once: rank 0 plans first (it
-        # alone creates, removes or resumes the folder), the others then read what it left, so all
-        # ranks list the same parts to embed
         trainer.strategy.setup_environment()  # joins the process group (Lightning's predict reuses it)
-        plan = plan_build(model, source, out_dir, **plan_args) if trainer.is_global_zero else None
-        trainer.strategy.barrier("mmformer_index_planned")
-        if not trainer.is_global_zero:
-            plan = plan_build(model, source, out_dir, **plan_args)
-        trainer.strategy.barrier("mmformer_index_planned_everywhere")
+        plan = _plan_rank_zero_first(trainer, lambda: plan_build(model, source, out_dir, **plan_args))
     else:
         plan = plan_build(model, source, out_dir, **plan_args)
     if isinstance(plan, Index):
@@ -95,6 +88,34 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
     elif not trainer.is_global_zero:
         return None
     return finish_build(plan, time.perf_counter() - t0)
+
+
+def _plan_rank_zero_first(trainer: L.Trainer, plan: Callable[[], Any]) -> Any:
+    """``plan()`` on rank 0, then on the other ranks. Every process of a torchrun or SLURM launch
+    starts at once: rank 0 alone creates, resumes or replaces the output folder, and the others
+    read what it left, so all list the same parts to embed. An error on any rank stops every rank
+    (raised where it happened, named on the others) instead of leaving them waiting."""
+    result, error = None, None
+    if trainer.is_global_zero:
+        try:
+            result = plan()
+        except Exception as e:  # re-raised below, once the other ranks know
+            error = e
+    message = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ValueError(f"rank 0 stopped the index build: {message}")
+    if not trainer.is_global_zero:
+        try:
+            result = plan()
+        except Exception as e:
+            error = e
+    if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+        if error is not None:
+            raise error
+        raise ValueError("another rank could not plan the index build; its output says why")
+    return result
 
 
 def _launched_externally(trainer: L.Trainer) -> bool:
