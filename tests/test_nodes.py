@@ -58,18 +58,19 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_all(commands: list[tuple[list[str], dict[str, str]]], cwd: Path) -> list[str]:
+def run_all(commands: list[tuple[list[str], dict[str, str]]], cwd: Path, expect_fail: bool = False) -> list[str]:
     """Start every (argv, env) at once (each in a session of its own) and return their output once
     all have exited 0. When one fails, or :data:`TIMEOUT` s pass, every process group still
-    running is killed (torchrun's workers with it) and the test fails with each one's output tail."""
+    running is killed (torchrun's workers with it) and the test fails with each one's output tail.
+    ``expect_fail``: every process must exit non-zero by itself within the timeout instead."""
     logs = [tempfile.TemporaryFile("w+") for _ in commands]
     procs = [subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
              for (argv, env), log in zip(commands, logs)]
-    deadline = time.monotonic() + TIMEOUT
+    deadline, late = time.monotonic() + TIMEOUT, ""
     try:
         while time.monotonic() < deadline:
             codes = [p.poll() for p in procs]
-            if None not in codes or any(code not in (None, 0) for code in codes):
+            if None not in codes or (not expect_fail and any(code not in (None, 0) for code in codes)):
                 break
             time.sleep(0.2)
     finally:
@@ -77,15 +78,18 @@ def run_all(commands: list[tuple[list[str], dict[str, str]]], cwd: Path) -> list
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+                if time.monotonic() >= deadline:
+                    late = f" (killed after {TIMEOUT} s)"
     outputs = []
     for log in logs:
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    if any(p.returncode != 0 for p in procs):
-        late = " (killed: past the timeout)" if time.monotonic() >= deadline else ""
-        tails = "\n".join(f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}"
-                          for i, (p, out) in enumerate(zip(procs, outputs)))
+    tails = "\n".join(f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}"
+                      for i, (p, out) in enumerate(zip(procs, outputs)))
+    if expect_fail:
+        assert not late and all(p.returncode > 0 for p in procs), f"expected every process to fail{late}:\n{tails}"
+    elif any(p.returncode != 0 for p in procs):
         pytest.fail(f"launch of {len(procs)} process(es) failed{late}:\n{tails}")
     return outputs
 
@@ -163,6 +167,21 @@ def test_two_node_slurm_index_build_equals_one_process(build_inputs):
     outputs = run_all([(args, slurm_env(task, port)) for task in (0, 1)], root)
     assert_two_members(outputs)
     assert_same_index(root / "one", root / "slurm")
+
+
+def test_two_node_build_into_a_foreign_folder_stops_both_nodes_with_one_line(build_inputs, tmp_path):
+    """Rank 0 refuses the folder; the other rank stops too (it does not wait for rank 0 forever),
+    each with a one-line error."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("not an index")
+    root, port = build_inputs, free_port()
+    args = build_args(root, "unused", "--num-nodes", "2", "--strategy", "ddp")
+    args[args.index("--out") + 1] = str(tmp_path / "taken")
+    outputs = run_all([(torchrun(r, port, args), clean_env()) for r in (0, 1)], root, expect_fail=True)
+    text = "\n".join(outputs)
+    assert "mmformer index build: " in text and "is not an mmformer index" in text, text[-3000:]
+    assert "mmformer index build: rank 0 stopped the index build: InvalidIndexError: " in text, text[-3000:]
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "not an index"
 
 
 # ---- fit --------------------------------------------------------------------------------------
