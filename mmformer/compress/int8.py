@@ -138,8 +138,8 @@ def quantize_int8(model: nn.Module, inplace: bool = False, backend: str = "auto"
         order = [first, "torch.ao" if first == "torchao" else "torchao"]
     else:
         order = [backend]
-    errors = []
-    for i, name in enumerate(order):
+    errors, missing = [], []
+    for name in order:
         try:
             _QUANTIZERS[name](target)
         except Exception as e:  # noqa: BLE001 -- the fallback must survive any failure of a backend
@@ -148,11 +148,15 @@ def quantize_int8(model: nn.Module, inplace: bool = False, backend: str = "auto"
             if count_int8_linears(target):  # half-converted in place: no clean fallback
                 raise RuntimeError(f"int8 backend {name} failed after converting some layers: {e}") from e
             errors.append(f"{name}: {e.__class__.__name__}: {e}")
-            if i + 1 < len(order):
-                log.warning("int8 backend %s is unavailable (%s); falling back to %s", name, e, order[i + 1])
+            missing.append(isinstance(e, ImportError))
             continue
+        if errors:  # said once the fallback worked; when none works, the error below says it all
+            log.warning("int8 backend %s; falling back to %s", "; ".join(errors), name)
         break
     else:
+        if all(missing):
+            raise ImportError("int8 quantization needs torchao (this torch has no torch.ao.quantization): "
+                              "pip install 'mmformer[int8]'", name="torchao")
         raise RuntimeError("no int8 backend worked: " + "; ".join(errors))
     target.is_int8 = True
     target.int8_backend = name
@@ -169,7 +173,7 @@ def quantize_int8(model: nn.Module, inplace: bool = False, backend: str = "auto"
 def _quantize_torchao(model: nn.Module) -> None:
     api = _torchao_api()
     if api is None:
-        raise ImportError("torchao is not installed (pip install torchao)")
+        raise ImportError("torchao is not installed: pip install 'mmformer[int8]'", name="torchao")
     quantize_, Config = api
     # reduce_range avoids int8 dot-product overflow on CPUs without VNNI (torchao's advice);
     # set_inductor_config=False: leave the process-wide inductor settings alone
