@@ -218,31 +218,54 @@ def test_interleaved_timing_is_not_biased_by_a_machine_that_slows_down(tiny):
     assert choice.precision == "32-true"
 
 
-@pytest.mark.parametrize("argv,auto,expect", [
-    (["fit", "--trainer.precision", "auto"], True, ["fit", "--trainer.precision", "32-true"]),
-    (["fit", "--trainer.precision=auto", "--trainer.precision=bf16-mixed"], False,
-     ["fit", "--trainer.precision=32-true", "--trainer.precision=bf16-mixed"]),
-    (["fit", "--trainer.max_steps", "3"], False, ["fit", "--trainer.max_steps", "3"]),
+TINY_RECIPE = ("trainer:\n  precision: auto\n  max_steps: 3\n  logger: false\n  enable_checkpointing: false\n"
+               "model:\n  preset: tiny\n  model_config: {width: 32, depth: 1, heads: 2, embed_dim: 16}\n"
+               "data:\n  batch_size: 4\n")
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """RecipeCLI's precision measurement replaced by a fake that records what it was given and
+    answers bf16-mixed."""
+    from mmformer.training import recipes
+
+    calls = []
+
+    def fake(module, datamodule):
+        calls.append((module, datamodule))
+        return PrecisionChoice("bf16-mixed", {"32-true": 0.02, "bf16-mixed": 0.01})
+    monkeypatch.setattr(recipes, "auto_precision", fake)
+    return calls
+
+
+@pytest.mark.parametrize("extra,auto", [
+    ([], True),                                                   # the recipe's auto
+    (["--trainer.precision", "32-true"], False),                  # a later value overrides it
+    (["--trainer.precision=bf16-mixed", "--trainer.precision=auto"], True),  # the last one given counts
 ])
-def test_recipe_precision_auto_is_the_last_precision_given(argv, auto, expect):
-    from mmformer.training.recipes import take_auto_precision
-    out, is_auto = take_auto_precision(argv)
-    assert (out, is_auto) == (expect, auto)
+def test_recipe_precision_auto_is_measured_in_the_cli_hooks(tmp_path, measured, extra, auto):
+    from mmformer.training.recipes import RecipeCLI
 
-
-def test_recipe_file_precision_auto_and_a_later_override(tmp_path):
-    from mmformer.training.recipes import take_auto_precision
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("trainer:\n  precision: auto\n  max_steps: 3\n")
-    (tmp_path / "scratch").mkdir()
-    out, is_auto = take_auto_precision(["fit", "--config", str(recipe)], tmp_path / "scratch")
-    assert is_auto and out[:2] == ["fit", "--config"] and out[2] != str(recipe)
-    assert yaml.safe_load(open(out[2])) == {"trainer": {"precision": "32-true", "max_steps": 3}}
-    assert recipe.read_text() == "trainer:\n  precision: auto\n  max_steps: 3\n"  # the user's file untouched
-    out, is_auto = take_auto_precision(["fit", "--config", str(recipe), "--trainer.precision", "bf16-mixed"],
-                                       tmp_path / "scratch")
-    assert not is_auto and out[2] != str(recipe) and out[3:] == ["--trainer.precision", "bf16-mixed"]
-    assert yaml.safe_load(open(out[2]))["trainer"]["precision"] == "32-true"  # parseable; overridden anyway
+    recipe.write_text(TINY_RECIPE)
+    lines = []
+    cli = RecipeCLI(["--config", str(recipe), *extra], run=False, announce=lines.append)
+    assert recipe.read_text() == TINY_RECIPE  # the user's file untouched, no copy written
+    if auto:
+        assert measured == [(cli.model, cli.datamodule)]  # measured on the built model and data
+        assert cli.precision_choice.precision == "bf16-mixed" and cli.trainer.precision == "bf16-mixed"
+        assert cli.config.trainer.precision == "bf16-mixed"  # what the saved config.yaml records
+        assert lines and lines[0].startswith("precision auto -> bf16-mixed")
+    else:
+        assert measured == [] and cli.precision_choice is None and lines == []
+        assert cli.trainer.precision == "32-true"
+
+
+def test_a_trainer_built_directly_refuses_auto():
+    from mmformer.training.recipes import RecipeTrainer
+
+    with pytest.raises(ValueError, match="precision 'auto' is resolved by RecipeCLI"):
+        RecipeTrainer(precision="auto")
 
 
 def test_auto_precision_refuses_batches_that_are_not_image_text():

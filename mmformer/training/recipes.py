@@ -13,9 +13,10 @@ written in recipes: each is linked from the built module's ``model.config`` into
 module's argument of that name (:data:`MODEL_LINKS`), for every such argument the chosen data
 module takes. A recipe or command line that sets one of them to another value is an error.
 
-``trainer.precision: auto`` (in a recipe or as ``--trainer.precision auto``) is resolved before the
-Trainer is built: :func:`~mmformer.training.precision.auto_precision` times a few training steps
-of the built model on one real batch in each candidate precision and keeps the faster; the saved
+``trainer.precision: auto`` (in a recipe or as ``--trainer.precision auto``; :class:`RecipeTrainer`
+takes the value) is resolved in :class:`RecipeCLI`'s hooks before the Trainer is built:
+:func:`~mmformer.training.precision.auto_precision` times a few training steps of the built
+model on one real batch in each candidate precision and keeps the faster; the saved
 ``config.yaml`` records the precision chosen.
 
 The recipes ship inside the package (``mmformer/recipes/*.yaml``; ``train/`` in the checkout
@@ -26,14 +27,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import lightning as L
 import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmformer.runtime import flush_denormals, keep_freed_memory
@@ -136,59 +137,6 @@ def config_section(path: str, key: str) -> Any:
         return None
 
 
-def _precision_values(argv: Sequence[str]) -> list[tuple[int, str | None]]:
-    """(index, value) of every ``trainer.precision`` the command line sets, in order: from each
-    ``--config`` file (index of its value; None when the file sets none) and each
-    ``--trainer.precision`` argument (index of its value)."""
-    found: list[tuple[int, str | None]] = []
-    configs = dict(_config_values(argv))
-    for i, arg in enumerate(argv):
-        if i in configs:
-            trainer = config_section(configs[i], "trainer")
-            value = trainer.get("precision") if isinstance(trainer, dict) else None
-            if value is not None:
-                found.append((i, str(value)))
-        name, eq, value = arg.partition("=")
-        if name == "--trainer.precision":
-            if eq:
-                found.append((i, value))
-            elif i + 1 < len(argv):
-                found.append((i + 1, argv[i + 1]))
-    return found
-
-
-def take_auto_precision(argv: Sequence[str], scratch: str | Path | None = None) -> tuple[list[str], bool]:
-    """(argv, auto): auto is True when the precision that takes effect (the last one set) is
-    ``auto``. Every ``auto`` in argv becomes ``32-true`` (Lightning knows no ``auto``, even in a
-    recipe file whose value a later argument overrides; the measured choice replaces the
-    placeholder before the Trainer is built): a ``--trainer.precision auto`` argument is
-    rewritten, and a recipe file that says ``precision: auto`` is replaced by a copy that says
-    ``32-true``, written into the folder ``scratch`` (needed then)."""
-    argv = list(argv)
-    values = _precision_values(argv)
-    auto = bool(values) and values[-1][1] == "auto"
-    if not any(value == "auto" for _, value in values):
-        return argv, False
-    configs = dict(_config_values(argv))
-    for n, (i, value) in enumerate(values):
-        if value != "auto":
-            continue
-        if i in configs:
-            if scratch is None:
-                raise ValueError(f"{configs[i]} sets trainer.precision: auto; a scratch folder is needed to rewrite it")
-            with open(configs[i], encoding="utf-8") as f:
-                recipe = yaml.safe_load(f)
-            recipe["trainer"]["precision"] = "32-true"
-            copy = Path(scratch) / f"{n}-{Path(configs[i]).name}"
-            copy.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-            argv[i] = f"{argv[i].partition('=')[0]}={copy}" if argv[i].startswith(("--config=", "-c=")) else str(copy)
-        elif argv[i].partition("=")[0] == "--trainer.precision":
-            argv[i] = "--trainer.precision=32-true"
-        else:
-            argv[i] = "32-true"
-    return argv, auto
-
-
 def _import(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
@@ -206,16 +154,34 @@ def _link(name: str, given: Any, default: Any, value_of: Callable[[MMFormerModul
     return compute
 
 
+class RecipeTrainer(L.Trainer):
+    """``lightning.Trainer`` whose ``precision`` may also be ``"auto"`` in a recipe or on the command
+    line: :class:`RecipeCLI` measures and replaces it before the Trainer is built."""
+
+    def __init__(self, *args: Any, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs: Any) -> None:
+        if precision == "auto":
+            raise ValueError("precision 'auto' is resolved by RecipeCLI (mmformer fit); a Trainer built directly "
+                             "needs 32-true, bf16-mixed, ...")
+        super().__init__(*args, precision=precision, **kwargs)
+
+
 class RecipeCLI(LightningCLI):
     """LightningCLI in subclass mode over :class:`MMFormerModule` (and subclasses) and any
-    ``LightningDataModule``, with the defaults and links described in the module docstring."""
+    ``LightningDataModule``, with the defaults and links described in the module docstring.
 
-    def __init__(self, args: Sequence[str], run: bool = True) -> None:
-        self._scratch = tempfile.TemporaryDirectory(prefix="mmformer-recipe-")  # removed with the CLI object
-        self._argv, self._auto_precision = take_auto_precision(resolve_recipes(args), self._scratch.name)
-        super().__init__(MMFormerModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                         args=self._argv, run=run, save_config_kwargs={"overwrite": True},
-                         parser_kwargs={"default_env": False})
+    ``announce`` shows the line that says which precision ``auto`` chose (default: Lightning's
+    info logger, shown by the command line like Lightning's own lines); the choice is kept in
+    ``precision_choice``."""
+
+    def __init__(self, args: Sequence[str], run: bool = True,
+                 announce: Callable[[str], None] = rank_zero_info) -> None:
+        self._argv = resolve_recipes(args)
+        self._announce = announce
+        self._auto_precision = False
+        self.precision_choice = None
+        super().__init__(MMFormerModule, L.LightningDataModule, trainer_class=RecipeTrainer, subclass_mode_model=True,
+                         subclass_mode_data=True, args=self._argv, run=run, save_config_kwargs={"overwrite": True},
+                         parser_kwargs={"default_env": False, "prog": "mmformer"})
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
         # A default class only where none is chosen: jsonargparse keeps the default class's
@@ -226,8 +192,13 @@ class RecipeCLI(LightningCLI):
             parser.set_defaults(defaults)
 
     def before_instantiate_classes(self) -> None:
-        """Link :data:`MODEL_LINKS` into the arguments the chosen data module takes."""
+        """Note ``trainer.precision: auto`` (measured in :meth:`instantiate_trainer`, once the model
+        and the data exist) and link :data:`MODEL_LINKS` into the arguments the chosen data module
+        takes."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self._auto_precision = config.trainer.get("precision") == "auto"
+        if self._auto_precision:
+            config.trainer.precision = None
         data = config.get("data")
         if not data or not data.get("class_path"):
             return
@@ -248,17 +219,30 @@ class RecipeCLI(LightningCLI):
             if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
                 raise ValueError("precision auto measures CPU training steps; on an accelerator set the "
                                  "precision (bf16-mixed, 16-mixed, 32-true) in the recipe")
-            choice = auto_precision(self.model, self.datamodule)
-            rank_zero_info(choice.reason())  # Lightning's logger: shown by the CLI like its own lines
+            choice = self.precision_choice = auto_precision(self.model, self.datamodule)
+            self._announce(choice.reason())
             kwargs["precision"] = choice.precision
             config.trainer.precision = choice.precision  # what the saved config.yaml records
         return super().instantiate_trainer(**kwargs)
 
 
+def check_ckpt_path_arg(argv: Sequence[str]) -> None:
+    """``fit --ckpt_path X``: check X (named in the error, loaded with weights_only=True) before
+    LightningCLI reads it."""
+    from mmformer.training.checkpoint import check_checkpoint
+
+    for i, a in enumerate(argv):
+        value = argv[i + 1] if a == "--ckpt_path" and i + 1 < len(argv) else \
+            a.split("=", 1)[1] if a.startswith("--ckpt_path=") else None
+        if value and value not in ("null", "None", "last", "best", "hpc", "registry"):
+            check_checkpoint(value)
+
+
 def run_recipe(argv: Sequence[str]) -> RecipeCLI:
-    """``mmformer fit|validate|test|predict ...``: apply the CPU settings of
-    :mod:`mmformer.runtime` first (before any torch work, so that every thread torch starts
-    inherits them), then run :class:`RecipeCLI`."""
+    """``mmformer fit|validate|test|predict ...``: check a ``--ckpt_path`` and apply the CPU
+    settings of :mod:`mmformer.runtime` first (before any torch work, so that every thread torch
+    starts inherits them), then run :class:`RecipeCLI`."""
+    check_ckpt_path_arg(argv)
     flush_denormals()
     keep_freed_memory()
     return RecipeCLI(argv)
