@@ -2,7 +2,7 @@
 
 Given the same wall-clock training budget on this CPU, what text->image R@1 on the held-out
 ``twitter`` emoji family (never seen in training) does a plain open_clip CLIP of the same size
-reach, next to mmformer trained with ``mmformer.demo.DEMO_RECIPE``?
+reach, next to mmformer trained with ``mmformer.demo.demo_recipe()``?
 
     python -m bench.baseline_recall --impl open_clip --minutes 10 --json oc.json
     python -m bench.baseline_recall --impl mmformer  --minutes 10 --json mm.json
@@ -19,7 +19,7 @@ concept name per image, ``retrieval_metrics``).
   downloaded): the ``tiny`` trunk (width 256, 6 layers, 4 heads), patch 8 on 64 px, text context
   16, EOS pooling (see ``bench/common.py``); batch 256, lr 5e-4, wd 0.1, warmup 50 (defaults).
   Weight decay follows open_clip's training rule (all matrices, incl. embeddings, decay).
-- ``--impl mmformer``: ``MMFormer`` on the ``tiny`` preset with ``DEMO_RECIPE`` read at run time
+- ``--impl mmformer``: ``MMFormer`` on the ``tiny`` preset with ``demo_recipe()`` read at run time
   (its model overrides, batch, lr, weight decay, warmup, caption mode) and the AdamW
   betas/eps/min-lr defaults of ``MMFormerModule``; the warmup is capped at steps // 10 as the
   demo does. Flags given explicitly override the recipe and say so in the table's config column.
@@ -75,16 +75,16 @@ OPEN_CLIP_DEFAULTS = {"preset": "tiny",
 
 # ---- recipe ------------------------------------------------------------------------------------
 def mmformer_recipe() -> dict[str, Any]:
-    """``DEMO_RECIPE`` as the demo trains it: preset ``tiny`` (hard-wired in the demo), the
+    """``demo_recipe()`` as the demo trains it: preset ``tiny`` (hard-wired in the demo), the
     optimizer defaults of ``MMFormerModule`` for what the recipe does not set."""
-    from mmformer.demo import DEMO_RECIPE
+    from mmformer.demo import demo_recipe
 
     defaults = {k: v.default for k, v in inspect.signature(MMFormerModule.__init__).parameters.items()
                 if v.default is not inspect.Parameter.empty}
     recipe = {"preset": "tiny", "betas": tuple(defaults["betas"]), "eps": defaults["eps"],
               "min_lr_ratio": defaults["min_lr_ratio"], "weight_decay": defaults["weight_decay"],
               "warmup_steps": defaults["warmup_steps"], "lr": defaults["lr"], "caption_mode": "name"}
-    recipe.update(copy.deepcopy(DEMO_RECIPE))
+    recipe.update(demo_recipe())
     recipe["model_config"] = dict(recipe.get("model_config") or {})
     return recipe
 
@@ -112,7 +112,7 @@ def describe(cfg, recipe: dict[str, Any], overridden: list[str], impl: str) -> s
     s = (f"w{cfg.width} d{cfg.depth} h{cfg.heads} p{cfg.patch_size}@{cfg.image_size}px T{cfg.context_length} "
          f"lr {recipe['lr']:g} wd {recipe['weight_decay']:g}")
     if impl == "mmformer":
-        s += f" share={cfg.share} (DEMO_RECIPE" + (f", overridden: {','.join(overridden)})" if overridden else ")")
+        s += f" share={cfg.share} (demo_recipe()" + (f", overridden: {','.join(overridden)})" if overridden else ")")
     elif overridden:
         s += f" (overridden: {','.join(overridden)})"
     return s
@@ -206,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impl", choices=("open_clip", "mmformer"), required=True)
     p.add_argument("--minutes", type=float, default=10.0, help="wall-clock training budget (default: 10)")
     p.add_argument("--steps", type=int, default=None, help="train exactly this many steps (skips calibration)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: open_clip 256, mmformer DEMO_RECIPE's")
-    p.add_argument("--lr", type=float, default=None, help="default: open_clip 5e-4, mmformer DEMO_RECIPE's")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: 0.1 / DEMO_RECIPE's")
+    p.add_argument("--batch-size", type=int, default=None, help="default: open_clip 256, mmformer demo_recipe()'s")
+    p.add_argument("--lr", type=float, default=None, help="default: open_clip 5e-4, mmformer demo_recipe()'s")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: 0.1 / demo_recipe()'s")
     p.add_argument("--warmup", type=int, default=None,
-                   help="warmup steps (default: 50 / DEMO_RECIPE's, capped at steps // 10 like the demo)")
-    p.add_argument("--patch-size", type=int, default=None, help="default: open_clip 8, mmformer DEMO_RECIPE's")
+                   help="warmup steps (default: 50 / demo_recipe()'s, capped at steps // 10 like the demo)")
+    p.add_argument("--patch-size", type=int, default=None, help="default: open_clip 8, mmformer demo_recipe()'s")
     p.add_argument("--model-config", default=None,
                    help='JSON overrides of the model config, e.g. \'{"width": 192, "depth": 4}\'')
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = CPU autocast")

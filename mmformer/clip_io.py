@@ -65,3 +65,19 @@ def export_open_clip(model_dir: str | os.PathLike, out: str | os.PathLike) -> Pa
         else:
             torch.save(state, tmp)
     return out
+
+
+def add_import_arguments(p) -> None:
+    """The flags of ``mmformer import`` (``p``: an ``argparse.ArgumentParser``)."""
+    p.add_argument("--open-clip", metavar="ARCH", help="open_clip architecture name (e.g. ViT-B-32), with --weights")
+    p.add_argument("--weights", help="open_clip state dict or training checkpoint file")
+    p.add_argument("--quick-gelu", action="store_true", default=None, help="QuickGELU (OpenAI's own weights)")
+    p.add_argument("--hf-clip", metavar="DIR", help="Hugging Face CLIPModel directory (config.json + weights)")
+    p.add_argument("--out", required=True, help="save_pretrained directory to write")
+
+
+def import_command(*, out: str, open_clip: str | None = None, weights: str | None = None,
+                   quick_gelu: bool | None = None, hf_clip: str | None = None) -> int:
+    """``mmformer import``: :func:`import_clip`, printing the folder written."""
+    print(f"wrote {import_clip(out, open_clip, weights, hf_clip, quick_gelu)}")
+    return 0

@@ -10,47 +10,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
-from mmformer.training.datamodule import ImageTextDataModule, SkippedSamplesCallback
 from mmformer.data.emoji import InMemoryImageText, default_data_dir
 from mmformer.files import atomic_path, write_text_atomic
 from mmformer.retrieval import embed_images, embed_texts, format_metrics, retrieval_metrics
 from mmformer.runtime import flush_denormals, keep_freed_memory
-from mmformer.training.module import MMFormerModule
-from mmformer.training.precision import auto_precision
-from mmformer.training.recipes import init_args, load_recipe
-from mmformer.training.trainer import make_trainer
+from mmformer.training.recipes import RecipeCLI, init_args, load_recipe
 
-log = logging.getLogger(__name__)
+DEMO_RECIPE_NAME = "tiny-cpu"
+DEFAULT_QUERIES = ["red apple", "dog face", "rocket", "smiling face with heart-eyes", "flag: japan"]
 
 
 def demo_recipe(name_or_path: str | Path | None = None) -> dict:
-    """The model and data settings the demo trains with: those of a fit recipe (default: the
-    shipped ``tiny-cpu``, ``train/tiny-cpu.yaml``; see README "Results" for what it reaches and how
-    it was chosen), as ``{"preset", "model_config", "batch_size", "lr", "weight_decay",
-    "warmup_steps", "caption_mode", "module_args", "data_args"}``: ``module_args`` are all the
-    recipe's :class:`MMFormerModule` arguments (loss, ...), ``data_args`` all its data arguments.
-    The recipe's trainer section (steps, precision) is not used: the demo trains for its budget."""
+    """The model and data settings of a fit recipe (default: the shipped ``tiny-cpu``) as plain
+    values, for scripts that train the demo's model outside the demo (bench/):
+    ``{"preset", "model_config", "batch_size", "lr", "weight_decay", "warmup_steps",
+    "caption_mode", "module_args", "data_args"}``. The demo itself builds its objects from the
+    recipe with :func:`demo_cli`."""
     recipe = load_recipe(name_or_path or DEMO_RECIPE_NAME)
     model, data = init_args(recipe.get("model")), init_args(recipe.get("data"))
     module_args = {k: v for k, v in model.items() if k != "time_budget_s"}
-    data_args = {k: v for k, v in data.items() if k not in ("data_dir", *DATA_FROM_MODEL)}
+    data_args = {k: v for k, v in data.items() if k not in ("data_dir", "image_size", "max_length", "image_mean",
+                                                            "image_std")}
     return {"preset": model.get("preset", "tiny"), "model_config": dict(model.get("model_config") or {}),
             "batch_size": data["batch_size"], "lr": model["lr"], "weight_decay": model["weight_decay"],
             "warmup_steps": model["warmup_steps"], "caption_mode": data.get("caption_mode", "name"),
             "module_args": module_args, "data_args": data_args}
-
-
-#: Data arguments the demo takes from the built model, not from the recipe.
-DATA_FROM_MODEL = ("image_size", "max_length", "image_mean", "image_std")
-DEMO_RECIPE_NAME = "tiny-cpu"
-DEMO_RECIPE = demo_recipe()
-DEFAULT_QUERIES = ["red apple", "dog face", "rocket", "smiling face with heart-eyes", "flag: japan"]
 
 
 def demo_process_settings(seed: int) -> None:
@@ -64,72 +54,100 @@ def demo_process_settings(seed: int) -> None:
     keep_freed_memory()
 
 
-def demo_training(recipe: dict, data_dir: str | Path,
-                  time_budget_s: float | None = None) -> tuple[MMFormerModule, ImageTextDataModule]:
-    """The module and data module of a :func:`demo_recipe` on the emoji data in ``data_dir``, the
-    data's image size, text length and normalisation taken from the model; the data module is not
-    set up yet. ``time_budget_s``: the module's learning-rate clock (None: by steps)."""
-    module = MMFormerModule(**{**recipe["module_args"], "time_budget_s": time_budget_s})
+def demo_cli(recipe: str | Path | None, data_dir: str | Path, out: str | Path, *, steps: int | None = None,
+             time_budget_s: float | None = None, batch_size: int | None = None, precision: str = "auto",
+             seed: int = 0, announce: Callable[[str], None] = print, extra: Sequence[str] = ()) -> RecipeCLI:
+    """The module, data module and Trainer of the fit recipe ``recipe`` (default ``tiny-cpu``),
+    built by :class:`~mmformer.training.recipes.RecipeCLI` (``run=False``) as ``mmformer fit``
+    builds them, on the emoji data in ``data_dir``, with the demo's run settings in place of the
+    recipe's: ``steps`` optimizer steps, or a ``time_budget_s`` wall-clock budget that the learning
+    rate follows; ``precision`` (``auto``: measured, the choice passed to ``announce``); a CSV
+    logger and a progress bar under ``out``, no checkpoints; validation every 5 epochs."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}}
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 5}},
+                 {"class_path": "mmformer.training.datamodule.SkippedSamplesCallback"}]
+    argv = ["--config", str(recipe or DEMO_RECIPE_NAME), f"--seed_everything={seed}",
+            f"--data.data_dir={data_dir}", f"--model.time_budget_s={json.dumps(time_budget_s)}",
+            f"--trainer.precision={precision}", f"--trainer.max_steps={steps or -1}",
+            f"--trainer.max_time={json.dumps({'seconds': time_budget_s} if time_budget_s else None)}",
+            f"--trainer.default_root_dir={out}", f"--trainer.logger={json.dumps(logger)}",
+            f"--trainer.callbacks={json.dumps(callbacks)}", "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=true", "--trainer.enable_model_summary=false",
+            "--trainer.check_val_every_n_epoch=5", "--trainer.num_sanity_val_steps=0", "--trainer.max_epochs=-1",
+            *([f"--data.batch_size={batch_size}"] if batch_size else []), *extra]
+    return RecipeCLI(argv, run=False, announce=announce)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``mmformer demo``."""
+    p.add_argument("--out", default="runs/demo", help="output folder (model, logs, grid PNG)")
+    p.add_argument("--minutes", type=float, default=8.0,
+                   help="training budget in minutes; the step count is calibrated to fit it")
+    p.add_argument("--steps", type=int, default=None, help="exact number of optimizer steps (overrides --minutes)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--recipe", default=None,
+                   help="fit recipe (file or shipped name) the demo trains with (default: tiny-cpu); the demo sets "
+                        "the steps or time, precision, logger and callbacks")
+    p.add_argument("--precision", default="auto",
+                   help="auto (time a few steps of each on this CPU, keep the faster) | 32-true | bf16-mixed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--query", action="append", default=None, help="text query to search (repeatable)")
+    p.add_argument("--data-dir", default=None,
+                   help="the bundled emoji data: its folder, or a folder holding emoji/ such as a checkout's data/ "
+                        "(default: $MMFORMER_DATA, else the checkout's copy, else the installed package's)")
+
+
+def demo_command(*, out: str = "runs/demo", minutes: float = 8.0, steps: int | None = None,
+                 batch_size: int | None = None, recipe: str | None = None, precision: str = "auto", seed: int = 0,
+                 query: list[str] | None = None, data_dir: str | None = None) -> int:
+    """``mmformer demo``: train the recipe's model on the bundled emoji data for ``steps`` steps or
+    ``minutes``, save it under ``out``, report held-out recall and answer ``query`` texts with a
+    PNG grid."""
+    from mmformer.data.bundled import BundledDataNotFound
+
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not minutes > 0:
+        raise ValueError(f"--minutes must be > 0, got {minutes}")
+    try:
+        root = default_data_dir(data_dir)  # --data-dir, $MMFORMER_DATA or the bundled copy
+    except BundledDataNotFound as e:
+        raise SystemExit(f"mmformer demo: {e}") from e
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    demo_process_settings(seed)
+    budget_s = None if steps else minutes * 60
+    print(f"loading the bundled emoji data from {root} and the recipe {recipe or DEMO_RECIPE_NAME} ...", flush=True)
+    chosen: list[str] = []
+    cli = demo_cli(recipe, root, out_dir, steps=steps, time_budget_s=budget_s, batch_size=batch_size,
+                   precision=precision, seed=seed, announce=chosen.append)
+    module, dm, trainer = cli.model, cli.datamodule, cli.trainer
     c = module.model.config
-    dm = ImageTextDataModule(**{**recipe["data_args"], "batch_size": recipe["batch_size"]}, data_dir=str(data_dir),
-                             image_size=c.image_size, max_length=c.context_length,
-                             image_mean=c.image_mean, image_std=c.image_std)
-    dm.set_tokenizer(module.tokenizer)
-    return module, dm
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from lightning.pytorch.callbacks import TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
-
-    data_dir = default_data_dir(getattr(args, "data_dir", None))  # --data-dir, $MMFORMER_DATA or the bundled copy
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    demo_process_settings(args.seed)
-    recipe = demo_recipe(args.recipe) if getattr(args, "recipe", None) else dict(DEMO_RECIPE)
-    if args.batch_size:
-        recipe["batch_size"] = args.batch_size
-
-    budget_s = None if args.steps else args.minutes * 60
-    module, dm = demo_training(recipe, data_dir, budget_s)
-    c = module.model.config
-    print(f"model: the {recipe['preset']} preset, {c.width} wide x {c.depth} blocks, "
-          f"{module.model.num_parameters() / 1e6:.2f} M parameters (recipe {args.recipe or DEMO_RECIPE_NAME})",
-          flush=True)
-    print(f"loading the bundled emoji data from {data_dir} ...", flush=True)
+    print(f"model: the {getattr(module.hparams, 'preset', 'tiny')} preset, {c.width} wide x {c.depth} blocks, "
+          f"{module.model.num_parameters() / 1e6:.2f} M parameters", flush=True)
     dm.setup("fit")
     print(f"  train: {len(dm.train_dataset)} images of 4 families; val: {len(dm.val_dataset)} images "
           "(held-out concepts)", flush=True)
-    precision = args.precision
-    if precision == "auto":
-        choice = auto_precision(module, dm)
-        precision = choice.precision
-        print(choice.reason(), flush=True)
+    print(*chosen or [f"precision {precision} (as given)"], sep="\n", flush=True)
+    batch = dm.hparams.batch_size
+    if steps:
+        module.hparams.warmup_steps = min(module.hparams.warmup_steps, max(1, steps // 10))
+        print(f"training {steps} steps of batch {batch}", flush=True)
     else:
-        print(f"precision {precision} (as given)", flush=True)
-
-    if args.steps:
-        module.hparams.warmup_steps = min(recipe["warmup_steps"], max(1, args.steps // 10))
-        print(f"training {args.steps} steps of batch {recipe['batch_size']}", flush=True)
-    else:
-        print(f"training for {args.minutes:g} min of batch {recipe['batch_size']} (the learning rate "
-              "follows the clock: warmup, then cosine to zero at the end of the budget)", flush=True)
-
-    trainer = make_trainer(
-        max_steps=args.steps or -1, precision=precision, logger=CSVLogger(out, name="logs"),
-        callbacks=[TQDMProgressBar(refresh_rate=5), SkippedSamplesCallback()], enable_progress_bar=True,
-        check_val_every_n_epoch=5, num_sanity_val_steps=0, max_time={"seconds": budget_s} if budget_s else None,
-    )
+        print(f"training for {minutes:g} min of batch {batch} (the learning rate follows the clock: warmup, then "
+              "cosine to zero at the end of the budget)", flush=True)
     t0 = time.perf_counter()
     trainer.fit(module, dm)
     train_s = time.perf_counter() - t0
-    model_dir = module.export(out / "model")
+    model_dir = module.export(out_dir / "model")
     print(f"trained in {train_s / 60:.1f} min; saved the model to {model_dir}", flush=True)
 
-    results = evaluate_and_search(module.model.eval(), out, args.query or DEFAULT_QUERIES, data_dir)
-    results.update({"train_seconds": train_s, "steps": trainer.global_step, "precision": precision,
-                    "batch_size": recipe["batch_size"]})
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    results = evaluate_and_search(module.model.eval(), out_dir, query or DEFAULT_QUERIES, root)
+    results.update({"train_seconds": train_s, "steps": trainer.global_step,
+                    "precision": cli.precision_choice.precision if cli.precision_choice else precision,
+                    "batch_size": batch})
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -161,3 +161,65 @@ def chunk_starts(n: int, length: int, stride: int | None = None) -> list[int]:
     if n <= length:
         return [0]
     return [*range(0, n - length, stride), n - length]
+
+
+# ---- the ``mmformer tokenizer`` verb -----------------------------------------------------------
+def add_arguments(p) -> None:
+    """The flags of ``mmformer tokenizer`` (``p``: an ``argparse.ArgumentParser``)."""
+    p.add_argument("--input", required=True, nargs="+",
+                   help=".txt (one text a line) or .jsonl/.csv/.tsv files (see --fields)")
+    p.add_argument("--fields", default="caption",
+                   help="comma-separated columns to read from jsonl/csv (list values are flattened)")
+    p.add_argument("--split", default=None, help="keep jsonl/csv rows whose 'split' equals this")
+    p.add_argument("--vocab-size", type=int, default=2000)
+    p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    p.add_argument("--out", required=True)
+
+
+def tokenizer_command(*, input: list[str], out: str, fields: str = "caption", split: str | None = None,
+                      vocab_size: int = 2000, model_type: str = "unigram") -> int:
+    """``mmformer tokenizer``: train a SentencePiece tokenizer on the texts of the ``input`` files
+    (:func:`read_texts`) and save it to ``out``; prints what it trained."""
+    texts = list(read_texts(input, fields.split(","), split))
+    tok = Tokenizer.train(texts, vocab_size=vocab_size, model_type=model_type)
+    tok.save(out)
+    print(f"trained a {model_type} tokenizer with {tok.vocab_size} pieces on {len(texts)} texts -> {out}")
+    return 0
+
+
+def read_texts(paths: list[str], fields: list[str], split: str | None) -> Iterable[str]:
+    """Texts from .txt lines or the ``fields`` of .jsonl/.csv/.tsv rows (lists flattened)."""
+    import csv
+    import io
+    import json
+
+    from mmformer.files import read_utf8_lines, read_utf8_text
+
+    def jsonl(path: Path):  # errors name the file, line and column
+        for n, line in enumerate(read_utf8_lines(path), 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n} is not valid JSON: {e.msg} (column {e.colno})") from None
+
+    for path in map(Path, paths):
+        if path.suffix == ".txt":
+            yield from (line.strip() for line in read_utf8_lines(path) if line.strip())
+            continue
+        if path.suffix == ".jsonl":
+            rows = jsonl(path)
+        elif path.suffix in (".csv", ".tsv"):
+            rows = csv.DictReader(io.StringIO(read_utf8_text(path), newline=""),
+                                  delimiter="\t" if path.suffix == ".tsv" else ",")
+        else:
+            raise ValueError(f"{path}: expected a .txt, .jsonl, .csv or .tsv file")
+        for i, row in enumerate(rows, start=1):
+            missing = [f for f in fields if f not in row]
+            if missing:
+                raise ValueError(f"{path}: row {i} has no field(s) {missing}; fields are {sorted(row)}")
+            if split is not None and row.get("split") != split:
+                continue
+            for f in fields:
+                v = row[f]
+                yield from (v if isinstance(v, list) else [v])

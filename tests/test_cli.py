@@ -75,7 +75,7 @@ def test_tokenizer_command_reads_jsonl_fields(tmp_path, capsys):
     assert tok.decode(tok.encode("red apple fruit")) == "red apple fruit"
     pieces = set(tok.sp.id_to_piece(i) for i in range(tok.vocab_size))
     assert "▁secret" not in pieces and "▁hidden" not in pieces  # val rows were left out
-    with pytest.raises(SystemExit, match="has no field"):
+    with pytest.raises(ValueError, match="has no field"):
         main(["tokenizer", "--input", str(tmp_path / "c.jsonl"), "--fields", "caption", "--out", "x"])
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from mmformer.cli import main
-from mmformer.demo import DEMO_RECIPE
+from mmformer.demo import demo_recipe
 from mmformer.model import MMFormer
 
 
@@ -15,7 +15,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     pytest.importorskip("lightning")
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "2", "--batch-size", "16", "--query", "red apple"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # the demo's screen: its own lines and the progress bar, no Lightning banner or tip
+    screen = captured.out + captured.err
+    assert not [b for b in ("GPU available", "TPU available", "Tip:", "logging interval", "Seed set") if b in screen]
     assert "text->image" in printed and "'red apple'" in printed
     results = json.loads((out / "results.json").read_text())
     m = results["test_metrics"]
@@ -28,7 +32,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     model = MMFormer.from_pretrained(out / "model")
     assert model.tokenizer is not None and model.config.patch_size > 0
     # the shipped recipe's model settings reach the saved model (tiny, 2 blocks deep)
-    assert model.config.depth == DEMO_RECIPE["model_config"]["depth"] == 2
+    assert model.config.depth == demo_recipe()["model_config"]["depth"] == 2
     assert "the tiny preset, 128 wide x 2 blocks" in printed
     grid = Image.open(out / "search.png")
     assert grid.size[0] > 5 * 64 and grid.size[1] >= 96

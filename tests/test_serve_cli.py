@@ -131,10 +131,10 @@ def test_http_deadline_options_are_documented_and_reach_the_settings(capsys):
     for flag in ("--header-timeout S", "--body-timeout S", "--max-connections N"):
         assert flag in text
     assert "default: 10)" in text and "(default: 60)" in text and "(default: 1000)" in text
-    args = build_parser().parse_args(["serve", "--model", "m", "--header-timeout", "0.5", "--body-timeout", "3",
-                                      "--max-connections", "7"])
+    args = build_parser("serve").parse_args(["serve", "--model", "m", "--header-timeout", "0.5", "--body-timeout", "3",
+                                             "--max-connections", "7"])
     assert settings_from_args(args).http_limits == HttpLimits(header_timeout=0.5, body_timeout=3.0, max_connections=7)
-    assert settings_from_args(build_parser().parse_args(["serve", "--model", "m"])).http_limits == HttpLimits()
+    assert settings_from_args(build_parser("serve").parse_args(["serve", "--model", "m"])).http_limits == HttpLimits()
 
 
 @pytest.mark.parametrize("flag,value,message", [

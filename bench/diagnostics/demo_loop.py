@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 
 from bench.common import machine_line
 from mmformer.data.emoji import default_data_dir
-from mmformer.demo import DEMO_RECIPE, demo_process_settings, demo_recipe, demo_training
+from mmformer.demo import demo_cli, demo_process_settings
 from mmformer.model import MMFormer
 from mmformer.training.trainer import make_trainer
 
@@ -48,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--epochs must be >= 1")
 
     demo_process_settings(args.seed)  # as `mmformer demo` does
-    recipe = demo_recipe(args.recipe) if args.recipe else dict(DEMO_RECIPE)
-    if args.batch_size:
-        recipe["batch_size"] = args.batch_size
-    module, dm = demo_training(recipe, default_data_dir(None))
+    with tempfile.TemporaryDirectory() as scratch:  # the recipe's Trainer is built but not used
+        cli = demo_cli(args.recipe, default_data_dir(None), scratch, batch_size=args.batch_size,
+                       precision=args.precision, seed=args.seed)
+    module, dm = cli.model, cli.datamodule
     module.model.pack_text_below = args.pack_text_below
     module.model.pack_text_multiple = args.pack_text_multiple
     dm.setup("fit")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                            check_val_every_n_epoch=10 ** 6, num_sanity_val_steps=0,
                            profiler="simple" if args.breakdown else None)
     trainer.fit(module, dm)
-    print(f"demo loop ({args.recipe or 'shipped recipe'}, batch {recipe['batch_size']}, {args.precision}, pack_text_below "
+    print(f"demo loop ({args.recipe or 'shipped recipe'}, batch {dm.hparams.batch_size}, {args.precision}, pack_text_below "
           f"{args.pack_text_below:g}, pack_text_multiple {args.pack_text_multiple}): "
           f"{1e3 * clock.seconds / clock.steps:.1f} ms per step over {clock.steps} steps "
           f"(epochs 2-{1 + args.epochs})", flush=True)

@@ -1,4 +1,6 @@
-"""``mmformer index build|info`` and ``mmformer search``: the retrieval command line.
+"""``mmformer index info``, ``mmformer search`` and ``mmformer eval``: the retrieval verbs (the
+Lightning ``index build`` is :mod:`mmformer.training.commands`). Each verb is a typed function
+(``*_command``) with an ``add_*_arguments`` function that declares its flags.
 
     mmformer index build --model runs/demo/model --images data/emoji/manifest.jsonl --out runs/emoji-index
     mmformer search runs/emoji-index "red apple" -k 5
@@ -11,11 +13,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from mmformer.compress import quantize_int8
 from mmformer.data.errors import CorruptSample
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.transforms import build_transforms, load_and_transform
@@ -23,67 +24,64 @@ from mmformer.files import read_utf8_lines
 from mmformer.model import MMFormer
 from mmformer.retrieval.backends import BACKENDS
 from mmformer.retrieval.embed import embed_images, embed_texts
-from mmformer.retrieval.index import INDEX_DTYPES, Index
+from mmformer.retrieval.index import Index
 from mmformer.retrieval.metrics import retrieval_metrics
 from mmformer.retrieval.retriever import Retriever, evaluate_index
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``index`` and ``search`` on the ``mmformer`` parser."""
-    ix = sub.add_parser("index", help="build or inspect a retrieval index")
-    isub = ix.add_subparsers(metavar="ACTION")
-    b = isub.add_parser("build", help="embed images (or texts) with a model and write an index",
-                        description="Embed with Lightning trainer.predict; resumable after a kill; "
-                                    "unreadable inputs are skipped and listed in skipped.jsonl.")
-    b.add_argument("--model", required=True, help="save_pretrained directory")
-    src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of images, CSV/TSV/JSONL manifest, or WebDataset shards "
-                                      "(.tar path or brace pattern)")
-    src.add_argument("--texts", help=".txt file (one text a line) or a manifest (its captions)")
-    b.add_argument("--out", required=True, help="index directory")
-    b.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="auto: exact up to 100k rows, else hnsw")
-    b.add_argument("--dtype", default="float32", choices=INDEX_DTYPES,
-                   help="storage of embeddings.npy")
-    b.add_argument("--split", default=None, help="manifest rows whose 'split' column equals this")
-    b.add_argument("--image-col", default="image")
-    b.add_argument("--caption-col", default="caption")
-    b.add_argument("--root", default=None, help="manifest sources: refuse image paths (absolute, ../, symlinks) "
-                                                "that lead outside DIR (for manifests taken from elsewhere)")
-    b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--part-size", type=int, default=1024, help="inputs per resumable part")
-    b.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
-    b.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true, bf16-mixed")
-    b.add_argument("--int8", action="store_true", help="embed with the int8-quantized model (CPU)")
-    b.add_argument("--accelerator", default="cpu")
-    b.add_argument("--devices", default="1")
-    b.add_argument("--strategy", default="auto", help="e.g. ddp to embed on several devices")
-    b.add_argument("--num-nodes", type=int, default=1)
-    _add_backend_params(b)
-    b.add_argument("--overwrite", action="store_true", help="replace an index or parts of another build")
-    b.set_defaults(func=cmd_index_build)
-    info = isub.add_parser("info", help="print an index's manifest (and check its files)")
-    info.add_argument("index")
-    info.add_argument("--verify", action="store_true", help="check every file's sha256")
-    info.set_defaults(func=cmd_index_info)
-    ix.set_defaults(func=lambda args: ix.print_help() or 2)
+def add_index_info_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``mmformer index info``."""
+    p.add_argument("index")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256")
 
-    s = sub.add_parser("search", help="search an index by text or by image")
-    s.add_argument("index", help="index directory")
-    s.add_argument("query", nargs="*", help="text queries")
-    s.add_argument("--image", action="append", default=[], help="image query (repeatable)")
-    s.add_argument("--queries", default=None, help="file of text queries, one a line")
-    s.add_argument("-k", type=int, default=10)
-    s.add_argument("--model", default=None, help="model directory (default: the one the index records)")
-    s.add_argument("--int8", action="store_true", help="embed the queries with the int8 model")
-    s.add_argument("--backend", default=None, choices=[b for b in BACKENDS if b != "auto"],
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``mmformer search``."""
+    p.add_argument("index", help="index directory")
+    p.add_argument("query", nargs="*", help="text queries")
+    p.add_argument("--image", action="append", default=[], help="image query (repeatable)")
+    p.add_argument("--queries", default=None, help="file of text queries, one a line")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--model", default=None, help="model directory (default: the one the index records)")
+    p.add_argument("--int8", action="store_true", help="embed the queries with the int8 model")
+    p.add_argument("--backend", default=None, choices=[b for b in BACKENDS if b != "auto"],
                    help="search with another backend than the stored one (exact always works)")
-    _add_backend_params(s, build=False)
-    s.add_argument("--json", action="store_true", help="print results as JSON")
-    s.set_defaults(func=cmd_search)
+    add_backend_params(p, build=False)
+    p.add_argument("--json", dest="as_json", action="store_true", help="print results as JSON")
 
 
-def _add_backend_params(p: argparse.ArgumentParser, build: bool = True) -> None:
+DATA_DIR_HELP = ("the bundled emoji data: its folder, or a folder holding emoji/ such as a checkout's data/ "
+                 "(default: $MMFORMER_DATA, else the checkout's copy, else the installed package's)")
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``mmformer eval``."""
+    p.add_argument("--model", default=None, help="save_pretrained directory (required unless --index records it)")
+    p.add_argument("--index", default=None, help="evaluate through this image index (built from a manifest "
+                                                 "with captions); approximate backends are shown beside exact")
+    p.add_argument("--data", default=None, help="CSV/TSV/JSONL manifest (default: bundled held-out family)")
+    p.add_argument("--data-dir", default=None, help="without --data: " + DATA_DIR_HELP)
+    p.add_argument("--split", default=None, help="keep manifest rows whose 'split' column equals this")
+    p.add_argument("--image-col", default="image")
+    p.add_argument("--caption-col", default="caption")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip, "
+                                                         "list and count it)")
+    p.add_argument("--root", default=None, help="refuse manifest image paths (absolute, ../, symlinks) that "
+                                                "lead outside DIR (for manifests taken from elsewhere)")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--documents", choices=["text", "file"], default=None,
+                   help="long documents: the caption column holds the document text ('text') or the path "
+                        "of a UTF-8 text file relative to the manifest ('file'); encoded with encode_document")
+    p.add_argument("--doc-mode", default="auto", choices=["auto", "first", "mean", "max", "fusion"],
+                   help="document embedding: auto = fusion if the model has it, else mean of chunk embeddings")
+    p.add_argument("--doc-batch-size", type=int, default=4, help="documents per encoder call")
+    p.add_argument("--max-chunks", type=int, default=None, help="chunk cap per document (default: the model's)")
+    p.add_argument("--chunk-overflow", choices=["error", "first"], default=None,
+                   help="over the cap: error (default) or keep the first chunks (logged)")
+
+
+def add_backend_params(p: argparse.ArgumentParser, build: bool = True) -> None:
     if build:
         p.add_argument("--hnsw-m", type=int, default=None, help="HNSW graph degree (32)")
         p.add_argument("--ef-construction", type=int, default=None, help="HNSW build list size (80)")
@@ -94,9 +92,10 @@ def _add_backend_params(p: argparse.ArgumentParser, build: bool = True) -> None:
     p.add_argument("--refine", type=int, default=None, help="IVF-PQ shortlist factor re-ranked exactly (16)")
 
 
-def _backend_params(args: argparse.Namespace) -> dict[str, Any]:
+def backend_params(**given: int | None) -> dict[str, Any]:
+    """The backend parameters given (not None) among ``given``."""
     names = ("hnsw_m", "ef_construction", "nlist", "pq_m", "ef_search", "nprobe", "refine")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return {n: given[n] for n in names if given.get(n) is not None}
 
 
 def positive(name: str, value: int | None) -> None:
@@ -116,61 +115,37 @@ def printable(text: Any) -> str:
     return str(text).translate(_CONTROL)
 
 
-def cmd_index_build(args: argparse.Namespace) -> int:
-    positive("--batch-size", args.batch_size)
-    positive("--part-size", args.part_size)
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    from mmformer.training.index_build import build_index  # the application side: Lightning
-
-    model = MMFormer.from_pretrained(args.model)
-    if args.int8:
-        model = quantize_int8(model)
-    devices = int(args.devices) if args.devices.isdigit() else args.devices
-    index = build_index(
-        model, args.images or args.texts, args.out, kind="image" if args.images else "text",
-        backend=args.backend, backend_params=_backend_params(args), dtype=args.dtype,
-        batch_size=args.batch_size, part_size=args.part_size, num_workers=args.workers,
-        precision=args.precision, accelerator=args.accelerator, devices=devices, strategy=args.strategy,
-        num_nodes=args.num_nodes, model_path=str(Path(args.model).resolve()), image_col=args.image_col,
-        caption_col=args.caption_col, split=args.split, overwrite=args.overwrite, root=args.root)
-    if index is None:  # a non-zero rank of a multi-device build
-        return 0
-    m = index.manifest
-    print(f"wrote {args.out}: {m['count']} {m['kind']} rows x {m['dim']} ({m['dtype']}), backend {m['backend']}, "
-          f"{m['skipped']} skipped; embedding {m['embed_seconds']:.1f} s, index {m['index_seconds']:.1f} s")
-    if m["skipped"]:
-        print(f"unreadable inputs are listed in {Path(args.out) / 'skipped.jsonl'}")
-    return 0
-
-
-def cmd_index_info(args: argparse.Namespace) -> int:
-
-    index = Index.open(args.index, verify=True if args.verify else "auto")
-    m = dict(index.manifest)
+def index_info_command(*, index: str, verify: bool = False) -> int:
+    """``mmformer index info INDEX``: the index's manifest, with its files checked (sizes, or
+    every sha256 with ``verify``)."""
+    m = dict(Index.open(index, verify=True if verify else "auto").manifest)
     m.pop("files")
     print(json.dumps(m, indent=1))
-    print(f"files: ok ({'sha256 checked' if args.verify else 'sizes checked'})")
+    print(f"files: ok ({'sha256 checked' if verify else 'sizes checked'})")
     return 0
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-
-    texts = list(args.query)
-    if args.queries:
-        texts += [t.strip() for t in read_utf8_lines(args.queries) if t.strip()]
-    if not texts and not args.image:
+def search_command(*, index: str, query: Sequence[str] = (), image: Sequence[str] = (), queries: str | None = None,
+                   k: int = 10, model: str | None = None, int8: bool = False, backend: str | None = None,
+                   ef_search: int | None = None, nprobe: int | None = None, refine: int | None = None,
+                   as_json: bool = False) -> int:
+    """``mmformer search INDEX "text" ...``: the top ``k`` hits of each text query (positional or
+    one a line in the file ``queries``) and each ``image`` query, as lines or JSON."""
+    texts = list(query)
+    if queries:
+        texts += [t.strip() for t in read_utf8_lines(queries) if t.strip()]
+    if not texts and not image:
         raise SystemExit("give text queries, --queries FILE or --image PATH")
-    if args.k < 1:
-        raise SystemExit(f"-k must be >= 1, got {args.k}")
-    r = Retriever.from_pretrained(args.model, args.index, int8=args.int8, backend=args.backend,
-                                  search_params=_backend_params(args))
+    if k < 1:
+        raise SystemExit(f"-k must be >= 1, got {k}")
+    r = Retriever.from_pretrained(model, index, int8=int8, backend=backend,
+                                  search_params=backend_params(ef_search=ef_search, nprobe=nprobe, refine=refine))
     results = []
     if texts:
-        results += [(t, hits) for t, hits in zip(texts, r.search_text(texts, args.k))]
-    if args.image:
-        results += [(p, hits) for p, hits in zip(args.image, r.search_image(args.image, args.k))]
-    if args.json:
+        results += [(t, hits) for t, hits in zip(texts, r.search_text(texts, k))]
+    if image:
+        results += [(p, hits) for p, hits in zip(image, r.search_image(list(image), k))]
+    if as_json:
         json.dump([{"query": q, "hits": [vars(h) for h in hits]} for q, hits in results], sys.stdout, indent=1)
         print()
         return 0
@@ -182,16 +157,126 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval_index(args: argparse.Namespace) -> int:
-    """``mmformer eval --index DIR``: recall through the index (and exact search beside it)."""
+def eval_command(*, model: str | None = None, index: str | None = None, data: str | None = None,
+                 data_dir: str | None = None, split: str | None = None, image_col: str = "image",
+                 caption_col: str = "caption", batch_size: int = 256, strict: bool = False, root: str | None = None,
+                 as_json: bool = False, documents: str | None = None, doc_mode: str = "auto",
+                 doc_batch_size: int = 4, max_chunks: int | None = None, chunk_overflow: str | None = None) -> int:
+    """``mmformer eval``: recall@K of the model ``model`` on the manifest ``data`` (unreadable
+    images skipped and listed, or an error with ``strict``), on the bundled held-out family
+    (``data_dir``), or through the image index ``index``; ``documents`` reads each caption as a
+    long document ("text", or "file": a path relative to the manifest)."""
+    from mmformer.data.bundled import BundledDataNotFound
+    from mmformer.retrieval import evaluate_retrieval, format_metrics
 
-    r = Retriever.from_pretrained(args.model, args.index)
+    if index:
+        return eval_index(model, index, as_json)
+    if model is None:
+        raise SystemExit("mmformer eval: --model DIR is required (or --index INDEX_DIR)")
+    if data is not None and data_dir is not None:
+        raise SystemExit("mmformer eval: --data MANIFEST replaces the bundled data that --data-dir locates; pass one")
+    positive("--batch-size", batch_size)
+    positive("--doc-batch-size", doc_batch_size)
+    net = MMFormer.from_pretrained(model)
+    if net.tokenizer is None:
+        raise SystemExit(f"{model} has no tokenizer.model")
+    if data is not None and not documents:
+        metrics, source = eval_manifest(net, data, image_col=image_col, caption_col=caption_col, split=split,
+                                        root=root, strict=strict, batch_size=batch_size,
+                                        warn=lambda m: print(m, file=sys.stderr))
+        print(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics, source))
+        return 0
+    try:
+        images, captions, caption_to_image, source = load_eval_set(net, data, data_dir, image_col, caption_col,
+                                                                   split, batch_size)
+    except BundledDataNotFound as e:
+        raise SystemExit(f"mmformer eval: {e}") from e
+    if documents:
+        if data is None:
+            raise SystemExit("mmformer eval: --documents needs --data MANIFEST")
+        if documents == "file":
+            try:
+                rows = [f"{data}: caption {i + 1} ({caption_col})" for i in range(len(captions))]
+                captions = read_document_files(captions, Path(data).parent, rows)
+            except ValueError as e:
+                raise SystemExit(f"mmformer eval: {e}") from e
+        metrics = eval_documents(net, images, captions, caption_to_image, data, caption_col=caption_col,
+                                 batch_size=batch_size, doc_batch_size=doc_batch_size, doc_mode=doc_mode,
+                                 max_chunks=max_chunks, chunk_overflow=chunk_overflow)
+        source += f", documents encoded with mode {doc_mode}"
+    else:
+        metrics = evaluate_retrieval(net, net.tokenizer, images, captions, caption_to_image,
+                                     batch_size=batch_size, progress=True)
+    print(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics, source))
+    return 0
+
+
+def eval_documents(model, images, documents: list[str], caption_to_image: list[int], data: str, *,
+                   caption_col: str, batch_size: int, doc_batch_size: int, doc_mode: str,
+                   max_chunks: int | None, chunk_overflow: str | None) -> dict:
+    """Recall@K with each caption of the manifest ``data`` read as a long document."""
+    import dataclasses
+
+    from mmformer.documents import TooManyChunks
+    from mmformer.retrieval.embed import embed_documents
+
+    overrides = {k: v for k, v in (("max_chunks", max_chunks), ("chunk_overflow", chunk_overflow)) if v is not None}
+    model.config = dataclasses.replace(model.config, **overrides)
+    image_emb = embed_images(model, images, batch_size, progress=True)
+    try:
+        doc_emb = embed_documents(model, documents, doc_batch_size, doc_mode, progress=True,
+                                  names=[f"caption {i + 1} ({caption_col})" for i in range(len(documents))])
+    except TooManyChunks as e:
+        raise SystemExit(f"mmformer eval: {data}: {e}") from e
+    return retrieval_metrics(image_emb, doc_emb, caption_to_image)
+
+
+def read_document_files(paths: Sequence[str], base: Path, what: Sequence[str]) -> list[str]:
+    """The UTF-8 text of each path (relative to ``base`` unless absolute); ``what[i]`` names the row
+    in errors. All missing/unreadable files are listed in one error."""
+    texts, bad = [], []
+    for p, w in zip(paths, what):
+        path = Path(p) if Path(p).is_absolute() else base / p
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            bad.append(f"{w}: {path}: {e.__class__.__name__}: {e}")
+            texts.append("")
+    if bad:
+        raise ValueError("document files could not be read (expected UTF-8 text files):\n  " + "\n  ".join(bad[:20])
+                         + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
+    return texts
+
+
+def load_eval_set(model, data: str | None, data_dir: str | None, image_col: str, caption_col: str,
+                  split: str | None, batch_size: int):
+    """(images (N,3,S,S) tensor or loader, captions, caption_to_image, description): the manifest
+    ``data``, else the bundled emoji test split."""
+    from mmformer.data.emoji import InMemoryImageText, default_data_dir
+
+    c = model.config
+    if data is None:
+        ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std,
+                                          root=default_data_dir(data_dir))
+        return ds.stacked_images(), ds.captions, ds.caption_to_image.tolist(), \
+            f"bundled emoji test split ({len(ds)} images)"
+    tf = build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std)
+    man = ImageTextManifest(data, image_col=image_col, caption_col=caption_col, transform=tf, split=split)
+    images = torch.utils.data.DataLoader(_EvalImages(man, strict=True, size=c.image_size), batch_size=batch_size,
+                                         num_workers=0)
+    return images, list(man.captions), [int(i) for i in man.caption_to_image], \
+        f"{data} ({len(man.image_paths)} images, {len(man.captions)} captions)"
+
+
+def eval_index(model: str | None, index: str, as_json: bool) -> int:
+    """``mmformer eval --index DIR``: recall through the index (and exact search beside it)."""
+    r = Retriever.from_pretrained(model, index)
     metrics = evaluate_index(r)
-    if args.json:
+    if as_json:
         print(json.dumps(metrics, indent=2))
         return 0
     ks = [k for k in next(iter(metrics.values())) if k.startswith("R@")]
-    print(f"text->image retrieval through {args.index} ({next(iter(metrics.values()))['n_queries']} caption queries)")
+    print(f"text->image retrieval through {index} ({next(iter(metrics.values()))['n_queries']} caption queries)")
     print(f"{'backend':<10}" + "".join(f"{k:>8}" for k in ks) + f"{'overlap with exact':>20}")
     for name, m in metrics.items():
         overlap = next((f"{v:.1f}% @{k.split('@')[1]}" for k, v in m.items() if k.startswith("overlap")), "")
@@ -223,18 +308,20 @@ class _EvalImages(torch.utils.data.Dataset):
         return x
 
 
-def eval_manifest(model, args: argparse.Namespace, warn=print) -> tuple[dict[str, Any], str]:
+def eval_manifest(model, data: str, *, image_col: str = "image", caption_col: str = "caption",
+                  split: str | None = None, root: str | None = None, strict: bool = False, batch_size: int = 256,
+                  warn=print) -> tuple[dict[str, Any], str]:
     """``mmformer eval --model DIR --data MANIFEST``: recall@K over the images that can be read.
 
     Unreadable images are skipped (their captions too), listed through ``warn`` and counted in the
-    metrics (``skipped_images``); ``args.strict`` makes the first one an error. Empty captions
+    metrics (``skipped_images``); ``strict`` makes the first one an error. Empty captions
     are dropped and duplicate (image, caption) rows counted once, each with a warning (a
     duplicated row counts its pair twice and inflates recall).
     """
     c = model.config
     tf = build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std)
-    man = ImageTextManifest(args.data, image_col=args.image_col, caption_col=args.caption_col,
-                            transform=tf, split=args.split, confine=getattr(args, "root", None))
+    man = ImageTextManifest(data, image_col=image_col, caption_col=caption_col, transform=tf, split=split,
+                            confine=root)
     c2i = [int(i) for i in man.caption_to_image]
     rows, seen, empty, dups = [], set(), [], []
     for j, (cap, img) in enumerate(zip(man.captions, c2i)):
@@ -246,16 +333,16 @@ def eval_manifest(model, args: argparse.Namespace, warn=print) -> tuple[dict[str
             seen.add((img, cap.strip()))
             rows.append(j)
     if empty:
-        warn(f"warning: {args.data}: {len(empty)} empty caption(s) left out (rows {_rows(empty)})")
+        warn(f"warning: {data}: {len(empty)} empty caption(s) left out (rows {_rows(empty)})")
     if dups:
-        warn(f"warning: {args.data}: {len(dups)} duplicate (image, caption) row(s) counted once (rows {_rows(dups)})")
-    images = _EvalImages(man, strict=getattr(args, "strict", False), size=c.image_size)
-    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=0)
+        warn(f"warning: {data}: {len(dups)} duplicate (image, caption) row(s) counted once (rows {_rows(dups)})")
+    images = _EvalImages(man, strict=strict, size=c.image_size)
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=0)
     image_emb = embed_images(model, loader, progress=True)
     bad = images.failed
     if bad:
         listed = sorted(bad.items())
-        warn(f"warning: {args.data}: skipped {len(bad)} unreadable image(s) and their captions "
+        warn(f"warning: {data}: skipped {len(bad)} unreadable image(s) and their captions "
              "(--strict to stop instead):")
         for i, reason in listed[:20]:
             warn(f"  {printable(man.image_paths[i])}: {printable(reason)}")
@@ -263,17 +350,17 @@ def eval_manifest(model, args: argparse.Namespace, warn=print) -> tuple[dict[str
             warn(f"  ... and {len(listed) - 20} more")
     keep_img = [i for i in range(len(man.image_paths)) if i not in bad]
     if not keep_img:
-        raise ValueError(f"{args.data}: no image could be read ({len(bad)} unreadable)")
+        raise ValueError(f"{data}: no image could be read ({len(bad)} unreadable)")
     new_index = {old: new for new, old in enumerate(keep_img)}
     rows = [j for j in rows if c2i[j] in new_index]
     if not rows:
-        raise ValueError(f"{args.data}: no caption left to evaluate")
-    text_emb = embed_texts(model, model.tokenizer, [man.captions[j].strip() for j in rows], args.batch_size,
+        raise ValueError(f"{data}: no caption left to evaluate")
+    text_emb = embed_texts(model, model.tokenizer, [man.captions[j].strip() for j in rows], batch_size,
                            progress=True)
     metrics = retrieval_metrics(image_emb[keep_img], text_emb, [new_index[c2i[j]] for j in rows])
     if bad or empty or dups:
         metrics.update(skipped_images=len(bad), empty_captions=len(empty), duplicate_rows=len(dups))
-    source = (f"{args.data} ({len(keep_img)} images, {len(rows)} captions"
+    source = (f"{data} ({len(keep_img)} images, {len(rows)} captions"
               + (f"; {len(bad)} unreadable images skipped" if bad else "") + ")")
     return metrics, source
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+from collections.abc import Sequence
 
 #: Top-level modules of the ``[serve]`` extra (and of what its packages pull in).
 SERVE_EXTRA_MODULES = frozenset({"grpc", "grpc_health", "grpc_reflection", "google", "fastapi", "starlette",
@@ -71,7 +72,21 @@ def settings_from_args(args: argparse.Namespace):
                                max_connections=args.max_connections))
 
 
+def serve_command(*, model: str, index: Sequence[str] = (), host: str = "127.0.0.1", grpc_port: int = 50051,
+                  http_port: int = 8000, precision: str = "fp32", int8: bool = False, device: str = "cpu",
+                  max_batch_size: int = 64, max_delay_ms: float = 2.0, max_queue: int = 1024, no_batching: bool = False,
+                  api_key: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                  max_message_mb: float = 16.0, max_image_mb: float = 8.0, max_pixels: int = 4096 * 4096,
+                  loop: str = "asyncio", threads: int | None = None, drain_seconds: float = 30.0,
+                  header_timeout: float = 10.0, body_timeout: float = 60.0, max_connections: int = 1000) -> int:
+    """``mmformer serve``: the saved model ``model`` and its ``index`` entries (``NAME=DIR``) over gRPC
+    and HTTP until SIGTERM/SIGINT, then drained (each setting is a flag of
+    :func:`mmformer.serve.options.add_arguments`, which describes it)."""
+    return cmd_serve(argparse.Namespace(**{**locals(), "index": list(index)}))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """:func:`serve_command` with its settings in an ``argparse.Namespace``."""
     server = import_service()
     settings = settings_from_args(args)
     scheme = "https" if settings.tls_cert else "http"

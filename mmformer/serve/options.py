@@ -1,5 +1,5 @@
 """The arguments of ``mmformer serve`` (argparse only, so ``mmformer --help`` stays fast; the
-command itself is :func:`mmformer.serve.commands.cmd_serve`)."""
+command itself is :func:`mmformer.serve.commands.serve_command`)."""
 
 from __future__ import annotations
 
