@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from mmformer.training.output import configure_output
 
@@ -99,11 +100,10 @@ def one_line_error(verb: str, e: BaseException | str) -> str:
 
 
 def verb_of(argv: Sequence[str]) -> str | None:
-    """The verb (a key of :data:`VERBS` or :data:`LIGHTNING_COMMANDS`) that ``argv`` names, if any."""
+    """The verb that ``argv`` names (``index build`` or one word), if any."""
     if not argv or argv[0].startswith("-"):
         return None
-    two = " ".join(argv[:2])
-    return two if two in VERBS else argv[0] if argv[0] in VERBS or argv[0] in LIGHTNING_COMMANDS else argv[0]
+    return " ".join(argv[:2]) if " ".join(argv[:2]) in VERBS else argv[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import lightning as L
 import torch
