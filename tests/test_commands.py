@@ -139,3 +139,15 @@ def test_a_missing_optional_package_is_one_line_naming_the_extra(saved_model, hi
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith(f"mmformer {' '.join(argv[:2]) if argv[0] == 'index' else argv[0]}:")
     assert f"pip install 'mmformer[{extra}]'" in lines[0], lines
+
+
+def test_index_build_prints_its_lines_without_lightning_banners(saved_model, tmp_path):
+    """``mmformer index build`` embeds through Lightning's predict loop; its screen is the progress
+    bar and its own summary, no device banner or tip."""
+    out = tmp_path / "ix"
+    proc = python("import sys\nfrom mmformer.cli import run\nsys.exit(run(sys.argv[1:]))", "index", "build",
+                  "--model", "model", "--texts", "texts.txt", "--out", str(out), cwd=saved_model)
+    screen = proc.stdout + proc.stderr
+    assert proc.returncode == 0, screen[-3000:]
+    assert f"wrote {out}: 20 text rows" in screen
+    assert not [b for b in BANNERS if b in screen], screen[-3000:]
