@@ -13,14 +13,12 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the functions import them: `mmformer demo --help` loads neither torch nor Lightning
+    import torch
 
-from mmformer.data.emoji import InMemoryImageText, default_data_dir
-from mmformer.files import atomic_path, write_text_atomic
-from mmformer.retrieval import embed_images, embed_texts, format_metrics, retrieval_metrics
-from mmformer.runtime import flush_denormals, keep_freed_memory
-from mmformer.training.recipes import RecipeCLI, init_args, load_recipe
+    from mmformer.training.recipes import RecipeCLI
 
 DEMO_RECIPE_NAME = "tiny-cpu"
 DEFAULT_QUERIES = ["red apple", "dog face", "rocket", "smiling face with heart-eyes", "flag: japan"]
@@ -32,6 +30,8 @@ def demo_recipe(name_or_path: str | Path | None = None) -> dict:
     ``{"preset", "model_config", "batch_size", "lr", "weight_decay", "warmup_steps",
     "caption_mode", "module_args", "data_args"}``. The demo itself builds its objects from the
     recipe with :func:`demo_cli`."""
+    from mmformer.training.recipes import init_args, load_recipe
+
     recipe = load_recipe(name_or_path or DEMO_RECIPE_NAME)
     model, data = init_args(recipe.get("model")), init_args(recipe.get("data"))
     module_args = {k: v for k, v in model.items() if k != "time_budget_s"}
@@ -47,6 +47,9 @@ def demo_process_settings(seed: int) -> None:
     """The process settings the demo trains under: the seed, matmul precision, and the CPU settings
     `mmformer fit` applies (denormals flushed, freed memory kept: :mod:`mmformer.runtime`)."""
     import lightning as L
+    import torch
+
+    from mmformer.runtime import flush_denormals, keep_freed_memory
 
     L.seed_everything(seed, verbose=False)
     torch.set_float32_matmul_precision("high")
@@ -63,6 +66,8 @@ def demo_cli(recipe: str | Path | None, data_dir: str | Path, out: str | Path, *
     recipe's: ``steps`` optimizer steps, or a ``time_budget_s`` wall-clock budget that the learning
     rate follows; ``precision`` (``auto``: measured, the choice passed to ``announce``); a CSV
     logger and a progress bar under ``out``, no checkpoints; validation every 5 epochs."""
+    from mmformer.training.recipes import RecipeCLI
+
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}}
     callbacks = [{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 5}},
                  {"class_path": "mmformer.training.datamodule.SkippedSamplesCallback"}]
@@ -104,6 +109,8 @@ def demo_command(*, out: str = "runs/demo", minutes: float = 8.0, steps: int | N
     ``minutes``, save it under ``out``, report held-out recall and answer ``query`` texts with a
     PNG grid."""
     from mmformer.data.bundled import BundledDataNotFound
+    from mmformer.data.emoji import default_data_dir
+    from mmformer.files import write_text_atomic
 
     for flag, value in (("--steps", steps), ("--batch-size", batch_size)):
         if value is not None and value < 1:
@@ -154,6 +161,8 @@ def demo_command(*, out: str = "runs/demo", minutes: float = 8.0, steps: int | N
 def evaluate_and_search(model, out: Path, queries: list[str], data_dir: Path | None = None) -> dict:
     """Held-out-family retrieval metrics (printed next to chance) and a PNG grid of text queries
     (``data_dir``: the emoji data; None = :func:`~mmformer.data.emoji.default_data_dir`)."""
+    from mmformer.data.emoji import InMemoryImageText
+    from mmformer.retrieval import embed_images, embed_texts, format_metrics, retrieval_metrics
 
     c = model.config
     ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std, root=data_dir)
@@ -183,6 +192,8 @@ def write_grid(path: Path, queries: list[str], images: list[list[torch.Tensor]],
                cell: int = 96) -> None:
     """One row per query: the query text, then its retrieved images with their names."""
     from PIL import Image, ImageDraw
+
+    from mmformer.files import atomic_path
 
     label_w, text_h = 220, 14
     W, H = label_w + cell * max(len(r) for r in images), (cell + text_h) * len(queries)
