@@ -55,13 +55,13 @@ from bench.common import (
     markdown_table,
     write_csv,
 )
-from mmformer.cli import configure_output
 from mmformer.compress import quantize_int8
 from mmformer.compress.int8 import count_int8_linears
 from mmformer.compress.onnx import export_onnx
 from mmformer.data.emoji import default_data_dir
 from mmformer.files import atomic_path, write_text_atomic
 from mmformer.model import WEIGHTS_NAME, MMFormer
+from mmformer.training.output import configure_output
 
 
 class HeldOut:

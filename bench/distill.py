@@ -40,12 +40,12 @@ import lightning as L
 import torch
 
 from bench.common import add_csv_argument, held_out_recall, machine_line, markdown_table, write_csv
-from mmformer.cli import configure_output
 from mmformer.data.emoji import default_data_dir
 from mmformer.model import TOKENIZER_NAME, MMFormer
 from mmformer.training.datamodule import ImageTextDataModule
 from mmformer.training.distill import DISTILL_TERMS, DistillModule
 from mmformer.training.module import MMFormerModule
+from mmformer.training.output import configure_output
 from mmformer.training.precision import auto_precision, time_steps
 from mmformer.training.recipes import init_args, load_recipe
 from mmformer.training.trainer import make_trainer
