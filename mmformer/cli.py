@@ -27,7 +27,7 @@ class Verb(NamedTuple):
 VERBS: dict[str, Verb] = {
     "demo": Verb("mmformer.demo:demo_command", "mmformer.demo:add_arguments",
                  "train the tiny preset on the bundled emoji data and search it"),
-    "eval": Verb("mmformer.retrieval.commands:eval_command", "mmformer.retrieval.commands:add_eval_arguments",
+    "eval": Verb("mmformer.retrieval.commands:eval_command", "mmformer.retrieval.options:add_eval_arguments",
                  "retrieval recall@K of a saved model on a manifest or the bundled test split"),
     "export": Verb("mmformer.training.commands:export_command", "mmformer.training.commands:add_export_arguments",
                    "Lightning checkpoint -> save_pretrained directory; any model -> ONNX graphs or open_clip weights"),
@@ -35,9 +35,9 @@ VERBS: dict[str, Verb] = {
                         "mmformer.training.commands:add_index_build_arguments",
                         "embed images (or texts) with a model and write an index"),
     "index info": Verb("mmformer.retrieval.commands:index_info_command",
-                       "mmformer.retrieval.commands:add_index_info_arguments",
+                       "mmformer.retrieval.options:add_index_info_arguments",
                        "print an index's manifest (and check its files)"),
-    "search": Verb("mmformer.retrieval.commands:search_command", "mmformer.retrieval.commands:add_search_arguments",
+    "search": Verb("mmformer.retrieval.commands:search_command", "mmformer.retrieval.options:add_search_arguments",
                    "search an index by text or by image"),
     "prune": Verb("mmformer.training.prune:prune_command", "mmformer.training.commands:add_prune_arguments",
                   "remove attention heads (gradient or magnitude importance), optionally recover by "

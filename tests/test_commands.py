@@ -32,7 +32,9 @@ def run_hiding(modules: list[str], argv: list[str], cwd: Path, first: str = "") 
     return python(code, *argv, cwd=cwd)
 
 
-@pytest.mark.parametrize("argv", [["--help"], [], ["fit", "--help"], ["index"], ["demo", "--help"], ["serve", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], [], ["fit", "--help"], ["index"], *[
+    [*verb.split(), "--help"] for verb in ("demo", "eval", "export", "index build", "index info", "search", "prune",
+                                           "serve")]])
 def test_help_loads_no_torch(argv):
     code = ("import sys\nfrom mmformer.cli import run\ntry:\n    run(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))")
@@ -44,6 +46,14 @@ def test_help_loads_no_torch(argv):
         assert len(help_lines) <= 30 and "--help-all" in proc.stdout and "tiny-cpu" in proc.stdout
     elif argv in (["--help"], []):
         assert all(name.split()[0] in proc.stdout for name in [*VERBS, *LIGHTNING_COMMANDS])
+
+
+def test_flag_choices_name_the_backends_and_dtypes_there_are():
+    from mmformer.retrieval.backends import BACKENDS
+    from mmformer.retrieval.index import INDEX_DTYPES
+    from mmformer.retrieval.options import BACKEND_CHOICES, INDEX_DTYPE_CHOICES
+
+    assert BACKEND_CHOICES == BACKENDS and INDEX_DTYPE_CHOICES == INDEX_DTYPES
 
 
 def test_fit_help_all_is_lightnings_full_help(capsys):

@@ -12,12 +12,17 @@
 - :func:`evaluate_retrieval`: embed + metrics in one call.
 """
 
-from mmformer.model import model_fingerprint
+from __future__ import annotations
 
-from .embed import embed_images, embed_texts, evaluate_retrieval
-from .index import Index, InvalidIndexError, build_index
-from .metrics import format_metrics, retrieval_metrics, retrieval_ranks
-from .retriever import Hit, Retriever
+import importlib
+from typing import Any
+
+#: Where each public name lives; imported on first use, so that importing a submodule (the verbs'
+#: flags in :mod:`.options`) loads no torch.
+_HOMES = {"model_fingerprint": "mmformer.model", "embed_images": ".embed", "embed_texts": ".embed",
+          "evaluate_retrieval": ".embed", "Index": ".index", "InvalidIndexError": ".index", "build_index": ".index",
+          "format_metrics": ".metrics", "retrieval_metrics": ".metrics", "retrieval_ranks": ".metrics",
+          "Hit": ".retriever", "Retriever": ".retriever"}
 
 __all__ = [
     "Hit",
@@ -33,3 +38,15 @@ __all__ = [
     "retrieval_metrics",
     "retrieval_ranks",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'mmformer.retrieval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -2,7 +2,8 @@
 ``save_pretrained`` folder, any model -> ONNX graphs), ``mmformer index build`` (embedding with
 Lightning ``trainer.predict``, :mod:`mmformer.training.index_build`), and the flags of ``mmformer
 prune`` (the verb is :func:`mmformer.training.prune.prune_command`). Each verb is a typed function
-(``*_command``) with an ``add_*_arguments`` function that declares its flags.
+(``*_command``) with an ``add_*_arguments`` function that declares its flags; the module imports
+torch and Lightning only when a verb runs, so that the verbs' ``--help`` is quick.
 """
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mmformer.retrieval.backends import BACKENDS
-from mmformer.retrieval.commands import DATA_DIR_HELP, add_backend_params, backend_params, positive
-from mmformer.retrieval.index import INDEX_DTYPES
+from mmformer.retrieval.options import (
+    BACKEND_CHOICES,
+    DATA_DIR_HELP,
+    INDEX_DTYPE_CHOICES,
+    add_backend_params,
+    backend_params,
+    positive,
+)
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,8 +44,8 @@ def add_index_build_arguments(p: argparse.ArgumentParser) -> None:
                                       "(.tar path or brace pattern)")
     src.add_argument("--texts", help=".txt file (one text a line) or a manifest (its captions)")
     p.add_argument("--out", required=True, help="index directory")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: exact up to 100k rows, else hnsw")
-    p.add_argument("--dtype", default="float32", choices=INDEX_DTYPES, help="storage of embeddings.npy")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="auto: exact up to 100k rows, else hnsw")
+    p.add_argument("--dtype", default="float32", choices=INDEX_DTYPE_CHOICES, help="storage of embeddings.npy")
     p.add_argument("--split", default=None, help="manifest rows whose 'split' column equals this")
     p.add_argument("--image-col", default="image")
     p.add_argument("--caption-col", default="caption")
