@@ -203,7 +203,7 @@ def mmformer_args(argv: list[str]) -> list[str] | None:
 def test_every_documented_command_parses(monkeypatch):
     """Each `mmformer ...` line of every page parses with today's verbs and flags (nothing runs)."""
     monkeypatch.setattr(sys, "argv", ["mmformer"])  # LightningCLI is handed the page's args only
-    from mmformer.cli import build_parser
+    from mmformer.cli import build_parser, verb_of
     from mmformer.training.recipes import RecipeCLI
 
     class ParseOnly(RecipeCLI):
@@ -215,13 +215,12 @@ def test_every_documented_command_parses(monkeypatch):
 
     found = _documented_commands()
     assert len(found) > 20, "expected the pages to hold more mmformer commands"
-    parser = build_parser()
     for where, argv in found:
         try:
             if argv and argv[0] in LIGHTNING_VERBS:
                 ParseOnly(argv[1:], run=False)
             else:
-                parser.parse_args(argv)
+                build_parser(verb_of(argv)).parse_args(argv)  # the verb's flags are declared when it is named
         except SystemExit as e:
             if e.code not in (0, None):
                 raise AssertionError(f"{where}: `mmformer {shlex.join(argv)}` does not parse") from e
