@@ -1,9 +1,11 @@
 """``mmformer`` command line: one table of verbs (:data:`VERBS`).
 
-``fit``, ``validate`` and ``test`` are the one LightningCLI over the recipes
-(:mod:`mmformer.training.recipes`). Every other verb is a typed function in its own package with
-an ``add_arguments`` function beside it that declares its flags (argparse, one parser per verb);
-a verb's module is imported only when that verb runs or shows its help, so ``mmformer --help``
+``fit``, ``validate``, ``test`` and ``predict`` are the one LightningCLI over the recipes
+(:mod:`mmformer.training.recipes`). Every other verb is a typed function in its own package,
+called with the parsed flags as keyword arguments. Its flags are declared by a function of the
+same package (argparse, one parser per verb, hand-written so that the flags keep their spellings:
+``--batch-size``, ``-k``, positional queries, exclusive groups), in a module that loads no torch
+where it can. Both are imported only when that verb runs or shows its help, so ``mmformer --help``
 loads neither torch nor Lightning.
 """
 
@@ -54,6 +56,7 @@ LIGHTNING_COMMANDS = {
     "fit": "train a recipe (--config NAME|FILE; --help-all for every trainer/model/data flag)",
     "validate": "run a recipe's validation loop",
     "test": "run a recipe's test loop",
+    "predict": "run a recipe's predict loop",
 }
 #: The optional dependencies, by top-level module, and the extra of ``pyproject.toml`` that installs each.
 EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "torchao": "int8", "timm": "timm", "grpc": "serve",
@@ -160,7 +163,7 @@ def load(target: str):
 
 
 def recipe_help(verb: str) -> str:
-    """The short help of ``mmformer fit|validate|test`` (the full LightningCLI help: ``--help-all``)."""
+    """The short help of ``mmformer fit|validate|test|predict`` (the full LightningCLI help: ``--help-all``)."""
     from pathlib import Path
 
     names = ", ".join(sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml")))
