@@ -30,6 +30,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", default=None, metavar="DIR",
                    help="write image.onnx, text.onnx (+ onnxruntime int8 copies), config and tokenizer to DIR")
     p.add_argument("--no-int8", action="store_true", help="with --onnx: skip the int8 graphs")
+    p.add_argument("--open-clip", default=None, metavar="FILE",
+                   help="with --model: write its weights as an open_clip CLIP state dict (.pt or .safetensors)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder at --out (swapped in only once complete)")
 
@@ -106,10 +108,11 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def export_command(*, ckpt: str | None = None, out: str | None = None, model: str | None = None,
-                   onnx: str | None = None, no_int8: bool = False, overwrite: bool = False) -> int:
+                   onnx: str | None = None, no_int8: bool = False, open_clip: str | None = None,
+                   overwrite: bool = False) -> int:
     """``mmformer export``: the Lightning checkpoint ``ckpt`` (a file, or the folder of a sharded FSDP
     checkpoint) as a ``save_pretrained`` folder ``out`` and/or ONNX graphs in ``onnx``; or the saved
-    model ``model`` as ONNX graphs."""
+    model ``model`` as ONNX graphs and/or an open_clip state dict ``open_clip``."""
     from mmformer.training.checkpoint import export_checkpoint
 
     if (ckpt is None) == (model is None):
@@ -117,8 +120,14 @@ def export_command(*, ckpt: str | None = None, out: str | None = None, model: st
                          "or --model DIR (with --onnx)")
     if ckpt is not None and out is None and onnx is None:
         raise SystemExit("mmformer export: --ckpt needs --out DIR (save_pretrained) and/or --onnx DIR")
+    if model is not None and open_clip is not None:
+        from mmformer.clip_io import export_open_clip
+
+        print(f"wrote {export_open_clip(model, open_clip)}")
+        if onnx is None:
+            return 0
     if model is not None and onnx is None:
-        raise SystemExit("mmformer export: --model needs --onnx DIR")
+        raise SystemExit("mmformer export: --model needs --onnx DIR or --open-clip FILE")
     model_dir = model
     with tempfile.TemporaryDirectory() as scratch:
         if ckpt is not None:
