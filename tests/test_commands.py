@@ -91,11 +91,14 @@ def test_each_verb_parser_matches_its_typed_function(verb):
 
 
 def test_flags_are_never_abbreviated(capsys):
-    """``prune --data x`` is no ``--data-dir x``."""
-    with pytest.raises(SystemExit) as e:
-        main(["prune", "--model", "m", "--heads", "0.5", "--out", "o", "--data", "x"])
-    assert e.value.code == 2
-    assert "unrecognized arguments: --data x" in capsys.readouterr().err
+    """``prune --data-d x`` is no ``--data-dir x``, ``index build --image x`` no ``--images x``."""
+    for argv, unknown in ((["prune", "--model", "m", "--heads", "0.5", "--out", "o", "--data-d", "x"], "--data-d x"),
+                          (["index", "build", "--model", "m", "--out", "o", "--texts", "t", "--image", "x"],
+                           "--image x")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert f"unrecognized arguments: {unknown}" in capsys.readouterr().err
 
 
 BANNERS = ("GPU available", "TPU available", "HPU available", "Tip:", "litlogger", "log_every_n_steps",

@@ -578,7 +578,7 @@ def test_the_prune_command_on_a_user_manifest(tiny_dir, colour_manifest, tmp_pat
 
 def test_prune_data_flags_are_exact_and_exclusive(tiny_dir, colour_manifest, tmp_path, capsys):
     manifest, _ = colour_manifest
-    parser = build_parser()
+    parser = build_parser("prune")  # the table declares the flags of the verb it is given
     with pytest.raises(SystemExit):  # no abbreviations: --data-d is not --data-dir, --shard not --shards
         parser.parse_args(["prune", "--model", "m", "--heads", "0.1", "--out", "o", "--shard", "x.tar"])
     assert capsys.readouterr().err.strip().endswith("unrecognized arguments: --shard x.tar")

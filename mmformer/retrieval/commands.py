@@ -28,7 +28,7 @@ from mmformer.retrieval.metrics import retrieval_metrics
 from mmformer.retrieval.options import backend_params, positive
 from mmformer.retrieval.retriever import Retriever, evaluate_index
 
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0, 32), 127]}
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 _CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 _CONTROL.update({c: f"\\u{c:04x}" for c in range(0x80, 0xA0)})  # C1 controls (CSI...)
 
