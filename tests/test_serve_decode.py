@@ -102,7 +102,7 @@ def test_default_worker_count_follows_the_cpus_and_the_option_reaches_the_settin
     assert default_workers() == max(1, min(len(os.sched_getaffinity(0)) - 1, 8))
     with pytest.raises(ValueError, match="workers >= 0"):
         DecodePool(DecodeSpec(64, None), workers=-1)
-    parse = build_parser().parse_args
+    parse = build_parser("serve").parse_args  # the table declares the flags of the verb it is given
     assert settings_from_args(parse(["serve", "--model", "m", "--decode-workers", "3"])).decode_workers == 3
     assert settings_from_args(parse(["serve", "--model", "m"])).decode_workers is None
 

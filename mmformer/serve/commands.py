@@ -78,7 +78,8 @@ def serve_command(*, model: str, index: Sequence[str] = (), host: str = "127.0.0
                   api_key: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
                   max_message_mb: float = 16.0, max_image_mb: float = 8.0, max_pixels: int = 4096 * 4096,
                   loop: str = "asyncio", threads: int | None = None, drain_seconds: float = 30.0,
-                  header_timeout: float = 10.0, body_timeout: float = 60.0, max_connections: int = 1000) -> int:
+                  header_timeout: float = 10.0, body_timeout: float = 60.0, max_connections: int = 1000,
+                  decode_workers: int | None = None) -> int:
     """``mmformer serve``: the saved model ``model`` and its ``index`` entries (``NAME=DIR``) over gRPC
     and HTTP until SIGTERM/SIGINT, then drained (each setting is a flag of
     :func:`mmformer.serve.options.add_arguments`, which describes it)."""
