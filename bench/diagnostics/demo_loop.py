@@ -18,6 +18,7 @@ asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ import time
 from bench.common import machine_line
 from mmformer.data.emoji import default_data_dir
 from mmformer.demo import demo_cli, demo_process_settings
+from mmformer.config import ModelConfig
 from mmformer.model import MMFormer
 from mmformer.training.trainer import make_trainer
 
@@ -38,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=5, help="timed epochs, after one untimed (default: 5)")
     p.add_argument("--recipe", default=None, help="a demo recipe name or YAML (default: the shipped one)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
-    p.add_argument("--pack-text-below", type=float, default=MMFormer.pack_text_below,
-                   help=f"MMFormer.pack_text_below (default {MMFormer.pack_text_below}; 0: the text path padded)")
+    p.add_argument("--pack-text-below", type=float, default=ModelConfig.pack_text_below,
+                   help=f"ModelConfig.pack_text_below (default {ModelConfig.pack_text_below}; 0: the text path padded)")
     p.add_argument("--pack-text-multiple", type=int, default=MMFormer.pack_text_multiple,
                    help=f"MMFormer.pack_text_multiple (default {MMFormer.pack_text_multiple})")
     p.add_argument("--seed", type=int, default=0)
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         cli = demo_cli(args.recipe, default_data_dir(None), scratch, batch_size=args.batch_size,
                        precision=args.precision, seed=args.seed)
     module, dm = cli.model, cli.datamodule
-    module.model.pack_text_below = args.pack_text_below
+    module.model.config = dataclasses.replace(module.model.config, pack_text_below=args.pack_text_below)
     module.model.pack_text_multiple = args.pack_text_multiple
     dm.setup("fit")
 
