@@ -8,6 +8,13 @@
   them scanned per query); its ``refine * k`` candidates are re-ranked exactly with the stored
   embeddings, which may stay memory-mapped on disk.
 
+:func:`build_from_npy` builds any of them from an ``embeddings.npy`` file read in blocks, so the
+build never holds the embeddings: IVF-PQ is trained on a sample, each block is encoded into its
+own small IVF file, and the blocks are merged into inverted lists on disk (``faiss.ivfdata``,
+opened memory-mapped). ``flat`` and ``hnsw`` are filled block by block as well, but their FAISS
+structures hold every vector in float32 (plus the graph for HNSW), so their memory grows with
+the corpus; at scale, use ``ivfpq``.
+
 :func:`choose_backend` picks one by size for ``backend="auto"``. Every backend answers
 ``search(queries (Q, D) float32 numpy, k) -> (scores (Q, k) float32, ids (Q, k) int64)`` with
 id -1 / score -inf where fewer than k results exist, as FAISS does.
@@ -17,6 +24,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +40,9 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "exact", "flat", "hnsw", "ivfpq")
 FAISS_FILE = "faiss.index"
+IVF_DATA_FILE = "faiss.ivfdata"  # on-disk inverted lists of an ``ivfpq`` index built by build_from_npy
+BLOCK_ROWS = 65536  # rows per block when streaming embeddings from disk
+MAX_TRAIN = 200_000  # IVF-PQ training sample cap (rows)
 EXACT_MAX_AUTO = 100_000  # "auto" searches exactly up to this many vectors
 
 
@@ -44,6 +57,33 @@ def choose_backend(n: int, requested: str = "auto") -> str:
     if requested != "auto":
         return requested
     return "exact" if n <= EXACT_MAX_AUTO else "hnsw"
+
+
+@contextmanager
+def _faiss_output_logged():
+    """FAISS's on-disk inverted lists print progress lines with C ``printf``; the library never
+    prints, so file descriptor 1 is pointed at a temporary file meanwhile and its text logged at
+    DEBUG. (Anything another thread writes to stdout in that window is logged with it.)"""
+    import ctypes
+    import sys
+    import tempfile
+
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 1)
+        try:
+            yield
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", errors="replace").strip()
+            if text:
+                log.debug("faiss: %s", text)
 
 
 def import_faiss():
@@ -175,8 +215,7 @@ class FaissBackend:
             index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, pq_m, nbits, ip)
             params = BackendParams(**{**params.to_dict(), "nlist": nlist, "pq_m": pq_m})
             rng = np.random.default_rng(seed)
-            # k-means wants ~40-256 points per centroid (IVF: nlist, PQ: 2^nbits); 200k is plenty
-            n_train = min(n, max(64 * nlist, 40 * 2**nbits), 200_000)
+            n_train = _train_size(n, nlist, nbits)
             train = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
             index.cp.seed = seed
             index.train(train)
@@ -184,6 +223,79 @@ class FaissBackend:
             raise ValueError(f"unknown FAISS backend {kind!r}; expected flat, hnsw or ivfpq")
         index.add(x)
         return cls(kind, index, params, embeddings if kind == "ivfpq" else None)
+
+    @classmethod
+    def build_from_npy(cls, kind: str, npy_path: Path, directory: Path, params: BackendParams | None = None,
+                       seed: int = 0, block_rows: int = BLOCK_ROWS) -> "FaissBackend":
+        """Build a ``kind`` index over the (N, D) rows of ``npy_path`` (float32 or float16), read
+        in blocks of ``block_rows`` with plain file reads (nothing of it stays mapped), and save it
+        in ``directory`` (``faiss.index``, plus ``faiss.ivfdata`` for ``ivfpq``).
+
+        IVF-PQ: the quantizers are trained on a sample of at most 200k rows (drawn in one
+        sequential pass), each block is encoded into its own IVF file in a temporary folder and
+        the blocks are merged into on-disk inverted lists. Memory: one block, the sample and the
+        trained quantizers, whatever N is. ``flat`` / ``hnsw`` are filled block by block too, but
+        hold all N vectors in float32 themselves.
+        """
+        faiss = import_faiss()
+        params = params or BackendParams()
+        directory = Path(directory)
+        n, d, _ = npy_shape(npy_path)
+        ip = faiss.METRIC_INNER_PRODUCT
+        if kind in ("flat", "hnsw"):
+            if kind == "flat":
+                index = faiss.IndexFlatIP(d)
+            else:
+                index = faiss.IndexHNSWFlat(d, params.hnsw_m, ip)
+                index.hnsw.efConstruction = params.ef_construction
+            for _, block in iter_npy_blocks(npy_path, block_rows):
+                index.add(block)
+            b = cls(kind, index, params)
+            b.save(directory)
+            return b
+        if kind != "ivfpq":
+            raise ValueError(f"unknown FAISS backend {kind!r}; expected flat, hnsw or ivfpq")
+        nlist = params.nlist or _default_nlist(n)
+        pq_m = params.pq_m or _default_pq_m(d)
+        if d % pq_m:
+            raise ValueError(f"ivfpq: pq_m={pq_m} must divide the embedding dim {d}")
+        if n < nlist:
+            raise ValueError(f"ivfpq: {n} vectors are too few for nlist={nlist}; use backend exact or flat")
+        nbits = int(min(8, max(1, math.floor(math.log2(max(n, 80) / 40)))))
+        params = BackendParams(**{**params.to_dict(), "nlist": nlist, "pq_m": pq_m})
+        trained = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, pq_m, nbits, ip)
+        trained.cp.seed = seed
+        trained.train(_sample_rows(npy_path, _train_size(n, nlist, nbits), seed, block_rows))
+        blocks_dir = directory / ".ivf-blocks.tmpdir"
+        shutil.rmtree(blocks_dir, ignore_errors=True)
+        blocks_dir.mkdir(parents=True)
+        try:
+            block_files = []
+            for start, block in iter_npy_blocks(npy_path, block_rows):
+                part = faiss.clone_index(trained)
+                part.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+                block_files.append(str(blocks_dir / f"block-{len(block_files):06d}.index"))
+                faiss.write_index(part, block_files[-1])
+                del part
+            # the block indexes stay referenced (and own their memory-mapped lists) until merged
+            blocks = [faiss.read_index(f, faiss.IO_FLAG_MMAP) for f in block_files]
+            vec = faiss.InvertedListsPtrVector()
+            for block_index in blocks:
+                vec.push_back(faiss.extract_index_ivf(block_index).invlists)
+            data = directory / IVF_DATA_FILE
+            data.unlink(missing_ok=True)
+            invlists = faiss.OnDiskInvertedLists(nlist, trained.code_size, str(data))
+            with _faiss_output_logged():
+                total = invlists.merge_from_multiple(vec.data(), vec.size(), False)
+            del vec, blocks
+            trained.ntotal = total
+            trained.replace_invlists(invlists, True)
+            invlists.this.disown()
+        finally:
+            shutil.rmtree(blocks_dir, ignore_errors=True)
+        b = cls(kind, trained, params)
+        b.save(directory)
+        return b
 
     def set_search_params(self) -> None:
         if self.name == "hnsw":
@@ -214,10 +326,23 @@ class FaissBackend:
         faiss = import_faiss()
         path = Path(directory) / FAISS_FILE
         index = None
-        if mmap and kind in ("flat", "ivfpq"):
+        if kind == "ivfpq" and (Path(directory) / IVF_DATA_FILE).is_file():
+            # inverted lists on disk (build_from_npy): always memory-mapped, found beside faiss.index
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+        elif mmap and kind == "ivfpq":
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+        elif mmap and kind in ("flat", "hnsw"):  # the float32 vectors mapped in place, the graph in memory
+            flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) | faiss.IO_FLAG_READ_ONLY
+        else:
+            flags = 0
+        if flags:
             try:
-                index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+                with _faiss_output_logged():
+                    index = faiss.read_index(str(path), flags)
             except RuntimeError as e:  # this FAISS build or index type cannot map it
+                if kind == "ivfpq" and flags & faiss.IO_FLAG_ONDISK_SAME_DIR:
+                    raise ValueError(f"{path}: unreadable FAISS index or {IVF_DATA_FILE} "
+                                     f"({str(e).splitlines()[0]}); rebuild the index") from e
                 log.info("FAISS could not memory-map %s (%s); reading it into memory", path, e)
         if index is None:
             try:
@@ -245,6 +370,61 @@ def rerank_exact(queries: np.ndarray, candidates: np.ndarray, embeddings: np.nda
         top = np.argsort(-s, kind="stable")[:k]
         scores[i, :top.size], ids[i, :top.size] = s[top], order[top]
     return scores, ids
+
+
+def npy_shape(path: Path) -> tuple[int, int, np.dtype]:
+    """(rows, dim, dtype) of a 2-D ``.npy`` file, from its header."""
+    with open(path, "rb") as f:
+        shape, _, dtype = _npy_header(f, path)
+    return shape[0], shape[1], dtype
+
+
+def _npy_header(f, path: Path) -> tuple[tuple[int, int], bool, np.dtype]:
+    try:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, dtype = read[version](f)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a .npy file ({e})") from e
+    if len(shape) != 2 or fortran or dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise ValueError(f"{path}: expected a C-ordered 2-D float32 or float16 array, got shape {shape} "
+                         f"{dtype}{' (Fortran order)' if fortran else ''}")
+    return shape, fortran, dtype
+
+
+def iter_npy_blocks(path: Path, block_rows: int = BLOCK_ROWS):
+    """Yield (first row, float32 (m, D) block) over a 2-D ``.npy`` file with plain reads: no
+    memory map, so the process holds one block of it at a time."""
+    with open(path, "rb") as f:
+        (n, d), _, dtype = _npy_header(f, path)
+        for start in range(0, n, block_rows):
+            m = min(block_rows, n - start)
+            block = np.fromfile(f, dtype=dtype, count=m * d)
+            if block.size != m * d:
+                raise ValueError(f"{path}: truncated at row {start + block.size // max(d, 1)} of {n}")
+            yield start, block.reshape(m, d).astype(np.float32, copy=False)
+
+
+def _sample_rows(path: Path, size: int, seed: int, block_rows: int) -> np.ndarray:
+    """``size`` distinct rows of a ``.npy`` file drawn at random, read in one sequential pass."""
+    n, d, _ = npy_shape(path)
+    if size >= n:
+        return np.concatenate([b for _, b in iter_npy_blocks(path, block_rows)])
+    rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+    out = np.empty((size, d), dtype=np.float32)
+    filled = 0
+    for start, block in iter_npy_blocks(path, block_rows):
+        take = rows[(rows >= start) & (rows < start + len(block))] - start
+        out[filled:filled + take.size] = block[take]
+        filled += take.size
+    return out
+
+
+def _train_size(n: int, nlist: int, nbits: int) -> int:
+    """k-means wants ~40-256 points per centroid (IVF: nlist, PQ: 2^nbits); 200k is plenty."""
+    return min(n, max(64 * nlist, 40 * 2**nbits), MAX_TRAIN)
 
 
 def _default_nlist(n: int) -> int:
