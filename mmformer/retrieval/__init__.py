@@ -21,6 +21,7 @@ from typing import Any
 #: flags in :mod:`.options`) loads no torch.
 _HOMES = {"model_fingerprint": "mmformer.model", "embed_images": ".embed", "embed_texts": ".embed",
           "evaluate_retrieval": ".embed", "Index": ".index", "InvalidIndexError": ".index", "build_index": ".index",
+          "ShardedIndex": ".index", "build_from_embeddings": ".index", "write_shard_list": ".index",
           "format_metrics": ".metrics", "retrieval_metrics": ".metrics", "retrieval_ranks": ".metrics",
           "Hit": ".retriever", "Retriever": ".retriever"}
 
@@ -29,6 +30,8 @@ __all__ = [
     "Index",
     "InvalidIndexError",
     "Retriever",
+    "ShardedIndex",
+    "build_from_embeddings",
     "build_index",
     "embed_images",
     "embed_texts",
@@ -37,6 +40,7 @@ __all__ = [
     "model_fingerprint",
     "retrieval_metrics",
     "retrieval_ranks",
+    "write_shard_list",
 ]
 
 

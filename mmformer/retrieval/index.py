@@ -40,8 +40,8 @@ from mmformer.data.transforms import build_transforms, load_and_transform
 from mmformer.files import atomic_path, remove_stale_temps, swap_dir, write_text_atomic
 from mmformer.model import model_fingerprint
 from mmformer.data.errors import CorruptSample, Skipped
-from mmformer.retrieval.backends import (FAISS_FILE, BackendParams, ExactBackend, FaissBackend,
-                                         choose_backend)
+from mmformer.retrieval.backends import (BLOCK_ROWS, FAISS_FILE, IVF_DATA_FILE, BackendParams, ExactBackend,
+                                         FaissBackend, choose_backend, iter_npy_blocks, npy_shape)
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,8 @@ def plan_build(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_
                kind: str = "image", backend: str = "auto", backend_params: dict[str, Any] | None = None,
                dtype: str = "float32", part_size: int = 1024, model_path: str | None = None,
                image_col: str = "image", caption_col: str = "caption", split: str | None = None,
-               overwrite: bool = False, seed: int = 0,
-               root: str | os.PathLike | None = None) -> "BuildPlan | Index":
+               overwrite: bool = False, seed: int = 0, root: str | os.PathLike | None = None,
+               shard: tuple[int, int] | None = None) -> "BuildPlan | Index":
     """Check ``out_dir`` and list the parts left to embed; an existing complete index of the same
     model and source is returned opened instead (see :func:`build_index` for the rules)."""
     if dtype not in INDEX_DTYPES:
@@ -290,6 +290,8 @@ def plan_build(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_
     out = Path(out_dir)
     params = BackendParams.from_dict(backend_params)
     parts, description = collect_parts(source, kind, part_size, image_col, caption_col, split, root)
+    if shard is not None:
+        parts, description = _shard_parts(parts, shard), f"{description}, shard {shard[0]} of {shard[1]}"
     fingerprint = model_fingerprint(model)
     build = {"format": FORMAT_VERSION, "kind": kind, "source": description, "part_size": part_size,
              "model_fingerprint": fingerprint, "n_parts": len(parts)}
@@ -326,6 +328,21 @@ def plan_build(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_
                      kind=kind, dtype=dtype, backend=backend, params=params, seed=seed, model_path=model_path)
 
 
+def _shard_parts(parts: list[Part], shard: tuple[int, int]) -> list[Part]:
+    """Shard ``i`` of ``n``: the i-th of n contiguous ranges of parts (so shards 0..n-1, listed
+    in order, number their rows as one index over all parts would)."""
+    try:
+        i, n = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise ValueError(f"shard={shard!r} must be a pair (i, n) with 0 <= i < n") from None
+    if not 0 <= i < n:
+        raise ValueError(f"shard={shard!r} must be a pair (i, n) with 0 <= i < n")
+    if n > len(parts):
+        raise ValueError(f"shard={shard!r}: {len(parts)} part(s) cannot make {n} shards; use a smaller part_size "
+                         "or fewer shards")
+    return parts[i * len(parts) // n:(i + 1) * len(parts) // n]
+
+
 def finish_build(plan: BuildPlan, embed_seconds: float) -> "Index":
     """Every part written -> the index files (assembled, manifest last), the parts removed, the
     folder swapped in when rebuilding; returns the index opened."""
@@ -351,7 +368,8 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
                 dtype: str = "float32", batch_size: int = 256, part_size: int = 1024,
                 num_workers: int = 0, model_path: str | None = None, image_col: str = "image",
                 caption_col: str = "caption", split: str | None = None, overwrite: bool = False,
-                progress: bool = True, seed: int = 0, root: str | os.PathLike | None = None) -> "Index":
+                progress: bool = True, seed: int = 0, root: str | os.PathLike | None = None,
+                shard: tuple[int, int] | None = None) -> "Index":
     """Embed ``source`` with ``model`` in this process and write an index to ``out_dir``; returns
     it opened. (Across devices or nodes: :func:`mmformer.training.index_build.build_index`, the
     same files from ``trainer.predict``.)
@@ -374,10 +392,14 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
         model_path: where the model lives, recorded so ``mmformer search`` can find it.
         image_col, caption_col, split: manifest columns and row filter (manifest sources).
         root: manifest sources: refuse image paths that resolve outside this folder.
+        shard: ``(i, n)``: embed only the i-th of n contiguous ranges of parts (one shard per
+            node or job, each in its own folder); :func:`write_shard_list` then lists the
+            shards so that they open and serve as one index.
     """
     plan = plan_build(model, source, out_dir, kind=kind, backend=backend, backend_params=backend_params,
                       dtype=dtype, part_size=part_size, model_path=model_path, image_col=image_col,
-                      caption_col=caption_col, split=split, overwrite=overwrite, seed=seed, root=root)
+                      caption_col=caption_col, split=split, overwrite=overwrite, seed=seed, root=root,
+                      shard=shard)
     if isinstance(plan, Index):
         return plan
     t0 = time.perf_counter()
@@ -416,7 +438,7 @@ def _folder_state(out: Path, build: dict[str, Any]) -> str:
             return "foreign"
         return "same index" if _same_input(existing.get("build", {}), build) else "other index"
     info = out / PARTS / BUILD_INFO
-    ours = {PARTS, EMBEDDINGS, METADATA, SKIPPED, FAISS_FILE}
+    ours = {PARTS, EMBEDDINGS, METADATA, SKIPPED, FAISS_FILE, IVF_DATA_FILE}
     if info.is_file() and all(e.name in ours for e in entries) and \
             all(_is_part_file(f.name) or _is_our_temp(f.name) for f in (out / PARTS).iterdir()):
         try:
@@ -469,45 +491,147 @@ def _same_input(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def _assemble(out: Path, parts: list[Part], dtype: str, backend: str, params: BackendParams,
               seed: int) -> dict[str, Any]:
-    """Parts -> embeddings.npy, metadata.jsonl, skipped.jsonl, backend files; the manifest's body."""
+    """Parts -> embeddings.npy, metadata.jsonl, skipped.jsonl, backend files; the manifest's body.
+    Streams: one part's embeddings and records are held at a time."""
     parts_dir = out / PARTS
-    records = [json.loads((parts_dir / f"part-{p.index:06d}.json").read_text()) for p in parts]
-    n = sum(r["n"] for r in records)
+
+    def record(p: Part) -> dict[str, Any]:
+        return json.loads((parts_dir / f"part-{p.index:06d}.json").read_text())
+
+    counts, skipped = [], []
+    for p in parts:
+        r = record(p)
+        counts.append(r["n"])
+        skipped += r["skipped"]
+    n = sum(counts)
     if n == 0:
         raise InvalidIndexError(f"{out}: no input could be embedded (every one was skipped; see {PARTS}/*.json)")
     dim = next(np.load(parts_dir / f"part-{p.index:06d}.npy", mmap_mode="r").shape[1]
-               for p, r in zip(parts, records) if r["n"])
-    # embeddings: streamed part by part into a memory-mapped temporary .npy, then renamed
-    with atomic_path(out / EMBEDDINGS) as tmp:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, dim))
-        row = 0
-        for p, r in zip(parts, records):
-            if r["n"]:
+               for p, c in zip(parts, counts) if c)
+
+    def blocks() -> Iterable[np.ndarray]:
+        for p, c in zip(parts, counts):
+            if c:
                 block = np.load(parts_dir / f"part-{p.index:06d}.npy")
-                if block.shape != (r["n"], dim):
+                if block.shape != (c, dim):
                     raise InvalidIndexError(f"{parts_dir}/part-{p.index:06d}.npy has shape {block.shape}, "
-                                      f"expected ({r['n']}, {dim}); delete it and rerun the build")
-                mm[row:row + r["n"]] = block
-                row += r["n"]
-        mm.flush()
-        del mm
-    write_text_atomic(out / METADATA, "".join(json.dumps(it) + "\n" for r in records for it in r["items"]))
-    skipped = [s for r in records for s in r["skipped"]]
+                                            f"expected ({c}, {dim}); delete it and rerun the build")
+                yield block
+
+    def items() -> Iterable[dict[str, Any]]:
+        for p in parts:
+            yield from record(p)["items"]
+
+    return _write_index_files(out, n, dim, blocks(), items(), [(s[0], s[1]) for s in skipped], dtype, backend,
+                              params, seed)
+
+
+def _write_index_files(out: Path, n: int, dim: int, blocks: Iterable[np.ndarray], items: Iterable[dict[str, Any]],
+                       skipped: Sequence[tuple[str, str]], dtype: str, backend: str, params: BackendParams,
+                       seed: int, block_rows: int = BLOCK_ROWS) -> dict[str, Any]:
+    """The index files from (n, dim) embeddings given as row blocks and one metadata record per
+    row, written with plain file writes (nothing of them stays in memory); the manifest's body."""
+    with atomic_path(out / EMBEDDINGS) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                 "fortran_order": False, "shape": (n, dim)})
+        row = 0
+        for block in blocks:
+            block = np.asarray(block)
+            if block.ndim != 2 or block.shape[1] != dim or row + len(block) > n:
+                raise ValueError(f"{out / EMBEDDINGS}: a block of shape {block.shape} at row {row} does not fit "
+                                 f"({n}, {dim})")
+            f.write(np.ascontiguousarray(block, dtype=np.dtype(dtype)).tobytes())
+            row += len(block)
+        if row != n:
+            raise ValueError(f"{out / EMBEDDINGS}: {row} rows written, expected {n}")
+    with atomic_path(out / METADATA) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        rows = 0
+        for it in items:
+            f.write(json.dumps(it) + "\n")
+            rows += 1
+        if rows != n:
+            raise ValueError(f"{out / METADATA}: {rows} metadata records for {n} embeddings")
     write_text_atomic(out / SKIPPED, "".join(json.dumps({"source": s[0], "reason": s[1]}) + "\n" for s in skipped))
     if skipped:
         log.warning("skipped %d unreadable input(s); listed in %s", len(skipped), out / SKIPPED)
     kind = choose_backend(n, backend)
     t0 = time.perf_counter()
+    (out / IVF_DATA_FILE).unlink(missing_ok=True)
     if kind != "exact":
-        emb = np.load(out / EMBEDDINGS, mmap_mode="r")
-        b = FaissBackend.build(kind, emb, params, seed=seed)
-        b.save(out)
+        b = FaissBackend.build_from_npy(kind, out / EMBEDDINGS, out, params, seed=seed, block_rows=block_rows)
         params = b.params
+        del b
     build_s = time.perf_counter() - t0
-    files = [EMBEDDINGS, METADATA, SKIPPED] + ([FAISS_FILE] if kind != "exact" else [])
+    files = [EMBEDDINGS, METADATA, SKIPPED] + ([FAISS_FILE] if kind != "exact" else []) + \
+        ([IVF_DATA_FILE] if (out / IVF_DATA_FILE).is_file() else [])
     return {"format": FORMAT_VERSION, "count": n, "dim": int(dim), "dtype": dtype, "metric": "inner_product",
             "backend": kind, "backend_params": params.to_dict(), "skipped": len(skipped),
             "index_seconds": round(build_s, 3), "files": {f: _file_info(out / f) for f in files}}
+
+
+def build_from_embeddings(embeddings: str | os.PathLike | np.ndarray | Sequence[str | os.PathLike | np.ndarray],
+                          out_dir: str | os.PathLike, items: Iterable[dict[str, Any]] | None = None, *,
+                          kind: str = "image", backend: str = "auto", backend_params: dict[str, Any] | None = None,
+                          dtype: str = "float32", seed: int = 0, fingerprint: str = "external",
+                          block_rows: int = BLOCK_ROWS) -> "Index":
+    """Write an index from embeddings computed elsewhere (no model): the same files and the same
+    streaming build as :func:`build_index`, whose parts go through the same writer.
+
+    Args:
+        embeddings: a 2-D ``.npy`` file (float32 or float16, unit rows), an array, or a sequence of
+            either (part files, concatenated in order). Files are read in blocks of ``block_rows``
+            with plain reads, so memory stays bounded whatever their size.
+        out_dir: a new or empty folder.
+        items: one metadata record per row (each with an ``"id"``); default ``{"id": "<row>"}``.
+        fingerprint: recorded as the model fingerprint; searching through a :class:`Retriever`
+            needs the fingerprint of the model that made the embeddings.
+    """
+    if dtype not in INDEX_DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be 'float32' or 'float16'")
+    if kind not in ("image", "text"):
+        raise ValueError(f"kind={kind!r} must be 'image' or 'text'")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidIndexError(f"{out} exists and is not an empty folder; choose a new or empty directory")
+    sources = [embeddings] if isinstance(embeddings, (str, os.PathLike, np.ndarray)) else list(embeddings)
+    if not sources:
+        raise ValueError("embeddings: nothing given (expected a .npy file, an array or a list of them)")
+    shapes = []
+    for i, src in enumerate(sources):
+        if isinstance(src, (str, os.PathLike)):
+            rows, dim, _ = npy_shape(Path(src))
+        else:
+            if np.ndim(src) != 2:
+                raise ValueError(f"embeddings[{i}]: expected a 2-D array, got shape {np.shape(src)}")
+            rows, dim = np.shape(src)
+        shapes.append((rows, dim))
+    dims = {d for _, d in shapes}
+    if len(dims) != 1:
+        raise ValueError(f"embeddings: every part needs the same dim, got {sorted(dims)}")
+    n, dim = sum(r for r, _ in shapes), dims.pop()
+    if n == 0:
+        raise ValueError("embeddings: 0 rows")
+
+    def blocks() -> Iterable[np.ndarray]:
+        for src in sources:
+            if isinstance(src, (str, os.PathLike)):
+                for _, block in iter_npy_blocks(Path(src), block_rows):
+                    yield block
+            else:
+                for s in range(0, len(src), block_rows):
+                    yield np.asarray(src[s:s + block_rows], dtype=np.float32)
+
+    out.mkdir(parents=True, exist_ok=True)
+    params = BackendParams.from_dict(backend_params)
+    description = f"{n} embeddings from {len(sources)} file(s) or array(s)"
+    manifest = _write_index_files(out, n, dim, blocks(), items if items is not None else
+                                  ({"id": str(i)} for i in range(n)), [], dtype, backend, params, seed, block_rows)
+    manifest.update(kind=kind, embed_seconds=0.0,
+                    build={"format": FORMAT_VERSION, "kind": kind, "source": description,
+                           "model_fingerprint": fingerprint, "n_parts": len(sources)},
+                    model={"fingerprint": fingerprint, "path": None, "int8": False, "config": None})
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return Index.open(out)
 
 
 _REQUIRED = {"kind": str, "count": int, "dim": int, "dtype": str, "backend": str, "files": dict, "model": dict}
@@ -578,10 +702,15 @@ class Index:
              backend: str | None = None, search_params: dict[str, Any] | None = None) -> "Index":
         """Open and check an index directory.
 
+        A folder with a ``shards.json`` instead of an ``index.json`` opens as one
+        :class:`ShardedIndex` over the shards it lists (see :func:`write_shard_list`).
+
         Args:
             verify: True = check every file's sha256; "auto" = only when the files total at
                 most 1 GiB (sizes and shapes are always checked); False = sizes and shapes only.
-            mmap: memory-map the embeddings (and the FAISS file where FAISS allows it).
+            mmap: memory-map the embeddings, the metadata and the FAISS structure where FAISS allows
+                it (the inverted lists of ``ivfpq``, the vectors of ``flat`` / ``hnsw``; ``ivfpq``
+                lists stored in ``faiss.ivfdata`` are mapped either way).
             backend: search with another backend than the stored one: ``exact`` always works;
                 a FAISS kind other than the stored one is built in memory now.
             search_params: override ``ef_search`` / ``nprobe`` / ``refine``.
@@ -591,6 +720,9 @@ class Index:
         """
         d = Path(directory)
         man_path = d / MANIFEST
+        if not man_path.is_file() and (d / SHARDS).is_file():
+            return ShardedIndex.open(d, verify=verify, mmap=mmap, backend=backend,  # type: ignore[return-value]
+                                     search_params=search_params)
         if not man_path.is_file():
             hint = (" (it holds an unfinished build: rerun `mmformer index build` with the same arguments "
                     "to finish it)") if (d / PARTS).is_dir() else ""
@@ -628,8 +760,8 @@ class Index:
         if emb.shape != (manifest["count"], manifest["dim"]) or emb.dtype != np.dtype(manifest["dtype"]):
             raise InvalidIndexError(f"{d / EMBEDDINGS}: shape {emb.shape} {emb.dtype}, the manifest says "
                               f"({manifest['count']}, {manifest['dim']}) {manifest['dtype']}")
-        meta = (d / METADATA).read_bytes()
-        starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(meta, dtype=np.uint8) == 10) + 1])
+        meta = _read_metadata(d / METADATA, mmap)
+        starts = _line_starts(meta)
         if len(starts) - 1 != manifest["count"]:
             raise InvalidIndexError(f"{d / METADATA}: {len(starts) - 1} rows, the manifest says {manifest['count']}")
         params = BackendParams.from_dict({**manifest.get("backend_params", {}), **(search_params or {})})
@@ -646,9 +778,19 @@ class Index:
             b = FaissBackend.build(kind, emb, params)
         return cls(d, manifest, emb, b, meta, starts)
 
+    @classmethod
+    def open_many(cls, directories: Sequence[str | os.PathLike], **kwargs: Any) -> "ShardedIndex":
+        """Open several indexes (shards of one corpus, same model, kind and dim) as one
+        :class:`ShardedIndex`; ``kwargs`` as for :meth:`open`."""
+        return ShardedIndex([cls.open(d, **kwargs) for d in directories])
+
     def metadata(self, row: int) -> dict[str, Any]:
         """The stored record of row ``row`` (id, path or text, caption...)."""
         return json.loads(self._meta[self._starts[row]:self._starts[row + 1]])
+
+    def search_exact(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the stored embeddings, whatever the backend (for checking recall)."""
+        return ExactBackend(self.embeddings).search(np.asarray(queries, dtype=np.float32), k)
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) unit query embeddings -> (scores (Q, k) float32, rows (Q, k) int64)."""
@@ -660,3 +802,133 @@ class Index:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         return self.backend.search(q, k)
+
+
+def _read_metadata(path: Path, mmap: bool):
+    """metadata.jsonl as bytes (read into memory) or as a read-only memory map."""
+    if not mmap or path.stat().st_size == 0:
+        return path.read_bytes()
+    import mmap as _mmap
+
+    with open(path, "rb") as f:
+        return _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+
+
+def _line_starts(meta, chunk: int = 1 << 26) -> np.ndarray:
+    """Byte offset of every line of ``meta`` and its end: (rows + 1,) int64, scanned in chunks."""
+    found = [np.zeros(1, dtype=np.int64)]
+    size = len(meta)
+    for s in range(0, size, chunk):
+        view = np.frombuffer(meta, dtype=np.uint8, count=min(chunk, size - s), offset=s)
+        found.append(np.flatnonzero(view == 10).astype(np.int64) + s + 1)
+        del view
+    return np.concatenate(found)
+
+
+# ---- shards ---------------------------------------------------------------------------------
+SHARDS = "shards.json"
+
+
+def write_shard_list(directory: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> Path:
+    """Write ``directory/shards.json`` listing ``shards`` (index folders, in row order), so that
+    ``Index.open(directory)`` (and ``mmformer serve --index NAME=directory``) opens them as one
+    :class:`ShardedIndex`. Shards inside ``directory`` are stored by relative path. The shards
+    are opened once to check that they fit together."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    if (d / MANIFEST).is_file():
+        raise InvalidIndexError(f"{d} holds an index ({MANIFEST}); put {SHARDS} in a folder of its own")
+    if not shards:
+        raise ValueError("shards: at least one index folder is needed")
+    listed = []
+    for s in shards:
+        p = Path(s).resolve()
+        try:
+            listed.append(str(p.relative_to(d.resolve())))
+        except ValueError:
+            listed.append(str(p))
+    ShardedIndex([Index.open(d / s, verify=False) for s in listed])
+    write_text_atomic(d / SHARDS, json.dumps({"format": FORMAT_VERSION, "shards": listed}, indent=1) + "\n")
+    return d / SHARDS
+
+
+class ShardedIndex:
+    """Several indexes of one model searched as one: rows are numbered shard after shard, and
+    :meth:`search` merges each shard's top-k, which is exact: the global top-k of the union is
+    in the union of the per-shard top-k (each shard searched with its own backend).
+
+    Open with :meth:`Index.open_many` or :meth:`Index.open` on a folder with ``shards.json``.
+    """
+
+    def __init__(self, shards: Sequence[Index], directory: Path | None = None) -> None:
+        if not shards:
+            raise ValueError("a sharded index needs at least one shard")
+        first = shards[0]
+        for sh in shards[1:]:
+            for what, a, b in (("model", first.fingerprint, sh.fingerprint), ("kind", first.kind, sh.kind),
+                               ("dim", first.manifest["dim"], sh.manifest["dim"])):
+                if a != b:
+                    raise InvalidIndexError(f"{sh.directory}: {what} {b!r} differs from {first.directory}'s {a!r}; "
+                                            "shards of one index need the same model, kind and dim")
+        self.shards = list(shards)
+        self.directory = directory or first.directory
+        self.offsets = np.cumsum([0] + [len(sh) for sh in self.shards])
+        backends = sorted({sh.manifest["backend"] for sh in self.shards})
+        self.manifest = {"format": FORMAT_VERSION, "kind": first.kind, "count": int(self.offsets[-1]),
+                         "dim": first.manifest["dim"], "dtype": first.manifest["dtype"],
+                         "metric": first.manifest.get("metric", "inner_product"),
+                         "backend": backends[0] if len(backends) == 1 else "+".join(backends),
+                         "model": first.manifest["model"],
+                         "shards": [str(sh.directory) for sh in self.shards]}
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, **kwargs: Any) -> "ShardedIndex":
+        """Open the shards listed in ``directory/shards.json``; ``kwargs`` as for :meth:`Index.open`."""
+        d = Path(directory)
+        path = d / SHARDS
+        try:
+            listing = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InvalidIndexError(f"{path}: unreadable shard list ({e})") from e
+        if not isinstance(listing, dict) or listing.get("format") != FORMAT_VERSION:
+            got = listing.get("format") if isinstance(listing, dict) else listing
+            raise InvalidIndexError(f"{path}: shard list format {got!r}, this version reads {FORMAT_VERSION}")
+        names = listing.get("shards")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise InvalidIndexError(f"{path}: 'shards' must be a non-empty list of index folders")
+        return cls([Index.open(d / n, **kwargs) for n in names], directory=d)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.shards[0].fingerprint
+
+    def __len__(self) -> int:
+        return self.manifest["count"]
+
+    def __repr__(self) -> str:
+        return (f"ShardedIndex({str(self.directory)!r}, shards={len(self.shards)}, kind={self.kind}, "
+                f"count={len(self)}, backend={self.manifest['backend']}, model={self.fingerprint})")
+
+    def metadata(self, row: int) -> dict[str, Any]:
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} rows")
+        i = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return self.shards[i].metadata(row - int(self.offsets[i]))
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) unit queries -> (scores (Q, k), global rows (Q, k)); ties keep shard order."""
+        return self._merge([sh.search(queries, k) for sh in self.shards], k)
+
+    def search_exact(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        return self._merge([sh.search_exact(queries, k) for sh in self.shards], k)
+
+    def _merge(self, results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.concatenate([s for s, _ in results], axis=1)
+        rows = np.concatenate([np.where(r >= 0, r + off, -1) for (_, r), off in zip(results, self.offsets)], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return (np.take_along_axis(scores, order, 1).astype(np.float32),
+                np.take_along_axis(rows, order, 1).astype(np.int64))

@@ -18,7 +18,6 @@ from PIL import Image
 from mmformer.compress import quantize_int8
 from mmformer.data.transforms import build_transforms, load_and_transform, to_rgb
 from mmformer.model import MMFormer, model_fingerprint
-from mmformer.retrieval.backends import ExactBackend
 from mmformer.retrieval.index import Index, InvalidIndexError
 
 
@@ -139,7 +138,7 @@ def evaluate_index(retriever: Retriever, ks: Sequence[int] = (1, 5, 10),
     kmax = max(ks)
     results = {index.manifest["backend"]: index.search(queries, kmax)[1]}
     if compare_exact and index.manifest["backend"] not in ("exact", "flat"):
-        results["exact"] = ExactBackend(index.embeddings).search(queries, kmax)[1]
+        results["exact"] = index.search_exact(queries, kmax)[1]
     out: dict[str, dict[str, float]] = {}
     for name, top in results.items():
         hit_rank = np.full(len(captions), np.inf)
