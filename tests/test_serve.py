@@ -539,6 +539,28 @@ def test_no_batching_service_gives_the_same_embeddings(model, index_dir):
         thread.stop()
 
 
+def test_a_sharded_index_is_served_as_one(model, index_dir, tmp_path):
+    from mmformer.retrieval import build_index, write_shard_list
+
+    manifest = index_dir.parent / "gallery" / "manifest.jsonl"
+    shards = [build_index(model, manifest, tmp_path / "shapes" / f"shard-{i}", part_size=8, batch_size=32,
+                          progress=False, shard=(i, 2)).directory for i in range(2)]
+    write_shard_list(tmp_path / "shapes", shards)
+    retriever = Retriever(model, Index.open(index_dir))
+    thread = start_service(model, tmp_path / "shapes")  # what `mmformer serve --index shapes=DIR` opens
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{thread.server.http_port}", timeout=30) as client:
+            info = client.get("/v1/info", headers=auth()).json()["indexes"][0]
+            assert (info["count"], info["backend"]) == (20, "exact")
+            for query in ["a red square", "circle"]:
+                ref = retriever.search_text([query], k=20)[0]
+                hits = client.post("/v1/search", json={"text": query, "k": 20}, headers=auth()).json()["hits"]
+                assert [h["id"] for h in hits] == [h.id for h in ref]
+                np.testing.assert_allclose([h["score"] for h in hits], [h.score for h in ref], atol=1e-6)
+    finally:
+        thread.stop()
+
+
 # ---- lifecycle, back-pressure ------------------------------------------------------------------
 def test_not_serving_while_loading_then_ready_and_queue_full_refused(model, index_dir):
     import threading
