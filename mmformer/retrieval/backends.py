@@ -101,7 +101,8 @@ class BackendParams:
     hnsw_m: graph degree; ef_construction / ef_search: HNSW candidate list sizes.
     nlist: IVF lists (0 = about 4 sqrt(N), a power of two); nprobe: lists scanned per query;
     pq_m: PQ sub-quantizers (0 = D/4 bytes per vector); refine: the IVF-PQ shortlist is
-    ``refine * k`` candidates, re-ranked exactly (1 = no re-ranking).
+    ``refine * k`` candidates, re-ranked exactly (1 = no re-ranking); train_size: rows the IVF-PQ
+    quantizers are trained on (0 = 64 per list, at least 40 per PQ centroid, at most 200k).
     """
 
     hnsw_m: int = 32
@@ -111,6 +112,7 @@ class BackendParams:
     nprobe: int = 32
     pq_m: int = 0
     refine: int = 16
+    train_size: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "BackendParams":
@@ -215,7 +217,7 @@ class FaissBackend:
             index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, pq_m, nbits, ip)
             params = BackendParams(**{**params.to_dict(), "nlist": nlist, "pq_m": pq_m})
             rng = np.random.default_rng(seed)
-            n_train = _train_size(n, nlist, nbits)
+            n_train = _train_size(n, nlist, nbits, params.train_size)
             train = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
             index.cp.seed = seed
             index.train(train)
@@ -265,7 +267,7 @@ class FaissBackend:
         params = BackendParams(**{**params.to_dict(), "nlist": nlist, "pq_m": pq_m})
         trained = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, pq_m, nbits, ip)
         trained.cp.seed = seed
-        trained.train(_sample_rows(npy_path, _train_size(n, nlist, nbits), seed, block_rows))
+        trained.train(_sample_rows(npy_path, _train_size(n, nlist, nbits, params.train_size), seed, block_rows))
         blocks_dir = directory / ".ivf-blocks.tmpdir"
         shutil.rmtree(blocks_dir, ignore_errors=True)
         blocks_dir.mkdir(parents=True)
@@ -422,8 +424,10 @@ def _sample_rows(path: Path, size: int, seed: int, block_rows: int) -> np.ndarra
     return out
 
 
-def _train_size(n: int, nlist: int, nbits: int) -> int:
+def _train_size(n: int, nlist: int, nbits: int, requested: int = 0) -> int:
     """k-means wants ~40-256 points per centroid (IVF: nlist, PQ: 2^nbits); 200k is plenty."""
+    if requested:
+        return min(n, max(requested, nlist))
     return min(n, max(64 * nlist, 40 * 2**nbits), MAX_TRAIN)
 
 
