@@ -33,15 +33,18 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 # ---- bounded-memory build -----------------------------------------------------------------------
 BUILD_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from mmformer.retrieval import build_from_embeddings
     import faiss, numpy, torch  # everything the build imports, before the baseline
-    with open("/proc/self/status") as f:  # resident now (ru_maxrss would be the import's peak)
-        base = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    def status(field):  # kB; VmHWM is this process's peak (ru_maxrss also counts the forking parent)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    base = status("VmRSS")
     index = build_from_embeddings(sys.argv[1], sys.argv[2], backend="ivfpq", dtype="float16",
                                   backend_params={"nlist": 256}, block_rows=16384)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"base_kb": base, "peak_kb": peak, "count": len(index)}))
+    print(json.dumps({"base_kb": base, "peak_kb": status("VmHWM"), "count": len(index)}))
 """)
 
 
