@@ -52,11 +52,12 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
                 devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
                 model_path: str | None = None, image_col: str = "image", caption_col: str = "caption",
                 split: str | None = None, overwrite: bool = False, progress: bool = True, seed: int = 0,
-                root: str | os.PathLike | None = None) -> Index | None:
+                root: str | os.PathLike | None = None, shard: tuple[int, int] | None = None) -> Index | None:
     """:func:`mmformer.retrieval.index.build_index` with the embedding run by a Lightning Trainer:
     ``precision``, ``accelerator``, ``devices``, ``strategy`` and ``num_nodes`` go to the Trainer
     (a launch by ``torchrun`` or SLURM is read from the environment, as for ``fit``). Rank 0
-    assembles the index and returns it; the other ranks return None."""
+    assembles the index and returns it; the other ranks return None. ``shard=(i, n)`` builds the
+    i-th of n shards (see :func:`mmformer.retrieval.index.build_index`)."""
     int8 = bool(getattr(model, "is_int8", False))
     if int8 and accelerator not in ("cpu", "auto"):
         raise ValueError("int8 (dynamically quantized) models run on the CPU only; use accelerator='cpu'")
@@ -67,7 +68,7 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
                         enable_model_summary=False, enable_checkpointing=False, inference_mode=True)
     plan_args = dict(kind=kind, backend=backend, backend_params=backend_params, dtype=dtype, part_size=part_size,
                      model_path=model_path, image_col=image_col, caption_col=caption_col, split=split,
-                     overwrite=overwrite, seed=seed, root=root)
+                     overwrite=overwrite, seed=seed, root=root, shard=shard)
     if _launched_externally(trainer):
         trainer.strategy.setup_environment()  # joins the process group (Lightning's predict reuses it)
         plan = _plan_rank_zero_first(trainer, lambda: plan_build(model, source, out_dir, **plan_args))
