@@ -111,6 +111,11 @@ def test_memory_mapped_index_answers_as_the_in_memory_one(tmp_path, backend):
     if backend == "ivfpq":  # the inverted lists are read from faiss.ivfdata through a memory map
         lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(mapped.backend.index).invlists)
         assert isinstance(lists, faiss.OnDiskInvertedLists)
+        (tmp_path / "ix" / IVF_DATA_FILE).unlink()
+        with pytest.raises(InvalidIndexError, match="faiss.ivfdata: missing"):
+            Index.open(tmp_path / "ix")
+        np.testing.assert_array_equal(Index.open(tmp_path / "ix", backend="exact").search(q, 10)[1],
+                                      loaded.search_exact(q, 10)[1])  # exact search needs no FAISS file
     # the streamed build answers as the in-memory build of the same structure
     ref = FaissBackend.build(backend, x, BackendParams(nlist=64))
     ref.embeddings = x if backend == "ivfpq" else None

@@ -738,7 +738,8 @@ class Index:
         _check_manifest_fields(man_path, manifest)
         kind = backend or manifest["backend"]
         # searching exactly needs no FAISS file: leave it out of the checks (it may be absent)
-        files = {n: i for n, i in manifest["files"].items() if not (kind == "exact" and n == FAISS_FILE)}
+        files = {n: i for n, i in manifest["files"].items()
+                 if not (kind == "exact" and n in (FAISS_FILE, IVF_DATA_FILE))}
         total = 0
         for name, info in files.items():
             p = d / name
@@ -878,7 +879,7 @@ class ShardedIndex:
                          "dim": first.manifest["dim"], "dtype": first.manifest["dtype"],
                          "metric": first.manifest.get("metric", "inner_product"),
                          "backend": backends[0] if len(backends) == 1 else "+".join(backends),
-                         "model": first.manifest["model"],
+                         "model": first.manifest["model"], "files": {},  # each shard checks its own
                          "shards": [str(sh.directory) for sh in self.shards]}
 
     @classmethod
