@@ -71,6 +71,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+def _tracing() -> bool:
+    """True while the graph is traced, compiled or exported (no inference mode may be entered)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
 class PatchEmbed(nn.Module):
     """(B, C, H, W) -> (B, N, D): a stride-``patch`` convolution, kept as timm's ``proj`` Conv2d
     parameters and computed as one matmul over the flattened patches (the same numbers; on the
@@ -289,9 +294,93 @@ class MMFormer(nn.Module):
             x = drop_patches(x, c.patch_dropout)
         return self.norm_pre(x)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """(B, C, H, W) -> (B, E) joint-space embeddings (unit length when ``normalize``)."""
-        return self.project_image(self.forward_image_features(images), normalize)
+    #: In eval mode the encode calls (:meth:`encode_image`, :meth:`encode_text`,
+    #: :meth:`encode_texts`, :meth:`encode_document`) run under ``torch.inference_mode()``: no graph
+    #: is recorded and the result has ``requires_grad=False`` (an ordinary tensor, usable in a later
+    #: autograd computation such as a probe trained on it). In train mode they keep gradients, and
+    #: :meth:`forward` (the training call) always does. False keeps gradients in eval mode too.
+    inference_in_eval: bool = True
+
+    def _encode(self, fn, *args):
+        """``fn(*args)``, under ``torch.inference_mode()`` in eval mode (see :attr:`inference_in_eval`),
+        the result cloned outside it so that it is an ordinary tensor; as is in train mode, inside an
+        inference-mode block already, or while traced, compiled or exported."""
+        if self.training or not self.inference_in_eval or torch.is_inference_mode_enabled() or _tracing():
+            return fn(*args)
+        with torch.inference_mode():
+            out = fn(*args)
+        return out.clone()
+
+    @property
+    def preprocess(self):
+        """The eval image transform of this model (as open_clip's ``preprocess``): an RGB
+        ``PIL.Image`` (or a uint8 (3, H, W) tensor) -> float (3, S, S): shorter side resized to the
+        config's ``image_size``, centre-cropped, normalised with its ``image_mean`` / ``image_std``.
+        ``model.encode_image(torch.stack([model.preprocess(im) for im in images]))`` is what
+        ``model.encode_image(images)`` computes for a list of PIL images."""
+        from mmformer.data.transforms import build_transforms
+
+        c = self.config
+        key = (c.image_size, tuple(c.image_mean), tuple(c.image_std))
+        cached = self.__dict__.get("_preprocess")
+        if cached is None or cached[0] != key:
+            cached = (key, build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std))
+            self.__dict__["_preprocess"] = cached
+        return cached[1]
+
+    def image_batch(self, images) -> torch.Tensor:
+        """Images as people have them -> the (B, C, S, S) batch :meth:`encode_image` embeds.
+
+        ``images``: a (B, C, H, W) tensor (returned as is: already preprocessed), or one image or a
+        list/tuple of images, each a ``PIL.Image``, a path (``str`` / ``os.PathLike``), encoded
+        bytes (PNG, JPEG, WebP...) or a preprocessed (C, S, S) tensor. Files and bytes are decoded
+        with :func:`mmformer.data.transforms.load_image` (EXIF orientation, any mode to RGB);
+        everything goes through :attr:`preprocess`. The batch is on the model's device, in the
+        dtype of its image parameters.
+
+        Raises:
+            CorruptSample: an image that cannot be read (naming its path).
+            TypeError: an input of another kind.
+        """
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            return images
+        from PIL import Image
+
+        from mmformer.data.transforms import load_image, to_rgb
+
+        single = isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image, torch.Tensor))
+        items = [images] if single else list(images)
+        if not items:
+            raise ValueError("encode_image got an empty list of images")
+        tf = self.preprocess
+        out = []
+        for i, im in enumerate(items):
+            if isinstance(im, torch.Tensor):
+                if im.ndim != 3:
+                    raise ValueError(f"images[{i}]: expected a preprocessed (C, H, W) tensor, got {tuple(im.shape)}")
+                out.append(im)
+            elif isinstance(im, Image.Image):
+                out.append(tf(to_rgb(im)))
+            elif isinstance(im, (str, os.PathLike, bytes, bytearray)):
+                src = bytes(im) if isinstance(im, bytearray) else im
+                out.append(tf(load_image(src, name=None if not isinstance(src, bytes) else f"images[{i}] (bytes)")))
+            else:
+                raise TypeError(f"images[{i}]: expected a PIL image, a path, encoded bytes or a tensor, "
+                                f"got {type(im).__name__}")
+        return torch.stack(out).to(self.cls_token.device, self.cls_token.dtype)
+
+    def encode_image(self, images, normalize: bool = True) -> torch.Tensor:
+        """Images -> (B, E) joint-space embeddings (unit length when ``normalize``).
+
+        ``images``: a (B, C, H, W) tensor of preprocessed pixels (the fast path), or a ``PIL.Image``,
+        a path, encoded bytes, or a list of those (see :meth:`image_batch`). In eval mode this runs
+        under ``torch.inference_mode()`` (see :attr:`inference_in_eval`).
+        """
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            images = self.image_batch(images)
+        return self._encode(lambda x: self.project_image(self.forward_image_features(x), normalize), images)
+
+    encode_images = encode_image
 
     def project_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Final-norm image states (B, 1+N, D) -> (B, E): pooled, projected (unit length when ``normalize``)."""
@@ -378,11 +467,22 @@ class MMFormer(nn.Module):
         last = mask.long().sum(dim=1) - 1  # (B,) index of the last real token (EOS)
         return states[torch.arange(states.shape[0], device=states.device), last]
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def encode_text(self, input_ids, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
-        """(B, T) ids (+ (B, T) bool mask) -> (B, E) joint-space embeddings."""
-        mask = self._text_mask(input_ids, attention_mask)
-        return self.project_text(self.forward_text_features(input_ids, mask), mask, normalize)
+        """(B, T) ids (+ (B, T) bool mask) -> (B, E) joint-space embeddings; a string or a list of
+        strings is tokenized with the model's tokenizer first (as :meth:`encode_texts`). In eval
+        mode this runs under ``torch.inference_mode()`` (see :attr:`inference_in_eval`)."""
+        if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
+                                          and all(isinstance(t, str) for t in input_ids)):
+            if attention_mask is not None:
+                raise ValueError("encode_text: texts are tokenized here; pass no attention_mask with them")
+            return self.encode_texts([input_ids] if isinstance(input_ids, str) else list(input_ids), normalize)
+
+        def run(ids: torch.Tensor) -> torch.Tensor:
+            mask = self._text_mask(ids, attention_mask)
+            return self.project_text(self.forward_text_features(ids, mask), mask, normalize)
+
+        return self._encode(run, input_ids)
 
     def project_text(self, states: torch.Tensor, mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Final-norm text states (B, T, D), (B, T) bool mask -> (B, E) (unit length when ``normalize``)."""
@@ -542,16 +642,24 @@ class MMFormer(nn.Module):
                 raise RuntimeError("this model has no tokenizer attached; pass a DocumentBatch")
             batch = self.document_collator()(list(texts))
         batch = batch.to(self.logit_scale.device)
-        z = self.forward_document(batch, (mode,))[mode]
-        return F.normalize(z, dim=-1) if normalize else z
+
+        def run(b) -> torch.Tensor:
+            z = self.forward_document(b, (mode,))[mode]
+            return F.normalize(z, dim=-1) if normalize else z
+
+        return self._encode(run, batch)
 
     # ---- both ---------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Both embeddings (unit length) and the logit scale exp(s), clamped at logit_scale_max."""
+        """Both embeddings (unit length) and the logit scale exp(s), clamped at logit_scale_max.
+
+        The training call: it records the graph in eval mode too (unlike the encode calls), for
+        losses and gradients of a model kept in eval mode. Takes tensors only."""
+        mask = self._text_mask(input_ids, attention_mask)
         return {
-            "image_embeds": self.encode_image(images),
-            "text_embeds": self.encode_text(input_ids, attention_mask),
+            "image_embeds": self.project_image(self.forward_image_features(images)),
+            "text_embeds": self.project_text(self.forward_text_features(input_ids, mask), mask),
             "logit_scale": self.logit_scale.exp().clamp(max=self.config.logit_scale_max),
         }
 

@@ -244,3 +244,95 @@ def test_fingerprint_is_the_one_the_code_before_retiring_extra_gave():
         for i, p in enumerate(m.parameters()):
             p.copy_(torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) / (p.numel() + i + 1))
     assert model_fingerprint(m) == "d54e460b2a682649"
+
+
+# ---- images as people have them; inference mode in eval ------------------------------------------
+def _picture(size=(30, 22), rgb=(200, 30, 40)):
+    """A PIL picture of another size than the model's, with a square of a second colour."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", size, rgb)
+    ImageDraw.Draw(im).rectangle((4, 4, 14, 12), fill=(20, 200, 60))
+    return im
+
+
+def test_encode_image_takes_pil_paths_bytes_and_lists_as_the_tensor_path(tmp_path):
+    import io
+
+    from PIL import Image
+
+    m = MMFormer(ModelConfig(**SMALL)).eval()
+    pics = [_picture(), _picture((17, 40), (10, 10, 240))]
+    ref = m.encode_image(torch.stack([m.preprocess(p) for p in pics]))  # the tensor fast path
+    assert ref.shape == (2, SMALL["embed_dim"])
+    paths = []
+    for i, p in enumerate(pics):
+        paths.append(tmp_path / f"p{i}.png")
+        p.save(paths[-1])
+    encoded = []
+    for p in pics:
+        buf = io.BytesIO()
+        p.save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    rgba = pics[0].convert("RGBA")  # converted to RGB as load_image does
+    for got in (m.encode_image(pics), m.encode_images(pics), m.encode_image([str(q) for q in paths]),
+                m.encode_image(paths), m.encode_image(encoded), m.encode_image([pics[0], paths[1]]),
+                m.encode_image([m.preprocess(pics[0]), encoded[1]])):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+    for one in (pics[0], str(paths[0]), paths[0], encoded[0], bytearray(encoded[0]), rgba):
+        torch.testing.assert_close(m.encode_image(one), ref[:1], atol=1e-6, rtol=0)
+    assert isinstance(m.preprocess(pics[0]), torch.Tensor) and m.preprocess(pics[0]).shape == (3, 16, 16)
+    with pytest.raises(TypeError, match=r"images\[1\]: expected a PIL image, a path, encoded bytes or a tensor, got int"):
+        m.encode_image([pics[0], 3])
+    with pytest.raises(ValueError, match="empty list of images"):
+        m.encode_image([])
+    with pytest.raises(ValueError, match=r"missing\.png.*file not found"):
+        m.encode_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match=r"images\[0\] \(bytes\).*cannot decode"):
+        m.encode_image(b"not an image")
+    assert Image.open(paths[0]).size == (30, 22)
+
+
+def test_encode_text_takes_strings_as_encode_texts():
+    tok = Tokenizer.train(["a red square", "a blue circle", "green"] * 5, vocab_size=30)
+    m = MMFormer(ModelConfig(**{**SMALL, "vocab_size": 64}), tok).eval()
+    texts = ["a red square", "a blue circle"]
+    ids, mask = tok(texts, max_length=SMALL["context_length"])
+    ref = m.encode_text(ids, mask)
+    torch.testing.assert_close(m.encode_text(texts), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(m.encode_text("a red square"), ref[:1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(m.encode_texts(texts), ref, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="pass no attention_mask"):
+        m.encode_text(texts, mask)
+
+
+def test_encode_calls_record_no_graph_in_eval_and_keep_gradients_in_train():
+    from mmformer.model import eval_mode
+
+    tok = Tokenizer.train(["a red square", "a blue circle", "green"] * 5, vocab_size=30)
+    m = MMFormer(ModelConfig(**{**SMALL, "vocab_size": 64}), tok)
+    x = torch.randn(2, 3, 16, 16)
+    ids, mask = tok(["a red square", "green"], max_length=SMALL["context_length"])
+    m.eval()
+    outs = [m.encode_image(x), m.encode_text(ids, mask), m.encode_texts(["a red square"]),
+            m.encode_document(["a red square and a blue circle"], mode="mean")]
+    for out in outs:
+        assert not out.requires_grad and out.grad_fn is None
+        assert not out.is_inference()  # an ordinary tensor: usable in a later autograd computation
+    probe = torch.nn.Linear(outs[0].shape[1], 2)
+    probe(outs[0]).sum().backward()  # a probe trained on eval-mode embeddings
+    assert probe.weight.grad is not None
+    with torch.inference_mode():  # inside inference mode already: nothing changes
+        assert m.encode_image(x).is_inference()
+    m.train()
+    for out in (m.encode_image(x), m.encode_text(ids, mask), m.encode_document(["a red square"], mode="mean")):
+        assert out.requires_grad and out.grad_fn is not None
+    with eval_mode(m):
+        assert not m.encode_image(x).requires_grad
+        out = m(x, ids, mask)  # the training call keeps its graph in eval mode (losses of an eval-mode model)
+        assert out["image_embeds"].requires_grad and out["text_embeds"].requires_grad
+        out["image_embeds"].sum().backward()
+    assert m.patch_embed.proj.weight.grad is not None
+    m.eval()
+    m.inference_in_eval = False
+    assert m.encode_image(x).requires_grad
