@@ -311,3 +311,30 @@ def test_two_process_ddp_build_equals_single_process(tiny_model, image_folder, t
     # equal up to float rounding: each DDP process runs its matmuls with its own thread count
     np.testing.assert_allclose(np.load(tmp_path / "one" / "embeddings.npy"), np.load(tmp_path / "two" / "embeddings.npy"),
                                atol=1e-5)
+
+
+def test_index_build_texts_and_search_report_truncated_texts(tiny_model, image_folder, tmp_path, capsys):
+    """Texts longer than the context are cut, and the commands say how many (as the service's
+    pieces_dropped does); the counts are the library's, from the model's tokenizer."""
+    from mmformer.retrieval.embed import pieces_dropped
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    keep = tiny_model.config.context_length - 2  # 6 pieces beside bos and eos
+    long = "a red square " * 4
+    texts = ["red", long, "blue", long + "red"]
+    drops = pieces_dropped(tiny_model.tokenizer, texts, tiny_model.config.context_length)
+    assert [d > 0 for d in drops] == [False, True, False, True]
+    assert drops[1] == len(tiny_model.tokenizer.encode(long)) - keep
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
+    assert main(["index", "build", "--model", str(tmp_path / "model"), "--texts", str(tmp_path / "t.txt"),
+                 "--out", str(tmp_path / "tindex"), "--part-size", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"2 of 4 texts were truncated to {keep} pieces (the model's context_length 8 less bos and eos)" in out
+    assert Index.open(tmp_path / "tindex").manifest["truncated"] == 2
+    assert main(["search", str(tmp_path / "tindex"), "red", long, "-k", "1"]) == 0
+    assert f"1 of 2 text queries was truncated to {keep} pieces" in capsys.readouterr().out
+    assert main(["search", str(tmp_path / "tindex"), "red", long, "-k", "1", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [g["pieces_dropped"] for g in got] == [0, drops[1]]
+    assert main(["search", str(tmp_path / "tindex"), "red", "blue", "-k", "1"]) == 0
+    assert "truncated" not in capsys.readouterr().out

@@ -22,7 +22,7 @@ from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.transforms import build_transforms, load_and_transform
 from mmformer.files import read_utf8_lines
 from mmformer.model import MMFormer
-from mmformer.retrieval.embed import embed_images, embed_texts
+from mmformer.retrieval.embed import embed_images, embed_texts, truncation_note
 from mmformer.retrieval.index import Index
 from mmformer.retrieval.metrics import retrieval_metrics
 from mmformer.retrieval.options import backend_params, positive
@@ -64,15 +64,21 @@ def search_command(*, index: str, query: Sequence[str] = (), image: Sequence[str
         raise SystemExit(f"-k must be >= 1, got {k}")
     r = Retriever.from_pretrained(model, index, int8=int8, backend=backend,
                                   search_params=backend_params(ef_search=ef_search, nprobe=nprobe, refine=refine))
-    results = []
+    results, dropped = [], []
     if texts:
         results += [(t, hits) for t, hits in zip(texts, r.search_text(texts, k))]
+        dropped = r.pieces_dropped(texts)
     if image:
         results += [(p, hits) for p, hits in zip(image, r.search_image(list(image), k))]
-    if as_json:
-        json.dump([{"query": q, "hits": [vars(h) for h in hits]} for q, hits in results], sys.stdout, indent=1)
+    if as_json:  # text queries carry pieces_dropped, as the service's answers do
+        json.dump([{"query": q, "hits": [vars(h) for h in hits],
+                    **({"pieces_dropped": dropped[i]} if i < len(dropped) else {})}
+                   for i, (q, hits) in enumerate(results)], sys.stdout, indent=1)
         print()
         return 0
+    note = truncation_note(sum(d > 0 for d in dropped), len(texts), r.model.config.context_length, "text queries")
+    if note:
+        print(note)
     for q, hits in results:
         print(f"query: {printable(q)}")
         for rank, h in enumerate(hits, 1):

@@ -25,11 +25,29 @@ from mmformer.model import eval_mode
 
 from .metrics import retrieval_metrics
 
-__all__ = ["embed_images", "embed_texts", "evaluate_retrieval"]
+__all__ = ["embed_images", "embed_texts", "evaluate_retrieval", "pieces_dropped", "truncation_note"]
 
 logger = logging.getLogger(__name__)
 
 _IMAGE_KEYS = ("image", "images", "pixel_values")
+
+
+def pieces_dropped(tokenizer, texts: Sequence[str], context_length: int) -> list[int]:
+    """Per text, how many of its pieces a context of ``context_length`` tokens cuts off (0 when it
+    fits): a text keeps ``context_length - 2`` pieces beside bos and eos, as ``Tokenizer.__call__``
+    and the service's ``pieces_dropped`` count them. ``tokenizer`` has ``encode(text) -> ids``."""
+    keep = context_length - 2
+    return [max(0, len(tokenizer.encode(t)) - keep) for t in texts]
+
+
+def truncation_note(truncated: int, total: int, context_length: int, what: str = "texts") -> str | None:
+    """The line a command prints when some inputs were cut to the model's context, e.g.
+    ``"2 of 5 texts were truncated to 14 pieces (the model's context_length 16 less bos and eos)"``;
+    None when none was."""
+    if not truncated:
+        return None
+    return (f"{truncated} of {total} {what} {'was' if truncated == 1 else 'were'} truncated to {context_length - 2} "
+            f"pieces (the model's context_length {context_length} less bos and eos)")
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -3,7 +3,8 @@
 An index directory holds::
 
     index.json        manifest: format, kind (image|text), model fingerprint, dim, count, dtype,
-                      metric, backend + parameters, sizes and sha256 of every file; written last
+                      metric, backend + parameters, inputs skipped, texts truncated to the model's
+                      context, sizes and sha256 of every file; written last
     embeddings.npy    (N, D) float32 or float16, unit rows, memory-mappable
     metadata.jsonl    one JSON object per row: id, path (images) or text, caption when known
     skipped.jsonl     inputs that could not be read, with the reason
@@ -39,6 +40,7 @@ from mmformer.data.shards import IMAGE_EXTENSIONS, expand_shards
 from mmformer.data.transforms import build_transforms, load_and_transform
 from mmformer.files import atomic_path, remove_stale_temps, swap_dir, write_text_atomic
 from mmformer.model import model_fingerprint
+from mmformer.tokenizer import wrap_and_pad
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.retrieval.backends import (BLOCK_ROWS, FAISS_FILE, IVF_DATA_FILE, BackendParams, ExactBackend,
                                          FaissBackend, choose_backend, iter_npy_blocks, npy_shape)
@@ -155,10 +157,12 @@ class PartDataset(Dataset):
         if self.kind == "text":
             items = [it for it in part.items if it["text"].strip()]
             skipped = [Skipped(it["id"], "empty text") for it in part.items if not it["text"].strip()]
-            ids, mask = self.tokenizer([it["text"] for it in items], max_length=self.max_length) \
+            pieces = [self.tokenizer.encode(it["text"]) for it in items]
+            ids, mask = wrap_and_pad(pieces, self.max_length) \
                 if items else (torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.bool))
+            truncated = sum(len(p) > self.max_length - 2 for p in pieces)
             return {"part": part.index, "input_ids": ids, "attention_mask": mask, "items": items,
-                    "skipped": skipped}
+                    "skipped": skipped, "truncated": truncated}
         items, images, skipped = [], [], []
         for item, loaded in self._images(part):
             if isinstance(loaded, Skipped):
@@ -220,7 +224,8 @@ def embed_part(model: nn.Module, part: dict[str, Any], kind: str, batch_size: in
             z = model.encode_text(part["input_ids"][s:s + batch_size], part["attention_mask"][s:s + batch_size])
         out.append(z.float().cpu())
     emb = torch.cat(out) if out else torch.zeros(0, 0)
-    return {"part": part["part"], "embeddings": emb, "items": part["items"], "skipped": part["skipped"]}
+    return {"part": part["part"], "embeddings": emb, "items": part["items"], "skipped": part["skipped"],
+            "truncated": int(part.get("truncated", 0))}
 
 
 def write_part(parts_dir: Path, prediction: dict[str, Any]) -> None:
@@ -228,7 +233,7 @@ def write_part(parts_dir: Path, prediction: dict[str, Any]) -> None:
     emb = prediction["embeddings"].numpy().astype(np.float32)
     _save_npy_atomic(stem.with_suffix(".npy"), emb)
     record = {"n": len(prediction["items"]), "items": prediction["items"],
-              "skipped": [list(s) for s in prediction["skipped"]]}
+              "skipped": [list(s) for s in prediction["skipped"]], "truncated": int(prediction.get("truncated", 0))}
     write_text_atomic(stem.with_suffix(".json"), json.dumps(record))
 
 
@@ -566,6 +571,7 @@ def _write_index_files(out: Path, n: int, dim: int, blocks: Iterable[np.ndarray]
         ([IVF_DATA_FILE] if (out / IVF_DATA_FILE).is_file() else [])
     return {"format": FORMAT_VERSION, "count": n, "dim": int(dim), "dtype": dtype, "metric": "inner_product",
             "backend": kind, "backend_params": params.to_dict(), "skipped": len(skipped),
+            "truncated": sum(int(r.get("truncated", 0)) for r in records),
             "index_seconds": round(build_s, 3), "files": {f: _file_info(out / f) for f in files}}
 
 

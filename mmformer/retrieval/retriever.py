@@ -18,6 +18,7 @@ from PIL import Image
 from mmformer.compress import quantize_int8
 from mmformer.data.transforms import build_transforms, load_and_transform, to_rgb
 from mmformer.model import MMFormer, model_fingerprint
+from mmformer.retrieval.embed import pieces_dropped
 from mmformer.retrieval.index import Index, InvalidIndexError
 
 
@@ -78,6 +79,13 @@ class Retriever:
         out = [self.model.encode_texts(list(texts[s:s + self.batch_size])).float()
                for s in range(0, len(texts), self.batch_size)]
         return torch.cat(out)
+
+    def pieces_dropped(self, texts: Sequence[str]) -> list[int]:
+        """Per text query, how many of its pieces the model's context cuts off (0 when it fits),
+        as the service reports ``pieces_dropped``."""
+        if self.model.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer attached")
+        return pieces_dropped(self.model.tokenizer, texts, self.model.config.context_length)
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image | str | os.PathLike]) -> torch.Tensor:

@@ -174,6 +174,7 @@ def index_build_command(*, model: str, out: str, images: str | None = None, text
     in ``skipped.jsonl``)."""
     from mmformer.compress import quantize_int8
     from mmformer.model import MMFormer
+    from mmformer.retrieval.embed import truncation_note
     from mmformer.training.index_build import build_index
 
     positive("--batch-size", batch_size)
@@ -200,4 +201,7 @@ def index_build_command(*, model: str, out: str, images: str | None = None, text
           f"{m['skipped']} skipped; embedding {m['embed_seconds']:.1f} s, index {m['index_seconds']:.1f} s")
     if m["skipped"]:
         print(f"unreadable inputs are listed in {Path(out) / 'skipped.jsonl'}")
+    note = truncation_note(m.get("truncated", 0), m["count"], net.config.context_length)
+    if note:
+        print(note)
     return 0
