@@ -9,18 +9,22 @@ Sources, by precedence:
   (held-out family).
 
 Val/test come from ``val_manifest``/``test_manifest`` when given, else from the emoji data when
-training uses it. Their datasets expose ``captions`` and ``caption_to_image`` for retrieval.
+training uses it. Training on a manifest without a ``val_manifest`` holds out ``val_fraction`` of
+it for validation (whole concepts when the manifest has a ``concept_col`` column, else whole
+images), so the checkpoint monitor has a metric to watch.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mmformer.data.collate import ImageTextCollator, SkipCorrupt, SkipStats, Tokenizer
 from mmformer.data.errors import TooManySkipped
@@ -39,6 +43,9 @@ __all__ = ["ImageTextDataModule", "NeedleDataModule", "SkippedSamplesCallback"]
 log = logging.getLogger(__name__)
 
 _STAGES = ("train", "validation", "test")
+
+#: fewer training batches than this in an epoch is warned about (see ``train_dataloader``)
+MIN_BATCHES_PER_EPOCH = 10
 
 
 class ImageTextDataModule(pl.LightningDataModule):
@@ -79,6 +86,12 @@ class ImageTextDataModule(pl.LightningDataModule):
         max_skipped_fraction: training stops with :class:`~mmformer.data.errors.TooManySkipped`
             once this fraction of one epoch's samples (on a rank) has been skipped as corrupt;
             1.0 (default) = when every sample of an epoch was; above 1 = never.
+        val_fraction: training on ``train_manifest`` without ``val_manifest``: this fraction of
+            the manifest's groups (concepts, or images) is held out as the validation set,
+            drawn with ``seed``; 0 = no validation. A manifest of a single group is not split.
+        concept_col: the manifest column that names a row's concept; when the train manifest has
+            it, the held-out validation set is whole concepts (rows without a value count as
+            concepts of their own image), else whole images.
     """
 
     def __init__(self, data_dir: str | None = None, train_manifest: str | None = None,
@@ -90,10 +103,13 @@ class ImageTextDataModule(pl.LightningDataModule):
                  hflip: bool = False, augment: bool = True, cache_dir: str | None = None,
                  seed: int = 0, image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
                  image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                 max_skipped_fraction: float = 1.0, augment_args: dict[str, Any] | None = None) -> None:
+                 max_skipped_fraction: float = 1.0, augment_args: dict[str, Any] | None = None,
+                 val_fraction: float = 0.1, concept_col: str = "concept") -> None:
         super().__init__()
         if not max_skipped_fraction > 0:
             raise ValueError(f"max_skipped_fraction must be > 0, got {max_skipped_fraction}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         #: the training augmentation's settings (every key of AUGMENT_DEFAULTS), checked
         self.augment_settings = augment_args_of({"hflip": hflip, **(augment_args or {})}, "ImageTextDataModule augment_args")
         self._epoch_skips: dict[int, list[int]] = {}  # epoch -> [samples seen, samples skipped]
@@ -129,6 +145,9 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets ``stage`` needs (``fit``: train + val; ``validate``; ``test``)."""
+        if self._holds_out_val() and (self.train_dataset is None or self.val_dataset is None) \
+                and stage in (None, "fit", "validate"):
+            self.train_dataset, self.val_dataset = self._held_out_split()
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self._train_dataset()
         if stage in (None, "fit", "validate") and self.val_dataset is None:
@@ -166,6 +185,42 @@ class ImageTextDataModule(pl.LightningDataModule):
             return self._manifest(hp.train_manifest, train=True)
         return self._emoji("train", train=True)
 
+    def _holds_out_val(self) -> bool:
+        """True when the validation set is held out of the training manifest."""
+        hp = self.hparams
+        return (hp.shards is None and hp.train_manifest is not None and hp.val_manifest is None
+                and hp.val_fraction > 0)
+
+    def _held_out_split(self) -> tuple[Dataset, Dataset | None]:
+        """(train, val) from the training manifest: ``val_fraction`` of its concepts (or images)
+        held out, drawn with ``seed``; (the whole manifest, None) when it has a single group."""
+        hp = self.hparams
+        train = self._manifest(hp.train_manifest, train=True)
+        c2i = train.caption_to_image.tolist()
+        by_concept = any(hp.concept_col in meta for meta in train.metadata)
+
+        def group(meta: dict[str, Any], image: int) -> tuple[str, Any]:
+            concept = meta.get(hp.concept_col) if by_concept else None
+            return ("concept", str(concept)) if concept not in (None, "") else ("image", image)
+
+        keys = [group(meta, image) for meta, image in zip(train.metadata, c2i)]
+        groups = sorted(set(keys))
+        what = "concepts" if by_concept else "images"
+        if len(groups) < 2:
+            log.warning("%s: one %s only, no validation set held out (give data.val_manifest)", hp.train_manifest,
+                        what[:-1])
+            return train, None
+        n_val = min(len(groups) - 1, max(1, round(hp.val_fraction * len(groups))))
+        held = set(random.Random(hp.seed).sample(groups, n_val))
+        val_items = [i for i, k in enumerate(keys) if k in held]
+        train_items = [i for i, k in enumerate(keys) if k not in held]
+        rank_zero_info(f"validation: {n_val} of {len(groups)} {what} ({len(val_items)} of {len(keys)} captions) of "
+                       f"{hp.train_manifest} held out (data.val_fraction={hp.val_fraction}"
+                       + (f", by its {hp.concept_col!r} column" if by_concept else "")
+                       + "; give data.val_manifest to choose them)")
+        val = self._manifest(hp.train_manifest, train=False)
+        return Subset(train, train_items), Subset(val, val_items)
+
     def _eval_dataset(self, manifest: str | None, split: str) -> Dataset | None:
         if manifest is not None:
             return self._manifest(manifest, train=False)
@@ -200,7 +255,20 @@ class ImageTextDataModule(pl.LightningDataModule):
         return DataLoader(dataset, shuffle=False, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, train=True)
+        """Training batches; a warning when an epoch has fewer than :data:`MIN_BATCHES_PER_EPOCH`."""
+        loader = self._loader(self.train_dataset, train=True)
+        try:
+            n_batches, n_samples = len(loader), len(loader.dataset)
+        except TypeError:  # a stream of unknown length
+            return loader
+        if n_batches < MIN_BATCHES_PER_EPOCH:
+            bs = self.hparams.batch_size
+            suggest = max(2, n_samples // MIN_BATCHES_PER_EPOCH)
+            log.warning("%d training samples at data.batch_size=%d make %d batch(es) an epoch (fewer than %d): "
+                        "settings counted in epochs (check_val_every_n_epoch, max_epochs) pass in very few steps; "
+                        "lower the batch size (e.g. --data.batch_size %d) or add rows", n_samples, bs, n_batches,
+                        MIN_BATCHES_PER_EPOCH, suggest)
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         """Eval batches of the val split; ``[]`` (Lightning: no validation) without val data."""
