@@ -118,9 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         argv = ["--help" if a == "--help-all" else a for a in argv]
         configure_output()
-        from mmformer.training.recipes import run_recipe
+        from mmformer.training.recipes import fit_outputs, run_recipe
 
-        run_recipe(argv)
+        cli = run_recipe(argv)
+        if argv[0] == "fit" and getattr(cli, "trainer", None) is not None:
+            for line in fit_outputs(cli.trainer):
+                print(line)
         return 0
     verb = verb_of(argv)
     parser = build_parser(verb)

@@ -116,7 +116,7 @@ def longdoc_setup(tmp_path):
 def longdoc_args(tmp: Path, *extra: str) -> list[str]:
     return ["--config", str(REPO / "train" / "longdoc-stage1.yaml"),
             "--trainer.max_steps", "3", "--trainer.max_time", "null", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp / "run"), "--trainer.logger.init_args.save_dir", str(tmp / "run"),
+            "--trainer.default_root_dir", str(tmp / "run"),
             "--model.pretrained", str(tmp / "base"), "--model.export_dir", str(tmp / "out"),
             "--model.fusion_latents", "4", "--data.root", str(tmp / "emoji"), "--data.prose", str(tmp / "prose.txt"),
             "--data.lengths", "[1, 40]", "--data.val_length", "40", "--data.batch_size", "4", *extra]

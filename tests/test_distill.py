@@ -394,8 +394,7 @@ def test_teacher_then_distill_recipe_fit_and_export(emoji, tmp_path):
               "--data.data_dir", str(emoji), "--data.batch_size", "2"]
     run_recipe(["fit", "--config", str(REPO / "train" / "teacher.yaml"), "--trainer.max_steps", "2",
                 "--trainer.precision", "32-true", "--model.model_config", small,
-                "--trainer.default_root_dir", str(tmp_path / "teacher"),
-                "--trainer.logger.init_args.save_dir", str(tmp_path / "teacher"), *common])
+                "--trainer.default_root_dir", str(tmp_path / "teacher"), *common])
     teacher = MMFormer.from_pretrained(tmp_path / "teacher" / "model")
     assert (teacher.config.width, teacher.config.depth, teacher.config.image_size) == (32, 4, 16)
 
@@ -403,8 +402,7 @@ def test_teacher_then_distill_recipe_fit_and_export(emoji, tmp_path):
     run_recipe(["fit", "--config", str(REPO / "train" / "distill.yaml"), "--trainer.max_steps", "3",
                 "--model.teacher", str(tmp_path / "teacher" / "model"), "--model.model_config", student_cfg,
                 "--model.interactive_weight", "0.5", "--data.augment", "false",  # the teacher cache path
-                "--trainer.default_root_dir", str(tmp_path / "distill"),
-                "--trainer.logger.init_args.save_dir", str(tmp_path / "distill"), *common])
+                "--trainer.default_root_dir", str(tmp_path / "distill"), *common])
     out = MMFormer.from_pretrained(tmp_path / "distill" / "model")
     assert (out.config.width, out.config.depth) == (16, 2)
     with open(tmp_path / "distill" / "logs" / "version_0" / "metrics.csv") as f:

@@ -34,11 +34,14 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmformer.runtime import flush_denormals, keep_freed_memory
+from mmformer.training.callbacks import ExportModel
 from mmformer.training.module import MMFormerModule
 from mmformer.training.precision import auto_precision
 
@@ -213,9 +216,14 @@ class RecipeCLI(LightningCLI):
 
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """The Trainer, with ``precision: auto`` resolved by measurement on this model and data."""
+        """The Trainer, with ``precision: auto`` resolved by measurement on this model and data,
+        and, when the recipe and command line name no logger, a ``CSVLogger`` writing
+        ``logs/version_N/metrics.csv`` under ``trainer.default_root_dir`` (so that logs follow
+        ``--trainer.default_root_dir``; ``--trainer.logger false`` turns logging off)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if "logger" not in kwargs and config.trainer.get("logger") in (None, True):
+            kwargs["logger"] = CSVLogger(save_dir=config.trainer.get("default_root_dir") or ".", name="logs")
         if self._auto_precision and "precision" not in kwargs:
-            config = self.config[self.subcommand] if self.subcommand else self.config
             accelerator = str(config.trainer.get("accelerator") or "auto")
             if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
                 raise ValueError("precision auto measures CPU training steps; on an accelerator set the "
@@ -237,6 +245,30 @@ def check_ckpt_path_arg(argv: Sequence[str]) -> None:
             a.split("=", 1)[1] if a.startswith("--ckpt_path=") else None
         if value and value not in ("null", "None", "last", "best", "hpc", "registry"):
             check_checkpoint(value)
+
+
+def fit_outputs(trainer: L.Trainer) -> list[str]:
+    """What a finished ``fit`` wrote, one line each (for the command to print; empty on ranks
+    other than 0): the ``save_pretrained`` model folder (:class:`ExportModel`), the checkpoints
+    and the metrics log."""
+    if not trainer.is_global_zero:
+        return []
+    lines = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, ExportModel):
+            lines.append(f"model: {callback.target(trainer)} (config.json, model.safetensors, tokenizer.model)")
+    ckpt = trainer.checkpoint_callback
+    if isinstance(ckpt, ModelCheckpoint):
+        saved = [f"last {ckpt.last_model_path}" if ckpt.last_model_path else "",
+                 f"best {ckpt.best_model_path}" + (f" ({ckpt.monitor} {float(ckpt.best_model_score):.4g})"
+                                                   if ckpt.best_model_score is not None else "")
+                 if ckpt.best_model_path and ckpt.best_model_path != ckpt.last_model_path else ""]
+        if any(saved):
+            lines.append("checkpoints: " + ", ".join(s for s in saved if s))
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            lines.append(f"metrics: {Path(logger.log_dir) / 'metrics.csv'}")
+    return lines
 
 
 def run_recipe(argv: Sequence[str]) -> RecipeCLI:
