@@ -181,7 +181,7 @@ def test_validation_is_held_out_by_concept_or_by_image_and_never_overlaps(tmp_pa
     batch = next(iter(dm.val_dataloader()))  # eval transform, pair ids for the retrieval metrics
     assert batch["images"].shape == (6, 3, 16, 16) and sorted(batch["image_ids"].tolist()) == \
         sorted(dm.val_dataset.dataset.caption_to_image[val].tolist())
-    assert data_module(csv_path, val_fraction=0).val_dataset is None
+    assert data_module(csv_path).val_dataset is None  # the data module's default: no split (the recipes set 0.1)
     assert data_module(csv_path, val_manifest=str(jsonl_path)).train_dataset.__class__.__name__ == "ImageTextManifest"
     with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\), got 1"):
         ImageTextDataModule(train_manifest=str(csv_path), val_fraction=1)
@@ -195,7 +195,7 @@ def test_a_single_concept_is_not_split_and_few_batches_are_warned_about(tmp_path
         w.writeheader()
         w.writerows([{**r, "concept": "shapes"} for r in rows])
     with caplog.at_level(logging.WARNING, logger="mmformer.training.datamodule"):
-        dm = data_module(one)
+        dm = data_module(one, val_fraction=0.1)
         assert dm.val_dataset is None and len(dm.train_dataset) == 24
         assert "one concept only, no validation set held out" in caplog.text
         caplog.clear()

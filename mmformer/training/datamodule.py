@@ -10,8 +10,9 @@ Sources, by precedence:
 
 Val/test come from ``val_manifest``/``test_manifest`` when given, else from the emoji data when
 training uses it. Training on a manifest without a ``val_manifest`` holds out ``val_fraction`` of
-it for validation (whole concepts when the manifest has a ``concept_col`` column, else whole
-images), so the checkpoint monitor has a metric to watch.
+it for validation when that is above 0 (the shipped recipes set 0.1): whole concepts when the
+manifest has a ``concept_col`` column, else whole images, so the checkpoint monitor has a metric
+to watch.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             1.0 (default) = when every sample of an epoch was; above 1 = never.
         val_fraction: training on ``train_manifest`` without ``val_manifest``: this fraction of
             the manifest's groups (concepts, or images) is held out as the validation set,
-            drawn with ``seed``; 0 = no validation. A manifest of a single group is not split.
+            drawn with ``seed``; 0 (default) = no validation. A manifest of a single group is not
+            split.
         concept_col: the manifest column that names a row's concept; when the train manifest has
             it, the held-out validation set is whole concepts (rows without a value count as
             concepts of their own image), else whole images.
@@ -104,7 +106,7 @@ class ImageTextDataModule(pl.LightningDataModule):
                  seed: int = 0, image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
                  image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
                  max_skipped_fraction: float = 1.0, augment_args: dict[str, Any] | None = None,
-                 val_fraction: float = 0.1, concept_col: str = "concept") -> None:
+                 val_fraction: float = 0.0, concept_col: str = "concept") -> None:
         super().__init__()
         if not max_skipped_fraction > 0:
             raise ValueError(f"max_skipped_fraction must be > 0, got {max_skipped_fraction}")
