@@ -282,7 +282,8 @@ def test_encode_image_takes_pil_paths_bytes_and_lists_as_the_tensor_path(tmp_pat
     for one in (pics[0], str(paths[0]), paths[0], encoded[0], bytearray(encoded[0]), rgba):
         torch.testing.assert_close(m.encode_image(one), ref[:1], atol=1e-6, rtol=0)
     assert isinstance(m.preprocess(pics[0]), torch.Tensor) and m.preprocess(pics[0]).shape == (3, 16, 16)
-    with pytest.raises(TypeError, match=r"images\[1\]: expected a PIL image, a path, encoded bytes or a tensor, got int"):
+    with pytest.raises(TypeError, match=r"images\[1\]: expected a PIL image, a path, encoded bytes or a tensor, "
+                                        r"got int"):
         m.encode_image([pics[0], 3])
     with pytest.raises(ValueError, match="empty list of images"):
         m.encode_image([])

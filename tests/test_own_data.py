@@ -200,8 +200,8 @@ def test_a_single_concept_is_not_split_and_few_batches_are_warned_about(tmp_path
         assert "one concept only, no validation set held out" in caplog.text
         caplog.clear()
         dm.train_dataloader()
-    assert f"24 training samples at data.batch_size=128 make 1 batch(es) an epoch (fewer than {MIN_BATCHES_PER_EPOCH})" \
-        in caplog.text and "--data.batch_size 2" in caplog.text
+    want = f"24 training samples at data.batch_size=128 make 1 batch(es) an epoch (fewer than {MIN_BATCHES_PER_EPOCH})"
+    assert want in caplog.text and "--data.batch_size 2" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mmformer.training.datamodule"):
         data_module(one, batch_size=2).train_dataloader()  # 12 batches: nothing to say
