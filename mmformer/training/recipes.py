@@ -255,7 +255,7 @@ def fit_outputs(trainer: L.Trainer) -> list[str]:
         return []
     lines = []
     for callback in trainer.callbacks:
-        if isinstance(callback, ExportModel):
+        if isinstance(callback, ExportModel) and callback.target(trainer).is_dir():
             lines.append(f"model: {callback.target(trainer)} (config.json, model.safetensors, tokenizer.model)")
     ckpt = trainer.checkpoint_callback
     if isinstance(ckpt, ModelCheckpoint):
