@@ -210,7 +210,9 @@ def test_a_single_concept_is_not_split_and_few_batches_are_warned_about(tmp_path
 
 def test_the_all_extra_installs_every_optional_dependency_the_commands_use():
     """``pip install -e '.[all]'`` (the README's line) brings serve, onnx, int8 and timm."""
-    import tomllib
-
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
     extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
     assert sorted(extras["all"]) == sorted({*extras["serve"], *extras["onnx"], *extras["int8"], *extras["timm"]})
