@@ -35,9 +35,10 @@ _IMAGE_KEYS = ("image", "images", "pixel_values")
 def pieces_dropped(tokenizer, texts: Sequence[str], context_length: int) -> list[int]:
     """Per text, how many of its pieces a context of ``context_length`` tokens cuts off (0 when it
     fits): a text keeps ``context_length - 2`` pieces beside bos and eos, as ``Tokenizer.__call__``
-    and the service's ``pieces_dropped`` count them. ``tokenizer`` has ``encode(text) -> ids``."""
+    and the service's ``pieces_dropped`` count them. ``tokenizer`` has ``encode_batch(texts) -> ids``
+    (pieces without the specials), as :class:`mmformer.tokenizer.Tokenizer` and CLIP's BPE do."""
     keep = context_length - 2
-    return [max(0, len(tokenizer.encode(t)) - keep) for t in texts]
+    return [max(0, len(p) - keep) for p in tokenizer.encode_batch(list(texts))]
 
 
 def truncation_note(truncated: int, total: int, context_length: int, what: str = "texts") -> str | None:

@@ -157,8 +157,8 @@ class PartDataset(Dataset):
         if self.kind == "text":
             items = [it for it in part.items if it["text"].strip()]
             skipped = [Skipped(it["id"], "empty text") for it in part.items if not it["text"].strip()]
-            pieces = [self.tokenizer.encode(it["text"]) for it in items]
-            ids, mask = wrap_and_pad(pieces, self.max_length) \
+            pieces = self.tokenizer.encode_batch([it["text"] for it in items])
+            ids, mask = wrap_and_pad(pieces, self.max_length, specials=self.tokenizer.specials) \
                 if items else (torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.bool))
             truncated = sum(len(p) > self.max_length - 2 for p in pieces)
             return {"part": part.index, "input_ids": ids, "attention_mask": mask, "items": items,
