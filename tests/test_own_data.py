@@ -90,12 +90,16 @@ def test_own_pictures_from_manifest_to_served_index(tmp_path, capsys, caplog):
 
     # from the saved model, on the JSONL (no concept column: whole images held out); no step taken,
     # so the folder written at the end holds the saved weights exactly
+    # (the logs put elsewhere with --trainer.logger.init_args.save_dir alone, as before the recipes
+    # stopped naming their logger)
     run2 = tmp_path / "run2"
     assert main(["fit", "--config", "own-data", "--data.train_manifest", str(jsonl_path),
                  "--model.pretrained", str(model_dir), "--trainer.default_root_dir", str(run2),
-                 "--trainer.max_steps", "0", *FAST]) == 0
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "logs2"), "--trainer.max_steps", "0",
+                 *FAST]) == 0
     out, err = capsys.readouterr()
     assert "validation: 2 of 24 images (2 of 24 captions)" in err, err
+    assert f"metrics: {tmp_path / 'logs2' / 'logs' / 'version_0' / 'metrics.csv'}" in out, out
     assert model_fingerprint(MMFormer.from_pretrained(run2 / "model")) == model_fingerprint(model)
 
     # eval: the same numbers as the Python API on the same pictures (paths straight into encode_image)

@@ -141,6 +141,28 @@ def config_section(path: str, key: str) -> Any:
         return None
 
 
+#: The logger a ``fit`` gets when neither the recipe nor the command line names one (its
+#: ``save_dir`` is ``trainer.default_root_dir``, see :meth:`RecipeCLI.instantiate_trainer`).
+DEFAULT_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+
+
+def name_default_logger(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the default logger named (``--trainer.logger.class_path`` CSVLogger, ``name``
+    logs) before its first ``--trainer.logger.init_args.*`` argument, when neither ``argv`` nor its
+    ``--config`` files name a logger: ``--trainer.logger.init_args.save_dir DIR`` alone then sets
+    where the logs go, as it did when the recipes named the CSVLogger themselves."""
+    argv = list(argv)
+    first = next((i for i, a in enumerate(argv) if a.startswith("--trainer.logger.init_args.")), None)
+    if first is None or any(a.partition("=")[0] in ("--trainer.logger", "--trainer.logger.class_path") for a in argv):
+        return argv
+    for _, value in _config_values(argv):
+        trainer = config_section(value, "trainer")
+        if isinstance(trainer, dict) and trainer.get("logger") not in (None, True):
+            return argv
+    return argv[:first] + [f"--trainer.logger.class_path={DEFAULT_LOGGER}", "--trainer.logger.init_args.name=logs"] \
+        + argv[first:]
+
+
 def _import(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
@@ -179,7 +201,7 @@ class RecipeCLI(LightningCLI):
 
     def __init__(self, args: Sequence[str], run: bool = True,
                  announce: Callable[[str], None] = rank_zero_info) -> None:
-        self._argv = resolve_recipes(args)
+        self._argv = name_default_logger(resolve_recipes(args))
         self._announce = announce
         self._auto_precision = False
         self.precision_choice = None
