@@ -27,8 +27,10 @@ class BuildPyWithData(build_py):
         for name in BUNDLED:
             src = Path(__file__).resolve().parent / "data" / name
             if not src.is_dir():
-                raise SystemExit(f"setup.py: {src} is missing; the wheel bundles data/{', data/'.join(BUNDLED)} "
-                                 "(build from a full checkout, or rebuild it with data/build_*.py)")
+                raise SystemExit(
+                    f"setup.py: {src} is missing; the wheel bundles data/{', data/'.join(BUNDLED)} "
+                    "(build from a full checkout, or rebuild it with data/build_*.py)"
+                )
             dst = Path(self.build_lib) / "mmformer" / "_data" / name
             if dst.exists():
                 shutil.rmtree(dst)  # no stale files from an earlier build

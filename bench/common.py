@@ -74,11 +74,25 @@ def open_clip_config(c: ModelConfig, vocab_size: int) -> dict[str, Any]:
     head_width = c.width // c.heads
     return {
         "embed_dim": c.embed_dim,
-        "vision_cfg": {"width": c.width, "layers": c.depth, "head_width": head_width,
-                       "mlp_ratio": c.mlp_ratio, "patch_size": c.patch_size, "image_size": c.image_size},
-        "text_cfg": {"context_length": c.context_length, "vocab_size": vocab_size, "width": c.width,
-                     "heads": c.heads, "layers": c.depth, "mlp_ratio": c.mlp_ratio,
-                     "pad_id": PAD_ID, "eos_id": EOS_ID, "pool_type": "eos"},
+        "vision_cfg": {
+            "width": c.width,
+            "layers": c.depth,
+            "head_width": head_width,
+            "mlp_ratio": c.mlp_ratio,
+            "patch_size": c.patch_size,
+            "image_size": c.image_size,
+        },
+        "text_cfg": {
+            "context_length": c.context_length,
+            "vocab_size": vocab_size,
+            "width": c.width,
+            "heads": c.heads,
+            "layers": c.depth,
+            "mlp_ratio": c.mlp_ratio,
+            "pad_id": PAD_ID,
+            "eos_id": EOS_ID,
+            "pool_type": "eos",
+        },
     }
 
 
@@ -87,8 +101,7 @@ def build_open_clip(c: ModelConfig, vocab_size: int) -> nn.Module:
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     kw = open_clip_config(c, vocab_size)
-    model = CLIP(kw["embed_dim"], vision_cfg=CLIPVisionCfg(**kw["vision_cfg"]),
-                 text_cfg=CLIPTextCfg(**kw["text_cfg"]))
+    model = CLIP(kw["embed_dim"], vision_cfg=CLIPVisionCfg(**kw["vision_cfg"]), text_cfg=CLIPTextCfg(**kw["text_cfg"]))
     return model
 
 
@@ -149,16 +162,17 @@ def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwar
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                       **kwargs) -> int:
+def _sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 # FlopCounterMode has no formula for the CPU flash-attention kernels, so without these it counts
 # attention as 0 FLOPs on CPU (the math fallback, when taken, is counted through its bmm's).
 CPU_SDPA_FLOPS: dict[Any, Callable[..., int]] = {}
-for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu),
-                   ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward)):
+for _name, _fn in (
+    ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu),
+    ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward),
+):
     if hasattr(torch.ops.aten, _name):
         CPU_SDPA_FLOPS[getattr(torch.ops.aten, _name)] = _fn  # keyed by overload packet
 
@@ -214,8 +228,9 @@ class OnnxModel(nn.Module):
         self._unit_only(normalize)
         return torch.from_numpy(self.encoder.encode_image(images.numpy()))
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
         self._unit_only(normalize)
         return torch.from_numpy(self.encoder.encode_text(input_ids.numpy(), attention_mask.numpy()))
 
@@ -229,8 +244,7 @@ def held_out_split(config: ModelConfig, data_dir: str | os.PathLike | None = Non
     model's image size and normalisation, one concept name per image."""
     from mmformer.data.emoji import InMemoryImageText
 
-    return InMemoryImageText.eval_split("test", config.image_size, config.image_mean, config.image_std,
-                                        root=data_dir)
+    return InMemoryImageText.eval_split("test", config.image_size, config.image_mean, config.image_std, root=data_dir)
 
 
 def held_out_recall(model: nn.Module, data_dir: str | os.PathLike | None = None, split=None) -> dict[str, float]:
@@ -270,9 +284,13 @@ CPU_SETTINGS = ("training", "none")
 
 def add_cpu_settings_argument(parser) -> None:
     """``--cpu-settings training|none`` on a bench's argparse ``parser`` (see :func:`apply_cpu_settings`)."""
-    parser.add_argument("--cpu-settings", default="training", choices=CPU_SETTINGS,
-                        help="training (default): the process settings mmformer fit and demo apply (malloc keeps "
-                             "freed memory, denormals flushed), for every model timed; none: the defaults")
+    parser.add_argument(
+        "--cpu-settings",
+        default="training",
+        choices=CPU_SETTINGS,
+        help="training (default): the process settings mmformer fit and demo apply (malloc keeps "
+        "freed memory, denormals flushed), for every model timed; none: the defaults",
+    )
 
 
 def apply_cpu_settings(which: str) -> str:
@@ -288,14 +306,19 @@ def apply_cpu_settings(which: str) -> str:
         return "cpu settings: none (glibc malloc and denormals as the defaults leave them)"
     kept = keep_freed_memory()
     flush_denormals()
-    return ("cpu settings: the training commands' (freed memory kept for reuse" + ("" if kept else
-            ": not available, no glibc mallopt") + "; denormals flushed to zero), for every model timed")
+    return (
+        "cpu settings: the training commands' (freed memory kept for reuse"
+        + ("" if kept else ": not available, no glibc mallopt")
+        + "; denormals flushed to zero), for every model timed"
+    )
 
 
 def machine_line() -> str:
-    return (f"machine: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
-            f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"python {sys.version.split()[0]}")
+    return (
+        f"machine: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"python {sys.version.split()[0]}"
+    )
 
 
 def fmt(v: Any, digits: int = 2) -> str:
@@ -312,13 +335,21 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, int
     return "\n".join([head, sep, *body])
 
 
-
 # ---- CSV rows for docs/benchmarks ----------------------------------------------------------------
 #: /proc/cpuinfo flags that decide which kernels the benches' numbers come from
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 #: the columns every CSV row starts with
-CONTEXT_COLUMNS = ("date", "commit", "cpu_model", "cpu_flags", "logical_cpus", "load_start", "load_end", "torch",
-                   "torch_threads")
+CONTEXT_COLUMNS = (
+    "date",
+    "commit",
+    "cpu_model",
+    "cpu_flags",
+    "logical_cpus",
+    "load_start",
+    "load_end",
+    "torch",
+    "torch_threads",
+)
 
 
 def cpu_flags() -> str:
@@ -335,12 +366,17 @@ def git_commit() -> str:
     """The checkout's commit (12 hex digits, ``-dirty`` with uncommitted changes to tracked files), or
     "unknown" outside a git checkout."""
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if head.returncode:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head.stdout.strip() + ("-dirty" if dirty else "")
@@ -349,18 +385,28 @@ def git_commit() -> str:
 def run_context() -> dict[str, Any]:
     """The :data:`CONTEXT_COLUMNS` of this run: UTC date and time, commit, CPU model and flags, the
     1-minute load average at the start and now, torch version and threads."""
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
-            "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count(),
-            "load_start": round(LOAD_AT_START, 2),
-            "load_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan"),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": git_commit(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "load_start": round(LOAD_AT_START, 2),
+        "load_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan"),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def add_csv_argument(parser) -> None:
     """``--csv PATH`` on a bench's argparse ``parser`` (see :func:`write_csv`)."""
-    parser.add_argument("--csv", default=None, metavar="PATH",
-                        help="also write the table's rows as CSV here, each with the date, commit, CPU model "
-                             "and flags, load and torch version (written atomically)")
+    parser.add_argument(
+        "--csv",
+        default=None,
+        metavar="PATH",
+        help="also write the table's rows as CSV here, each with the date, commit, CPU model "
+        "and flags, load and torch version (written atomically)",
+    )
 
 
 def _cell(v: Any) -> Any:

@@ -97,19 +97,27 @@ def speed(model, split, batch_sizes: list[int], repeats: int, min_seconds: float
     return out
 
 
-def measure(name: str, form: str, model, params: int, files: list[Path], held_out: HeldOut,
-            args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    name: str, form: str, model, params: int, files: list[Path], held_out: HeldOut, args: argparse.Namespace
+) -> dict[str, Any]:
     """One row: size, speed and held-out recall of ``model`` (an MMFormer, int8 copy or OnnxModel)."""
     split = held_out(model.config)
-    row: dict[str, Any] = {"row": name, "form": form, "params_m": params / 1e6,
-                           "disk_mb": sum(f.stat().st_size for f in files) / 2**20,
-                           "files": [str(f) for f in files]}
+    row: dict[str, Any] = {
+        "row": name,
+        "form": form,
+        "params_m": params / 1e6,
+        "disk_mb": sum(f.stat().st_size for f in files) / 2**20,
+        "files": [str(f) for f in files],
+    }
     row.update(speed(model, split, args.batch_sizes, args.repeats, args.min_seconds))
     m = held_out_recall(model, split=split)
     row.update(t2i=m["t2i_R@1"], i2t=m["i2t_R@1"], chance=m["t2i_chance_R@1"], n_images=m["n_images"])
     b = args.batch_sizes[-1]
-    print(f"{name} ({form}): {row['disk_mb']:.2f} MB, {row[f'img_{b}']:.0f} images/s and {row[f'txt_{b}']:.0f} "
-          f"texts/s at batch {b}, held-out t2i R@1 {row['t2i']:.2f}, i2t R@1 {row['i2t']:.2f}", flush=True)
+    print(
+        f"{name} ({form}): {row['disk_mb']:.2f} MB, {row[f'img_{b}']:.0f} images/s and {row[f'txt_{b}']:.0f} "
+        f"texts/s at batch {b}, held-out t2i R@1 {row['t2i']:.2f}, i2t R@1 {row['i2t']:.2f}",
+        flush=True,
+    )
     return row
 
 
@@ -122,11 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for the ONNX export and the int8 state dict")
     p.add_argument("--batch-sizes", default="1,64")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, at least")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch and onnxruntime threads (default 0: torch's own default, and as many for onnxruntime)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch and onnxruntime threads (default 0: torch's own default, and as many for onnxruntime)",
+    )
     p.add_argument("--data-dir", default=None, help="the emoji data (default: the bundled copy)")
-    p.add_argument("--min-seconds", type=float, default=1.0,
-                   help="keep timing a measurement (up to 200 calls) until this many seconds have passed (default: 1)")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="keep timing a measurement (up to 200 calls) until this many seconds have passed (default: 1)",
+    )
     p.add_argument("--json", default=None, help="also write the rows and the machine here")
     add_csv_argument(p)
     args = p.parse_args(argv)
@@ -140,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     torch.manual_seed(0)
     held_out = HeldOut(default_data_dir(args.data_dir))
-    folders = [("teacher", args.teacher, "--teacher"), ("plain student", args.plain, "--plain"),
-               ("distilled student", args.student, "--student"), ("pruned student", args.pruned, "--pruned")]
+    folders = [
+        ("teacher", args.teacher, "--teacher"),
+        ("plain student", args.plain, "--plain"),
+        ("distilled student", args.student, "--student"),
+        ("pruned student", args.pruned, "--pruned"),
+    ]
     models = {name: (load(folder, flag), folder) for name, folder, flag in folders if folder}
     n_held_out = min(len(held_out(m.config)) for m, _ in models.values())
     if max(args.batch_sizes) > n_held_out:
@@ -150,13 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     if "pruned student" in models:
         pruned, student = models["pruned student"][0].config, models["distilled student"][0].config
         if dataclasses.replace(pruned, block_heads=None) != dataclasses.replace(student, block_heads=None):
-            notes.append(f"note: {args.pruned} differs from {args.student} in more than its heads per block: "
-                         "it is not a pruning of that student")
+            notes.append(
+                f"note: {args.pruned} differs from {args.student} in more than its heads per block: "
+                "it is not a pruning of that student"
+            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    rows = [measure(name, "fp32 PyTorch", model, model.num_parameters(), [Path(folder) / WEIGHTS_NAME],
-                    held_out, args) for name, (model, folder) in models.items()]
+    rows = [
+        measure(name, "fp32 PyTorch", model, model.num_parameters(), [Path(folder) / WEIGHTS_NAME], held_out, args)
+        for name, (model, folder) in models.items()
+    ]
     last_name = "pruned student" if "pruned student" in models else "distilled student"
     last, last_dir = models[last_name]
     params = last.num_parameters()
@@ -174,8 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     for int8 in (False, True):
         onnx_model = OnnxModel(onnx_dir, int8=int8, threads=threads)
-        rows.append(measure(last_name, f"ONNX {'int8' if int8 else 'fp32'} (onnxruntime)", onnx_model, params,
-                            onnx_model.files, held_out, args))
+        rows.append(
+            measure(
+                last_name,
+                f"ONNX {'int8' if int8 else 'fp32'} (onnxruntime)",
+                onnx_model,
+                params,
+                onnx_model.files,
+                held_out,
+                args,
+            )
+        )
         del onnx_model
 
     teacher_t2i = rows[0]["t2i"]
@@ -190,28 +223,52 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown_table(rows, cols))
     print()
-    print(f"last 3 rows: the {last_name} ({last_dir}). int8 PyTorch: quantize_int8(backend='auto') -> {backend}, "
-          f"{n_int8} Linear layers int8; on disk = torch.save of its state dict ({int8_file}). ONNX ({onnx_dir}): "
-          f"image + text graph, each holding the shared trunk; parity at export: fp32 max |diff| image "
-          f"{parity.get('image_fp32_max_abs_diff', nan):.1e}, text {parity.get('text_fp32_max_abs_diff', nan):.1e}, "
-          f"int8 lowest cosine image {parity.get('image_int8_min_cosine', nan):.4f}, "
-          f"text {parity.get('text_int8_min_cosine', nan):.4f}")
-    print(f"params of the last 3 rows: those of the float model they are made from. speed: the fastest of at least "
-          f"{args.repeats} calls after a warm-up, on held-out images and captions spread over the split; "
-          f"{threads} torch threads ({'--threads' if args.threads else 'its default'}), "
-          f"{threads} onnxruntime intra-op threads")
-    print(f"recall: the bundled held-out family ({rows[0]['n_images']} images, one name each; chance R@1 "
-          f"{rows[0]['chance']:.2f}); total {time.time() - t_start:.0f} s")
+    print(
+        f"last 3 rows: the {last_name} ({last_dir}). int8 PyTorch: quantize_int8(backend='auto') -> {backend}, "
+        f"{n_int8} Linear layers int8; on disk = torch.save of its state dict ({int8_file}). ONNX ({onnx_dir}): "
+        f"image + text graph, each holding the shared trunk; parity at export: fp32 max |diff| image "
+        f"{parity.get('image_fp32_max_abs_diff', nan):.1e}, text {parity.get('text_fp32_max_abs_diff', nan):.1e}, "
+        f"int8 lowest cosine image {parity.get('image_int8_min_cosine', nan):.4f}, "
+        f"text {parity.get('text_int8_min_cosine', nan):.4f}"
+    )
+    print(
+        f"params of the last 3 rows: those of the float model they are made from. speed: the fastest of at least "
+        f"{args.repeats} calls after a warm-up, on held-out images and captions spread over the split; "
+        f"{threads} torch threads ({'--threads' if args.threads else 'its default'}), "
+        f"{threads} onnxruntime intra-op threads"
+    )
+    print(
+        f"recall: the bundled held-out family ({rows[0]['n_images']} images, one name each; chance R@1 "
+        f"{rows[0]['chance']:.2f}); total {time.time() - t_start:.0f} s"
+    )
     for note in notes:
         print(note)
     print(machine_line())
-    print("load average (1, 5, 15 min): at start " + ", ".join(f"{v:.2f}" for v in load_start)
-          + "; at end " + ", ".join(f"{v:.2f}" for v in load_end))
+    print(
+        "load average (1, 5, 15 min): at start "
+        + ", ".join(f"{v:.2f}" for v in load_start)
+        + "; at end "
+        + ", ".join(f"{v:.2f}" for v in load_end)
+    )
     if args.json:
-        write_text_atomic(Path(args.json), json.dumps(
-            {"rows": rows, "machine": machine_line(), "torch_threads": threads, "onnxruntime_threads": threads,
-             "int8_backend": backend, "load_average_start": load_start, "load_average_end": load_end,
-             "onnx_parity": parity, "args": vars(args)}, indent=2) + "\n")
+        write_text_atomic(
+            Path(args.json),
+            json.dumps(
+                {
+                    "rows": rows,
+                    "machine": machine_line(),
+                    "torch_threads": threads,
+                    "onnxruntime_threads": threads,
+                    "int8_backend": backend,
+                    "load_average_start": load_start,
+                    "load_average_end": load_end,
+                    "onnx_parity": parity,
+                    "args": vars(args),
+                },
+                indent=2,
+            )
+            + "\n",
+        )
     if args.csv:
         print(f"wrote {write_csv(args.csv, [{**r, 'int8_backend': backend} for r in rows])}")
     return 0

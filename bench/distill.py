@@ -65,8 +65,14 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_RUNS = ["distill", "plain"]
 #: DistillModule's own arguments (a plain run drops them).
-DISTILL_ARGS = ("teacher", "clip_weight", "teacher_precision", "cache_teacher", "inherit",
-                *(f"{name}_weight" for name in DISTILL_TERMS))
+DISTILL_ARGS = (
+    "teacher",
+    "clip_weight",
+    "teacher_precision",
+    "cache_teacher",
+    "inherit",
+    *(f"{name}_weight" for name in DISTILL_TERMS),
+)
 
 
 def images_per_s(model: MMFormer, batch_size: int = 64, reps: int = 20, warmup: int = 3) -> float:
@@ -79,8 +85,9 @@ def images_per_s(model: MMFormer, batch_size: int = 64, reps: int = 20, warmup: 
         return batch_size / time_steps(lambda: model.encode_image(x), reps, warmup)
 
 
-def build(run: str, model_args: dict[str, Any], data_args: dict[str, Any], teacher: str, budget_s: float,
-          data_dir: Path) -> tuple[MMFormerModule, ImageTextDataModule, dict[str, Any]]:
+def build(
+    run: str, model_args: dict[str, Any], data_args: dict[str, Any], teacher: str, budget_s: float, data_dir: Path
+) -> tuple[MMFormerModule, ImageTextDataModule, dict[str, Any]]:
     """The module and data module of one run, and what it changed."""
     change = dict(RUNS[run])
     distill = change.pop("distill", True)
@@ -93,9 +100,16 @@ def build(run: str, model_args: dict[str, Any], data_args: dict[str, Any], teach
     else:
         module = MMFormerModule(**{k: v for k, v in kw.items() if k not in DISTILL_ARGS})
     c = module.model.config
-    dm = ImageTextDataModule(data_dir=str(data_dir), image_size=c.image_size, max_length=c.context_length,
-                             image_mean=c.image_mean, image_std=c.image_std, batch_size=data_args["batch_size"],
-                             caption_mode=data_args.get("caption_mode", "name"), augment=augment)
+    dm = ImageTextDataModule(
+        data_dir=str(data_dir),
+        image_size=c.image_size,
+        max_length=c.context_length,
+        image_mean=c.image_mean,
+        image_std=c.image_std,
+        batch_size=data_args["batch_size"],
+        caption_mode=data_args.get("caption_mode", "name"),
+        augment=augment,
+    )
     return module, dm, {"distill": distill, "augment": augment, "changed": change}
 
 
@@ -106,8 +120,14 @@ def describe(setting: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting["changed"].items()) or "the recipe"
 
 
-def train_run(run: str, args: argparse.Namespace, model_args: dict[str, Any], data_args: dict[str, Any],
-              precision: str, data_dir: Path) -> dict[str, Any]:
+def train_run(
+    run: str,
+    args: argparse.Namespace,
+    model_args: dict[str, Any],
+    data_args: dict[str, Any],
+    precision: str,
+    data_dir: Path,
+) -> dict[str, Any]:
     budget_s = args.minutes * 60
     L.seed_everything(args.seed, verbose=False)
     module, dm, setting = build(run, model_args, data_args, args.teacher, budget_s, data_dir)
@@ -115,22 +135,36 @@ def train_run(run: str, args: argparse.Namespace, model_args: dict[str, Any], da
         choice = auto_precision(module, dm)
         print(f"{run}: {choice.reason()}", flush=True)
         precision = choice.precision
-    trainer = make_trainer(max_steps=-1, max_time={"seconds": budget_s}, precision=precision,
-                           limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = make_trainer(
+        max_steps=-1, max_time={"seconds": budget_s}, precision=precision, limit_val_batches=0, num_sanity_val_steps=0
+    )
     t0 = time.perf_counter()
     trainer.fit(module, dm)
     train_s = time.perf_counter() - t0
     model = module.model.eval()
     metrics = held_out_recall(model, data_dir)
-    row = {"run": run, "precision": precision, "params": model.num_parameters(), "images_s": images_per_s(model, args.batch_size),
-           "steps": trainer.global_step, "train_min": train_s / 60, "t2i": metrics["t2i_R@1"],
-           "i2t": metrics["i2t_R@1"], "t2i10": metrics["t2i_R@10"], "augment": setting["augment"],
-           "setting": describe(setting), "metrics": metrics}
+    row = {
+        "run": run,
+        "precision": precision,
+        "params": model.num_parameters(),
+        "images_s": images_per_s(model, args.batch_size),
+        "steps": trainer.global_step,
+        "train_min": train_s / 60,
+        "t2i": metrics["t2i_R@1"],
+        "i2t": metrics["i2t_R@1"],
+        "t2i10": metrics["t2i_R@10"],
+        "augment": setting["augment"],
+        "setting": describe(setting),
+        "metrics": metrics,
+    }
     if isinstance(module, DistillModule) and module.uses_teacher:
         row["teacher_precision"] = "bf16" if module.teacher_dtype() is not None else "fp32"
     teacher = f", teacher in {row['teacher_precision']}" if "teacher_precision" in row else ""
-    print(f"{run}: {row['steps']} steps in {row['train_min']:.1f} min{teacher}, held-out t2i R@1 {row['t2i']:.2f}, "
-          f"i2t R@1 {row['i2t']:.2f}", flush=True)
+    print(
+        f"{run}: {row['steps']} steps in {row['train_min']:.1f} min{teacher}, held-out t2i R@1 {row['t2i']:.2f}, "
+        f"i2t R@1 {row['i2t']:.2f}",
+        flush=True,
+    )
     return row
 
 
@@ -138,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="the teacher's save_pretrained folder (runs/teacher/model)")
     p.add_argument("--recipe", default="distill", help="the distill recipe (a shipped name or a YAML file)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="training budget of every run (default: the recipe's time_budget_s)")
+    p.add_argument(
+        "--minutes", type=float, default=None, help="training budget of every run (default: the recipe's time_budget_s)"
+    )
     p.add_argument("--runs", nargs="+", default=None, choices=sorted(RUNS), help=f"default: {' '.join(DEFAULT_RUNS)}")
     p.add_argument("--ablations", action="store_true", help="every run of RUNS (see the docstring)")
     p.add_argument("--precision", default=None, help="Trainer precision of the students (default: the recipe's)")
@@ -166,11 +201,22 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = MMFormer.from_pretrained(args.teacher).eval()
     t_metrics = held_out_recall(teacher, data_dir)
-    rows = [{"run": "teacher", "params": teacher.num_parameters(), "images_s": images_per_s(teacher, args.batch_size),
-             "t2i": t_metrics["t2i_R@1"], "i2t": t_metrics["i2t_R@1"], "t2i10": t_metrics["t2i_R@10"],
-             "metrics": t_metrics}]
-    print(f"teacher {args.teacher}: held-out t2i R@1 {rows[0]['t2i']:.2f}; training {len(runs)} students for "
-          f"{args.minutes:g} min each ({precision})", flush=True)
+    rows = [
+        {
+            "run": "teacher",
+            "params": teacher.num_parameters(),
+            "images_s": images_per_s(teacher, args.batch_size),
+            "t2i": t_metrics["t2i_R@1"],
+            "i2t": t_metrics["i2t_R@1"],
+            "t2i10": t_metrics["t2i_R@10"],
+            "metrics": t_metrics,
+        }
+    ]
+    print(
+        f"teacher {args.teacher}: held-out t2i R@1 {rows[0]['t2i']:.2f}; training {len(runs)} students for "
+        f"{args.minutes:g} min each ({precision})",
+        flush=True,
+    )
     for run in runs:
         rows.append(train_run(run, args, model_args, data_args, precision, data_dir))
     for row in rows:
@@ -178,15 +224,31 @@ def main(argv: list[str] | None = None) -> int:
         row["speedup"] = row["images_s"] / rows[0]["images_s"]
         row["param_ratio"] = 100 * row["params"] / rows[0]["params"]
     print()
-    print(markdown_table(rows, [("run", "run", 0), ("setting", "setting", 0), ("augment", "augment", 0),
-                                ("params", "params", 0),
-                                ("% of teacher params", "param_ratio", 1),
-                                (f"images/s (b{args.batch_size}, fp32)", "images_s", 0),
-                                ("x teacher", "speedup", 2), ("precision", "precision", 0), ("steps", "steps", 0), ("train min", "train_min", 1),
-                                ("t2i R@1", "t2i", 2), ("i2t R@1", "i2t", 2), ("t2i R@10", "t2i10", 2),
-                                ("% of teacher t2i R@1", "of_teacher", 1)]))
-    print(f"\nheld-out family: the bundled test split; recipe {args.recipe}, {args.minutes:g} min per student, "
-          f"seed {args.seed}")
+    print(
+        markdown_table(
+            rows,
+            [
+                ("run", "run", 0),
+                ("setting", "setting", 0),
+                ("augment", "augment", 0),
+                ("params", "params", 0),
+                ("% of teacher params", "param_ratio", 1),
+                (f"images/s (b{args.batch_size}, fp32)", "images_s", 0),
+                ("x teacher", "speedup", 2),
+                ("precision", "precision", 0),
+                ("steps", "steps", 0),
+                ("train min", "train_min", 1),
+                ("t2i R@1", "t2i", 2),
+                ("i2t R@1", "i2t", 2),
+                ("t2i R@10", "t2i10", 2),
+                ("% of teacher t2i R@1", "of_teacher", 1),
+            ],
+        )
+    )
+    print(
+        f"\nheld-out family: the bundled test split; recipe {args.recipe}, {args.minutes:g} min per student, "
+        f"seed {args.seed}"
+    )
     print(machine_line())
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=str) + "\n", encoding="utf-8")

@@ -32,7 +32,9 @@ FAMILIES = ("google", "twitter", "openmoji", "emojione", "noto")
 def resplit(src: Path, dst: Path, held_out: str) -> dict[str, int]:
     """Write ``dst/manifest.jsonl`` holding out family ``held_out`` (see the module docstring), with
     ``dst/images`` a link to ``src/images`` and ``concepts.jsonl`` copied. Returns split sizes."""
-    rows = [json.loads(line) for line in (src / "manifest.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in (src / "manifest.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     families = {r["family"] for r in rows}
     if held_out not in families:
         raise ValueError(f"{src / 'manifest.jsonl'}: no family {held_out!r}; it has {sorted(families)}")
@@ -58,26 +60,50 @@ def run_family(family: str, args: argparse.Namespace, out: Path) -> dict:
     data = out / "data" / family
     counts = resplit(Path(args.data_dir), data, family)
     run_dir = out / family
-    demo = ["--minutes", str(args.minutes), "--data-dir", str(data), "--precision", args.precision,
-            "--seed", str(args.seed), "--query", "red apple"] + (["--recipe", args.recipe] if args.recipe else [])
+    demo = [
+        "--minutes",
+        str(args.minutes),
+        "--data-dir",
+        str(data),
+        "--precision",
+        args.precision,
+        "--seed",
+        str(args.seed),
+        "--query",
+        "red apple",
+    ] + (["--recipe", args.recipe] if args.recipe else [])
     demo += ["--steps", str(args.steps)] if args.steps else []
     demo += ["--batch-size", str(args.batch_size)] if args.batch_size else []
-    print(f"{family}: train {counts['train']} / val {counts['val']} / test {counts['test']} images; "
-          f"mmformer demo {' '.join(demo)}", flush=True)
+    print(
+        f"{family}: train {counts['train']} / val {counts['val']} / test {counts['test']} images; "
+        f"mmformer demo {' '.join(demo)}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     res = run_demo(demo, run_dir)
     m = res["test_metrics"]
-    row = {"held-out": family, "test images": counts["test"], "steps": res["steps"], "precision": res["precision"],
-           "t2i R@1": m["t2i_R@1"], "i2t R@1": m["i2t_R@1"], "t2i R@10": m["t2i_R@10"],
-           "wall s": time.perf_counter() - t0}
-    print(f"  {family}: {res['steps']} steps ({res['precision']}), t2i R@1 {m['t2i_R@1']:.2f}, "
-          f"i2t R@1 {m['i2t_R@1']:.2f}", flush=True)
+    row = {
+        "held-out": family,
+        "test images": counts["test"],
+        "steps": res["steps"],
+        "precision": res["precision"],
+        "t2i R@1": m["t2i_R@1"],
+        "i2t R@1": m["i2t_R@1"],
+        "t2i R@10": m["t2i_R@10"],
+        "wall s": time.perf_counter() - t0,
+    }
+    print(
+        f"  {family}: {res['steps']} steps ({res['precision']}), t2i R@1 {m['t2i_R@1']:.2f}, "
+        f"i2t R@1 {m['i2t_R@1']:.2f}",
+        flush=True,
+    )
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--minutes", type=float, default=1.5, help="training budget per family (default: 1.5)")
     p.add_argument("--steps", type=int, default=None, help="exact optimizer steps per family (overrides --minutes)")
     p.add_argument("--batch-size", type=int, default=None, help="demo --batch-size (default: the recipe's)")
@@ -95,12 +121,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run_family(f, args, out) for f in args.families.split(",")]
     for key in ("t2i R@1", "i2t R@1"):
         values = [r[key] for r in rows]
-        print(f"{key}: mean {statistics.mean(values):.2f}, std {statistics.stdev(values) if len(values) > 1 else 0:.2f}, "
-              f"min {min(values):.2f}, max {max(values):.2f} over {len(values)} held-out families")
+        print(
+            f"{key}: mean {statistics.mean(values):.2f}, std {statistics.stdev(values) if len(values) > 1 else 0:.2f}, "
+            f"min {min(values):.2f}, max {max(values):.2f} over {len(values)} held-out families"
+        )
     print()
-    print(markdown_table(rows, [("held-out family", "held-out", 0), ("test images", "test images", 0),
-                                ("steps", "steps", 0), ("precision", "precision", 0), ("t2i R@1", "t2i R@1", 2),
-                                ("i2t R@1", "i2t R@1", 2), ("t2i R@10", "t2i R@10", 2), ("wall s", "wall s", 0)]))
+    print(
+        markdown_table(
+            rows,
+            [
+                ("held-out family", "held-out", 0),
+                ("test images", "test images", 0),
+                ("steps", "steps", 0),
+                ("precision", "precision", 0),
+                ("t2i R@1", "t2i R@1", 2),
+                ("i2t R@1", "i2t R@1", 2),
+                ("t2i R@10", "t2i R@10", 2),
+                ("wall s", "wall s", 0),
+            ],
+        )
+    )
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     print(f"\nrecipe: {args.recipe or 'tiny-cpu (the demo default)'}; {budget} of training per family")
     print(machine_line())

@@ -102,10 +102,10 @@ def recall(v, model: MMFormer) -> dict[str, float]:
     ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std)
     images = ds.stacked_images()
     with torch.inference_mode():
-        img = torch.cat([v.image(images[s:s + 256]) for s in range(0, len(images), 256)])
+        img = torch.cat([v.image(images[s : s + 256]) for s in range(0, len(images), 256)])
         txt = []
         for s in range(0, len(ds.captions), 256):
-            ids, mask = model.tokenizer(ds.captions[s:s + 256], max_length=c.context_length)
+            ids, mask = model.tokenizer(ds.captions[s : s + 256], max_length=c.context_length)
             txt.append(v.text(ids, mask))
     m = retrieval_metrics(img, torch.cat(txt), ds.caption_to_image.tolist())
     return {"t2i_R@1": m["t2i_R@1"], "i2t_R@1": m["i2t_R@1"]}
@@ -133,18 +133,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="1,64")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-bf16", action="store_true", help="bf16 is emulated (slow) on CPUs without AVX-512 BF16")
-    p.add_argument("--skip-compile", action="store_true", help="no torch.compile rows (each compiles for a minute or more)")
+    p.add_argument(
+        "--skip-compile", action="store_true", help="no torch.compile rows (each compiles for a minute or more)"
+    )
     p.add_argument("--compile-fp32", action="store_true", help="also a compiled fp32 row (what compile alone gives)")
     p.add_argument("--skip-onnx", action="store_true")
-    p.add_argument("--min-seconds", type=float, default=1.0,
-                   help="keep timing a measurement (up to 200 calls) until this many seconds have passed (default: 1)")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="keep timing a measurement (up to 200 calls) until this many seconds have passed (default: 1)",
+    )
     add_csv_argument(p)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     tok, _ = load_tokenizer()
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    models = [(name, MMFormer(get_config(name, vocab_size=tok.vocab_size), tok).eval())
-              for name in args.presets.split(",") if name]
+    models = [
+        (name, MMFormer(get_config(name, vocab_size=tok.vocab_size), tok).eval())
+        for name in args.presets.split(",")
+        if name
+    ]
     if args.model != "none" and Path(args.model).is_dir():
         models.append((f"trained ({args.model})", MMFormer.from_pretrained(args.model).eval()))
     rows = []
@@ -160,15 +169,23 @@ def main(argv: list[str] | None = None) -> int:
                 for b in batches:
                     images = torch.randn(b, 3, c.image_size, c.image_size)
                     ids, mask = model.tokenizer([TEXT] * b, max_length=c.context_length)
-                    row[f"img_{b}"] = best_rate(lambda v=v, images=images: v.image(images), b, args.repeats, args.min_seconds)
-                    row[f"txt_{b}"] = best_rate(lambda v=v, ids=ids, mask=mask: v.text(ids, mask), b, args.repeats, args.min_seconds)
+                    row[f"img_{b}"] = best_rate(
+                        lambda v=v, images=images: v.image(images), b, args.repeats, args.min_seconds
+                    )
+                    row[f"txt_{b}"] = best_rate(
+                        lambda v=v, ids=ids, mask=mask: v.text(ids, mask), b, args.repeats, args.min_seconds
+                    )
                 row.update(closeness(v, vs["fp32"], model))
                 if name.startswith("trained"):
                     row.update(recall(v, model))
                 rows.append(row)
                 print(row, flush=True)
-    cols = [("model", "model", 0), ("variant", "variant", 0), ("Linear weights MB", "linear_mb", 2),
-            ("on disk MB", "file_mb", 2)]
+    cols = [
+        ("model", "model", 0),
+        ("variant", "variant", 0),
+        ("Linear weights MB", "linear_mb", 2),
+        ("on disk MB", "file_mb", 2),
+    ]
     for b in batches:
         cols += [(f"images/s b{b}", f"img_{b}", 0), (f"texts/s b{b}", f"txt_{b}", 0)]
     cols += [("min cos image", "cos_img", 4), ("min cos text", "cos_txt", 4)]
@@ -176,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         cols += [("t2i R@1", "t2i_R@1", 2), ("i2t R@1", "i2t_R@1", 2)]
     print()
     print(markdown_table(rows, cols))
-    print(f"\nbest of {args.repeats} after a warm-up; {torch.get_num_threads()} torch / onnxruntime threads; "
-          f"int8 auto backend on this CPU: {default_backend()}; total {time.time() - t_start:.0f} s")
+    print(
+        f"\nbest of {args.repeats} after a warm-up; {torch.get_num_threads()} torch / onnxruntime threads; "
+        f"int8 auto backend on this CPU: {default_backend()}; total {time.time() - t_start:.0f} s"
+    )
     print(machine_line())
     if args.csv:
         print(f"wrote {write_csv(args.csv, rows)}")

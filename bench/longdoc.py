@@ -64,8 +64,13 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def embed_docs(model: MMFormer, docs: list[list[int]], modes: tuple[str, ...], max_chunks_per_call: int = 4096,
-               precision: str = "fp32"):
+def embed_docs(
+    model: MMFormer,
+    docs: list[list[int]],
+    modes: tuple[str, ...],
+    max_chunks_per_call: int = 4096,
+    precision: str = "fp32",
+):
     """{mode: (B, E) normalised float32}, documents grouped so one encoder call holds <=
     max_chunks_per_call chunks."""
     col = model.document_collator()
@@ -74,7 +79,7 @@ def embed_docs(model: MMFormer, docs: list[list[int]], modes: tuple[str, ...], m
     out = {m: [] for m in modes}
     with torch.inference_mode(), autocast(device, precision):
         for s in range(0, len(docs), per):
-            res = model.forward_document(col.collate_ids(docs[s: s + per]).to(device), modes)
+            res = model.forward_document(col.collate_ids(docs[s : s + per]).to(device), modes)
             for m in modes:
                 out[m].append(F.normalize(res[m].float(), dim=-1))
     return {m: torch.cat(v) for m, v in out.items()}
@@ -84,8 +89,9 @@ def retrieval(model: MMFormer, args) -> list[dict]:
     """The length, position and (``--split-length``) split-needle tables; returns their rows."""
     tok = model.tokenizer
     modes = tuple(m for m in MODES if m != "fusion" or model.fusion is not None)
-    ds = InMemoryImageText.eval_split("test", model.config.image_size, model.config.image_mean, model.config.image_std,
-                                      root=args.data_dir)
+    ds = InMemoryImageText.eval_split(
+        "test", model.config.image_size, model.config.image_mean, model.config.image_std, root=args.data_dir
+    )
     device = model.logit_scale.device
     with torch.inference_mode(), autocast(device, args.precision):
         image = F.normalize(model.encode_image(ds.stacked_images().to(device)).float(), dim=-1)
@@ -101,8 +107,9 @@ def retrieval(model: MMFormer, args) -> list[dict]:
         target = torch.tensor(q, device=device)
         ceiling = t2i_r1(image, short[q], target).float().mean().item() * 100
         positions = [(i % 10) / 10 for i in range(len(q))]
-        docs = needle_documents(tok, [ds.captions[i] for i in q], length, filler, seed=args.seed + length,
-                                positions=positions)
+        docs = needle_documents(
+            tok, [ds.captions[i] for i in q], length, filler, seed=args.seed + length, positions=positions
+        )
         t0 = time.perf_counter()
         emb = embed_docs(model, [d.ids for d in docs], modes, precision=args.precision)
         if device.type == "cuda":
@@ -110,21 +117,37 @@ def retrieval(model: MMFormer, args) -> list[dict]:
         dt = time.perf_counter() - t0
         hits = {m: t2i_r1(image, emb[m], target) for m in modes}
         label = f"{length} (1 window)" if length <= pieces else str(length)
-        row = {"length": label, "queries": len(q), "ceiling": ceiling, "s_per_doc": dt / len(q),
-               **{m: hits[m].float().mean().item() * 100 for m in modes}}
+        row = {
+            "length": label,
+            "queries": len(q),
+            "ceiling": ceiling,
+            "s_per_doc": dt / len(q),
+            **{m: hits[m].float().mean().item() * 100 for m in modes},
+        }
         if "fusion" in modes:
             row["fusion_frac"] = row["fusion"] / ceiling if ceiling else float("nan")
         length_rows.append(row)
-        print(f"length {label}: {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})}",
-              flush=True)
+        print(
+            f"length {label}: {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})}",
+            flush=True,
+        )
         if length > pieces:
             dec = torch.tensor([min(int(d.position * 10), 9) for d in docs], device=device)
             for m in modes:
-                position_rows.append({"length": length, "method": m, **{
-                    f"d{k}": hits[m][dec == k].float().mean().item() * 100 if (dec == k).any() else float("nan")
-                    for k in range(10)}})
-    print(f"\n### Text->image R@1 (%) vs document length (pieces); gallery = all {n_img} test images, "
-          f"chance = {100 / n_img:.2f}%\n")
+                position_rows.append(
+                    {
+                        "length": length,
+                        "method": m,
+                        **{
+                            f"d{k}": hits[m][dec == k].float().mean().item() * 100 if (dec == k).any() else float("nan")
+                            for k in range(10)
+                        },
+                    }
+                )
+    print(
+        f"\n### Text->image R@1 (%) vs document length (pieces); gallery = all {n_img} test images, "
+        f"chance = {100 / n_img:.2f}%\n"
+    )
     cols = [("length", "length", 0), ("queries", "queries", 0), ("short caption (ceiling)", "ceiling", 1)]
     cols += [(m if m != "first" else "truncation (first window)", m, 1) for m in modes]
     if "fusion" in modes:
@@ -132,8 +155,13 @@ def retrieval(model: MMFormer, args) -> list[dict]:
     cols.append(("s / doc (all methods, one pass)", "s_per_doc", 3))
     print(markdown_table(length_rows, cols))
     print("\n### R@1 (%) vs needle position (decile of the document) \n")
-    print(markdown_table(position_rows, [("length", "length", 0), ("method", "method", 0)]
-                         + [(f"{k * 10}-{k * 10 + 10}%", f"d{k}", 1) for k in range(10)]))
+    print(
+        markdown_table(
+            position_rows,
+            [("length", "length", 0), ("method", "method", 0)]
+            + [(f"{k * 10}-{k * 10 + 10}%", f"d{k}", 1) for k in range(10)],
+        )
+    )
     rows = [{"table": "length", **r} for r in length_rows] + [{"table": "position", **r} for r in position_rows]
     if args.split_length:
         split_rows = split(model, image, ds, filler, modes, args)
@@ -154,12 +182,19 @@ def split(model, image, ds, filler, modes, args) -> list[dict]:
         sims = (image[owners] @ emb[m].T).cpu()  # (Q, 2Q): images of the split captions vs all documents
         correct = sims[torch.arange(len(docs)), torch.arange(len(docs))]
         r1 = ((sims > correct[:, None]).sum(1) == 0).float().mean().item() * 100
-        neg_wins = (sims[torch.arange(len(docs)), len(docs) + torch.arange(len(docs))] > correct).float().mean().item() * 100
+        neg_wins = (
+            sims[torch.arange(len(docs)), len(docs) + torch.arange(len(docs))] > correct
+        ).float().mean().item() * 100
         rows.append({"method": m, "r1": r1, "neg": neg_wins})
-    print(f"\n### Split needles at {args.split_length} pieces: image -> document R@1 (%) over {len(docs)} split "
-          f"documents + {len(negs)} hard negatives (chance {100 / (2 * len(docs)):.2f}%)\n")
-    print(markdown_table(rows, [("method", "method", 0), ("R@1", "r1", 1),
-                                ("own hard negative scores higher (%)", "neg", 1)]))
+    print(
+        f"\n### Split needles at {args.split_length} pieces: image -> document R@1 (%) over {len(docs)} split "
+        f"documents + {len(negs)} hard negatives (chance {100 / (2 * len(docs)):.2f}%)\n"
+    )
+    print(
+        markdown_table(
+            rows, [("method", "method", 0), ("R@1", "r1", 1), ("own hard negative scores higher (%)", "neg", 1)]
+        )
+    )
     return rows
 
 
@@ -235,10 +270,24 @@ def cost(args) -> list[dict]:
             if m == "dense" and length > args.dense_max:
                 row[m + "_t"] = row[m + "_m"] = float("nan")
                 continue
-            cmd = module_command("bench.longdoc", "--model", args.model, "--measure", m, str(length),
-                                 "--repeats", str(args.repeats), "--window", str(args.window),
-                                 "--compression", str(args.compression), "--device", args.device,
-                                 "--precision", args.precision)
+            cmd = module_command(
+                "bench.longdoc",
+                "--model",
+                args.model,
+                "--measure",
+                m,
+                str(length),
+                "--repeats",
+                str(args.repeats),
+                "--window",
+                str(args.window),
+                "--compression",
+                str(args.compression),
+                "--device",
+                args.device,
+                "--precision",
+                args.precision,
+            )
             cmd += ["--unmap-freed-memory"] if args.unmap_freed_memory else []
             proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
             if proc.returncode:
@@ -249,13 +298,25 @@ def cost(args) -> list[dict]:
         rows.append(row)
         print(f"cost {length}: {row}", flush=True)
     for prev, cur in zip(rows, rows[1:]) if "chunked" in methods else ():
-        cur["chunked_ratio"] = cur["chunked_t"] / prev["chunked_t"] if cur["length"] == 2 * prev["length"] else float("nan")
-    print(f"\n### Encode cost of one document on {args.device} ({args.precision}; time s, peak memory growth MB); "
-          f"local window {args.window} + 1 global token, compression {args.compression}\n")
-    cols = [("length", "length", 0), ("chunked+fusion s", "chunked_t", 3), ("x per doubling", "chunked_ratio", 2),
-            ("chunked MB", "chunked_m", 0), ("dense s", "dense_t", 3), ("dense MB", "dense_m", 0),
-            ("local s", "local_t", 3), ("local MB", "local_m", 0), ("compressed s", "compressed_t", 3),
-            ("compressed MB", "compressed_m", 0)]
+        cur["chunked_ratio"] = (
+            cur["chunked_t"] / prev["chunked_t"] if cur["length"] == 2 * prev["length"] else float("nan")
+        )
+    print(
+        f"\n### Encode cost of one document on {args.device} ({args.precision}; time s, peak memory growth MB); "
+        f"local window {args.window} + 1 global token, compression {args.compression}\n"
+    )
+    cols = [
+        ("length", "length", 0),
+        ("chunked+fusion s", "chunked_t", 3),
+        ("x per doubling", "chunked_ratio", 2),
+        ("chunked MB", "chunked_m", 0),
+        ("dense s", "dense_t", 3),
+        ("dense MB", "dense_m", 0),
+        ("local s", "local_t", 3),
+        ("local MB", "local_m", 0),
+        ("compressed s", "compressed_t", 3),
+        ("compressed MB", "compressed_m", 0),
+    ]
     cols = [c for c in cols if c[1] == "length" or c[1].rsplit("_", 1)[0] in methods]
     print(markdown_table(rows, cols))
     return [{"table": "cost", **r} for r in rows]
@@ -270,9 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-queries", type=int, default=128, help="query images for longer documents")
     p.add_argument("--long-from", type=int, default=4096)
     p.add_argument("--split-length", type=int, default=2048, help="0 = skip the split-needle table")
-    p.add_argument("--cost-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--cost-methods", type=lambda s: [m for m in s.split(",") if m], default=list(COST_METHODS),
-                   help="comma-separated, of " + ", ".join(COST_METHODS) + " (default: all)")
+    p.add_argument(
+        "--cost-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192, 16384]
+    )
+    p.add_argument(
+        "--cost-methods",
+        type=lambda s: [m for m in s.split(",") if m],
+        default=list(COST_METHODS),
+        help="comma-separated, of " + ", ".join(COST_METHODS) + " (default: all)",
+    )
     p.add_argument("--dense-max", type=int, default=16384, help="skip dense attention beyond this length")
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--compression", type=int, default=4)
@@ -280,8 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = bf16 autocast")
-    p.add_argument("--unmap-freed-memory", action="store_true",
-                   help="leave glibc's malloc as it is (mmformer.runtime.keep_freed_memory is called otherwise)")
+    p.add_argument(
+        "--unmap-freed-memory",
+        action="store_true",
+        help="leave glibc's malloc as it is (mmformer.runtime.keep_freed_memory is called otherwise)",
+    )
     p.add_argument("--data-dir", default=None, help="the emoji data of the query images (default: the bundled copy)")
     add_csv_argument(p)
     p.add_argument("--measure", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -295,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         measure(args)
         return 0
     model = MMFormer.from_pretrained(args.model).eval().to(args.device)
-    print(f"model {args.model}: window {model.config.context_length} tokens ({model.config.context_length - 2} pieces), "
-          f"fusion {'with ' + str(model.config.fusion_latents) + ' latents' if model.fusion is not None else 'none'}")
+    print(
+        f"model {args.model}: window {model.config.context_length} tokens ({model.config.context_length - 2} pieces), "
+        f"fusion {'with ' + str(model.config.fusion_latents) + ' latents' if model.fusion is not None else 'none'}"
+    )
     rows = []
     if args.only in (None, "retrieval"):
         rows += retrieval(model, args)

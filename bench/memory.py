@@ -94,14 +94,20 @@ def one_config(preset: str, precision: str, ckpt: bool, batch_size: int, steps: 
     before = rss_bytes()
     reset_peak_rss()
     step_s = time_steps(step, steps, warmup=0)
-    return {"preset": preset, "precision": precision, "ckpt": "on" if ckpt else "off", "batch": batch_size,
-            "params_m": model.num_parameters() / 1e6, "state_mib": state / MiB,
-            "step_peak_mib": (peak_rss_bytes() - before) / MiB, "peak_rss_mib": peak_rss_bytes() / MiB,
-            "samples_s": batch_size / step_s}
+    return {
+        "preset": preset,
+        "precision": precision,
+        "ckpt": "on" if ckpt else "off",
+        "batch": batch_size,
+        "params_m": model.num_parameters() / 1e6,
+        "state_mib": state / MiB,
+        "step_peak_mib": (peak_rss_bytes() - before) / MiB,
+        "peak_rss_mib": peak_rss_bytes() / MiB,
+        "samples_s": batch_size / step_s,
+    }
 
 
-def run_config_subprocess(preset: str, precision: str, ckpt: bool, batch_size: int, steps: int,
-                          threads: int) -> dict:
+def run_config_subprocess(preset: str, precision: str, ckpt: bool, batch_size: int, steps: int, threads: int) -> dict:
     from bench.common import module_command, subprocess_env
 
     cmd = module_command("bench.memory", "--_one", json.dumps([preset, precision, ckpt, batch_size, steps, threads]))
@@ -163,10 +169,17 @@ def fsdp_rows(presets: list[str], batch_size: int) -> list[dict]:
             per_rank = [out[r]["params"] + out[r]["optimizer"] for r in range(world)]
             worst = max(per_rank)
             base = base or worst
-            rows.append({"preset": preset, "world": world, "params_m": out[0]["full_params"] / 4 / 1e6,
-                         "param_mib": max(out[r]["params"] for r in range(world)) / MiB,
-                         "opt_mib": max(out[r]["optimizer"] for r in range(world)) / MiB,
-                         "total_mib": worst / MiB, "ratio": worst / base})
+            rows.append(
+                {
+                    "preset": preset,
+                    "world": world,
+                    "params_m": out[0]["full_params"] / 4 / 1e6,
+                    "param_mib": max(out[r]["params"] for r in range(world)) / MiB,
+                    "opt_mib": max(out[r]["optimizer"] for r in range(world)) / MiB,
+                    "total_mib": worst / MiB,
+                    "ratio": worst / base,
+                }
+            )
     return rows
 
 
@@ -182,9 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fsdp-batch-size", type=int, default=2)
     p.add_argument("--skip-fsdp", action="store_true")
     p.add_argument("--skip-single", action="store_true")
-    p.add_argument("--csv", default=None, metavar="PATH",
-                   help="also write both tables' rows as CSV here (a table column says which), each with the date, "
-                        "commit, CPU model and flags, load and torch version (written atomically)")
+    p.add_argument(
+        "--csv",
+        default=None,
+        metavar="PATH",
+        help="also write both tables' rows as CSV here (a table column says which), each with the date, "
+        "commit, CPU model and flags, load and torch version (written atomically)",
+    )
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._one:
@@ -203,25 +220,48 @@ def main(argv: list[str] | None = None) -> int:
                 for ckpt in [c == "on" for c in args.ckpt.split(",")]:
                     steps = args.bf16_steps if precision.startswith("bf16") else args.steps
                     rows.append(run_config_subprocess(preset, precision, ckpt, args.batch_size, steps, args.threads))
-                    print(f"  {preset} {precision} ckpt={'on' if ckpt else 'off'}: "
-                          f"{rows[-1]['samples_s']:.2f} samples/s", file=sys.stderr, flush=True)
+                    print(
+                        f"  {preset} {precision} ckpt={'on' if ckpt else 'off'}: {rows[-1]['samples_s']:.2f} samples/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         print("\n### One process: training-step memory and speed\n")
-        print(markdown_table(rows, [("preset", "preset", 0), ("params (M)", "params_m", 1),
-                                    ("precision", "precision", 0), ("act. ckpt", "ckpt", 0), ("batch", "batch", 0),
-                                    ("state MiB (p+g+adam)", "state_mib", 0),
-                                    ("step peak MiB", "step_peak_mib", 0), ("peak RSS MiB", "peak_rss_mib", 0),
-                                    ("samples/s", "samples_s", 2)]))
+        print(
+            markdown_table(
+                rows,
+                [
+                    ("preset", "preset", 0),
+                    ("params (M)", "params_m", 1),
+                    ("precision", "precision", 0),
+                    ("act. ckpt", "ckpt", 0),
+                    ("batch", "batch", 0),
+                    ("state MiB (p+g+adam)", "state_mib", 0),
+                    ("step peak MiB", "step_peak_mib", 0),
+                    ("peak RSS MiB", "peak_rss_mib", 0),
+                    ("samples/s", "samples_s", 2),
+                ],
+            )
+        )
         csv_rows += [{"table": "one process", **r} for r in rows]
     if not args.skip_fsdp:
         rows = fsdp_rows(presets, args.fsdp_batch_size)
         csv_rows += [{"table": "fsdp", **r} for r in rows]
         print("\n### FSDP2: per-rank parameter + optimizer memory\n")
-        print(markdown_table(rows, [("preset", "preset", 0), ("params (M)", "params_m", 1),
-                                    ("processes", "world", 0), ("param shard MiB", "param_mib", 1),
-                                    ("AdamW state MiB", "opt_mib", 1), ("total per rank MiB", "total_mib", 1),
-                                    ("vs 1 process", "ratio", 3)]))
-    print(f"\n{machine_line()}; threads per process: {args.threads} (part 1), 1 (part 2); "
-          f"torch {torch.__version__}")
+        print(
+            markdown_table(
+                rows,
+                [
+                    ("preset", "preset", 0),
+                    ("params (M)", "params_m", 1),
+                    ("processes", "world", 0),
+                    ("param shard MiB", "param_mib", 1),
+                    ("AdamW state MiB", "opt_mib", 1),
+                    ("total per rank MiB", "total_mib", 1),
+                    ("vs 1 process", "ratio", 3),
+                ],
+            )
+        )
+    print(f"\n{machine_line()}; threads per process: {args.threads} (part 1), 1 (part 2); torch {torch.__version__}")
     if args.csv:
         print(f"wrote {write_csv(args.csv, csv_rows)}")
     return 0

@@ -53,8 +53,10 @@ def make_data(n: int, d: int, kind: str, seed: int, centers: np.ndarray | None =
         if kind == "random":
             x = rng.standard_normal((m, d), dtype=np.float32)
         else:
-            x = centers[rng.integers(0, len(centers), m)] + 0.5 / np.sqrt(d) * rng.standard_normal((m, d), dtype=np.float32)
-        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+            x = centers[rng.integers(0, len(centers), m)] + 0.5 / np.sqrt(d) * rng.standard_normal(
+                (m, d), dtype=np.float32
+            )
+        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
 
@@ -63,7 +65,7 @@ def latency(backend, q: np.ndarray, batch: int, k: int = 10) -> tuple[float, flo
     times = []
     for s in range(0, len(q) - batch + 1, batch):
         t = time.perf_counter()
-        backend.search(q[s:s + batch], k)
+        backend.search(q[s : s + batch], k)
         times.append((time.perf_counter() - t) * 1000 / batch)
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
@@ -81,12 +83,14 @@ def write_clustered_npy(path: Path, n: int, d: int, centers: np.ndarray, seed: i
     """``make_data(..., "clustered")`` rows streamed into a ``.npy`` file in blocks (never all in memory)."""
     rng = np.random.default_rng(seed)
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                 "fortran_order": False, "shape": (n, d)})
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n, d)}
+        )
         for s in range(0, n, 100_000):
             m = min(100_000, n - s)
-            x = centers[rng.integers(0, len(centers), m)] + 0.5 / np.sqrt(d) * rng.standard_normal((m, d),
-                                                                                                dtype=np.float32)
+            x = centers[rng.integers(0, len(centers), m)] + 0.5 / np.sqrt(d) * rng.standard_normal(
+                (m, d), dtype=np.float32
+            )
             f.write((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(dtype).tobytes())
 
 
@@ -119,10 +123,14 @@ def child_build(spec: dict) -> dict:
     from mmformer.retrieval import build_from_embeddings
 
     t0 = time.perf_counter()
-    index = build_from_embeddings(spec["src"], spec["out"], backend="ivfpq", dtype="float16",
-                                  backend_params=spec["params"])
-    return {"build_s": time.perf_counter() - t0, "build_rss_mb": peak_rss_mb(),
-            "params": index.manifest["backend_params"]}
+    index = build_from_embeddings(
+        spec["src"], spec["out"], backend="ivfpq", dtype="float16", backend_params=spec["params"]
+    )
+    return {
+        "build_s": time.perf_counter() - t0,
+        "build_rss_mb": peak_rss_mb(),
+        "params": index.manifest["backend_params"],
+    }
 
 
 def child_search(spec: dict) -> dict:
@@ -137,21 +145,26 @@ def child_search(spec: dict) -> dict:
     q = np.load(spec["queries"])
     truth = np.load(spec["truth"])
     for i in range(min(20, len(q))):  # first touches of the centroids and code tables
-        index.search(q[i:i + 1], 10)
+        index.search(q[i : i + 1], 10)
     times, found = [], []
     for i in range(len(q)):
         t = time.perf_counter()
-        _, ids = index.search(q[i:i + 1], 10)
+        _, ids = index.search(q[i : i + 1], 10)
         times.append((time.perf_counter() - t) * 1000)
         found.append(ids[0])
     recall = float(np.mean([len(np.intersect1d(a, t)) / 10 for a, t in zip(found, truth)]))
-    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)), "recall": recall,
-            "search_rss_mb": peak_rss_mb()}
+    return {
+        "p50_ms": float(np.percentile(times, 50)),
+        "p99_ms": float(np.percentile(times, 99)),
+        "recall": recall,
+        "search_rss_mb": peak_rss_mb(),
+    }
 
 
 def run_child(kind: str, spec: dict) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.retrieval", "--child", kind, json.dumps(spec)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.retrieval", "--child", kind, json.dumps(spec)], capture_output=True, text=True
+    )
     if out.returncode:
         raise SystemExit(f"bench.retrieval: the {kind} subprocess failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -177,28 +190,60 @@ def disk_rows(args) -> list[dict]:
         built = run_child("build", {"src": str(work / "vectors.npy"), "out": str(work / "index"), "params": params})
         (work / "vectors.npy").unlink()  # the index holds its own copy
         search = {k: v for k, v in (("nprobe", args.nprobe), ("refine", args.refine)) if v}
-        found = run_child("search", {"out": str(work / "index"), "queries": str(work / "queries.npy"),
-                                     "truth": str(work / "truth.npy"), "search": search})
+        found = run_child(
+            "search",
+            {
+                "out": str(work / "index"),
+                "queries": str(work / "queries.npy"),
+                "truth": str(work / "truth.npy"),
+                "search": search,
+            },
+        )
         disk = sum(f.stat().st_size for f in (work / "index").iterdir() if f.is_file())
         p = built["params"]
-        row = {"n": n, "dim": d, "nlist": p["nlist"], "nprobe": search.get("nprobe", p["nprobe"]),
-               "refine": search.get("refine", p["refine"]), "build_s": built["build_s"],
-               "build_rss_mb": built["build_rss_mb"], "disk_mb": disk / 2**20, "search_rss_mb": found["search_rss_mb"],
-               "p50_ms": found["p50_ms"], "p99_ms": found["p99_ms"], "recall": found["recall"],
-               "truth_s": truth_s}
+        row = {
+            "n": n,
+            "dim": d,
+            "nlist": p["nlist"],
+            "nprobe": search.get("nprobe", p["nprobe"]),
+            "refine": search.get("refine", p["refine"]),
+            "build_s": built["build_s"],
+            "build_rss_mb": built["build_rss_mb"],
+            "disk_mb": disk / 2**20,
+            "search_rss_mb": found["search_rss_mb"],
+            "p50_ms": found["p50_ms"],
+            "p99_ms": found["p99_ms"],
+            "recall": found["recall"],
+            "truth_s": truth_s,
+        }
         rows.append(row)
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print(markdown_table([{**r, "n": f"{r['n']:,}"} for r in rows],
-                         [("N", "n", 0), ("dim", "dim", 0), ("nlist", "nlist", 0), ("nprobe", "nprobe", 0),
-                          ("re-rank x k", "refine", 0), ("build s", "build_s", 0),
-                          ("build peak RSS MB", "build_rss_mb", 0), ("index on disk MB", "disk_mb", 0),
-                          ("search peak RSS MB", "search_rss_mb", 0), ("p50 ms (batch 1)", "p50_ms", 2),
-                          ("p99 ms (batch 1)", "p99_ms", 2), ("recall@10 vs exact", "recall", 3)]))
-    print("\nIVF-PQ (D/4 bytes a vector) built from a float16 file by build_from_embeddings, lists on disk; "
-          "searched memory-mapped on 1 thread, re-ranked exactly from the float16 embeddings")
+    print(
+        markdown_table(
+            [{**r, "n": f"{r['n']:,}"} for r in rows],
+            [
+                ("N", "n", 0),
+                ("dim", "dim", 0),
+                ("nlist", "nlist", 0),
+                ("nprobe", "nprobe", 0),
+                ("re-rank x k", "refine", 0),
+                ("build s", "build_s", 0),
+                ("build peak RSS MB", "build_rss_mb", 0),
+                ("index on disk MB", "disk_mb", 0),
+                ("search peak RSS MB", "search_rss_mb", 0),
+                ("p50 ms (batch 1)", "p50_ms", 2),
+                ("p99 ms (batch 1)", "p99_ms", 2),
+                ("recall@10 vs exact", "recall", 3),
+            ],
+        )
+    )
+    print(
+        "\nIVF-PQ (D/4 bytes a vector) built from a float16 file by build_from_embeddings, lists on disk; "
+        "searched memory-mapped on 1 thread, re-ranked exactly from the float16 embeddings"
+    )
     return rows
 
 
@@ -215,10 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=None, help="queries per measurement (default 256; --disk: 1000)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW ef_search (default: the library's)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: the library's)")
-    p.add_argument("--exact-queries", type=int, default=None,
-                   help="batch-1 exact latency over this many queries (default: all)")
-    p.add_argument("--disk", action="store_true",
-                   help="the on-disk row: build from a file and search memory-mapped, each in a subprocess")
+    p.add_argument(
+        "--exact-queries", type=int, default=None, help="batch-1 exact latency over this many queries (default: all)"
+    )
+    p.add_argument(
+        "--disk",
+        action="store_true",
+        help="the on-disk row: build from a file and search memory-mapped, each in a subprocess",
+    )
     p.add_argument("--workdir", default=None, help="--disk: where the vectors and the index go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="--disk: keep the vectors and the index afterwards")
     p.add_argument("--nlist", type=int, default=None, help="--disk: IVF lists (default: the library's rule)")
@@ -235,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     args.queries = args.queries or 256
     if args.queries < 64:
         p.error(f"--queries {args.queries}: at least 64 (the batch-64 latency needs one full batch)")
-    params = BackendParams.from_dict({k: v for k, v in (("ef_search", args.ef_search), ("nprobe", args.nprobe))
-                                      if v is not None})
+    params = BackendParams.from_dict(
+        {k: v for k, v in (("ef_search", args.ef_search), ("nprobe", args.nprobe)) if v is not None}
+    )
     rows = []
     for n in map(int, args.n.split(",")):
         for d in map(int, args.dims.split(",")):
@@ -257,25 +307,52 @@ def main(argv: list[str] | None = None) -> int:
                     b50, _ = latency(b, q, 64)
                     _, ids = b.search(q, 10)
                     recall = float(np.mean([len(np.intersect1d(a, t)) / 10 for a, t in zip(ids, truth)]))
-                    row = {"n": n, "dim": d, "data": kind, "backend": name, "build_s": build_s,
-                           "index_mb": backend_bytes(b) / 2**20, "rss_mb": grown, "p50_ms": p50, "p99_ms": p99,
-                           "b64_ms": b50, "recall": recall}
+                    row = {
+                        "n": n,
+                        "dim": d,
+                        "data": kind,
+                        "backend": name,
+                        "build_s": build_s,
+                        "index_mb": backend_bytes(b) / 2**20,
+                        "rss_mb": grown,
+                        "p50_ms": p50,
+                        "p99_ms": p99,
+                        "b64_ms": b50,
+                        "recall": recall,
+                    }
                     rows.append(row)
-                    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                          flush=True)
+                    print(
+                        " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                        flush=True,
+                    )
                     del b
                 del x
     print()
     shown = [{**r, "n": f"{r['n']:,}"} for r in rows]
-    print(markdown_table(shown, [("N", "n", 0), ("dim", "dim", 0), ("data", "data", 0), ("backend", "backend", 0),
-                                ("build s", "build_s", 1), ("index MB", "index_mb", 0),
-                                ("RSS growth MB", "rss_mb", 0), ("p50 ms (batch 1)", "p50_ms", 2),
-                                ("p99 ms (batch 1)", "p99_ms", 2), ("ms/query (batch 64)", "b64_ms", 3),
-                                ("recall@10 vs exact", "recall", 3)]))
+    print(
+        markdown_table(
+            shown,
+            [
+                ("N", "n", 0),
+                ("dim", "dim", 0),
+                ("data", "data", 0),
+                ("backend", "backend", 0),
+                ("build s", "build_s", 1),
+                ("index MB", "index_mb", 0),
+                ("RSS growth MB", "rss_mb", 0),
+                ("p50 ms (batch 1)", "p50_ms", 2),
+                ("p99 ms (batch 1)", "p99_ms", 2),
+                ("ms/query (batch 64)", "b64_ms", 3),
+                ("recall@10 vs exact", "recall", 3),
+            ],
+        )
+    )
     defaults = BackendParams()
-    print(f"\nHNSW M={params.hnsw_m} efConstruction={params.ef_construction} efSearch={params.ef_search}; "
-          f"IVF-PQ nlist ~4 sqrt(N), D/4 bytes per vector, nprobe={params.nprobe}, exact re-ranking of "
-          f"{params.refine}x k candidates (library defaults: efSearch {defaults.ef_search}, nprobe {defaults.nprobe})")
+    print(
+        f"\nHNSW M={params.hnsw_m} efConstruction={params.ef_construction} efSearch={params.ef_search}; "
+        f"IVF-PQ nlist ~4 sqrt(N), D/4 bytes per vector, nprobe={params.nprobe}, exact re-ranking of "
+        f"{params.refine}x k candidates (library defaults: efSearch {defaults.ef_search}, nprobe {defaults.nprobe})"
+    )
     print(machine_line())
     if args.csv:
         print(f"wrote {write_csv(args.csv, rows)}")

@@ -43,8 +43,10 @@ import numpy as np
 from bench.common import add_csv_argument, markdown_table, module_command, subprocess_env, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("red green blue yellow purple orange heart face smiling cat dog apple flag keycap star moon sun "
-         "with a the and of big small round square").split()
+WORDS = (
+    "red green blue yellow purple orange heart face smiling cat dog apple flag keycap star moon sun "
+    "with a the and of big small round square"
+).split()
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -86,6 +88,7 @@ except ImportError:  # pragma: no cover
     ls = None
 
 if ls is not None:
+
     class EmbedAPI(ls.LitAPI):
         """The same calls as mmformer's EmbedText / EmbedImage, one input per request, batched by LitServe."""
 
@@ -142,8 +145,9 @@ if ls is not None:
             return {"embedding": output.tolist()}
 
 
-def run_litserve(model_dir: str, port: int, threads: int, max_batch_size: int, batch_timeout: float,
-                 batch_log: str) -> None:
+def run_litserve(
+    model_dir: str, port: int, threads: int, max_batch_size: int, batch_timeout: float, batch_log: str
+) -> None:
     if ls is None:
         raise SystemExit("LitServe is not installed: pip install -e .[bench] (or run with --no-litserve)")
     api = EmbedAPI(model_dir, threads, batch_log, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
@@ -161,12 +165,24 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, name: str, argv: list[str], http_port: int, grpc_port: int | None, ready_path: str,
-                 batch_log: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        http_port: int,
+        grpc_port: int | None,
+        ready_path: str,
+        batch_log: str | None = None,
+    ) -> None:
         self.name, self.http_port, self.grpc_port, self.batch_log = name, http_port, grpc_port, batch_log
-        self.proc = subprocess.Popen(argv, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            env=subprocess_env(),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         self.ready_path = ready_path
 
     async def wait_ready(self, timeout: float = 180.0) -> None:
@@ -311,11 +327,17 @@ class Client:
         await asyncio.gather(*tasks)
         inputs1, calls1 = await batch_counts(self.server, kind)
         lat = np.array(latencies) * 1000
-        return {"req_s": len(latencies) / wall, "p50": float(np.percentile(lat, 50)),
-                "p95": float(np.percentile(lat, 95)), "p99": float(np.percentile(lat, 99)),
-                "batch": (inputs1 - inputs0) / max(calls1 - calls0, 1),
-                "client_cpu": 100 * cpu_client / wall, "server_cpu": 100 * cpu_server / wall, "n": len(latencies),
-                "server_ms_req": 1000 * cpu_server / max(len(latencies), 1)}
+        return {
+            "req_s": len(latencies) / wall,
+            "p50": float(np.percentile(lat, 50)),
+            "p95": float(np.percentile(lat, 95)),
+            "p99": float(np.percentile(lat, 99)),
+            "batch": (inputs1 - inputs0) / max(calls1 - calls0, 1),
+            "client_cpu": 100 * cpu_client / wall,
+            "server_cpu": 100 * cpu_server / wall,
+            "n": len(latencies),
+            "server_ms_req": 1000 * cpu_server / max(len(latencies), 1),
+        }
 
 
 # ---- model cost alone ---------------------------------------------------------------------------
@@ -344,8 +366,15 @@ def model_cost(model_dir: Path, threads: int, batches=(1, 16, 64), repeats: int 
                 model.encode_image(images[:b])
                 t2 = time.perf_counter()
                 best["text"], best["image"] = min(best["text"], t1 - t0), min(best["image"], t2 - t1)
-            rows.append({"batch": b, "text_ms": 1000 * best["text"], "image_ms": 1000 * best["image"],
-                         "text_per": 1000 * best["text"] / b, "image_per": 1000 * best["image"] / b})
+            rows.append(
+                {
+                    "batch": b,
+                    "text_ms": 1000 * best["text"],
+                    "image_ms": 1000 * best["image"],
+                    "text_per": 1000 * best["text"] / b,
+                    "image_per": 1000 * best["image"] / b,
+                }
+            )
     return rows
 
 
@@ -355,13 +384,47 @@ def start_servers(which: str, model_dir: Path, args, tmp: Path) -> ServerProcess
     http, grpc_port = free_port(), free_port()
     if which == "litserve":
         log = str(tmp / "litserve-batches.txt")
-        return ServerProcess("litserve", module_command("bench.serve", "--litserve-worker", "--model", str(model_dir),
-                                                        "--port", str(http), "--threads", str(args.threads),
-                                                        "--max-delay-ms", str(args.max_delay_ms), "--batch-log", log),
-                             http, None, "/health", batch_log=log)
-    argv = [py, "-m", "mmformer.cli", "serve", "--model", str(model_dir), "--grpc-port", str(grpc_port),
-            "--http-port", str(http), "--threads", str(args.threads), "--max-delay-ms", str(args.max_delay_ms),
-            "--max-batch-size", "64", "--loop", args.loop]
+        return ServerProcess(
+            "litserve",
+            module_command(
+                "bench.serve",
+                "--litserve-worker",
+                "--model",
+                str(model_dir),
+                "--port",
+                str(http),
+                "--threads",
+                str(args.threads),
+                "--max-delay-ms",
+                str(args.max_delay_ms),
+                "--batch-log",
+                log,
+            ),
+            http,
+            None,
+            "/health",
+            batch_log=log,
+        )
+    argv = [
+        py,
+        "-m",
+        "mmformer.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(http),
+        "--threads",
+        str(args.threads),
+        "--max-delay-ms",
+        str(args.max_delay_ms),
+        "--max-batch-size",
+        "64",
+        "--loop",
+        args.loop,
+    ]
     if which == "mmformer --no-batching":
         argv.append("--no-batching")
     if args.decode_workers is not None:
@@ -387,10 +450,13 @@ async def bench(args) -> list[dict]:
                                 r = await client.load(kind, c, args.seconds, args.warmup)
                                 row = {"server": which, "transport": transport, "kind": kind, "conc": c, **r}
                                 rows.append(row)
-                                print(f"{which:24s} {transport:4s} {kind:5s} c={c:<3d} {r['req_s']:8.1f} req/s  "
-                                      f"p50 {r['p50']:6.2f}  p95 {r['p95']:6.2f}  p99 {r['p99']:6.2f} ms  "
-                                      f"batch {r['batch']:5.2f}  client CPU {r['client_cpu']:4.0f}%  "
-                                      f"server CPU {r['server_cpu']:4.0f}%", flush=True)
+                                print(
+                                    f"{which:24s} {transport:4s} {kind:5s} c={c:<3d} {r['req_s']:8.1f} req/s  "
+                                    f"p50 {r['p50']:6.2f}  p95 {r['p95']:6.2f}  p99 {r['p99']:6.2f} ms  "
+                                    f"batch {r['batch']:5.2f}  client CPU {r['client_cpu']:4.0f}%  "
+                                    f"server CPU {r['server_cpu']:4.0f}%",
+                                    flush=True,
+                                )
             finally:
                 server.stop()
     return rows
@@ -400,9 +466,16 @@ def targets(rows: list[dict], cost: list[dict], conc: int = 16) -> list[str]:
     """The issue's three targets at concurrency ``conc``, per transport and kind: p99 under 50 ms;
     batching's gain over ``--no-batching`` at least 90% of the model's own batch-16 per-input gain
     (``cost``, measured in the same run); at least 1.3x LitServe's requests/s."""
+
     def get(server, transport, kind):
-        return next((r for r in rows if r["server"] == server and r["transport"] == transport
-                     and r["kind"] == kind and r["conc"] == conc), None)
+        return next(
+            (
+                r
+                for r in rows
+                if r["server"] == server and r["transport"] == transport and r["kind"] == kind and r["conc"] == conc
+            ),
+            None,
+        )
 
     per = {r["batch"]: r for r in cost}
     lines = []
@@ -412,24 +485,36 @@ def targets(rows: list[dict], cost: list[dict], conc: int = 16) -> list[str]:
             lit = get("litserve", "http", kind)
             if on is None:
                 continue
-            parts = [f"{kind} over {transport}, c={conc}: batching {on['req_s']:.0f} req/s, p99 {on['p99']:.1f} ms "
-                     f"({'met' if on['p99'] < 50 else 'NOT met'}: < 50 ms)"]
+            parts = [
+                f"{kind} over {transport}, c={conc}: batching {on['req_s']:.0f} req/s, p99 {on['p99']:.1f} ms "
+                f"({'met' if on['p99'] < 50 else 'NOT met'}: < 50 ms)"
+            ]
             if off and 1 in per and 16 in per:
                 gain = on["req_s"] / off["req_s"]
                 model_gain = per[1][f"{kind}_per"] / per[16][f"{kind}_per"]
-                parts.append(f"{gain:.1f}x --no-batching = {100 * gain / model_gain:.0f}% of the model's batch-16 "
-                             f"gain {model_gain:.1f}x ({'met' if gain >= 0.9 * model_gain else 'NOT met'}: >= 90%)")
+                parts.append(
+                    f"{gain:.1f}x --no-batching = {100 * gain / model_gain:.0f}% of the model's batch-16 "
+                    f"gain {model_gain:.1f}x ({'met' if gain >= 0.9 * model_gain else 'NOT met'}: >= 90%)"
+                )
             if lit:
                 ratio = on["req_s"] / lit["req_s"]
-                parts.append(f"{ratio:.2f}x LitServe (HTTP) {lit['req_s']:.0f} req/s p99 {lit['p99']:.1f} ms "
-                             f"({'met' if ratio >= 1.3 else 'NOT met'}: >= 1.3x)")
+                parts.append(
+                    f"{ratio:.2f}x LitServe (HTTP) {lit['req_s']:.0f} req/s p99 {lit['p99']:.1f} ms "
+                    f"({'met' if ratio >= 1.3 else 'NOT met'}: >= 1.3x)"
+                )
             lines.append("; ".join(parts))
     return lines
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        ),
+        "?",
+    )
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     return f"CPU: {model}, {os.cpu_count()} logical CPUs; uptime: {load}"
 
@@ -448,10 +533,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads in each server")
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"], help="mmformer serve --loop")
-    p.add_argument("--decode-workers", type=int, default=None,
-                   help="mmformer serve --decode-workers (default: the server's own, from the CPU count)")
-    p.add_argument("--servers", default=",".join(SERVERS),
-                   help="comma-separated servers to load (default: %(default)s)")
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=None,
+        help="mmformer serve --decode-workers (default: the server's own, from the CPU count)",
+    )
+    p.add_argument(
+        "--servers", default=",".join(SERVERS), help="comma-separated servers to load (default: %(default)s)"
+    )
     p.add_argument("--no-litserve", action="store_true", help="leave litserve out of --servers")
     p.add_argument("--model-cost-only", action="store_true", help="only time the model alone (batch 1, 16, 64)")
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -476,22 +566,48 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cost = model_cost(Path(args.model) if args.model else save_tiny_model(Path(tmp) / "model"), args.threads)
     print(f"model alone, best of 30 calls, {args.threads} torch thread(s):")
-    print(markdown_table(cost, [("batch", "batch", 0), ("text ms", "text_ms", 2), ("image ms", "image_ms", 2),
-                                ("text ms/input", "text_per", 2), ("image ms/input", "image_per", 2)]))
+    print(
+        markdown_table(
+            cost,
+            [
+                ("batch", "batch", 0),
+                ("text ms", "text_ms", 2),
+                ("image ms", "image_ms", 2),
+                ("text ms/input", "text_per", 2),
+                ("image ms/input", "image_per", 2),
+            ],
+        )
+    )
     print(flush=True)
     if args.model_cost_only:
-        print(f"\ncommand: python -m bench.serve {' '.join(sys.argv[1:] if argv is None else argv)}\n"
-              f"before: {before}\nafter:  {machine()}")
+        print(
+            f"\ncommand: python -m bench.serve {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+            f"before: {before}\nafter:  {machine()}"
+        )
         if args.csv:
             print(f"wrote {write_csv(args.csv, [{'table': 'model alone', **r} for r in cost])}")
         return 0
     rows = asyncio.run(bench(args))
     print()
-    print(markdown_table(rows, [("server", "server", 0), ("transport", "transport", 0), ("input", "kind", 0),
-                                ("concurrency", "conc", 0), ("req/s", "req_s", 0), ("p50 ms", "p50", 1),
-                                ("p95 ms", "p95", 1), ("p99 ms", "p99", 1), ("mean batch", "batch", 1),
-                                ("client CPU %", "client_cpu", 0), ("server CPU %", "server_cpu", 0),
-                                ("server CPU ms/req", "server_ms_req", 2)]))
+    print(
+        markdown_table(
+            rows,
+            [
+                ("server", "server", 0),
+                ("transport", "transport", 0),
+                ("input", "kind", 0),
+                ("concurrency", "conc", 0),
+                ("req/s", "req_s", 0),
+                ("p50 ms", "p50", 1),
+                ("p95 ms", "p95", 1),
+                ("p99 ms", "p99", 1),
+                ("mean batch", "batch", 1),
+                ("client CPU %", "client_cpu", 0),
+                ("server CPU %", "server_cpu", 0),
+                ("server CPU ms/req", "server_ms_req", 2),
+            ],
+        )
+    )
     print()
     for line in targets(rows, cost):
         print(line)
@@ -501,8 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.csv:
-        load_rows = [{"table": "load", **{("mean_batch" if k == "batch" else k): v for k, v in r.items()}}
-                     for r in rows]
+        load_rows = [
+            {"table": "load", **{("mean_batch" if k == "batch" else k): v for k, v in r.items()}} for r in rows
+        ]
         print(f"wrote {write_csv(args.csv, [{'table': 'model alone', **r} for r in cost] + load_rows)}")
     return 0
 

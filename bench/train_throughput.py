@@ -73,15 +73,22 @@ LAYOUTS = {"a@b": lambda a, b: torch.mm(a, b), "a@b.T": lambda a, b: torch.mm(a,
 #: K and N a few hundred to a few thousand). On the AMX Xeon bf16 matmuls with K = 384 run ~1.7x
 #: faster than square 2048^2 ones (4.4 against 2.6 TFLOP/s), so a square-only figure is not the
 #: machine's peak; the peak is the best of these and the squares.
-LINEAR_SHAPES = ((16384, 384, 1152), (16384, 384, 1536), (16384, 1536, 384), (16384, 512, 2048),
-                 (16384, 768, 3072), (16384, 1024, 1024))
+LINEAR_SHAPES = (
+    (16384, 384, 1152),
+    (16384, 384, 1536),
+    (16384, 1536, 384),
+    (16384, 512, 2048),
+    (16384, 768, 3072),
+    (16384, 1024, 1024),
+)
 
 
 MIN_SECONDS = 0.3
 
 
-def _time_mm(dtype: torch.dtype, shape: tuple[int, int, int], layout: str, reps: int,
-             max_seconds: float) -> list[float]:
+def _time_mm(
+    dtype: torch.dtype, shape: tuple[int, int, int], layout: str, reps: int, max_seconds: float
+) -> list[float]:
     """Seconds of each of ``reps`` or more (M, K) x (K, N) matmuls after one warm-up (at least 1
     timed rep, at least 2 unless one already took over ``max_seconds``); ``layout`` "a@b.T" keeps
     the second operand as an (N, K) weight, as ``F.linear`` does."""
@@ -95,8 +102,9 @@ def _time_mm(dtype: torch.dtype, shape: tuple[int, int, int], layout: str, reps:
     start = time.perf_counter()
     # ``reps`` reps within ``max_seconds``; short matmuls repeat for at least MIN_SECONDS (up to 50)
     # so that a noisy VM's best rep is a fair sample
-    while ((len(times) < reps or (time.perf_counter() - start < MIN_SECONDS and len(times) < 50))
-           and (len(times) < 2 or time.perf_counter() - start < max_seconds)):
+    while (len(times) < reps or (time.perf_counter() - start < MIN_SECONDS and len(times) < 50)) and (
+        len(times) < 2 or time.perf_counter() - start < max_seconds
+    ):
         t0 = time.perf_counter()
         mm(a, b)
         times.append(time.perf_counter() - t0)
@@ -105,8 +113,9 @@ def _time_mm(dtype: torch.dtype, shape: tuple[int, int, int], layout: str, reps:
     return times
 
 
-def _shrunk(shape: tuple[int, int, int], dtype: torch.dtype, layout: str, max_seconds: float,
-            grow: str) -> tuple[int, int, int]:
+def _shrunk(
+    shape: tuple[int, int, int], dtype: torch.dtype, layout: str, max_seconds: float, grow: str
+) -> tuple[int, int, int]:
     """``shape``, or a smaller one where one matmul of it is predicted to take over ``max_seconds /
     4``: from 256 rows, ``grow="all"`` doubles every dimension (a square), ``grow="rows"`` only M."""
     grows = (True, True, True) if grow == "all" else (True, False, False)
@@ -137,8 +146,14 @@ def measure_matmul_peak(dtype: torch.dtype, n: int, reps: int, max_seconds: floa
         size = _shrunk(shape, dtype, layout, max_seconds, grow)
         times = _time_mm(dtype, size, layout, reps, max_seconds)
         flops = 2.0 * size[0] * size[1] * size[2]
-        out["shapes"][name] = {"mkn": list(size), "asked": list(shape), "square": grow == "all", "reps": len(times),
-                               "best_flops": flops / min(times), "median_flops": flops / statistics.median(times)}
+        out["shapes"][name] = {
+            "mkn": list(size),
+            "asked": list(shape),
+            "square": grow == "all",
+            "reps": len(times),
+            "best_flops": flops / min(times),
+            "median_flops": flops / statistics.median(times),
+        }
     best = max(out["shapes"], key=lambda k: out["shapes"][k]["best_flops"])
     out["peak_flops"], out["peak_shape"] = out["shapes"][best]["best_flops"], best
     squares = {k: v for k, v in out["shapes"].items() if v["square"]}
@@ -148,10 +163,15 @@ def measure_matmul_peak(dtype: torch.dtype, n: int, reps: int, max_seconds: floa
 
 
 def describe_peak(peak: dict) -> str:
-    parts = [f"{k}{'' if v['mkn'] == v['asked'] else ' (at ' + 'x'.join(map(str, v['mkn'])) + ')'} "
-             f"{v['best_flops'] / 1e9:.1f}" for k, v in peak["shapes"].items()]
-    return ("best rep, GFLOP/s: " + "; ".join(parts) + f" -> peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s "
-            f"({peak['peak_shape']}); best square {peak['square_flops'] / 1e9:.1f} ({peak['square_shape']})")
+    parts = [
+        f"{k}{'' if v['mkn'] == v['asked'] else ' (at ' + 'x'.join(map(str, v['mkn'])) + ')'} "
+        f"{v['best_flops'] / 1e9:.1f}"
+        for k, v in peak["shapes"].items()
+    ]
+    return (
+        "best rep, GFLOP/s: " + "; ".join(parts) + f" -> peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s "
+        f"({peak['peak_shape']}); best square {peak['square_flops'] / 1e9:.1f} ({peak['square_shape']})"
+    )
 
 
 def add_preset_arguments(parser) -> None:
@@ -161,8 +181,12 @@ def add_preset_arguments(parser) -> None:
     parser.add_argument("--model", default="small", help="preset (default: small)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the throughput bench's per preset")
     parser.add_argument("--precision", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--attention-kernel", default="fused_cpu", choices=["default", "fused_cpu"],
-                        help="ModelConfig.attention_kernel (default: fused_cpu, what the CPU recipes train with)")
+    parser.add_argument(
+        "--attention-kernel",
+        default="fused_cpu",
+        choices=["default", "fused_cpu"],
+        help="ModelConfig.attention_kernel (default: fused_cpu, what the CPU recipes train with)",
+    )
 
 
 def preset_config(args):
@@ -182,7 +206,7 @@ def random_batch(cfg, batch_size: int, vocab_size: int, seed: int) -> tuple[torc
     lengths = torch.randint(3, t + 1, (batch_size,), generator=g)
     for i, n in enumerate(lengths.tolist()):
         ids[i, 0] = BOS_ID
-        ids[i, 1: n - 1] = torch.randint(EOS_ID + 1, vocab_size, (n - 2,), generator=g)
+        ids[i, 1 : n - 1] = torch.randint(EOS_ID + 1, vocab_size, (n - 2,), generator=g)
         ids[i, n - 1] = EOS_ID
     return images, ids, ids != PAD_ID
 
@@ -203,16 +227,18 @@ def build(impl: str, cfg, vocab_size: int, seed: int, padded: bool = False) -> P
 OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
 
 
-def make_train_step(pair: Pair, batch, precision: str, optimizer: str = "fused",
-                    math_attention: bool = False) -> Callable[[], torch.Tensor]:
+def make_train_step(
+    pair: Pair, batch, precision: str, optimizer: str = "fused", math_attention: bool = False
+) -> Callable[[], torch.Tensor]:
     """The library's training step (:func:`mmformer.training.precision.train_step`) of ``pair`` on
     the fixed ``batch`` in ``precision`` (fp32, bf16): forward of both towers, ``clip_loss``,
     backward, AdamW (``optimizer``: the same implementation for every model). ``math_attention``
     runs the forward with SDPA restricted to its math backend (how open_clip can be given matmul
     attention)."""
     images, ids, mask = batch
-    opt = torch.optim.AdamW(pair.model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1,
-                            **OPTIMIZERS[optimizer])
+    opt = torch.optim.AdamW(
+        pair.model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, **OPTIMIZERS[optimizer]
+    )
 
     def loss_of() -> torch.Tensor:
         with sdpa_kernel([SDPBackend.MATH]) if math_attention else contextlib.nullcontext():
@@ -221,8 +247,9 @@ def make_train_step(pair: Pair, batch, precision: str, optimizer: str = "fused",
     return train_step(loss_of, opt, PRECISIONS[precision])
 
 
-def time_training(pair: Pair, batch, precision: str, warmup: int, steps: int, optimizer: str = "fused",
-                  math_attention: bool = False) -> float:
+def time_training(
+    pair: Pair, batch, precision: str, warmup: int, steps: int, optimizer: str = "fused", math_attention: bool = False
+) -> float:
     """Median seconds of ``steps`` timed training steps (:func:`make_train_step`) after ``warmup``
     untimed ones (:func:`mmformer.training.precision.time_steps`)."""
     step = make_train_step(pair, batch, precision, optimizer, math_attention)
@@ -262,37 +289,57 @@ def ratio_lines(rows: list[dict]) -> list[str]:
             continue
         for impl, r in best.items():
             if r is not ours:
-                lines.append(f"{model}: mmformer ({ours['precision']}) {ours['samples_per_s']:.1f} samples/s = "
-                             f"{ours['samples_per_s'] / r['samples_per_s']:.2f}x {impl} ({r['precision']}) "
-                             f"{r['samples_per_s']:.1f}")
+                lines.append(
+                    f"{model}: mmformer ({ours['precision']}) {ours['samples_per_s']:.1f} samples/s = "
+                    f"{ours['samples_per_s'] / r['samples_per_s']:.2f}x {impl} ({r['precision']}) "
+                    f"{r['samples_per_s']:.1f}"
+                )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default="tiny,small", help="comma-separated presets (default: tiny,small)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
-    p.add_argument("--impls", default="mmformer,open_clip",
-                   help="comma-separated: mmformer, mmformer+padded (the text path on the padded batch, "
-                        "without token packing), open_clip (as shipped: SDPA picks its kernel), "
-                        "open_clip+math (SDPA restricted to its math backend)")
-    p.add_argument("--optimizer", default="fused", choices=sorted(OPTIMIZERS),
-                   help="AdamW implementation, the same for every model (default: fused)")
-    p.add_argument("--batch-size", default=None,
-                   help="batch size for every model (default: " +
-                        ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()) + ")")
+    p.add_argument(
+        "--impls",
+        default="mmformer,open_clip",
+        help="comma-separated: mmformer, mmformer+padded (the text path on the padded batch, "
+        "without token packing), open_clip (as shipped: SDPA picks its kernel), "
+        "open_clip+math (SDPA restricted to its math backend)",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="fused",
+        choices=sorted(OPTIMIZERS),
+        help="AdamW implementation, the same for every model (default: fused)",
+    )
+    p.add_argument(
+        "--batch-size",
+        default=None,
+        help="batch size for every model (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()) + ")",
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps after 2 warm-up steps (default: 3)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before them (default: 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n peak matmul (default: 2048)")
     p.add_argument("--peak-reps", type=int, default=5, help="timed peak matmuls per dtype and layout (default: 5)")
-    p.add_argument("--peak-seconds", type=float, default=5.0,
-                   help="time bound per dtype and layout of the peak measurement (default: 5)")
+    p.add_argument(
+        "--peak-seconds",
+        type=float,
+        default=5.0,
+        help="time bound per dtype and layout of the peak measurement (default: 5)",
+    )
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the bundled one)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention-kernel", default="fused_cpu", choices=["default", "fused_cpu"],
-                   help="mmformer's ModelConfig.attention_kernel (default: fused_cpu, what the CPU recipes train with)")
+    p.add_argument(
+        "--attention-kernel",
+        default="fused_cpu",
+        choices=["default", "fused_cpu"],
+        help="mmformer's ModelConfig.attention_kernel (default: fused_cpu, what the CPU recipes train with)",
+    )
     p.add_argument("--json", default=None, help="also write the rows (and the peaks) as JSON here")
     add_csv_argument(p)
     add_cpu_settings_argument(p)
@@ -339,50 +386,89 @@ def main(argv: list[str] | None = None) -> int:
             label = (f"mmformer share={cfg.share}" + (" padded" if padded else "")) if impl == "mmformer" else impl_name
             for precision in precisions:
                 pair = build(impl, cfg, tok.vocab_size, args.seed, padded)  # fresh weights per run
-                print(f"timing {preset} {label} {precision} batch {bs}: {args.warmup_steps} warm-up + "
-                      f"{args.steps} steps ...", flush=True)
-                step_s = time_training(pair, batch, precision, args.warmup_steps, args.steps, args.optimizer,
-                                       math_attention)
+                print(
+                    f"timing {preset} {label} {precision} batch {bs}: {args.warmup_steps} warm-up + "
+                    f"{args.steps} steps ...",
+                    flush=True,
+                )
+                step_s = time_training(
+                    pair, batch, precision, args.warmup_steps, args.steps, args.optimizer, math_attention
+                )
                 sps = bs / step_s
                 achieved = flops / bs * sps
-                rows.append({
-                    "model": preset, "impl": label, "precision": precision,
-                    "params_M": num_params(pair.model) / 1e6, "batch": bs, "samples_per_s": sps,
-                    "gflop_per_sample": flops / bs / 1e9, "achieved_tflops": achieved / 1e12,
-                    "pct_of_peak": 100 * achieved / peaks[precision]["peak_flops"],
-                    "pct_of_square_peak": 100 * achieved / peaks[precision]["square_flops"],
-                    "step_s_median": step_s, "steps": args.steps, "optimizer": args.optimizer,
-                    "image_size": cfg.image_size, "patch_size": cfg.patch_size,
-                    "context_length": cfg.context_length, "width": cfg.width, "depth": cfg.depth,
-                })
+                rows.append(
+                    {
+                        "model": preset,
+                        "impl": label,
+                        "precision": precision,
+                        "params_M": num_params(pair.model) / 1e6,
+                        "batch": bs,
+                        "samples_per_s": sps,
+                        "gflop_per_sample": flops / bs / 1e9,
+                        "achieved_tflops": achieved / 1e12,
+                        "pct_of_peak": 100 * achieved / peaks[precision]["peak_flops"],
+                        "pct_of_square_peak": 100 * achieved / peaks[precision]["square_flops"],
+                        "step_s_median": step_s,
+                        "steps": args.steps,
+                        "optimizer": args.optimizer,
+                        "image_size": cfg.image_size,
+                        "patch_size": cfg.patch_size,
+                        "context_length": cfg.context_length,
+                        "width": cfg.width,
+                        "depth": cfg.depth,
+                    }
+                )
                 print(f"  {sps:.1f} samples/s (median step {step_s:.3f} s)", flush=True)
 
     print()
-    print(markdown_table(rows, [
-        ("model", "model", 0), ("impl", "impl", 0), ("precision", "precision", 0),
-        ("params (M)", "params_M", 2), ("batch", "batch", 0), ("samples/s", "samples_per_s", 1),
-        ("GFLOP/sample", "gflop_per_sample", 2), ("achieved TFLOP/s", "achieved_tflops", 4),
-        ("% of measured peak", "pct_of_peak", 1), (f"% of best {args.peak_size}^2", "pct_of_square_peak", 1),
-    ]))
+    print(
+        markdown_table(
+            rows,
+            [
+                ("model", "model", 0),
+                ("impl", "impl", 0),
+                ("precision", "precision", 0),
+                ("params (M)", "params_M", 2),
+                ("batch", "batch", 0),
+                ("samples/s", "samples_per_s", 1),
+                ("GFLOP/sample", "gflop_per_sample", 2),
+                ("achieved TFLOP/s", "achieved_tflops", 4),
+                ("% of measured peak", "pct_of_peak", 1),
+                (f"% of best {args.peak_size}^2", "pct_of_square_peak", 1),
+            ],
+        )
+    )
     print()
     for line in ratio_lines(rows):
         print(line)
-    print(f"optimizer: AdamW ({args.optimizer}) for every model; {args.warmup_steps} warm-up + {args.steps} timed "
-          "steps; samples/s = batch / the median step")
+    print(
+        f"optimizer: AdamW ({args.optimizer}) for every model; {args.warmup_steps} warm-up + {args.steps} timed "
+        "steps; samples/s = batch / the median step"
+    )
     for name in DTYPES:
         print(f"measured matmul peak {name}: " + describe_peak(peaks[name]))
-    print(f"peak bf16/fp32 = {peaks['bf16']['peak_flops'] / peaks['fp32']['peak_flops']:.2f}; "
-          "fp32 rows are compared with the fp32 peak, bf16 rows with the bf16 peak (the best of the "
-          f"squares and the Linear shapes; the last column with the best {args.peak_size}^2 square alone)")
-    print("FLOPs: FlopCounterMode on one forward+backward (matmuls, convs, attention incl. the CPU "
-          "flash kernels), / batch; the optimizer step is not counted")
+    print(
+        f"peak bf16/fp32 = {peaks['bf16']['peak_flops'] / peaks['fp32']['peak_flops']:.2f}; "
+        "fp32 rows are compared with the fp32 peak, bf16 rows with the bf16 peak (the best of the "
+        f"squares and the Linear shapes; the last column with the best {args.peak_size}^2 square alone)"
+    )
+    print(
+        "FLOPs: FlopCounterMode on one forward+backward (matmuls, convs, attention incl. the CPU "
+        "flash kernels), / batch; the optimizer step is not counted"
+    )
     print(settings_line)
     print(machine_line())
 
     if args.json:
-        out = {"rows": rows, "peaks": peaks, "machine": machine_line(), "cpu_settings": args.cpu_settings,
-               "tokenizer": tok_source,
-               "steps": args.steps, "warmup_steps": args.warmup_steps}
+        out = {
+            "rows": rows,
+            "peaks": peaks,
+            "machine": machine_line(),
+            "cpu_settings": args.cpu_settings,
+            "tokenizer": tok_source,
+            "steps": args.steps,
+            "warmup_steps": args.warmup_steps,
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")

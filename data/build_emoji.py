@@ -136,8 +136,7 @@ ATTRIBUTION: dict[str, dict[str, str]] = {
         "artwork": "Twemoji (jdecked/twemoji fork) v16.0.1, as packaged by emoji-datasource",
         "spdx": "CC-BY-4.0",
         "holder": (
-            "Twitter, Inc and other contributors (Twemoji graphics; holder named from "
-            "upstream, the package names none)"
+            "Twitter, Inc and other contributors (Twemoji graphics; holder named from upstream, the package names none)"
         ),
         "source": "img/twitter/64/*.png",
         "note": (
@@ -322,9 +321,7 @@ def load_concepts(emojibase: Package) -> dict[str, Concept]:
     are flag components rather than emoji in their own right.
     """
     groups = emojibase.json("meta/groups.json")["groups"]
-    unicode_names = {
-        normalize_hexcode(h): n for h, n in emojibase.json("meta/unicode-names.json").items()
-    }
+    unicode_names = {normalize_hexcode(h): n for h, n in emojibase.json("meta/unicode-names.json").items()}
     concepts: dict[str, Concept] = {}
     for entry in emojibase.json("en/data.json"):
         hexcode = normalize_hexcode(entry["hexcode"])
@@ -533,7 +530,7 @@ def match_icons(
 
     def flag_for(c: Concept) -> str | None:
         if c.name.startswith("flag: "):
-            return "flag-for-" + slugify(c.name[len("flag: "):])
+            return "flag-for-" + slugify(c.name[len("flag: ") :])
         return None
 
     def unicode_slug(c: Concept) -> str | None:
@@ -630,8 +627,10 @@ def check_licenses(packages: dict[str, Package]) -> None:
     for family in SVG_FAMILIES:
         declared = packages[family].json("info.json")["license"]["spdx"]
         if declared != ATTRIBUTION[family]["spdx"]:
-            sys.exit(f"error: {family}: info.json license is {declared}, expected "
-                     f"{ATTRIBUTION[family]['spdx']}; review ATTRIBUTION")
+            sys.exit(
+                f"error: {family}: info.json license is {declared}, expected "
+                f"{ATTRIBUTION[family]['spdx']}; review ATTRIBUTION"
+            )
         pkg_license = packages[family].json("package.json")["license"]
         if pkg_license != declared:
             sys.exit(f"error: {family}: package.json license {pkg_license} != info.json {declared}")
@@ -692,8 +691,7 @@ def write_licenses(out: Path, packages: dict[str, Package], spdx: Package) -> No
         "",
         f"- Package: `{captions.spec}` (integrity `{captions.integrity}`), files used: "
         "`en/data.json`, `meta/groups.json`, `meta/unicode-names.json`",
-        "- License: MIT, Copyright (c) 2017-2019 Miles Johnson - full text in "
-        "`licenses/emojibase-data-LICENSE.txt`",
+        "- License: MIT, Copyright (c) 2017-2019 Miles Johnson - full text in `licenses/emojibase-data-LICENSE.txt`",
         "- The labels and tags are Unicode CLDR emoji annotations as compiled by emojibase",
         "  (per the upstream emojibase project; the npm package itself states only MIT).",
         "  CLDR data is under the Unicode License v3, copied as `licenses/Unicode-3.0.txt`.",
@@ -743,13 +741,15 @@ def write_dataset(
                 continue
             rel = f"images/{family}/{concept.hexcode}.png"
             (out / rel).write_bytes(png)
-            manifest.append({
-                "image": rel,
-                "caption": concept.name,
-                "hexcode": concept.hexcode,
-                "family": family,
-                "split": image_split(family, concept),
-            })
+            manifest.append(
+                {
+                    "image": rel,
+                    "caption": concept.name,
+                    "hexcode": concept.hexcode,
+                    "family": family,
+                    "split": image_split(family, concept),
+                }
+            )
     write_jsonl(out / "concepts.jsonl", (c.record() for c in kept))
     write_jsonl(out / "manifest.jsonl", manifest)
     write_licenses(out, packages, spdx)
@@ -812,14 +812,11 @@ def build(out: Path, cache: Path) -> dict:
     concepts = load_concepts(packages["captions"])
     for family in PNG_FAMILIES:
         collect_png_family(family, packages[family], concepts)
-    match_passes = {
-        family: collect_svg_family(family, packages[family], concepts) for family in SVG_FAMILIES
-    }
+    match_passes = {family: collect_svg_family(family, packages[family], concepts) for family in SVG_FAMILIES}
 
     kept = [c for _, c in sorted(concepts.items()) if len(c.images) >= MIN_FAMILIES]
     dropped = len(concepts) - len(kept)
-    log.info("keeping %d concepts with images in >= %d families (%d dropped)",
-             len(kept), MIN_FAMILIES, dropped)
+    log.info("keeping %d concepts with images in >= %d families (%d dropped)", len(kept), MIN_FAMILIES, dropped)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
@@ -836,14 +833,15 @@ def build(out: Path, cache: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=here / "emoji",
-                        help="output directory (default: data/emoji next to this script)")
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="keep downloaded npm packages here (default: a temporary dir)")
+    parser.add_argument(
+        "--out", type=Path, default=here / "emoji", help="output directory (default: data/emoji next to this script)"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="keep downloaded npm packages here (default: a temporary dir)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
 
     start = time.monotonic()

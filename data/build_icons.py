@@ -137,7 +137,7 @@ def sized_svg(svg: str, path: Path) -> str:
         start, n = re.subn(rf'\b{attr}="[^"]*"', f'{attr}="{SIZE}"', start, count=1)
         if n == 0:
             start = start[:-1] + f' {attr}="{SIZE}">'
-    return svg[: m.start()] + start + svg[m.end():]
+    return svg[: m.start()] + start + svg[m.end() :]
 
 
 def check_license(package: Package) -> str:
@@ -145,8 +145,10 @@ def check_license(package: Package) -> str:
     declared = package.json("package.json").get("license")
     text = (package.root / "LICENSE").read_text(encoding="utf-8")
     if declared != LICENSE_SPDX or not text.startswith("MIT License"):
-        sys.exit(f"error: {package.spec} declares license {declared!r}; expected {LICENSE_SPDX}. "
-                 "Review the license before bundling.")
+        sys.exit(
+            f"error: {package.spec} declares license {declared!r}; expected {LICENSE_SPDX}. "
+            "Review the license before bundling."
+        )
     return text
 
 
@@ -195,11 +197,18 @@ def build(out: Path, cache: Path, count: int) -> dict:
             (tmp / rel).write_bytes(png)
             entry, caption, split = icons[name], caption_of(name), split_of(name)
             category = entry.get("category") or ""
-            manifest.append({"image": rel, "caption": caption, "id": name, "family": FAMILY,
-                             "category": category, "split": split})
-            concepts.append({"id": name, "name": caption,
-                             "keywords": clean_tags(entry.get("tags") or [], caption),
-                             "category": category, "split": split})
+            manifest.append(
+                {"image": rel, "caption": caption, "id": name, "family": FAMILY, "category": category, "split": split}
+            )
+            concepts.append(
+                {
+                    "id": name,
+                    "name": caption,
+                    "keywords": clean_tags(entry.get("tags") or [], caption),
+                    "category": category,
+                    "split": split,
+                }
+            )
         if blank:
             log.warning("blank renders skipped: %s", blank)
         write_jsonl(tmp / "manifest.jsonl", manifest)
@@ -217,14 +226,18 @@ def build(out: Path, cache: Path, count: int) -> dict:
             "png_bytes": sum((tmp / r["image"]).stat().st_size for r in manifest),
         }
         info = {
-            "package": {"name": package.name, "version": package.version, "integrity": package.integrity,
-                        "license": LICENSE_SPDX},
+            "package": {
+                "name": package.name,
+                "version": package.version,
+                "integrity": package.integrity,
+                "license": LICENSE_SPDX,
+            },
             "style": STYLE,
             "image_size": SIZE,
             "selection": {
                 "excluded_categories": list(EXCLUDED_CATEGORIES),
                 "rules": "outline style; category not excluded; no trailing -<number>; "
-                         "no dash-prefix of the name is another icon",
+                "no dash-prefix of the name is another icon",
                 "count": count,
                 "order": "smallest sha1(name) first",
             },
@@ -243,17 +256,19 @@ def build(out: Path, cache: Path, count: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=here / "icons",
-                        help="output directory (default: data/icons next to this script)")
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="keep the downloaded npm package here (default: a temporary dir)")
-    parser.add_argument("--count", type=int, default=DEFAULT_COUNT,
-                        help=f"number of icons to keep (default {DEFAULT_COUNT})")
+    parser.add_argument(
+        "--out", type=Path, default=here / "icons", help="output directory (default: data/icons next to this script)"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="keep the downloaded npm package here (default: a temporary dir)"
+    )
+    parser.add_argument(
+        "--count", type=int, default=DEFAULT_COUNT, help=f"number of icons to keep (default {DEFAULT_COUNT})"
+    )
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be >= 1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     start = time.monotonic()
     if args.cache is None:
         with tempfile.TemporaryDirectory(prefix="icons-npm-") as cache:

@@ -74,8 +74,9 @@ def build(out: Path) -> None:
             (staging / "copyright").write_text(copyright_text(root), encoding="utf-8")
             (staging / "LICENSE.md").write_text(LICENSE_MD, encoding="utf-8")
             info = {
-                "packages": {p: {"file": d.name, "sha256": hashlib.sha256(d.read_bytes()).hexdigest()}
-                             for p, d in debs.items()},
+                "packages": {
+                    p: {"file": d.name, "sha256": hashlib.sha256(d.read_bytes()).hexdigest()} for p, d in debs.items()
+                },
                 "books": list(BOOKS),
                 "verses": len(lines),
                 "kjv.txt": {"bytes": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()},

@@ -15,8 +15,12 @@ from typing import Any
 __all__ = ["MMFormer", "ModelConfig", "Tokenizer", "get_config"]
 __version__ = "0.1.0"
 
-_HOMES = {"MMFormer": "mmformer.model", "ModelConfig": "mmformer.config", "get_config": "mmformer.config",
-          "Tokenizer": "mmformer.tokenizer"}
+_HOMES = {
+    "MMFormer": "mmformer.model",
+    "ModelConfig": "mmformer.config",
+    "get_config": "mmformer.config",
+    "Tokenizer": "mmformer.tokenizer",
+}
 
 
 def __getattr__(name: str) -> Any:

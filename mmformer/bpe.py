@@ -67,7 +67,7 @@ class ClipTokenizer:
         self._ftfy = ftfy
         self._gz = bytes(merges_gz)
         try:
-            lines = gzip.decompress(self._gz).decode("utf-8").split("\n")[1: _MERGES + 1]
+            lines = gzip.decompress(self._gz).decode("utf-8").split("\n")[1 : _MERGES + 1]
         except (OSError, UnicodeDecodeError, EOFError) as e:
             raise ValueError(f"not a gzipped CLIP merges file ({e})") from None
         merges = [tuple(line.split()) for line in lines]
@@ -84,7 +84,8 @@ class ClipTokenizer:
         self._cache: dict[str, list[int]] = {}
         self._pattern = regex.compile(
             r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-            regex.IGNORECASE)
+            regex.IGNORECASE,
+        )
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -169,8 +170,9 @@ class ClipTokenizer:
         raw = bytearray(self.byte_decoder[c] for c in "".join(pieces))
         return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
-    def __call__(self, texts: str | list[str], max_length: int = 77,
-                 pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, texts: str | list[str], max_length: int = 77, pad_to_max: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch to ((B, T) int64 ids, (B, T) bool mask); T <= max_length."""
         if isinstance(texts, str):
             texts = [texts]

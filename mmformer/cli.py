@@ -27,29 +27,55 @@ class Verb(NamedTuple):
 
 
 VERBS: dict[str, Verb] = {
-    "demo": Verb("mmformer.demo:demo_command", "mmformer.demo:add_arguments",
-                 "train the tiny preset on the bundled emoji data and search it"),
-    "eval": Verb("mmformer.retrieval.commands:eval_command", "mmformer.retrieval.options:add_eval_arguments",
-                 "retrieval recall@K of a saved model on a manifest or the bundled test split"),
-    "export": Verb("mmformer.training.commands:export_command", "mmformer.training.commands:add_export_arguments",
-                   "Lightning checkpoint -> save_pretrained directory; any model -> ONNX graphs or open_clip weights"),
-    "index build": Verb("mmformer.training.commands:index_build_command",
-                        "mmformer.training.commands:add_index_build_arguments",
-                        "embed images (or texts) with a model and write an index"),
-    "index info": Verb("mmformer.retrieval.commands:index_info_command",
-                       "mmformer.retrieval.options:add_index_info_arguments",
-                       "print an index's manifest (and check its files)"),
-    "search": Verb("mmformer.retrieval.commands:search_command", "mmformer.retrieval.options:add_search_arguments",
-                   "search an index by text or by image"),
-    "prune": Verb("mmformer.training.prune:prune_command", "mmformer.training.commands:add_prune_arguments",
-                  "remove attention heads (gradient or magnitude importance), optionally recover by "
-                  "distillation, save the smaller model"),
-    "import": Verb("mmformer.clip_io:import_command", "mmformer.clip_io:add_import_arguments",
-                   "open_clip or Hugging Face CLIP weights -> save_pretrained directory"),
-    "tokenizer": Verb("mmformer.tokenizer:tokenizer_command", "mmformer.tokenizer:add_arguments",
-                      "train a SentencePiece tokenizer"),
-    "serve": Verb("mmformer.serve.commands:serve_command", "mmformer.serve.options:add_arguments",
-                  "serve a model and its indexes over gRPC and HTTP (dynamic batching, search page, metrics)"),
+    "demo": Verb(
+        "mmformer.demo:demo_command",
+        "mmformer.demo:add_arguments",
+        "train the tiny preset on the bundled emoji data and search it",
+    ),
+    "eval": Verb(
+        "mmformer.retrieval.commands:eval_command",
+        "mmformer.retrieval.options:add_eval_arguments",
+        "retrieval recall@K of a saved model on a manifest or the bundled test split",
+    ),
+    "export": Verb(
+        "mmformer.training.commands:export_command",
+        "mmformer.training.commands:add_export_arguments",
+        "Lightning checkpoint -> save_pretrained directory; any model -> ONNX graphs or open_clip weights",
+    ),
+    "index build": Verb(
+        "mmformer.training.commands:index_build_command",
+        "mmformer.training.commands:add_index_build_arguments",
+        "embed images (or texts) with a model and write an index",
+    ),
+    "index info": Verb(
+        "mmformer.retrieval.commands:index_info_command",
+        "mmformer.retrieval.options:add_index_info_arguments",
+        "print an index's manifest (and check its files)",
+    ),
+    "search": Verb(
+        "mmformer.retrieval.commands:search_command",
+        "mmformer.retrieval.options:add_search_arguments",
+        "search an index by text or by image",
+    ),
+    "prune": Verb(
+        "mmformer.training.prune:prune_command",
+        "mmformer.training.commands:add_prune_arguments",
+        "remove attention heads (gradient or magnitude importance), optionally recover by "
+        "distillation, save the smaller model",
+    ),
+    "import": Verb(
+        "mmformer.clip_io:import_command",
+        "mmformer.clip_io:add_import_arguments",
+        "open_clip or Hugging Face CLIP weights -> save_pretrained directory",
+    ),
+    "tokenizer": Verb(
+        "mmformer.tokenizer:tokenizer_command", "mmformer.tokenizer:add_arguments", "train a SentencePiece tokenizer"
+    ),
+    "serve": Verb(
+        "mmformer.serve.commands:serve_command",
+        "mmformer.serve.options:add_arguments",
+        "serve a model and its indexes over gRPC and HTTP (dynamic batching, search page, metrics)",
+    ),
 }
 DESCRIPTION = "Image-text transformers: train, evaluate, index, search, compress and serve."
 LIGHTNING_COMMANDS = {
@@ -59,9 +85,19 @@ LIGHTNING_COMMANDS = {
     "predict": "run a recipe's predict loop",
 }
 #: The optional dependencies, by top-level module, and the extra of ``pyproject.toml`` that installs each.
-EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "torchao": "int8", "timm": "timm", "grpc": "serve",
-          "grpc_health": "serve", "grpc_reflection": "serve", "google": "serve", "fastapi": "serve",
-          "uvicorn": "serve", "prometheus_client": "serve"}
+EXTRAS = {
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "torchao": "int8",
+    "timm": "timm",
+    "grpc": "serve",
+    "grpc_health": "serve",
+    "grpc_reflection": "serve",
+    "google": "serve",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+}
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -80,8 +116,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         top = (e.name or "").split(".")[0]
         if debug or top not in EXTRAS:
             raise
-        print(one_line_error(verb, f"needs the optional package '{top}': pip install 'mmformer[{EXTRAS[top]}]'"),
-              file=sys.stderr)
+        print(
+            one_line_error(verb, f"needs the optional package '{top}': pip install 'mmformer[{EXTRAS[top]}]'"),
+            file=sys.stderr,
+        )
         return 1
     except (ValueError, OSError) as e:
         if debug:

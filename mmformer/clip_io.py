@@ -21,8 +21,13 @@ from mmformer.model import MMFormer
 log = logging.getLogger(__name__)
 
 
-def import_clip(out: str | os.PathLike, open_clip_arch: str | None = None, weights: str | os.PathLike | None = None,
-                hf_clip: str | os.PathLike | None = None, quick_gelu: bool | None = None) -> Path:
+def import_clip(
+    out: str | os.PathLike,
+    open_clip_arch: str | None = None,
+    weights: str | os.PathLike | None = None,
+    hf_clip: str | os.PathLike | None = None,
+    quick_gelu: bool | None = None,
+) -> Path:
     """Convert a CLIP checkpoint into a save_pretrained directory ``out`` (written whole or not at all).
 
     Either ``open_clip_arch`` (an open_clip architecture name) with ``weights`` (its state dict or
@@ -53,9 +58,11 @@ def export_open_clip(model_dir: str | os.PathLike, out: str | os.PathLike) -> Pa
     model = MMFormer.from_pretrained(model_dir)
     c = model.config
     if c.share != "none" or c.text_mask != "causal" or c.text_pool != "argmax" or c.patch_bias:
-        raise ValueError(f"{model_dir}: open_clip export needs a CLIP-shaped model (share='none', causal text "
-                         f"pooled at its highest id, no patch bias), got share={c.share!r}, text_mask={c.text_mask!r}, "
-                         f"text_pool={c.text_pool!r}, patch_bias={c.patch_bias}")
+        raise ValueError(
+            f"{model_dir}: open_clip export needs a CLIP-shaped model (share='none', causal text "
+            f"pooled at its highest id, no patch bias), got share={c.share!r}, text_mask={c.text_mask!r}, "
+            f"text_pool={c.text_pool!r}, patch_bias={c.patch_bias}"
+        )
     state = mmformer_to_open_clip({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -76,8 +83,14 @@ def add_import_arguments(p) -> None:
     p.add_argument("--out", required=True, help="save_pretrained directory to write")
 
 
-def import_command(*, out: str, open_clip: str | None = None, weights: str | None = None,
-                   quick_gelu: bool | None = None, hf_clip: str | None = None) -> int:
+def import_command(
+    *,
+    out: str,
+    open_clip: str | None = None,
+    weights: str | None = None,
+    quick_gelu: bool | None = None,
+    hf_clip: str | None = None,
+) -> int:
     """``mmformer import``: :func:`import_clip`, printing the folder written."""
     print(f"wrote {import_clip(out, open_clip, weights, hf_clip, quick_gelu)}")
     return 0

@@ -48,9 +48,16 @@ DOCUMENT_MODES = ("first", "mean", "max", "fusion")
 RETIRED_FIELDS: dict[str, Any] = {"extra": {}}
 #: Fields added after model fingerprints were first recorded in indexes, with their defaults: a model
 #: at the default is hashed without the field by :func:`mmformer.model.model_fingerprint`.
-LATER_FIELDS: dict[str, Any] = {"mlp_act": "gelu", "patch_bias": True, "text_pos": "sincos",
-                                "text_mask": "bidirectional", "text_width": None, "text_heads": None,
-                                "text_mlp_ratio": None, "text_depth": None}
+LATER_FIELDS: dict[str, Any] = {
+    "mlp_act": "gelu",
+    "patch_bias": True,
+    "text_pos": "sincos",
+    "text_mask": "bidirectional",
+    "text_width": None,
+    "text_heads": None,
+    "text_mlp_ratio": None,
+    "text_depth": None,
+}
 
 
 @dataclass
@@ -158,9 +165,7 @@ class ModelConfig:
         if self.width % self.heads:
             problems.append(f"width={self.width} is not divisible by heads={self.heads}")
         if self.image_size % self.patch_size:
-            problems.append(
-                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
-            )
+            problems.append(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
         if self.attention_kernel not in ATTENTION_KERNELS:
             problems.append(f"attention_kernel={self.attention_kernel!r} must be one of {ATTENTION_KERNELS}")
         if not 0.0 <= self.pack_text_below <= 1.0:
@@ -202,11 +207,15 @@ class ModelConfig:
             problems.append(f"text_depth={self.text_depth} must be in [1, depth={self.depth}] or None")
         if self.text_shape != (self.width, self.heads, self.mlp_hidden) or self.text_blocks != self.depth:
             if self.share != "none":
-                problems.append(f"text_width/text_heads/text_mlp_ratio/text_depth other than the trunk's need "
-                                f"share='none' (got share={self.share!r})")
+                problems.append(
+                    f"text_width/text_heads/text_mlp_ratio/text_depth other than the trunk's need "
+                    f"share='none' (got share={self.share!r})"
+                )
             if self.document_expert or self.fusion_latents or self.block_heads is not None:
-                problems.append("a text path of its own width/heads/FFN/depth does not support document_expert, "
-                                "fusion_latents or block_heads")
+                problems.append(
+                    "a text path of its own width/heads/FFN/depth does not support document_expert, "
+                    "fusion_latents or block_heads"
+                )
         return problems
 
     def _long_document_problems(self) -> list[str]:
@@ -216,8 +225,10 @@ class ModelConfig:
         if self.attention_window < 0 or self.attention_global < 0 or self.attention_compression < 1:
             problems.append("need attention_window >= 0, attention_global >= 0, attention_compression >= 1")
         if self.fusion_latents < 0 or (self.fusion_latents and self.width % self.fusion_heads):
-            problems.append(f"fusion_latents={self.fusion_latents} must be >= 0 and width divisible by "
-                            f"fusion_heads={self.fusion_heads}")
+            problems.append(
+                f"fusion_latents={self.fusion_latents} must be >= 0 and width divisible by "
+                f"fusion_heads={self.fusion_heads}"
+            )
         if self.chunk_stride is not None and not 1 <= self.chunk_stride <= self.context_length - 2:
             problems.append(f"chunk_stride={self.chunk_stride} must be in [1, context_length - 2]")
         if self.max_chunks is not None and self.max_chunks < 1:
@@ -237,8 +248,7 @@ class ModelConfig:
             problems.append(f"block_heads={bh} must have one entry per block (depth={self.depth}), got {len(bh)}")
         bad = [i for i, h in enumerate(bh) if not 1 <= h <= self.heads]
         if bad:
-            problems.append(f"block_heads={bh}: every block keeps 1..heads={self.heads} heads "
-                            f"(blocks {bad} do not)")
+            problems.append(f"block_heads={bh}: every block keeps 1..heads={self.heads} heads (blocks {bad} do not)")
         return problems
 
     @property
@@ -345,8 +355,21 @@ class ModelConfig:
 
 
 # field type (as annotated) -> (accepted Python types, what to call it in errors)
-_POSITIVE_INTS = ("width", "depth", "heads", "image_size", "patch_size", "in_chans", "vocab_size",
-                  "context_length", "embed_dim", "fusion_heads", "text_width", "text_heads", "text_depth")
+_POSITIVE_INTS = (
+    "width",
+    "depth",
+    "heads",
+    "image_size",
+    "patch_size",
+    "in_chans",
+    "vocab_size",
+    "context_length",
+    "embed_dim",
+    "fusion_heads",
+    "text_width",
+    "text_heads",
+    "text_depth",
+)
 
 
 def check_field_types(d: dict[str, Any], source: str = "ModelConfig") -> None:
@@ -362,14 +385,20 @@ def check_field_types(d: dict[str, Any], source: str = "ModelConfig") -> None:
         if v is None and optional:
             continue
         is_int = isinstance(v, int) and not isinstance(v, bool)
-        ok = {"int": is_int, "float": is_int or isinstance(v, float) and not isinstance(v, bool),
-              "bool": isinstance(v, bool), "str": isinstance(v, str),
-              "dict[str, Any]": isinstance(v, dict),
-              "list[int]": isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-              }.get(base)
+        ok = {
+            "int": is_int,
+            "float": is_int or isinstance(v, float) and not isinstance(v, bool),
+            "bool": isinstance(v, bool),
+            "str": isinstance(v, str),
+            "dict[str, Any]": isinstance(v, dict),
+            "list[int]": isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+        }.get(base)
         if base.startswith("tuple["):
-            ok = isinstance(v, (list, tuple)) and len(v) == base.count(",") + 1 and \
-                all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            ok = (
+                isinstance(v, (list, tuple))
+                and len(v) == base.count(",") + 1
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            )
         if ok is None:
             continue
         if not ok:
@@ -387,13 +416,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # At a fixed CPU budget this size retrieves better than 192x4 or 256x6, and two of its blocks
     # better than three on an AVX2-only CPU: the demo recipe train/tiny-cpu.yaml sets depth 2
     # (see the benchmarks pages).
-    "tiny": dict(width=128, depth=3, heads=4, image_size=64, patch_size=16, context_length=16,
-                 embed_dim=128),
-    "small": dict(width=384, depth=8, heads=6, image_size=128, patch_size=16, context_length=32,
-                  embed_dim=384),
+    "tiny": dict(width=128, depth=3, heads=4, image_size=64, patch_size=16, context_length=16, embed_dim=128),
+    "small": dict(width=384, depth=8, heads=6, image_size=128, patch_size=16, context_length=32, embed_dim=384),
     # ViT-B/16-sized trunk.
-    "base": dict(width=768, depth=12, heads=12, image_size=224, patch_size=16, context_length=64,
-                 embed_dim=512, vocab_size=32000),
+    "base": dict(
+        width=768, depth=12, heads=12, image_size=224, patch_size=16, context_length=64, embed_dim=512, vocab_size=32000
+    ),
 }
 
 

@@ -35,12 +35,20 @@ def demo_recipe(name_or_path: str | Path | None = None) -> dict:
     recipe = load_recipe(name_or_path or DEMO_RECIPE_NAME)
     model, data = init_args(recipe.get("model")), init_args(recipe.get("data"))
     module_args = {k: v for k, v in model.items() if k != "time_budget_s"}
-    data_args = {k: v for k, v in data.items() if k not in ("data_dir", "image_size", "max_length", "image_mean",
-                                                            "image_std")}
-    return {"preset": model.get("preset", "tiny"), "model_config": dict(model.get("model_config") or {}),
-            "batch_size": data["batch_size"], "lr": model["lr"], "weight_decay": model["weight_decay"],
-            "warmup_steps": model["warmup_steps"], "caption_mode": data.get("caption_mode", "name"),
-            "module_args": module_args, "data_args": data_args}
+    data_args = {
+        k: v for k, v in data.items() if k not in ("data_dir", "image_size", "max_length", "image_mean", "image_std")
+    }
+    return {
+        "preset": model.get("preset", "tiny"),
+        "model_config": dict(model.get("model_config") or {}),
+        "batch_size": data["batch_size"],
+        "lr": model["lr"],
+        "weight_decay": model["weight_decay"],
+        "warmup_steps": model["warmup_steps"],
+        "caption_mode": data.get("caption_mode", "name"),
+        "module_args": module_args,
+        "data_args": data_args,
+    }
 
 
 def demo_process_settings(seed: int) -> None:
@@ -57,9 +65,19 @@ def demo_process_settings(seed: int) -> None:
     keep_freed_memory()
 
 
-def demo_cli(recipe: str | Path | None, data_dir: str | Path, out: str | Path, *, steps: int | None = None,
-             time_budget_s: float | None = None, batch_size: int | None = None, precision: str = "auto",
-             seed: int = 0, announce: Callable[[str], None] = print, extra: Sequence[str] = ()) -> RecipeCLI:
+def demo_cli(
+    recipe: str | Path | None,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    steps: int | None = None,
+    time_budget_s: float | None = None,
+    batch_size: int | None = None,
+    precision: str = "auto",
+    seed: int = 0,
+    announce: Callable[[str], None] = print,
+    extra: Sequence[str] = (),
+) -> RecipeCLI:
     """The module, data module and Trainer of the fit recipe ``recipe`` (default ``tiny-cpu``),
     built by :class:`~mmformer.training.recipes.RecipeCLI` (``run=False``) as ``mmformer fit``
     builds them, on the emoji data in ``data_dir``, with the demo's run settings in place of the
@@ -69,42 +87,75 @@ def demo_cli(recipe: str | Path | None, data_dir: str | Path, out: str | Path, *
     from mmformer.training.recipes import RecipeCLI
 
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}}
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 5}},
-                 {"class_path": "mmformer.training.datamodule.SkippedSamplesCallback"}]
-    argv = ["--config", str(recipe or DEMO_RECIPE_NAME), f"--seed_everything={seed}",
-            f"--data.data_dir={data_dir}", f"--model.time_budget_s={json.dumps(time_budget_s)}",
-            f"--trainer.precision={precision}", f"--trainer.max_steps={steps or -1}",
-            f"--trainer.max_time={json.dumps({'seconds': time_budget_s} if time_budget_s else None)}",
-            f"--trainer.default_root_dir={out}", f"--trainer.logger={json.dumps(logger)}",
-            f"--trainer.callbacks={json.dumps(callbacks)}", "--trainer.enable_checkpointing=false",
-            "--trainer.enable_progress_bar=true", "--trainer.enable_model_summary=false",
-            "--trainer.check_val_every_n_epoch=5", "--trainer.num_sanity_val_steps=0", "--trainer.max_epochs=-1",
-            *([f"--data.batch_size={batch_size}"] if batch_size else []), *extra]
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 5}},
+        {"class_path": "mmformer.training.datamodule.SkippedSamplesCallback"},
+    ]
+    argv = [
+        "--config",
+        str(recipe or DEMO_RECIPE_NAME),
+        f"--seed_everything={seed}",
+        f"--data.data_dir={data_dir}",
+        f"--model.time_budget_s={json.dumps(time_budget_s)}",
+        f"--trainer.precision={precision}",
+        f"--trainer.max_steps={steps or -1}",
+        f"--trainer.max_time={json.dumps({'seconds': time_budget_s} if time_budget_s else None)}",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger={json.dumps(logger)}",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=true",
+        "--trainer.enable_model_summary=false",
+        "--trainer.check_val_every_n_epoch=5",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.max_epochs=-1",
+        *([f"--data.batch_size={batch_size}"] if batch_size else []),
+        *extra,
+    ]
     return RecipeCLI(argv, run=False, announce=announce)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``mmformer demo``."""
     p.add_argument("--out", default="runs/demo", help="output folder (model, logs, grid PNG)")
-    p.add_argument("--minutes", type=float, default=8.0,
-                   help="training budget in minutes; the step count is calibrated to fit it")
+    p.add_argument(
+        "--minutes", type=float, default=8.0, help="training budget in minutes; the step count is calibrated to fit it"
+    )
     p.add_argument("--steps", type=int, default=None, help="exact number of optimizer steps (overrides --minutes)")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--recipe", default=None,
-                   help="fit recipe (file or shipped name) the demo trains with (default: tiny-cpu); the demo sets "
-                        "the steps or time, precision, logger and callbacks")
-    p.add_argument("--precision", default="auto",
-                   help="auto (time a few steps of each on this CPU, keep the faster) | 32-true | bf16-mixed")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="fit recipe (file or shipped name) the demo trains with (default: tiny-cpu); the demo sets "
+        "the steps or time, precision, logger and callbacks",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="auto (time a few steps of each on this CPU, keep the faster) | 32-true | bf16-mixed",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--query", action="append", default=None, help="text query to search (repeatable)")
-    p.add_argument("--data-dir", default=None,
-                   help="the bundled emoji data: its folder, or a folder holding emoji/ such as a checkout's data/ "
-                        "(default: $MMFORMER_DATA, else the checkout's copy, else the installed package's)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="the bundled emoji data: its folder, or a folder holding emoji/ such as a checkout's data/ "
+        "(default: $MMFORMER_DATA, else the checkout's copy, else the installed package's)",
+    )
 
 
-def demo_command(*, out: str = "runs/demo", minutes: float = 8.0, steps: int | None = None,
-                 batch_size: int | None = None, recipe: str | None = None, precision: str = "auto", seed: int = 0,
-                 query: list[str] | None = None, data_dir: str | None = None) -> int:
+def demo_command(
+    *,
+    out: str = "runs/demo",
+    minutes: float = 8.0,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    recipe: str | None = None,
+    precision: str = "auto",
+    seed: int = 0,
+    query: list[str] | None = None,
+    data_dir: str | None = None,
+) -> int:
     """``mmformer demo``: train the recipe's model on the bundled emoji data for ``steps`` steps or
     ``minutes``, save it under ``out``, report held-out recall and answer ``query`` texts with a
     PNG grid."""
@@ -127,23 +178,40 @@ def demo_command(*, out: str = "runs/demo", minutes: float = 8.0, steps: int | N
     budget_s = None if steps else minutes * 60
     print(f"loading the bundled emoji data from {root} and the recipe {recipe or DEMO_RECIPE_NAME} ...", flush=True)
     chosen: list[str] = []
-    cli = demo_cli(recipe, root, out_dir, steps=steps, time_budget_s=budget_s, batch_size=batch_size,
-                   precision=precision, seed=seed, announce=chosen.append)
+    cli = demo_cli(
+        recipe,
+        root,
+        out_dir,
+        steps=steps,
+        time_budget_s=budget_s,
+        batch_size=batch_size,
+        precision=precision,
+        seed=seed,
+        announce=chosen.append,
+    )
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer
     c = module.model.config
-    print(f"model: the {getattr(module.hparams, 'preset', 'tiny')} preset, {c.width} wide x {c.depth} blocks, "
-          f"{module.model.num_parameters() / 1e6:.2f} M parameters", flush=True)
+    print(
+        f"model: the {getattr(module.hparams, 'preset', 'tiny')} preset, {c.width} wide x {c.depth} blocks, "
+        f"{module.model.num_parameters() / 1e6:.2f} M parameters",
+        flush=True,
+    )
     dm.setup("fit")
-    print(f"  train: {len(dm.train_dataset)} images of 4 families; val: {len(dm.val_dataset)} images "
-          "(held-out concepts)", flush=True)
+    print(
+        f"  train: {len(dm.train_dataset)} images of 4 families; val: {len(dm.val_dataset)} images (held-out concepts)",
+        flush=True,
+    )
     print(*chosen or [f"precision {precision} (as given)"], sep="\n", flush=True)
     batch = dm.hparams.batch_size
     if steps:
         module.hparams.warmup_steps = min(module.hparams.warmup_steps, max(1, steps // 10))
         print(f"training {steps} steps of batch {batch}", flush=True)
     else:
-        print(f"training for {minutes:g} min of batch {batch} (the learning rate follows the clock: warmup, then "
-              "cosine to zero at the end of the budget)", flush=True)
+        print(
+            f"training for {minutes:g} min of batch {batch} (the learning rate follows the clock: warmup, then "
+            "cosine to zero at the end of the budget)",
+            flush=True,
+        )
     t0 = time.perf_counter()
     trainer.fit(module, dm)
     train_s = time.perf_counter() - t0
@@ -151,9 +219,14 @@ def demo_command(*, out: str = "runs/demo", minutes: float = 8.0, steps: int | N
     print(f"trained in {train_s / 60:.1f} min; saved the model to {model_dir}", flush=True)
 
     results = evaluate_and_search(module.model.eval(), out_dir, query or DEFAULT_QUERIES, root)
-    results.update({"train_seconds": train_s, "steps": trainer.global_step,
-                    "precision": cli.precision_choice.precision if cli.precision_choice else precision,
-                    "batch_size": batch})
+    results.update(
+        {
+            "train_seconds": train_s,
+            "steps": trainer.global_step,
+            "precision": cli.precision_choice.precision if cli.precision_choice else precision,
+            "batch_size": batch,
+        }
+    )
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     return 0
 
@@ -172,8 +245,13 @@ def evaluate_and_search(model, out: Path, queries: list[str], data_dir: Path | N
     text_emb = embed_texts(model, model.tokenizer, ds.captions, batch_size=512)
     metrics = retrieval_metrics(image_emb, text_emb, ds.caption_to_image)
     print()
-    print(format_metrics(metrics, f"the held-out '{data.families[0] if len(set(data.families)) == 1 else 'test'}' "
-                                  f"family, never seen in training ({len(ds)} images, one name each)"))
+    print(
+        format_metrics(
+            metrics,
+            f"the held-out '{data.families[0] if len(set(data.families)) == 1 else 'test'}' "
+            f"family, never seen in training ({len(ds)} images, one name each)",
+        )
+    )
 
     q_emb = embed_texts(model, model.tokenizer, queries)
     scores, idx = (q_emb @ image_emb.T).topk(5, dim=1)
@@ -181,15 +259,22 @@ def evaluate_and_search(model, out: Path, queries: list[str], data_dir: Path | N
     for q, row in zip(queries, idx.tolist()):
         print(f"  {q!r:<34} -> " + " | ".join(ds.captions[i] for i in row))
     grid = out / "search.png"
-    write_grid(grid, queries, [[data.images[i] for i in row] for row in idx.tolist()],
-               [[ds.captions[i] for i in row] for row in idx.tolist()])
+    write_grid(
+        grid,
+        queries,
+        [[data.images[i] for i in row] for row in idx.tolist()],
+        [[ds.captions[i] for i in row] for row in idx.tolist()],
+    )
     print(f"\nwrote the search results as a picture: {grid}")
-    return {"test_metrics": metrics,
-            "queries": {q: [ds.captions[i] for i in row] for q, row in zip(queries, idx.tolist())}}
+    return {
+        "test_metrics": metrics,
+        "queries": {q: [ds.captions[i] for i in row] for q, row in zip(queries, idx.tolist())},
+    }
 
 
-def write_grid(path: Path, queries: list[str], images: list[list[torch.Tensor]], labels: list[list[str]],
-               cell: int = 96) -> None:
+def write_grid(
+    path: Path, queries: list[str], images: list[list[torch.Tensor]], labels: list[list[str]], cell: int = 96
+) -> None:
     """One row per query: the query text, then its retrieved images with their names."""
     from PIL import Image, ImageDraw
 

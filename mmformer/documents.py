@@ -60,9 +60,13 @@ class DocumentBatch:
         return (self.chunk_counts > 1).repeat_interleave(self.chunk_counts)
 
     def to(self, device: torch.device | str) -> "DocumentBatch":
-        return DocumentBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                             self.chunk_counts.to(device), self.truncated.to(device),
-                             self.n_tokens.to(device))
+        return DocumentBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.chunk_counts.to(device),
+            self.truncated.to(device),
+            self.n_tokens.to(device),
+        )
 
 
 class DocumentCollator:
@@ -81,8 +85,14 @@ class DocumentCollator:
             logs a warning and sets ``DocumentBatch.truncated``.
     """
 
-    def __init__(self, tokenizer: Tokenizer | None, length: int, stride: int | None = None,
-                 max_chunks: int | None = None, overflow: str = "error") -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None,
+        length: int,
+        stride: int | None = None,
+        max_chunks: int | None = None,
+        overflow: str = "error",
+    ) -> None:
         if length < 3:
             raise ValueError(f"length must be >= 3 (bos, one piece, eos), got {length}")
         if overflow not in OVERFLOW_POLICIES:
@@ -125,15 +135,24 @@ class DocumentCollator:
                     raise TooManyChunks(
                         f"{what}: {len(ids)} tokens make {len(windows)} chunks of {self.pieces} pieces "
                         f"(stride {self.stride}), over max_chunks={self.max_chunks}; raise max_chunks or "
-                        "use overflow='first' to keep the first chunks")
-                log.warning("%s: keeping the first %d of %d chunks (max_chunks, overflow='first')",
-                            what, self.max_chunks, len(windows))
+                        "use overflow='first' to keep the first chunks"
+                    )
+                log.warning(
+                    "%s: keeping the first %d of %d chunks (max_chunks, overflow='first')",
+                    what,
+                    self.max_chunks,
+                    len(windows),
+                )
                 windows = windows[: self.max_chunks]
             rows += windows
             counts.append(len(windows))
             truncated.append(cut)
         specials = self.tokenizer.specials if self.tokenizer is not None else (BOS_ID, EOS_ID, PAD_ID)
         input_ids, attention_mask = wrap_and_pad(rows, self.length, specials=specials)
-        return DocumentBatch(input_ids, attention_mask, torch.tensor(counts, dtype=torch.long),
-                             torch.tensor(truncated, dtype=torch.bool),
-                             torch.tensor([len(d) for d in docs], dtype=torch.long))
+        return DocumentBatch(
+            input_ids,
+            attention_mask,
+            torch.tensor(counts, dtype=torch.long),
+            torch.tensor(truncated, dtype=torch.bool),
+            torch.tensor([len(d) for d in docs], dtype=torch.long),
+        )

@@ -148,9 +148,11 @@ def read_utf8_text(path: str | os.PathLike) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line} is not UTF-8 (byte {data[e.start:e.start + 1]!r} at offset "
-                         f"{e.start}); save the file as UTF-8") from None
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: line {line} is not UTF-8 (byte {data[e.start : e.start + 1]!r} at offset "
+            f"{e.start}); save the file as UTF-8"
+        ) from None
 
 
 def read_utf8_lines(path: str | os.PathLike) -> list[str]:

@@ -37,8 +37,14 @@ def gather_with_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     return all_gather_tensor_autograd(x.contiguous(), 0, group or dist.group.WORLD)
 
 
-def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-              positives: torch.Tensor | None = None, gather: bool = True, group: Any = None) -> torch.Tensor:
+def clip_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    positives: torch.Tensor | None = None,
+    gather: bool = True,
+    group: Any = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE over the (global) batch.
 
     Args:
@@ -75,9 +81,15 @@ def gather_groups(positives: torch.Tensor | None, group: Any = None) -> torch.Te
     return torch.cat(parts)
 
 
-def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor, positives: torch.Tensor | None = None,
-                gather: bool = True, group: Any = None) -> torch.Tensor:
+def siglip_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    positives: torch.Tensor | None = None,
+    gather: bool = True,
+    group: Any = None,
+) -> torch.Tensor:
     """Pairwise sigmoid loss (SigLIP) over the (global) batch.
 
     Every image-text pair (i, j) is a binary problem: logit ``t * <x_i, y_j> + b``, label +1 for
@@ -114,21 +126,28 @@ def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_sca
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], "torch.Tensor | None"], torch.Tensor]
 
 
-def clip_loss_fn(img: torch.Tensor, txt: torch.Tensor, params: dict[str, torch.Tensor],
-                 positives: torch.Tensor | None) -> torch.Tensor:
+def clip_loss_fn(
+    img: torch.Tensor, txt: torch.Tensor, params: dict[str, torch.Tensor], positives: torch.Tensor | None
+) -> torch.Tensor:
     """:func:`clip_loss` with the temperature from ``params["logit_scale"]``."""
     return clip_loss(img, txt, params["logit_scale"], positives)
 
 
-def siglip_loss_fn(img: torch.Tensor, txt: torch.Tensor, params: dict[str, torch.Tensor],
-                   positives: torch.Tensor | None) -> torch.Tensor:
+def siglip_loss_fn(
+    img: torch.Tensor, txt: torch.Tensor, params: dict[str, torch.Tensor], positives: torch.Tensor | None
+) -> torch.Tensor:
     """:func:`siglip_loss` with ``params["logit_scale"]`` and ``params["logit_bias"]``."""
     return siglip_loss(img, txt, params["logit_scale"], params["logit_bias"], positives)
 
 
-def contrastive_accumulation(encode, micro_batches: list[dict[str, Any]], backward,
-                             positives: torch.Tensor | None = None, is_finite=None,
-                             loss_fn: LossFn = clip_loss_fn) -> tuple[torch.Tensor | None, torch.Tensor]:
+def contrastive_accumulation(
+    encode,
+    micro_batches: list[dict[str, Any]],
+    backward,
+    positives: torch.Tensor | None = None,
+    is_finite=None,
+    loss_fn: LossFn = clip_loss_fn,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients of a contrastive loss over k micro-batches as if they were one batch of k*B.
 
     Args:
@@ -189,9 +208,15 @@ def _soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tens
     return -(p * student_logits.float().log_softmax(dim=1)).sum(dim=1).mean()
 
 
-def affinity_distill_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                          teacher_image_embeds: torch.Tensor, teacher_text_embeds: torch.Tensor,
-                          teacher_logit_scale: torch.Tensor, gather: bool = True) -> torch.Tensor:
+def affinity_distill_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    teacher_image_embeds: torch.Tensor,
+    teacher_text_embeds: torch.Tensor,
+    teacher_logit_scale: torch.Tensor,
+    gather: bool = True,
+) -> torch.Tensor:
     """Affinity distillation: the student's image-text similarity distributions follow the teacher's.
 
     With S = s * X Y^T (student, N x N, rows = images) and T = t * X' Y'^T (teacher), the loss is
@@ -235,8 +260,9 @@ class FeatureProjection(nn.Module):
         return self.proj(x)
 
 
-def feature_distill_loss(student_embeds: torch.Tensor, teacher_embeds: torch.Tensor,
-                         projection: nn.Module | None = None) -> torch.Tensor:
+def feature_distill_loss(
+    student_embeds: torch.Tensor, teacher_embeds: torch.Tensor, projection: nn.Module | None = None
+) -> torch.Tensor:
     """Feature distillation: MSE between the student's and the teacher's normalised embeddings.
 
     ``mean_i || norm(P x_i) - norm(y_i) ||^2`` (= ``2 - 2 mean_i cos(P x_i, y_i)``), where P is
@@ -252,17 +278,24 @@ def feature_distill_loss(student_embeds: torch.Tensor, teacher_embeds: torch.Ten
     """
     x = projection(student_embeds) if projection is not None else student_embeds
     if x.shape != teacher_embeds.shape:
-        raise ValueError(f"student embeddings {tuple(x.shape)} (after the projection) do not match the "
-                         f"teacher's {tuple(teacher_embeds.shape)}; pass a FeatureProjection(student_dim, teacher_dim)")
+        raise ValueError(
+            f"student embeddings {tuple(x.shape)} (after the projection) do not match the "
+            f"teacher's {tuple(teacher_embeds.shape)}; pass a FeatureProjection(student_dim, teacher_dim)"
+        )
     x = F.normalize(x.float(), dim=-1)
     y = F.normalize(teacher_embeds.detach().float(), dim=-1)
     return (x - y).pow(2).sum(dim=-1).mean()
 
 
-def interactive_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
-                                 teacher_image_embeds: torch.Tensor, teacher_text_embeds: torch.Tensor,
-                                 logit_scale: torch.Tensor, positives: torch.Tensor | None = None,
-                                 gather: bool = True) -> torch.Tensor:
+def interactive_contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    teacher_image_embeds: torch.Tensor,
+    teacher_text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    positives: torch.Tensor | None = None,
+    gather: bool = True,
+) -> torch.Tensor:
     """CLIP-KD's interactive contrastive term: the student's embeddings of one modality against the
     teacher's embeddings of the other, InfoNCE.
 
@@ -283,8 +316,10 @@ def interactive_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.
         scalar loss (float32).
     """
     if image_embeds.shape[-1] != teacher_text_embeds.shape[-1]:
-        raise ValueError(f"student width {image_embeds.shape[-1]} != teacher width {teacher_text_embeds.shape[-1]}: "
-                         "project the student's embeddings (FeatureProjection) before the interactive term")
+        raise ValueError(
+            f"student width {image_embeds.shape[-1]} != teacher width {teacher_text_embeds.shape[-1]}: "
+            "project the student's embeddings (FeatureProjection) before the interactive term"
+        )
     t_img, t_txt = teacher_image_embeds.detach(), teacher_text_embeds.detach()
     if gather:
         image_embeds, text_embeds = gather_with_grad(image_embeds), gather_with_grad(text_embeds)

@@ -91,7 +91,9 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
-        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+        patches = (
+            x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+        )
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
@@ -126,8 +128,11 @@ class MMFormer(nn.Module):
         # image path
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, d, c.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        pos = c.pos_scale * torch.cat([torch.zeros(1, d), sincos_2d(c.grid_size, c.grid_size, d)])[None] \
-            if c.image_pos == "sincos" else torch.zeros(1, 1 + c.num_patches, d)
+        pos = (
+            c.pos_scale * torch.cat([torch.zeros(1, d), sincos_2d(c.grid_size, c.grid_size, d)])[None]
+            if c.image_pos == "sincos"
+            else torch.zeros(1, 1 + c.num_patches, d)
+        )
         if c.image_pos == "learned":
             self.pos_embed = nn.Parameter(pos)
         else:
@@ -143,8 +148,19 @@ class MMFormer(nn.Module):
         # shared trunk
         shapes = c.modality_shapes if c.text_shape != (d, c.heads, c.mlp_hidden) else None
         self.blocks = nn.ModuleList(  # a pruned config gives blocks fewer heads of the same width
-            MultiwayBlock(d, h, c.mlp_hidden, c.share, c.block_modalities(i), c.qkv_bias, c.ln_eps, c.head_dim,
-                          c.mlp_act, shapes, attend=ATTENTION_KERNEL_FNS[c.attention_kernel])
+            MultiwayBlock(
+                d,
+                h,
+                c.mlp_hidden,
+                c.share,
+                c.block_modalities(i),
+                c.qkv_bias,
+                c.ln_eps,
+                c.head_dim,
+                c.mlp_act,
+                shapes,
+                attend=ATTENTION_KERNEL_FNS[c.attention_kernel],
+            )
             for i, h in enumerate(c.heads_per_block)
         )
         self.norm = nn.ModuleDict({m: nn.LayerNorm(c.modality_shapes[m][0], eps=c.ln_eps) for m in c.modalities})
@@ -176,8 +192,9 @@ class MMFormer(nn.Module):
         stds = self._linear_init_stds()
         fusion = getattr(self, "fusion", None)
         own_init = {id(m) for m in fusion.modules()} if fusion is not None else set()  # DocumentFusion's
-        init_linears_and_norms(((n, m) for n, m in self.named_modules() if id(m) not in own_init),
-                               lambda name, m: stds[id(m)])
+        init_linears_and_norms(
+            ((n, m) for n, m in self.named_modules() if id(m) not in own_init), lambda name, m: stds[id(m)]
+        )
         nn.init.normal_(self.token_embed.weight, std=0.02)
         if getattr(self, "document_embed", None) is not None:
             nn.init.normal_(self.document_embed.weight, std=0.02)
@@ -237,8 +254,14 @@ class MMFormer(nn.Module):
         (:func:`mmformer.training.optim.parameter_groups`)."""
         exempt: set[int] = set()
         # parts may be None: a pipeline stage keeps only the parts its blocks need
-        for part in (self.token_embed, self.document_embed, self.cls_token, self.pos_embed, self.text_pos,
-                     self.logit_scale):
+        for part in (
+            self.token_embed,
+            self.document_embed,
+            self.cls_token,
+            self.pos_embed,
+            self.text_pos,
+            self.logit_scale,
+        ):
             if isinstance(part, nn.Module):
                 exempt.update(id(q) for q in part.parameters())
             elif isinstance(part, torch.Tensor):
@@ -246,8 +269,14 @@ class MMFormer(nn.Module):
         return {name for name, p in self.named_parameters() if id(p) in exempt}
 
     # ---- trunk --------------------------------------------------------------------------
-    def run_blocks(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
-                   blocks: list[nn.Module] | None = None, packing: TokenPacking | None = None) -> torch.Tensor:
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        modality: str,
+        key_padding_mask: torch.Tensor | None = None,
+        blocks: list[nn.Module] | None = None,
+        packing: TokenPacking | None = None,
+    ) -> torch.Tensor:
         """(B, T, D) through ``blocks`` (default: all; a pipeline stage passes its own) for one
         modality, with activation checkpointing per block when enabled; no final norm. With
         ``packing`` (of ``key_padding_mask``), x is the (N, D) real tokens and so is the result."""
@@ -263,8 +292,13 @@ class MMFormer(nn.Module):
         n = self.config.text_blocks if modality != "image" else len(self.blocks)
         return self.blocks if n == len(self.blocks) else self.blocks[:n]
 
-    def forward_tokens(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
-                       packing: TokenPacking | None = None) -> torch.Tensor:
+    def forward_tokens(
+        self,
+        x: torch.Tensor,
+        modality: str,
+        key_padding_mask: torch.Tensor | None = None,
+        packing: TokenPacking | None = None,
+    ) -> torch.Tensor:
         """The blocks' input (B, T, D) of one modality (:meth:`patch_tokens`, :meth:`text_tokens`) ->
         final-norm states (B, T, D): the modality's blocks (:meth:`run_blocks`), then its final norm.
         With ``packing``, the (N, D) real tokens in and out."""
@@ -284,8 +318,7 @@ class MMFormer(nn.Module):
         c = self.config
         if images.ndim != 4 or images.shape[1:] != (c.in_chans, c.image_size, c.image_size):
             raise ValueError(
-                f"expected images of shape (B, {c.in_chans}, {c.image_size}, {c.image_size}), "
-                f"got {tuple(images.shape)}"
+                f"expected images of shape (B, {c.in_chans}, {c.image_size}, {c.image_size}), got {tuple(images.shape)}"
             )
         x = self.patch_embed(images)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -365,8 +398,9 @@ class MMFormer(nn.Module):
                 src = bytes(im) if isinstance(im, bytearray) else im
                 out.append(tf(load_image(src, name=None if not isinstance(src, bytes) else f"images[{i}] (bytes)")))
             else:
-                raise TypeError(f"images[{i}]: expected a PIL image, a path, encoded bytes or a tensor, "
-                                f"got {type(im).__name__}")
+                raise TypeError(
+                    f"images[{i}]: expected a PIL image, a path, encoded bytes or a tensor, got {type(im).__name__}"
+                )
         return torch.stack(out).to(self.cls_token.device, self.cls_token.dtype)
 
     def encode_image(self, images, normalize: bool = True) -> torch.Tensor:
@@ -389,8 +423,9 @@ class MMFormer(nn.Module):
         return F.normalize(z, dim=-1) if normalize else z
 
     # ---- text path ----------------------------------------------------------------------
-    def forward_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                              modality: str = "text") -> torch.Tensor:
+    def forward_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, modality: str = "text"
+    ) -> torch.Tensor:
         """(B, T) ids, (B, T) bool mask (True = real token) -> final-norm states (B, T, D).
 
         ``modality="document"`` runs the document expert (``config.document_expert``): its own
@@ -444,8 +479,10 @@ class MMFormer(nn.Module):
             mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None] <= ends
             if attention_mask is not None:
                 if attention_mask.shape != input_ids.shape:
-                    raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
-                                     f"{tuple(input_ids.shape)}")
+                    raise ValueError(
+                        f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                        f"{tuple(input_ids.shape)}"
+                    )
                 mask = mask & attention_mask.bool()
         else:
             mask = input_ids != self.config.pad_id if attention_mask is None else attention_mask.bool()
@@ -467,13 +504,15 @@ class MMFormer(nn.Module):
         last = mask.long().sum(dim=1) - 1  # (B,) index of the last real token (EOS)
         return states[torch.arange(states.shape[0], device=states.device), last]
 
-    def encode_text(self, input_ids, attention_mask: torch.Tensor | None = None,
-                    normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, input_ids, attention_mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
         """(B, T) ids (+ (B, T) bool mask) -> (B, E) joint-space embeddings; a string or a list of
         strings is tokenized with the model's tokenizer first (as :meth:`encode_texts`). In eval
         mode this runs under ``torch.inference_mode()`` (see :attr:`inference_in_eval`)."""
-        if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
-                                          and all(isinstance(t, str) for t in input_ids)):
+        if isinstance(input_ids, str) or (
+            isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(t, str) for t in input_ids)
+        ):
             if attention_mask is not None:
                 raise ValueError("encode_text: texts are tokenized here; pass no attention_mask with them")
             return self.encode_texts([input_ids] if isinstance(input_ids, str) else list(input_ids), normalize)
@@ -521,8 +560,13 @@ class MMFormer(nn.Module):
                 raise ValueError(f"a causal text path (text_mask='causal') has only dense attention, not {kind!r}")
             fn = causal_attend
         else:
-            fn = make_attend(kind, c.attention_window, c.attention_global, c.attention_compression,
-                             dense=ATTENTION_KERNEL_FNS[c.attention_kernel])
+            fn = make_attend(
+                kind,
+                c.attention_window,
+                c.attention_global,
+                c.attention_compression,
+                dense=ATTENTION_KERNEL_FNS[c.attention_kernel],
+            )
         for block in self.blocks:
             block.attn.text_attend = fn
 
@@ -556,8 +600,7 @@ class MMFormer(nn.Module):
         self.document_embed = copy.deepcopy(self.token_embed)
         self.config = dataclasses.replace(self.config, document_expert=True)
 
-    def chunk_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     multi: torch.Tensor) -> torch.Tensor:
+    def chunk_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, multi: torch.Tensor) -> torch.Tensor:
         """(C, L) chunk ids and mask -> (C, L, D) token states; ``multi`` (C,) bool marks the
         chunks of documents of more than one chunk.
 
@@ -585,11 +628,14 @@ class MMFormer(nn.Module):
         """A :class:`mmformer.documents.DocumentCollator` with this model's window and chunk policy."""
 
         c = self.config
-        kw = dict(length=c.context_length, stride=self.document_stride, max_chunks=c.max_chunks, overflow=c.chunk_overflow)
+        kw = dict(
+            length=c.context_length, stride=self.document_stride, max_chunks=c.max_chunks, overflow=c.chunk_overflow
+        )
         return DocumentCollator(self.tokenizer, **{**kw, **overrides})
 
-    def forward_document(self, batch, modes: tuple[str, ...] = ("fusion",),
-                         states: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward_document(
+        self, batch, modes: tuple[str, ...] = ("fusion",), states: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Un-normalised document embeddings (B, E) per mode, from ONE encoder call over all chunks.
 
         ``batch``: a :class:`mmformer.documents.DocumentBatch` with C chunks of L tokens.
@@ -602,8 +648,10 @@ class MMFormer(nn.Module):
         if bad:
             raise ValueError(f"unknown document modes {bad}; choose from {DOCUMENT_MODES}")
         if "fusion" in modes and self.fusion is None:
-            raise ValueError("this model has no fusion module (config.fusion_latents=0); use mode 'mean' or "
-                             "fine-tune one (train/longdoc-stage1.yaml then train/longdoc.yaml; MMFormer.enable_fusion)")
+            raise ValueError(
+                "this model has no fusion module (config.fusion_latents=0); use mode 'mean' or "
+                "fine-tune one (train/longdoc-stage1.yaml then train/longdoc.yaml; MMFormer.enable_fusion)"
+            )
         ids, mask, counts = batch.input_ids, batch.attention_mask, batch.chunk_counts
         if states is None:
             states = self.chunk_states(ids, mask, batch.in_long_document)  # (C, L, D)
@@ -650,8 +698,9 @@ class MMFormer(nn.Module):
         return self._encode(run, batch)
 
     # ---- both ---------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Both embeddings (unit length) and the logit scale exp(s), clamped at logit_scale_max.
 
         The training call: it records the graph in eval mode too (unlike the encode calls), for
@@ -672,8 +721,15 @@ class MMFormer(nn.Module):
         self.config.to_json(directory / CONFIG_NAME)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(state, tmp, metadata={"format": "pt", "library": "mmformer",
-                                            "mmformer_config": json.dumps(self.config.to_dict(), sort_keys=True)})
+            save_file(
+                state,
+                tmp,
+                metadata={
+                    "format": "pt",
+                    "library": "mmformer",
+                    "mmformer_config": json.dumps(self.config.to_dict(), sort_keys=True),
+                },
+            )
         # the tokenizer's own file (tokenizer.model, or CLIP's merges); another one left from an
         # earlier save would not belong to these weights
         name = getattr(self.tokenizer, "file_name", TOKENIZER_NAME) if self.tokenizer is not None else None
@@ -698,8 +754,10 @@ class MMFormer(nn.Module):
             tok_path = directory / CLIP_BPE_NAME
             tok = ClipTokenizer.load(tok_path)
         if tok is not None and tok.vocab_size > config.vocab_size:
-            raise ValueError(f"{tok_path} has {tok.vocab_size} pieces, more than vocab_size={config.vocab_size} "
-                             f"in {directory / CONFIG_NAME}: it is not the tokenizer these weights were trained with")
+            raise ValueError(
+                f"{tok_path} has {tok.vocab_size} pieces, more than vocab_size={config.vocab_size} "
+                f"in {directory / CONFIG_NAME}: it is not the tokenizer these weights were trained with"
+            )
         model = cls(config, tok)
         try:
             state = load_file(directory / WEIGHTS_NAME, device=str(map_location))
@@ -714,8 +772,11 @@ class MMFormer(nn.Module):
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
-        shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]
+        shapes = [
+            f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in own
+            if k in state and state[k].shape != own[k].shape
+        ]
         if missing or unexpected or shapes:
             raise ValueError(
                 f"{source} does not fit this model: missing={missing[:10]} unexpected={unexpected[:10]} "
@@ -743,17 +804,26 @@ class MMFormer(nn.Module):
             raise ValueError(f"timm ViT {'has' if has_pre else 'has no'} norm_pre; set image_pre_norm={has_pre}")
         converted = timm_vit_to_mmformer(state_dict, self.config.share)
         own = self.state_dict()
-        bad = [f"{k}: timm {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-               for k, v in converted.items() if k in own and own[k].shape != v.shape]
+        bad = [
+            f"{k}: timm {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in converted.items()
+            if k in own and own[k].shape != v.shape
+        ]
         unknown = [k for k in converted if k not in own]
         if bad or unknown:
-            raise ValueError(f"timm ViT does not fit this config: shape mismatches={bad[:10]} unknown keys={unknown[:10]}")
+            raise ValueError(
+                f"timm ViT does not fit this config: shape mismatches={bad[:10]} unknown keys={unknown[:10]}"
+            )
         self.load_state_dict(converted, strict=False)
 
     # ---- CLIP checkpoints (mmformer.convert) -----------------------------------------------
     @classmethod
-    def from_open_clip(cls, model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
-                       arch: str, quick_gelu: bool | None = None) -> MMFormer:
+    def from_open_clip(
+        cls,
+        model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+        arch: str,
+        quick_gelu: bool | None = None,
+    ) -> MMFormer:
         """A ``share="none"`` MMFormer with the weights of an open_clip ``CLIP`` of architecture
         ``arch`` (a name open_clip knows, e.g. ``"ViT-B-32"``; its config is read from open_clip's
         bundled model configs): the model, its state dict, or a weights file (.pt/.pth/.bin, an
@@ -797,8 +867,10 @@ class MMFormer(nn.Module):
             source = str(directory)
             weights = [directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()]
             if not (directory / CONFIG_NAME).is_file() or not weights:
-                raise FileNotFoundError(f"{directory}: expected a Hugging Face CLIP directory with config.json and "
-                                        "model.safetensors (or pytorch_model.bin)")
+                raise FileNotFoundError(
+                    f"{directory}: expected a Hugging Face CLIP directory with config.json and "
+                    "model.safetensors (or pytorch_model.bin)"
+                )
             try:
                 hf_config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -816,7 +888,7 @@ def _unwrap_training_checkpoint(state: Mapping[str, torch.Tensor]) -> Mapping[st
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -876,9 +948,11 @@ def timm_vit_to_mmformer(state_dict: Mapping[str, torch.Tensor], share: str) -> 
             per_modality = part.startswith("norm") or not s[part.split(".")[-1]]
             new = f"blocks.{idx}.{part}." + ("image." if per_modality else "") + rest
         elif key.startswith("norm."):
-            new = "norm.image." + key[len("norm."):]
+            new = "norm.image." + key[len("norm.") :]
         elif key.startswith("blocks.") or not key.startswith(("cls_token", "pos_embed", "patch_embed.", "norm_pre.")):
-            raise ValueError(f"timm key {key!r} has no MMFormer counterpart (layer scale, q/k norm or pre-norm ViTs are not supported)")
+            raise ValueError(
+                f"timm key {key!r} has no MMFormer counterpart (layer scale, q/k norm or pre-norm ViTs are not supported)"
+            )
         out[new] = value
     return out
 
@@ -892,9 +966,21 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 # config fields that only change how a model runs, not what its weights mean: may be edited
-RUNTIME_FIELDS = frozenset({"grad_checkpointing", "max_chunks", "chunk_overflow", "chunk_stride", "attention",
-                            "attention_window", "attention_global", "attention_compression", "extra",
-                            "pack_text_below", "attention_kernel"})
+RUNTIME_FIELDS = frozenset(
+    {
+        "grad_checkpointing",
+        "max_chunks",
+        "chunk_overflow",
+        "chunk_stride",
+        "attention",
+        "attention_window",
+        "attention_global",
+        "attention_compression",
+        "extra",
+        "pack_text_below",
+        "attention_kernel",
+    }
+)
 
 
 def check_saved_config(directory: Path, config: ModelConfig) -> None:
@@ -911,6 +997,10 @@ def check_saved_config(directory: Path, config: ModelConfig) -> None:
     saved, now = json.loads(stored), config.to_dict()
     changed = [k for k in sorted(saved) if k in now and k not in RUNTIME_FIELDS and saved[k] != now[k]]
     if changed:
-        raise ValueError(f"{directory / CONFIG_NAME}: field(s) " + ", ".join(
-            f"{k!r} = {now[k]!r} but the weights were saved with {saved[k]!r}" for k in changed)
-            + "; restore config.json (only " + ", ".join(sorted(RUNTIME_FIELDS - {'extra'})) + " may be edited)")
+        raise ValueError(
+            f"{directory / CONFIG_NAME}: field(s) "
+            + ", ".join(f"{k!r} = {now[k]!r} but the weights were saved with {saved[k]!r}" for k in changed)
+            + "; restore config.json (only "
+            + ", ".join(sorted(RUNTIME_FIELDS - {"extra"}))
+            + " may be edited)"
+        )

@@ -55,8 +55,14 @@ class Tokenizer:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 4096, model_type: str = "unigram",
-              character_coverage: float = 1.0, lowercase: bool = True) -> "Tokenizer":
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 4096,
+        model_type: str = "unigram",
+        character_coverage: float = 1.0,
+        lowercase: bool = True,
+    ) -> "Tokenizer":
         """Train on an iterator of texts. ``vocab_size`` is an upper bound on small corpora."""
         if model_type not in ("unigram", "bpe"):
             raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
@@ -65,11 +71,19 @@ class Tokenizer:
             raise ValueError("cannot train a tokenizer on an empty corpus")
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
-            model_type=model_type, character_coverage=character_coverage,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            hard_vocab_limit=False, normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
-            num_threads=min(4, os.cpu_count() or 1), minloglevel=2,
+            sentence_iterator=iter(texts),
+            model_writer=buf,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            hard_vocab_limit=False,
+            normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
+            num_threads=min(4, os.cpu_count() or 1),
+            minloglevel=2,
         )
         tok = cls(buf.getvalue())
         log.info("trained a %s tokenizer with %d pieces on %d texts", model_type, tok.vocab_size, len(texts))
@@ -111,8 +125,9 @@ class Tokenizer:
         """Text of ``ids``, skipping pad/bos/eos."""
         return self.sp.decode([int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)])
 
-    def __call__(self, texts: str | list[str], max_length: int = 64,
-                 pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, texts: str | list[str], max_length: int = 64, pad_to_max: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch to ((B, T) int64 ids, (B, T) bool mask); T <= max_length."""
         if isinstance(texts, str):
             texts = [texts]
@@ -130,8 +145,12 @@ class Tokenizer:
         return chunk_ids(self.encode(text), length, stride)
 
 
-def wrap_and_pad(pieces: list[list[int]], max_length: int, pad_to_max: bool = False,
-                 specials: tuple[int, int, int] = (BOS_ID, EOS_ID, PAD_ID)) -> tuple[torch.Tensor, torch.Tensor]:
+def wrap_and_pad(
+    pieces: list[list[int]],
+    max_length: int,
+    pad_to_max: bool = False,
+    specials: tuple[int, int, int] = (BOS_ID, EOS_ID, PAD_ID),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Piece-id lists -> ((B, T) int64 ids, (B, T) bool mask): each row ``[bos] pieces [eos]``,
     pieces truncated (never the eos) to fit ``max_length``, padded to the longest row (or to
     ``max_length`` with ``pad_to_max``). ``specials``: the (bos, eos, pad) ids; the mask marks each
@@ -149,7 +168,7 @@ def wrap_and_pad(pieces: list[list[int]], max_length: int, pad_to_max: bool = Fa
 
 def chunk_ids(ids: list[int], length: int, stride: int | None = None) -> list[list[int]]:
     """:meth:`Tokenizer.chunk` on piece ids already encoded: windows of at most ``length`` ids."""
-    return [list(ids[s: s + length]) for s in chunk_starts(len(ids), length, stride)]
+    return [list(ids[s : s + length]) for s in chunk_starts(len(ids), length, stride)]
 
 
 def chunk_starts(n: int, length: int, stride: int | None = None) -> list[int]:
@@ -166,18 +185,27 @@ def chunk_starts(n: int, length: int, stride: int | None = None) -> list[int]:
 # ---- the ``mmformer tokenizer`` verb -----------------------------------------------------------
 def add_arguments(p) -> None:
     """The flags of ``mmformer tokenizer`` (``p``: an ``argparse.ArgumentParser``)."""
-    p.add_argument("--input", required=True, nargs="+",
-                   help=".txt (one text a line) or .jsonl/.csv/.tsv files (see --fields)")
-    p.add_argument("--fields", default="caption",
-                   help="comma-separated columns to read from jsonl/csv (list values are flattened)")
+    p.add_argument(
+        "--input", required=True, nargs="+", help=".txt (one text a line) or .jsonl/.csv/.tsv files (see --fields)"
+    )
+    p.add_argument(
+        "--fields", default="caption", help="comma-separated columns to read from jsonl/csv (list values are flattened)"
+    )
     p.add_argument("--split", default=None, help="keep jsonl/csv rows whose 'split' equals this")
     p.add_argument("--vocab-size", type=int, default=2000)
     p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
     p.add_argument("--out", required=True)
 
 
-def tokenizer_command(*, input: list[str], out: str, fields: str = "caption", split: str | None = None,
-                      vocab_size: int = 2000, model_type: str = "unigram") -> int:
+def tokenizer_command(
+    *,
+    input: list[str],
+    out: str,
+    fields: str = "caption",
+    split: str | None = None,
+    vocab_size: int = 2000,
+    model_type: str = "unigram",
+) -> int:
     """``mmformer tokenizer``: train a SentencePiece tokenizer on the texts of the ``input`` files
     (:func:`read_texts`) and save it to ``out``; prints what it trained."""
     texts = list(read_texts(input, fields.split(","), split))
@@ -210,8 +238,9 @@ def read_texts(paths: list[str], fields: list[str], split: str | None) -> Iterab
         if path.suffix == ".jsonl":
             rows = jsonl(path)
         elif path.suffix in (".csv", ".tsv"):
-            rows = csv.DictReader(io.StringIO(read_utf8_text(path), newline=""),
-                                  delimiter="\t" if path.suffix == ".tsv" else ",")
+            rows = csv.DictReader(
+                io.StringIO(read_utf8_text(path), newline=""), delimiter="\t" if path.suffix == ".tsv" else ","
+            )
         else:
             raise ValueError(f"{path}: expected a .txt, .jsonl, .csv or .tsv file")
         for i, row in enumerate(rows, start=1):

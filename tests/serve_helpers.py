@@ -22,9 +22,18 @@ from mmformer.serve.service import BatchSettings
 from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 
 REPO = Path(__file__).resolve().parent.parent
-COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 40, 230), "yellow": (240, 230, 20),
-          "black": (5, 5, 5), "white": (250, 250, 250), "purple": (140, 30, 160), "orange": (250, 140, 10),
-          "pink": (250, 150, 200), "brown": (120, 70, 20)}
+COLORS = {
+    "red": (230, 20, 20),
+    "green": (20, 200, 40),
+    "blue": (20, 40, 230),
+    "yellow": (240, 230, 20),
+    "black": (5, 5, 5),
+    "white": (250, 250, 250),
+    "purple": (140, 30, 160),
+    "orange": (250, 140, 10),
+    "pink": (250, 150, 200),
+    "brown": (120, 70, 20),
+}
 SHAPES = ("square", "circle")
 API_KEY = "test-key-123"
 
@@ -39,7 +48,11 @@ def png_bytes(rgb, shape: str = "square", size: int = 40) -> bytes:
     import io
 
     yy, xx = np.mgrid[:size, :size]
-    inside = np.ones((size, size), bool) if shape == "square" else (xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (size / 2.5) ** 2
+    inside = (
+        np.ones((size, size), bool)
+        if shape == "square"
+        else (xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (size / 2.5) ** 2
+    )
     arr = np.full((size, size, 3), 255, np.uint8)
     arr[inside] = rgb
     buf = io.BytesIO()
@@ -69,18 +82,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(model: MMFormer, index_dir: Path, *, api_key: str | None = API_KEY, batching: bool = True,
-                  max_batch_size: int = 64, max_delay_ms: float = 5.0, max_queue: int = 1024,
-                  limits: Limits | None = None, http_limits: HttpLimits | None = None,
-                  decode_workers: int | None = None) -> ServerThread:
+def start_service(
+    model: MMFormer,
+    index_dir: Path,
+    *,
+    api_key: str | None = API_KEY,
+    batching: bool = True,
+    max_batch_size: int = 64,
+    max_delay_ms: float = 5.0,
+    max_queue: int = 1024,
+    limits: Limits | None = None,
+    http_limits: HttpLimits | None = None,
+    decode_workers: int | None = None,
+) -> ServerThread:
     from mmformer.retrieval import Index
 
-    settings = ServeSettings(grpc_port=0, http_port=0, api_key=api_key,
-                             batching=BatchSettings(enabled=batching, max_batch_size=max_batch_size,
-                                                    max_delay_ms=max_delay_ms, max_queue=max_queue),
-                             limits=limits or Limits(max_image_bytes=64 << 10, max_pixels=1 << 20),
-                             max_message_bytes=1 << 20, http_limits=http_limits or HttpLimits(),
-                             decode_workers=decode_workers)
+    settings = ServeSettings(
+        grpc_port=0,
+        http_port=0,
+        api_key=api_key,
+        batching=BatchSettings(
+            enabled=batching, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue
+        ),
+        limits=limits or Limits(max_image_bytes=64 << 10, max_pixels=1 << 20),
+        max_message_bytes=1 << 20,
+        http_limits=http_limits or HttpLimits(),
+        decode_workers=decode_workers,
+    )
     thread = ServerThread(settings, lambda: Engine(model, {"shapes": Index.open(index_dir)}, limits=settings.limits))
     thread.start()
     return thread

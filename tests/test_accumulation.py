@@ -25,7 +25,7 @@ def _encode(module):
 def test_k_micro_batches_give_the_gradients_of_one_big_batch():
     module = make_module()
     big = next(iter(make_loader(K * B)))
-    micro = [{k: v[i * B:(i + 1) * B] for k, v in big.items()} for i in range(K)]
+    micro = [{k: v[i * B : (i + 1) * B] for k, v in big.items()} for i in range(K)]
 
     out = _encode(module)(big)
     ref = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], big["concepts"])
@@ -34,8 +34,9 @@ def test_k_micro_batches_give_the_gradients_of_one_big_batch():
     module.model.zero_grad(set_to_none=True)
 
     calls = []
-    loss, _ = contrastive_accumulation(_encode(module), micro, lambda l, last: (calls.append(last), l.backward()),
-                                       big["concepts"])
+    loss, _ = contrastive_accumulation(
+        _encode(module), micro, lambda l, last: (calls.append(last), l.backward()), big["concepts"]
+    )
     assert calls == [False] * (K - 1) + [True]
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     grads = _grads(module.model)
@@ -55,10 +56,11 @@ def test_k_micro_batches_give_the_gradients_of_one_big_batch():
 def test_non_finite_loss_skips_every_backward():
     module = make_module()
     big = next(iter(make_loader(2 * B)))
-    micro = [{k: v[i * B:(i + 1) * B] for k, v in big.items()} for i in range(2)]
+    micro = [{k: v[i * B : (i + 1) * B] for k, v in big.items()} for i in range(2)]
     calls = []
-    loss, _ = contrastive_accumulation(_encode(module), micro, lambda l, last: calls.append(last),
-                                       is_finite=lambda v: False)
+    loss, _ = contrastive_accumulation(
+        _encode(module), micro, lambda l, last: calls.append(last), is_finite=lambda v: False
+    )
     assert loss is None and calls == []
 
 
@@ -75,7 +77,7 @@ def test_lightning_accumulation_steps_equal_big_batch_steps(tmp_path):
     for name, p in acc.model.named_parameters():
         if name.endswith("attn.qkv.bias"):  # key bias: zero true gradient, Adam amplifies rounding noise
             d = p.shape[0] // 3
-            p, q = torch.cat([p[:d], p[2 * d:]]), torch.cat([big_params[name][:d], big_params[name][2 * d:]])
+            p, q = torch.cat([p[:d], p[2 * d :]]), torch.cat([big_params[name][:d], big_params[name][2 * d :]])
         else:
             q = big_params[name]
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

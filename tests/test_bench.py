@@ -64,8 +64,9 @@ def emoji(tmp_path_factory) -> Path:
             by_split[r["split"]].append(r["hexcode"])
     keep = set(by_split["train"][:40]) | set(by_split["val"][:8])
     dst = tmp_path_factory.mktemp("emoji")
-    (dst / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["hexcode"] in keep),
-                                        encoding="utf-8")
+    (dst / "manifest.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if r["hexcode"] in keep), encoding="utf-8"
+    )
     (dst / "images").symlink_to((src / "images").resolve(), target_is_directory=True)
     if (src / "concepts.jsonl").is_file():
         (dst / "concepts.jsonl").write_bytes((src / "concepts.jsonl").read_bytes())
@@ -95,7 +96,7 @@ def test_write_csv_puts_the_context_first_and_leaves_missing_cells_empty(tmp_pat
     write_csv(out, [{"a": 1.23456789, "b": [1, 2]}, {"c": "x", "a": float("nan")}])
     rows = read_csv(out)
     assert list(rows[0])[: len(CONTEXT_COLUMNS)] == list(CONTEXT_COLUMNS)
-    assert list(rows[0])[len(CONTEXT_COLUMNS):] == ["a", "b", "c"]
+    assert list(rows[0])[len(CONTEXT_COLUMNS) :] == ["a", "b", "c"]
     assert (rows[0]["a"], rows[0]["b"], rows[0]["c"]) == ("1.23457", "[1, 2]", "")
     assert (rows[1]["a"], rows[1]["b"], rows[1]["c"]) == ("nan", "", "x")
     assert [p.name for p in out.parent.iterdir()] == ["rows.csv"]  # replaced, no temp file left
@@ -105,10 +106,35 @@ def test_train_throughput(tmp_path):
     from bench import train_throughput
 
     out = tmp_path / "tt.csv"
-    assert train_throughput.main(["--models", "tiny", "--impls", "mmformer,open_clip", "--precisions", "fp32",
-                                  "--batch-size", "2", "--steps", "1", "--warmup-steps", "0", "--peak-size", "64",
-                                  "--peak-reps", "1", "--peak-seconds", "0.01", "--cpu-settings", "none",
-                                  "--csv", str(out)]) == 0
+    assert (
+        train_throughput.main(
+            [
+                "--models",
+                "tiny",
+                "--impls",
+                "mmformer,open_clip",
+                "--precisions",
+                "fp32",
+                "--batch-size",
+                "2",
+                "--steps",
+                "1",
+                "--warmup-steps",
+                "0",
+                "--peak-size",
+                "64",
+                "--peak-reps",
+                "1",
+                "--peak-seconds",
+                "0.01",
+                "--cpu-settings",
+                "none",
+                "--csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)
     assert [r["impl"] for r in rows] == ["mmformer share=qkv", "open_clip"]
     positive(rows, "samples_per_s", "gflop_per_sample", "achieved_tflops", "pct_of_peak", "step_s_median")
@@ -119,8 +145,25 @@ def test_baseline_recall(tmp_path, emoji):
     from bench import baseline_recall
 
     out = tmp_path / "br.csv"
-    assert baseline_recall.main(["--impl", "open_clip", "--steps", "2", "--batch-size", "8", "--data-dir", str(emoji),
-                                 "--model-config", '{"width": 64, "depth": 1, "heads": 2}', "--csv", str(out)]) == 0
+    assert (
+        baseline_recall.main(
+            [
+                "--impl",
+                "open_clip",
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--data-dir",
+                str(emoji),
+                "--model-config",
+                '{"width": 64, "depth": 1, "heads": 2}',
+                "--csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (row,) = read_csv(out)
     assert row["impl"] == "open_clip" and int(row["steps"]) == 2 and int(row["samples_seen"]) == 16
     positive([row], "samples_per_s")
@@ -132,8 +175,25 @@ def test_retrieval(tmp_path):
     from bench import retrieval
 
     out = tmp_path / "r.csv"
-    assert retrieval.main(["--n", "2000", "--dims", "16", "--data", "clustered", "--backends", "exact,hnsw,ivfpq",
-                           "--queries", "64", "--csv", str(out)]) == 0
+    assert (
+        retrieval.main(
+            [
+                "--n",
+                "2000",
+                "--dims",
+                "16",
+                "--data",
+                "clustered",
+                "--backends",
+                "exact,hnsw,ivfpq",
+                "--queries",
+                "64",
+                "--csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)
     assert [r["backend"] for r in rows] == ["exact", "hnsw", "ivfpq"] and {r["n"] for r in rows} == {"2000"}
     recall(rows, "recall", scale=1.0)
@@ -145,9 +205,29 @@ def test_serve(tmp_path, models):
     from bench import serve
 
     out = tmp_path / "s.csv"
-    assert serve.main(["--model", str(models["student"]), "--servers", "mmformer,litserve", "--kinds", "text",
-                       "--transports", "http", "--concurrency", "2", "--seconds", "0.3", "--warmup", "0.1",
-                       "--csv", str(out)]) == 0
+    assert (
+        serve.main(
+            [
+                "--model",
+                str(models["student"]),
+                "--servers",
+                "mmformer,litserve",
+                "--kinds",
+                "text",
+                "--transports",
+                "http",
+                "--concurrency",
+                "2",
+                "--seconds",
+                "0.3",
+                "--warmup",
+                "0.1",
+                "--csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)
     alone = [r for r in rows if r["table"] == "model alone"]
     load = [r for r in rows if r["table"] == "load"]
@@ -163,16 +243,20 @@ def test_serve_targets_name_each_target_met_or_not():
 
     cost = [{"batch": 1, "text_per": 2.0, "image_per": 4.0}, {"batch": 16, "text_per": 0.5, "image_per": 1.0}]
     row = dict(transport="http", conc=16, p99=40.0)
-    rows = [{**row, "server": "mmformer", "kind": "text", "req_s": 390.0},
-            {**row, "server": "mmformer --no-batching", "kind": "text", "req_s": 100.0},
-            {**row, "server": "litserve", "kind": "text", "req_s": 300.0, "p99": 70.0},
-            {**row, "server": "mmformer", "kind": "image", "req_s": 300.0, "p99": 55.0},
-            {**row, "server": "mmformer --no-batching", "kind": "image", "req_s": 100.0},
-            {**row, "server": "litserve", "kind": "image", "req_s": 250.0}]
+    rows = [
+        {**row, "server": "mmformer", "kind": "text", "req_s": 390.0},
+        {**row, "server": "mmformer --no-batching", "kind": "text", "req_s": 100.0},
+        {**row, "server": "litserve", "kind": "text", "req_s": 300.0, "p99": 70.0},
+        {**row, "server": "mmformer", "kind": "image", "req_s": 300.0, "p99": 55.0},
+        {**row, "server": "mmformer --no-batching", "kind": "image", "req_s": 100.0},
+        {**row, "server": "litserve", "kind": "image", "req_s": 250.0},
+    ]
     image, text = targets(rows, cost)
-    assert text == ("text over http, c=16: batching 390 req/s, p99 40.0 ms (met: < 50 ms); 3.9x --no-batching = 98% "
-                    "of the model's batch-16 gain 4.0x (met: >= 90%); 1.30x LitServe (HTTP) 300 req/s p99 70.0 ms "
-                    "(met: >= 1.3x)")
+    assert text == (
+        "text over http, c=16: batching 390 req/s, p99 40.0 ms (met: < 50 ms); 3.9x --no-batching = 98% "
+        "of the model's batch-16 gain 4.0x (met: >= 90%); 1.30x LitServe (HTTP) 300 req/s p99 70.0 ms "
+        "(met: >= 1.3x)"
+    )
     assert image.count("NOT met") == 3 and "75% of the model's batch-16 gain 4.0x" in image and "1.20x" in image
 
 
@@ -180,8 +264,28 @@ def test_memory(tmp_path):
     from bench import memory
 
     out = tmp_path / "m.csv"
-    assert memory.main(["--presets", "tiny", "--precisions", "fp32", "--ckpt", "off", "--batch-size", "2",
-                        "--steps", "1", "--threads", "1", "--skip-fsdp", "--csv", str(out)]) == 0
+    assert (
+        memory.main(
+            [
+                "--presets",
+                "tiny",
+                "--precisions",
+                "fp32",
+                "--ckpt",
+                "off",
+                "--batch-size",
+                "2",
+                "--steps",
+                "1",
+                "--threads",
+                "1",
+                "--skip-fsdp",
+                "--csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (one,) = read_csv(out)
     assert one["table"] == "one process" and one["preset"] == "tiny"
     positive([one], "state_mib", "peak_rss_mib", "samples_s")
@@ -206,9 +310,29 @@ def test_distill(tmp_path, models, emoji):
     from bench import distill
 
     out = tmp_path / "d.csv"
-    assert distill.main(["--teacher", str(models["teacher"]), "--runs", "distill", "--minutes", "0.005",
-                         "--train-batch-size", "16", "--precision", "32-true", "--batch-size", "4",
-                         "--data-dir", str(emoji), "--csv", str(out)]) == 0
+    assert (
+        distill.main(
+            [
+                "--teacher",
+                str(models["teacher"]),
+                "--runs",
+                "distill",
+                "--minutes",
+                "0.005",
+                "--train-batch-size",
+                "16",
+                "--precision",
+                "32-true",
+                "--batch-size",
+                "4",
+                "--data-dir",
+                str(emoji),
+                "--csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)
     assert [r["run"] for r in rows] == ["teacher", "distill"]
     positive(rows, "images_s", "params")
@@ -220,10 +344,39 @@ def test_prune(tmp_path, models, emoji):
     from bench import prune
 
     out = tmp_path / "p.csv"
-    assert prune.main(["--model", str(models["teacher"]), "--fractions", "0.25", "--criteria", "magnitude",
-                       "--normalize", "none", "--recover", "0,1", "--batches", "1", "--batch-size", "8",
-                       "--precision", "32-true", "--speed-batch", "4", "--repeats", "1", "--min-seconds", "0",
-                       "--data-dir", str(emoji), "--csv", str(out)]) == 0
+    assert (
+        prune.main(
+            [
+                "--model",
+                str(models["teacher"]),
+                "--fractions",
+                "0.25",
+                "--criteria",
+                "magnitude",
+                "--normalize",
+                "none",
+                "--recover",
+                "0,1",
+                "--batches",
+                "1",
+                "--batch-size",
+                "8",
+                "--precision",
+                "32-true",
+                "--speed-batch",
+                "4",
+                "--repeats",
+                "1",
+                "--min-seconds",
+                "0",
+                "--data-dir",
+                str(emoji),
+                "--csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)
     assert [(r["removed"], r["steps"]) for r in rows] == [("0%", "0"), ("25%", "0"), ("25%", "1")]
     assert sum(json.loads(rows[1]["heads"])) == 12 - 3  # a quarter of 3 blocks x 4 heads removed
@@ -236,12 +389,37 @@ def test_compress_table(tmp_path, models, emoji):
     from bench import compress_table
 
     out = tmp_path / "c.csv"
-    assert compress_table.main(["--teacher", str(models["teacher"]), "--student", str(models["student"]),
-                                "--out", str(tmp_path / "out"), "--batch-sizes", "2", "--repeats", "1",
-                                "--min-seconds", "0", "--data-dir", str(emoji), "--csv", str(out)]) == 0
+    assert (
+        compress_table.main(
+            [
+                "--teacher",
+                str(models["teacher"]),
+                "--student",
+                str(models["student"]),
+                "--out",
+                str(tmp_path / "out"),
+                "--batch-sizes",
+                "2",
+                "--repeats",
+                "1",
+                "--min-seconds",
+                "0",
+                "--data-dir",
+                str(emoji),
+                "--csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)
-    assert [r["form"].split(" (")[0] for r in rows] == ["fp32 PyTorch", "fp32 PyTorch", "int8 PyTorch", "ONNX fp32",
-                                                         "ONNX int8"]
+    assert [r["form"].split(" (")[0] for r in rows] == [
+        "fp32 PyTorch",
+        "fp32 PyTorch",
+        "int8 PyTorch",
+        "ONNX fp32",
+        "ONNX int8",
+    ]
     positive(rows, "disk_mb", "img_2", "txt_2", "params_m")
     recall(rows, "t2i", "i2t")
     assert float(rows[2]["disk_mb"]) < float(rows[1]["disk_mb"])  # int8 smaller on disk than fp32
@@ -251,8 +429,28 @@ def test_int8(tmp_path):
     from bench import int8
 
     out = tmp_path / "i.csv"
-    assert int8.main(["--presets", "tiny", "--model", "none", "--batch-sizes", "2", "--repeats", "1",
-                      "--min-seconds", "0", "--skip-bf16", "--skip-compile", "--skip-onnx", "--csv", str(out)]) == 0
+    assert (
+        int8.main(
+            [
+                "--presets",
+                "tiny",
+                "--model",
+                "none",
+                "--batch-sizes",
+                "2",
+                "--repeats",
+                "1",
+                "--min-seconds",
+                "0",
+                "--skip-bf16",
+                "--skip-compile",
+                "--skip-onnx",
+                "--csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)  # the ONNX rows' OnnxModel is smoke-tested by test_compress_table
     assert rows[0]["variant"] == "fp32" and any("int8" in r["variant"] for r in rows)
     positive(rows, "img_2", "txt_2", "file_mb")
@@ -264,10 +462,35 @@ def test_longdoc(tmp_path, models, emoji):
     from bench import longdoc
 
     out = tmp_path / "l.csv"
-    assert longdoc.main(["--model", str(models["teacher"]), "--lengths", "14,40", "--queries", "8",
-                         "--long-queries", "8", "--long-from", "40", "--split-length", "40", "--cost-lengths", "64",
-                         "--cost-methods", "chunked", "--repeats", "1", "--data-dir", str(emoji),
-                         "--csv", str(out)]) == 0
+    assert (
+        longdoc.main(
+            [
+                "--model",
+                str(models["teacher"]),
+                "--lengths",
+                "14,40",
+                "--queries",
+                "8",
+                "--long-queries",
+                "8",
+                "--long-from",
+                "40",
+                "--split-length",
+                "40",
+                "--cost-lengths",
+                "64",
+                "--cost-methods",
+                "chunked",
+                "--repeats",
+                "1",
+                "--data-dir",
+                str(emoji),
+                "--csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)
     assert {r["table"] for r in rows} == {"length", "position", "split", "cost"}
     lengths = [r for r in rows if r["table"] == "length"]
@@ -280,9 +503,27 @@ def test_families(tmp_path, emoji):
     from bench import families
 
     out = tmp_path / "f.csv"
-    assert families.main(["--families", "google", "--steps", "1", "--batch-size", "8",
-                          "--precision", "32-true", "--data-dir", str(emoji), "--out", str(tmp_path / "runs"),
-                          "--csv", str(out)]) == 0
+    assert (
+        families.main(
+            [
+                "--families",
+                "google",
+                "--steps",
+                "1",
+                "--batch-size",
+                "8",
+                "--precision",
+                "32-true",
+                "--data-dir",
+                str(emoji),
+                "--out",
+                str(tmp_path / "runs"),
+                "--csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)
     assert [r["held-out"] for r in rows] == ["google"]
     assert all(int(r["steps"]) == 1 and int(r["test images"]) > 0 for r in rows)

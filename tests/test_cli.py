@@ -23,13 +23,16 @@ def gallery(tmp_path):
     rows = []
     for word, rgb in zip(WORDS, colors):
         Image.new("RGB", (20, 20), rgb).save(tmp_path / f"{word}.png")
-        rows += [{"image": f"{word}.png", "caption": f"a {word} square"},
-                 {"image": f"{word}.png", "caption": f"{word}"}]
+        rows += [
+            {"image": f"{word}.png", "caption": f"a {word} square"},
+            {"image": f"{word}.png", "caption": f"{word}"},
+        ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(0)
     tok = Tokenizer.train([r["caption"] for r in rows] * 5, vocab_size=40)
-    cfg = ModelConfig(width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=64,
-                      context_length=8, embed_dim=16)
+    cfg = ModelConfig(
+        width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8, embed_dim=16
+    )
     MMFormer(cfg, tok).save_pretrained(tmp_path / "model")
     return tmp_path, rows
 
@@ -47,8 +50,9 @@ def test_eval_prints_the_brute_force_numbers(gallery, capsys):
     sims = txt @ img.T  # (12 captions, 6 images)
     owner = [WORDS.index(r["image"][:-4]) for r in rows]
     t2i_ranks = [1 + int((sims[i] > sims[i, owner[i]]).sum()) for i in range(len(rows))]
-    i2t_ranks = [min(1 + int((sims[:, j] > sims[i, j]).sum()) for i in range(len(rows)) if owner[i] == j)
-                 for j in range(6)]
+    i2t_ranks = [
+        min(1 + int((sims[:, j] > sims[i, j]).sum()) for i in range(len(rows)) if owner[i] == j) for j in range(6)
+    ]
     for k in (1, 5, 10):
         assert got[f"t2i_R@{k}"] == pytest.approx(100 * sum(r <= k for r in t2i_ranks) / 12)
         assert got[f"i2t_R@{k}"] == pytest.approx(100 * sum(r <= k for r in i2t_ranks) / 6)
@@ -66,11 +70,26 @@ def test_eval_table_and_missing_model(gallery, capsys):
 
 
 def test_tokenizer_command_reads_jsonl_fields(tmp_path, capsys):
-    rows = [{"name": "red apple", "keywords": ["fruit", "red"], "split": "train"},
-            {"name": "secret", "keywords": ["hidden"], "split": "val"}] * 20
+    rows = [
+        {"name": "red apple", "keywords": ["fruit", "red"], "split": "train"},
+        {"name": "secret", "keywords": ["hidden"], "split": "val"},
+    ] * 20
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    main(["tokenizer", "--input", str(tmp_path / "c.jsonl"), "--fields", "name,keywords",
-          "--split", "train", "--vocab-size", "30", "--out", str(tmp_path / "t.model")])
+    main(
+        [
+            "tokenizer",
+            "--input",
+            str(tmp_path / "c.jsonl"),
+            "--fields",
+            "name,keywords",
+            "--split",
+            "train",
+            "--vocab-size",
+            "30",
+            "--out",
+            str(tmp_path / "t.model"),
+        ]
+    )
     tok = Tokenizer.load(tmp_path / "t.model")
     assert tok.decode(tok.encode("red apple fruit")) == "red apple fruit"
     pieces = set(tok.sp.id_to_piece(i) for i in range(tok.vocab_size))
@@ -107,19 +126,52 @@ def longdoc_setup(tmp_path):
     make_emoji_layout(tmp_path / "emoji")
     torch.manual_seed(0)
     tok = Tokenizer.train([prose] * 5 + [c["name"] for c in CONCEPTS] * 5, vocab_size=60)
-    cfg = ModelConfig(width=32, depth=2, heads=4, image_size=16, patch_size=8, context_length=12, embed_dim=24,
-                      vocab_size=tok.vocab_size)
+    cfg = ModelConfig(
+        width=32,
+        depth=2,
+        heads=4,
+        image_size=16,
+        patch_size=8,
+        context_length=12,
+        embed_dim=24,
+        vocab_size=tok.vocab_size,
+    )
     MMFormer(cfg, tok).save_pretrained(tmp_path / "base")
     return tmp_path
 
 
 def longdoc_args(tmp: Path, *extra: str) -> list[str]:
-    return ["--config", str(REPO / "train" / "longdoc-stage1.yaml"),
-            "--trainer.max_steps", "3", "--trainer.max_time", "null", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp / "run"),
-            "--model.pretrained", str(tmp / "base"), "--model.export_dir", str(tmp / "out"),
-            "--model.fusion_latents", "4", "--data.root", str(tmp / "emoji"), "--data.prose", str(tmp / "prose.txt"),
-            "--data.lengths", "[1, 40]", "--data.val_length", "40", "--data.batch_size", "4", *extra]
+    return [
+        "--config",
+        str(REPO / "train" / "longdoc-stage1.yaml"),
+        "--trainer.max_steps",
+        "3",
+        "--trainer.max_time",
+        "null",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp / "run"),
+        "--model.pretrained",
+        str(tmp / "base"),
+        "--model.export_dir",
+        str(tmp / "out"),
+        "--model.fusion_latents",
+        "4",
+        "--data.root",
+        str(tmp / "emoji"),
+        "--data.prose",
+        str(tmp / "prose.txt"),
+        "--data.lengths",
+        "[1, 40]",
+        "--data.val_length",
+        "40",
+        "--data.batch_size",
+        "4",
+        *extra,
+    ]
 
 
 def test_fit_runs_the_long_document_recipe_with_clean_output(longdoc_setup):
@@ -131,8 +183,13 @@ def test_fit_runs_the_long_document_recipe_with_clean_output(longdoc_setup):
     import sys
 
     tmp = longdoc_setup
-    proc = subprocess.run([sys.executable, "-m", "mmformer.cli", "fit", *longdoc_args(tmp)], cwd=tmp,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmformer.cli", "fit", *longdoc_args(tmp)],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     out_model = MMFormer.from_pretrained(tmp / "out")
@@ -154,16 +211,35 @@ def test_linked_data_settings_come_from_the_model_and_refuse_other_values(longdo
     from mmformer.training.recipes import RecipeCLI
 
     tmp = longdoc_setup
-    cli = RecipeCLI(["--config", str(REPO / "train" / "longdoc-stage1.yaml"), "--model.pretrained", str(tmp / "base")],
-                    run=False)
+    cli = RecipeCLI(
+        ["--config", str(REPO / "train" / "longdoc-stage1.yaml"), "--model.pretrained", str(tmp / "base")], run=False
+    )
     assert isinstance(cli.model, LongDocModule) and isinstance(cli.datamodule, NeedleDataModule)
     assert cli.datamodule.hparams.image_size == 16 and cli.model.hparams.lr == 1e-3
     with pytest.raises(ValueError, match=r"data.image_size=32 but the model has 16: image_size is linked"):
-        RecipeCLI(["--config", str(REPO / "train" / "longdoc-stage1.yaml"), "--model.pretrained", str(tmp / "base"),
-                   "--data.image_size", "32"], run=False)
+        RecipeCLI(
+            [
+                "--config",
+                str(REPO / "train" / "longdoc-stage1.yaml"),
+                "--model.pretrained",
+                str(tmp / "base"),
+                "--data.image_size",
+                "32",
+            ],
+            run=False,
+        )
     # the image-text recipe by its shipped name, with a model override: the data follows the model
-    cli = RecipeCLI(["--config", "tiny-cpu", "--model.model_config", "{image_size: 32, context_length: 8}",
-                     "--model.model_config.width", "32"], run=False)
+    cli = RecipeCLI(
+        [
+            "--config",
+            "tiny-cpu",
+            "--model.model_config",
+            "{image_size: 32, context_length: 8}",
+            "--model.model_config.width",
+            "32",
+        ],
+        run=False,
+    )
     assert isinstance(cli.datamodule, ImageTextDataModule)
     hp = cli.datamodule.hparams
     assert (hp.image_size, hp.max_length, tuple(hp.image_mean)) == (32, 8, (0.5, 0.5, 0.5))
@@ -176,9 +252,11 @@ def test_recipes_written_without_class_path_still_load(tmp_path):
     from mmformer.training.module import MMFormerModule
     from mmformer.training.recipes import RecipeCLI
 
-    (tmp_path / "old.yaml").write_text("model:\n  preset: tiny\n  lr: 3.0e-3\n  model_config: {width: 32, depth: 1, "
-                                       "heads: 2, embed_dim: 16}\ndata:\n  image_size: 64\n  batch_size: 8\n"
-                                       "  max_length: 16\n")
+    (tmp_path / "old.yaml").write_text(
+        "model:\n  preset: tiny\n  lr: 3.0e-3\n  model_config: {width: 32, depth: 1, "
+        "heads: 2, embed_dim: 16}\ndata:\n  image_size: 64\n  batch_size: 8\n"
+        "  max_length: 16\n"
+    )
     cli = RecipeCLI(["--config", str(tmp_path / "old.yaml")], run=False)
     assert type(cli.model) is MMFormerModule and type(cli.datamodule) is ImageTextDataModule
     assert cli.model.hparams.lr == 3e-3 and cli.datamodule.hparams.batch_size == 8

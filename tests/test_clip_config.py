@@ -11,9 +11,25 @@ from mmformer.layers.causal import causal_attend
 from mmformer.layers.multiway import QuickGELU
 from mmformer.model import MMFormer, model_fingerprint
 
-TWO_TOWER = dict(width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8,
-                 embed_dim=16, share="none", text_width=24, text_heads=3, text_mlp_ratio=2.0, text_pos="learned",
-                 text_mask="causal", text_pool="argmax", mlp_act="quick_gelu", patch_bias=False)
+TWO_TOWER = dict(
+    width=32,
+    depth=2,
+    heads=4,
+    image_size=16,
+    patch_size=8,
+    vocab_size=64,
+    context_length=8,
+    embed_dim=16,
+    share="none",
+    text_width=24,
+    text_heads=3,
+    text_mlp_ratio=2.0,
+    text_pos="learned",
+    text_mask="causal",
+    text_pool="argmax",
+    mlp_act="quick_gelu",
+    patch_bias=False,
+)
 
 
 def test_causal_attend_matches_a_float64_reference_and_ignores_later_padding():
@@ -62,17 +78,20 @@ def test_two_tower_config_builds_per_modality_shapes():
         assert m.encode_image(torch.randn(2, 3, 16, 16)).shape == (2, 16)
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(text_width=24), "need share='none'"),
-    (dict(share="none", text_width=24, text_heads=5), "not divisible by text heads 5"),
-    (dict(share="none", text_width=24, fusion_latents=4), "does not support document_expert"),
-    (dict(depth=3, text_depth=2), "need share='none'"),
-    (dict(share="none", depth=2, text_depth=3), r"text_depth=3 must be in \[1, depth=2\]"),
-    (dict(mlp_act="relu"), "mlp_act='relu' must be one of"),
-    (dict(text_mask="causal", attention="local"), "needs attention='dense'"),
-    (dict(text_pos="rope"), "text_pos='rope' must be"),
-    (dict(text_pool="first"), "text_pool='first' must be one of"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(text_width=24), "need share='none'"),
+        (dict(share="none", text_width=24, text_heads=5), "not divisible by text heads 5"),
+        (dict(share="none", text_width=24, fusion_latents=4), "does not support document_expert"),
+        (dict(depth=3, text_depth=2), "need share='none'"),
+        (dict(share="none", depth=2, text_depth=3), r"text_depth=3 must be in \[1, depth=2\]"),
+        (dict(mlp_act="relu"), "mlp_act='relu' must be one of"),
+        (dict(text_mask="causal", attention="local"), "needs attention='dense'"),
+        (dict(text_pos="rope"), "text_pos='rope' must be"),
+        (dict(text_pool="first"), "text_pool='first' must be one of"),
+    ],
+)
 def test_bad_clip_fields_are_one_line_errors(fields, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**{**dict(width=32, heads=4), **fields})

@@ -41,20 +41,21 @@ def test_open_clip_import_gives_equal_embeddings(arch, kw):
     images = torch.randn(2, 3, 224, 224)
     ids = clip_token_ids()
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), peer.encode_image(images, normalize=True),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.encode_image(images), peer.encode_image(images, normalize=True), atol=1e-5, rtol=0
+        )
         torch.testing.assert_close(model.encode_text(ids), peer.encode_text(ids, normalize=True), atol=1e-5, rtol=0)
         # trailing padding trimmed away (a batch padded to its longest text) embeds the same
         trimmed = ids[:, : int((ids != 0).sum(1).max())]
-        torch.testing.assert_close(model.encode_text(trimmed), peer.encode_text(ids, normalize=True),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encode_text(trimmed), peer.encode_text(ids, normalize=True), atol=1e-5, rtol=0)
         assert torch.equal(model.logit_scale, peer.logit_scale)
 
 
 def test_open_clip_import_from_a_weights_file_and_a_training_checkpoint(tmp_path):
     peer, model = open_clip_pair("ViT-B-32")
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in peer.state_dict().items()}},
-               tmp_path / "epoch_3.pt")
+    torch.save(
+        {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in peer.state_dict().items()}}, tmp_path / "epoch_3.pt"
+    )
     loaded = MMFormer.from_open_clip(tmp_path / "epoch_3.pt", "ViT-B-32").eval()
     own, other = model.state_dict(), loaded.state_dict()
     assert own.keys() == other.keys() and all(torch.equal(own[k], other[k]) for k in own)
@@ -78,9 +79,12 @@ def test_a_text_tower_shallower_than_the_image_tower_runs_through_the_first_bloc
     from mmformer.convert.open_clip import open_clip_config
 
     assert open_clip_config("ViT-L-14").text_depth == 12 and open_clip_config("ViT-L-14").depth == 24
-    cfg = {"embed_dim": 32, "quick_gelu": True,
-           "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
+    cfg = {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2},
+    }
     torch.manual_seed(0)
     peer = open_clip.model.CLIP(**cfg).eval()
     with torch.no_grad():
@@ -96,18 +100,22 @@ def test_a_text_tower_shallower_than_the_image_tower_runs_through_the_first_bloc
     assert "blocks.2.norm1.text.weight" not in model.state_dict()
     images, ids = torch.randn(2, 3, 32, 32), open_clip.get_tokenizer("ViT-B-32")(CAPTIONS[:2], context_length=12)
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), peer.encode_image(images, normalize=True),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.encode_image(images), peer.encode_image(images, normalize=True), atol=1e-5, rtol=0
+        )
         torch.testing.assert_close(model.encode_text(ids), peer.encode_text(ids, normalize=True), atol=1e-5, rtol=0)
     deeper = {**cfg, "text_cfg": {**cfg["text_cfg"], "layers": 4}}
     with pytest.raises(ValueError, match="3 image blocks and 4 text blocks"):
         open_clip_config("tiny", cfg=deeper)
 
 
-@pytest.mark.parametrize("arch, message", [
-    ("ViT-B-16-SigLIP", "init_logit_bias = -10 is not supported"),
-    ("no-such-arch", "open_clip has no architecture 'no-such-arch'"),
-])
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        ("ViT-B-16-SigLIP", "init_logit_bias = -10 is not supported"),
+        ("no-such-arch", "open_clip has no architecture 'no-such-arch'"),
+    ],
+)
 def test_open_clip_architectures_mmformer_cannot_express_are_named(arch, message):
     from mmformer.convert.open_clip import open_clip_config
 
@@ -119,12 +127,30 @@ def test_open_clip_architectures_mmformer_cannot_express_are_named(arch, message
 def hf_pair(**text):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.CLIPConfig(
-        text_config={**dict(vocab_size=100, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=12, bos_token_id=98, eos_token_id=99,
-                            pad_token_id=0), **text},
-        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config={
+            **dict(
+                vocab_size=100,
+                hidden_size=32,
+                intermediate_size=80,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=12,
+                bos_token_id=98,
+                eos_token_id=99,
+                pad_token_id=0,
+            ),
+            **text,
+        },
+        vision_config=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     peer = transformers.CLIPModel(cfg).eval()
     with torch.no_grad():
@@ -146,8 +172,9 @@ def test_hf_clip_import_gives_equal_embeddings(tmp_path):
     mask = torch.arange(8)[None] <= (ids == 99).int().argmax(1)[:, None]
     with torch.no_grad():
         want_image = torch.nn.functional.normalize(features(peer.get_image_features(pixel_values=images)), dim=-1)
-        want_text = torch.nn.functional.normalize(features(peer.get_text_features(input_ids=ids,
-                                                                                  attention_mask=mask.long())), dim=-1)
+        want_text = torch.nn.functional.normalize(
+            features(peer.get_text_features(input_ids=ids, attention_mask=mask.long())), dim=-1
+        )
     peer.save_pretrained(tmp_path / "hf")
     for source in (peer, tmp_path / "hf"):
         model = MMFormer.from_hf_clip(source).eval()

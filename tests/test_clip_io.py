@@ -37,9 +37,11 @@ def test_import_then_export_round_trips_through_open_clip(peer_file, tmp_path, c
     texts = ["a photo of a cat", "a diagram"]
     ids = open_clip.get_tokenizer("ViT-B-32")(texts)
     with torch.no_grad():
-        for a, b in ((back.encode_image(images, normalize=True), peer.encode_image(images, normalize=True)),
-                     (back.encode_text(ids, normalize=True), peer.encode_text(ids, normalize=True)),
-                     (model.encode_texts(texts), peer.encode_text(ids, normalize=True))):
+        for a, b in (
+            (back.encode_image(images, normalize=True), peer.encode_image(images, normalize=True)),
+            (back.encode_text(ids, normalize=True), peer.encode_text(ids, normalize=True)),
+            (model.encode_texts(texts), peer.encode_text(ids, normalize=True)),
+        ):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     own, other = peer.state_dict(), back.state_dict()
     assert all(torch.equal(own[k], other[k]) for k in own)
@@ -61,8 +63,11 @@ def test_import_errors_are_one_line(peer_file, tmp_path, capsys):
 def test_export_refuses_a_model_open_clip_cannot_hold(tmp_path, capsys):
     from mmformer.config import ModelConfig
 
-    MMFormer(ModelConfig(width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8,
-                         embed_dim=16)).save_pretrained(tmp_path / "m")
+    MMFormer(
+        ModelConfig(
+            width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8, embed_dim=16
+        )
+    ).save_pretrained(tmp_path / "m")
     assert run(["export", "--model", str(tmp_path / "m"), "--open-clip", str(tmp_path / "x.pt")]) == 1
     assert "open_clip export needs a CLIP-shaped model (share='none'" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
@@ -71,10 +76,25 @@ def test_export_refuses_a_model_open_clip_cannot_hold(tmp_path, capsys):
 def test_hf_clip_directory_imports_from_the_command_line(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=8, eos_token_id=99),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=16, patch_size=8), projection_dim=8)
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=8,
+            eos_token_id=99,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+        ),
+        projection_dim=8,
+    )
     torch.manual_seed(0)
     peer = transformers.CLIPModel(cfg).eval()
     peer.save_pretrained(tmp_path / "hf")
@@ -84,6 +104,7 @@ def test_hf_clip_directory_imports_from_the_command_line(tmp_path, capsys):
     with torch.no_grad():
         want = peer.get_image_features(pixel_values=images)
         want = want if isinstance(want, torch.Tensor) else want.pooler_output
-        torch.testing.assert_close(model.encode_image(images), torch.nn.functional.normalize(want, dim=-1),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.encode_image(images), torch.nn.functional.normalize(want, dim=-1), atol=1e-5, rtol=0
+        )
     assert model.tokenizer is None  # not CLIP's vocabulary: no tokenizer is attached

@@ -12,10 +12,17 @@ from mmformer.model import MMFormer
 
 open_clip = pytest.importorskip("open_clip")
 
-TEXTS = ["a photo of a cat", "Two DOGS   playing in the snow!!",
-         "caf\u00e9 na\u00efve \u2014 r\u00e9sum\u00e9 &amp; co.",
-         "it's 2026, we'll see: 3.14159 \U0001f600\U0001f431", "<start_of_text> literal specials <end_of_text>",
-         "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8", "x" * 300, " ".join(["word"] * 100), ""]
+TEXTS = [
+    "a photo of a cat",
+    "Two DOGS   playing in the snow!!",
+    "caf\u00e9 na\u00efve \u2014 r\u00e9sum\u00e9 &amp; co.",
+    "it's 2026, we'll see: 3.14159 \U0001f600\U0001f431",
+    "<start_of_text> literal specials <end_of_text>",
+    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8",
+    "x" * 300,
+    " ".join(["word"] * 100),
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +76,31 @@ def test_imported_model_saves_its_tokenizer_and_encodes_strings_as_open_clip(tmp
         want = peer.encode_text(open_clip.get_tokenizer("ViT-B-32")(texts), normalize=True)
         torch.testing.assert_close(loaded.encode_texts(texts), want, atol=1e-5, rtol=0)
     # a SentencePiece model saved over it leaves no stale CLIP merges behind
-    small = MMFormer(ModelConfig(width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=64,
-                                 context_length=8, embed_dim=16), tokenizer=None)
+    small = MMFormer(
+        ModelConfig(
+            width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8, embed_dim=16
+        ),
+        tokenizer=None,
+    )
     small.save_pretrained(tmp_path / "m")
     assert not (tmp_path / "m" / "clip_bpe.txt.gz").exists()
 
 
 def test_documents_and_the_service_wrap_with_clips_specials(tok):
-    cfg = ModelConfig(width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=49408, context_length=8,
-                      embed_dim=16, share="none", text_pool="argmax", text_mask="causal", text_pos="learned")
+    cfg = ModelConfig(
+        width=32,
+        depth=1,
+        heads=4,
+        image_size=16,
+        patch_size=8,
+        vocab_size=49408,
+        context_length=8,
+        embed_dim=16,
+        share="none",
+        text_pool="argmax",
+        text_mask="causal",
+        text_pos="learned",
+    )
     torch.manual_seed(0)
     model = MMFormer(cfg, tok).eval()
     short, long = "a photo of a cat", "one two three four five six seven eight nine ten eleven"

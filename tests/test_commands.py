@@ -20,24 +20,39 @@ HEAVY = ("torch", "lightning", "numpy", "jsonargparse", "grpc")
 
 def python(code: str, *args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_hiding(modules: list[str], argv: list[str], cwd: Path, first: str = "") -> subprocess.CompletedProcess:
     """``mmformer ARGV`` in a fresh process where ``modules`` cannot be imported (``first`` runs
     before they are hidden)."""
-    code = (f"import sys\n{first}\nfor m in {modules!r}: sys.modules[m] = None\n"
-            "from mmformer.cli import run\nsys.exit(run(sys.argv[1:]))")
+    code = (
+        f"import sys\n{first}\nfor m in {modules!r}: sys.modules[m] = None\n"
+        "from mmformer.cli import run\nsys.exit(run(sys.argv[1:]))"
+    )
     return python(code, *argv, cwd=cwd)
 
 
-@pytest.mark.parametrize("argv", [["--help"], [], ["fit", "--help"], ["index"], *[
-    [*verb.split(), "--help"] for verb in ("demo", "eval", "export", "index build", "index info", "search", "prune",
-                                           "serve")]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        [],
+        ["fit", "--help"],
+        ["index"],
+        *[
+            [*verb.split(), "--help"]
+            for verb in ("demo", "eval", "export", "index build", "index info", "search", "prune", "serve")
+        ],
+    ],
+)
 def test_help_loads_no_torch(argv):
-    code = ("import sys\nfrom mmformer.cli import run\ntry:\n    run(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-            f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    code = (
+        "import sys\nfrom mmformer.cli import run\ntry:\n    run(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     proc = python(code, *argv)
     assert proc.returncode == 0, proc.stderr
     assert "LOADED []" in proc.stdout, proc.stdout[-500:]
@@ -92,27 +107,54 @@ def test_each_verb_parser_matches_its_typed_function(verb):
 
 def test_flags_are_never_abbreviated(capsys):
     """``prune --data-d x`` is no ``--data-dir x``, ``index build --image x`` no ``--images x``."""
-    for argv, unknown in ((["prune", "--model", "m", "--heads", "0.5", "--out", "o", "--data-d", "x"], "--data-d x"),
-                          (["index", "build", "--model", "m", "--out", "o", "--texts", "t", "--image", "x"],
-                           "--image x")):
+    for argv, unknown in (
+        (["prune", "--model", "m", "--heads", "0.5", "--out", "o", "--data-d", "x"], "--data-d x"),
+        (["index", "build", "--model", "m", "--out", "o", "--texts", "t", "--image", "x"], "--image x"),
+    ):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
         assert f"unrecognized arguments: {unknown}" in capsys.readouterr().err
 
 
-BANNERS = ("GPU available", "TPU available", "HPU available", "Tip:", "litlogger", "log_every_n_steps",
-           "logging interval", "Seed set to")
+BANNERS = (
+    "GPU available",
+    "TPU available",
+    "HPU available",
+    "Tip:",
+    "litlogger",
+    "log_every_n_steps",
+    "logging interval",
+    "Seed set to",
+)
 
 
 def test_fit_prints_no_lightning_banner(tmp_path):
     """The first screen of ``mmformer fit`` (the tiny recipe, one step, fewer batches than the
     logging interval) has the progress bar and no device banner, tip or logging-interval warning."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "mmformer.cli", "fit", "--config", "tiny-cpu", "--trainer.max_steps", "1",
-           "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--data.batch_size", "8",
-           "--model.model_config", "{width: 32, depth: 1, heads: 2, embed_dim: 16}",
-           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmformer.cli",
+        "fit",
+        "--config",
+        "tiny-cpu",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--data.batch_size",
+        "8",
+        "--model.model_config",
+        "{width: 32, depth: 1, heads: 2, embed_dim: 16}",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -133,18 +175,33 @@ def saved_model(tmp_path_factory):
     (root / "texts.txt").write_text("\n".join(texts) + "\n")
     torch.manual_seed(0)
     tok = Tokenizer.train(texts, vocab_size=30)
-    cfg = ModelConfig(width=32, depth=1, heads=2, image_size=16, patch_size=8, vocab_size=tok.vocab_size,
-                      context_length=8, embed_dim=16)
+    cfg = ModelConfig(
+        width=32,
+        depth=1,
+        heads=2,
+        image_size=16,
+        patch_size=8,
+        vocab_size=tok.vocab_size,
+        context_length=8,
+        embed_dim=16,
+    )
     MMFormer(cfg, tok).save_pretrained(root / "model")
     return root
 
 
-@pytest.mark.parametrize("hidden,argv,extra,first", [
-    (["onnx", "onnxruntime"], ["export", "--model", "model", "--onnx", "out-onnx"], "onnx", ""),
-    (["torchao", "torch.ao.quantization"], ["index", "build", "--model", "model", "--texts", "texts.txt",
-                                            "--out", "ix", "--int8"], "int8", "import torch, torchvision"),
-    (["grpc"], ["serve", "--model", "model"], "serve", ""),
-])
+@pytest.mark.parametrize(
+    "hidden,argv,extra,first",
+    [
+        (["onnx", "onnxruntime"], ["export", "--model", "model", "--onnx", "out-onnx"], "onnx", ""),
+        (
+            ["torchao", "torch.ao.quantization"],
+            ["index", "build", "--model", "model", "--texts", "texts.txt", "--out", "ix", "--int8"],
+            "int8",
+            "import torch, torchvision",
+        ),
+        (["grpc"], ["serve", "--model", "model"], "serve", ""),
+    ],
+)
 def test_a_missing_optional_package_is_one_line_naming_the_extra(saved_model, hidden, argv, extra, first):
     proc = run_hiding(hidden, argv, saved_model, first)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -158,8 +215,18 @@ def test_index_build_prints_its_lines_without_lightning_banners(saved_model, tmp
     """``mmformer index build`` embeds through Lightning's predict loop; its screen is the progress
     bar and its own summary, no device banner or tip."""
     out = tmp_path / "ix"
-    proc = python("import sys\nfrom mmformer.cli import run\nsys.exit(run(sys.argv[1:]))", "index", "build",
-                  "--model", "model", "--texts", "texts.txt", "--out", str(out), cwd=saved_model)
+    proc = python(
+        "import sys\nfrom mmformer.cli import run\nsys.exit(run(sys.argv[1:]))",
+        "index",
+        "build",
+        "--model",
+        "model",
+        "--texts",
+        "texts.txt",
+        "--out",
+        str(out),
+        cwd=saved_model,
+    )
     screen = proc.stdout + proc.stderr
     assert proc.returncode == 0, screen[-3000:]
     assert f"wrote {out}: 20 text rows" in screen

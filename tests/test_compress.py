@@ -59,8 +59,11 @@ def test_int8_embeddings_stay_close_to_fp32(emoji, backend, one_thread):
     model, images, captions = emoji
     q = quantize_int8(model, backend=backend)
     assert q is not model and q.is_int8 and q.int8_backend == backend and not getattr(model, "is_int8", False)
-    assert all(isinstance(m.weight, torch.Tensor) and m.weight.dtype == torch.float32
-               for m in model.modules() if isinstance(m, torch.nn.Linear))  # the float model is untouched
+    assert all(
+        isinstance(m.weight, torch.Tensor) and m.weight.dtype == torch.float32
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    )  # the float model is untouched
     cos_i, cos_t = _min_cosines(model, q, images, captions)
     assert cos_i > COSINE_MIN and cos_t > COSINE_MIN
     (fb, n), (qb, nq) = int8_linear_bytes(model), int8_linear_bytes(q)
@@ -124,16 +127,26 @@ def test_inductor_compiled_int8_is_close_to_fp32(emoji):
 
 
 # ---- indexes: float and int8 (torchao) models share a fingerprint -----------------------------------
-COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 40, 230), "yellow": (240, 230, 20),
-          "black": (5, 5, 5), "white": (250, 250, 250)}
+COLORS = {
+    "red": (230, 20, 20),
+    "green": (20, 200, 40),
+    "blue": (20, 40, 230),
+    "yellow": (240, 230, 20),
+    "black": (5, 5, 5),
+    "white": (250, 250, 250),
+}
 
 
 @pytest.fixture()
 def small_world(tmp_path):
     torch.manual_seed(0)
     tok = Tokenizer.train([f"a {c} square" for c in COLORS] * 5, vocab_size=30)
-    model = MMFormer(ModelConfig(width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=64,
-                                 context_length=8, embed_dim=16), tok).eval()
+    model = MMFormer(
+        ModelConfig(
+            width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8, embed_dim=16
+        ),
+        tok,
+    ).eval()
     d = tmp_path / "imgs"
     d.mkdir()
     rng = np.random.default_rng(0)

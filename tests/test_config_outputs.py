@@ -36,8 +36,12 @@ def reference(case: str) -> dict:
     ids = torch.randint(4, 64, (3, 8), generator=g)
     ids[1, 5:] = 0  # padding
     with torch.no_grad():
-        return {"keys": sorted(model.state_dict()), "image": model.encode_image(images),
-                "text": model.encode_text(ids), "config": cfg.to_dict()}
+        return {
+            "keys": sorted(model.state_dict()),
+            "image": model.encode_image(images),
+            "text": model.encode_text(ids),
+            "config": cfg.to_dict(),
+        }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -54,6 +54,7 @@ def decode_ids(ids: torch.Tensor) -> str:
 
 # -- file helpers ---------------------------------------------------------------------------------
 
+
 def save_png(path: Path, color=(255, 0, 0, 255), size=(8, 8)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGBA", size, color).save(path)
@@ -84,21 +85,26 @@ def truncated_png(path: Path) -> Path:
 def header_bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 
 # -- manifests ------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def csv_manifest(tmp_path: Path) -> Path:
     save_png(tmp_path / "img" / "a.png", (255, 0, 0, 255))
     save_png(tmp_path / "img" / "b.png", (0, 0, 255, 0))  # fully transparent -> white
-    rows = [["img/a.png", "red square", "F1", "train"],
-            ["img/b.png", "nothing", "F2", "val"],
-            ["img/a.png", "a red thing", "F1", "train"]]
+    rows = [
+        ["img/a.png", "red square", "F1", "train"],
+        ["img/b.png", "nothing", "F2", "val"],
+        ["img/a.png", "a red thing", "F1", "train"],
+    ]
     return write_csv(tmp_path / "m.csv", ["image", "caption", "family", "split"], rows)
 
 
@@ -120,10 +126,13 @@ def test_csv_manifest_resolves_paths_and_keeps_metadata(csv_manifest: Path):
 def test_jsonl_and_tsv_manifests_with_caption_lists(tmp_path: Path):
     save_png(tmp_path / "x.png")
     absolute = save_png(tmp_path / "elsewhere" / "y.png")
-    m = write_jsonl(tmp_path / "sub.jsonl", [
-        {"image": "x.png", "caption": ["one", "two"], "hexcode": "1F600"},
-        {"image": str(absolute), "caption": "three"},
-    ])
+    m = write_jsonl(
+        tmp_path / "sub.jsonl",
+        [
+            {"image": "x.png", "caption": ["one", "two"], "hexcode": "1F600"},
+            {"image": str(absolute), "caption": "three"},
+        ],
+    )
     ds = ImageTextManifest(m)
     assert ds.image_paths == [str(tmp_path / "x.png"), str(absolute)]
     assert ds.captions == ["one", "two", "three"]
@@ -160,7 +169,7 @@ def test_missing_files_listed_by_row_in_one_error(tmp_path: Path):
     assert "row 2: empty 'image' field" in msg
     assert f"row 3: file not found: {tmp_path / 'gone0.png'}" in msg
     assert "row 21: file not found" in msg and "row 22:" not in msg  # 20 listed ...
-    assert msg.endswith("... and 6 more")                           # ... then the rest counted
+    assert msg.endswith("... and 6 more")  # ... then the rest counted
     assert "row 1:" not in msg
 
 
@@ -185,14 +194,20 @@ def test_bad_jsonl_line_and_unknown_extension(tmp_path: Path):
 
 # -- bad samples: skipped and counted -------------------------------------------------------------
 
+
 @pytest.fixture
 def bad_manifest(tmp_path: Path) -> Path:
     save_png(tmp_path / "good.png", (0, 255, 0, 255))
     truncated_png(tmp_path / "cut.png")
     (tmp_path / "noise.png").write_bytes(np.random.default_rng(1).bytes(400))
     header_bomb_png(tmp_path / "bomb.png")
-    rows = [["good.png", "green"], ["cut.png", "cut"], ["noise.png", "noise"],
-            ["bomb.png", "bomb"], ["good.png", "   "]]
+    rows = [
+        ["good.png", "green"],
+        ["cut.png", "cut"],
+        ["noise.png", "noise"],
+        ["bomb.png", "bomb"],
+        ["good.png", "   "],
+    ]
     return write_csv(tmp_path / "m.csv", ["image", "caption"], rows)
 
 
@@ -207,8 +222,12 @@ def test_dataset_raises_corrupt_sample(bad_manifest: Path):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_bad_samples_skipped_and_counted_across_workers(bad_manifest: Path, num_workers: int):
     ds = SkipCorrupt(ImageTextManifest(bad_manifest, image_size=8))
-    loader = DataLoader(ds, batch_size=5, num_workers=num_workers,
-                        collate_fn=ImageTextCollator(CharTokenizer(), max_length=T, image_size=8))
+    loader = DataLoader(
+        ds,
+        batch_size=5,
+        num_workers=num_workers,
+        collate_fn=ImageTextCollator(CharTokenizer(), max_length=T, image_size=8),
+    )
     (batch,) = list(loader)
     assert batch["images"].shape == (1, 3, 8, 8)
     assert batch["captions"] == ["green"] and batch["indices"].tolist() == [0]
@@ -262,9 +281,11 @@ def test_collator_checks_tokenizer_contract():
 
 # -- shards ---------------------------------------------------------------------------------------
 
+
 def shard_samples(n: int) -> list[dict]:
-    return [{"key": f"s{i:03d}", "image": Image.new("RGB", (8, 8), (i * 20, 0, 0)), "caption": f"cap {i}"}
-            for i in range(n)]
+    return [
+        {"key": f"s{i:03d}", "image": Image.new("RGB", (8, 8), (i * 20, 0, 0)), "caption": f"cap {i}"} for i in range(n)
+    ]
 
 
 def test_write_and_read_shards_roundtrip(tmp_path: Path):
@@ -304,12 +325,18 @@ def _write_raw_tar(path: Path, members: dict[str, bytes]) -> None:
 def test_corrupt_shard_members_skipped_and_counted(tmp_path: Path):
     good = io.BytesIO()
     Image.new("RGB", (4, 4), (0, 0, 255)).save(good, format="PNG")
-    _write_raw_tar(tmp_path / "bad-0.tar", {
-        "a.png": good.getvalue(), "a.txt": b"blue",
-        "b.png": b"garbage bytes", "b.txt": b"broken image",
-        "c.png": good.getvalue(),                      # no caption
-        "d.jpg": good.getvalue(), "d.txt": b"  ",      # empty caption
-    })
+    _write_raw_tar(
+        tmp_path / "bad-0.tar",
+        {
+            "a.png": good.getvalue(),
+            "a.txt": b"blue",
+            "b.png": b"garbage bytes",
+            "b.txt": b"broken image",
+            "c.png": good.getvalue(),  # no caption
+            "d.jpg": good.getvalue(),
+            "d.txt": b"  ",  # empty caption
+        },
+    )
     paths = write_shards(shard_samples(2), str(tmp_path / "bad-%d.tar"), maxcount=10, start=1)
     (tmp_path / "bad-2.tar").write_bytes(b"\0" * 10 + b"not a tar file" * 100)  # unreadable shard
     paths.append(str(tmp_path / "bad-2.tar"))
@@ -343,15 +370,18 @@ def test_shard_epoch_size_cycles_to_a_fixed_length(tmp_path: Path):
     ds = ShardDataset(paths, image_size=4, shuffle=0, epoch_size=7)
     captions = [it["caption"] for it in ds]
     assert captions == ["cap 0", "cap 1", "cap 2"] * 2 + ["cap 0"]
-    loader = DataLoader(ShardDataset(paths, image_size=4, shuffle=2, epoch_size=5), batch_size=2,
-                        num_workers=2, collate_fn=ImageTextCollator(CharTokenizer(), T))
+    loader = DataLoader(
+        ShardDataset(paths, image_size=4, shuffle=2, epoch_size=5),
+        batch_size=2,
+        num_workers=2,
+        collate_fn=ImageTextCollator(CharTokenizer(), T),
+    )
     assert sum(len(b["captions"]) for b in loader) == 6  # ceil(5 / 2) per worker x 2 workers
 
 
 def test_write_shards_rejects_dotted_keys(tmp_path: Path):
     with pytest.raises(ValueError, match="must not contain"):
-        write_shards([{"key": "a.b", "image": Image.new("RGB", (2, 2)), "caption": "x"}],
-                     str(tmp_path / "x-%d.tar"))
+        write_shards([{"key": "a.b", "image": Image.new("RGB", (2, 2)), "caption": "x"}], str(tmp_path / "x-%d.tar"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -368,7 +398,14 @@ def test_manifest_to_shards(csv_manifest: Path, tmp_path: Path):
 # -- emoji ----------------------------------------------------------------------------------------
 
 CONCEPTS = [
-    {"hexcode": "1F600", "emoji": "x", "name": "grinning face", "keywords": ["face", "grin"], "group": "g", "split": "train"},
+    {
+        "hexcode": "1F600",
+        "emoji": "x",
+        "name": "grinning face",
+        "keywords": ["face", "grin"],
+        "group": "g",
+        "split": "train",
+    },
     {"hexcode": "1F431", "emoji": "x", "name": "cat face", "keywords": [], "group": "g", "split": "train"},
     {"hexcode": "1F680", "emoji": "x", "name": "rocket", "keywords": ["space"], "group": "g", "split": "val"},
 ]
@@ -383,8 +420,15 @@ def make_emoji_layout(root: Path) -> Path:
             img.paste(color + (255,), (4, 4, 12, 12))
             save_png(root / "images" / family / f"{c['hexcode']}.png", size=(16, 16)).write_bytes(_png(img))
             split = "test" if family == "twitter" else c["split"]
-            rows.append({"image": f"images/{family}/{c['hexcode']}.png", "caption": c["name"],
-                         "hexcode": c["hexcode"], "family": family, "split": split})
+            rows.append(
+                {
+                    "image": f"images/{family}/{c['hexcode']}.png",
+                    "caption": c["name"],
+                    "hexcode": c["hexcode"],
+                    "family": family,
+                    "split": split,
+                }
+            )
     write_jsonl(root / "manifest.jsonl", rows)
     write_jsonl(root / "concepts.jsonl", CONCEPTS)
     return root
@@ -410,9 +454,9 @@ def test_emoji_load_split_and_captions(emoji_root: Path):
     assert data.concept_ids.tolist() == [0, 0, 1, 1]
     assert data.concept_names == ["grinning face", "cat face"]
     assert data.concept_keywords == [["face", "grin"], []]
-    assert data.images[:, :, 0, 0].eq(255).all()                    # transparent -> white
-    assert data.images[0, :, 4, 4].tolist() == [255, 0, 0]          # google = red centre
-    assert data.images[1, :, 4, 4].tolist() == [0, 255, 0]          # noto = green centre
+    assert data.images[:, :, 0, 0].eq(255).all()  # transparent -> white
+    assert data.images[0, :, 4, 4].tolist() == [255, 0, 0]  # google = red centre
+    assert data.images[1, :, 4, 4].tolist() == [0, 255, 0]  # noto = green centre
     val = EmojiData.load(emoji_root, "val", image_size=16)
     assert val.captions == ["rocket", "rocket"] and val.images.shape == (2, 3, 16, 16)
     test = EmojiData.load(emoji_root, "test", image_size=16)
@@ -461,18 +505,18 @@ def test_bundled_dir_order(emoji_root: Path, no_default_data: Path, monkeypatch:
     from mmformer.data.icons import icons_data_dir
 
     packaged = make_emoji_layout(no_default_data / "site-packages" / "mmformer" / "_data" / "emoji")
-    assert bundled_dir("emoji") == packaged == default_data_dir()                   # 4. the wheel's copy
+    assert bundled_dir("emoji") == packaged == default_data_dir()  # 4. the wheel's copy
     checkout = make_emoji_layout(no_default_data / "checkout" / "data" / "emoji")
-    assert bundled_dir("emoji") == checkout                                         # 3. the checkout wins over it
+    assert bundled_dir("emoji") == checkout  # 3. the checkout wins over it
     monkeypatch.setenv("MMFORMER_DATA", str(emoji_root.parent))
-    assert bundled_dir("emoji") == emoji_root                                       # 2. the variable wins
+    assert bundled_dir("emoji") == emoji_root  # 2. the variable wins
     other = make_emoji_layout(no_default_data / "other" / "emoji")
-    assert default_data_dir(other) == other == default_data_dir(other.parent)      # 1. explicit wins
+    assert default_data_dir(other) == other == default_data_dir(other.parent)  # 1. explicit wins
     assert bundled_dir("emoji", str(other.parent)) == other
     monkeypatch.setenv("MMFORMER_DATA", str(no_default_data / "nowhere"))
     with pytest.raises(BundledDataNotFound, match="MMFORMER_DATA"):
-        bundled_dir("emoji")                                                        # never falls back silently
-    assert bundled_dir("emoji", other) == other                                     # explicit still wins
+        bundled_dir("emoji")  # never falls back silently
+    assert bundled_dir("emoji", other) == other  # explicit still wins
     with pytest.raises(BundledDataNotFound, match="the given folder"):
         default_data_dir(no_default_data / "nowhere")
     # $MMFORMER_DATA naming the emoji folder itself does not make it the icons folder
@@ -497,8 +541,13 @@ def test_bundled_data_missing_says_how_to_get_it(no_default_data: Path):
             find() if find else bundled_dir(name)
         msg = str(err.value)
         assert isinstance(err.value, FileNotFoundError) and "\n" not in msg
-        for hint in (f"data/{name}/", "--data-dir", "MMFORMER_DATA=DIR", f"python data/build_{name}.py",
-                     str(no_default_data / "checkout" / "data" / name)):
+        for hint in (
+            f"data/{name}/",
+            "--data-dir",
+            "MMFORMER_DATA=DIR",
+            f"python data/build_{name}.py",
+            str(no_default_data / "checkout" / "data" / name),
+        ):
             assert hint in msg, (hint, msg)
 
 
@@ -547,6 +596,7 @@ def test_in_memory_dataset_caption_modes(emoji_root: Path):
     torch.manual_seed(0)
     train = InMemoryImageText(data, train=True, image_size=8, caption_mode="name+keywords")
     import random
+
     random.seed(0)
     seen = {train[0]["caption"] for _ in range(40)}
     assert seen == {"grinning face", "face, grin"}
@@ -604,9 +654,11 @@ def test_bundled_emoji_val_split_matches_manifest():
 
 # -- DataModule -----------------------------------------------------------------------------------
 
+
 def test_datamodule_emoji_splits(emoji_root: Path):
-    dm = ImageTextDataModule(data_dir=str(emoji_root), image_size=8, batch_size=3, max_length=T,
-                             caption_mode="name+keywords")
+    dm = ImageTextDataModule(
+        data_dir=str(emoji_root), image_size=8, batch_size=3, max_length=T, caption_mode="name+keywords"
+    )
     dm.set_tokenizer(CharTokenizer())
     dm.setup("fit")
     (batch,) = list(dm.train_dataloader())  # 4 train images, batch 3, drop_last
@@ -623,8 +675,14 @@ def test_datamodule_emoji_splits(emoji_root: Path):
 
 
 def test_datamodule_manifests_expose_retrieval_metadata(csv_manifest: Path):
-    dm = ImageTextDataModule(data_dir=str(csv_manifest.parent), train_manifest="m.csv",
-                             val_manifest="m.csv", image_size=4, batch_size=8, max_length=T)
+    dm = ImageTextDataModule(
+        data_dir=str(csv_manifest.parent),
+        train_manifest="m.csv",
+        val_manifest="m.csv",
+        image_size=4,
+        batch_size=8,
+        max_length=T,
+    )
     dm.set_tokenizer(CharTokenizer())
     dm.setup("fit")
     val = dm.val_dataloader()
@@ -641,8 +699,9 @@ def test_datamodule_with_sentencepiece_tokenizer(csv_manifest: Path, tmp_path: P
 
     tok_path = tmp_path / "tok.model"
     Tokenizer.train(["red square", "nothing", "a red thing"] * 20, vocab_size=40).save(tok_path)
-    dm = ImageTextDataModule(train_manifest=str(csv_manifest), image_size=4, batch_size=3,
-                             max_length=T, tokenizer_path=str(tok_path))
+    dm = ImageTextDataModule(
+        train_manifest=str(csv_manifest), image_size=4, batch_size=3, max_length=T, tokenizer_path=str(tok_path)
+    )
     dm.setup("fit")
     (batch,) = list(dm.train_dataloader())
     assert batch["input_ids"].shape[0] == 3 and batch["input_ids"].shape[1] <= T
@@ -681,9 +740,16 @@ def test_datamodule_manifest_skips_and_summarises(bad_manifest: Path, caplog: py
     manifest.write_text("\n".join(lines[:5]) + "\n")
     dm = ImageTextDataModule(train_manifest=str(manifest), image_size=8, batch_size=2, max_length=T)
     dm.set_tokenizer(CharTokenizer())
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[SkippedSamplesCallback()], limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SkippedSamplesCallback()],
+        limit_val_batches=0,
+    )
     model = Probe()
     with caplog.at_level(logging.WARNING, logger="mmformer.training.datamodule"):
         trainer.fit(model, datamodule=dm)
@@ -700,8 +766,9 @@ def test_datamodule_signature_is_cli_friendly():
 
     parser = ArgumentParser()
     parser.add_class_arguments(ImageTextDataModule, "data")
-    cfg = parser.parse_args(["--data.image_size=32", "--data.caption_mode=name+keywords",
-                             "--data.train_manifest=m.csv"])
+    cfg = parser.parse_args(
+        ["--data.image_size=32", "--data.caption_mode=name+keywords", "--data.train_manifest=m.csv"]
+    )
     assert cfg.data.image_size == 32 and cfg.data.caption_mode == "name+keywords"
     assert cfg.data.data_dir is None and cfg.data.batch_size == 128 and cfg.data.max_length == 16
     with pytest.raises(SystemExit):

@@ -62,13 +62,18 @@ def random_batch(b: int = 6, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     captions = ["grinning face", "cat face", "rocket", "red apple", "dog face", "cat face"][:b]
     ids, mask = TOK(captions, max_length=8)
-    return {"images": torch.randn(b, 3, 16, 16, generator=g), "input_ids": ids, "attention_mask": mask,
-            "captions": captions, "indices": torch.arange(b), "concepts": torch.tensor([0, 1, 2, 3, 4, 1])[:b]}
+    return {
+        "images": torch.randn(b, 3, 16, 16, generator=g),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "captions": captions,
+        "indices": torch.arange(b),
+        "concepts": torch.tensor([0, 1, 2, 3, 4, 1])[:b],
+    }
 
 
 def datamodule(emoji: Path, augment: bool, batch_size: int = 2) -> ImageTextDataModule:
-    return ImageTextDataModule(data_dir=str(emoji), image_size=16, max_length=8, batch_size=batch_size,
-                               augment=augment)
+    return ImageTextDataModule(data_dir=str(emoji), image_size=16, max_length=8, batch_size=batch_size, augment=augment)
 
 
 def fit(module: DistillModule, dm: ImageTextDataModule, steps: int, **kw) -> L.Trainer:
@@ -114,8 +119,9 @@ def test_total_loss_is_clip_plus_the_weighted_terms_computed_by_hand(teacher_dir
             "clip": clip_loss(img, txt, s, batch["concepts"]),
             "affinity": affinity_distill_loss(img, txt, s, t_img, t_txt, t_scale),
             "feature": (feature_distill_loss(img, t_img, proj) + feature_distill_loss(txt, t_txt, proj)) / 2,
-            "interactive": interactive_contrastive_loss(F.normalize(proj(img), dim=-1), F.normalize(proj(txt), dim=-1),
-                                                        t_img, t_txt, s, batch["concepts"]),
+            "interactive": interactive_contrastive_loss(
+                F.normalize(proj(img), dim=-1), F.normalize(proj(txt), dim=-1), t_img, t_txt, s, batch["concepts"]
+            ),
         }
     expected = sum(weights[f"{k}_weight"] * v for k, v in terms.items())
     assert abs(float(loss.detach()) - float(expected)) < 1e-6
@@ -168,8 +174,16 @@ def test_teacher_precision_auto_follows_the_trainer_and_the_cpu(teacher_dir, mon
 
 def test_a_teacher_of_another_image_size_and_context_gets_its_own_inputs(tmp_path):
     torch.manual_seed(0)
-    cfg = ModelConfig(**{**TEACHER, "depth": 1, "image_size": 32, "context_length": 6,
-                         "image_mean": (0.4, 0.5, 0.6), "image_std": (0.2, 0.3, 0.25)})
+    cfg = ModelConfig(
+        **{
+            **TEACHER,
+            "depth": 1,
+            "image_size": 32,
+            "context_length": 6,
+            "image_mean": (0.4, 0.5, 0.6),
+            "image_std": (0.2, 0.3, 0.25),
+        }
+    )
     MMFormer(cfg, TOK).save_pretrained(tmp_path / "t")
     module = student(tmp_path / "t", inherit=False)
     batch = random_batch()
@@ -191,8 +205,7 @@ def test_teacher_is_frozen_and_not_in_parameters_checkpoints_or_the_export(teach
     module = student(teacher_dir, interactive_weight=0.5)
     before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     proj_before = module.feature_projection.proj.weight.detach().clone()
-    trainer = fit(module, datamodule(emoji, augment=False), steps=3,
-                  callbacks=[ExportModel(str(tmp_path / "model"))])
+    trainer = fit(module, datamodule(emoji, augment=False), steps=3, callbacks=[ExportModel(str(tmp_path / "model"))])
     assert trainer.global_step == 3
     after = module.teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -240,8 +253,10 @@ def test_an_in_memory_teacher_and_student_equal_their_folders(teacher_dir, emoji
         fit(module, datamodule(emoji, augment=False), steps=2)
     for (name, p), q in zip(by_path.model.state_dict().items(), given.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-    assert not torch.equal(given.state_dict()["blocks.0.attn.qkv.weight"],
-                           MMFormer.from_pretrained(tmp_path / "s").state_dict()["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(
+        given.state_dict()["blocks.0.attn.qkv.weight"],
+        MMFormer.from_pretrained(tmp_path / "s").state_dict()["blocks.0.attn.qkv.weight"],
+    )
     trainer = fit(in_memory, datamodule(emoji, augment=False), steps=1)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     ckpt = torch.load(tmp_path / "m.ckpt", weights_only=False)
@@ -373,8 +388,13 @@ def test_fewer_heads_keep_the_heads_and_channels_of_largest_norm(teacher_dir):
 
 def test_inheritance_refuses_other_shapes_by_field(teacher_dir):
     t = MMFormer.from_pretrained(teacher_dir)
-    cases = [(dict(patch_size=4), "patch_size"), (dict(share="none"), "share"), (dict(depth=5), "depth"),
-             (dict(width=48, heads=6), "heads: the student has 6"), (dict(embed_dim=32), "embed_dim")]
+    cases = [
+        (dict(patch_size=4), "patch_size"),
+        (dict(share="none"), "share"),
+        (dict(depth=5), "depth"),
+        (dict(width=48, heads=6), "heads: the student has 6"),
+        (dict(embed_dim=32), "embed_dim"),
+    ]
     for change, message in cases:
         s = MMFormer(ModelConfig(**{**TEACHER, **NARROW, **change}))
         before = {k: v.clone() for k, v in s.state_dict().items()}
@@ -389,20 +409,62 @@ def test_teacher_then_distill_recipe_fit_and_export(emoji, tmp_path):
     and a few steps: the teacher recipe exports runs/.../model, the distill recipe trains a student
     from it with every term logged and exports the student."""
     small = "{width: 32, depth: 4, heads: 4, image_size: 16, patch_size: 8, context_length: 8, embed_dim: 24}"
-    common = ["--trainer.max_time", "null", "--model.time_budget_s", "null", "--trainer.enable_progress_bar", "false",
-              "--trainer.log_every_n_steps", "1", "--trainer.check_val_every_n_epoch", "1",
-              "--data.data_dir", str(emoji), "--data.batch_size", "2"]
-    run_recipe(["fit", "--config", str(REPO / "train" / "teacher.yaml"), "--trainer.max_steps", "2",
-                "--trainer.precision", "32-true", "--model.model_config", small,
-                "--trainer.default_root_dir", str(tmp_path / "teacher"), *common])
+    common = [
+        "--trainer.max_time",
+        "null",
+        "--model.time_budget_s",
+        "null",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.check_val_every_n_epoch",
+        "1",
+        "--data.data_dir",
+        str(emoji),
+        "--data.batch_size",
+        "2",
+    ]
+    run_recipe(
+        [
+            "fit",
+            "--config",
+            str(REPO / "train" / "teacher.yaml"),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.precision",
+            "32-true",
+            "--model.model_config",
+            small,
+            "--trainer.default_root_dir",
+            str(tmp_path / "teacher"),
+            *common,
+        ]
+    )
     teacher = MMFormer.from_pretrained(tmp_path / "teacher" / "model")
     assert (teacher.config.width, teacher.config.depth, teacher.config.image_size) == (32, 4, 16)
 
     student_cfg = "{width: 16, depth: 2, heads: 2, image_size: 16, patch_size: 8, context_length: 8, embed_dim: 16}"
-    run_recipe(["fit", "--config", str(REPO / "train" / "distill.yaml"), "--trainer.max_steps", "3",
-                "--model.teacher", str(tmp_path / "teacher" / "model"), "--model.model_config", student_cfg,
-                "--model.interactive_weight", "0.5", "--data.augment", "false",  # the teacher cache path
-                "--trainer.default_root_dir", str(tmp_path / "distill"), *common])
+    run_recipe(
+        [
+            "fit",
+            "--config",
+            str(REPO / "train" / "distill.yaml"),
+            "--trainer.max_steps",
+            "3",
+            "--model.teacher",
+            str(tmp_path / "teacher" / "model"),
+            "--model.model_config",
+            student_cfg,
+            "--model.interactive_weight",
+            "0.5",
+            "--data.augment",
+            "false",  # the teacher cache path
+            "--trainer.default_root_dir",
+            str(tmp_path / "distill"),
+            *common,
+        ]
+    )
     out = MMFormer.from_pretrained(tmp_path / "distill" / "model")
     assert (out.config.width, out.config.depth) == (16, 2)
     with open(tmp_path / "distill" / "logs" / "version_0" / "metrics.csv") as f:
@@ -416,8 +478,15 @@ def test_shipped_recipes_parse_with_their_sizes(tmp_path):
     assert load_recipe("teacher")["trainer"]["precision"] == "auto"  # measured at start; fixed here to skip that
     cli = RecipeCLI(["--config", "teacher", "--trainer.precision", "bf16-mixed"], run=False)
     c = cli.model.model.config
-    assert (c.width, c.depth, c.heads, c.embed_dim, c.patch_size, c.image_size, c.context_length) == \
-        (192, 3, 6, 192, 16, 64, 16)
+    assert (c.width, c.depth, c.heads, c.embed_dim, c.patch_size, c.image_size, c.context_length) == (
+        192,
+        3,
+        6,
+        192,
+        16,
+        64,
+        16,
+    )
     assert cli.model.hparams.time_budget_s == 2400 and str(cli.trainer.precision) == "bf16-mixed"
     assert cli.datamodule.hparams.batch_size == 256
     export = [cb for cb in cli.trainer.callbacks if isinstance(cb, ExportModel)]
@@ -425,8 +494,9 @@ def test_shipped_recipes_parse_with_their_sizes(tmp_path):
     # distill.yaml: the tiny student of a teacher of the teacher recipe's shape (random, saved here)
     teacher = cli.model.model
     teacher.save_pretrained(tmp_path / "t")
-    cli = RecipeCLI(["--config", "distill", "--model.teacher", str(tmp_path / "t"), "--trainer.precision", "32-true"],
-                    run=False)
+    cli = RecipeCLI(
+        ["--config", "distill", "--model.teacher", str(tmp_path / "t"), "--trainer.precision", "32-true"], run=False
+    )
     s = cli.model.model
     assert isinstance(cli.model, DistillModule) and cli.datamodule.augment is True
     assert (s.config.width, s.config.depth, s.config.heads) == (128, 2, 4)  # the demo's model

@@ -12,8 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from mmformer.losses import (FeatureProjection, affinity_distill_loss, feature_distill_loss,
-                             interactive_contrastive_loss)
+from mmformer.losses import FeatureProjection, affinity_distill_loss, feature_distill_loss, interactive_contrastive_loss
 
 
 def _unit(n, e, g):
@@ -66,8 +65,7 @@ def ref_interactive(img, txt, t_img, t_txt, s, groups=None):
     def ce(queries, keys):
         total = 0.0
         for i in range(n):
-            z = [s * _dot(queries[i], keys[j]) for j in range(n)
-                 if j == i or groups is None or groups[i] != groups[j]]
+            z = [s * _dot(queries[i], keys[j]) for j in range(n) if j == i or groups is None or groups[i] != groups[j]]
             pos = [j for j in range(n) if j == i or groups is None or groups[i] != groups[j]].index(i)
             total -= _log_softmax_row(z)[pos]
         return total / n
@@ -109,8 +107,9 @@ def test_feature_distillation_matches_reference_with_and_without_projection():
     got.backward()
     assert proj.proj.weight.grad is not None and proj.proj.weight.grad.abs().sum() > 0
     # orthogonal init keeps the student's angles: cosines between rows are unchanged
-    torch.testing.assert_close(F.normalize(projected, dim=-1) @ F.normalize(projected, dim=-1).T,
-                               s_img @ s_img.T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        F.normalize(projected, dim=-1) @ F.normalize(projected, dim=-1).T, s_img @ s_img.T, atol=1e-5, rtol=0
+    )
     with pytest.raises(ValueError, match="FeatureProjection"):
         feature_distill_loss(s_img, t_img)
 
@@ -134,8 +133,9 @@ def _free_port():
 
 
 def _terms(img, txt, t_img, t_txt, groups):
-    return (affinity_distill_loss(img, txt, torch.tensor(10.0), t_img, t_txt, torch.tensor(14.0))
-            + interactive_contrastive_loss(img, txt, t_img, t_txt, torch.tensor(10.0), positives=groups))
+    return affinity_distill_loss(
+        img, txt, torch.tensor(10.0), t_img, t_txt, torch.tensor(14.0)
+    ) + interactive_contrastive_loss(img, txt, t_img, t_txt, torch.tensor(10.0), positives=groups)
 
 
 def _worker(rank, world, port, img, txt, t_img, t_txt, groups, out):
@@ -166,5 +166,5 @@ def test_gathered_terms_equal_the_single_process_loss_on_two_processes():
         assert loss.item() == pytest.approx(full.item(), rel=1e-6)
         # as for clip_loss: every rank computes the global loss, so its rows get world x the
         # gradient, which DDP's mean over ranks undoes
-        expect = torch.cat([full_img.grad[rank * 4:(rank + 1) * 4], full_txt.grad[rank * 4:(rank + 1) * 4]])
+        expect = torch.cat([full_img.grad[rank * 4 : (rank + 1) * 4], full_txt.grad[rank * 4 : (rank + 1) * 4]])
         torch.testing.assert_close(grads / 2, expect, atol=1e-6, rtol=1e-5)

@@ -194,9 +194,9 @@ def mmformer_args(argv: list[str]) -> list[str] | None:
         return argv[1:]
     for i, arg in enumerate(argv[:-1]):
         if arg == "-m" and argv[i + 1] == "mmformer.cli":
-            return argv[i + 2:]
+            return argv[i + 2 :]
     if argv[0] == "srun" and "mmformer" in argv:
-        return argv[argv.index("mmformer") + 1:]
+        return argv[argv.index("mmformer") + 1 :]
     return None
 
 

@@ -29,8 +29,7 @@ from mmformer.training.checkpoint import CheckpointError, ExactResume, check_che
 from mmformer.losses import clip_loss
 from mmformer.model import MMFormer
 
-from train_helpers import (LossRecorder, StopAt, free_port, full_params, init_rank_env, make_loader, make_module,
-                           trainer)
+from train_helpers import LossRecorder, StopAt, free_port, full_params, init_rank_env, make_loader, make_module, trainer
 
 WORLD = 2
 LOCAL_B = 4
@@ -54,8 +53,13 @@ def _fsdp_worker(rank, port, root, out):
 
     rec2 = LossRecorder()
     module2 = make_module(lr=1e-3)
-    tr2 = trainer(root, 5, [rec2, ExactResume(), ModelCheckpoint(dirpath=root / "ckpt2")],
-                  strategy=ShardedStrategy(), devices=WORLD)
+    tr2 = trainer(
+        root,
+        5,
+        [rec2, ExactResume(), ModelCheckpoint(dirpath=root / "ckpt2")],
+        strategy=ShardedStrategy(),
+        devices=WORLD,
+    )
     tr2.fit(module2, make_loader(LOCAL_B, WORLD, rank), ckpt_path=str(root / "ckpt" / "last.ckpt"))
     params5 = full_params(module2)
 
@@ -72,20 +76,31 @@ def _fsdp_worker(rank, port, root, out):
     module4.model.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
     grad_dtypes = []
     rec4 = LossRecorder()
-    tr4 = trainer(root, 1, [rec4, _GradDtypes(grad_dtypes)], strategy=ShardedStrategy(), devices=WORLD,
-                  precision="bf16-mixed")
+    tr4 = trainer(
+        root, 1, [rec4, _GradDtypes(grad_dtypes)], strategy=ShardedStrategy(), devices=WORLD, precision="bf16-mixed"
+    )
     tr4.fit(module4, make_loader(LOCAL_B, WORLD, rank))
     # activation checkpointing per block under FSDP: same steps
     rec5 = LossRecorder()
     module5 = make_module(model_config_extra={"grad_checkpointing": True})
     trainer(root, 5, [rec5, StopAt(2)], strategy=ShardedStrategy(), devices=WORLD).fit(
-        module5, make_loader(LOCAL_B, WORLD, rank))
-    out[rank] = {"ckpt_losses": rec5.losses, "losses": rec.losses + rec2.losses, "params3": params3,
-                 "params5": params5,
-                 "shard_numel": shard_numel, "accum_losses": rec3.losses, "accum_params3": accum_params3,
-                 "bf16": {"compute": sorted(set(map(str, seen))), "grads": sorted(set(grad_dtypes)),
-                          "params": sorted({str(p.dtype) for p in module4.model.parameters()}),
-                          "loss": rec4.losses}}
+        module5, make_loader(LOCAL_B, WORLD, rank)
+    )
+    out[rank] = {
+        "ckpt_losses": rec5.losses,
+        "losses": rec.losses + rec2.losses,
+        "params3": params3,
+        "params5": params5,
+        "shard_numel": shard_numel,
+        "accum_losses": rec3.losses,
+        "accum_params3": accum_params3,
+        "bf16": {
+            "compute": sorted(set(map(str, seen))),
+            "grads": sorted(set(grad_dtypes)),
+            "params": sorted({str(p.dtype) for p in module4.model.parameters()}),
+            "loss": rec4.losses,
+        },
+    }
 
 
 class _GradDtypes(L.Callback):
@@ -104,8 +119,7 @@ def fsdp_run(tmp_path_factory):
     # tests start threads); a forked worker of the tensor-parallel test once hung for minutes in the
     # resume's sharded checkpoint load, which these workers do too. Spawning costs the children
     # an import of torch and Lightning each.
-    mp.start_processes(_fsdp_worker, args=(free_port(), str(root), out), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    mp.start_processes(_fsdp_worker, args=(free_port(), str(root), out), nprocs=WORLD, join=True, start_method="spawn")
     return root, dict(out)
 
 
@@ -131,7 +145,7 @@ def test_two_rank_fsdp_equals_one_process(fsdp_run, reference):
                 # the key bias has an exactly-zero gradient (softmax ignores a per-query constant);
                 # Adam turns its rounding noise (~1e-10) into +-lr steps, so only q and v are compared
                 d = ref.shape[0] // 3
-                got, want = torch.cat([got[:d], got[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
+                got, want = torch.cat([got[:d], got[2 * d :]]), torch.cat([want[:d], want[2 * d :]])
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} (rank {rank}): {m}")
     # parameters really are sharded: each rank holds about half
     total = sum(p.numel() for p in ref_params.values())
@@ -146,8 +160,9 @@ def test_contrastive_accumulation_under_fsdp_equals_one_big_batch(fsdp_run, refe
         assert out[rank]["accum_losses"] == pytest.approx(ref_losses[:3], rel=1e-5), rank
         for name, p in out[rank]["accum_params3"].items():
             if not name.endswith("attn.qkv.bias"):
-                torch.testing.assert_close(p, out[rank]["params3"][name], atol=2e-5, rtol=1e-4,
-                                           msg=lambda m: f"{name}: {m}")
+                torch.testing.assert_close(
+                    p, out[rank]["params3"][name], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}"
+                )
 
 
 def test_activation_checkpointing_under_fsdp_gives_the_same_steps(fsdp_run, reference):
@@ -173,8 +188,10 @@ def test_per_rank_negatives_would_give_a_different_loss():
     with torch.no_grad():
         out = module(batch["images"], batch["input_ids"], batch["attention_mask"])
         full = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], batch["concepts"])
-        halves = [clip_loss(out["image_embeds"][s], out["text_embeds"][s], out["logit_scale"], batch["concepts"][s])
-                  for s in (slice(0, LOCAL_B), slice(LOCAL_B, None))]
+        halves = [
+            clip_loss(out["image_embeds"][s], out["text_embeds"][s], out["logit_scale"], batch["concepts"][s])
+            for s in (slice(0, LOCAL_B), slice(LOCAL_B, None))
+        ]
     assert abs(full.item() - sum(h.item() for h in halves) / 2) > 1e-2
 
 

@@ -29,8 +29,10 @@ class Payload:
 def _tiny_module():
     from mmformer.training.module import MMFormerModule
 
-    return MMFormerModule(preset="tiny", model_config=dict(width=32, depth=1, heads=2, embed_dim=16,
-                                                           image_size=32, patch_size=8, context_length=8))
+    return MMFormerModule(
+        preset="tiny",
+        model_config=dict(width=32, depth=1, heads=2, embed_dim=16, image_size=32, patch_size=8, context_length=8),
+    )
 
 
 def _ckpt_file_with_payload(path: Path, flag: Path) -> Path:
@@ -45,8 +47,10 @@ def _sharded_with_payload(folder: Path, flag: Path, where: str) -> Path:
 
     import torch.distributed.checkpoint as dcp
 
-    state = {"state_dict": {"model.w": torch.ones(2)},
-             "optimizer_0": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]}}
+    state = {
+        "state_dict": {"model.w": torch.ones(2)},
+        "optimizer_0": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]},
+    }
     if where == "entry":
         state["state_dict"]["model.extra"] = Payload(flag)
     dcp.save(state, checkpoint_id=str(folder), no_dist=True)
@@ -99,11 +103,19 @@ def test_trainer_fit_with_a_payload_checkpoint_refuses_before_running_it(tmp_pat
 
     flag = tmp_path / "pwned"
     loader = torch.utils.data.DataLoader(_Pairs(), batch_size=4)
-    for ckpt in (_ckpt_file_with_payload(tmp_path / "evil.ckpt", flag),
-                 _sharded_with_payload(tmp_path / "evil-dir.ckpt", flag, "meta"),
-                 _sharded_with_payload(tmp_path / "evil-dir2.ckpt", flag, "metadata")):
-        tr = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                       enable_model_summary=False, default_root_dir=tmp_path)
+    for ckpt in (
+        _ckpt_file_with_payload(tmp_path / "evil.ckpt", flag),
+        _sharded_with_payload(tmp_path / "evil-dir.ckpt", flag, "meta"),
+        _sharded_with_payload(tmp_path / "evil-dir2.ckpt", flag, "metadata"),
+    ):
+        tr = L.Trainer(
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
         with pytest.raises(CheckpointError, match=str(ckpt)):
             tr.fit(_tiny_module(), loader, ckpt_path=str(ckpt))
         assert not flag.exists()
@@ -146,8 +158,11 @@ class _Pairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(i)
-        return {"images": torch.randn(3, 32, 32, generator=g), "input_ids": torch.randint(3, 100, (8,), generator=g),
-                "attention_mask": torch.ones(8, dtype=torch.bool)}
+        return {
+            "images": torch.randn(3, 32, 32, generator=g),
+            "input_ids": torch.randint(3, 100, (8,), generator=g),
+            "attention_mask": torch.ones(8, dtype=torch.bool),
+        }
 
 
 # ---- 2. no user file is ever deleted ----------------------------------------------------------------
@@ -162,8 +177,9 @@ def tiny_model():
 
     torch.manual_seed(0)
     tok = Tokenizer.train([f"a {c} square" for c in COLORS] * 10, vocab_size=30)
-    cfg = ModelConfig(width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=64,
-                      context_length=8, embed_dim=16)
+    cfg = ModelConfig(
+        width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8, embed_dim=16
+    )
     return MMFormer(cfg, tok).eval()
 
 
@@ -291,9 +307,22 @@ def test_one_input_costs_bounded_memory(hostile_images):
     assert (d / "thin.png").stat().st_size < 10_000 and (d / "deep16.png").stat().st_size < 500_000
     # 1 GiB above what the process holds after imports: the 16-bit image itself decodes to
     # 128 MiB (+ 64 MiB grey, 192 MiB RGB); the old code needed 12 GB / 1.8 GB for these
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, "1.0", str(d / "small.png"), str(d / "thin.png"),
-                           str(d / "wide.png"), str(d / "deep16.png")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MEMORY_PROBE,
+            "1.0",
+            str(d / "small.png"),
+            str(d / "thin.png"),
+            str(d / "wide.png"),
+            str(d / "deep16.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
@@ -306,8 +335,16 @@ def test_aspect_cap_keeps_eval_output_of_ordinary_images():
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (30, 100, 3), dtype=np.uint8))  # 10:3, under the cap
-    plain = v2.Compose([v2.ToImage(), v2.Resize(16, antialias=True), v2.CenterCrop(16),
-                        v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3), v2.ToPureTensor()])
+    plain = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(16, antialias=True),
+            v2.CenterCrop(16),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.5] * 3, [0.5] * 3),
+            v2.ToPureTensor(),
+        ]
+    )
     assert torch.equal(build_transforms(16, train=False)(img), plain(img))
     long = Image.fromarray(rng.integers(0, 255, (10, 200, 3), dtype=np.uint8))  # 20:1 -> centre 40 x 10
     assert CapAspect(4)(long).size == (40, 10)
@@ -381,12 +418,15 @@ def _saved(tiny_model, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("width", "128", r"'width' must be int, got '128'"),
-    ("depth", 2.5, r"'depth' must be int, got 2.5"),
-    ("qkv_bias", "false", r"'qkv_bias' must be bool, got 'false'"),
-    ("context_length", 4, r"'context_length' = 4 but the weights were saved with 8"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("width", "128", r"'width' must be int, got '128'"),
+        ("depth", 2.5, r"'depth' must be int, got 2.5"),
+        ("qkv_bias", "false", r"'qkv_bias' must be bool, got 'false'"),
+        ("context_length", 4, r"'context_length' = 4 but the weights were saved with 8"),
+    ],
+)
 def test_config_json_is_type_checked_and_cross_checked(tiny_model, tmp_path, field, value, message):
     import json
 
@@ -471,16 +511,39 @@ def test_non_utf8_inputs_name_the_file_and_line(tiny_model, images, tmp_path, ca
 
     build_index(tiny_model, images, tmp_path / "index", progress=False)
     _saved(tiny_model, tmp_path / "model")
-    assert run(["search", str(tmp_path / "index"), "--model", str(tmp_path / "model"),
-                "--queries", str(tmp_path / "t.txt")]) == 1
+    assert (
+        run(
+            [
+                "search",
+                str(tmp_path / "index"),
+                "--model",
+                str(tmp_path / "model"),
+                "--queries",
+                str(tmp_path / "t.txt"),
+            ]
+        )
+        == 1
+    )
     assert f"mmformer search: {tmp_path / 't.txt'}: line 2 is not UTF-8" in capsys.readouterr().err
 
 
 def test_zero_sizes_are_refused_before_any_work(tiny_model, images, tmp_path, capsys):
     _saved(tiny_model, tmp_path / "model")
     for flag in ("--batch-size", "--part-size"):
-        rc = run(["index", "build", "--model", str(tmp_path / "model"), "--images", str(images),
-                  "--out", str(tmp_path / "i"), flag, "0"])
+        rc = run(
+            [
+                "index",
+                "build",
+                "--model",
+                str(tmp_path / "model"),
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "i"),
+                flag,
+                "0",
+            ]
+        )
         assert rc == 1 and capsys.readouterr().err.strip() == f"mmformer index build: {flag} must be >= 1, got 0"
         assert not (tmp_path / "i").exists()
 
@@ -513,13 +576,17 @@ def test_stale_temp_files_of_killed_writers_are_removed_by_the_next_writer(tmp_p
     from mmformer.training.checkpoint import AtomicCheckpointIO
 
     # a writer killed inside atomic_path leaves its temp file (its process is gone)
-    code = ("import os, sys; from mmformer.files import atomic_path\n"
-            "held = [atomic_path(os.path.join(sys.argv[1], name)) for name in sys.argv[2:]]\n"
-            "for ctx in held:\n"
-            "    open(ctx.__enter__(), 'wb').write(b'half')\n"
-            "os._exit(0)\n")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path), "last.ckpt", "epoch=0-step=3.ckpt", "embeddings.npy",
-                    "notes.txt"], check=True)
+    code = (
+        "import os, sys; from mmformer.files import atomic_path\n"
+        "held = [atomic_path(os.path.join(sys.argv[1], name)) for name in sys.argv[2:]]\n"
+        "for ctx in held:\n"
+        "    open(ctx.__enter__(), 'wb').write(b'half')\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), "last.ckpt", "epoch=0-step=3.ckpt", "embeddings.npy", "notes.txt"],
+        check=True,
+    )
     left = sorted(p.name for p in tmp_path.iterdir())
     assert len(left) == 4 and all(n.startswith(".") and n.endswith(".tmp") for n in left)
     (tmp_path / ".mine.tmp").write_text("a user's file that only looks like a temp file")
@@ -529,7 +596,8 @@ def test_stale_temp_files_of_killed_writers_are_removed_by_the_next_writer(tmp_p
     with atomic_dir(tmp_path / "sub") as d:
         (d / "f").write_text("y")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [".mine.tmp", "last.ckpt", "embeddings.npy", "sub", next(n for n in left if n.startswith(".notes.txt"))])
+        [".mine.tmp", "last.ckpt", "embeddings.npy", "sub", next(n for n in left if n.startswith(".notes.txt"))]
+    )
 
 
 # ---- eval: unreadable images skipped, listed and counted; empty captions and duplicates ---------
@@ -610,8 +678,11 @@ def test_manifest_paths_may_leave_the_folder_unless_root_confines_them(eval_set,
 # ---- a fit on corrupt data fails ----------------------------------------------------------------
 def _fit_yaml(tmp: Path, manifest: Path, extra: str = "") -> Path:
     cfg = tmp / "fit.yaml"
-    cfg.write_text(_FIT_YAML.format(root=tmp).replace("  max_steps: 1\n", "  max_steps: 4\n")
-                   + f"  train_manifest: {manifest}\n  max_length: 8\n" + extra)
+    cfg.write_text(
+        _FIT_YAML.format(root=tmp).replace("  max_steps: 1\n", "  max_steps: 4\n")
+        + f"  train_manifest: {manifest}\n  max_length: 8\n"
+        + extra
+    )
     return cfg
 
 
@@ -638,12 +709,15 @@ def test_fit_where_every_sample_is_corrupt_fails(tmp_path, capsys):
     assert rc == 1 and "4 of 16 training samples were skipped" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["demo", "--steps", "-1"], "mmformer demo: --steps must be >= 1, got -1"),
-    (["demo", "--steps", "0"], "mmformer demo: --steps must be >= 1, got 0"),
-    (["demo", "--batch-size", "0"], "mmformer demo: --batch-size must be >= 1, got 0"),
-    (["eval", "--model", "nowhere", "--batch-size", "0"], "mmformer eval: --batch-size must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["demo", "--steps", "-1"], "mmformer demo: --steps must be >= 1, got -1"),
+        (["demo", "--steps", "0"], "mmformer demo: --steps must be >= 1, got 0"),
+        (["demo", "--batch-size", "0"], "mmformer demo: --batch-size must be >= 1, got 0"),
+        (["eval", "--model", "nowhere", "--batch-size", "0"], "mmformer eval: --batch-size must be >= 1, got 0"),
+    ],
+)
 def test_bad_counts_are_one_line_errors_before_any_work(tmp_path, argv, message, capsys):
     assert run(argv + (["--out", str(tmp_path / "demo")] if argv[0] == "demo" else [])) == 1
     assert capsys.readouterr().err.strip() == message

@@ -18,8 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def lint_imports(root: Path, package_parent: Path) -> subprocess.CompletedProcess:
     """``lint-imports`` with ``root``'s pyproject.toml, finding ``mmformer`` under ``package_parent``."""
     env = {**os.environ, "PYTHONPATH": str(package_parent)}
-    cmd = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c; "
-           "sys.exit(c())", "--no-cache", str(root / "pyproject.toml")]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())",
+        "--no-cache",
+        str(root / "pyproject.toml"),
+    ]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -30,8 +35,11 @@ def test_the_package_keeps_its_import_contracts():
 
 
 def test_a_planted_violation_breaks_a_contract(tmp_path):
-    shutil.copytree(ROOT / "mmformer", tmp_path / "mmformer",
-                    ignore=shutil.ignore_patterns("__pycache__", "_data", "*.safetensors", "*.model"))
+    shutil.copytree(
+        ROOT / "mmformer",
+        tmp_path / "mmformer",
+        ignore=shutil.ignore_patterns("__pycache__", "_data", "*.safetensors", "*.model"),
+    )
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     planted = tmp_path / "mmformer" / "retrieval" / "planted.py"
     planted.write_text("from mmformer.training.module import MMFormerModule\n")

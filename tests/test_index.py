@@ -22,8 +22,16 @@ from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 
 pytest.importorskip("faiss")
 
-COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 40, 230), "yellow": (240, 230, 20),
-          "black": (5, 5, 5), "white": (250, 250, 250), "purple": (140, 30, 160), "orange": (250, 140, 10)}
+COLORS = {
+    "red": (230, 20, 20),
+    "green": (20, 200, 40),
+    "blue": (20, 40, 230),
+    "yellow": (240, 230, 20),
+    "black": (5, 5, 5),
+    "white": (250, 250, 250),
+    "purple": (140, 30, 160),
+    "orange": (250, 140, 10),
+}
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -64,11 +72,14 @@ def test_faiss_flat_equals_exact_and_float16_storage_is_close():
     assert recall_vs_exact(hi, ei) > 0.97 and np.abs(hs - es).max() < 2e-3
 
 
-@pytest.mark.parametrize("kind,params,floor", [
-    ("hnsw", {}, 0.95),  # defaults: M 32, ef_search 128
-    # 4000 vectors only train 6-bit PQ codebooks, so the exactly re-ranked shortlist is 16k long
-    ("ivfpq", {"nlist": 32, "nprobe": 16, "refine": 16}, 0.95),
-])
+@pytest.mark.parametrize(
+    "kind,params,floor",
+    [
+        ("hnsw", {}, 0.95),  # defaults: M 32, ef_search 128
+        # 4000 vectors only train 6-bit PQ codebooks, so the exactly re-ranked shortlist is 16k long
+        ("ivfpq", {"nlist": 32, "nprobe": 16, "refine": 16}, 0.95),
+    ],
+)
 def test_approximate_backends_reach_their_recall_on_clustered_data(kind, params, floor):
     from mmformer.retrieval.backends import BackendParams
 
@@ -92,8 +103,9 @@ def tiny_model():
     torch.manual_seed(0)
     captions = [f"a {c} square" for c in COLORS] + list(COLORS)
     tok = Tokenizer.train(captions * 5, vocab_size=40)
-    cfg = ModelConfig(width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=64,
-                      context_length=8, embed_dim=16)
+    cfg = ModelConfig(
+        width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8, embed_dim=16
+    )
     return MMFormer(cfg, tok).eval()
 
 
@@ -123,8 +135,9 @@ def test_build_open_search_round_trip(tiny_model, image_folder, tmp_path):
     np.testing.assert_allclose(np.asarray(reopened.embeddings), ref, atol=1e-5)
     hits = r.search_image([image_folder / files[3]], k=3)[0]
     assert hits[0].id == files[3] and abs(hits[0].score - 1) < 1e-4
-    assert [h.row for h in hits] == [h.row for h in Retriever(tiny_model, built).search_image(
-        [image_folder / files[3]], k=3)[0]]
+    assert [h.row for h in hits] == [
+        h.row for h in Retriever(tiny_model, built).search_image([image_folder / files[3]], k=3)[0]
+    ]
     # a second build of the same source is a no-op; another source is refused
     assert build_index(tiny_model, image_folder, out, progress=False).manifest == reopened.manifest
     with pytest.raises(InvalidIndexError, match="overwrite"):
@@ -217,12 +230,20 @@ def test_killed_build_resumes_to_the_same_index(tiny_model, image_folder, tmp_pa
     tiny_model.save_pretrained(tmp_path / "model")
     model = MMFormer.from_pretrained(tmp_path / "model")
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO_PARTS, str(tmp_path / "model"),
-                           str(image_folder), str(killed)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_TWO_PARTS, str(tmp_path / "model"), str(image_folder), str(killed)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (killed / "index.json").exists()
     assert sorted(p.name for p in (killed / "parts").glob("part-*")) == [
-        "part-000000.json", "part-000000.npy", "part-000001.json", "part-000001.npy"]
+        "part-000000.json",
+        "part-000000.npy",
+        "part-000001.json",
+        "part-000001.npy",
+    ]
     with pytest.raises(InvalidIndexError, match="unfinished build"):
         Index.open(killed)
     embedded = []
@@ -273,8 +294,23 @@ def test_index_build_and_search_commands(tiny_model, image_folder, tmp_path, cap
     tiny_model.save_pretrained(tmp_path / "model")
     rows = [{"image": str(p), "caption": f"a {p.stem} square"} for p in sorted(image_folder.rglob("*.png"))]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["index", "build", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "m.jsonl"),
-                 "--out", str(tmp_path / "index"), "--backend", "flat"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--model",
+                str(tmp_path / "model"),
+                "--images",
+                str(tmp_path / "m.jsonl"),
+                "--out",
+                str(tmp_path / "index"),
+                "--backend",
+                "flat",
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     target = rows[2]["image"]
     assert main(["search", str(tmp_path / "index"), "a red square", "--image", target, "-k", "2", "--json"]) == 0
@@ -287,8 +323,21 @@ def test_index_build_and_search_commands(tiny_model, image_folder, tmp_path, cap
     assert top["metadata"]["path"] == target and top["score"] > 0.98
     # a text index searched by image: image->text
     (tmp_path / "t.txt").write_text("\n".join(r["caption"] for r in rows) + "\n")
-    assert main(["index", "build", "--model", str(tmp_path / "model"), "--texts", str(tmp_path / "t.txt"),
-                 "--out", str(tmp_path / "tindex")]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--model",
+                str(tmp_path / "model"),
+                "--texts",
+                str(tmp_path / "t.txt"),
+                "--out",
+                str(tmp_path / "tindex"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["search", str(tmp_path / "tindex"), "--image", target, "-k", "3", "--json"]) == 0
     texts = [h["metadata"]["text"] for h in json.loads(capsys.readouterr().out)[0]["hits"]]
@@ -303,14 +352,33 @@ def test_index_build_and_search_commands(tiny_model, image_folder, tmp_path, cap
 def test_two_process_ddp_build_equals_single_process(tiny_model, image_folder, tmp_path):
     tiny_model.save_pretrained(tmp_path / "model")
     for out, extra in (("one", []), ("two", ["--devices", "2", "--strategy", "ddp"])):
-        proc = subprocess.run([sys.executable, "-m", "mmformer.cli", "index", "build", "--model", str(tmp_path / "model"),
-                               "--images", str(image_folder), "--out", str(tmp_path / out), "--part-size", "3", *extra],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mmformer.cli",
+                "index",
+                "build",
+                "--model",
+                str(tmp_path / "model"),
+                "--images",
+                str(image_folder),
+                "--out",
+                str(tmp_path / out),
+                "--part-size",
+                "3",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "one" / "metadata.jsonl").read_bytes() == (tmp_path / "two" / "metadata.jsonl").read_bytes()
     # equal up to float rounding: each DDP process runs its matmuls with its own thread count
-    np.testing.assert_allclose(np.load(tmp_path / "one" / "embeddings.npy"), np.load(tmp_path / "two" / "embeddings.npy"),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "one" / "embeddings.npy"), np.load(tmp_path / "two" / "embeddings.npy"), atol=1e-5
+    )
 
 
 def test_index_build_texts_and_search_report_truncated_texts(tiny_model, image_folder, tmp_path, capsys):
@@ -326,8 +394,23 @@ def test_index_build_texts_and_search_report_truncated_texts(tiny_model, image_f
     assert [d > 0 for d in drops] == [False, True, False, True]
     assert drops[1] == len(tiny_model.tokenizer.encode(long)) - keep
     (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
-    assert main(["index", "build", "--model", str(tmp_path / "model"), "--texts", str(tmp_path / "t.txt"),
-                 "--out", str(tmp_path / "tindex"), "--part-size", "3"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--model",
+                str(tmp_path / "model"),
+                "--texts",
+                str(tmp_path / "t.txt"),
+                "--out",
+                str(tmp_path / "tindex"),
+                "--part-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"2 of 4 texts were truncated to {keep} pieces (the model's context_length 8 less bos and eos)" in out
     assert Index.open(tmp_path / "tindex").manifest["truncated"] == 2

@@ -13,8 +13,15 @@ from PIL import Image
 
 from mmformer.config import ModelConfig
 from mmformer.model import MMFormer
-from mmformer.retrieval import (Index, InvalidIndexError, Retriever, ShardedIndex, build_from_embeddings, build_index,
-                                write_shard_list)
+from mmformer.retrieval import (
+    Index,
+    InvalidIndexError,
+    Retriever,
+    ShardedIndex,
+    build_from_embeddings,
+    build_index,
+    write_shard_list,
+)
 from mmformer.retrieval.backends import IVF_DATA_FILE, BackendParams, FaissBackend
 from mmformer.tokenizer import Tokenizer
 
@@ -54,12 +61,16 @@ def test_build_of_200k_vectors_stays_under_a_fixed_memory_bound(tmp_path):
     src = tmp_path / "emb.npy"
     mm = np.lib.format.open_memmap(src, mode="w+", dtype=np.float32, shape=(n, d))
     for s in range(0, n, 50_000):
-        mm[s:s + 50_000] = clustered(50_000, d, seed=s)
+        mm[s : s + 50_000] = clustered(50_000, d, seed=s)
     mm.flush()
     del mm
     array_mb = n * d * 4 / 2**20  # 195 MiB of float32
-    out = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(src), str(tmp_path / "index")],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", BUILD_SCRIPT, str(src), str(tmp_path / "index")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     grown_mb = (r["peak_kb"] - r["base_kb"]) / 1024
@@ -79,7 +90,7 @@ def test_build_from_parts_equals_build_from_one_array(tmp_path):
     x = clustered(3000, 32)
     parts = []
     for i, s in enumerate(range(0, 3000, 700)):
-        np.save(tmp_path / f"p{i}.npy", x[s:s + 700])
+        np.save(tmp_path / f"p{i}.npy", x[s : s + 700])
         parts.append(tmp_path / f"p{i}.npy")
     items = [{"id": f"v{i}"} for i in range(3000)]
     a = build_from_embeddings(parts, tmp_path / "a", items, backend="exact", block_rows=256)
@@ -114,8 +125,9 @@ def test_memory_mapped_index_answers_as_the_in_memory_one(tmp_path, backend):
         (tmp_path / "ix" / IVF_DATA_FILE).unlink()
         with pytest.raises(InvalidIndexError, match="faiss.ivfdata: missing"):
             Index.open(tmp_path / "ix")
-        np.testing.assert_array_equal(Index.open(tmp_path / "ix", backend="exact").search(q, 10)[1],
-                                      loaded.search_exact(q, 10)[1])  # exact search needs no FAISS file
+        np.testing.assert_array_equal(
+            Index.open(tmp_path / "ix", backend="exact").search(q, 10)[1], loaded.search_exact(q, 10)[1]
+        )  # exact search needs no FAISS file
     # the streamed build answers as the in-memory build of the same structure
     ref = FaissBackend.build(backend, x, BackendParams(nlist=64))
     ref.embeddings = x if backend == "ivfpq" else None
@@ -144,8 +156,10 @@ def test_shards_searched_as_one_equal_one_index_over_the_same_vectors(tmp_path):
     items = [{"id": f"v{i}"} for i in range(len(x))]
     whole = build_from_embeddings(x, tmp_path / "whole", items, backend="exact")
     bounds = [0, 400, 1700, 2500]
-    shards = [build_from_embeddings(x[a:b], tmp_path / "sharded" / f"shard-{i}", items[a:b], backend="exact")
-              for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    shards = [
+        build_from_embeddings(x[a:b], tmp_path / "sharded" / f"shard-{i}", items[a:b], backend="exact")
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
+    ]
     write_shard_list(tmp_path / "sharded", [s.directory for s in shards])
     listing = json.loads((tmp_path / "sharded" / "shards.json").read_text())
     assert listing["shards"] == ["shard-0", "shard-1", "shard-2"]  # relative: the folder can move
@@ -161,8 +175,9 @@ def test_shards_searched_as_one_equal_one_index_over_the_same_vectors(tmp_path):
     many = Index.open_many([s.directory for s in shards])
     np.testing.assert_array_equal(many.search(q, 5)[1], whole.search(q, 5)[1])
     # approximate shards merge their own top-k (an IVF-PQ shard next to exact ones)
-    build_from_embeddings(x[400:1700], tmp_path / "pq", items[400:1700], backend="ivfpq",
-                          backend_params={"nlist": 16, "nprobe": 16})
+    build_from_embeddings(
+        x[400:1700], tmp_path / "pq", items[400:1700], backend="ivfpq", backend_params={"nlist": 16, "nprobe": 16}
+    )
     mixed = Index.open_many([shards[0].directory, tmp_path / "pq", shards[2].directory])
     assert mixed.manifest["backend"] == "exact+ivfpq"
     _, mr = mixed.search(q, 10)
@@ -183,16 +198,25 @@ def test_shards_that_do_not_fit_together_are_refused(tmp_path):
         Index.open(tmp_path / "s")
 
 
-COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 40, 230), "yellow": (240, 230, 20),
-          "black": (5, 5, 5), "white": (250, 250, 250), "purple": (140, 30, 160), "orange": (250, 140, 10)}
+COLORS = {
+    "red": (230, 20, 20),
+    "green": (20, 200, 40),
+    "blue": (20, 40, 230),
+    "yellow": (240, 230, 20),
+    "black": (5, 5, 5),
+    "white": (250, 250, 250),
+    "purple": (140, 30, 160),
+    "orange": (250, 140, 10),
+}
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
     tok = Tokenizer.train([f"a {c} square" for c in COLORS] * 5, vocab_size=40)
-    cfg = ModelConfig(width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=64,
-                      context_length=8, embed_dim=16)
+    cfg = ModelConfig(
+        width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8, embed_dim=16
+    )
     return MMFormer(cfg, tok).eval()
 
 

@@ -122,15 +122,16 @@ def test_split_fused_takes_q_k_v_from_their_thirds_head_by_head():
     assert q.shape == k.shape == v.shape == (b, heads, t, dh)
     for i, part in enumerate((q, k, v)):
         for h in range(heads):  # head h of part i is columns [i*D + h*Dh, i*D + (h+1)*Dh)
-            assert torch.equal(part[:, h], x[..., i * d + h * dh: i * d + (h + 1) * dh])
+            assert torch.equal(part[:, h], x[..., i * d + h * dh : i * d + (h + 1) * dh])
     k2, v2 = split_fused(x[..., : 2 * d], 2, heads)
     assert torch.equal(k2, q) and torch.equal(v2, k)
     assert torch.equal(split_heads(x[..., :d], heads), q)
     assert q.data_ptr() == x.data_ptr()  # views, no copy
 
 
-@pytest.mark.parametrize("bad", [torch.ones(2, 6, dtype=torch.bool), torch.ones(2, 5, dtype=torch.long),
-                                 torch.ones(5, dtype=torch.bool)])
+@pytest.mark.parametrize(
+    "bad", [torch.ones(2, 6, dtype=torch.bool), torch.ones(2, 5, dtype=torch.long), torch.ones(5, dtype=torch.bool)]
+)
 def test_every_attention_kernel_gives_the_same_mask_error(bad):
     qkv = torch.randn(2, 5, 3 * 8)
     message = r"key_padding_mask must be bool of shape \(B, S\) = \(2, 5\), True = real token; got "
@@ -149,6 +150,7 @@ def test_matmul_attention_path_equals_sdpa_in_bf16_with_gradients(t, s):
     kernel's backward); outputs and gradients match SDPA's within bf16 rounding (relative to a
     float64 reference, both paths' errors are of the same size)."""
     from mmformer.layers.attention import scaled_dot_product, use_matmul_path
+
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, n, 32, generator=g) for n in (t, s, s))
     mask = torch.rand(3, 1, 1, s, generator=g) > 0.3
@@ -166,15 +168,16 @@ def test_matmul_attention_path_equals_sdpa_in_bf16_with_gradients(t, s):
     with torch.no_grad():
         assert not use_matmul_path(qq, k.bfloat16())
     ref = run(lambda a, b, c, m: torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=m), torch.float64)
-    sdpa = run(lambda a, b, c, m: torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=m), torch.bfloat16)
+    sdpa = run(
+        lambda a, b, c, m: torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=m), torch.bfloat16
+    )
     ours = run(scaled_dot_product, torch.bfloat16)
     for r, a, b in zip(ref, sdpa, ours):
         err_sdpa, err_ours = (a - r).abs().max().item(), (b - r).abs().max().item()
         assert err_ours <= max(2 * err_sdpa, 0.02), (err_ours, err_sdpa)
 
 
-@pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, False), (torch.bfloat16, True),
-                                          (torch.float16, True)])
+@pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)])
 def test_fused_cpu_kernel_equals_the_reference_with_gradients(dtype, masked):
     """The ``fused_cpu`` attention kernel (``ModelConfig.attention_kernel``) takes FusedQKVAttention
     in bf16/fp16 CPU training (its own backward over a head-major copy); its output and qkv gradient
@@ -184,6 +187,7 @@ def test_fused_cpu_kernel_equals_the_reference_with_gradients(dtype, masked):
     from mmformer.layers.attention import MATMUL_PATH_MAX_LEN
     from mmformer.layers.cpu_attention import use_fused_qkv_path
     from mmformer.model import ATTENTION_KERNEL_FNS
+
     fused = ATTENTION_KERNEL_FNS["fused_cpu"]
     assert ATTENTION_KERNEL_FNS["default"] is attend
     g = torch.Generator().manual_seed(1)
@@ -209,8 +213,10 @@ def test_fused_cpu_kernel_equals_the_reference_with_gradients(dtype, masked):
     for autocast in (False, True) if dtype == torch.bfloat16 else (False,):
         out, dqkv = run(fused, dtype, autocast)
         assert type(out.grad_fn).__name__ == "FusedQKVAttentionBackward" and out.dtype == dtype
-        for ours, theirs, ref in ((out.double()[real], comp_out.double()[real], ref_out[real]),
-                                  (dqkv, comp_grad, ref_grad)):
+        for ours, theirs, ref in (
+            (out.double()[real], comp_out.double()[real], ref_out[real]),
+            (dqkv, comp_grad, ref_grad),
+        ):
             err, err_comp = (ours - ref).abs().max().item(), (theirs - ref).abs().max().item()
             assert err <= max(2 * err_comp, floor), (err, err_comp)
     fp32_out, fp32_grad = run(fused, torch.float32)
@@ -284,6 +290,7 @@ def test_attention_kernel_is_one_config_switch_with_the_reference_as_default(tmp
 
 def test_patch_embedding_matmul_equals_the_convolution():
     from mmformer.model import PatchEmbed
+
     torch.manual_seed(0)
     pe = PatchEmbed(16, 3, 64)
     x = torch.randn(2, 3, 64, 48)

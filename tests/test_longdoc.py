@@ -15,9 +15,11 @@ from mmformer.model import MMFormer
 from mmformer.tokenizer import BOS_ID, EOS_ID, Tokenizer, default_tokenizer_path
 
 SMALL = dict(width=32, depth=2, heads=4, image_size=16, patch_size=8, context_length=12, embed_dim=24)
-PROSE = ("In the beginning God created the heaven and the earth. And the earth was without form, and "
-         "void; and darkness was upon the face of the deep. And the Spirit of God moved upon the face "
-         "of the waters. And God said, Let there be light: and there was light.")
+PROSE = (
+    "In the beginning God created the heaven and the earth. And the earth was without form, and "
+    "void; and darkness was upon the face of the deep. And the Spirit of God moved upon the face "
+    "of the waters. And God said, Let there be light: and there was light."
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_collator_chunks_every_piece_once_with_bos_eos(tok):
     rows = [r[m].tolist() for r, m in zip(batch.input_ids, batch.attention_mask)]
     assert all(r[0] == BOS_ID and r[-1] == EOS_ID for r in rows)
     # the long document: windows of 10 pieces, the last one ending at the text's end
-    long_rows = [r[1:-1] for r in rows[1: 1 + expected_counts[1]]]
+    long_rows = [r[1:-1] for r in rows[1 : 1 + expected_counts[1]]]
     p = pieces[1]
     assert [x for w in long_rows[:-1] for x in w] == p[: 10 * (len(long_rows) - 1)]
     assert long_rows[-1] == p[-10:]
@@ -174,12 +176,43 @@ def test_fusion_trained_briefly_on_needle_documents_beats_truncation(tok, prose_
     from mmformer.losses import clip_loss
 
     torch.manual_seed(0)
-    caps = ["red apple", "grinning face", "rocket", "flag: japan", "dog face", "snowman", "pizza", "crown",
-            "rainbow", "ghost", "fire", "rose", "ring", "key", "bell", "anchor", "cat face", "moon",
-            "banana", "penguin", "tiger", "guitar", "umbrella", "cherries"]
+    caps = [
+        "red apple",
+        "grinning face",
+        "rocket",
+        "flag: japan",
+        "dog face",
+        "snowman",
+        "pizza",
+        "crown",
+        "rainbow",
+        "ghost",
+        "fire",
+        "rose",
+        "ring",
+        "key",
+        "bell",
+        "anchor",
+        "cat face",
+        "moon",
+        "banana",
+        "penguin",
+        "tiger",
+        "guitar",
+        "umbrella",
+        "cherries",
+    ]
     n = len(caps)
-    cfg = ModelConfig(width=64, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=tok.vocab_size,
-                      context_length=10, embed_dim=32)
+    cfg = ModelConfig(
+        width=64,
+        depth=2,
+        heads=4,
+        image_size=16,
+        patch_size=8,
+        vocab_size=tok.vocab_size,
+        context_length=10,
+        embed_dim=32,
+    )
     m = MMFormer(cfg, tok)
     images = torch.randn(n, 3, 16, 16)
     ids, mask = tok(caps, max_length=10)
@@ -194,16 +227,20 @@ def test_fusion_trained_briefly_on_needle_documents_beats_truncation(tok, prose_
     for name, p in m.named_parameters():
         p.requires_grad_(name.startswith("fusion."))
     gate = [m.fusion.gate]
-    opt = torch.optim.AdamW([{"params": [p for n_, p in m.fusion.named_parameters() if n_ != "gate"]},
-                             {"params": gate, "lr": 0.1}], lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [{"params": [p for n_, p in m.fusion.named_parameters() if n_ != "gate"]}, {"params": gate, "lr": 0.1}],
+        lr=3e-3,
+        weight_decay=0.0,
+    )
     filler = Filler(tok, prose_ids)
     col = m.document_collator()
     target = torch.arange(n)
     with torch.no_grad():
         img = m.encode_image(images)
     for step in range(80):
-        docs = needle_documents(tok, caps, 64, filler, seed=100 + step,
-                                positions=[0.2 + 0.7 * ((i * 7 + step) % 10) / 10 for i in range(n)])
+        docs = needle_documents(
+            tok, caps, 64, filler, seed=100 + step, positions=[0.2 + 0.7 * ((i * 7 + step) % 10) / 10 for i in range(n)]
+        )
         emb = F.normalize(m.forward_document(col.collate_ids([d.ids for d in docs]))["fusion"], dim=-1)
         loss = clip_loss(img, emb, m.logit_scale.exp().detach())
         opt.zero_grad()
@@ -231,24 +268,63 @@ def test_eval_cli_accepts_long_document_manifests(tok, tmp_path, capsys):
     emoji = default_data_dir() / "images" / "twitter"
     docs = [PROSE + " red apple", "grinning face " + PROSE, PROSE[:80] + " rocket " + PROSE[80:]]
     (tmp_path / "d2.txt").write_text(docs[1], encoding="utf-8")
-    rows = [{"image": str(emoji / f"{h}.png"), "caption": d, "file": f"d{i + 1}.txt"}
-            for i, (h, d) in enumerate(zip(hexes, docs))]
+    rows = [
+        {"image": str(emoji / f"{h}.png"), "caption": d, "file": f"d{i + 1}.txt"}
+        for i, (h, d) in enumerate(zip(hexes, docs))
+    ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "m.jsonl"),
-                 "--documents", "text", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "model"),
+                "--data",
+                str(tmp_path / "m.jsonl"),
+                "--documents",
+                "text",
+                "--json",
+            ]
+        )
+        == 0
+    )
     got = json.loads(capsys.readouterr().out)
     back = MMFormer.from_pretrained(tmp_path / "model").eval()
     tf = build_transforms(64, train=False)
     images = torch.stack([tf(load_image(r["image"])) for r in rows])
     ref = retrieval_metrics(embed_images(back, images), embed_documents(back, docs), torch.arange(3))
-    assert got["t2i_R@1"] == pytest.approx(ref["t2i_R@1"]) and got["t2i_mean_rank"] == pytest.approx(ref["t2i_mean_rank"])
+    assert got["t2i_R@1"] == pytest.approx(ref["t2i_R@1"]) and got["t2i_mean_rank"] == pytest.approx(
+        ref["t2i_mean_rank"]
+    )
     # documents as files: missing ones are named; a chunk cap names the caption
     with pytest.raises(SystemExit, match=r"caption 1 \(file\): .*d1.txt"):
-        main(["eval", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "m.jsonl"),
-              "--caption-col", "file", "--documents", "file"])
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "model"),
+                "--data",
+                str(tmp_path / "m.jsonl"),
+                "--caption-col",
+                "file",
+                "--documents",
+                "file",
+            ]
+        )
     with pytest.raises(SystemExit, match=r"caption 1 \(caption\): .* over max_chunks=2"):
-        main(["eval", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "m.jsonl"),
-              "--documents", "text", "--max-chunks", "2"])
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "model"),
+                "--data",
+                str(tmp_path / "m.jsonl"),
+                "--documents",
+                "text",
+                "--max-chunks",
+                "2",
+            ]
+        )
 
 
 def test_saved_models_without_the_long_document_fields_load_with_old_behaviour(tok, tmp_path):
@@ -258,8 +334,17 @@ def test_saved_models_without_the_long_document_fields_load_with_old_behaviour(t
     m = MMFormer(ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size}), tok)
     m.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    new = ["attention", "attention_window", "attention_global", "attention_compression", "fusion_latents",
-           "fusion_heads", "chunk_stride", "max_chunks", "chunk_overflow"]
+    new = [
+        "attention",
+        "attention_window",
+        "attention_global",
+        "attention_compression",
+        "fusion_latents",
+        "fusion_heads",
+        "chunk_stride",
+        "max_chunks",
+        "chunk_overflow",
+    ]
     for k in new:
         cfg.pop(k)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -281,10 +366,17 @@ def _fit_longdoc(tok, tmp_path, max_steps=3, callbacks=(), **module_kw):
     base = MMFormer(ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size}), tok)
     base.save_pretrained(tmp_path / "base")
     (tmp_path / "prose.txt").write_text(PROSE + "\n" + PROSE[::-1] + "\n", encoding="utf-8")
-    data = NeedleDataModule(root=str(make_emoji_layout(tmp_path / "emoji")), prose=str(tmp_path / "prose.txt"),
-                            lengths=[1, 40], val_length=40, batch_size=4, image_size=16)
-    kw = dict(fusion_latents=4, lr=1e-2, warmup_steps=1, chunk_stride=5, export_dir=str(tmp_path / "out"),
-              gate_lr_scale=10.0)
+    data = NeedleDataModule(
+        root=str(make_emoji_layout(tmp_path / "emoji")),
+        prose=str(tmp_path / "prose.txt"),
+        lengths=[1, 40],
+        val_length=40,
+        batch_size=4,
+        image_size=16,
+    )
+    kw = dict(
+        fusion_latents=4, lr=1e-2, warmup_steps=1, chunk_stride=5, export_dir=str(tmp_path / "out"), gate_lr_scale=10.0
+    )
     module = LongDocModule(pretrained=str(tmp_path / "base"), **{**kw, **module_kw})
     trainer = make_trainer(max_steps=max_steps, limit_val_batches=0, default_root_dir=tmp_path, callbacks=callbacks)
     trainer.fit(module, datamodule=data)
@@ -298,8 +390,9 @@ def test_longdoc_module_trains_only_what_it_says(tok, tmp_path, trainable):
     gate has its own learning rate and the chunk stride is stored with the model."""
     from mmformer.training.longdoc import trains
 
-    base, module, trainer = _fit_longdoc(tok, tmp_path, trainable=trainable, clip_weight=1.0,
-                                         window_distill_weight=1.0 if trainable != "fusion" else 0.0)
+    base, module, trainer = _fit_longdoc(
+        tok, tmp_path, trainable=trainable, clip_weight=1.0, window_distill_weight=1.0 if trainable != "fusion" else 0.0
+    )
     groups = trainer.optimizers[0].param_groups
     assert [g["initial_lr"] for g in groups] == pytest.approx([1e-2, 1e-2, 0.1])
     assert groups[2]["params"] == [module.model.fusion.gate]
@@ -319,7 +412,9 @@ def test_longdoc_module_trains_only_what_it_says(tok, tmp_path, trainable):
         new = [k for k in after if k not in before and not k.startswith("fusion.")]
         assert new and all(roles[k] == "document" for k in new)  # ... and the expert, copied from
         for k in ("document_embed.weight", "norm.document.weight", "blocks.0.mlp.document.fc1.weight"):
-            assert not torch.equal(after[k], after[k.replace("document_embed", "token_embed").replace("document", "text")])
+            assert not torch.equal(
+                after[k], after[k.replace("document_embed", "token_embed").replace("document", "text")]
+            )
     assert not torch.equal(out.fusion.gate, torch.zeros(()))
     images = torch.randn(2, 3, 16, 16)
     ids, mask = tok(["red apple", "grinning face"], max_length=12)
@@ -335,8 +430,15 @@ def test_state_cache_trains_the_fusion_like_live_states(tok, tmp_path):
     same exported fusion, within float tolerance; the batches did use cached windows."""
     runs = {}
     for cache in (False, True):
-        _, module, _ = _fit_longdoc(tok, tmp_path / str(cache), trainable="fusion", cache_states=cache,
-                                    cache_dtype="float32", clip_weight=1.0, distill_weight=1.0)
+        _, module, _ = _fit_longdoc(
+            tok,
+            tmp_path / str(cache),
+            trainable="fusion",
+            cache_states=cache,
+            cache_dtype="float32",
+            clip_weight=1.0,
+            distill_weight=1.0,
+        )
         runs[cache] = MMFormer.from_pretrained(tmp_path / str(cache) / "out").state_dict()
         if cache:
             assert module.state_cache is not None and len(module.state_cache) > 0
@@ -404,8 +506,9 @@ def test_caption_windows_and_prose_state_cache(tok, prose_ids):
                 p.add_(0.05 * torch.randn_like(p))
     filler = Filler(tok, prose_ids[:3000])
     caps = ["red apple", "flag: japan", "smiling face with sunglasses", "rocket"]
-    ds = NeedleDataset(torch.zeros(4, 3, 16, 16), caps, tok, filler, [1, 37, 120], seed=4,
-                       fixed=True)  # lengths 120, 120, 1, 37 in any process
+    ds = NeedleDataset(
+        torch.zeros(4, 3, 16, 16), caps, tok, filler, [1, 37, 120], seed=4, fixed=True
+    )  # lengths 120, 120, 1, 37 in any process
     batch = NeedleCollator(m.document_collator())([ds[i] for i in range(4)])
     docs, sources = batch["documents"], batch["doc_sources"]
     assert docs.chunk_counts.min() == 1 and docs.chunk_counts.max() > 1  # one-window and long documents
@@ -414,19 +517,24 @@ def test_caption_windows_and_prose_state_cache(tok, prose_ids):
     for r, o in zip(rows.tolist(), owners.tolist()):
         window = docs.input_ids[r][docs.attention_mask[r]].tolist()[1:-1]
         cap = tok.encode(caps[o])
-        assert any(window[i: i + len(cap)] == cap for i in range(len(window))), (caps[o], window)
+        assert any(window[i : i + len(cap)] == cap for i in range(len(window))), (caps[o], window)
     assert set(owners.tolist()) == {i for i, c in enumerate(docs.chunk_counts.tolist()) if c > 1}
 
     cache = ProseStateCache(m, filler.ids, 10, 5, dtype=torch.float32)
     cached, _ = cache.cached_windows(docs, sources)
     assert 0 < len(cached) < docs.input_ids.shape[0] and not set(cached.tolist()) & set(rows.tolist())
     with torch.no_grad():
-        live = m.chunk_states(docs.input_ids, docs.attention_mask,
-                              (docs.chunk_counts > 1).repeat_interleave(docs.chunk_counts))
+        live = m.chunk_states(
+            docs.input_ids, docs.attention_mask, (docs.chunk_counts > 1).repeat_interleave(docs.chunk_counts)
+        )
         from_cache = cache.states_for(m, docs, sources)
         torch.testing.assert_close(from_cache, live, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(m.forward_document(docs, ("fusion",), states=from_cache)["fusion"],
-                                   m.forward_document(docs, ("fusion",))["fusion"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            m.forward_document(docs, ("fusion",), states=from_cache)["fusion"],
+            m.forward_document(docs, ("fusion",))["fusion"],
+            atol=1e-5,
+            rtol=1e-5,
+        )
     other = ProseStateCache(m, prose_ids[5000:8000], 10, 5, dtype=torch.float32)
     with pytest.raises(ValueError, match="not made from the prose this cache was built on"):
         other.states_for(m, docs, sources)
@@ -454,8 +562,14 @@ print(rss() - before)
 """
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc and /proc only")
-    kept = {mode: float(subprocess.run([sys.executable, "-c", code, mode], check=True, capture_output=True,
-                                       text=True).stdout.split()[-1]) for mode in ("keep", "default")}
+    kept = {
+        mode: float(
+            subprocess.run(
+                [sys.executable, "-c", code, mode], check=True, capture_output=True, text=True
+            ).stdout.split()[-1]
+        )
+        for mode in ("keep", "default")
+    }
     assert kept["keep"] > 100 and kept["default"] < 30, kept
 
 
@@ -503,15 +617,20 @@ def test_nonfinite_loss_stops_or_is_skipped_under_both_modules(tok, tmp_path, ca
     """The nonfinite policy is the parent's under LongDocModule too: "stop" raises naming the
     optimizer step, "skip" skips the update, counts it, logs it, and training goes on to
     max_steps; samples/s and lr are logged under both."""
-    fit = (lambda **kw: _fit_longdoc(tok, tmp_path / kind, **kw)) if kind == "longdoc" else \
-        (lambda **kw: _fit_base_module(tmp_path / kind, **kw))
+    fit = (
+        (lambda **kw: _fit_longdoc(tok, tmp_path / kind, **kw))
+        if kind == "longdoc"
+        else (lambda **kw: _fit_base_module(tmp_path / kind, **kw))
+    )
     with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at optimizer step 1, epoch"):
         fit(max_steps=3, callbacks=[_PoisonStep(1)], nonfinite="stop")
     poison = _PoisonStep(1)
     with caplog.at_level(logging.WARNING, logger="mmformer.training.module"):
         _, module, trainer = fit(max_steps=3, callbacks=[poison], nonfinite="skip")
     assert module.nonfinite_skipped == 1 and trainer.global_step == 3
-    assert "non-finite training loss (nan) at optimizer step 1" in caplog.text and "step skipped (1 so far)" in caplog.text
+    assert (
+        "non-finite training loss (nan) at optimizer step 1" in caplog.text and "step skipped (1 so far)" in caplog.text
+    )
     assert float(trainer.callback_metrics["train/nonfinite_skipped"]) == 1.0
     assert poison.unchanged is True  # the skipped batch did not update the model
     assert len(poison.logged) == 3  # Lightning counts the skipped step: 3 batches for max_steps=3
@@ -525,7 +644,9 @@ def test_longdoc_module_refuses_contrastive_accumulation(tok, tmp_path):
     from mmformer.training.longdoc import LongDocModule
 
     MMFormer(ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size}), tok).save_pretrained(tmp_path / "m")
-    with pytest.raises(ValueError, match="contrastive_accum=2: LongDocModule does not support contrastive accumulation"):
+    with pytest.raises(
+        ValueError, match="contrastive_accum=2: LongDocModule does not support contrastive accumulation"
+    ):
         LongDocModule(pretrained=str(tmp_path / "m"), contrastive_accum=2)
     module = LongDocModule(pretrained=str(tmp_path / "m"), nonfinite="skip", time_budget_s=30.0)
     # the parent's options are recorded with the given values or the parent's defaults

@@ -49,8 +49,8 @@ def _worker(rank, world, port, img, txt, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         n = img.shape[0] // world
-        mine_img = img[rank * n:(rank + 1) * n].clone().requires_grad_(True)
-        mine_txt = txt[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        mine_img = img[rank * n : (rank + 1) * n].clone().requires_grad_(True)
+        mine_txt = txt[rank * n : (rank + 1) * n].clone().requires_grad_(True)
         loss = clip_loss(mine_img, mine_txt, torch.tensor(10.0))
         loss.backward()
         # gradients summed over ranks (what DDP averages into every replica, times world)
@@ -75,5 +75,5 @@ def test_gathered_loss_sees_every_ranks_negatives_and_routes_gradients():
         assert loss.item() == pytest.approx(full.item(), rel=1e-6)
         # each rank's local embeddings get world * the global gradient; DDP's mean undoes the factor
         n = 4
-        expect = torch.cat([full_img.grad[rank * n:(rank + 1) * n], full_txt.grad[rank * n:(rank + 1) * n]])
+        expect = torch.cat([full_img.grad[rank * n : (rank + 1) * n], full_txt.grad[rank * n : (rank + 1) * n]])
         torch.testing.assert_close(grads / 2, expect, atol=1e-6, rtol=1e-5)

@@ -12,8 +12,7 @@ from mmformer.model import MMFormer
 from mmformer.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SMALL = dict(width=32, depth=3, heads=4, image_size=16, patch_size=8, vocab_size=50,
-             context_length=8, embed_dim=24)
+SMALL = dict(width=32, depth=3, heads=4, image_size=16, patch_size=8, vocab_size=50, context_length=8, embed_dim=24)
 
 
 def count(share):
@@ -69,7 +68,11 @@ def test_save_load_round_trip_is_identical(tmp_path):
     tok = Tokenizer.train(["a red apple", "a green pear", "the blue sky", "grinning face"] * 20, vocab_size=40)
     m = MMFormer(ModelConfig(**{**SMALL, "vocab_size": 64}), tok).eval()
     m.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+    ]
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["width"] == 32
     m2 = MMFormer.from_pretrained(tmp_path / "ckpt").eval()
     images = torch.randn(2, 3, 16, 16)
@@ -108,8 +111,16 @@ def test_image_features_equal_timm_vit(tmp_path, share):
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
     path = tmp_path / "vit_tiny.pth"
     torch.save(vit.state_dict(), path)  # a local weights file, as a user would bring
-    cfg = ModelConfig(width=192, depth=12, heads=3, image_size=224, patch_size=16, image_pos="learned", image_pre_norm=False,
-                      share=share)
+    cfg = ModelConfig(
+        width=192,
+        depth=12,
+        heads=3,
+        image_size=224,
+        patch_size=16,
+        image_pos="learned",
+        image_pre_norm=False,
+        share=share,
+    )
     m = MMFormer(cfg).eval()
     m.load_timm_vit(path)
     x = torch.randn(2, 3, 224, 224)
@@ -118,8 +129,11 @@ def test_image_features_equal_timm_vit(tmp_path, share):
     with pytest.raises(ValueError, match="image_pos='learned'"):
         MMFormer(ModelConfig(width=192, depth=12, heads=3, image_size=224, patch_size=16)).load_timm_vit(path)
     with pytest.raises(ValueError, match="shape mismatches"):
-        MMFormer(ModelConfig(width=192, depth=12, heads=3, image_size=112, patch_size=16,
-                             image_pos="learned", image_pre_norm=False)).load_timm_vit(path)
+        MMFormer(
+            ModelConfig(
+                width=192, depth=12, heads=3, image_size=112, patch_size=16, image_pos="learned", image_pre_norm=False
+            )
+        ).load_timm_vit(path)
 
 
 def test_config_written_before_extra_was_retired_still_loads(tmp_path):
@@ -127,7 +141,13 @@ def test_config_written_before_extra_was_retired_still_loads(tmp_path):
     old = FIXTURES / "config-227686d.json"
     assert "extra" in json.loads(old.read_text())
     cfg = ModelConfig.from_json(old)
-    assert (cfg.share, cfg.attention, cfg.chunk_overflow, cfg.max_chunks, cfg.width) == ("attention", "local", "first", 4, 32)
+    assert (cfg.share, cfg.attention, cfg.chunk_overflow, cfg.max_chunks, cfg.width) == (
+        "attention",
+        "local",
+        "first",
+        4,
+        32,
+    )
     assert "extra" not in cfg.to_dict()
     # a checkpoint directory whose config.json holds "extra" (even a non-empty one) loads the same weights
     m = MMFormer(cfg).eval()
@@ -150,7 +170,9 @@ def old_is_document_expert(name):
 
 
 def old_no_decay(name, p):
-    return p.ndim < 2 or any(k in name for k in ("token_embed", "document_embed", "pos_embed", "cls_token", "logit_scale"))
+    return p.ndim < 2 or any(
+        k in name for k in ("token_embed", "document_embed", "pos_embed", "cls_token", "logit_scale")
+    )
 
 
 def old_reset_parameters(model):
@@ -201,11 +223,19 @@ def test_parameter_roles_equal_the_old_name_rules(share, image_pos):
         assert {n for n, r in roles.items() if r == "text"} == {n for n in params if old_is_text_only(n)}
         assert {n for n, r in roles.items() if r == "document"} == {n for n in params if old_is_document_expert(n)}
         assert {n for n, r in roles.items() if r == "fusion"} == {n for n in params if n.startswith("fusion.")}
-        assert ({n for n, r in roles.items() if r == "shared"} == {"logit_scale"} | {
-            n for n in params if n.startswith("blocks.") and n.split(".")[2] in ("attn", "mlp")
-            and n.split(".")[-2] not in ("image", "text", "document") and n.split(".")[-3] not in ("image", "text", "document")})
-        assert all(r == "image" for n, r in roles.items() if n.startswith(("patch_embed.", "cls_token", "pos_embed",
-                                                                          "norm_pre.", "image_proj.", "norm.image.")))
+        assert {n for n, r in roles.items() if r == "shared"} == {"logit_scale"} | {
+            n
+            for n in params
+            if n.startswith("blocks.")
+            and n.split(".")[2] in ("attn", "mlp")
+            and n.split(".")[-2] not in ("image", "text", "document")
+            and n.split(".")[-3] not in ("image", "text", "document")
+        }
+        assert all(
+            r == "image"
+            for n, r in roles.items()
+            if n.startswith(("patch_embed.", "cls_token", "pos_embed", "norm_pre.", "image_proj.", "norm.image."))
+        )
         decay, no_decay = parameter_groups(m)
         names = {id(p): n for n, p in params.items()}
         assert {names[id(p)] for p in no_decay} == {n for n, p in params.items() if old_no_decay(n, p)}
@@ -238,8 +268,11 @@ def test_fingerprint_is_the_one_the_code_before_retiring_extra_gave():
     The value was printed by model_fingerprint at 227686d for these deterministic weights."""
     from mmformer.model import model_fingerprint
 
-    m = MMFormer(ModelConfig(width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=64,
-                             context_length=8, embed_dim=16))
+    m = MMFormer(
+        ModelConfig(
+            width=32, depth=1, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8, embed_dim=16
+        )
+    )
     with torch.no_grad():
         for i, p in enumerate(m.parameters()):
             p.copy_(torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) / (p.numel() + i + 1))
@@ -275,15 +308,24 @@ def test_encode_image_takes_pil_paths_bytes_and_lists_as_the_tensor_path(tmp_pat
         p.save(buf, format="PNG")
         encoded.append(buf.getvalue())
     rgba = pics[0].convert("RGBA")  # converted to RGB as load_image does
-    for got in (m.encode_image(pics), m.encode_images(pics), m.encode_image([str(q) for q in paths]),
-                m.encode_image(paths), m.encode_image(encoded), m.encode_image([pics[0], paths[1]]),
-                m.encode_image([m.preprocess(pics[0]), encoded[1]])):
+    for got in (
+        m.encode_image(pics),
+        m.encode_images(pics),
+        m.encode_image([str(q) for q in paths]),
+        m.encode_image(paths),
+        m.encode_image(encoded),
+        m.encode_image([pics[0], paths[1]]),
+        m.encode_image([m.preprocess(pics[0]), encoded[1]]),
+    ):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
     for one in (pics[0], str(paths[0]), paths[0], encoded[0], bytearray(encoded[0]), rgba):
         torch.testing.assert_close(m.encode_image(one), ref[:1], atol=1e-6, rtol=0)
     assert isinstance(m.preprocess(pics[0]), torch.Tensor) and m.preprocess(pics[0]).shape == (3, 16, 16)
-    with pytest.raises(TypeError, match=r"images\[1\]: expected a PIL image, a path, encoded bytes or a tensor, "
-                                        r"got int"):
+    with pytest.raises(
+        TypeError,
+        match=r"images\[1\]: expected a PIL image, a path, encoded bytes or a tensor, "
+        r"got int",
+    ):
         m.encode_image([pics[0], 3])
     with pytest.raises(ValueError, match="empty list of images"):
         m.encode_image([])
@@ -315,8 +357,12 @@ def test_encode_calls_record_no_graph_in_eval_and_keep_gradients_in_train():
     x = torch.randn(2, 3, 16, 16)
     ids, mask = tok(["a red square", "green"], max_length=SMALL["context_length"])
     m.eval()
-    outs = [m.encode_image(x), m.encode_text(ids, mask), m.encode_texts(["a red square"]),
-            m.encode_document(["a red square and a blue circle"], mode="mean")]
+    outs = [
+        m.encode_image(x),
+        m.encode_text(ids, mask),
+        m.encode_texts(["a red square"]),
+        m.encode_document(["a red square and a blue circle"], mode="mean"),
+    ]
     for out in outs:
         assert not out.requires_grad and out.grad_fn is None
         assert not out.is_inference()  # an ordinary tensor: usable in a later autograd computation

@@ -41,19 +41,39 @@ from mmformer.tokenizer import Tokenizer
 pytest.importorskip("faiss")
 
 TIMEOUT = 300  # seconds for one launch (both processes); a loaded 2-core machine needs well under that
-COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 40, 230), "yellow": (240, 230, 20),
-          "black": (5, 5, 5), "white": (250, 250, 250), "purple": (140, 30, 160), "orange": (250, 140, 10)}
+COLORS = {
+    "red": (230, 20, 20),
+    "green": (20, 200, 40),
+    "blue": (20, 40, 230),
+    "yellow": (240, 230, 20),
+    "black": (5, 5, 5),
+    "white": (250, 250, 250),
+    "purple": (140, 30, 160),
+    "orange": (250, 140, 10),
+}
 MMFORMER = [sys.executable, "-m", "mmformer.cli"]
 # torchrun's own environment variables and SLURM's: a test launched under either must not leak them
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
-               "MASTER_PORT", "TORCHELASTIC_RUN_ID", "GLOBAL_RANK")
+LAUNCH_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "GLOBAL_RANK",
+)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without launcher variables, one thread per process, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
-                                                                             env.get("PYTHONPATH")])))
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")])),
+    )
     env.update(extra)
     return env
 
@@ -64,8 +84,10 @@ def run_all(commands: list[tuple[list[str], dict[str, str]]], cwd: Path, expect_
     running is killed (torchrun's workers with it) and the test fails with each one's output tail.
     ``expect_fail``: every process must exit non-zero by itself within the timeout instead."""
     logs = [tempfile.TemporaryFile("w+") for _ in commands]
-    procs = [subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-             for (argv, env), log in zip(commands, logs)]
+    procs = [
+        subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        for (argv, env), log in zip(commands, logs)
+    ]
     deadline, late = time.monotonic() + TIMEOUT, ""
     try:
         while time.monotonic() < deadline:
@@ -85,8 +107,9 @@ def run_all(commands: list[tuple[list[str], dict[str, str]]], cwd: Path, expect_
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    tails = "\n".join(f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}"
-                      for i, (p, out) in enumerate(zip(procs, outputs)))
+    tails = "\n".join(
+        f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}" for i, (p, out) in enumerate(zip(procs, outputs))
+    )
     if expect_fail:
         assert not late and all(p.returncode > 0 for p in procs), f"expected every process to fail{late}:\n{tails}"
     elif any(p.returncode != 0 for p in procs):
@@ -96,17 +119,44 @@ def run_all(commands: list[tuple[list[str], dict[str, str]]], cwd: Path, expect_
 
 def torchrun(node_rank: int, port: int, args: list[str]) -> list[str]:
     """The line run on node ``node_rank`` of 2 (one process a node), rendezvous at 127.0.0.1:port."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
-            "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            "--max-restarts", "0", "-m", "mmformer.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        str(node_rank),
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--max-restarts",
+        "0",
+        "-m",
+        "mmformer.cli",
+        *args,
+    ]
 
 
 def slurm_env(task: int, port: int) -> dict[str, str]:
     """What ``srun`` gives task ``task`` of a 2-node job with one task a node (node ``task``), plus
     the rendezvous address Lightning reads from MASTER_ADDR/MASTER_PORT."""
-    return clean_env(SLURM_NTASKS="2", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1", SLURM_PROCID=str(task),
-                     SLURM_LOCALID="0", SLURM_NODEID=str(task), SLURM_JOB_ID="4242", SLURM_JOB_NAME="mmformer-test",
-                     SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return clean_env(
+        SLURM_NTASKS="2",
+        SLURM_NNODES="2",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_PROCID=str(task),
+        SLURM_LOCALID="0",
+        SLURM_NODEID=str(task),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="mmformer-test",
+        SLURM_NODELIST="127.0.0.1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
 
 
 # ---- index build ------------------------------------------------------------------------------
@@ -117,8 +167,9 @@ def build_inputs(tmp_path_factory):
     torch.manual_seed(0)
     captions = [f"a {c} square" for c in COLORS] + list(COLORS)
     tok = Tokenizer.train(captions * 5, vocab_size=40)
-    cfg = ModelConfig(width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8,
-                      embed_dim=16)
+    cfg = ModelConfig(
+        width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8, embed_dim=16
+    )
     MMFormer(cfg, tok).eval().save_pretrained(root / "model")
     rng = np.random.default_rng(0)
     (root / "imgs" / "sub").mkdir(parents=True)
@@ -131,8 +182,21 @@ def build_inputs(tmp_path_factory):
 
 def build_args(root: Path, out: str, *extra: str) -> list[str]:
     """``mmformer index build`` arguments: the model and images of ``root``, index ``root/out``, 3 parts."""
-    return ["index", "build", "--model", str(root / "model"), "--images", str(root / "imgs"), "--out", str(root / out),
-            "--part-size", "3", "--backend", "flat", *extra]
+    return [
+        "index",
+        "build",
+        "--model",
+        str(root / "model"),
+        "--images",
+        str(root / "imgs"),
+        "--out",
+        str(root / out),
+        "--part-size",
+        "3",
+        "--backend",
+        "flat",
+        *extra,
+    ]
 
 
 def assert_same_index(one: Path, two: Path) -> None:
@@ -144,8 +208,19 @@ def assert_same_index(one: Path, two: Path) -> None:
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
     assert (one / SKIPPED).read_bytes() == (two / SKIPPED).read_bytes()
     m1, m2 = (json.loads((d / MANIFEST).read_text()) for d in (one, two))
-    for key in ("format", "count", "dim", "dtype", "metric", "kind", "backend", "backend_params", "build", "skipped",
-                "model"):
+    for key in (
+        "format",
+        "count",
+        "dim",
+        "dtype",
+        "metric",
+        "kind",
+        "backend",
+        "backend_params",
+        "build",
+        "skipped",
+        "model",
+    ):
         assert m1[key] == m2[key], key
     assert not (two / PARTS).exists()
 
@@ -194,10 +269,30 @@ def fit_args(root: Path, per_rank_batch: int, *extra: str) -> list[str]:
     """``mmformer fit`` of the tiny-cpu recipe with a tiny model for :data:`FIT_STEPS` steps, fp32,
     no augmentation (the samples of a step are the same in any number of processes), writing
     under ``root``."""
-    return ["fit", "--config", "tiny-cpu", "--trainer.max_steps", str(FIT_STEPS), "--trainer.default_root_dir",
-            str(root), "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar", "false",
-            "--trainer.log_every_n_steps", "1", "--model.model_config", TINY_MODEL, "--model.warmup_steps", "1",
-            "--data.batch_size", str(per_rank_batch), "--data.augment", "false", *extra]
+    return [
+        "fit",
+        "--config",
+        "tiny-cpu",
+        "--trainer.max_steps",
+        str(FIT_STEPS),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--model.model_config",
+        TINY_MODEL,
+        "--model.warmup_steps",
+        "1",
+        "--data.batch_size",
+        str(per_rank_batch),
+        "--data.augment",
+        "false",
+        *extra,
+    ]
 
 
 def final_weights(root: Path) -> dict[str, torch.Tensor]:
@@ -209,8 +304,16 @@ def final_weights(root: Path) -> dict[str, torch.Tensor]:
 def test_two_node_torchrun_fit_equals_one_process_with_the_same_global_batch(tmp_path):
     run_all([([*MMFORMER, *fit_args(tmp_path / "one", FIT_BATCH)], clean_env())], tmp_path)
     port = free_port()
-    args = fit_args(tmp_path / "two", FIT_BATCH // 2, "--trainer.strategy", "ddp", "--trainer.num_nodes", "2",
-                    "--trainer.devices", "1")
+    args = fit_args(
+        tmp_path / "two",
+        FIT_BATCH // 2,
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.num_nodes",
+        "2",
+        "--trainer.devices",
+        "1",
+    )
     outputs = run_all([(torchrun(r, port, args), clean_env()) for r in (0, 1)], tmp_path)
     assert_two_members(outputs)
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
@@ -221,7 +324,7 @@ def test_two_node_torchrun_fit_equals_one_process_with_the_same_global_batch(tmp
             # the key bias has an exactly-zero gradient (softmax ignores a per-query constant);
             # Adam turns its rounding noise into +-lr steps, so only q and v are compared
             d = want.shape[0] // 3
-            got, want = torch.cat([got[:d], got[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
+            got, want = torch.cat([got[:d], got[2 * d :]]), torch.cat([want[:d], want[2 * d :]])
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     # every step's loss (rank 0's log) is the loss over the whole global batch: a loss over each
     # node's 4 pairs alone would differ (tests/test_fsdp.py shows by how much)

@@ -40,12 +40,15 @@ def test_the_notebooks_exist():
 def test_committed_notebook_has_no_outputs(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    dirty = [
+        i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)
+    ]
     run_meta = [i for i, c in enumerate(nb.cells) if any(k in c.metadata for k in RUN_METADATA)]
     run_meta += ["notebook"] if any(k in nb.metadata for k in RUN_NB_METADATA) else []
     assert not dirty and not run_meta, (
         f"{path.name}: cells {dirty} have outputs or execution counts, {run_meta} have run metadata; "
-        "strip them with: python notebooks/strip_outputs.py")
+        "strip them with: python notebooks/strip_outputs.py"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -57,12 +60,18 @@ def test_notebook_has_a_parameters_cell_read_from_the_environment(path):
 
 
 def test_strip_removes_outputs_counts_and_run_metadata():
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_markdown_cell("# title"),
-        nbformat.v4.new_code_cell("1 + 1", execution_count=3, metadata={"execution": {"iopub.status.idle": "2026-01-01T00:00:00Z"}, "tags": ["keep"]},
-                                  outputs=[nbformat.v4.new_output("execute_result", {"text/plain": "2"},
-                                                                  execution_count=3)]),
-    ], metadata={"papermill": {}, "kernelspec": {"name": "python3", "display_name": "Python 3"}})
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_markdown_cell("# title"),
+            nbformat.v4.new_code_cell(
+                "1 + 1",
+                execution_count=3,
+                metadata={"execution": {"iopub.status.idle": "2026-01-01T00:00:00Z"}, "tags": ["keep"]},
+                outputs=[nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=3)],
+            ),
+        ],
+        metadata={"papermill": {}, "kernelspec": {"name": "python3", "display_name": "Python 3"}},
+    )
     assert strip(nb) is True
     code = nb.cells[1]
     assert code.outputs == [] and code.execution_count is None
@@ -109,8 +118,9 @@ def notebook_out(tmp_path_factory):
 
 def _execute(path: Path) -> nbformat.NotebookNode:
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(NB_DIR)}})
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(NB_DIR)}}
+    )
     client.execute()  # raises CellExecutionError (with the cell's traceback) on any error
     return nb
 

@@ -39,8 +39,15 @@ def exported(tmp_path_factory):
 def test_folder_holds_graphs_config_tokenizer_and_manifest(exported):
     model, out, _, _ = exported
     names = {p.name for p in out.iterdir()}
-    assert {"image.onnx", "text.onnx", "image.int8.onnx", "text.int8.onnx", "config.json", "tokenizer.model",
-            "onnx.json"} <= names and not [n for n in names if n.startswith(".")]
+    assert {
+        "image.onnx",
+        "text.onnx",
+        "image.int8.onnx",
+        "text.int8.onnx",
+        "config.json",
+        "tokenizer.model",
+        "onnx.json",
+    } <= names and not [n for n in names if n.startswith(".")]
     man = json.loads((out / "onnx.json").read_text())
     assert man["fingerprint"] == model_fingerprint(model) and man["opset"] >= 17
     assert man["parity"]["image_fp32_max_abs_diff"] < ATOL and man["parity"]["text_int8_min_cosine"] > COSINE_MIN

@@ -24,8 +24,14 @@ from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 from mmformer.training.datamodule import MIN_BATCHES_PER_EPOCH, ImageTextDataModule
 
 REPO = Path(__file__).resolve().parent.parent
-COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 40, 230), "yellow": (240, 230, 20),
-          "purple": (140, 30, 160), "orange": (250, 140, 10)}
+COLORS = {
+    "red": (230, 20, 20),
+    "green": (20, 200, 40),
+    "blue": (20, 40, 230),
+    "yellow": (240, 230, 20),
+    "purple": (140, 30, 160),
+    "orange": (250, 140, 10),
+}
 SHAPES = ("square", "circle")
 
 
@@ -51,14 +57,26 @@ def write_manifests(root: Path, rows: list[dict[str, str]]) -> tuple[Path, Path]
         w = csv.DictWriter(f, fieldnames=["image", "caption", "concept"])
         w.writeheader()
         w.writerows(rows)
-    (root / "m.jsonl").write_text("".join(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n"
-                                          for r in rows), encoding="utf-8")
+    (root / "m.jsonl").write_text(
+        "".join(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n" for r in rows), encoding="utf-8"
+    )
     return root / "m.csv", root / "m.jsonl"
 
 
-FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--data.num_workers", "0", "--data.batch_size", "8", "--trainer.val_check_interval", "2",
-        "--trainer.log_every_n_steps", "1"]
+FAST = [
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.num_workers",
+    "0",
+    "--data.batch_size",
+    "8",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.log_every_n_steps",
+    "1",
+]
 
 
 def test_own_pictures_from_manifest_to_served_index(tmp_path, capsys, caplog):
@@ -69,8 +87,23 @@ def test_own_pictures_from_manifest_to_served_index(tmp_path, capsys, caplog):
     # fit from scratch on the CSV: a tenth of the concepts held out, the few-batches warning, and at
     # the end the model folder, the checkpoints and the log under default_root_dir, printed
     with caplog.at_level(logging.WARNING, logger="mmformer"):
-        assert main(["fit", "--config", "own-data", "--data.train_manifest", str(csv_path),
-                     "--trainer.default_root_dir", str(run), "--trainer.max_steps", "4", *FAST]) == 0
+        assert (
+            main(
+                [
+                    "fit",
+                    "--config",
+                    "own-data",
+                    "--data.train_manifest",
+                    str(csv_path),
+                    "--trainer.default_root_dir",
+                    str(run),
+                    "--trainer.max_steps",
+                    "4",
+                    *FAST,
+                ]
+            )
+            == 0
+        )
     out, err = capsys.readouterr()
     assert "validation: 1 of 12 concepts (2 of 24 captions)" in err, err
     assert "by its 'concept' column" in err
@@ -93,10 +126,27 @@ def test_own_pictures_from_manifest_to_served_index(tmp_path, capsys, caplog):
     # (the logs put elsewhere with --trainer.logger.init_args.save_dir alone, as before the recipes
     # stopped naming their logger)
     run2 = tmp_path / "run2"
-    assert main(["fit", "--config", "own-data", "--data.train_manifest", str(jsonl_path),
-                 "--model.pretrained", str(model_dir), "--trainer.default_root_dir", str(run2),
-                 "--trainer.logger.init_args.save_dir", str(tmp_path / "logs2"), "--trainer.max_steps", "0",
-                 *FAST]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                "own-data",
+                "--data.train_manifest",
+                str(jsonl_path),
+                "--model.pretrained",
+                str(model_dir),
+                "--trainer.default_root_dir",
+                str(run2),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "logs2"),
+                "--trainer.max_steps",
+                "0",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "validation: 2 of 24 images (2 of 24 captions)" in err, err
     assert f"metrics: {tmp_path / 'logs2' / 'logs' / 'version_0' / 'metrics.csv'}" in out, out
@@ -129,10 +179,29 @@ def test_own_pictures_from_manifest_to_served_index(tmp_path, capsys, caplog):
     gport, hport = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("MMFORMER_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "mmformer.cli", "serve", "--model", str(model_dir),
-                             "--index", f"own={index}", "--grpc-port", str(gport), "--http-port", str(hport),
-                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mmformer.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--index",
+            f"own={index}",
+            "--grpc-port",
+            str(gport),
+            "--http-port",
+            str(hport),
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     base = f"http://127.0.0.1:{hport}"
     try:
         end = time.monotonic() + 90
@@ -183,8 +252,9 @@ def test_validation_is_held_out_by_concept_or_by_image_and_never_overlaps(tmp_pa
     val_images = {rows[i]["image"] for i in items(by_image.val_dataset)}
     assert len(val_images) == 6 and not val_images & {rows[i]["image"] for i in items(by_image.train_dataset)}
     batch = next(iter(dm.val_dataloader()))  # eval transform, pair ids for the retrieval metrics
-    assert batch["images"].shape == (6, 3, 16, 16) and sorted(batch["image_ids"].tolist()) == \
-        sorted(dm.val_dataset.dataset.caption_to_image[val].tolist())
+    assert batch["images"].shape == (6, 3, 16, 16) and sorted(batch["image_ids"].tolist()) == sorted(
+        dm.val_dataset.dataset.caption_to_image[val].tolist()
+    )
     assert data_module(csv_path).val_dataset is None  # the data module's default: no split (the recipes set 0.1)
     assert data_module(csv_path, val_manifest=str(jsonl_path)).train_dataset.__class__.__name__ == "ImageTextManifest"
     with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\), got 1"):

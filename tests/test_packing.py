@@ -115,6 +115,7 @@ def test_packing_is_skipped_without_pads_when_off_and_when_traced():
     seen = []
     original = model._packing
     model._packing = lambda m: seen.append(original(m)) or seen[-1]
+
     class EncodeText(torch.nn.Module):
         def __init__(self):
             super().__init__()

@@ -53,13 +53,15 @@ def _pp_worker(rank, port, root, out):
     module = make_module()
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True)
     trainer(root, 5, [rec, ExactResume(), StopAt(3), ckpt], strategy=strategy("1f1b"), devices=2).fit(
-        module, make_loader(B))
+        module, make_loader(B)
+    )
     params3 = _own_params(module)
 
     rec2 = LossRecorder()
     module2 = make_module()
     trainer(root, 5, [rec2, ExactResume()], strategy=strategy("1f1b"), devices=2).fit(
-        module2, make_loader(B), ckpt_path=str(root / "ckpt" / "last.ckpt"))
+        module2, make_loader(B), ckpt_path=str(root / "ckpt" / "last.ckpt")
+    )
     params5 = _own_params(module2)
 
     rec3 = LossRecorder()
@@ -68,16 +70,32 @@ def _pp_worker(rank, port, root, out):
 
     # validation through the forward-only schedule: the module's validation_step gets embeddings
     module4 = make_module()
-    tr4 = L.Trainer(accelerator="cpu", devices=2, strategy=strategy("1f1b"), logger=False, limit_val_batches=1,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root))
+    tr4 = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy("1f1b"),
+        logger=False,
+        limit_val_batches=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+    )
     seen = []
     original = module4.validation_step
-    module4.validation_step = lambda batch, batch_idx: (original(batch, batch_idx), seen.append(module4._val_outputs[-1]))[0]
+    module4.validation_step = lambda batch, batch_idx: (
+        original(batch, batch_idx),
+        seen.append(module4._val_outputs[-1]),
+    )[0]
     module4._log_retrieval = lambda stage: None
     tr4.validate(module4, make_loader(B))
-    out[rank] = {"losses": rec.losses + rec2.losses, "params3": params3, "params5": params5,
-                 "gpipe_losses": rec3.losses, "gpipe_params3": _own_params(module3),
-                 "val": {k: v for k, v in seen[0].items() if k in ("image", "text")}}
+    out[rank] = {
+        "losses": rec.losses + rec2.losses,
+        "params3": params3,
+        "params5": params5,
+        "gpipe_losses": rec3.losses,
+        "gpipe_params3": _own_params(module3),
+        "val": {k: v for k, v in seen[0].items() if k in ("image", "text")},
+    }
 
 
 def _dp_pp_worker(rank, port, root, out):
@@ -88,10 +106,15 @@ def _dp_pp_worker(rank, port, root, out):
     module = make_module()
     strategy = PipelineStrategy(pipeline_parallel_size=2, microbatches=2, schedule="1f1b")
     trainer(root, 5, [rec, StopAt(3)], strategy=strategy, devices=4).fit(module, make_loader(B // 2, 2, rank // 2))
-    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-              for n, p in module.model.named_parameters()}
-    out[rank] = {"losses": rec.losses, "params3": params, "sharded": all(hasattr(p, "to_local") for p in
-                                                                          module.model.parameters() if p.ndim)}
+    params = {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in module.model.named_parameters()
+    }
+    out[rank] = {
+        "losses": rec.losses,
+        "params3": params,
+        "sharded": all(hasattr(p, "to_local") for p in module.model.parameters() if p.ndim),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +151,7 @@ def _assert_params_close(got: dict, want: dict, where: str) -> None:
         g, w = got[name], ref
         if name.endswith("attn.qkv.bias"):  # the key bias: zero true gradient, Adam amplifies noise
             d = ref.shape[0] // 3
-            g, w = torch.cat([g[:d], g[2 * d:]]), torch.cat([w[:d], w[2 * d:]])
+            g, w = torch.cat([g[:d], g[2 * d :]]), torch.cat([w[:d], w[2 * d :]])
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} ({where}): {m}")
 
 
@@ -163,8 +186,15 @@ def test_micro_batch_losses_alone_would_differ():
     with torch.no_grad():
         o = module(batch["images"], batch["input_ids"], batch["attention_mask"])
         full = clip_loss(o["image_embeds"], o["text_embeds"], o["logit_scale"], batch["concepts"])
-        parts = [clip_loss(o["image_embeds"][s:s + 2], o["text_embeds"][s:s + 2], o["logit_scale"],
-                           batch["concepts"][s:s + 2]) for s in range(0, B, B // MICRO)]
+        parts = [
+            clip_loss(
+                o["image_embeds"][s : s + 2],
+                o["text_embeds"][s : s + 2],
+                o["logit_scale"],
+                batch["concepts"][s : s + 2],
+            )
+            for s in range(0, B, B // MICRO)
+        ]
     assert abs(full.item() - sum(p.item() for p in parts) / MICRO) > 1e-2
 
 
@@ -196,8 +226,7 @@ def test_pipeline_validation_gives_the_model_embeddings(pp_run):
 def test_data_2_x_pipeline_2_with_fsdp_equals_one_process(tmp_path, reference):
     out = mp.Manager().dict()
     # fork: this run loads no checkpoint (spawned, it crashed as well; see above)
-    mp.start_processes(_dp_pp_worker, args=(free_port(), str(tmp_path), out), nprocs=4, join=True,
-                       start_method="fork")
+    mp.start_processes(_dp_pp_worker, args=(free_port(), str(tmp_path), out), nprocs=4, join=True, start_method="fork")
     ref_losses, ref3, _ = reference
     for rank in range(4):
         assert out[rank]["sharded"], rank

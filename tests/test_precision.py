@@ -27,12 +27,15 @@ class FakeClock:
 
 def fake_steps(clock, seconds, calls):
     """make_step stand-in: each step of precision p advances the clock by seconds[p]."""
+
     def make_step(model, images, ids, mask, precision):
         calls.append(precision)
 
         def step():
             clock.now += seconds[precision]
+
         return step
+
     return make_step
 
 
@@ -51,12 +54,15 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-@pytest.mark.parametrize("seconds,expect", [
-    ({"32-true": 0.010, "bf16-mixed": 0.017}, "32-true"),     # tiny on an AMX CPU
-    ({"32-true": 0.040, "bf16-mixed": 0.021}, "bf16-mixed"),  # small on an AMX CPU
-    ({"32-true": 0.020, "bf16-mixed": 0.020}, "32-true"),     # a tie keeps fp32
-    ({"32-true": 0.020, "bf16-mixed": 0.0195}, "32-true"),    # within 5%: noise, keep fp32
-])
+@pytest.mark.parametrize(
+    "seconds,expect",
+    [
+        ({"32-true": 0.010, "bf16-mixed": 0.017}, "32-true"),  # tiny on an AMX CPU
+        ({"32-true": 0.040, "bf16-mixed": 0.021}, "bf16-mixed"),  # small on an AMX CPU
+        ({"32-true": 0.020, "bf16-mixed": 0.020}, "32-true"),  # a tie keeps fp32
+        ({"32-true": 0.020, "bf16-mixed": 0.0195}, "32-true"),  # within 5%: noise, keep fp32
+    ],
+)
 def test_the_faster_measured_precision_wins(tiny, seconds, expect):
     clock, calls = FakeClock(), []
     choice = choose_precision(*tiny, steps=3, warmup=2, timer=clock, make_step=fake_steps(clock, seconds, calls))
@@ -71,15 +77,24 @@ def test_choice_is_cached_per_config_and_batch(tiny, cache_dir):
     seconds = {"32-true": 0.03, "bf16-mixed": 0.01}
     first = choose_precision(*tiny, timer=clock, make_step=fake_steps(clock, seconds, calls))
     assert (cache_dir / "precision.json").is_file() and not first.cached
-    again = choose_precision(*tiny, timer=clock, make_step=fake_steps(clock, {"32-true": 0.01, "bf16-mixed": 0.03}, calls))
+    again = choose_precision(
+        *tiny, timer=clock, make_step=fake_steps(clock, {"32-true": 0.01, "bf16-mixed": 0.03}, calls)
+    )
     assert again.cached and again.precision == "bf16-mixed" and len(calls) == 2  # nothing re-measured
     assert "(cached measurement)" in again.reason()
     model, images, ids, mask = tiny
-    other = choose_precision(model, images[:2], ids[:2], mask[:2], timer=clock,
-                             make_step=fake_steps(clock, {"32-true": 0.01, "bf16-mixed": 0.03}, calls))
+    other = choose_precision(
+        model,
+        images[:2],
+        ids[:2],
+        mask[:2],
+        timer=clock,
+        make_step=fake_steps(clock, {"32-true": 0.01, "bf16-mixed": 0.03}, calls),
+    )
     assert not other.cached and other.precision == "32-true"  # another batch size is measured anew
-    fresh = choose_precision(*tiny, use_cache=False, timer=clock,
-                             make_step=fake_steps(clock, {"32-true": 0.01, "bf16-mixed": 0.03}, calls))
+    fresh = choose_precision(
+        *tiny, use_cache=False, timer=clock, make_step=fake_steps(clock, {"32-true": 0.01, "bf16-mixed": 0.03}, calls)
+    )
     assert not fresh.cached and fresh.precision == "32-true"
 
 
@@ -89,6 +104,7 @@ def test_time_steps_takes_the_median_after_warmup():
 
     def step():
         clock.now += next(durations)
+
     assert time_steps(step, steps=3, warmup=2, timer=clock) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         time_steps(step, steps=0, warmup=0)
@@ -105,6 +121,7 @@ def test_a_far_slower_candidate_is_stopped_after_two_slow_rounds(tiny):
         def step():
             stepped.append(precision)
             clock.now += seconds[precision] * (3 if stepped.count(precision) == 1 else 1)  # slow first call
+
         return step
 
     choice = choose_precision(*tiny, steps=5, warmup=3, timer=clock, make_step=make_step)
@@ -132,6 +149,7 @@ def test_one_slow_warm_up_call_does_not_stop_a_candidate(tiny):
         def step():
             stepped.append(precision)
             clock.now += calls[precision][stepped.count(precision) - 1]
+
         return step
 
     choice = choose_precision(*tiny, steps=5, warmup=3, use_cache=False, timer=clock, make_step=make_step)
@@ -142,6 +160,7 @@ def test_one_slow_warm_up_call_does_not_stop_a_candidate(tiny):
 
 def test_time_interleaved_refuses_a_drop_factor_of_one_or_less():
     from mmformer.training.precision import time_interleaved
+
     with pytest.raises(ValueError, match="drop_slower must be > 1"):
         time_interleaved({"a": lambda: None}, steps=1, warmup=0, drop_slower=1.0)
 
@@ -210,6 +229,7 @@ def test_interleaved_timing_is_not_biased_by_a_machine_that_slows_down(tiny):
         def step():
             n["steps"] += 1
             clock.now += 0.01 * n["steps"]
+
         return step
 
     choice = choose_precision(*tiny, steps=5, warmup=3, use_cache=False, timer=clock, make_step=make_step)
@@ -218,9 +238,11 @@ def test_interleaved_timing_is_not_biased_by_a_machine_that_slows_down(tiny):
     assert choice.precision == "32-true"
 
 
-TINY_RECIPE = ("trainer:\n  precision: auto\n  max_steps: 3\n  logger: false\n  enable_checkpointing: false\n"
-               "model:\n  preset: tiny\n  model_config: {width: 32, depth: 1, heads: 2, embed_dim: 16}\n"
-               "data:\n  batch_size: 4\n")
+TINY_RECIPE = (
+    "trainer:\n  precision: auto\n  max_steps: 3\n  logger: false\n  enable_checkpointing: false\n"
+    "model:\n  preset: tiny\n  model_config: {width: 32, depth: 1, heads: 2, embed_dim: 16}\n"
+    "data:\n  batch_size: 4\n"
+)
 
 
 @pytest.fixture
@@ -234,15 +256,19 @@ def measured(monkeypatch):
     def fake(module, datamodule):
         calls.append((module, datamodule))
         return PrecisionChoice("bf16-mixed", {"32-true": 0.02, "bf16-mixed": 0.01})
+
     monkeypatch.setattr(recipes, "auto_precision", fake)
     return calls
 
 
-@pytest.mark.parametrize("extra,auto", [
-    ([], True),                                                   # the recipe's auto
-    (["--trainer.precision", "32-true"], False),                  # a later value overrides it
-    (["--trainer.precision=bf16-mixed", "--trainer.precision=auto"], True),  # the last one given counts
-])
+@pytest.mark.parametrize(
+    "extra,auto",
+    [
+        ([], True),  # the recipe's auto
+        (["--trainer.precision", "32-true"], False),  # a later value overrides it
+        (["--trainer.precision=bf16-mixed", "--trainer.precision=auto"], True),  # the last one given counts
+    ],
+)
 def test_recipe_precision_auto_is_measured_in_the_cli_hooks(tmp_path, measured, extra, auto):
     from mmformer.training.recipes import RecipeCLI
 

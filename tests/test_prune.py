@@ -41,8 +41,7 @@ from mmformer.training.distill import DistillModule
 from mmformer.training.precision import autocast_for, cache_key
 from mmformer.training.prune import pruning_datamodule, recover, scoring_batches
 
-TINY = dict(width=32, depth=3, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8,
-            embed_dim=16)
+TINY = dict(width=32, depth=3, heads=4, image_size=16, patch_size=8, vocab_size=64, context_length=8, embed_dim=16)
 GATE_TOL = 1e-6  # removing a head vs gating it to zero: only the summation order differs
 
 
@@ -107,12 +106,15 @@ def test_block_heads_round_trips_and_old_configs_load(tmp_path):
     assert "block_heads" not in old and ModelConfig.from_dict(old).block_heads is None
 
 
-@pytest.mark.parametrize("value, message", [
-    ([4, 4], r"one entry per block \(depth=3\), got 2"),
-    ([4, 0, 4], r"every block keeps 1..heads=4 heads \(blocks \[1\] do not\)"),
-    ([4, 5, 4], r"blocks \[1\] do not"),
-    ([4, 2.0, 4], "must be a list of ints"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ([4, 4], r"one entry per block \(depth=3\), got 2"),
+        ([4, 0, 4], r"every block keeps 1..heads=4 heads \(blocks \[1\] do not\)"),
+        ([4, 5, 4], r"blocks \[1\] do not"),
+        ([4, 2.0, 4], "must be a list of ints"),
+    ],
+)
 def test_bad_block_heads_are_named(value, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**TINY, block_heads=value)
@@ -151,7 +153,7 @@ def test_attention_with_an_inner_width_below_the_model_width(share):
         qkv = w(x)
         heads = []
         for h in range(3):
-            q, k, v = (qkv[..., part * 24 + h * 8: part * 24 + (h + 1) * 8] for part in range(3))
+            q, k, v = (qkv[..., part * 24 + h * 8 : part * 24 + (h + 1) * 8] for part in range(3))
             s = q @ k.transpose(1, 2) / 8**0.5
             s = s.masked_fill(~mask[:, None, :], float("-inf"))
             heads.append(s.softmax(-1) @ v)
@@ -209,15 +211,18 @@ def test_every_route_is_sliced_the_same_way_document_expert_and_sparse_kernels()
             assert (got - want)[mask].abs().max() <= GATE_TOL, (kind, modality)
 
 
-@pytest.mark.parametrize("remove, message", [
-    (1.0, r"fraction of heads to remove must be a number in \[0, 1\), got 1.0"),
-    (-0.1, r"must be a number in \[0, 1\)"),
-    (0.9, r"removing 0.9 of the heads is 11 of 12, but each of the 3 blocks keeps at least one head: at most 9"),
-    ([[0, 1, 2, 3], [], []], r"block 0: removing \[0, 1, 2, 3\] would remove all 4 of its heads"),
-    ([[4], [], []], r"block 0 has heads 0..3; cannot remove \[4\]"),
-    ([[1, 1], [], []], "listed twice"),
-    ([[1], []], r"one list per block \(3 blocks\)"),
-])
+@pytest.mark.parametrize(
+    "remove, message",
+    [
+        (1.0, r"fraction of heads to remove must be a number in \[0, 1\), got 1.0"),
+        (-0.1, r"must be a number in \[0, 1\)"),
+        (0.9, r"removing 0.9 of the heads is 11 of 12, but each of the 3 blocks keeps at least one head: at most 9"),
+        ([[0, 1, 2, 3], [], []], r"block 0: removing \[0, 1, 2, 3\] would remove all 4 of its heads"),
+        ([[4], [], []], r"block 0 has heads 0..3; cannot remove \[4\]"),
+        ([[1, 1], [], []], "listed twice"),
+        ([[1], []], r"one list per block \(3 blocks\)"),
+    ],
+)
 def test_bad_removals_are_clear_errors(remove, message):
     with pytest.raises(ValueError, match=message):
         prune_heads(tiny(), remove)
@@ -277,8 +282,10 @@ def test_gradient_importance_equals_an_autograd_identity(share):
         clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], gather=False).backward()
         for i, block in enumerate(model.blocks):
             for h in range(4):
-                d = sum((p.weight[:, h * 8:(h + 1) * 8] * p.weight.grad[:, h * 8:(h + 1) * 8]).sum()
-                        for p in each(block.attn.proj))
+                d = sum(
+                    (p.weight[:, h * 8 : (h + 1) * 8] * p.weight.grad[:, h * 8 : (h + 1) * 8]).sum()
+                    for p in each(block.attn.proj)
+                )
                 want[i, h] += abs(float(d.detach())) / len(batches)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
     assert float(want.min()) > 0
@@ -337,7 +344,7 @@ def test_magnitude_importance_by_hand(share, p):
                 rows = [part * 32 + h * 8 + j for part in range(3) for j in range(8)]
                 total += sum(abs(float(w)) ** p for w in qkv.weight[rows].flatten()) ** (1 / p)
             for proj in each(block.attn.proj):
-                total += sum(abs(float(w)) ** p for w in proj.weight[:, h * 8:(h + 1) * 8].flatten()) ** (1 / p)
+                total += sum(abs(float(w)) ** p for w in proj.weight[:, h * 8 : (h + 1) * 8].flatten()) ** (1 / p)
             assert float(got[i, h]) == pytest.approx(total, rel=1e-5)
 
 
@@ -378,9 +385,9 @@ def by_hand_loss(student: MMFormer, teacher: MMFormer, b: dict) -> torch.Tensor:
         t_img = F.normalize(teacher.encode_image(b["images"]).float(), dim=-1)
         t_txt = F.normalize(teacher.encode_text(b["input_ids"], b["attention_mask"]).float(), dim=-1)
         t_scale = teacher.logit_scale.float().exp().clamp(max=teacher.config.logit_scale_max)
-    return clip_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], gather=False) + \
-        affinity_distill_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], t_img, t_txt, t_scale,
-                              gather=False)
+    return clip_loss(s["image_embeds"], s["text_embeds"], s["logit_scale"], gather=False) + affinity_distill_loss(
+        s["image_embeds"], s["text_embeds"], s["logit_scale"], t_img, t_txt, t_scale, gather=False
+    )
 
 
 def test_recover_distills_from_the_frozen_teacher():
@@ -415,8 +422,10 @@ def test_recover_decays_the_learning_rate_on_a_cosine_and_clips():
     for the default cosine, lr throughout with min_lr_ratio=1; the AdamW groups are the project's
     (decay on weight matrices only); gradients are clipped to max_grad_norm."""
     teacher = tiny()
-    for kw, want in (({}, [1e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]),
-                     ({"min_lr_ratio": 1.0}, [1e-3] * 4)):
+    for kw, want in (
+        ({}, [1e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]),
+        ({"min_lr_ratio": 1.0}, [1e-3] * 4),
+    ):
         student = prune_heads(teacher, [[0], [], []])
         seen, norms = [], []
 
@@ -427,13 +436,17 @@ def test_recover_decays_the_learning_rate_on_a_cosine_and_clips():
 
         class GradNorm(L.Callback):  # after the step: the gradients it used, clipped
             def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx, norms=norms):
-                norms.append(float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.norm() for p in pl_module.parameters() if p.grad is not None]))))
+                norms.append(
+                    float(
+                        torch.linalg.vector_norm(
+                            torch.stack([p.grad.norm() for p in pl_module.parameters() if p.grad is not None])
+                        )
+                    )
+                )
 
         hook = register_optimizer_step_pre_hook(pre_step)
         try:
-            recover(student, teacher, Batches([batch(1)]), 4, lr=1e-3, max_grad_norm=0.01, callbacks=[GradNorm()],
-                    **kw)
+            recover(student, teacher, Batches([batch(1)]), 4, lr=1e-3, max_grad_norm=0.01, callbacks=[GradNorm()], **kw)
         finally:
             hook.remove()
         assert seen == pytest.approx(want, rel=1e-12), kw
@@ -456,11 +469,25 @@ def test_recover_under_bf16_mixed_keeps_fp32_weights():
 
     class GradNorm(L.Callback):  # Lightning refuses to clip for a fused optimizer under mixed precision
         def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
-            norms.append(float(torch.linalg.vector_norm(torch.stack(
-                [p.grad.norm() for p in pl_module.parameters() if p.grad is not None]))))
+            norms.append(
+                float(
+                    torch.linalg.vector_norm(
+                        torch.stack([p.grad.norm() for p in pl_module.parameters() if p.grad is not None])
+                    )
+                )
+            )
 
-    recover(student, teacher, Batches([b]), 2, lr=1e-3, precision="bf16-mixed", max_grad_norm=0.01,
-            on_step=lambda step, loss: seen.append(loss), callbacks=[GradNorm()])
+    recover(
+        student,
+        teacher,
+        Batches([b]),
+        2,
+        lr=1e-3,
+        precision="bf16-mixed",
+        max_grad_norm=0.01,
+        on_step=lambda step, loss: seen.append(loss),
+        callbacks=[GradNorm()],
+    )
     assert seen[0] == pytest.approx(float(want), rel=1e-5)
     assert len(norms) == 2 and max(norms) <= 0.01 * (1 + 1e-3)
     assert all(p.dtype == torch.float32 for p in student.parameters())
@@ -479,8 +506,10 @@ def test_the_recovery_precision_names_and_auto(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="auto needs the model and one image-text batch"):
         autocast_for("auto", model)
     key = cache_key(model, b["images"].shape[0])
-    for times, want in (({"32-true": 0.05, "bf16-mixed": 0.01}, torch.bfloat16),
-                        ({"32-true": 0.01, "bf16-mixed": 0.05}, None)):
+    for times, want in (
+        ({"32-true": 0.05, "bf16-mixed": 0.01}, torch.bfloat16),
+        ({"32-true": 0.01, "bf16-mixed": 0.05}, None),
+    ):
         (tmp_path / "precision.json").write_text(json.dumps({key: times}))
         dtype, choice = autocast_for("auto", model, b)
         assert dtype == want and choice.cached and choice.seconds_per_step == times
@@ -499,8 +528,21 @@ def tiny_dir(tmp_path_factory):
 
 def test_the_prune_command_end_to_end(tiny_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
-    args = ["prune", "--model", str(tiny_dir), "--heads", "0.25", "--out", str(out), "--batches", "1",
-            "--batch-size", "8", "--recover", "2"]
+    args = [
+        "prune",
+        "--model",
+        str(tiny_dir),
+        "--heads",
+        "0.25",
+        "--out",
+        str(out),
+        "--batches",
+        "1",
+        "--batch-size",
+        "8",
+        "--recover",
+        "2",
+    ]
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"loaded {tiny_dir}: ") and "heads per block [4, 4, 4]" in lines[0]
@@ -522,18 +564,53 @@ def test_the_prune_command_end_to_end(tiny_dir, tmp_path, capsys):
     assert run(args) == 1
     assert "already exists and is not empty" in capsys.readouterr().err
     for frac in ("1.5", "0.9"):
-        assert run(["prune", "--model", str(tiny_dir), "--heads", frac, "--out", str(tmp_path / "x"),
-                    "--criterion", "magnitude"]) == 1
+        assert (
+            run(
+                [
+                    "prune",
+                    "--model",
+                    str(tiny_dir),
+                    "--heads",
+                    frac,
+                    "--out",
+                    str(tmp_path / "x"),
+                    "--criterion",
+                    "magnitude",
+                ]
+            )
+            == 1
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("mmformer prune: ") and ("[0, 1)" in err[0] or "at most 9" in err[0])
     assert not (tmp_path / "x").exists()
-    assert main(["prune", "--model", str(tiny_dir), "--heads", "0.5", "--out", str(out), "--overwrite",
-                 "--criterion", "magnitude"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_dir),
+                "--heads",
+                "0.5",
+                "--out",
+                str(out),
+                "--overwrite",
+                "--criterion",
+                "magnitude",
+            ]
+        )
+        == 0
+    )
     assert sum(MMFormer.from_pretrained(out).config.heads_per_block) == 6
 
 
-COLOURS = {"red": (220, 30, 30, 255), "green": (30, 200, 60, 255), "blue": (40, 60, 230, 255),
-           "yellow": (240, 220, 40, 255), "black": (10, 10, 10, 255), "white": (250, 250, 250, 255)}
+COLOURS = {
+    "red": (220, 30, 30, 255),
+    "green": (30, 200, 60, 255),
+    "blue": (40, 60, 230, 255),
+    "yellow": (240, 220, 40, 255),
+    "black": (10, 10, 10, 255),
+    "white": (250, 250, 250, 255),
+}
 
 
 @pytest.fixture
@@ -561,9 +638,34 @@ def test_the_prune_command_on_a_user_manifest(tiny_dir, colour_manifest, tmp_pat
 
     monkeypatch.setattr(DistillModule, "training_loss", record)
     out = tmp_path / "pruned"
-    assert main(["prune", "--model", str(tiny_dir), "--heads", "0.25", "--out", str(out), "--data", str(manifest),
-                 "--image-col", "file", "--caption-col", "text", "--batches", "4", "--batch-size", "3",
-                 "--recover", "5", "--precision", "32-true"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_dir),
+                "--heads",
+                "0.25",
+                "--out",
+                str(out),
+                "--data",
+                str(manifest),
+                "--image-col",
+                "file",
+                "--caption-col",
+                "text",
+                "--batches",
+                "4",
+                "--batch-size",
+                "3",
+                "--recover",
+                "5",
+                "--precision",
+                "32-true",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert f"data: 2 batches of 3 pairs from the manifest {manifest}" in lines  # 6 pairs: 2 batches, not 4
     summary = [line for line in lines if line.startswith("recovery: loss ")]
@@ -585,9 +687,11 @@ def test_prune_data_flags_are_exact_and_exclusive(tiny_dir, colour_manifest, tmp
     args = parser.parse_args(["prune", "--model", "m", "--heads", "0.1", "--out", "o", "--data", "x.csv"])
     assert args.data == "x.csv" and args.data_dir is None
     base = ["prune", "--model", str(tiny_dir), "--heads", "0.25", "--out", str(tmp_path / "o")]
-    for extra, message in ((["--data", str(manifest), "--shards", "s-{0..1}.tar"], "two sources of training pairs"),
-                           (["--data", str(manifest), "--data-dir", str(tmp_path)], "--data MANIFEST replaces"),
-                           (["--data", str(tmp_path / "missing.csv")], "missing.csv")):
+    for extra, message in (
+        (["--data", str(manifest), "--shards", "s-{0..1}.tar"], "two sources of training pairs"),
+        (["--data", str(manifest), "--data-dir", str(tmp_path)], "--data MANIFEST replaces"),
+        (["--data", str(tmp_path / "missing.csv")], "missing.csv"),
+    ):
         assert run(base + extra) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("mmformer prune: ") and message in err[0], err

@@ -13,8 +13,7 @@ import torch
 from mmformer.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint, export_checkpoint
 from mmformer.model import MMFormer
 
-from train_helpers import (RESUME_STEPS, LossRecorder, PairSet, make_loader, make_module, resume_run,
-                           trainer)
+from train_helpers import RESUME_STEPS, LossRecorder, PairSet, make_loader, make_module, resume_run, trainer
 
 KILL_AT = 5  # mid-epoch: step 5 of 8
 
@@ -27,8 +26,9 @@ def killed_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("killed")
     helpers = Path(__file__).with_name("train_helpers.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(helpers.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(helpers), str(root), str(KILL_AT)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(helpers), str(root), str(KILL_AT)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]  # killed by SIGKILL, not finished or crashed
     return root
 
@@ -98,7 +98,9 @@ def _nan_loader(bad_batch: int):
 
 
 def test_nonfinite_stop_names_the_step_and_batch(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at optimizer step 2, epoch 0, batch 2"):
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite training loss \(nan\) at optimizer step 2, epoch 0, batch 2"
+    ):
         trainer(tmp_path, 4, []).fit(make_module(nonfinite="stop"), _nan_loader(2))
 
 

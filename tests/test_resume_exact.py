@@ -22,7 +22,7 @@ STEPS, KILL_AT, BATCH = 7, 3, 8  # the epoch (16 samples / 8) ends at step 2, so
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RUN = r'''
+RUN = r"""
 import json, os, signal, sys
 import lightning as L
 import torch
@@ -60,14 +60,19 @@ trainer = L.Trainer(max_steps=STEPS, logger=False, enable_progress_bar=False, en
                                                          save_last=True)])
 trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
 torch.save({k: v.detach() for k, v in module.model.state_dict().items()}, os.path.join(root, "final.pt"))
-'''
+"""
 
 
 def _run(root: Path, source: str, data: Path, kill_at: int = 0, ckpt: str = "", global_seed: int = 0):
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "GLOBAL_SEED": str(global_seed), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", RUN, str(root), source, str(data), str(kill_at), ckpt,
-                           str(STEPS), str(BATCH)], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", RUN, str(root), source, str(data), str(kill_at), ckpt, str(STEPS), str(BATCH)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _losses(root: Path) -> dict[int, float]:
@@ -79,8 +84,9 @@ def _check_exact(tmp_path: Path, source: str, data: Path) -> None:
     assert full.returncode == 0, full.stderr[-3000:]
     killed = _run(tmp_path / "killed", source, data, kill_at=KILL_AT, global_seed=1)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed = _run(tmp_path / "killed", source, data, ckpt=str(tmp_path / "killed" / "ckpt" / "last.ckpt"),
-                   global_seed=2)
+    resumed = _run(
+        tmp_path / "killed", source, data, ckpt=str(tmp_path / "killed" / "ckpt" / "last.ckpt"), global_seed=2
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want, got = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
@@ -121,7 +127,11 @@ def test_shards_resume_is_exact(tmp_path, images):
     from mmformer.data.shards import write_shards
 
     rows = [json.loads(line) for line in (images / "m.jsonl").read_text().splitlines()]
-    paths = write_shards(({"image": images / r["image"], "caption": [r["caption"], r["caption"].upper()]}
-                          for r in rows), str(tmp_path / "shard-%03d.tar"), maxcount=5, caption_format="json")
+    paths = write_shards(
+        ({"image": images / r["image"], "caption": [r["caption"], r["caption"].upper()]} for r in rows),
+        str(tmp_path / "shard-%03d.tar"),
+        maxcount=5,
+        caption_format="json",
+    )
     assert len(paths) == 4
     _check_exact(tmp_path / "run", "shards", tmp_path / "shard-{000..003}.tar")

@@ -111,9 +111,11 @@ def test_metrics_match_argsort_reference_with_several_captions_per_image(block_s
     assert got["n_images"] == 37 and got["n_texts"] == len(t2i) == sum(counts)
     assert got["t2i_chance_R@1"] == pytest.approx(100 / 37)
     assert got["i2t_chance_R@1"] == pytest.approx(100 * (sum(counts) / 37) / sum(counts))
-    expected_keys = {f"{d}_R@{k}" for d in ("t2i", "i2t") for k in ks} | {
-        f"{d}_{s}_rank" for d in ("t2i", "i2t") for s in ("mean", "median")
-    } | {"t2i_chance_R@1", "i2t_chance_R@1", "n_images", "n_texts"}
+    expected_keys = (
+        {f"{d}_R@{k}" for d in ("t2i", "i2t") for k in ks}
+        | {f"{d}_{s}_rank" for d in ("t2i", "i2t") for s in ("mean", "median")}
+        | {"t2i_chance_R@1", "i2t_chance_R@1", "n_images", "n_texts"}
+    )
     assert set(got) == expected_keys
 
 

@@ -29,11 +29,28 @@ from mmformer.serve.proto import mmformer_pb2 as pb
 from mmformer.serve.proto import mmformer_pb2_grpc as pb_grpc
 from mmformer.serve.server import ServeSettings, ServerThread
 from mmformer.serve.service import BatchSettings
-from serve_helpers import (API_KEY, COLORS, LogCapture, auth, build_gallery, grpc_metadata, png_bytes, start_service,
-                           tiny_model)
+from serve_helpers import (
+    API_KEY,
+    COLORS,
+    LogCapture,
+    auth,
+    build_gallery,
+    grpc_metadata,
+    png_bytes,
+    start_service,
+    tiny_model,
+)
 
-TEXTS = ["a red square", "blue", "a very long caption about a purple circle " * 6, "keycap: #", "green circle",
-         "the smiling face with heart shaped eyes", "x", "a brown square on white"]
+TEXTS = [
+    "a red square",
+    "blue",
+    "a very long caption about a purple circle " * 6,
+    "keycap: #",
+    "green circle",
+    "the smiling face with heart shaped eyes",
+    "x",
+    "a brown square on white",
+]
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +138,9 @@ def test_embed_image_equals_the_model(model, stub, http):
     ref = np.stack([reference_image(model, b) for b in images])
     r = stub.EmbedImage(pb.EmbedImageRequest(images=images), metadata=grpc_metadata())
     np.testing.assert_allclose(np.array([e.values for e in r.embeddings], np.float32), ref, atol=1e-6, rtol=0)
-    j = http.post("/v1/embed/image", json={"images": [base64.b64encode(b).decode() for b in images[:3]]},
-                  headers=auth()).json()
+    j = http.post(
+        "/v1/embed/image", json={"images": [base64.b64encode(b).decode() for b in images[:3]]}, headers=auth()
+    ).json()
     np.testing.assert_allclose(np.array(j["embeddings"], np.float32), ref[:3], atol=1e-6, rtol=0)
     raw = http.post("/v1/embed/image", content=images[4], headers={**auth(), "Content-Type": "image/png"}).json()
     np.testing.assert_allclose(np.array(raw["embeddings"], np.float32), ref[4:5], atol=1e-6, rtol=0)
@@ -131,14 +149,18 @@ def test_embed_image_equals_the_model(model, stub, http):
 def test_200_concurrent_requests_of_mixed_lengths_equal_the_model(model, service):
     rng = random.Random(0)
     words = "red green blue square circle a the very long purple caption with heart eyes".split()
-    requests = [[" ".join(rng.choices(words, k=rng.randint(1, 25))) for _ in range(rng.choice([1, 1, 2, 3]))]
-                for _ in range(200)]
+    requests = [
+        [" ".join(rng.choices(words, k=rng.randint(1, 25))) for _ in range(rng.choice([1, 1, 2, 3]))]
+        for _ in range(200)
+    ]
     before = service.service.metrics.batch_size.labels("text")._sum.get()
     calls_before = _count(service.service.metrics.batch_size.labels("text"))
 
     async def main():
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as ch, \
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.http_port}", timeout=60) as client:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as ch,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.http_port}", timeout=60) as client,
+        ):
             s = pb_grpc.RetrievalStub(ch)
 
             async def one(i, texts):
@@ -210,12 +232,24 @@ BAD_GRPC = [  # (method, request, code, text in the message)
     ("EmbedText", pb.EmbedTextRequest(texts=["ok", "  "]), "INVALID_ARGUMENT", "texts[1]: empty text"),
     ("EmbedText", pb.EmbedTextRequest(), "INVALID_ARGUMENT", "texts: expected a non-empty list"),
     ("EmbedText", pb.EmbedTextRequest(texts=["x" * 30_000]), "INVALID_ARGUMENT", "texts[0]: 30000 characters"),
-    ("EmbedImage", pb.EmbedImageRequest(images=[b"not an image at all"]), "INVALID_ARGUMENT",
-     "images[0]: not a readable image"),
-    ("EmbedImage", pb.EmbedImageRequest(images=[png_bytes((1, 2, 3)), bomb_png()]), "INVALID_ARGUMENT",
-     "images[1]: not a readable image (PNG, JPEG, WebP...): image too large: 3000x3000"),
-    ("EmbedImage", pb.EmbedImageRequest(images=[noise_png()]), "INVALID_ARGUMENT",
-     "images[0]: 120"),  # bytes exceeds the upload limit
+    (
+        "EmbedImage",
+        pb.EmbedImageRequest(images=[b"not an image at all"]),
+        "INVALID_ARGUMENT",
+        "images[0]: not a readable image",
+    ),
+    (
+        "EmbedImage",
+        pb.EmbedImageRequest(images=[png_bytes((1, 2, 3)), bomb_png()]),
+        "INVALID_ARGUMENT",
+        "images[1]: not a readable image (PNG, JPEG, WebP...): image too large: 3000x3000",
+    ),
+    (
+        "EmbedImage",
+        pb.EmbedImageRequest(images=[noise_png()]),
+        "INVALID_ARGUMENT",
+        "images[0]: 120",
+    ),  # bytes exceeds the upload limit
     ("Search", pb.SearchRequest(text="red", k=0), "INVALID_ARGUMENT", "k: k=0 must be between 1 and"),
     ("Search", pb.SearchRequest(text="red", k=-3), "INVALID_ARGUMENT", "k: k=-3"),
     ("Search", pb.SearchRequest(text="red", k=21), "INVALID_ARGUMENT", "gallery size 20"),
@@ -253,8 +287,12 @@ BAD_HTTP = [  # (path, kwargs, status, field)
     ("/v1/embed/text", dict(json={"texts": ["ok", 3]}), 400, "texts[1]"),
     ("/v1/embed/text", dict(content=b'{"texts": ["a"', headers={"Content-Type": "application/json"}), 400, "body"),
     ("/v1/embed/text", dict(content=b"[1, 2]", headers={"Content-Type": "application/json"}), 400, "body"),
-    ("/v1/embed/text", dict(content=b"texts=a", headers={"Content-Type": "application/x-www-form-urlencoded"}),
-     415, "Content-Type"),
+    (
+        "/v1/embed/text",
+        dict(content=b"texts=a", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+        415,
+        "Content-Type",
+    ),
     ("/v1/embed/text", dict(content=b"\xff\xfe\x00", headers={"Content-Type": "application/json"}), 400, "body"),
     ("/v1/embed/image", dict(json={"images": ["%%%not base64"]}), 400, "images[0]"),
     ("/v1/embed/image", dict(content=b"GIF89a broken", headers={"Content-Type": "image/gif"}), 400, "images[0]"),
@@ -271,17 +309,39 @@ BAD_HTTP = [  # (path, kwargs, status, field)
     ("/v1/search", dict(json={"txt": "red"}), 400, "txt"),
     ("/v1/search", dict(json={"text": ""}), 400, "text"),
     ("/v1/search", dict(json={"text": ["red"]}), 400, "text"),
-    ("/v1/embed/text", dict(content=b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-                            headers={"Content-Type": "application/json"}), 400, "body"),
-    ("/v1/embed/text", dict(content=b'{"texts": ["a", "b", "c", "x\\ud800"]}',
-                            headers={"Content-Type": "application/json"}), 400, "texts[3]"),
-    ("/v1/embed/text", dict(content=b'{"texts": ["\xed\xa0\x80"]}', headers={"Content-Type": "application/json"}),
-     400, "body"),  # a surrogate encoded as UTF-8 bytes
+    (
+        "/v1/embed/text",
+        dict(
+            content=b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", headers={"Content-Type": "application/json"}
+        ),
+        400,
+        "body",
+    ),
+    (
+        "/v1/embed/text",
+        dict(content=b'{"texts": ["a", "b", "c", "x\\ud800"]}', headers={"Content-Type": "application/json"}),
+        400,
+        "texts[3]",
+    ),
+    (
+        "/v1/embed/text",
+        dict(content=b'{"texts": ["\xed\xa0\x80"]}', headers={"Content-Type": "application/json"}),
+        400,
+        "body",
+    ),  # a surrogate encoded as UTF-8 bytes
     ("/v1/search", dict(content=b'{"text": "\\udc00 red"}', headers={"Content-Type": "application/json"}), 400, "text"),
-    ("/v1/search", dict(content=b'{"text": "red", "index": "\\ud83d"}', headers={"Content-Type": "application/json"}),
-     400, "index"),
-    ("/v1/search", dict(content=b'{"text": "red", "\\ud800": 1}', headers={"Content-Type": "application/json"}),
-     400, "body"),
+    (
+        "/v1/search",
+        dict(content=b'{"text": "red", "index": "\\ud83d"}', headers={"Content-Type": "application/json"}),
+        400,
+        "index",
+    ),
+    (
+        "/v1/search",
+        dict(content=b'{"text": "red", "\\ud800": 1}', headers={"Content-Type": "application/json"}),
+        400,
+        "body",
+    ),
 ]
 
 
@@ -300,25 +360,36 @@ def test_over_deep_json_and_lone_surrogates_are_400s_without_a_traceback(http):
         r = http.post("/v1/embed/text", content=deep, headers={**auth(), "Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["message"].startswith("body: JSON nested too deeply"), r.text
         for _ in range(3):  # a client repeating it cannot flood the log
-            r = http.post("/v1/embed/text", content=b'{"texts": ["ok", "\\ud800"]}',
-                          headers={**auth(), "Content-Type": "application/json"})
-            assert r.json()["error"] == {"code": "INVALID_ARGUMENT", "field": "texts[1]", "message":
-                                         "texts[1]: not valid Unicode (a lone surrogate U+D800 at character 0; "
-                                         "expected UTF-8 text)"}
+            r = http.post(
+                "/v1/embed/text",
+                content=b'{"texts": ["ok", "\\ud800"]}',
+                headers={**auth(), "Content-Type": "application/json"},
+            )
+            assert r.json()["error"] == {
+                "code": "INVALID_ARGUMENT",
+                "field": "texts[1]",
+                "message": "texts[1]: not valid Unicode (a lone surrogate U+D800 at character 0; expected UTF-8 text)",
+            }
     logs.assert_quiet(most=1, needle="surrogate")
     logs.assert_quiet(most=1, needle="nested")
     # an escaped surrogate PAIR is an ordinary character, embedded like the character itself
-    pair = http.post("/v1/embed/text", content=b'{"texts": ["\\ud83d\\ude00 red"]}',
-                     headers={**auth(), "Content-Type": "application/json"})
-    plain = http.post("/v1/embed/text", json={"texts": ["\U0001F600 red"]}, headers=auth())
+    pair = http.post(
+        "/v1/embed/text",
+        content=b'{"texts": ["\\ud83d\\ude00 red"]}',
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    plain = http.post("/v1/embed/text", json={"texts": ["\U0001f600 red"]}, headers=auth())
     assert pair.status_code == 200 and pair.json() == plain.json()
 
 
-@pytest.mark.parametrize("method,raw,field", [
-    ("EmbedText", b"\x0a\x02ok" * 3 + b"\x0a\x03a\xffb", "texts[3]"),
-    ("Search", b"\x0a\x02\xc3(\x20\x03", "text"),
-    ("Search", b"\x0a\x03red\x1a\x01\xed\x20\x03", "index"),
-])
+@pytest.mark.parametrize(
+    "method,raw,field",
+    [
+        ("EmbedText", b"\x0a\x02ok" * 3 + b"\x0a\x03a\xffb", "texts[3]"),
+        ("Search", b"\x0a\x02\xc3(\x20\x03", "text"),
+        ("Search", b"\x0a\x03red\x1a\x01\xed\x20\x03", "index"),
+    ],
+)
 def test_grpc_strings_that_are_not_utf8_name_the_field(service, method, raw, field):
     with LogCapture() as logs:
         err = grpc_error(service_raw_call(service, method), raw, metadata=grpc_metadata(), timeout=10)
@@ -338,15 +409,22 @@ def test_x_timeout_ms_must_be_a_finite_positive_number(http, value):
 
 def test_image_errors_say_what_is_wrong_without_object_reprs(stub, http):
     truncated = png_bytes((1, 2, 3))[:60]
-    cases = [(b"GIF89a broken", "format not recognized"), (b"not an image at all", "format not recognized"),
-             (truncated, "cannot decode image")]
+    cases = [
+        (b"GIF89a broken", "format not recognized"),
+        (b"not an image at all", "format not recognized"),
+        (truncated, "cannot decode image"),
+    ]
     for data, reason in cases:
         request = pb.EmbedImageRequest(images=[data])
-        messages = [grpc_error(stub.EmbedImage, request, metadata=grpc_metadata()).details(),
-                    http.post("/v1/embed/image", content=data, headers={**auth(), "Content-Type": "image/png"}
-                              ).json()["error"]["message"],
-                    http.post("/v1/search", json={"image": base64.b64encode(data).decode()}, headers=auth()
-                              ).json()["error"]["message"]]
+        messages = [
+            grpc_error(stub.EmbedImage, request, metadata=grpc_metadata()).details(),
+            http.post("/v1/embed/image", content=data, headers={**auth(), "Content-Type": "image/png"}).json()["error"][
+                "message"
+            ],
+            http.post("/v1/search", json={"image": base64.b64encode(data).decode()}, headers=auth()).json()["error"][
+                "message"
+            ],
+        ]
         for message, field in zip(messages, ["images[0]", "images[0]", "image"]):
             assert message.startswith(f"{field}: not a readable image (PNG, JPEG, WebP...): {reason}"), message
             assert " object at 0x" not in message and "<" not in message, message
@@ -357,8 +435,11 @@ def test_a_client_leaving_mid_body_is_logged_at_debug_only(service):
     before = counter._value.get()
     with LogCapture() as logs:
         with socket.create_connection(("127.0.0.1", service.http_port), timeout=10) as s:
-            s.sendall(b"POST /v1/embed/text HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode() +
-                      b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"texts\": [\"red")
+            s.sendall(
+                b"POST /v1/embed/text HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + API_KEY.encode()
+                + b'\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"texts": ["red'
+            )
             time.sleep(0.2)
         end = time.monotonic() + 10
         while counter._value.get() == before and time.monotonic() < end:
@@ -385,14 +466,18 @@ def test_fuzz_then_a_normal_request_still_gets_the_right_answer(model, service, 
             r = http.post(path, json={k: rng.choice(junk_values) for k in keys}, headers=headers)
         elif kind == 2:  # truncated valid requests
             body = json.dumps({"texts": ["red square"], "text": "red", "k": 3}).encode()
-            r = http.post(path, content=body[: rng.randrange(len(body))],
-                          headers={**headers, "Content-Type": "application/json"})
+            r = http.post(
+                path, content=body[: rng.randrange(len(body))], headers={**headers, "Content-Type": "application/json"}
+            )
         else:  # gRPC: random bytes as the serialized request
             method = rng.choice(["EmbedText", "EmbedImage", "Search", "Info"])
             raw = service_raw_call(service, method)
             try:
-                raw(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))), metadata=grpc_metadata(),
-                    timeout=10)
+                raw(
+                    bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))),
+                    metadata=grpc_metadata(),
+                    timeout=10,
+                )
                 codes.append("OK")
             except grpc.RpcError as e:
                 codes.append(e.code().name)
@@ -414,8 +499,9 @@ _RAW = {}
 def service_raw_call(service, method):
     if method not in _RAW:
         ch = grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}")
-        _RAW[method] = ch.unary_unary(f"/mmformer.v1.Retrieval/{method}", request_serializer=None,
-                                      response_deserializer=None)
+        _RAW[method] = ch.unary_unary(
+            f"/mmformer.v1.Retrieval/{method}", request_serializer=None, response_deserializer=None
+        )
     return _RAW[method]
 
 
@@ -448,13 +534,23 @@ def test_thumbnails_only_of_files_the_index_lists(service, http, index_dir):
     assert Image.open(io.BytesIO(ok.content)).size == (40, 40)
     root = index_dir.parent
     listed = str(root / "gallery" / "shapes" / "red-square.png")
-    for bad in ["shapes/../../secret.txt", "..%2F..%2Fsecret.txt", "%2e%2e/%2e%2e/secret.txt", listed.lstrip("/"),
-                "%2F" + listed.lstrip("/").replace("/", "%2F"), "shapes/nothere.png", "manifest.jsonl",
-                "../index/index.json", "/etc/passwd", "shapes%2F..%2F..%2Fsecret.txt"]:
+    for bad in [
+        "shapes/../../secret.txt",
+        "..%2F..%2Fsecret.txt",
+        "%2e%2e/%2e%2e/secret.txt",
+        listed.lstrip("/"),
+        "%2F" + listed.lstrip("/").replace("/", "%2F"),
+        "shapes/nothere.png",
+        "manifest.jsonl",
+        "../index/index.json",
+        "/etc/passwd",
+        "shapes%2F..%2F..%2Fsecret.txt",
+    ]:
         r = http.get("/v1/thumbnail/shapes/" + bad, headers=auth())
         assert r.status_code == 404, (bad, r.status_code)
-    raw = httpx.get(f"http://127.0.0.1:{service.http_port}/v1/thumbnail/shapes/..%2F..%2F..%2Fsecret.txt",
-                    headers=auth())
+    raw = httpx.get(
+        f"http://127.0.0.1:{service.http_port}/v1/thumbnail/shapes/..%2F..%2F..%2Fsecret.txt", headers=auth()
+    )
     assert raw.status_code == 404
     assert http.get("/v1/thumbnail/other/shapes/red-square.png", headers=auth()).status_code == 404
 
@@ -463,11 +559,15 @@ def test_metrics_expose_requests_errors_latency_and_batching(service, http, stub
     stub.Search(pb.SearchRequest(text="red", k=2), metadata=grpc_metadata())
     http.post("/v1/search", json={"text": "red", "k": 0}, headers=auth())
     text = http.get("/metrics", headers=auth()).text
-    for needle in ['mmformer_requests_total{call="Search",code="OK",transport="grpc"}',
-                   'mmformer_errors_total{call="Search",code="INVALID_ARGUMENT",transport="http"}',
-                   'mmformer_request_latency_seconds_bucket{call="Search",le="0.064",transport="grpc"}',
-                   'mmformer_queue_depth{kind="text"}', 'mmformer_batch_size_bucket{kind="text",le="64.0"}',
-                   'mmformer_queue_wait_seconds_count{kind="text"}', 'mmformer_model_seconds_count{kind="text"}']:
+    for needle in [
+        'mmformer_requests_total{call="Search",code="OK",transport="grpc"}',
+        'mmformer_errors_total{call="Search",code="INVALID_ARGUMENT",transport="http"}',
+        'mmformer_request_latency_seconds_bucket{call="Search",le="0.064",transport="grpc"}',
+        'mmformer_queue_depth{kind="text"}',
+        'mmformer_batch_size_bucket{kind="text",le="64.0"}',
+        'mmformer_queue_wait_seconds_count{kind="text"}',
+        'mmformer_model_seconds_count{kind="text"}',
+    ]:
         assert needle in text, needle
 
 
@@ -491,18 +591,25 @@ def test_expired_requests_never_reach_the_model(service, http):
 
     batcher.run_batch = gated
     try:
+
         async def main():
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as ch, \
-                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.http_port}", timeout=30) as client:
+            async with (
+                grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as ch,
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.http_port}", timeout=30) as client,
+            ):
                 stub = pb_grpc.RetrievalStub(ch)
                 busy = asyncio.ensure_future(client.post("/v1/embed/text", json={"texts": ["blue"]}, headers=auth()))
                 while not _count(service.service.metrics.batch_size.labels("text")) > before:
                     await asyncio.sleep(0.01)  # "blue" is in the model now, which waits for the gate
-                late_http = asyncio.ensure_future(client.post("/v1/embed/text", json={"texts": ["purple square"]},
-                                                              headers={**auth(), "X-Timeout-Ms": "150"}))
+                late_http = asyncio.ensure_future(
+                    client.post(
+                        "/v1/embed/text", json={"texts": ["purple square"]}, headers={**auth(), "X-Timeout-Ms": "150"}
+                    )
+                )
                 try:
-                    await stub.EmbedText(pb.EmbedTextRequest(texts=["orange circle"]), metadata=grpc_metadata(),
-                                         timeout=0.15)
+                    await stub.EmbedText(
+                        pb.EmbedTextRequest(texts=["orange circle"]), metadata=grpc_metadata(), timeout=0.15
+                    )
                     code = "OK"
                 except grpc.aio.AioRpcError as e:
                     code = e.code().name
@@ -531,8 +638,9 @@ def test_no_batching_service_gives_the_same_embeddings(model, index_dir):
             s = pb_grpc.RetrievalStub(ch)
             assert not s.Info(pb.InfoRequest(), metadata=grpc_metadata()).batching.enabled
             r = s.EmbedText(pb.EmbedTextRequest(texts=TEXTS), metadata=grpc_metadata())
-        np.testing.assert_allclose(np.array([e.values for e in r.embeddings], np.float32), reference_text(model, TEXTS),
-                                   atol=1e-6, rtol=0)
+        np.testing.assert_allclose(
+            np.array([e.values for e in r.embeddings], np.float32), reference_text(model, TEXTS), atol=1e-6, rtol=0
+        )
         batches = thread.server.service.metrics.batch_size.labels("text")
         assert _count(batches) == 1 and batches._sum.get() == len(TEXTS)  # one request = one model call
     finally:
@@ -543,8 +651,18 @@ def test_a_sharded_index_is_served_as_one(model, index_dir, tmp_path):
     from mmformer.retrieval import build_index, write_shard_list
 
     manifest = index_dir.parent / "gallery" / "manifest.jsonl"
-    shards = [build_index(model, manifest, tmp_path / "shapes" / f"shard-{i}", part_size=8, batch_size=32,
-                          progress=False, shard=(i, 2)).directory for i in range(2)]
+    shards = [
+        build_index(
+            model,
+            manifest,
+            tmp_path / "shapes" / f"shard-{i}",
+            part_size=8,
+            batch_size=32,
+            progress=False,
+            shard=(i, 2),
+        ).directory
+        for i in range(2)
+    ]
     write_shard_list(tmp_path / "shapes", shards)
     retriever = Retriever(model, Index.open(index_dir))
     thread = start_service(model, tmp_path / "shapes")  # what `mmformer serve --index shapes=DIR` opens
@@ -573,8 +691,9 @@ def test_not_serving_while_loading_then_ready_and_queue_full_refused(model, inde
         release.wait(30)
         return Engine(model, {"shapes": Index.open(index_dir)})
 
-    settings = ServeSettings(grpc_port=0, http_port=0, batching=BatchSettings(max_batch_size=1, max_delay_ms=0,
-                                                                              max_queue=2))
+    settings = ServeSettings(
+        grpc_port=0, http_port=0, batching=BatchSettings(max_batch_size=1, max_delay_ms=0, max_queue=2)
+    )
     thread = ServerThread(settings, slow_engine)
     server = thread.start(wait_loaded=False)
     ch = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
@@ -598,7 +717,9 @@ def test_not_serving_while_loading_then_ready_and_queue_full_refused(model, inde
         async def flood():
             async with httpx.AsyncClient(base_url=base, timeout=30) as client:
                 first = asyncio.ensure_future(client.post("/v1/embed/text", json={"texts": ["a"]}))
-                while batcher.depth or not first.done() and _count(server.service.metrics.batch_size.labels("text")) == 0:
+                while (
+                    batcher.depth or not first.done() and _count(server.service.metrics.batch_size.labels("text")) == 0
+                ):
                     await asyncio.sleep(0.01)
                 second = asyncio.ensure_future(client.post("/v1/embed/text", json={"texts": ["b", "c"]}))
                 while batcher.depth < 2:
@@ -637,9 +758,28 @@ def test_bf16_and_int8_engines_agree_with_fp32(model):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
 def test_tls_on_both_transports(model, index_dir, tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     settings = ServeSettings(grpc_port=0, http_port=0, tls_cert=str(cert), tls_key=str(key), api_key=API_KEY)
     thread = ServerThread(settings, lambda: Engine(model, {"shapes": Index.open(index_dir)}))
     server = thread.start()
@@ -647,10 +787,15 @@ def test_tls_on_both_transports(model, index_dir, tmp_path):
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         with grpc.secure_channel(f"localhost:{server.grpc_port}", creds) as ch:
             r = pb_grpc.RetrievalStub(ch).EmbedText(pb.EmbedTextRequest(texts=["red"]), metadata=grpc_metadata())
-        np.testing.assert_allclose(np.array([r.embeddings[0].values], np.float32), reference_text(model, ["red"]),
-                                   atol=1e-6, rtol=0)
-        r = httpx.post(f"https://localhost:{server.http_port}/v1/search", json={"text": "red", "k": 2},
-                       headers=auth(), verify=str(cert))
+        np.testing.assert_allclose(
+            np.array([r.embeddings[0].values], np.float32), reference_text(model, ["red"]), atol=1e-6, rtol=0
+        )
+        r = httpx.post(
+            f"https://localhost:{server.http_port}/v1/search",
+            json={"text": "red", "k": 2},
+            headers=auth(),
+            verify=str(cert),
+        )
         assert r.status_code == 200 and len(r.json()["hits"]) == 2
         with pytest.raises(httpx.HTTPError):  # plain HTTP is not answered on the TLS port
             httpx.get(f"http://localhost:{server.http_port}/healthz", timeout=3).raise_for_status()
@@ -668,6 +813,8 @@ def test_a_port_in_use_is_a_clear_error(model, which):
         port = busy.getsockname()[1]
         settings = ServeSettings(grpc_port=port if which == "grpc" else 0, http_port=port if which == "http" else 0)
         thread = ServerThread(settings, lambda: Engine(model))
-        with pytest.raises(OSError, match=f"cannot bind the {'gRPC' if which == 'grpc' else 'HTTP'} port .*--{which}-port"):
+        with pytest.raises(
+            OSError, match=f"cannot bind the {'gRPC' if which == 'grpc' else 'HTTP'} port .*--{which}-port"
+        ):
             thread.start(timeout=30)
         thread.loop.call_soon_threadsafe(thread.loop.stop)

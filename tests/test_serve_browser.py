@@ -13,12 +13,22 @@ from mmformer.retrieval import Index, Retriever
 from serve_helpers import API_KEY, COLORS, build_gallery, png_bytes, start_service, tiny_model
 
 CHROMIUM = os.environ.get("MMFORMER_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run"]
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser on PATH (.ci/run installs Debian's "
-                                                         "chromium; or set MMFORMER_CHROMIUM to a chromium binary)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium browser on PATH (.ci/run installs Debian's "
+    "chromium; or set MMFORMER_CHROMIUM to a chromium binary)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +41,9 @@ def served(tmp_path_factory, one_thread):
 
 
 def shown_ids(page, k: int) -> list[str]:
-    page.wait_for_function(f"document.querySelectorAll('#results .hit img[src^=\"blob:\"]').length === {k}",
-                           timeout=20_000)
+    page.wait_for_function(
+        f"document.querySelectorAll('#results .hit img[src^=\"blob:\"]').length === {k}", timeout=20_000
+    )
     return page.eval_on_selector_all("#results .hit", "cards => cards.map(c => c.dataset.id)")
 
 
@@ -43,8 +54,12 @@ def test_search_page_in_headless_chromium(served, tmp_path):
     query_png.write_bytes(png_bytes(COLORS["blue"], "circle"))
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS,
-            viewport={"width": 1000, "height": 760})
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=LAUNCH_ARGS,
+            viewport={"width": 1000, "height": 760},
+        )
         try:
             page = context.new_page()
             errors = []
@@ -72,9 +87,11 @@ def test_search_page_in_headless_chromium(served, tmp_path):
             assert sizes == [[40, 40]] * 6
 
             page.set_input_files("#file", str(query_png))  # search by image
-            page.wait_for_function("document.querySelector('#results .hit') && "
-                                   "document.querySelector('#results .hit').dataset.id === 'shapes/blue-circle.png'",
-                                   timeout=20_000)
+            page.wait_for_function(
+                "document.querySelector('#results .hit') && "
+                "document.querySelector('#results .hit').dataset.id === 'shapes/blue-circle.png'",
+                timeout=20_000,
+            )
             ids = shown_ids(page, 6)
             assert ids == [h.id for h in retriever.search_image([str(query_png)], k=6)[0]]
             page.screenshot(path=str(tmp_path / "search.png"), full_page=True)

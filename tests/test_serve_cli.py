@@ -52,11 +52,38 @@ def wait_ready(proc, base: str, timeout: float = 90.0) -> None:
 def test_serve_command_drains_on_sigterm(saved):
     model, model_dir, index_dir = saved
     gport, hport = free_port(), free_port()
-    env = {**os.environ, "MMFORMER_API_KEY": "env-key", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "mmformer.cli", "serve", "--model", str(model_dir),
-                             "--index", f"shapes={index_dir}", "--grpc-port", str(gport), "--http-port", str(hport),
-                             "--max-delay-ms", "1500", "--threads", "1", "--decode-workers", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    env = {
+        **os.environ,
+        "MMFORMER_API_KEY": "env-key",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mmformer.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--index",
+            f"shapes={index_dir}",
+            "--grpc-port",
+            str(gport),
+            "--http-port",
+            str(hport),
+            "--max-delay-ms",
+            "1500",
+            "--threads",
+            "1",
+            "--decode-workers",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     base = f"http://127.0.0.1:{hport}"
     try:
         wait_ready(proc, base)
@@ -68,22 +95,35 @@ def test_serve_command_drains_on_sigterm(saved):
         assert len(workers) == 2, [(p.pid, p.ppid(), p.cmdline()[:3]) for p in children]
 
         async def main():
-            async with httpx.AsyncClient(base_url=base, timeout=30) as client, \
-                    grpc.aio.insecure_channel(f"127.0.0.1:{gport}") as ch:
+            async with (
+                httpx.AsyncClient(base_url=base, timeout=30) as client,
+                grpc.aio.insecure_channel(f"127.0.0.1:{gport}") as ch,
+            ):
                 stub = pb_grpc.RetrievalStub(ch)
                 md = grpc_metadata("env-key")
-                pending = [asyncio.ensure_future(client.post("/v1/embed/text", json={"texts": [t]},
-                                                             headers=auth("env-key"))) for t in texts]
-                pending += [asyncio.ensure_future(stub.EmbedText(pb.EmbedTextRequest(texts=[t]), metadata=md))
-                            for t in texts]
-                pending.append(asyncio.ensure_future(client.post(
-                    "/v1/embed/image", json={"images": [base64.b64encode(image).decode()]}, headers=auth("env-key"))))
+                pending = [
+                    asyncio.ensure_future(client.post("/v1/embed/text", json={"texts": [t]}, headers=auth("env-key")))
+                    for t in texts
+                ]
+                pending += [
+                    asyncio.ensure_future(stub.EmbedText(pb.EmbedTextRequest(texts=[t]), metadata=md)) for t in texts
+                ]
+                pending.append(
+                    asyncio.ensure_future(
+                        client.post(
+                            "/v1/embed/image",
+                            json={"images": [base64.b64encode(image).decode()]},
+                            headers=auth("env-key"),
+                        )
+                    )
+                )
                 await asyncio.sleep(0.4)  # all queued, waiting for the 1.5 s batch delay
                 proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.2)
                 try:
-                    late = (await client.post("/v1/embed/text", json={"texts": ["late"]},
-                                              headers=auth("env-key"))).status_code
+                    late = (
+                        await client.post("/v1/embed/text", json={"texts": ["late"]}, headers=auth("env-key"))
+                    ).status_code
                 except httpx.HTTPError:
                     late = "refused"
                 return await asyncio.gather(*pending), late
@@ -93,12 +133,14 @@ def test_serve_command_drains_on_sigterm(saved):
             ref = np.stack([model.encode_texts([t])[0].numpy() for t in texts])
         http_rows = np.array([a.json()["embeddings"][0] for a in answers[:6]], np.float32)
         grpc_rows = np.array([a.embeddings[0].values for a in answers[6:12]], np.float32)
-        tf = build_transforms(model.config.image_size, train=False, mean=model.config.image_mean,
-                              std=model.config.image_std)
+        tf = build_transforms(
+            model.config.image_size, train=False, mean=model.config.image_mean, std=model.config.image_std
+        )
         with torch.inference_mode():
             image_ref = model.encode_image(tf(load_image(image))[None])[0].numpy()
-        np.testing.assert_allclose(np.array(answers[12].json()["embeddings"][0], np.float32), image_ref, atol=1e-5,
-                                   rtol=0)
+        np.testing.assert_allclose(
+            np.array(answers[12].json()["embeddings"][0], np.float32), image_ref, atol=1e-5, rtol=0
+        )
         np.testing.assert_allclose(http_rows, ref, atol=1e-6, rtol=0)
         np.testing.assert_allclose(grpc_rows, ref, atol=1e-6, rtol=0)
         assert late in (503, "refused")
@@ -131,20 +173,24 @@ def test_http_deadline_options_are_documented_and_reach_the_settings(capsys):
     for flag in ("--header-timeout S", "--body-timeout S", "--max-connections N"):
         assert flag in text
     assert "default: 10)" in text and "(default: 60)" in text and "(default: 1000)" in text
-    args = build_parser("serve").parse_args(["serve", "--model", "m", "--header-timeout", "0.5", "--body-timeout", "3",
-                                             "--max-connections", "7"])
+    args = build_parser("serve").parse_args(
+        ["serve", "--model", "m", "--header-timeout", "0.5", "--body-timeout", "3", "--max-connections", "7"]
+    )
     assert settings_from_args(args).http_limits == HttpLimits(header_timeout=0.5, body_timeout=3.0, max_connections=7)
     assert settings_from_args(build_parser("serve").parse_args(["serve", "--model", "m"])).http_limits == HttpLimits()
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--header-timeout", "0", "--header-timeout 0: expected a positive number of seconds"),
-    ("--header-timeout", "-1", "--header-timeout -1: expected a positive number of seconds"),
-    ("--body-timeout", "nan", "--body-timeout nan: expected a positive number of seconds"),
-    ("--body-timeout", "inf", "--body-timeout inf: expected a positive number of seconds"),
-    ("--max-connections", "0", "--max-connections 0: expected at least 1"),
-    ("--decode-workers", "-1", "--decode-workers -1: expected 0 or more"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--header-timeout", "0", "--header-timeout 0: expected a positive number of seconds"),
+        ("--header-timeout", "-1", "--header-timeout -1: expected a positive number of seconds"),
+        ("--body-timeout", "nan", "--body-timeout nan: expected a positive number of seconds"),
+        ("--body-timeout", "inf", "--body-timeout inf: expected a positive number of seconds"),
+        ("--max-connections", "0", "--max-connections 0: expected at least 1"),
+        ("--decode-workers", "-1", "--decode-workers -1: expected 0 or more"),
+    ],
+)
 def test_bad_http_deadline_options_are_one_line_errors(flag, value, message):
     with pytest.raises(SystemExit, match=f"^mmformer serve: {message}$"):
         main(["serve", "--model", "nowhere", flag, value])
@@ -170,8 +216,9 @@ def test_without_the_serve_extra_serve_says_what_to_install(tmp_path):
     import ast
 
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", HIDE_IN_TURN], capture_output=True, text=True, env=env, cwd=tmp_path,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", HIDE_IN_TURN], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     answers = [ast.literal_eval(line) for line in r.stdout.splitlines()]
     line = "mmformer serve: needs the [serve] extra: pip install 'mmformer[serve]'\n"

@@ -79,8 +79,7 @@ def test_pixels_from_the_pool_normalised_in_the_batch_equal_the_eval_transform(m
     assert [(p.dtype, tuple(p.shape)) for p in pixels] == [(torch.uint8, (3, 64, 64))] * 3
     floats = torch.stack([engine.prepare_image(b, "x") for b in images])
     np.testing.assert_allclose(engine.normalize(torch.stack(pixels)).numpy(), floats.numpy(), atol=1e-6, rtol=0)
-    np.testing.assert_allclose(np.stack(engine.encode_image_batch(pixels)), reference(model, images), atol=1e-5,
-                               rtol=0)
+    np.testing.assert_allclose(np.stack(engine.encode_image_batch(pixels)), reference(model, images), atol=1e-5, rtol=0)
 
 
 def test_decoding_queue_is_bounded_and_checks_come_before_any_work():
@@ -120,8 +119,9 @@ def test_a_decode_bomb_is_a_400_from_the_worker_and_the_service_keeps_serving(mo
     images = [png_bytes(COLORS["blue"], "circle"), photo_png(80, 50)]
     r = http.post("/v1/embed/image", json={"images": [b64(b) for b in images]})
     assert r.status_code == 200
-    np.testing.assert_allclose(np.array(r.json()["embeddings"], np.float32), reference(model, images), atol=1e-5,
-                               rtol=0)
+    np.testing.assert_allclose(
+        np.array(r.json()["embeddings"], np.float32), reference(model, images), atol=1e-5, rtol=0
+    )
     assert pool.restarts == 0
 
 
@@ -155,8 +155,9 @@ def test_a_killed_worker_fails_its_request_with_503_and_the_pool_is_rebuilt(mode
     for _ in range(2):  # the rebuilt pool answers, with new processes
         r = http.post("/v1/embed/image", json={"images": [b64(b) for b in images]})
         assert r.status_code == 200, r.text
-        np.testing.assert_allclose(np.array(r.json()["embeddings"], np.float32), reference(model, images),
-                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            np.array(r.json()["embeddings"], np.float32), reference(model, images), atol=1e-5, rtol=0
+        )
     new = pool.pids()
     assert len(new) == 2 and not set(new) & set(old)
     psutil.wait_procs([psutil.Process(p) for p in old if psutil.pid_exists(p)], timeout=10)

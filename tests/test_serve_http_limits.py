@@ -24,8 +24,11 @@ SLACK_S = 2.0
 def service(one_thread, tmp_path_factory):
     model = tiny_model()
     index = build_gallery(tmp_path_factory.mktemp("limits"), model)
-    thread = start_service(model, index, http_limits=HttpLimits(header_timeout=HEADER_S, body_timeout=BODY_S,
-                                                                max_connections=MAX_CONNECTIONS))
+    thread = start_service(
+        model,
+        index,
+        http_limits=HttpLimits(header_timeout=HEADER_S, body_timeout=BODY_S, max_connections=MAX_CONNECTIONS),
+    )
     yield thread.server
     thread.stop()
 
@@ -61,7 +64,7 @@ async def trickle(writer: asyncio.StreamWriter, data: bytes, every_s: float = 0.
     for i in range(len(data)):
         if writer.is_closing():
             return
-        writer.write(data[i:i + 1])
+        writer.write(data[i : i + 1])
         try:
             await writer.drain()
         except ConnectionError:
@@ -69,8 +72,9 @@ async def trickle(writer: asyncio.StreamWriter, data: bytes, every_s: float = 0.
         await asyncio.sleep(every_s)
 
 
-HEADERS = (f"POST /v1/embed/text HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
-           f"Content-Type: application/json\r\n").encode()
+HEADERS = (
+    f"POST /v1/embed/text HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+).encode()
 
 
 async def client(port: int, kind: str) -> tuple[str, float, bytes]:
@@ -81,7 +85,7 @@ async def client(port: int, kind: str) -> tuple[str, float, bytes]:
     if kind == "headers":  # a header block that never ends
         task = asyncio.ensure_future(trickle(writer, HEADERS + b"X-Pad: " + b"a" * 1000))
     elif kind == "body":  # complete headers, then a body far slower than the deadline allows
-        writer.write(HEADERS + b"Content-Length: 1000\r\n\r\n{\"texts\": [\"")
+        writer.write(HEADERS + b'Content-Length: 1000\r\n\r\n{"texts": ["')
         start = time.monotonic()
         task = asyncio.ensure_future(trickle(writer, b"a" * 900))
     elif kind == "kept-alive":  # one answered request, then the next request's headers trickle
@@ -130,10 +134,13 @@ def test_a_body_sent_slowly_within_the_deadline_is_served(service):
     def chunks():
         for i in range(0, len(body), 9):
             time.sleep(BODY_S / 8)
-            yield body[i:i + 9]
+            yield body[i : i + 9]
 
-    r = httpx.post(f"http://127.0.0.1:{service.http_port}/v1/embed/text", content=chunks(),
-                   headers={**auth(), "Content-Type": "application/json", "Content-Length": str(len(body))})
+    r = httpx.post(
+        f"http://127.0.0.1:{service.http_port}/v1/embed/text",
+        content=chunks(),
+        headers={**auth(), "Content-Type": "application/json", "Content-Length": str(len(body))},
+    )
     assert r.status_code == 200 and len(r.json()["embeddings"]) == 1
 
 

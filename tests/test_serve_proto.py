@@ -27,13 +27,28 @@ def test_committed_stubs_equal_freshly_generated_ones(tmp_path):
     #   python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. mmformer/serve/proto/mmformer.proto
     out = tmp_path / "gen"
     out.mkdir()
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={out}", f"--pyi_out={out}",
-                    f"--grpc_python_out={out}", PROTO], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            ".",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            PROTO,
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     for name in GENERATED:
         fresh = (out / "mmformer/serve/proto" / name).read_text()
         committed = (REPO / "mmformer/serve/proto" / name).read_text()
-        assert fresh == committed, (f"mmformer/serve/proto/{name} is stale: regenerate it with the command in "
-                                    "this test (and commit it)")
+        assert fresh == committed, (
+            f"mmformer/serve/proto/{name} is stale: regenerate it with the command in this test (and commit it)"
+        )
 
 
 def test_reflection_lists_the_services_and_their_calls(tmp_path):
@@ -46,13 +61,19 @@ def test_reflection_lists_the_services_and_their_calls(tmp_path):
             stub = reflection_pb2_grpc.ServerReflectionStub(ch)
 
             def ask(**request):
-                [answer] = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**request)]),
-                                                          metadata=grpc_metadata()))
+                [answer] = list(
+                    stub.ServerReflectionInfo(
+                        iter([reflection_pb2.ServerReflectionRequest(**request)]), metadata=grpc_metadata()
+                    )
+                )
                 return answer
 
             services = sorted(s.name for s in ask(list_services="").list_services_response.service)
-            assert services == ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                                "mmformer.v1.Retrieval"]
+            assert services == [
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection",
+                "mmformer.v1.Retrieval",
+            ]
             files = ask(file_containing_symbol="mmformer.v1.Retrieval").file_descriptor_response.file_descriptor_proto
             fd = descriptor_pb2.FileDescriptorProto.FromString(files[0])
             [svc] = fd.service
@@ -60,7 +81,8 @@ def test_reflection_lists_the_services_and_their_calls(tmp_path):
                 ("EmbedText", ".mmformer.v1.EmbedTextRequest", ".mmformer.v1.EmbedTextResponse"),
                 ("EmbedImage", ".mmformer.v1.EmbedImageRequest", ".mmformer.v1.EmbedImageResponse"),
                 ("Search", ".mmformer.v1.SearchRequest", ".mmformer.v1.SearchResponse"),
-                ("Info", ".mmformer.v1.InfoRequest", ".mmformer.v1.InfoResponse")]
+                ("Info", ".mmformer.v1.InfoRequest", ".mmformer.v1.InfoResponse"),
+            ]
             # without the key, reflection is refused like every call but health
             with pytest.raises(grpc.RpcError) as info:
                 list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))

@@ -65,10 +65,10 @@ def _worker(rank, world, port, img, txt, groups, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         n = img.shape[0] // world
-        mine_img = img[rank * n:(rank + 1) * n].clone().requires_grad_(True)
-        mine_txt = txt[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        mine_img = img[rank * n : (rank + 1) * n].clone().requires_grad_(True)
+        mine_txt = txt[rank * n : (rank + 1) * n].clone().requires_grad_(True)
         bias = torch.tensor(-1.5, requires_grad=True)
-        loss = siglip_loss(mine_img, mine_txt, torch.tensor(10.0), bias, groups[rank * n:(rank + 1) * n])
+        loss = siglip_loss(mine_img, mine_txt, torch.tensor(10.0), bias, groups[rank * n : (rank + 1) * n])
         loss.backward()
         out[rank] = (loss.detach(), torch.cat([mine_img.grad, mine_txt.grad]), bias.grad)
     finally:
@@ -89,7 +89,7 @@ def test_same_loss_and_gradients_on_one_and_two_processes():
         loss, grads, bias_grad = out[rank]
         assert loss.item() == pytest.approx(full.item(), rel=1e-6)
         # as for clip_loss: local rows get world x the global gradient, which DDP's mean undoes
-        expect = torch.cat([full_img.grad[rank * 4:(rank + 1) * 4], full_txt.grad[rank * 4:(rank + 1) * 4]])
+        expect = torch.cat([full_img.grad[rank * 4 : (rank + 1) * 4], full_txt.grad[rank * 4 : (rank + 1) * 4]])
         torch.testing.assert_close(grads / 2, expect, atol=1e-6, rtol=1e-5)
         assert bias_grad.item() == pytest.approx(bias.grad.item(), rel=1e-5)
 
@@ -106,9 +106,12 @@ class _Toy(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.tensor(-math.log(12.0)))
 
     def forward(self, b):
-        return {"image_embeds": F.normalize(self.img(b["x"]), dim=-1),
-                "text_embeds": F.normalize(self.txt(b["y"]), dim=-1),
-                "logit_scale": self.log_scale.exp(), "logit_bias": self.bias}
+        return {
+            "image_embeds": F.normalize(self.img(b["x"]), dim=-1),
+            "text_embeds": F.normalize(self.txt(b["y"]), dim=-1),
+            "logit_scale": self.log_scale.exp(),
+            "logit_bias": self.bias,
+        }
 
 
 def test_contrastive_accumulation_with_siglip_equals_one_big_batch():
@@ -121,7 +124,7 @@ def test_contrastive_accumulation_with_siglip_equals_one_big_batch():
     loss.backward()
 
     acc = _Toy()
-    micro = [{"x": x[i:i + 4], "y": y[i:i + 4]} for i in range(0, 12, 4)]
+    micro = [{"x": x[i : i + 4], "y": y[i : i + 4]} for i in range(0, 12, 4)]
     got, _ = contrastive_accumulation(acc, micro, lambda l, last: l.backward(), groups, loss_fn=siglip_loss_fn)
     assert got.item() == pytest.approx(loss.item(), rel=1e-6)
     for (name, p), q in zip(ref.named_parameters(), acc.parameters()):
@@ -141,8 +144,7 @@ def test_module_with_siglip_starts_at_scale_10_and_bias_log_1_over_b_and_trains_
     loss, logs = module.training_loss(batch)
     assert module.logit_bias.item() == pytest.approx(-math.log(8)) and module.logit_bias_ready
     out = module(batch["images"], batch["input_ids"], batch["attention_mask"])
-    ref = siglip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], out["logit_bias"],
-                      batch["concepts"])
+    ref = siglip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], out["logit_bias"], batch["concepts"])
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     assert logs["logit_bias"].item() == pytest.approx(-math.log(8))
 

@@ -34,10 +34,17 @@ def test_skips_are_counted_warned_and_logged_once_per_epoch(manifest, tmp_path, 
     torch.manual_seed(0)
     module = MMFormerModule(preset="tiny", model_config=MODEL, warmup_steps=1)
     dm = ImageTextDataModule(train_manifest=str(manifest), image_size=16, batch_size=2, max_length=16)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[SkippedSamplesCallback()] if trainer_has_callback else [],
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[SkippedSamplesCallback()] if trainer_has_callback else [],
+        default_root_dir=tmp_path,
+    )
     with caplog.at_level(logging.WARNING):
         trainer.fit(module, datamodule=dm)
     assert sum(isinstance(c, SkippedSamplesCallback) for c in trainer.callbacks) == 1

@@ -60,8 +60,9 @@ def test_compression_one_equals_dense_and_compression_matches_pooled_reference()
     qkv, pad = padded_inputs()
     dense = attend(qkv, 4, pad)
     real = pad[..., None].expand_as(dense)
-    torch.testing.assert_close(compressed_attention(qkv, 4, pad, compression=1)[real], dense[real],
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        compressed_attention(qkv, 4, pad, compression=1)[real], dense[real], atol=1e-6, rtol=1e-6
+    )
     # compression 4: K and V mean-pooled over real tokens of each stride, float64 reference
     c, (b, t, _) = 4, qkv.shape
     q, k, v = qkv.double().view(b, t, 3, 4, 8).permute(2, 0, 3, 1, 4)
@@ -79,8 +80,7 @@ def test_compression_one_equals_dense_and_compression_matches_pooled_reference()
 
 def test_model_text_path_with_sparse_options_equals_dense_where_it_should():
     torch.manual_seed(0)
-    cfg = dict(width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=60, context_length=40,
-               embed_dim=16)
+    cfg = dict(width=32, depth=2, heads=4, image_size=16, patch_size=8, vocab_size=60, context_length=40, embed_dim=16)
     m = MMFormer(ModelConfig(**cfg)).eval()
     ids = torch.randint(4, 60, (2, 40))
     ids[:, 0], ids[0, -1], ids[1, 25], ids[1, 26:] = 2, 3, 3, 0
@@ -95,7 +95,9 @@ def test_model_text_path_with_sparse_options_equals_dense_where_it_should():
         assert (m.encode_text(ids) - dense).abs().max() > 1e-4
         assert torch.equal(m.encode_image(images), dense_image)  # the image path stays dense
     assert m.config.attention == "local" and m.config.attention_window == 2
-    assert ModelConfig.from_dict({**cfg, "attention": "compressed", "attention_compression": 2}).attention_compression == 2
+    assert (
+        ModelConfig.from_dict({**cfg, "attention": "compressed", "attention_compression": 2}).attention_compression == 2
+    )
     with pytest.raises(ValueError, match="attention='sparse' must be"):
         ModelConfig(attention="sparse")
     with pytest.raises(ValueError, match="must be one of"):

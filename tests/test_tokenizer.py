@@ -5,8 +5,17 @@ import torch
 
 from mmformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
-CORPUS = ["grinning face", "red apple", "green apple", "face with tears of joy", "smiling cat",
-          "beaming face with smiling eyes", "flag: japan", "woman technologist", "red heart"] * 10
+CORPUS = [
+    "grinning face",
+    "red apple",
+    "green apple",
+    "face with tears of joy",
+    "smiling cat",
+    "beaming face with smiling eyes",
+    "flag: japan",
+    "woman technologist",
+    "red heart",
+] * 10
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,7 @@ from train_helpers import LossRecorder, StopAt, free_port, full_params, init_ran
 
 GLOBAL_B = 8
 SHARE_MODES = ("qkv", "attention", "all", "none")
-FORWARD = dict(width=32, depth=2, heads=4, image_size=32, patch_size=8, embed_dim=32, context_length=8,
-               vocab_size=500)
+FORWARD = dict(width=32, depth=2, heads=4, image_size=32, patch_size=8, embed_dim=32, context_length=8, vocab_size=500)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,13 +59,19 @@ def _forward_check(rank: int) -> dict:
         prefix = "blocks.0.attn.qkv." + ("" if share != "none" else "image.")
         w = full[prefix + "weight"]
         h = d // 2  # rows of q (and of k, v) per rank
-        want = torch.cat([w[i * d + rank * h: i * d + (rank + 1) * h] for i in range(3)])
-        out[share] = {"img": (img - ref_img).abs().max().item(), "txt": (txt - ref_txt).abs().max().item(),
-                      "qkv_rows": torch.equal(qkv.weight.to_local(), want),
-                      "global_shape": tuple(qkv.weight.shape),
-                      "heads": model.blocks[0].attn.heads,
-                      "local_shapes": {k: tuple(v.to_local().shape) for k, v in model.state_dict().items()
-                                       if k.startswith("blocks.0.") and hasattr(v, "to_local")}}
+        want = torch.cat([w[i * d + rank * h : i * d + (rank + 1) * h] for i in range(3)])
+        out[share] = {
+            "img": (img - ref_img).abs().max().item(),
+            "txt": (txt - ref_txt).abs().max().item(),
+            "qkv_rows": torch.equal(qkv.weight.to_local(), want),
+            "global_shape": tuple(qkv.weight.shape),
+            "heads": model.blocks[0].attn.heads,
+            "local_shapes": {
+                k: tuple(v.to_local().shape)
+                for k, v in model.state_dict().items()
+                if k.startswith("blocks.0.") and hasattr(v, "to_local")
+            },
+        }
     try:  # 3 heads do not split over 2 ranks
         apply_tensor_parallel(MMFormer(get_config("tiny", **{**FORWARD, "width": 36, "heads": 3})), mesh)
         out["error"] = None
@@ -84,15 +89,18 @@ def _tp_worker(rank, ports, root, out):
     root = Path(root)
     # its own port: the Trainer's group below rendezvouses on MASTER_PORT, and a second store on
     # the port of a group just destroyed could hang the rendezvous
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[1]}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{ports[1]}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
     forward = _forward_check(rank)
     dist.destroy_process_group()
 
     rec = LossRecorder()
     module = make_module()
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True)
-    tr = trainer(root, 5, [rec, ExactResume(), StopAt(3), ckpt], strategy=ShardedStrategy(tensor_parallel_size=2), devices=2)
+    tr = trainer(
+        root, 5, [rec, ExactResume(), StopAt(3), ckpt], strategy=ShardedStrategy(tensor_parallel_size=2), devices=2
+    )
     tr.fit(module, make_loader(GLOBAL_B))  # data-parallel size 1: both ranks read the whole batch
     params3 = full_params(module)
     heads = module.model.blocks[0].attn.heads
@@ -101,8 +109,13 @@ def _tp_worker(rank, ports, root, out):
     module2 = make_module()
     tr2 = trainer(root, 5, [rec2, ExactResume()], strategy=ShardedStrategy(tensor_parallel_size=2), devices=2)
     tr2.fit(module2, make_loader(GLOBAL_B), ckpt_path=str(root / "ckpt" / "last.ckpt"))
-    out[rank] = {"forward": forward, "losses": rec.losses + rec2.losses, "params3": params3,
-                 "params5": full_params(module2), "heads": heads}
+    out[rank] = {
+        "forward": forward,
+        "losses": rec.losses + rec2.losses,
+        "params3": params3,
+        "params5": full_params(module2),
+        "heads": heads,
+    }
 
 
 def _dp_tp_worker(rank, ports, root, out):
@@ -115,8 +128,12 @@ def _dp_tp_worker(rank, ports, root, out):
     dp_rank = rank // 2  # mesh (data 2, tensor 2): ranks 0, 1 read the first half of each batch
     tr.fit(module, make_loader(GLOBAL_B // 2, 2, dp_rank))
     local = {n: (p.to_local() if hasattr(p, "to_local") else p).numel() for n, p in module.model.named_parameters()}
-    out[rank] = {"losses": rec.losses, "params3": full_params(module), "local_numel": local,
-                 "loss_group_size": torch.distributed.get_world_size(module.loss_group)}
+    out[rank] = {
+        "losses": rec.losses,
+        "params3": full_params(module),
+        "local_numel": local,
+        "loss_group_size": torch.distributed.get_world_size(module.loss_group),
+    }
 
 
 def _spawn(fn, nprocs, root):
@@ -160,7 +177,7 @@ def _assert_params_close(got: dict, want: dict, where: str) -> None:
             # the key bias has an exactly-zero true gradient (softmax ignores a per-query constant);
             # Adam turns rounding noise (~1e-10) into +-lr steps: compare q and v only
             d = ref.shape[0] // 3
-            g, w = torch.cat([g[:d], g[2 * d:]]), torch.cat([w[:d], w[2 * d:]])
+            g, w = torch.cat([g[:d], g[2 * d :]]), torch.cat([w[:d], w[2 * d :]])
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} ({where}): {m}")
 
 

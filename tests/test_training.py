@@ -38,8 +38,11 @@ def test_short_run_reaches_recall_far_above_chance(emoji_slice, tmp_path):
     train, test = emoji_slice
     L.seed_everything(0, verbose=False)
     module = MMFormerModule(
-        preset="tiny", lr=2e-3, warmup_steps=20,
-        model_config=dict(width=128, depth=3, heads=4, image_size=SIZE, patch_size=8, embed_dim=128))
+        preset="tiny",
+        lr=2e-3,
+        warmup_steps=20,
+        model_config=dict(width=128, depth=3, heads=4, image_size=SIZE, patch_size=8, embed_dim=128),
+    )
     train_ds = InMemoryImageText(train, train=True)
     collate = ImageTextCollator(module.tokenizer, max_length=16, batch_transform=train_ds.batch_transform)
     loader = DataLoader(train_ds, batch_size=64, shuffle=True, drop_last=True, collate_fn=collate)
@@ -49,8 +52,9 @@ def test_short_run_reaches_recall_far_above_chance(emoji_slice, tmp_path):
     model = module.model.eval()
     ds = InMemoryImageText(test, train=False)
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
-    m = retrieval_metrics(embed_images(model, images), embed_texts(model, model.tokenizer, ds.captions),
-                          ds.caption_to_image)
+    m = retrieval_metrics(
+        embed_images(model, images), embed_texts(model, model.tokenizer, ds.captions), ds.caption_to_image
+    )
     chance = m["t2i_chance_R@1"]
     assert chance == pytest.approx(100 / len(test))
     # measured: 63% t2i R@1 on this slice (chance 0.67%); require ten times chance
@@ -114,8 +118,9 @@ def test_time_budget_clock_restarts_when_training_starts(monkeypatch):
 
     now = [100.0]
     monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
-    module = MMFormerModule(preset="tiny", model_config=dict(width=32, depth=1, heads=2, embed_dim=16),
-                            time_budget_s=60.0, warmup_steps=1)
+    module = MMFormerModule(
+        preset="tiny", model_config=dict(width=32, depth=1, heads=2, embed_dim=16), time_budget_s=60.0, warmup_steps=1
+    )
     clocks = [c for c in module.configure_callbacks() if isinstance(c, ScheduleClock)]
     assert len(clocks) == 1  # the module registers it itself
     sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]  # the clock starts at 100
@@ -132,6 +137,7 @@ def test_time_budget_clock_restarts_when_training_starts(monkeypatch):
 
 def test_adamw_is_fused_for_plain_cpu_parameters_and_updates_as_the_default():
     from mmformer.training.optim import fused_supported, make_adamw
+
     torch.manual_seed(0)
     a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     b.load_state_dict(a.state_dict())
@@ -147,4 +153,6 @@ def test_adamw_is_fused_for_plain_cpu_parameters_and_updates_as_the_default():
             opt.zero_grad()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
-    assert not fused_supported([{"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)]}])
+    assert not fused_supported(
+        [{"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)]}]
+    )

@@ -24,11 +24,12 @@ def png_bytes(img: Image.Image) -> bytes:
 
 def png_claiming_size(width: int, height: int) -> bytes:
     """A tiny, valid-looking PNG whose IHDR declares ``width x height`` (a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def pixels(img: Image.Image) -> np.ndarray:
@@ -38,11 +39,12 @@ def pixels(img: Image.Image) -> np.ndarray:
 
 # -- modes --------------------------------------------------------------------------------------
 
+
 def test_rgba_composited_on_white():
     img = Image.new("RGBA", (3, 1))
-    img.putpixel((0, 0), (10, 20, 30, 0))      # fully transparent -> white
-    img.putpixel((1, 0), (200, 0, 0, 255))     # opaque -> unchanged
-    img.putpixel((2, 0), (0, 0, 0, 128))       # half black -> 255 * (1 - 128/255) = 127
+    img.putpixel((0, 0), (10, 20, 30, 0))  # fully transparent -> white
+    img.putpixel((1, 0), (200, 0, 0, 255))  # opaque -> unchanged
+    img.putpixel((2, 0), (0, 0, 0, 128))  # half black -> 255 * (1 - 128/255) = 127
     out = pixels(load_image(png_bytes(img)))
     assert out[0].tolist() == [[255, 255, 255], [200, 0, 0], [127, 127, 127]]
 
@@ -112,10 +114,11 @@ def test_exif_orientation_6_rotates_clockwise():
     assert out.size == (16, 32)  # width and height swapped
     arr = pixels(out).astype(int)
     assert arr[16, 12, 0] > 200 and arr[16, 12, 2] < 50  # right half: the stored top (red)
-    assert arr[16, 3, 2] > 200 and arr[16, 3, 0] < 50   # left half: the stored bottom (blue)
+    assert arr[16, 3, 2] > 200 and arr[16, 3, 0] < 50  # left half: the stored bottom (blue)
 
 
 # -- bad files ----------------------------------------------------------------------------------
+
 
 def test_truncated_png_raises_corrupt_sample_naming_file(tmp_path: Path):
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -152,8 +155,10 @@ def test_header_bomb_beyond_pil_limit_is_refused():
 def test_header_over_our_limit_but_under_pils_is_refused():
     with pytest.raises(CorruptSample) as info:
         load_image(png_claiming_size(9000, 9000), name="big.png")
-    assert info.value.reason == (f"image too large: 9000x9000 = 81000000 pixels exceeds "
-                                 f"max_pixels={DEFAULT_MAX_PIXELS} (possible decompression bomb)")
+    assert info.value.reason == (
+        f"image too large: 9000x9000 = 81000000 pixels exceeds "
+        f"max_pixels={DEFAULT_MAX_PIXELS} (possible decompression bomb)"
+    )
 
 
 def test_tiny_max_pixels_and_none():
@@ -174,6 +179,7 @@ def test_file_object_source_named_in_errors(tmp_path: Path):
 
 # -- pipelines ----------------------------------------------------------------------------------
 
+
 def test_eval_pipeline_exact_values_and_shape():
     img = Image.new("RGB", (40, 20), (255, 0, 51))
     out = build_transforms(16, train=False)(img)
@@ -185,7 +191,8 @@ def test_eval_pipeline_exact_values_and_shape():
 
 def test_eval_pipeline_custom_mean_std():
     out = build_transforms(8, train=False, mean=(0.25, 0.5, 0.75), std=(0.5, 0.25, 0.25))(
-        Image.new("RGB", (8, 8), (255, 255, 255)))
+        Image.new("RGB", (8, 8), (255, 255, 255))
+    )
     torch.testing.assert_close(out[:, 0, 0], torch.tensor([1.5, 2.0, 1.0]))
 
 
@@ -204,7 +211,7 @@ def test_train_pipeline_keeps_hue():
         out = t(Image.new("RGB", (32, 32), (255, 0, 0)))
         assert out.shape == (3, 16, 16)
         torch.testing.assert_close(out[1], out[2])  # G == B: no hue/saturation change
-        assert (out[0] > out[1] + 1.0).all()        # still red
+        assert (out[0] > out[1] + 1.0).all()  # still red
 
 
 def _half_black_half_white() -> Image.Image:
@@ -217,6 +224,7 @@ def test_train_pipeline_no_flip_by_default_and_flip_flag():
     torch.manual_seed(0)
     kw = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "brightness": 0.0, "contrast": 0.0}
     img = _half_black_half_white()
+
     def flipped(out: torch.Tensor) -> bool:  # left column white -> the image was mirrored
         return bool(out[0, 0, 0] > out[0, 0, -1])
 
@@ -310,8 +318,13 @@ def _batch_train_transform_reference(t, images):
     w, h = torch.sqrt(area * r).clamp(max=1.0), torch.sqrt(area / r).clamp(max=1.0)
     cx, cy = (1 - w) * torch.empty(b).uniform_(-1, 1), (1 - h) * torch.empty(b).uniform_(-1, 1)
     flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0) if t.hflip else torch.ones(b)
-    x = F.grid_sample(x, crop_grid(w * flip, cx, h, cy, x.shape[-2], x.shape[-1]), mode="bilinear",
-                      padding_mode="border", align_corners=False)
+    x = F.grid_sample(
+        x,
+        crop_grid(w * flip, cx, h, cy, x.shape[-2], x.shape[-1]),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
     if t.posterize > 0:
         x = torch.where(_chosen(b, t.posterize), posterize_batch(x, t.posterize_bits), x)
     if t.blur > 0:
@@ -330,12 +343,15 @@ def _batch_train_transform_reference(t, images):
     return x.clamp_(0, 1).sub_(t.mean).div_(t.std)
 
 
-@pytest.mark.parametrize("augment", [
-    {},  # the defaults: crop, brightness, contrast
-    {"hflip": True, "brightness": 0.4, "contrast": 0.4, "saturation": 0.5},
-    {"posterize": 0.5, "blur": 0.5, "grayscale": 0.5, "saturation": 0.2},
-    {"brightness": 0, "contrast": 0},
-])
+@pytest.mark.parametrize(
+    "augment",
+    [
+        {},  # the defaults: crop, brightness, contrast
+        {"hflip": True, "brightness": 0.4, "contrast": 0.4, "saturation": 0.5},
+        {"posterize": 0.5, "blur": 0.5, "grayscale": 0.5, "saturation": 0.2},
+        {"brightness": 0, "contrast": 0},
+    ],
+)
 def test_batch_train_transform_equals_one_op_per_step(augment):
     from mmformer.data.transforms import BatchTrainTransform
 
@@ -372,8 +388,9 @@ def test_batch_train_transform_style_augmentations():
     assert out.std() < 0.5 * (board.float() / 127.5 - 1).std()
     # saturation: grey pixels stay grey, coloured ones change
     grey = torch.full((4, 3, 8, 8), 100, dtype=torch.uint8)
-    torch.testing.assert_close(BatchTrainTransform(**still, saturation=0.5)(grey), (grey.float() / 255 - 0.5) / 0.5,
-                               atol=1e-4, rtol=0)  # the luma weights sum to 0.9999
+    torch.testing.assert_close(
+        BatchTrainTransform(**still, saturation=0.5)(grey), (grey.float() / 255 - 0.5) / 0.5, atol=1e-4, rtol=0
+    )  # the luma weights sum to 0.9999
     # each probability chooses samples independently: about half of them greyscale at p = 0.5
     out = BatchTrainTransform(**still, grayscale=0.5)(images.repeat(4, 1, 1, 1))
     n_grey = sum(bool(torch.equal(o[0], o[1]) and torch.equal(o[1], o[2])) for o in out)

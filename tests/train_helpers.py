@@ -33,8 +33,13 @@ class PairSet(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"images": self.images[i], "input_ids": self.ids[i], "attention_mask": self.mask[i],
-                "concepts": self.concepts[i], "indices": torch.tensor(i)}
+        return {
+            "images": self.images[i],
+            "input_ids": self.ids[i],
+            "attention_mask": self.mask[i],
+            "concepts": self.concepts[i],
+            "indices": torch.tensor(i),
+        }
 
 
 def make_module(model_config_extra: dict | None = None, **kw) -> MMFormerModule:
@@ -88,16 +93,26 @@ class StopAt(L.Callback):
 def trainer(root, max_steps: int, callbacks=(), **kw) -> L.Trainer:
     kw.setdefault("accelerator", "cpu")
     kw.setdefault("devices", 1)
-    return L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(root),
-                     enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
-                     callbacks=list(callbacks), **kw)
+    return L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(root),
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        callbacks=list(callbacks),
+        **kw,
+    )
 
 
 def full_params(module: MMFormerModule) -> dict[str, torch.Tensor]:
     """Every parameter as a full tensor (a collective under FSDP: call it on every rank)."""
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in module.model.named_parameters()}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in module.model.named_parameters()
+    }
 
 
 def free_port() -> int:
@@ -108,8 +123,9 @@ def free_port() -> int:
 
 def init_rank_env(rank: int, port: int) -> None:
     """Environment for Lightning to treat this process as rank ``rank`` of an external launch."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
-                      GLOBAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0", GLOBAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
 
 

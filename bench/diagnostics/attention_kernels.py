@@ -52,10 +52,15 @@ def sdpa_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    "flash": F.scaled_dot_product_attention, "sdpa-math": sdpa_math, "matmul": matmul_attention}
+    "flash": F.scaled_dot_product_attention,
+    "sdpa-math": sdpa_math,
+    "matmul": matmul_attention,
+}
 
 
-def time_ms(fn: Callable[..., torch.Tensor], qkv: list[torch.Tensor], backward: bool, reps: int, warmup: int = 2) -> float:
+def time_ms(
+    fn: Callable[..., torch.Tensor], qkv: list[torch.Tensor], backward: bool, reps: int, warmup: int = 2
+) -> float:
     """Median milliseconds of ``reps`` calls (forward+backward, or forward under no_grad)."""
     times = []
     for i in range(warmup + reps):
@@ -71,12 +76,12 @@ def time_ms(fn: Callable[..., torch.Tensor], qkv: list[torch.Tensor], backward: 
     return statistics.median(times) * 1e3
 
 
-FUSED_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    "composite": attend, "fused-qkv": FusedQKVAttention.apply}
+FUSED_KERNELS: dict[str, Callable[..., torch.Tensor]] = {"composite": attend, "fused-qkv": FusedQKVAttention.apply}
 
 
-def fused_qkv_rows(dtypes: list[str], shapes: list[tuple[int, int, int, int]], reps: int,
-                   g: torch.Generator) -> list[dict]:
+def fused_qkv_rows(
+    dtypes: list[str], shapes: list[tuple[int, int, int, int]], reps: int, g: torch.Generator
+) -> list[dict]:
     """Forward+backward of both ``attend`` paths from a (B, T, 3 H Dh) qkv, per dtype, shape and mask."""
     rows = []
     for dname in dtypes:
@@ -85,23 +90,30 @@ def fused_qkv_rows(dtypes: list[str], shapes: list[tuple[int, int, int, int]], r
             lengths = torch.randint(1, t + 1, (b,), generator=g)
             probe = qkv.detach().requires_grad_()
             q, k, _ = split_fused(probe, 3, h)
-            row0 = {"dtype": dname, "shape": f"{b}x{h}x{t}x{d}",
-                    "composite is": "matmul" if use_matmul_path(q, k) else "flash",
-                    "attend_fused_cpu takes": "fused-qkv" if use_fused_qkv_path(probe) else "composite"}
+            row0 = {
+                "dtype": dname,
+                "shape": f"{b}x{h}x{t}x{d}",
+                "composite is": "matmul" if use_matmul_path(q, k) else "flash",
+                "attend_fused_cpu takes": "fused-qkv" if use_fused_qkv_path(probe) else "composite",
+            }
             for mask in (None, torch.arange(t)[None, :] < lengths[:, None]):
                 row = {**row0, "mask": "none" if mask is None else "padding"}
                 for name, fn in FUSED_KERNELS.items():
                     row[name] = time_ms(lambda x, fn=fn, mask=mask, h=h: fn(x, h, mask), [qkv], True, reps)
                 row["ratio"] = row["fused-qkv"] / row["composite"]
                 rows.append(row)
-                print(f"{dname} {row['shape']} qkv mask={row['mask']}: " +
-                      ", ".join(f"{k} {row[k]:.2f} ms" for k in FUSED_KERNELS), flush=True)
+                print(
+                    f"{dname} {row['shape']} qkv mask={row['mask']}: "
+                    + ", ".join(f"{k} {row[k]:.2f} ms" for k in FUSED_KERNELS),
+                    flush=True,
+                )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BxHxTxDh (default: %(default)s)")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--reps", type=int, default=10)
@@ -124,19 +136,45 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.set_grad_enabled(backward):
                     row["mmformer takes"] = "matmul" if use_matmul_path(probe, qkv[1]) else "flash"
                 rows.append(row)
-                print(f"{dname} {shape} {row['pass']}: " + ", ".join(f"{k} {row[k]:.2f} ms" for k in KERNELS), flush=True)
+                print(
+                    f"{dname} {shape} {row['pass']}: " + ", ".join(f"{k} {row[k]:.2f} ms" for k in KERNELS), flush=True
+                )
     print()
-    print(markdown_table(rows, [("dtype", "dtype", 0), ("B x H x T x Dh", "shape", 0), ("pass", "pass", 0),
-                                ("flash ms", "flash", 2), ("sdpa-math ms", "sdpa-math", 2), ("matmul ms", "matmul", 2),
-                                ("mmformer takes", "mmformer takes", 0)]))
+    print(
+        markdown_table(
+            rows,
+            [
+                ("dtype", "dtype", 0),
+                ("B x H x T x Dh", "shape", 0),
+                ("pass", "pass", 0),
+                ("flash ms", "flash", 2),
+                ("sdpa-math ms", "sdpa-math", 2),
+                ("matmul ms", "matmul", 2),
+                ("mmformer takes", "mmformer takes", 0),
+            ],
+        )
+    )
     fused = fused_qkv_rows(args.dtypes.split(","), [s for s in shapes if s[2] <= MATMUL_PATH_MAX_LEN], args.reps, g)
     print()
-    print(markdown_table(fused, [("dtype", "dtype", 0), ("fwd+bwd, B x H x T x Dh", "shape", 0), ("mask", "mask", 0),
-                                 ("composite is", "composite is", 0), ("composite ms", "composite", 2),
-                                 ("fused-qkv ms", "fused-qkv", 2), ("fused / composite", "ratio", 2),
-                                 ("attend_fused_cpu takes", "attend_fused_cpu takes", 0)]))
-    print(f"\nmedian of {args.reps} calls after 2 warm-up; matmul path for bf16/fp16 with gradients and "
-          f"T <= {MATMUL_PATH_MAX_LEN}; attend_fused_cpu (attention_kernel 'fused_cpu') takes fused-qkv for training there")
+    print(
+        markdown_table(
+            fused,
+            [
+                ("dtype", "dtype", 0),
+                ("fwd+bwd, B x H x T x Dh", "shape", 0),
+                ("mask", "mask", 0),
+                ("composite is", "composite is", 0),
+                ("composite ms", "composite", 2),
+                ("fused-qkv ms", "fused-qkv", 2),
+                ("fused / composite", "ratio", 2),
+                ("attend_fused_cpu takes", "attend_fused_cpu takes", 0),
+            ],
+        )
+    )
+    print(
+        f"\nmedian of {args.reps} calls after 2 warm-up; matmul path for bf16/fp16 with gradients and "
+        f"T <= {MATMUL_PATH_MAX_LEN}; attend_fused_cpu (attention_kernel 'fused_cpu') takes fused-qkv for training there"
+    )
     print(settings_line)
     print(machine_line())
     return 0

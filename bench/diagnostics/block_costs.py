@@ -39,8 +39,13 @@ from bench.train_throughput import DTYPES
 from mmformer.layers.multiway import MultiwayBlock, route
 from mmformer.model import MMFormer
 
-VARIANTS = ("whole block", "GELU -> identity", "LayerNorms -> identity", "attention core -> identity",
-            "all three -> identity")
+VARIANTS = (
+    "whole block",
+    "GELU -> identity",
+    "LayerNorms -> identity",
+    "attention core -> identity",
+    "all three -> identity",
+)
 
 
 def v_slot(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,11 +71,11 @@ def _forward_without_attention(attn):
         qkv = route(attn.qkv, modality)(x)
         h = v_slot(qkv if packing is None else packing.unpack(qkv), attn.heads)
         return route(attn.proj, modality)(h if packing is None else packing.pack(h))
+
     return forward
 
 
-def time_block(block: MultiwayBlock, modality: str, x: torch.Tensor, mask, packing, precision: str,
-               reps: int) -> float:
+def time_block(block: MultiwayBlock, modality: str, x: torch.Tensor, mask, packing, precision: str, reps: int) -> float:
     """Median seconds of one forward + backward of ``block`` on ``x``."""
     x = x.detach().requires_grad_(True)
     grad = torch.randn_like(x)
@@ -86,14 +91,22 @@ def time_block(block: MultiwayBlock, modality: str, x: torch.Tensor, mask, packi
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, settings_line, cfg, batch, mask, packing, tokens = block_bench_setup(__doc__, argv, 10,
-                                                                              "timed passes per variant")
+    args, settings_line, cfg, batch, mask, packing, tokens = block_bench_setup(
+        __doc__, argv, 10, "timed passes per variant"
+    )
     g = torch.Generator().manual_seed(args.seed)
     act_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     inputs = {  # the blocks' input dtype: bf16 under autocast (the embeddings' output), else fp32
         "image": (torch.randn(batch, cfg.num_patches + 1, cfg.width, generator=g).to(act_dtype), None, None),
-        "text": ((torch.randn(tokens["text"], cfg.width, generator=g) if packing is not None
-                  else torch.randn(batch, mask.shape[1], cfg.width, generator=g)).to(act_dtype), mask, packing),
+        "text": (
+            (
+                torch.randn(tokens["text"], cfg.width, generator=g)
+                if packing is not None
+                else torch.randn(batch, mask.shape[1], cfg.width, generator=g)
+            ).to(act_dtype),
+            mask,
+            packing,
+        ),
     }
     rows = []
     for modality, (x, m, pk) in inputs.items():
@@ -103,21 +116,50 @@ def main(argv: list[str] | None = None) -> int:
             block = variant_block(MMFormer(cfg).blocks[0].train(), modality, variant)
             s = time_block(block, modality, x, m, pk, args.precision, args.reps)
             whole = s if whole is None else whole
-            rows.append({"tokens": f"{modality} {tokens[modality]}",
-                         "variant": variant, "ms": 1e3 * s,
-                         "part": "" if variant == "whole block" else f"{1e3 * (whole - s):.1f}",
-                         "share": "" if variant == "whole block" else f"{100 * (whole - s) / whole:.0f}"})
-        lin = sum(sum(v for k, v in time_linear(tokens[modality], i, o, DTYPES[args.precision], 15, args.seed).items()
-                      if k != TRANSPOSED_WEIGHT_GRAD) for i, o in block_linears(cfg).values())
-        rows.append({"tokens": rows[-1]["tokens"], "variant": "its Linear matmuls alone (linear_matmuls.py)",
-                     "ms": 1e3 * lin, "part": "", "share": f"{100 * lin / whole:.0f}"})
+            rows.append(
+                {
+                    "tokens": f"{modality} {tokens[modality]}",
+                    "variant": variant,
+                    "ms": 1e3 * s,
+                    "part": "" if variant == "whole block" else f"{1e3 * (whole - s):.1f}",
+                    "share": "" if variant == "whole block" else f"{100 * (whole - s) / whole:.0f}",
+                }
+            )
+        lin = sum(
+            sum(
+                v
+                for k, v in time_linear(tokens[modality], i, o, DTYPES[args.precision], 15, args.seed).items()
+                if k != TRANSPOSED_WEIGHT_GRAD
+            )
+            for i, o in block_linears(cfg).values()
+        )
+        rows.append(
+            {
+                "tokens": rows[-1]["tokens"],
+                "variant": "its Linear matmuls alone (linear_matmuls.py)",
+                "ms": 1e3 * lin,
+                "part": "",
+                "share": f"{100 * lin / whole:.0f}",
+            }
+        )
     print(machine_line())
     print(settings_line)
-    print(f"{args.model} ({cfg.width} wide, {cfg.depth} layers, FFN {cfg.mlp_hidden}), {args.precision}, "
-          f"batch {batch}: one block's forward + backward, median of {args.reps}\n")
-    print(markdown_table(rows, [("tokens", "tokens", 0), ("variant", "variant", 0), ("ms", "ms", 2),
-                                ("part's cost, ms (whole - variant)", "part", 0),
-                                ("% of the whole block", "share", 0)]))
+    print(
+        f"{args.model} ({cfg.width} wide, {cfg.depth} layers, FFN {cfg.mlp_hidden}), {args.precision}, "
+        f"batch {batch}: one block's forward + backward, median of {args.reps}\n"
+    )
+    print(
+        markdown_table(
+            rows,
+            [
+                ("tokens", "tokens", 0),
+                ("variant", "variant", 0),
+                ("ms", "ms", 2),
+                ("part's cost, ms (whole - variant)", "part", 0),
+                ("% of the whole block", "share", 0),
+            ],
+        )
+    )
     return 0
 
 

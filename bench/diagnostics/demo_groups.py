@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         groups[row.get("group", "?")].append(hit[i].item())
         if row.get("split") == "val":
             groups["(concepts not seen in training)"].append(hit[i].item())
-    rows = [{"group": g, "queries": len(v), "t2i R@1": 100 * sum(v) / len(v)}
-            for g, v in sorted(groups.items(), key=lambda kv: -sum(kv[1]) / len(kv[1]))]
+    rows = [
+        {"group": g, "queries": len(v), "t2i R@1": 100 * sum(v) / len(v)}
+        for g, v in sorted(groups.items(), key=lambda kv: -sum(kv[1]) / len(kv[1]))
+    ]
     rows.append({"group": "all", "queries": len(hit), "t2i R@1": 100 * hit.mean().item()})
     print(machine_line())
     print(f"{args.model}: held-out family, {len(ds)} images / names\n")

@@ -95,8 +95,10 @@ def block_bench_setup(doc: str, argv: list[str] | None, reps: int, reps_help: st
     tok, cfg, batch = preset_config(args)
     _, _, mask = random_batch(cfg, batch, tok.vocab_size, args.seed)
     packing = MMFormer(cfg)._packing(mask)
-    tokens = {"image": batch * (cfg.num_patches + 1),
-              "text": mask.numel() if packing is None else packing.index.numel()}
+    tokens = {
+        "image": batch * (cfg.num_patches + 1),
+        "text": mask.numel() if packing is None else packing.index.numel(),
+    }
     return args, settings_line, cfg, batch, mask, packing, tokens
 
 
@@ -113,22 +115,46 @@ def main(argv: list[str] | None = None) -> int:
                 if kind != TRANSPOSED_WEIGHT_GRAD:
                     total_s += s
                     total_flops += flops
-                rows.append({"tokens": f"{modality} {n}", "linear": f"{name} {k}->{m}", "matmul": kind,
-                             "ms": 1e3 * s, "tflops": flops / s / 1e12,
-                             "pct": 100 * flops / s / peak["peak_flops"]})
+                rows.append(
+                    {
+                        "tokens": f"{modality} {n}",
+                        "linear": f"{name} {k}->{m}",
+                        "matmul": kind,
+                        "ms": 1e3 * s,
+                        "tflops": flops / s / 1e12,
+                        "pct": 100 * flops / s / peak["peak_flops"],
+                    }
+                )
     print(machine_line())
     print(settings_line)
-    print(f"{args.model} ({cfg.width} wide, {cfg.depth} layers), {args.precision}, batch {batch}: "
-          f"{tokens['image']} image tokens, {tokens['text']} text tokens (packed, of {mask.numel()} positions)")
+    print(
+        f"{args.model} ({cfg.width} wide, {cfg.depth} layers), {args.precision}, batch {batch}: "
+        f"{tokens['image']} image tokens, {tokens['text']} text tokens (packed, of {mask.numel()} positions)"
+    )
     print(f"measured matmul peak {args.precision}: " + describe_peak(peak) + "\n")
-    print(markdown_table(rows, [("tokens", "tokens", 0), ("linear", "linear", 0), ("matmul", "matmul", 0),
-                                ("ms", "ms", 2), ("TFLOP/s", "tflops", 3), ("% of peak", "pct", 1)]))
+    print(
+        markdown_table(
+            rows,
+            [
+                ("tokens", "tokens", 0),
+                ("linear", "linear", 0),
+                ("matmul", "matmul", 0),
+                ("ms", "ms", 2),
+                ("TFLOP/s", "tflops", 3),
+                ("% of peak", "pct", 1),
+            ],
+        )
+    )
     at_peak = total_flops / peak["peak_flops"]
-    print(f"\none block, both modalities (forward, input grad, weight grad): {1e3 * total_s:.1f} ms, "
-          f"{total_flops / total_s / 1e12:.3f} TFLOP/s = {100 * at_peak / total_s:.1f}% of the peak "
-          f"({1e3 * at_peak:.1f} ms at the peak)")
-    print(f"the stack ({cfg.depth} blocks): {1e3 * cfg.depth * total_s:.0f} ms of Linear matmuls per step "
-          f"({1e3 * cfg.depth * at_peak:.0f} ms at the peak)")
+    print(
+        f"\none block, both modalities (forward, input grad, weight grad): {1e3 * total_s:.1f} ms, "
+        f"{total_flops / total_s / 1e12:.3f} TFLOP/s = {100 * at_peak / total_s:.1f}% of the peak "
+        f"({1e3 * at_peak:.1f} ms at the peak)"
+    )
+    print(
+        f"the stack ({cfg.depth} blocks): {1e3 * cfg.depth * total_s:.0f} ms of Linear matmuls per step "
+        f"({1e3 * cfg.depth * at_peak:.0f} ms at the peak)"
+    )
     return 0
 
 

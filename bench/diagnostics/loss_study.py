@@ -38,21 +38,47 @@ def recipe_with_loss(base: str, loss: str, out: Path) -> Path:
 
 def run(loss: str, batch: int, seed: int, args: argparse.Namespace, out: Path) -> dict:
     run_dir = out / f"{loss}-b{batch}-s{seed}"
-    res = run_demo(["--steps", str(args.steps), "--batch-size", str(batch),
-                    "--recipe", str(recipe_with_loss(args.recipe, loss, out)), "--precision", args.precision,
-                    "--seed", str(seed), "--query", "red apple"], run_dir)
+    res = run_demo(
+        [
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(batch),
+            "--recipe",
+            str(recipe_with_loss(args.recipe, loss, out)),
+            "--precision",
+            args.precision,
+            "--seed",
+            str(seed),
+            "--query",
+            "red apple",
+        ],
+        run_dir,
+    )
     m = res["test_metrics"]
-    row = {"batch": batch, "loss": loss, "seed": seed, "steps": res["steps"], "precision": res["precision"],
-           "train s": res["train_seconds"], "t2i R@1": m["t2i_R@1"], "i2t R@1": m["i2t_R@1"],
-           "t2i R@10": m["t2i_R@10"]}
-    print(f"batch {batch} {loss} seed {seed}: {res['steps']} steps in {res['train_seconds']:.0f} s, "
-          f"t2i R@1 {m['t2i_R@1']:.2f}, i2t R@1 {m['i2t_R@1']:.2f}", flush=True)
+    row = {
+        "batch": batch,
+        "loss": loss,
+        "seed": seed,
+        "steps": res["steps"],
+        "precision": res["precision"],
+        "train s": res["train_seconds"],
+        "t2i R@1": m["t2i_R@1"],
+        "i2t R@1": m["i2t_R@1"],
+        "t2i R@10": m["t2i_R@10"],
+    }
+    print(
+        f"batch {batch} {loss} seed {seed}: {res['steps']} steps in {res['train_seconds']:.0f} s, "
+        f"t2i R@1 {m['t2i_R@1']:.2f}, i2t R@1 {m['i2t_R@1']:.2f}",
+        flush=True,
+    )
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch-sizes", default="32,128,512")
     p.add_argument("--losses", default="clip,siglip")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of every run (default: 300)")
@@ -63,21 +89,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     out = Path(args.out)
-    rows = [run(loss, int(b), int(s), args, out) for b in args.batch_sizes.split(",")
-            for loss in args.losses.split(",") for s in args.seeds.split(",")]
+    rows = [
+        run(loss, int(b), int(s), args, out)
+        for b in args.batch_sizes.split(",")
+        for loss in args.losses.split(",")
+        for s in args.seeds.split(",")
+    ]
     summary = []
     for b in dict.fromkeys(r["batch"] for r in rows):
         for loss in dict.fromkeys(r["loss"] for r in rows):
             rs = [r for r in rows if r["batch"] == b and r["loss"] == loss]
-            summary.append({"batch": b, "loss": loss, "seeds": len(rs), "steps": rs[0]["steps"],
-                            "t2i R@1": statistics.mean(r["t2i R@1"] for r in rs),
-                            "i2t R@1": statistics.mean(r["i2t R@1"] for r in rs),
-                            "t2i R@10": statistics.mean(r["t2i R@10"] for r in rs),
-                            "train s": statistics.mean(r["train s"] for r in rs)})
+            summary.append(
+                {
+                    "batch": b,
+                    "loss": loss,
+                    "seeds": len(rs),
+                    "steps": rs[0]["steps"],
+                    "t2i R@1": statistics.mean(r["t2i R@1"] for r in rs),
+                    "i2t R@1": statistics.mean(r["i2t R@1"] for r in rs),
+                    "t2i R@10": statistics.mean(r["t2i R@10"] for r in rs),
+                    "train s": statistics.mean(r["train s"] for r in rs),
+                }
+            )
     print()
-    print(markdown_table(summary, [("batch", "batch", 0), ("loss", "loss", 0), ("seeds", "seeds", 0),
-                                   ("steps", "steps", 0), ("t2i R@1", "t2i R@1", 2), ("i2t R@1", "i2t R@1", 2),
-                                   ("t2i R@10", "t2i R@10", 2), ("train s", "train s", 0)]))
+    print(
+        markdown_table(
+            summary,
+            [
+                ("batch", "batch", 0),
+                ("loss", "loss", 0),
+                ("seeds", "seeds", 0),
+                ("steps", "steps", 0),
+                ("t2i R@1", "t2i R@1", 2),
+                ("i2t R@1", "i2t R@1", 2),
+                ("t2i R@10", "t2i R@10", 2),
+                ("train s", "train s", 0),
+            ],
+        )
+    )
     print(f"\nrecipe {args.recipe} with loss set; held-out family of the bundled data; mean over seeds {args.seeds}")
     print(machine_line())
     if args.json:

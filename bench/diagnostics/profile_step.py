@@ -31,8 +31,19 @@ CATEGORIES = [
     ("layer norm", ("layer_norm",)),
     ("gelu", ("gelu",)),
     ("casts and copies", ("aten::copy_", "aten::to", "_to_copy", "clone", "contiguous", "aten::cat")),
-    ("elementwise", ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::sum", "aten::fill_",
-                     "aten::zero_", "aten::masked_fill")),
+    (
+        "elementwise",
+        (
+            "aten::add",
+            "aten::mul",
+            "aten::div",
+            "aten::sub",
+            "aten::sum",
+            "aten::fill_",
+            "aten::zero_",
+            "aten::masked_fill",
+        ),
+    ),
 ]
 
 
@@ -45,8 +56,9 @@ def category(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_preset_arguments(p)
     p.add_argument("--steps", type=int, default=3, help="profiled steps after 2 warm-up steps")
     p.add_argument("--top", type=int, default=15, help="operators listed by self time")
@@ -69,20 +81,43 @@ def main(argv: list[str] | None = None) -> int:
         by_cat[category(e.key)] += e.self_cpu_time_total
     print(machine_line())
     print(settings_line)
-    print(f"{args.model} ({cfg.width} wide, {cfg.depth} layers), {args.precision}, batch {batch_size}: "
-          f"{total / 1e3 / args.steps:.1f} ms of operator self time per profiled step\n")
-    rows = [{"category": c, "ms per step": t / 1e3 / args.steps, "share %": 100 * t / total}
-            for c, t in sorted(by_cat.items(), key=lambda kv: -kv[1])]
-    print(markdown_table(rows, [("category", "category", 0), ("ms per step", "ms per step", 1),
-                                ("share %", "share %", 1)]))
+    print(
+        f"{args.model} ({cfg.width} wide, {cfg.depth} layers), {args.precision}, batch {batch_size}: "
+        f"{total / 1e3 / args.steps:.1f} ms of operator self time per profiled step\n"
+    )
+    rows = [
+        {"category": c, "ms per step": t / 1e3 / args.steps, "share %": 100 * t / total}
+        for c, t in sorted(by_cat.items(), key=lambda kv: -kv[1])
+    ]
+    print(
+        markdown_table(
+            rows, [("category", "category", 0), ("ms per step", "ms per step", 1), ("share %", "share %", 1)]
+        )
+    )
     print()
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]
-    rows = [{"operator": e.key, "category": category(e.key), "calls per step": e.count / args.steps,
-             "ms per step": e.self_cpu_time_total / 1e3 / args.steps, "share %": 100 * e.self_cpu_time_total / total}
-            for e in top]
-    print(markdown_table(rows, [("operator", "operator", 0), ("category", "category", 0),
-                                ("calls per step", "calls per step", 0), ("ms per step", "ms per step", 1),
-                                ("share %", "share %", 1)]))
+    rows = [
+        {
+            "operator": e.key,
+            "category": category(e.key),
+            "calls per step": e.count / args.steps,
+            "ms per step": e.self_cpu_time_total / 1e3 / args.steps,
+            "share %": 100 * e.self_cpu_time_total / total,
+        }
+        for e in top
+    ]
+    print(
+        markdown_table(
+            rows,
+            [
+                ("operator", "operator", 0),
+                ("category", "category", 0),
+                ("calls per step", "calls per step", 0),
+                ("ms per step", "ms per step", 1),
+                ("share %", "share %", 1),
+            ],
+        )
+    )
     return 0
 
 

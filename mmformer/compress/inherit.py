@@ -43,8 +43,20 @@ log = logging.getLogger(__name__)
 __all__ = ["InheritanceError", "InheritancePlan", "inherit_weights", "plan_inheritance", "teacher_blocks"]
 
 #: Config fields on which student and teacher must agree for weights to carry over.
-SAME_FIELDS = ("share", "image_size", "patch_size", "in_chans", "image_pos", "image_pre_norm", "qkv_bias",
-               "vocab_size", "image_mean", "image_std", "document_expert", "fusion_latents")
+SAME_FIELDS = (
+    "share",
+    "image_size",
+    "patch_size",
+    "in_chans",
+    "image_pos",
+    "image_pre_norm",
+    "qkv_bias",
+    "vocab_size",
+    "image_mean",
+    "image_std",
+    "document_expert",
+    "fusion_latents",
+)
 
 # How each dimension of a state-dict tensor is indexed: "D" residual channels, "E" joint-space
 # channels, "A" attention channels of the block's kept heads, "QKV" the same inside each of the
@@ -113,18 +125,25 @@ def _rule(key: str) -> tuple[int | None, str, tuple[str | None, ...]]:
     for pattern, axes in rules:
         if re.fullmatch(pattern, rest):
             return block, rest, axes
-    raise InheritanceError(f"no inheritance rule for the weight {key!r}: only plain embeddings, LayerNorms and "
-                           "Linear layers of MMFormer blocks are sliced (a model with other parts can't inherit)")
+    raise InheritanceError(
+        f"no inheritance rule for the weight {key!r}: only plain embeddings, LayerNorms and "
+        "Linear layers of MMFormer blocks are sliced (a model with other parts can't inherit)"
+    )
 
 
 def _check_configs(s: ModelConfig, t: ModelConfig) -> None:
-    problems = [f"{name}: student {getattr(s, name)!r}, teacher {getattr(t, name)!r}"
-                for name in SAME_FIELDS if getattr(s, name) != getattr(t, name)]
+    problems = [
+        f"{name}: student {getattr(s, name)!r}, teacher {getattr(t, name)!r}"
+        for name in SAME_FIELDS
+        if getattr(s, name) != getattr(t, name)
+    ]
     s_hd, t_hd = s.width // s.heads, t.width // t.heads
     if s_hd != t_hd:
-        problems.append(f"head width (width / heads): student {s.width}/{s.heads} = {s_hd}, teacher "
-                        f"{t.width}/{t.heads} = {t_hd}; whole heads are kept, so give the student "
-                        f"width = heads * {t_hd}")
+        problems.append(
+            f"head width (width / heads): student {s.width}/{s.heads} = {s_hd}, teacher "
+            f"{t.width}/{t.heads} = {t_hd}; whole heads are kept, so give the student "
+            f"width = heads * {t_hd}"
+        )
     elif s.heads > t.heads:
         problems.append(f"heads: the student has {s.heads}, more than the teacher's {t.heads}")
     if s.mlp_hidden > t.mlp_hidden:
@@ -134,8 +153,11 @@ def _check_configs(s: ModelConfig, t: ModelConfig) -> None:
     if s.depth > t.depth:
         problems.append(f"depth: student {s.depth} > teacher {t.depth}")
     if problems:
-        raise InheritanceError("the student can't inherit the teacher's weights: " + "; ".join(problems)
-                               + " (set inherit=false for a freshly initialised student)")
+        raise InheritanceError(
+            "the student can't inherit the teacher's weights: "
+            + "; ".join(problems)
+            + " (set inherit=false for a freshly initialised student)"
+        )
 
 
 def _top(scores: torch.Tensor, k: int) -> list[int]:
@@ -199,12 +221,18 @@ def plan_inheritance(student_config: ModelConfig, teacher: MMFormer) -> Inherita
                 prefix = f"blocks.{i}." + rest.rsplit(".", 2)[0]  # blocks.i.mlp[.modality]
                 scores[prefix] = scores.get(prefix, 0) + _sum_sq_along(value, d)
         hidden.update({prefix: _top(score, s.mlp_hidden) for prefix, score in scores.items()})
-    return InheritancePlan(blocks=blocks, heads=heads, channels=_top(d_score, s.width),
-                           embed_channels=_top(e_score, s.embed_dim), hidden=hidden)
+    return InheritancePlan(
+        blocks=blocks,
+        heads=heads,
+        channels=_top(d_score, s.width),
+        embed_channels=_top(e_score, s.embed_dim),
+        hidden=hidden,
+    )
 
 
-def _index(kind: str | None, plan: InheritancePlan, student_block: int | None, prefix: str,
-           t: ModelConfig) -> list[int] | None:
+def _index(
+    kind: str | None, plan: InheritancePlan, student_block: int | None, prefix: str, t: ModelConfig
+) -> list[int] | None:
     """The teacher indices along one dimension of kind ``kind`` (None = the whole dimension)."""
     hd = t.width // t.heads
     if kind is None:
@@ -239,10 +267,17 @@ def inherit_weights(student: MMFormer, teacher: MMFormer) -> InheritancePlan:
             if idx is not None and len(idx) != value.shape[dim]:
                 value = value.index_select(dim, torch.tensor(idx, device=value.device))
         if value.shape != target.shape:
-            raise InheritanceError(f"{key}: the teacher's {source_key} gives {tuple(value.shape)}, the student "
-                                   f"needs {tuple(target.shape)}")
+            raise InheritanceError(
+                f"{key}: the teacher's {source_key} gives {tuple(value.shape)}, the student needs {tuple(target.shape)}"
+            )
         new[key] = value.detach().clone().to(target.dtype)
     student.load_state_dict(new, strict=True)
-    log.info("inherited the teacher's weights: blocks %s, %d of %d heads, %d of %d channels", plan.blocks,
-             student.config.heads, teacher.config.heads, student.config.width, teacher.config.width)
+    log.info(
+        "inherited the teacher's weights: blocks %s, %d of %d heads, %d of %d channels",
+        plan.blocks,
+        student.config.heads,
+        teacher.config.heads,
+        student.config.width,
+        teacher.config.width,
+    )
     return plan

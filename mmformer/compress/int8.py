@@ -108,8 +108,9 @@ def _torch_ao_api():
     return quantize_dynamic, per_channel_dynamic_qconfig
 
 
-def quantize_int8(model: nn.Module, inplace: bool = False, backend: str = "auto",
-                  compile: bool | str = False) -> nn.Module:
+def quantize_int8(
+    model: nn.Module, inplace: bool = False, backend: str = "auto", compile: bool | str = False
+) -> nn.Module:
     """An int8 copy of ``model`` (or ``model`` itself when ``inplace``), in eval mode on the CPU.
 
     Args:
@@ -155,8 +156,11 @@ def quantize_int8(model: nn.Module, inplace: bool = False, backend: str = "auto"
         break
     else:
         if all(missing):
-            raise ImportError("int8 quantization needs torchao (this torch has no torch.ao.quantization): "
-                              "pip install 'mmformer[int8]'", name="torchao")
+            raise ImportError(
+                "int8 quantization needs torchao (this torch has no torch.ao.quantization): "
+                "pip install 'mmformer[int8]'",
+                name="torchao",
+            )
         raise RuntimeError("no int8 backend worked: " + "; ".join(errors))
     target.is_int8 = True
     target.int8_backend = name
@@ -165,8 +169,9 @@ def quantize_int8(model: nn.Module, inplace: bool = False, backend: str = "auto"
         p.requires_grad_(False)
     if compile:
         _compile_trunk(target, "inductor" if compile is True else compile)
-    log.info("quantized %d Linear layers to int8 (%s%s)", count_int8_linears(target), name,
-             ", compiled" if compile else "")
+    log.info(
+        "quantized %d Linear layers to int8 (%s%s)", count_int8_linears(target), name, ", compiled" if compile else ""
+    )
     return target
 
 
@@ -228,8 +233,9 @@ def _torch_ao_linear_type():
 def count_int8_linears(model: nn.Module) -> int:
     """Linear layers of ``model`` holding int8 weights (either backend)."""
     qlinear = _torch_ao_linear_type()
-    return sum((qlinear is not None and isinstance(m, qlinear)) or _torchao_weight(m) is not None
-               for m in model.modules())
+    return sum(
+        (qlinear is not None and isinstance(m, qlinear)) or _torchao_weight(m) is not None for m in model.modules()
+    )
 
 
 def int8_linear_bytes(model: nn.Module) -> tuple[int, int]:
@@ -248,8 +254,11 @@ def int8_linear_bytes(model: nn.Module) -> tuple[int, int]:
             total += w.int_repr().numel() + n_scales * 16  # int8 values + float64 scale, int64 zero point
             count += 1
         elif (w := _torchao_weight(m)) is not None:
-            total += sum(t.numel() * t.element_size() for t in (w.qdata, w.scale, getattr(w, "zero_point", None))
-                         if t is not None)
+            total += sum(
+                t.numel() * t.element_size()
+                for t in (w.qdata, w.scale, getattr(w, "zero_point", None))
+                if t is not None
+            )
             count += 1
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()

@@ -81,11 +81,15 @@ def _require(module: str):
 
 def _check_exportable(model: MMFormer) -> None:
     if getattr(model, "is_int8", False):
-        raise ValueError("export the float model: a quantize_int8 copy is not exportable to ONNX "
-                         "(the int8 ONNX graphs are made from the float ones by onnxruntime)")
+        raise ValueError(
+            "export the float model: a quantize_int8 copy is not exportable to ONNX "
+            "(the int8 ONNX graphs are made from the float ones by onnxruntime)"
+        )
     if model.config.attention != "dense":
-        raise ValueError(f"ONNX export supports dense text attention only; this model uses "
-                         f"attention={model.config.attention!r} (set_text_attention('dense') first)")
+        raise ValueError(
+            f"ONNX export supports dense text attention only; this model uses "
+            f"attention={model.config.attention!r} (set_text_attention('dense') first)"
+        )
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("move the model to the CPU (model.cpu()) before exporting to ONNX")
 
@@ -107,8 +111,9 @@ def sample_inputs(model: MMFormer, batch: int = 3, seed: int = 0) -> dict[str, n
     return {"images": images.numpy(), "input_ids": ids.numpy(), "attention_mask": mask.numpy()}
 
 
-def export_onnx(model: MMFormer, out_dir: str | os.PathLike, *, opset: int = OPSET, int8: bool = True,
-                check: bool = True) -> dict:
+def export_onnx(
+    model: MMFormer, out_dir: str | os.PathLike, *, opset: int = OPSET, int8: bool = True, check: bool = True
+) -> dict:
     """Write the two encoder graphs (and their int8 copies) to ``out_dir``; returns the manifest.
 
     ``check``: run both fp32 graphs with onnxruntime on :func:`sample_inputs` and raise if any
@@ -126,15 +131,31 @@ def export_onnx(model: MMFormer, out_dir: str | os.PathLike, *, opset: int = OPS
     ids, mask = torch.from_numpy(sample["input_ids"]), torch.from_numpy(sample["attention_mask"])
     specs = {
         "image": (ImageEncoder(model), (images,), ["images"], {"images": {0: "batch"}, "embeddings": {0: "batch"}}),
-        "text": (TextEncoder(model), (ids, mask), ["input_ids", "attention_mask"],
-                 {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
-                  "embeddings": {0: "batch"}}),
+        "text": (
+            TextEncoder(model),
+            (ids, mask),
+            ["input_ids", "attention_mask"],
+            {
+                "input_ids": {0: "batch", 1: "length"},
+                "attention_mask": {0: "batch", 1: "length"},
+                "embeddings": {0: "batch"},
+            },
+        ),
     }
     for name, (module, args, inputs, axes) in specs.items():
         with atomic_path(out / GRAPHS[name]) as tmp, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about the Python input checks
-            torch.onnx.export(module, args, tmp, input_names=inputs, output_names=["embeddings"],
-                              dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                args,
+                tmp,
+                input_names=inputs,
+                output_names=["embeddings"],
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+            )
         log.info("wrote %s", out / GRAPHS[name])
     if int8:
         for name in GRAPHS:
@@ -149,15 +170,23 @@ def export_onnx(model: MMFormer, out_dir: str | os.PathLike, *, opset: int = OPS
         "embed_dim": c.embed_dim,
         "image_size": c.image_size,
         "context_length": c.context_length,
-        "image_mean": list(c.image_mean), "image_std": list(c.image_std),
+        "image_mean": list(c.image_mean),
+        "image_std": list(c.image_std),
         "graphs": {
-            "image": {"file": GRAPHS["image"], "int8": INT8_GRAPHS["image"] if int8 else None,
-                      "inputs": {"images": ["batch", c.in_chans, c.image_size, c.image_size]},
-                      "outputs": {"embeddings": ["batch", c.embed_dim]}},
-            "text": {"file": GRAPHS["text"], "int8": INT8_GRAPHS["text"] if int8 else None,
-                     "inputs": {"input_ids": ["batch", "length"], "attention_mask": ["batch", "length"]},
-                     "outputs": {"embeddings": ["batch", c.embed_dim]},
-                     "max_length": c.context_length, "pad_id": c.pad_id},
+            "image": {
+                "file": GRAPHS["image"],
+                "int8": INT8_GRAPHS["image"] if int8 else None,
+                "inputs": {"images": ["batch", c.in_chans, c.image_size, c.image_size]},
+                "outputs": {"embeddings": ["batch", c.embed_dim]},
+            },
+            "text": {
+                "file": GRAPHS["text"],
+                "int8": INT8_GRAPHS["text"] if int8 else None,
+                "inputs": {"input_ids": ["batch", "length"], "attention_mask": ["batch", "length"]},
+                "outputs": {"embeddings": ["batch", c.embed_dim]},
+                "max_length": c.context_length,
+                "pad_id": c.pad_id,
+            },
         },
     }
     if check:
@@ -188,8 +217,11 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, reduce_ra
     dst = Path(dst)
     # onnxruntime's advised pre-processing (shape inference, graph optimisation) first; without
     # it quantize_dynamic warns through the root logger (which would configure the root logger)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as work, \
-            atomic_path(dst) as tmp, warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as work,
+        atomic_path(dst) as tmp,
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
         pre = str(Path(work) / "preprocessed.onnx")
         quant_pre_process(str(src), pre, skip_symbolic_shape=True)
@@ -206,13 +238,18 @@ def check_parity(model: MMFormer, onnx_dir: str | os.PathLike, int8: bool = True
         enc["int8"] = OnnxEncoder(onnx_dir, int8=True)
     sample = sample_inputs(model, batch=batch, seed=1)
     with torch.inference_mode():
-        ref = {"image": model.encode_image(torch.from_numpy(sample["images"])).numpy(),
-               "text": model.encode_text(torch.from_numpy(sample["input_ids"]),
-                                         torch.from_numpy(sample["attention_mask"]).bool()).numpy()}
+        ref = {
+            "image": model.encode_image(torch.from_numpy(sample["images"])).numpy(),
+            "text": model.encode_text(
+                torch.from_numpy(sample["input_ids"]), torch.from_numpy(sample["attention_mask"]).bool()
+            ).numpy(),
+        }
     out = {}
     for kind, e in enc.items():
-        got = {"image": e.encode_image(sample["images"]),
-               "text": e.encode_text(sample["input_ids"], sample["attention_mask"])}
+        got = {
+            "image": e.encode_image(sample["images"]),
+            "text": e.encode_text(sample["input_ids"], sample["attention_mask"]),
+        }
         for name in ("image", "text"):
             if kind == "fp32":
                 out[f"{name}_fp32_max_abs_diff"] = float(np.abs(got[name] - ref[name]).max())
@@ -236,13 +273,17 @@ class OnnxEncoder:
         files = INT8_GRAPHS if int8 else GRAPHS
         missing = [f for f in files.values() if not (self.dir / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"{self.dir}: missing {missing} (expected a folder written by "
-                                    f"`mmformer export --onnx`{'' if not int8 else ' with int8 graphs'})")
+            raise FileNotFoundError(
+                f"{self.dir}: missing {missing} (expected a folder written by "
+                f"`mmformer export --onnx`{'' if not int8 else ' with int8 graphs'})"
+            )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
-        self.sessions = {k: ort.InferenceSession(str(self.dir / f), opts, providers=["CPUExecutionProvider"])
-                         for k, f in files.items()}
+        self.sessions = {
+            k: ort.InferenceSession(str(self.dir / f), opts, providers=["CPUExecutionProvider"])
+            for k, f in files.items()
+        }
         self.config = ModelConfig.from_json(self.dir / CONFIG_NAME)
         tok = self.dir / TOKENIZER_NAME
         self.tokenizer = Tokenizer.load(tok) if tok.is_file() else None

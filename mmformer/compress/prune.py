@@ -66,15 +66,20 @@ def head_gates(model: MMFormer) -> Iterator[list[torch.Tensor]]:
             block.attn.head_gate = None
 
 
-def _to_device(batch: Batch,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _to_device(
+    batch: Batch, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(images, input_ids, attention_mask, concepts or None) of a batch, on ``device``."""
     missing = [k for k in ("images", "input_ids", "attention_mask") if k not in batch]
     if missing:
         raise ValueError(f"a batch needs 'images', 'input_ids' and 'attention_mask'; this one lacks {missing}")
     concepts = batch.get("concepts")
-    return (batch["images"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device),
-            None if concepts is None else concepts.to(device))
+    return (
+        batch["images"].to(device),
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        None if concepts is None else concepts.to(device),
+    )
 
 
 def batch_clip_loss(model: MMFormer, batch: Batch) -> torch.Tensor:
@@ -86,8 +91,9 @@ def batch_clip_loss(model: MMFormer, batch: Batch) -> torch.Tensor:
     return clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], concepts, gather=False)
 
 
-def head_importance(model: MMFormer, batches: Iterable[Batch] | None = None, criterion: str = "gradient",
-                    p: float = 2.0) -> torch.Tensor:
+def head_importance(
+    model: MMFormer, batches: Iterable[Batch] | None = None, criterion: str = "gradient", p: float = 2.0
+) -> torch.Tensor:
     """Importance of every head, a float32 ``(depth, heads)`` tensor on the CPU (higher = keep).
 
     Row i holds block i's heads in their order; a block pruned earlier to fewer than ``heads``
@@ -163,15 +169,19 @@ def select_heads(importance: torch.Tensor, fraction: float, heads_per_block: Seq
         raise ValueError(f"the fraction of heads to remove must be a number in [0, 1), got {fraction!r}")
     counts = list(heads_per_block)
     if importance.ndim != 2 or importance.shape[0] != len(counts) or importance.shape[1] < max(counts):
-        raise ValueError(f"importance of shape {tuple(importance.shape)} does not fit blocks of {counts} heads "
-                         f"(expected (depth, heads) = ({len(counts)}, {max(counts)}) or wider)")
+        raise ValueError(
+            f"importance of shape {tuple(importance.shape)} does not fit blocks of {counts} heads "
+            f"(expected (depth, heads) = ({len(counts)}, {max(counts)}) or wider)"
+        )
     total = sum(counts)
     n_remove = math.floor(fraction * total + 0.5)
     most = total - len(counts)
     if n_remove > most:
-        raise ValueError(f"removing {fraction:g} of the heads is {n_remove} of {total}, but each of the "
-                         f"{len(counts)} blocks keeps at least one head: at most {most} can go "
-                         f"(a fraction up to {most / total:.3f})")
+        raise ValueError(
+            f"removing {fraction:g} of the heads is {n_remove} of {total}, but each of the "
+            f"{len(counts)} blocks keeps at least one head: at most {most} can go "
+            f"(a fraction up to {most / total:.3f})"
+        )
     ranked = sorted(((float(importance[i, j]), i, j) for i, h in enumerate(counts) for j in range(h)))
     if any(math.isnan(s) for s, _, _ in ranked):
         raise ValueError("importance has NaN scores for heads the model has")
@@ -210,14 +220,16 @@ def _check_removal(model: MMFormer, remove: Sequence[Sequence[int]]) -> list[lis
         if len(set(r)) != len(r):
             raise ValueError(f"block {i}: head(s) listed twice in {r}")
         if len(r) >= h:
-            raise ValueError(f"block {i}: removing {sorted(r)} would remove all {h} of its heads; "
-                             "every block keeps at least one")
+            raise ValueError(
+                f"block {i}: removing {sorted(r)} would remove all {h} of its heads; every block keeps at least one"
+            )
         out.append(sorted(r))
     return out
 
 
-def prune_heads(model: MMFormer, remove: float | Sequence[Sequence[int]],
-                importance: torch.Tensor | None = None) -> MMFormer:
+def prune_heads(
+    model: MMFormer, remove: float | Sequence[Sequence[int]], importance: torch.Tensor | None = None
+) -> MMFormer:
     """A new model without the given heads (``model`` is left as it was).
 
     ``remove``: per block, the indices of the heads to remove (in the block's current
@@ -241,7 +253,7 @@ def prune_heads(model: MMFormer, remove: float | Sequence[Sequence[int]],
         rows = _qkv_rows(kept, block.attn.heads, block.attn.head_dim)
         cols = _head_columns(kept, block.attn.head_dim)
         for name in [n for n in state if n.startswith(f"blocks.{i}.attn.")]:
-            part = name[len(f"blocks.{i}.attn."):]
+            part = name[len(f"blocks.{i}.attn.") :]
             if part.startswith("qkv."):  # weight (3 H Dh, D) and bias (3 H Dh,), shared or per modality
                 state[name] = state[name].index_select(0, rows.to(state[name].device))
             elif part.startswith("proj.") and part.endswith("weight"):  # (D, H Dh); the bias stays

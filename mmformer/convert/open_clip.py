@@ -17,14 +17,36 @@ import torch
 from mmformer.config import ModelConfig
 
 # open_clip's CLIPVisionCfg / CLIPTextCfg fields MMFormer can express (the others must keep their defaults)
-_VISION_FIELDS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "patch_dropout",
-                  "output_tokens"}
-_TEXT_FIELDS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pad_id", "eos_id",
-                "output_tokens"}
+_VISION_FIELDS = {
+    "layers",
+    "width",
+    "head_width",
+    "mlp_ratio",
+    "patch_size",
+    "image_size",
+    "patch_dropout",
+    "output_tokens",
+}
+_TEXT_FIELDS = {
+    "context_length",
+    "vocab_size",
+    "width",
+    "heads",
+    "layers",
+    "mlp_ratio",
+    "pad_id",
+    "eos_id",
+    "output_tokens",
+}
 _TOP_FIELDS = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "custom_text", "cast_dtype", "preprocess_cfg"}
 # per-block parts: open_clip name -> MMFormer part (the modality goes between part and parameter)
-_BLOCK_PARTS = {"ln_1": "norm1", "ln_2": "norm2", "attn.out_proj": "attn.proj", "mlp.c_fc": "mlp.{m}.fc1",
-                "mlp.c_proj": "mlp.{m}.fc2"}
+_BLOCK_PARTS = {
+    "ln_1": "norm1",
+    "ln_2": "norm2",
+    "attn.out_proj": "attn.proj",
+    "mlp.c_fc": "mlp.{m}.fc1",
+    "mlp.c_proj": "mlp.{m}.fc2",
+}
 # buffers open_clip may keep in a state dict, rebuilt by MMFormer from its config
 _DERIVED = {"attn_mask"}
 
@@ -60,8 +82,10 @@ def _check_supported(arch: str, cfg: Mapping[str, Any]) -> None:
         defaults = _defaults(kind)
         for key, value in cfg.get(kind, {}).items():
             if key not in supported and value != defaults.get(key, object()):
-                raise ValueError(f"open_clip {arch}: {kind}.{key} = {value!r} is not supported by MMFormer's CLIP "
-                                 f"import (only a ViT image tower and a causal text tower pooled at its highest id)")
+                raise ValueError(
+                    f"open_clip {arch}: {kind}.{key} = {value!r} is not supported by MMFormer's CLIP "
+                    f"import (only a ViT image tower and a causal text tower pooled at its highest id)"
+                )
 
 
 def _single(arch: str, name: str, value: Any) -> int:
@@ -82,26 +106,46 @@ def open_clip_config(arch: str, quick_gelu: bool | None = None, cfg: Mapping[str
     _check_supported(arch, cfg)
     v, t = {**_defaults("vision_cfg"), **cfg["vision_cfg"]}, {**_defaults("text_cfg"), **cfg["text_cfg"]}
     if t["layers"] > v["layers"]:
-        raise ValueError(f"open_clip {arch}: {v['layers']} image blocks and {t['layers']} text blocks; MMFormer's "
-                         "text path runs through the first blocks of the image path's stack, so it cannot be deeper")
+        raise ValueError(
+            f"open_clip {arch}: {v['layers']} image blocks and {t['layers']} text blocks; MMFormer's "
+            "text path runs through the first blocks of the image path's stack, so it cannot be deeper"
+        )
     if v["width"] % v["head_width"]:
-        raise ValueError(f"open_clip {arch}: vision width {v['width']} is not a multiple of "
-                         f"head_width {v['head_width']}")
+        raise ValueError(
+            f"open_clip {arch}: vision width {v['width']} is not a multiple of head_width {v['head_width']}"
+        )
     import open_clip
 
     pre = cfg.get("preprocess_cfg", {})
     act = cfg.get("quick_gelu", False) if quick_gelu is None else quick_gelu
     return ModelConfig(
-        width=v["width"], depth=v["layers"], heads=v["width"] // v["head_width"], mlp_ratio=float(v["mlp_ratio"]),
-        qkv_bias=True, ln_eps=1e-5, share="none", mlp_act="quick_gelu" if act else "gelu",
+        width=v["width"],
+        depth=v["layers"],
+        heads=v["width"] // v["head_width"],
+        mlp_ratio=float(v["mlp_ratio"]),
+        qkv_bias=True,
+        ln_eps=1e-5,
+        share="none",
+        mlp_act="quick_gelu" if act else "gelu",
         image_size=_single(arch, "image_size", v["image_size"]),
         patch_size=_single(arch, "patch_size", v["patch_size"]),
-        in_chans=3, image_pos="learned", image_pre_norm=True, image_pool="cls",
+        in_chans=3,
+        image_pos="learned",
+        image_pre_norm=True,
+        image_pool="cls",
         image_mean=tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         image_std=tuple(pre.get("std", open_clip.OPENAI_DATASET_STD)),
-        patch_bias=False, vocab_size=t["vocab_size"], context_length=t["context_length"], text_pool="argmax",
-        pad_id=t["pad_id"], text_pos="learned", text_mask="causal", text_width=t["width"], text_heads=t["heads"],
-        text_mlp_ratio=float(t["mlp_ratio"]), text_depth=None if t["layers"] == v["layers"] else t["layers"],
+        patch_bias=False,
+        vocab_size=t["vocab_size"],
+        context_length=t["context_length"],
+        text_pool="argmax",
+        pad_id=t["pad_id"],
+        text_pos="learned",
+        text_mask="causal",
+        text_width=t["width"],
+        text_heads=t["heads"],
+        text_mlp_ratio=float(t["mlp_ratio"]),
+        text_depth=None if t["layers"] == v["layers"] else t["layers"],
         embed_dim=cfg["embed_dim"],
     )
 
@@ -124,10 +168,16 @@ def open_clip_to_mmformer(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 def _rename_from_open_clip(key: str) -> str | None:
-    fixed = {"visual.conv1.weight": "patch_embed.proj.weight", "visual.class_embedding": "cls_token",
-             "visual.positional_embedding": "pos_embed", "visual.proj": "image_proj.weight",
-             "token_embedding.weight": "token_embed.weight", "positional_embedding": "text_pos",
-             "text_projection": "text_proj.weight", "logit_scale": "logit_scale"}
+    fixed = {
+        "visual.conv1.weight": "patch_embed.proj.weight",
+        "visual.class_embedding": "cls_token",
+        "visual.positional_embedding": "pos_embed",
+        "visual.proj": "image_proj.weight",
+        "token_embedding.weight": "token_embed.weight",
+        "positional_embedding": "text_pos",
+        "text_projection": "text_proj.weight",
+        "logit_scale": "logit_scale",
+    }
     if key in fixed:
         return fixed[key]
     if key in _DERIVED:
@@ -150,8 +200,10 @@ def _rename_from_open_clip(key: str) -> str | None:
         target = _BLOCK_PARTS[part]
         target = target.format(m=modality) if "{m}" in target else f"{target}.{modality}"
         return f"blocks.{idx}.{target}.{param}"
-    raise ValueError(f"open_clip key {key!r} has no MMFormer counterpart (layer scale, attention pooling, a logit "
-                     "bias, or a timm / Hugging Face tower are not supported)")
+    raise ValueError(
+        f"open_clip key {key!r} has no MMFormer counterpart (layer scale, attention pooling, a logit "
+        "bias, or a timm / Hugging Face tower are not supported)"
+    )
 
 
 def mmformer_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -176,13 +228,22 @@ def mmformer_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 def _rename_to_open_clip(key: str) -> str:
-    fixed = {"patch_embed.proj.weight": "visual.conv1.weight", "cls_token": "visual.class_embedding",
-             "pos_embed": "visual.positional_embedding", "image_proj.weight": "visual.proj",
-             "token_embed.weight": "token_embedding.weight", "text_pos": "positional_embedding",
-             "text_proj.weight": "text_projection", "logit_scale": "logit_scale",
-             "norm_pre.weight": "visual.ln_pre.weight", "norm_pre.bias": "visual.ln_pre.bias",
-             "norm.image.weight": "visual.ln_post.weight", "norm.image.bias": "visual.ln_post.bias",
-             "norm.text.weight": "ln_final.weight", "norm.text.bias": "ln_final.bias"}
+    fixed = {
+        "patch_embed.proj.weight": "visual.conv1.weight",
+        "cls_token": "visual.class_embedding",
+        "pos_embed": "visual.positional_embedding",
+        "image_proj.weight": "visual.proj",
+        "token_embed.weight": "token_embedding.weight",
+        "text_pos": "positional_embedding",
+        "text_proj.weight": "text_projection",
+        "logit_scale": "logit_scale",
+        "norm_pre.weight": "visual.ln_pre.weight",
+        "norm_pre.bias": "visual.ln_pre.bias",
+        "norm.image.weight": "visual.ln_post.weight",
+        "norm.image.bias": "visual.ln_post.bias",
+        "norm.text.weight": "ln_final.weight",
+        "norm.text.bias": "ln_final.bias",
+    }
     if key in fixed:
         return fixed[key]
     m = re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp)\.(image|text)\.(.+)", key)
@@ -196,5 +257,7 @@ def _rename_to_open_clip(key: str) -> str:
             return f"{prefix}.{names[part]}.{rest}"
         if part == "mlp" and rest in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
             return f"{prefix}.mlp.{'c_fc' if rest.startswith('fc1') else 'c_proj'}.{rest.split('.')[1]}"
-    raise ValueError(f"MMFormer key {key!r} has no open_clip counterpart (open_clip export needs a share='none' "
-                     "model without a document expert, fusion module or patch-embedding bias)")
+    raise ValueError(
+        f"MMFormer key {key!r} has no open_clip counterpart (open_clip export needs a share='none' "
+        "model without a document expert, fusion module or patch-embedding bias)"
+    )

@@ -8,8 +8,20 @@ from mmformer.data.manifest import ImageTextManifest, ManifestError, read_manife
 from mmformer.data.shards import ShardDataset, expand_shards, write_shards
 
 __all__ = [
-    "CorruptSample", "EmojiData", "ImageTextCollator", "ImageTextManifest",
-    "InMemoryImageText", "ManifestError", "ShardDataset", "SkipCorrupt", "SkipStats", "Skipped",
-    "default_data_dir", "expand_shards", "is_empty_batch", "read_concepts",
-    "read_manifest_rows", "write_shards",
+    "CorruptSample",
+    "EmojiData",
+    "ImageTextCollator",
+    "ImageTextManifest",
+    "InMemoryImageText",
+    "ManifestError",
+    "ShardDataset",
+    "SkipCorrupt",
+    "SkipStats",
+    "Skipped",
+    "default_data_dir",
+    "expand_shards",
+    "is_empty_batch",
+    "read_concepts",
+    "read_manifest_rows",
+    "write_shards",
 ]

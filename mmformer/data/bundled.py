@@ -27,8 +27,8 @@ ENV_VAR = "MMFORMER_DATA"
 # dataset name -> the file whose presence marks its folder
 DATASETS = {"emoji": "manifest.jsonl", "icons": "manifest.jsonl", "prose": "kjv.txt"}
 _HERE = Path(__file__).resolve()
-_CHECKOUT = _HERE.parents[2] / "data"     # mmformer/data/bundled.py -> <repo>/data
-_PACKAGED = _HERE.parents[1] / "_data"    # mmformer/data/bundled.py -> mmformer/_data (wheel installs)
+_CHECKOUT = _HERE.parents[2] / "data"  # mmformer/data/bundled.py -> <repo>/data
+_PACKAGED = _HERE.parents[1] / "_data"  # mmformer/data/bundled.py -> mmformer/_data (wheel installs)
 
 
 class BundledDataNotFound(FileNotFoundError):
@@ -64,4 +64,5 @@ def bundled_dir(name: str, explicit: str | os.PathLike[str] | None = None) -> Pa
     raise BundledDataNotFound(
         f"bundled {name} data not found in {where} (looked for {looked}); get it from a checkout of the "
         f"mmformer repository (its data/{name}/ folder) and pass --data-dir DIR or set {ENV_VAR}=DIR "
-        f"(DIR = the checkout's data/ or data/{name}/), or rebuild it with 'python data/build_{name}.py'")
+        f"(DIR = the checkout's data/ or data/{name}/), or rebuild it with 'python data/build_{name}.py'"
+    )

@@ -87,9 +87,13 @@ class ImageTextCollator:
             images that the dataset left un-augmented).
     """
 
-    def __init__(self, tokenizer: Tokenizer | Callable[..., Any] | None = None, max_length: int = 16,
-                 image_size: int | None = None,
-                 batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer | Callable[..., Any] | None = None,
+        max_length: int = 16,
+        image_size: int | None = None,
+        batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.batch_transform = batch_transform
         self.max_length = max_length
@@ -97,22 +101,34 @@ class ImageTextCollator:
 
     def __call__(self, samples: Sequence[dict[str, Any] | Skipped | None]) -> dict[str, Any]:
         good = [s for s in samples if isinstance(s, dict)]
-        skipped = [s if isinstance(s, Skipped) else Skipped("<unknown>", "sample was None")
-                   for s in samples if not isinstance(s, dict)]
+        skipped = [
+            s if isinstance(s, Skipped) else Skipped("<unknown>", "sample was None")
+            for s in samples
+            if not isinstance(s, dict)
+        ]
         if not good:
             return self._empty(skipped)
         ids, mask = self._tokenize([s["caption"] for s in good])
         indices = torch.tensor([int(s.get("index", -1)) for s in good], dtype=torch.long)
-        image_ids = torch.tensor([int(s.get("image_index", s.get("index", -1))) for s in good],
-                                 dtype=torch.long)
+        image_ids = torch.tensor([int(s.get("image_index", s.get("index", -1))) for s in good], dtype=torch.long)
         images = torch.stack([s["image"] for s in good])  # (B, 3, S, S)
         if self.batch_transform is not None:  # seeded by the samples' seeds when they carry them
             seeds = [s["seed"] for s in good if "seed" in s]
-            images = self.batch_transform(images, seed=hash(tuple(seeds)) & (2**63 - 1)) \
-                if len(seeds) == len(good) else self.batch_transform(images)
-        batch = {"images": images,
-                 "input_ids": ids, "attention_mask": mask, "indices": indices, "image_ids": image_ids,
-                 "captions": [s["caption"] for s in good], "n_skipped": len(skipped), "skipped": skipped}
+            images = (
+                self.batch_transform(images, seed=hash(tuple(seeds)) & (2**63 - 1))
+                if len(seeds) == len(good)
+                else self.batch_transform(images)
+            )
+        batch = {
+            "images": images,
+            "input_ids": ids,
+            "attention_mask": mask,
+            "indices": indices,
+            "image_ids": image_ids,
+            "captions": [s["caption"] for s in good],
+            "n_skipped": len(skipped),
+            "skipped": skipped,
+        }
         if all("concept" in s for s in good):
             batch["concepts"] = torch.tensor([int(s["concept"]) for s in good], dtype=torch.long)
         return batch
@@ -120,24 +136,38 @@ class ImageTextCollator:
     def _tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, T)`` ids and mask, T <= max_length; checks the tokenizer honoured the contract."""
         if self.tokenizer is None:
-            raise RuntimeError("ImageTextCollator has no tokenizer: pass one, or call "
-                               "ImageTextDataModule.set_tokenizer(tok) before building loaders")
+            raise RuntimeError(
+                "ImageTextCollator has no tokenizer: pass one, or call "
+                "ImageTextDataModule.set_tokenizer(tok) before building loaders"
+            )
         ids, mask = self.tokenizer(captions, max_length=self.max_length)
-        ok = (ids.dim() == 2 and ids.shape[0] == len(captions) and ids.shape[1] <= self.max_length
-              and tuple(mask.shape) == tuple(ids.shape))
+        ok = (
+            ids.dim() == 2
+            and ids.shape[0] == len(captions)
+            and ids.shape[1] <= self.max_length
+            and tuple(mask.shape) == tuple(ids.shape)
+        )
         if not ok:
-            raise ValueError(f"tokenizer returned ids {tuple(ids.shape)} and mask {tuple(mask.shape)}, "
-                             f"expected both (B, T) with B={len(captions)}, T <= max_length={self.max_length}")
+            raise ValueError(
+                f"tokenizer returned ids {tuple(ids.shape)} and mask {tuple(mask.shape)}, "
+                f"expected both (B, T) with B={len(captions)}, T <= max_length={self.max_length}"
+            )
         return ids.long(), mask.bool()
 
     def _empty(self, skipped: list[Skipped]) -> dict[str, Any]:
         """The B = 0 batch returned when every sample was skipped."""
         s = self.image_size or 0
         t = self.max_length
-        return {"images": torch.empty(0, 3, s, s), "input_ids": torch.empty(0, t, dtype=torch.long),
-                "attention_mask": torch.empty(0, t, dtype=torch.bool),
-                "indices": torch.empty(0, dtype=torch.long), "image_ids": torch.empty(0, dtype=torch.long),
-                "captions": [], "n_skipped": len(skipped), "skipped": skipped}
+        return {
+            "images": torch.empty(0, 3, s, s),
+            "input_ids": torch.empty(0, t, dtype=torch.long),
+            "attention_mask": torch.empty(0, t, dtype=torch.bool),
+            "indices": torch.empty(0, dtype=torch.long),
+            "image_ids": torch.empty(0, dtype=torch.long),
+            "captions": [],
+            "n_skipped": len(skipped),
+            "skipped": skipped,
+        }
 
 
 class SkipStats:

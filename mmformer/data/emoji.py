@@ -31,8 +31,15 @@ from torch.utils.data import Dataset
 from mmformer.data.bundled import bundled_dir
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.data.manifest import ImageTextManifest
-from mmformer.data.transforms import (DEFAULT_MAX_PIXELS, BatchNormalize, BatchTrainTransform, build_transforms,
-                                      load_image, sample_random, sample_rng)
+from mmformer.data.transforms import (
+    DEFAULT_MAX_PIXELS,
+    BatchNormalize,
+    BatchTrainTransform,
+    build_transforms,
+    load_image,
+    sample_random,
+    sample_rng,
+)
 from mmformer.files import atomic_path, write_text_atomic
 
 __all__ = ["CaptionMode", "EmojiData", "InMemoryImageText", "default_data_dir", "read_concepts"]
@@ -72,8 +79,9 @@ def read_concepts(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
                     row = json.loads(line)
                     concepts[str(row["hexcode"] if "hexcode" in row else row["id"])] = row
                 except (ValueError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}: line {line_no}: expected a JSON object with 'hexcode' "
-                                     f"or 'id': {err!r}") from err
+                    raise ValueError(
+                        f"{path}: line {line_no}: expected a JSON object with 'hexcode' or 'id': {err!r}"
+                    ) from err
     return concepts
 
 
@@ -116,19 +124,29 @@ class EmojiData:
         old = [int(self.concept_ids[i]) for i in keep]
         remap = {c: j for j, c in enumerate(dict.fromkeys(old))}
         return EmojiData(
-            images=self.images[keep], captions=[self.captions[i] for i in keep],
-            hexcodes=[self.hexcodes[i] for i in keep], families=[self.families[i] for i in keep],
+            images=self.images[keep],
+            captions=[self.captions[i] for i in keep],
+            hexcodes=[self.hexcodes[i] for i in keep],
+            families=[self.families[i] for i in keep],
             paths=[self.paths[i] for i in keep],
             concept_ids=torch.tensor([remap[c] for c in old], dtype=torch.long),
             concept_hexcodes=[self.concept_hexcodes[c] for c in remap],
             concept_names=[self.concept_names[c] for c in remap],
-            concept_keywords=[self.concept_keywords[c] for c in remap], skipped=list(self.skipped))
+            concept_keywords=[self.concept_keywords[c] for c in remap],
+            skipped=list(self.skipped),
+        )
 
     @classmethod
-    def load(cls, root: str | os.PathLike[str] | None = None, split: str | None = "train",
-             image_size: int = 64, *, families: Sequence[str] | None = None,
-             cache_dir: str | os.PathLike[str] | None = None,
-             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "EmojiData":
+    def load(
+        cls,
+        root: str | os.PathLike[str] | None = None,
+        split: str | None = "train",
+        image_size: int = 64,
+        *,
+        families: Sequence[str] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> "EmojiData":
         """Decode the images of ``split`` (None = all rows) from ``root`` (default: bundled).
 
         Args:
@@ -153,8 +171,13 @@ class EmojiData:
         return cls._assemble(items, pixels, skipped, read_concepts(root / "concepts.jsonl"))
 
     @classmethod
-    def _assemble(cls, items: list[dict[str, str]], pixels: np.ndarray, skipped: list[Skipped],
-                  concepts: dict[str, dict[str, Any]]) -> "EmojiData":
+    def _assemble(
+        cls,
+        items: list[dict[str, str]],
+        pixels: np.ndarray,
+        skipped: list[Skipped],
+        concepts: dict[str, dict[str, Any]],
+    ) -> "EmojiData":
         """Drop skipped rows and build the per-image and per-concept lists."""
         bad = {s.path for s in skipped}
         keep = [i for i, it in enumerate(items) if it["path"] not in bad]
@@ -170,12 +193,18 @@ class EmojiData:
                 keywords.append([str(k) for k in row.get("keywords", [])])
         if skipped:
             log.warning("emoji data: skipped %d corrupt image(s) (e.g. %s)", len(skipped), skipped[0])
-        return cls(images=torch.from_numpy(pixels[keep]), captions=[it["caption"] for it in items],
-                   hexcodes=[it["hexcode"] for it in items], families=[it["family"] for it in items],
-                   paths=[it["path"] for it in items],
-                   concept_ids=torch.tensor([concept_index[it["hexcode"]] for it in items], dtype=torch.long),
-                   concept_hexcodes=list(concept_index), concept_names=names, concept_keywords=keywords,
-                   skipped=skipped)
+        return cls(
+            images=torch.from_numpy(pixels[keep]),
+            captions=[it["caption"] for it in items],
+            hexcodes=[it["hexcode"] for it in items],
+            families=[it["family"] for it in items],
+            paths=[it["path"] for it in items],
+            concept_ids=torch.tensor([concept_index[it["hexcode"]] for it in items], dtype=torch.long),
+            concept_hexcodes=list(concept_index),
+            concept_names=names,
+            concept_keywords=keywords,
+            skipped=skipped,
+        )
 
 
 def _manifest_items(manifest: ImageTextManifest, families: Sequence[str] | None) -> list[dict[str, str]]:
@@ -186,8 +215,14 @@ def _manifest_items(manifest: ImageTextManifest, families: Sequence[str] | None)
         meta = manifest.metadata[i]
         family = str(meta.get("family") or Path(path).parent.name)
         if families is None or family in families:
-            items.append({"path": path, "caption": caption.strip(), "family": family,
-                          "hexcode": str(meta.get("hexcode") or Path(path).stem)})
+            items.append(
+                {
+                    "path": path,
+                    "caption": caption.strip(),
+                    "family": family,
+                    "hexcode": str(meta.get("hexcode") or Path(path).stem),
+                }
+            )
     return items
 
 
@@ -207,8 +242,9 @@ def _decode_all(paths: list[str], size: int, max_pixels: int | None) -> tuple[np
     return out, skipped
 
 
-def _cache_path(cache_dir: str | os.PathLike[str] | None, root: Path, split: str | None,
-                families: Sequence[str] | None, size: int) -> Path | None:
+def _cache_path(
+    cache_dir: str | os.PathLike[str] | None, root: Path, split: str | None, families: Sequence[str] | None, size: int
+) -> Path | None:
     """``<cache_dir>/emoji-<split>-<S>-<hash>.npy`` (hash of manifest bytes + options), or None."""
     if cache_dir is None:
         return None
@@ -256,10 +292,18 @@ class InMemoryImageText(Dataset):
     ``concept_ids`` (images sharing a concept share a caption: count a hit on any of them).
     """
 
-    def __init__(self, data: EmojiData, *, train: bool, image_size: int | None = None,
-                 caption_mode: CaptionMode = "name", mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 std: Sequence[float] = (0.5, 0.5, 0.5), augment: bool = True,
-                 augment_args: dict | None = None) -> None:
+    def __init__(
+        self,
+        data: EmojiData,
+        *,
+        train: bool,
+        image_size: int | None = None,
+        caption_mode: CaptionMode = "name",
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        augment: bool = True,
+        augment_args: dict | None = None,
+    ) -> None:
         if caption_mode not in get_args(CaptionMode):
             raise ValueError(f"caption_mode must be 'name' or 'name+keywords', got {caption_mode!r}")
         self.data, self.train, self.caption_mode = data, train, caption_mode
@@ -300,9 +344,14 @@ class InMemoryImageText(Dataset):
         return len(self.data)
 
     @classmethod
-    def eval_split(cls, split: str, image_size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                   std: Sequence[float] = (0.5, 0.5, 0.5),
-                   root: str | os.PathLike[str] | None = None) -> "InMemoryImageText":
+    def eval_split(
+        cls,
+        split: str,
+        image_size: int,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        root: str | os.PathLike[str] | None = None,
+    ) -> "InMemoryImageText":
         """The eval dataset of one split of the emoji data (default: the bundled copy)."""
         data = EmojiData.load(root if root is not None else default_data_dir(), split, image_size)
         return cls(data, train=False, mean=mean, std=std)

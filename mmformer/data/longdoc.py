@@ -45,8 +45,7 @@ def default_prose_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return bundled_dir("prose", explicit) / PROSE_FILE
 
 
-def load_prose(tokenizer: Tokenizer, path: str | os.PathLike | None = None,
-               max_chars: int | None = None) -> list[int]:
+def load_prose(tokenizer: Tokenizer, path: str | os.PathLike | None = None, max_chars: int | None = None) -> list[int]:
     """The prose file (one paragraph/verse a line) as one list of piece ids, lines in order."""
     path = Path(path) if path is not None else default_prose_path()
     text = path.read_text(encoding="utf-8")
@@ -82,7 +81,7 @@ class Filler:
         src: list[int] = []
         while len(out) < n:
             s = self.word_start[rng.randrange(len(self.word_start))]
-            piece = self.ids[s: s + n - len(out)]
+            piece = self.ids[s : s + n - len(out)]
             out += piece
             src += range(s, s + len(piece))
         return out, src
@@ -106,8 +105,9 @@ class NeedleDoc:
     spans: list[tuple[int, int]]
 
 
-def insert_at_word(filler: list[int], insert: list[int], rng: random.Random, word_pieces: set[int],
-                   lo: float = 0.0, hi: float = 1.0) -> tuple[list[int], int]:
+def insert_at_word(
+    filler: list[int], insert: list[int], rng: random.Random, word_pieces: set[int], lo: float = 0.0, hi: float = 1.0
+) -> tuple[list[int], int]:
     """``insert`` placed before a random word start of ``filler`` in [lo, hi) of its length."""
     n = len(filler)
     cands = [i for i in range(int(lo * n), max(int(hi * n), int(lo * n) + 1)) if i >= n or filler[i] in word_pieces]
@@ -115,8 +115,14 @@ def insert_at_word(filler: list[int], insert: list[int], rng: random.Random, wor
     return filler[:at] + insert + filler[at:], at
 
 
-def needle_documents(tokenizer: Tokenizer, captions: Sequence[str], length: int, filler: Filler,
-                     seed: int = 0, positions: Sequence[float] | None = None) -> list[NeedleDoc]:
+def needle_documents(
+    tokenizer: Tokenizer,
+    captions: Sequence[str],
+    length: int,
+    filler: Filler,
+    seed: int = 0,
+    positions: Sequence[float] | None = None,
+) -> list[NeedleDoc]:
     """One document of ``length`` pieces per caption: prose filler with the caption inserted.
 
     The caption goes before a word start drawn uniformly over the document (or in the decile
@@ -137,8 +143,9 @@ def needle_documents(tokenizer: Tokenizer, captions: Sequence[str], length: int,
     return docs
 
 
-def split_needle_documents(tokenizer: Tokenizer, captions: Sequence[str], length: int, filler: Filler,
-                           seed: int = 0) -> tuple[list[NeedleDoc], list[NeedleDoc]]:
+def split_needle_documents(
+    tokenizer: Tokenizer, captions: Sequence[str], length: int, filler: Filler, seed: int = 0
+) -> tuple[list[NeedleDoc], list[NeedleDoc]]:
     """Captions of >= 2 words cut into words placed in distant parts of the document.
 
     Fragment k of a caption of K words goes into the k-th of K equal parts of the document (so
@@ -162,15 +169,16 @@ def split_needle_documents(tokenizer: Tokenizer, captions: Sequence[str], length
     return docs, negs
 
 
-def _place_fragments(frags: list[list[int]], index: int, length: int, filler: Filler, rng: random.Random,
-                     wp: set[int]) -> NeedleDoc:
+def _place_fragments(
+    frags: list[list[int]], index: int, length: int, filler: Filler, rng: random.Random, wp: set[int]
+) -> NeedleDoc:
     k = len(frags)
     body = filler.span(max(length - sum(map(len, frags)), 0), rng)
     part = len(body) // k
     ids: list[int] = []
     spans = []
     for f_i, frag in enumerate(frags):
-        seg = body[f_i * part: (f_i + 1) * part if f_i < k - 1 else len(body)]
+        seg = body[f_i * part : (f_i + 1) * part if f_i < k - 1 else len(body)]
         seg2, at = insert_at_word(seg, frag, rng, wp, 0.25, 0.75)
         spans.append((len(ids) + at, len(ids) + at + len(frag)))
         ids += seg2
@@ -195,9 +203,19 @@ class NeedleDataset(Dataset):
         fixed: the same document for item i on every access (validation); else a new draw.
     """
 
-    def __init__(self, images: torch.Tensor, captions: Sequence[str], tokenizer: Tokenizer, filler: Filler,
-                 lengths: Sequence[int], concepts: torch.Tensor | None = None, seed: int = 0,
-                 fixed: bool = False, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        captions: Sequence[str],
+        tokenizer: Tokenizer,
+        filler: Filler,
+        lengths: Sequence[int],
+        concepts: torch.Tensor | None = None,
+        seed: int = 0,
+        fixed: bool = False,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+    ) -> None:
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
         if not lengths or min(lengths) < 1:
@@ -226,8 +244,14 @@ class NeedleDataset(Dataset):
         image = self.images[i]
         if image.dtype == torch.uint8:
             image = (image.float() / 255 - self.mean) / self.std
-        return {"image": image, "doc_ids": ids, "doc_source": src[:at] + [-1] * len(cap) + src[at:],
-                "caption_ids": cap, "concept": int(self.concepts[i]), "index": i}
+        return {
+            "image": image,
+            "doc_ids": ids,
+            "doc_source": src[:at] + [-1] * len(cap) + src[at:],
+            "caption_ids": cap,
+            "concept": int(self.concepts[i]),
+            "index": i,
+        }
 
 
 class NeedleCollator:
@@ -252,8 +276,9 @@ class NeedleCollator:
         }
 
 
-def caption_windows(sources: Sequence[Sequence[int]], chunk_counts: torch.Tensor, pieces: int,
-                    stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+def caption_windows(
+    sources: Sequence[Sequence[int]], chunk_counts: torch.Tensor, pieces: int, stride: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunks that hold a needle document's whole caption: (rows, owners), their rows in the
     batch's (C, L) chunks and the documents they belong to. ``sources`` as in
     :class:`NeedleDataset` (caption pieces are -1); one-chunk documents are left out."""

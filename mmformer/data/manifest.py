@@ -73,11 +73,11 @@ def _read_jsonl(path: Path) -> tuple[list[ManifestRow], list[str]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ManifestError(f"{path}: line {line_no} is not valid JSON: {err.msg} "
-                                    f"(column {err.colno})") from err
+                raise ManifestError(
+                    f"{path}: line {line_no} is not valid JSON: {err.msg} (column {err.colno})"
+                ) from err
             if not isinstance(obj, dict):
-                raise ManifestError(f"{path}: line {line_no} is a JSON {type(obj).__name__}, "
-                                    "expected an object")
+                raise ManifestError(f"{path}: line {line_no} is a JSON {type(obj).__name__}, expected an object")
             columns.update(dict.fromkeys(obj))
             rows.append(ManifestRow(len(rows) + 1, obj))
     return rows, list(columns)
@@ -87,8 +87,10 @@ def _decode_line(path: Path, line_no: int, raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ManifestError(f"{path}: line {line_no} is not UTF-8 (byte {raw[err.start:err.start + 1]!r} at "
-                            f"column {err.start + 1}); save the manifest as UTF-8") from None
+        raise ManifestError(
+            f"{path}: line {line_no} is not UTF-8 (byte {raw[err.start : err.start + 1]!r} at "
+            f"column {err.start + 1}); save the manifest as UTF-8"
+        ) from None
 
 
 def _read_delimited(path: Path, delimiter: str) -> tuple[list[ManifestRow], list[str]]:
@@ -102,14 +104,15 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[list[ManifestRow], list
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line_no = data[:err.start].count(b"\n") + 1
-        raise ManifestError(f"{path}: line {line_no} is not UTF-8 (byte {data[err.start:err.start + 1]!r}); "
-                            "save the manifest as UTF-8") from None
+        line_no = data[: err.start].count(b"\n") + 1
+        raise ManifestError(
+            f"{path}: line {line_no} is not UTF-8 (byte {data[err.start : err.start + 1]!r}); "
+            "save the manifest as UTF-8"
+        ) from None
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     if reader.fieldnames is None:
         raise ManifestError(f"{path}: empty file, expected a header line with column names")
-    rows = [ManifestRow(i, {k: v for k, v in r.items() if k is not None})
-            for i, r in enumerate(reader, start=1)]
+    rows = [ManifestRow(i, {k: v for k, v in r.items() if k is not None}) for i, r in enumerate(reader, start=1)]
     return rows, list(reader.fieldnames)
 
 
@@ -164,12 +167,21 @@ class ImageTextManifest(Dataset):
             empty image field or a missing file (listing row numbers and paths), no rows left.
     """
 
-    def __init__(self, manifest: str | os.PathLike[str], *, image_col: str = "image",
-                 caption_col: str = "caption", split: str | None = None, split_col: str = "split",
-                 transform: Callable[[Any], torch.Tensor] | None = None, image_size: int = 64,
-                 root: str | os.PathLike[str] | None = None, check_files: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 confine: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        manifest: str | os.PathLike[str],
+        *,
+        image_col: str = "image",
+        caption_col: str = "caption",
+        split: str | None = None,
+        split_col: str = "split",
+        transform: Callable[[Any], torch.Tensor] | None = None,
+        image_size: int = 64,
+        root: str | os.PathLike[str] | None = None,
+        check_files: bool = True,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        confine: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.manifest = Path(manifest)
         self.confine = Path(confine) if confine is not None else None
         self.image_col, self.caption_col = image_col, caption_col
@@ -197,8 +209,7 @@ class ImageTextManifest(Dataset):
         kept = [r for r in rows if str(r.fields.get(split_col)) == split]
         if not kept:
             present = sorted({str(r.fields.get(split_col)) for r in rows})
-            raise ManifestError(f"{self.manifest}: no rows with {split_col} == {split!r}; "
-                                f"values found: {present}")
+            raise ManifestError(f"{self.manifest}: no rows with {split_col} == {split!r}; values found: {present}")
         return kept
 
     def _resolve(self, image: str) -> str:
@@ -224,8 +235,9 @@ class ImageTextManifest(Dataset):
                 continue
             path = self._resolve(image)
             if self.confine is not None and not _inside(path, self.confine):
-                problems.append(f"row {row.number}: {image!r} resolves outside the root {self.confine} "
-                                f"(confined with --root)")
+                problems.append(
+                    f"row {row.number}: {image!r} resolves outside the root {self.confine} (confined with --root)"
+                )
                 continue
             if check_files and not exists.setdefault(path, os.path.isfile(path)):
                 problems.append(f"row {row.number}: file not found: {path}")
@@ -240,9 +252,10 @@ class ImageTextManifest(Dataset):
                 self.metadata.append(meta)
                 self.row_numbers.append(row.number)
         if problems:
-            raise ManifestError(f"{self.manifest}: {len(problems)} bad row(s) (rows are 1-based data "
-                                f"rows; images resolve against {self.root}):\n  "
-                                + _format_bad_rows(problems))
+            raise ManifestError(
+                f"{self.manifest}: {len(problems)} bad row(s) (rows are 1-based data "
+                f"rows; images resolve against {self.root}):\n  " + _format_bad_rows(problems)
+            )
         self.caption_to_image = torch.tensor(c2i, dtype=torch.long)  # (N_captions,)
 
     # -- access --------------------------------------------------------------------------------
@@ -263,11 +276,20 @@ class ImageTextManifest(Dataset):
             raise CorruptSample(path, f"empty caption ({self.manifest.name} row {self.row_numbers[index]})")
         with sample_rng(index):  # seeded by (seed, epoch, index) under a ResumableSampler
             image = load_and_transform(path, self.transform, max_pixels=self.max_pixels)
-        return {"image": image, "caption": caption, "index": index, "image_index": image_index,
-                "path": path, "meta": self.metadata[index]}
+        return {
+            "image": image,
+            "caption": caption,
+            "index": index,
+            "image_index": image_index,
+            "path": path,
+            "meta": self.metadata[index],
+        }
 
     def iter_raw(self) -> Iterator[dict[str, Any]]:
         """Yield ``{"image": path, "caption", "meta"}`` per item without decoding (for sharding)."""
         for i, caption in enumerate(self.captions):
-            yield {"image": self.image_paths[int(self.caption_to_image[i])], "caption": caption,
-                   "meta": self.metadata[i]}
+            yield {
+                "image": self.image_paths[int(self.caption_to_image[i])],
+                "caption": caption,
+                "meta": self.metadata[i],
+            }

@@ -27,10 +27,16 @@ class ResumableSampler(DistributedSampler):
     data-parallel ``num_replicas`` / ``rank`` (``trainer.strategy.distributed_sampler_kwargs``).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.skip = 0
 
     def __iter__(self) -> Iterator[int]:
@@ -58,13 +64,25 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         s = self.sampler
-        return {"epoch": s.epoch, "batches_done": self.batches_done, "batch_size": self.batch_size,
-                "num_replicas": s.num_replicas, "seed": s.seed, "shuffle": s.shuffle, "num_samples": len(s)}
+        return {
+            "epoch": s.epoch,
+            "batches_done": self.batches_done,
+            "batch_size": self.batch_size,
+            "num_replicas": s.num_replicas,
+            "seed": s.seed,
+            "shuffle": s.shuffle,
+            "num_samples": len(s),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         s = self.sampler
-        now = {"batch_size": self.batch_size, "num_replicas": s.num_replicas, "seed": s.seed,
-               "shuffle": s.shuffle, "num_samples": len(s)}
+        now = {
+            "batch_size": self.batch_size,
+            "num_replicas": s.num_replicas,
+            "seed": s.seed,
+            "shuffle": s.shuffle,
+            "num_samples": len(s),
+        }
         changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
         epoch, done = int(state["epoch"]), int(state["batches_done"])
         if done >= len(self):  # saved at the end of an epoch: the next one starts afresh
@@ -72,9 +90,13 @@ class ResumableDataLoader(DataLoader):
         s.set_epoch(epoch)
         self.batches_done = done
         if changed and done:
-            log.warning("resuming epoch %d at batch %d, but the data order cannot be continued exactly: "
-                        "%s changed (checkpoint -> now); the epoch's order restarts from its beginning",
-                        epoch, done, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+            log.warning(
+                "resuming epoch %d at batch %d, but the data order cannot be continued exactly: "
+                "%s changed (checkpoint -> now); the epoch's order restarts from its beginning",
+                epoch,
+                done,
+                ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+            )
             return
         s.skip = done * (self.batch_size or 1)
         if done:

@@ -25,8 +25,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmformer.files import atomic_path
 from mmformer.data.errors import CorruptSample, Skipped
-from mmformer.data.transforms import (DEFAULT_MAX_PIXELS, SampleKey, build_transforms, load_and_transform,
-                                      sample_rng, sample_seed)
+from mmformer.data.transforms import (
+    DEFAULT_MAX_PIXELS,
+    SampleKey,
+    build_transforms,
+    load_and_transform,
+    sample_rng,
+    sample_seed,
+)
 
 __all__ = ["IMAGE_EXTENSIONS", "ResumableShardLoader", "ShardDataset", "expand_shards", "write_shards"]
 
@@ -81,10 +87,19 @@ class ShardDataset(IterableDataset):
             ``ceil(epoch_size / num_workers)``.
     """
 
-    def __init__(self, shards: str | Iterable[str], *, transform: Callable[[Any], torch.Tensor] | None = None,
-                 image_size: int = 64, train: bool = True, shuffle: int = 1000, caption_key: str = "caption",
-                 seed: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 epoch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        shards: str | Iterable[str],
+        *,
+        transform: Callable[[Any], torch.Tensor] | None = None,
+        image_size: int = 64,
+        train: bool = True,
+        shuffle: int = 1000,
+        caption_key: str = "caption",
+        seed: int = 0,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        epoch_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.urls = expand_shards(shards)
         if not self.urls:
@@ -115,8 +130,11 @@ class ShardDataset(IterableDataset):
         urls = list(wds.split_by_worker(wds.split_by_node(self.urls)))
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         if len(self.urls) < world * workers and worker == 0 and rank == 0:
-            warnings.warn(f"{len(self.urls)} shards for {world} rank(s) x {workers} worker(s): "
-                          "some workers get no data; write more, smaller shards", stacklevel=2)
+            warnings.warn(
+                f"{len(self.urls)} shards for {world} rank(s) x {workers} worker(s): "
+                "some workers get no data; write more, smaller shards",
+                stacklevel=2,
+            )
         if self.shuffle:
             rng.shuffle(urls)
         return urls
@@ -158,13 +176,21 @@ class ShardDataset(IterableDataset):
             caption = self._caption(raw, name, rng)
             ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
             if ext is None:
-                raise CorruptSample(name, f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)}); "
-                                          f"members: {sorted(k for k in raw if not k.startswith('__'))}")
+                raise CorruptSample(
+                    name,
+                    f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)}); "
+                    f"members: {sorted(k for k in raw if not k.startswith('__'))}",
+                )
             key = SampleKey(0, rng.getrandbits(63)) if self.epoch is not None else 0  # seeded augmentation
             with sample_rng(key):
                 image = load_and_transform(raw[ext], self.transform, max_pixels=self.max_pixels, name=f"{name}.{ext}")
-            return {"image": image, "caption": caption, "index": -1,
-                    "key": raw.get("__key__"), "url": raw.get("__url__")}
+            return {
+                "image": image,
+                "caption": caption,
+                "index": -1,
+                "key": raw.get("__key__"),
+                "url": raw.get("__url__"),
+            }
         except CorruptSample as err:
             log.debug("skipping corrupt shard sample %s", err)
             return Skipped.from_error(err)
@@ -216,18 +242,30 @@ class ResumableShardLoader(DataLoader):
         return it
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "batch_size": self.batch_size,
-                "seed": self.dataset.seed, "epoch_size": self.dataset.epoch_size}
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "batch_size": self.batch_size,
+            "seed": self.dataset.seed,
+            "epoch_size": self.dataset.epoch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.dataset.set_epoch(self.epoch)
-        same = all(state.get(k) == v for k, v in (("batch_size", self.batch_size), ("seed", self.dataset.seed),
-                                                  ("epoch_size", self.dataset.epoch_size)))
+        same = all(
+            state.get(k) == v
+            for k, v in (
+                ("batch_size", self.batch_size),
+                ("seed", self.dataset.seed),
+                ("epoch_size", self.dataset.epoch_size),
+            )
+        )
         self._skip = self.batches_done if same else 0
         if not same and self.batches_done:
-            log.warning("resuming shard epoch %d from its beginning: batch size, seed or epoch size changed",
-                        self.epoch)
+            log.warning(
+                "resuming shard epoch %d from its beginning: batch size, seed or epoch size changed", self.epoch
+            )
 
 
 def _drain(recorder: _SkipRecorder) -> Iterator[Skipped]:
@@ -266,8 +304,14 @@ def _encode_sample(sample: Mapping[str, Any], key: str, caption_format: str) -> 
     return out
 
 
-def write_shards(samples: Iterable[Mapping[str, Any]], out_pattern: str, maxcount: int = 10000, *,
-                 caption_format: Literal["txt", "json"] = "txt", start: int = 0) -> list[str]:
+def write_shards(
+    samples: Iterable[Mapping[str, Any]],
+    out_pattern: str,
+    maxcount: int = 10000,
+    *,
+    caption_format: Literal["txt", "json"] = "txt",
+    start: int = 0,
+) -> list[str]:
     """Write samples into ``.tar`` shards; each shard appears atomically (temp file, then rename).
 
     Args:

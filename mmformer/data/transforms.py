@@ -27,9 +27,27 @@ from torchvision.transforms import v2
 
 from mmformer.data.errors import CorruptSample
 
-__all__ = ["AUGMENT_DEFAULTS", "DEFAULT_MAX_PIXELS", "MAX_ASPECT", "BatchNormalize", "BatchTrainTransform", "CapAspect",
-           "ImageSource", "SampleKey", "augment_args", "build_transforms", "gaussian_blur_batch", "grayscale_batch",
-           "posterize_batch", "load_image", "load_and_transform", "sample_random", "sample_rng", "sample_seed", "to_rgb"]
+__all__ = [
+    "AUGMENT_DEFAULTS",
+    "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT",
+    "BatchNormalize",
+    "BatchTrainTransform",
+    "CapAspect",
+    "ImageSource",
+    "SampleKey",
+    "augment_args",
+    "build_transforms",
+    "gaussian_blur_batch",
+    "grayscale_batch",
+    "posterize_batch",
+    "load_image",
+    "load_and_transform",
+    "sample_random",
+    "sample_rng",
+    "sample_seed",
+    "to_rgb",
+]
 
 #: Largest image (width * height) ``load_image`` accepts by default: 8192 x 8192.
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -44,8 +62,7 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 # What PIL and its plugins raise on broken files (SyntaxError and struct.error come from
 # some header parsers, zlib.error from PNG chunks, EOFError from truncated streams).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
-                  Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -104,8 +121,9 @@ def _source_name(src: ImageSource, name: str | None) -> str:
     return str(getattr(src, "name", "<bytes>" if isinstance(src, bytes) else "<file object>"))
 
 
-def load_image(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               name: str | None = None) -> Image.Image:
+def load_image(
+    src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> Image.Image:
     """Decode an image file into an 8-bit RGB ``PIL.Image``, robustly.
 
     - refuses images with more than ``max_pixels`` pixels (read from the header, before any
@@ -146,8 +164,9 @@ def load_image(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         raise CorruptSample(label, f"cannot decode image: {type(err).__name__}: {err}") from err
 
 
-def load_and_transform(src: ImageSource, transform, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                       name: str | None = None) -> torch.Tensor:
+def load_and_transform(
+    src: ImageSource, transform, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> torch.Tensor:
     """``transform(load_image(src))`` where ANY failure of this one input (decoding, an oversized
     or odd image, a transform error, even a ``MemoryError`` or an allocation ``RuntimeError``)
     is a :class:`CorruptSample` naming it, so callers skip and list it instead of stopping."""
@@ -158,16 +177,21 @@ def load_and_transform(src: ImageSource, transform, *, max_pixels: int | None = 
     except CorruptSample:
         raise
     except Exception as err:  # noqa: BLE001 - one bad input must never stop a whole run
-        raise CorruptSample(label, f"cannot transform image {image.size[0]}x{image.size[1]}: "
-                                   f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise CorruptSample(
+            label,
+            f"cannot transform image {image.size[0]}x{image.size[1]}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+        ) from err
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int | None, label: str) -> None:
     """Raise ``CorruptSample`` if ``size`` (w, h) has more than ``max_pixels`` pixels."""
     w, h = size
     if max_pixels is not None and w * h > max_pixels:
-        raise CorruptSample(label, f"image too large: {w}x{h} = {w * h} pixels exceeds "
-                                   f"max_pixels={max_pixels} (possible decompression bomb)")
+        raise CorruptSample(
+            label,
+            f"image too large: {w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (possible decompression bomb)",
+        )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -202,15 +226,15 @@ def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     out = np.empty(flat.shape, dtype=np.uint8)
     top = 0.0
     for s in range(0, flat.size, _CHUNK):
-        top = max(top, float(np.nan_to_num(flat[s:s + _CHUNK].astype(np.float64), nan=0.0).max()))
+        top = max(top, float(np.nan_to_num(flat[s : s + _CHUNK].astype(np.float64), nan=0.0).max()))
     divide = mode.startswith("I;16") or top > 255.0
     for s in range(0, flat.size, _CHUNK):
-        a = np.nan_to_num(flat[s:s + _CHUNK].astype(np.float64), nan=0.0)
+        a = np.nan_to_num(flat[s : s + _CHUNK].astype(np.float64), nan=0.0)
         if divide:
             a /= 257.0
         elif mode == "F" and top <= 1.0:
             a *= 255.0
-        out[s:s + _CHUNK] = np.clip(np.rint(a), 0, 255)
+        out[s : s + _CHUNK] = np.clip(np.rint(a), 0, 255)
     return out.reshape(arr.shape)
 
 
@@ -248,8 +272,16 @@ class CapAspect(torch.nn.Module):
 #: sigma uniform in ``blur_sigma`` pixels (less detail), ``grayscale`` = probability of ITU-R 601
 #: luma (shape without colour).
 AUGMENT_DEFAULTS: dict[str, object] = {
-    "scale": (0.6, 1.0), "ratio": (0.85, 1.18), "hflip": False, "brightness": 0.1, "contrast": 0.1,
-    "saturation": 0.0, "posterize": 0.0, "posterize_bits": 3, "blur": 0.0, "blur_sigma": (0.2, 1.0),
+    "scale": (0.6, 1.0),
+    "ratio": (0.85, 1.18),
+    "hflip": False,
+    "brightness": 0.1,
+    "contrast": 0.1,
+    "saturation": 0.0,
+    "posterize": 0.0,
+    "posterize_bits": 3,
+    "blur": 0.0,
+    "blur_sigma": (0.2, 1.0),
     "grayscale": 0.0,
 }
 _PROBABILITIES = ("posterize", "blur", "grayscale")
@@ -274,8 +306,12 @@ def augment_args(args: dict | None = None, source: str = "augment_args") -> dict
             raise ValueError(f"{source}: {k!r} is a jitter strength in [0, 1), got {out[k]!r}")
     for k, lo in (("scale", 0.0), ("ratio", 0.0), ("blur_sigma", 0.0)):
         v = out[k]
-        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(e, (int, float)) for e in v)
-                and lo < v[0] <= v[1]):
+        if not (
+            isinstance(v, (list, tuple))
+            and len(v) == 2
+            and all(isinstance(e, (int, float)) for e in v)
+            and lo < v[0] <= v[1]
+        ):
             raise ValueError(f"{source}: {k!r} is a range [low, high] with 0 < low <= high, got {v!r}")
         out[k] = (float(v[0]), float(v[1]))
     if out["scale"][1] > 1:
@@ -287,8 +323,13 @@ def augment_args(args: dict | None = None, source: str = "augment_args") -> dict
     return out
 
 
-def build_transforms(image_size: int, train: bool, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                     std: Sequence[float] = (0.5, 0.5, 0.5), **augment) -> v2.Compose:
+def build_transforms(
+    image_size: int,
+    train: bool,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    **augment,
+) -> v2.Compose:
     """Image pipeline: ``PIL.Image`` (RGB) or uint8 tensor ``(3, H, W)`` -> float ``(3, S, S)``.
 
     Train: RandomResizedCrop(scale, ratio, antialias), optional horizontal flip (off by default:
@@ -361,8 +402,9 @@ class BatchTrainTransform:
     augmentations off (the defaults) it draws no random numbers for them.
     """
 
-    def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                 **augment) -> None:
+    def __init__(
+        self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5), **augment
+    ) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         a = augment_args(augment, "BatchTrainTransform")
@@ -419,8 +461,9 @@ class BatchTrainTransform:
         return x.clamp_(0, 1).sub_(self.mean).div_(self.std)
 
 
-def crop_grid(sx: torch.Tensor, tx: torch.Tensor, sy: torch.Tensor, ty: torch.Tensor,
-              height: int, width: int) -> torch.Tensor:
+def crop_grid(
+    sx: torch.Tensor, tx: torch.Tensor, sy: torch.Tensor, ty: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
     """The (B, H, W, 2) sampling grid of ``F.affine_grid(theta, (B, C, H, W), align_corners=False)``
     for the axis-aligned ``theta = [[sx, 0, tx], [0, sy, ty]]`` (per-sample (B,) scales and shifts,
     no rotation), built from two (B, W) and (B, H) rows instead of a batched matmul over every pixel,

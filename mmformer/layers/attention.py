@@ -31,8 +31,10 @@ def check_padding_mask(key_padding_mask: torch.Tensor | None, b: int, s: int) ->
     if key_padding_mask is None:
         return None
     if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, s):
-        raise ValueError(f"key_padding_mask must be bool of shape (B, S) = ({b}, {s}), True = real token; "
-                         f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        raise ValueError(
+            f"key_padding_mask must be bool of shape (B, S) = ({b}, {s}), True = real token; "
+            f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+        )
     return key_padding_mask
 
 
@@ -65,13 +67,18 @@ def use_matmul_path(q: torch.Tensor, k: torch.Tensor) -> bool:
     kernel's backward is several times slower than two batched matmuls, which run on the CPU's
     bf16 matmul units (AMX, AVX512-BF16); in fp32, without gradients, or for long sequences the
     kernel is as fast or faster and needs no (T, S) score matrix (see the benchmarks pages)."""
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
-            and (q.requires_grad or k.requires_grad)
-            and max(q.shape[-2], k.shape[-2]) <= MATMUL_PATH_MAX_LEN)
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad)
+        and max(q.shape[-2], k.shape[-2]) <= MATMUL_PATH_MAX_LEN
+    )
 
 
-def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
+def scaled_dot_product(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d_head) masked) V for (B, H, T, Dh) heads and a boolean ``mask``
     broadcastable to (B, H, T, S) (True = attend): ``F.scaled_dot_product_attention``, or the same
     computed with two matmuls where :func:`use_matmul_path` says that is faster."""
@@ -107,9 +114,7 @@ class SelfAttention(nn.Module):
         return self.proj(attend(self.qkv(x), self.heads, key_padding_mask))
 
 
-def attend(
-    qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def attend(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Fused projections (B, T, 3D) -> attention output before the output projection, (B, T, D).
 
     softmax(Q K^T / sqrt(d_head) + mask) V per head: head views of ``qkv`` into
@@ -131,8 +136,13 @@ def check_fused_width(qkv: torch.Tensor, heads: int) -> None:
         raise ValueError(f"fused qkv width {qkv.shape[-1]} is not 3 x heads ({heads}) x d_head")
 
 
-def cross_attend(q: torch.Tensor, kv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None,
-                 logit_scale: torch.Tensor | None = None) -> torch.Tensor:
+def cross_attend(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    heads: int,
+    key_padding_mask: torch.Tensor | None = None,
+    logit_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Queries (B, M, D) attend over fused key/value projections (B, S, 2D) -> (B, M, D) before the
     output projection: softmax(s Q K^T / sqrt(d_head) masked) V per head, via
     :func:`scaled_dot_product`. ``key_padding_mask``: (B, S) bool, True = a real key.
@@ -140,8 +150,10 @@ def cross_attend(q: torch.Tensor, kv: torch.Tensor, heads: int, key_padding_mask
     head's queries (a per-document, per-head temperature, as in
     :class:`~mmformer.layers.fusion.DocumentFusion`)."""
     if q.shape[-1] % heads or kv.shape[-1] != 2 * q.shape[-1]:
-        raise ValueError(f"cross attention needs queries (B, M, D) with D divisible by heads ({heads}) and fused "
-                         f"keys/values (B, S, 2D); got {tuple(q.shape)} and {tuple(kv.shape)}")
+        raise ValueError(
+            f"cross attention needs queries (B, M, D) with D divisible by heads ({heads}) and fused "
+            f"keys/values (B, S, 2D); got {tuple(q.shape)} and {tuple(kv.shape)}"
+        )
     qh = split_heads(q, heads)  # (B, H, M, Dh)
     if logit_scale is not None:
         qh = qh * logit_scale

@@ -53,7 +53,7 @@ class FusedQKVAttention(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, heads: int, mask: torch.Tensor | None) -> torch.Tensor:
         b, t, width = qkv.shape
         dh = width // (3 * heads)
-        scale = dh ** -0.5
+        scale = dh**-0.5
         with torch.autocast(qkv.device.type, enabled=False):
             # contiguous(), not reshape: a view with odd strides (an expanded tensor) sends bmm down a slow path
             hm = qkv.reshape(b, t, 3, heads, dh).permute(2, 0, 3, 1, 4).contiguous().view(3, b * heads, t, dh)
@@ -63,8 +63,9 @@ class FusedQKVAttention(torch.autograd.Function):
                 torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=scale, out=scores)
             else:
                 bias = torch.zeros(b, 1, 1, t, dtype=qkv.dtype).masked_fill_(~mask[:, None, None, :], float("-inf"))
-                scores = torch.baddbmm(bias.expand(b, heads, t, t).reshape(b * heads, t, t), q, k.transpose(1, 2),
-                                       alpha=scale)
+                scores = torch.baddbmm(
+                    bias.expand(b, heads, t, t).reshape(b * heads, t, t), q, k.transpose(1, 2), alpha=scale
+                )
             probs = torch.softmax(scores, dim=-1)
             out = torch.bmm(probs, v)
         ctx.save_for_backward(hm, probs)
@@ -78,7 +79,7 @@ class FusedQKVAttention(torch.autograd.Function):
         heads = ctx.heads
         _, bh, t, dh = hm.shape
         b = bh // heads
-        scale = dh ** -0.5
+        scale = dh**-0.5
         q, k, v = hm.unbind(0)
         g = grad.to(hm.dtype).reshape(b, t, heads, dh).transpose(1, 2).contiguous().view(bh, t, dh)
         dhm = torch.empty_like(hm)

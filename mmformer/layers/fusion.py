@@ -48,8 +48,16 @@ class DocumentFusion(nn.Module):
         ref_keys: the key count at which the log-length logit factor is 1 at initialisation.
     """
 
-    def __init__(self, dim: int, embed_dim: int, latents: int = 16, heads: int = 4,
-                 mlp_ratio: float = 4.0, eps: float = 1e-6, ref_keys: int = 256) -> None:
+    def __init__(
+        self,
+        dim: int,
+        embed_dim: int,
+        latents: int = 16,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        eps: float = 1e-6,
+        ref_keys: int = 256,
+    ) -> None:
         super().__init__()
         check_heads(dim, heads)
         if latents < 1:
@@ -124,8 +132,9 @@ class DocumentFusion(nn.Module):
         x = x + self.mlp(self.norm2(x))
         return self.out(self.norm_out(x.mean(1)))  # (B, E)
 
-    def forward(self, base: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
-                chunk_counts: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, base: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, chunk_counts: torch.Tensor
+    ) -> torch.Tensor:
         """base: (B, E) un-normalised document embedding; states, mask, chunk_counts as in
         :meth:`fuse`. Returns (B, E).
 

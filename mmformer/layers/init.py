@@ -7,8 +7,9 @@ from typing import Callable, Iterable
 from torch import nn
 
 
-def init_linears_and_norms(modules: Iterable[tuple[str, nn.Module]],
-                           linear_std: Callable[[str, nn.Linear], float]) -> None:
+def init_linears_and_norms(
+    modules: Iterable[tuple[str, nn.Module]], linear_std: Callable[[str, nn.Linear], float]
+) -> None:
     """In the given (module-tree) order: each Linear's weight ~ N(0, ``linear_std(name, m)``)
     and its bias 0; each LayerNorm's weight 1 and bias 0. The order fixes which random draws
     each weight gets."""

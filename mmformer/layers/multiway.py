@@ -49,9 +49,7 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def shared_or_per_modality(
-    shared: bool, make: Callable[[], nn.Module], modalities: tuple[str, ...]
-) -> nn.Module:
+def shared_or_per_modality(shared: bool, make: Callable[[], nn.Module], modalities: tuple[str, ...]) -> nn.Module:
     """One module when ``shared``, else a ModuleDict with one fresh module per modality."""
     return make() if shared else nn.ModuleDict({m: make() for m in modalities})
 
@@ -94,9 +92,17 @@ class MultiwayAttention(nn.Module):
     the same and may be a sparse one (:func:`mmformer.layers.sparse.make_attend`).
     """
 
-    def __init__(self, dim: int, heads: int, share: str, modalities: tuple[str, ...],
-                 qkv_bias: bool = True, head_dim: int | None = None,
-                 shapes: Mapping[str, tuple[int, int]] | None = None, attend: AttendFn = attend) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        share: str,
+        modalities: tuple[str, ...],
+        qkv_bias: bool = True,
+        head_dim: int | None = None,
+        shapes: Mapping[str, tuple[int, int]] | None = None,
+        attend: AttendFn = attend,
+    ) -> None:
         super().__init__()
         if head_dim is None:
             check_heads(dim, heads)
@@ -116,12 +122,14 @@ class MultiwayAttention(nn.Module):
         self.text_attend: AttendFn = attend
         self.head_gate: torch.Tensor | None = None
 
-    def _own_shapes(self, shapes: Mapping[str, tuple[int, int]], share: str, modalities: tuple[str, ...],
-                    qkv_bias: bool) -> None:
+    def _own_shapes(
+        self, shapes: Mapping[str, tuple[int, int]], share: str, modalities: tuple[str, ...], qkv_bias: bool
+    ) -> None:
         """Give each modality its own (width, heads) projections: a two-tower model (share="none")."""
         if share != "none" or self.heads * self.head_dim != next(iter(self.qkv.values())).in_features:
-            raise ValueError(f"modalities of different widths or heads need share='none' and unpruned heads, "
-                             f"got share={share!r}")
+            raise ValueError(
+                f"modalities of different widths or heads need share='none' and unpruned heads, got share={share!r}"
+            )
         self.heads_by_modality = {}
         for m in modalities:
             width, heads = shapes.get(m, (self.heads * self.head_dim, self.heads))
@@ -130,8 +138,13 @@ class MultiwayAttention(nn.Module):
             self.proj[m] = nn.Linear(width, width)
             self.heads_by_modality[m] = heads
 
-    def forward(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
-                packing: TokenPacking | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        modality: str,
+        key_padding_mask: torch.Tensor | None = None,
+        packing: TokenPacking | None = None,
+    ) -> torch.Tensor:
         """x: (B, T, D) of one modality, or its (N, D) real tokens with their ``packing`` (then the
         projections run on the N tokens and only the attention kernel sees the (B, T) layout);
         key_padding_mask: (B, T) bool, True = real token."""
@@ -152,26 +165,42 @@ class MultiwayBlock(nn.Module):
     fewer heads of the unpruned model's head width; ``attend``: the attention kernel (see
     :class:`MultiwayAttention`)."""
 
-    def __init__(self, dim: int, heads: int, mlp_hidden: int, share: str = "qkv",
-                 modalities: tuple[str, ...] = MODALITIES, qkv_bias: bool = True,
-                 eps: float = 1e-6, head_dim: int | None = None, act: str = "gelu",
-                 shapes: Mapping[str, tuple[int, int, int]] | None = None, attend: AttendFn = attend) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_hidden: int,
+        share: str = "qkv",
+        modalities: tuple[str, ...] = MODALITIES,
+        qkv_bias: bool = True,
+        eps: float = 1e-6,
+        head_dim: int | None = None,
+        act: str = "gelu",
+        shapes: Mapping[str, tuple[int, int, int]] | None = None,
+        attend: AttendFn = attend,
+    ) -> None:
         """``shapes``: (width, heads, FFN hidden width) of modalities that differ from (dim, heads,
         mlp_hidden), e.g. a CLIP text tower narrower than its image tower; only with share="none"."""
         super().__init__()
         s = sharing(share)
         shape = {m: (shapes or {}).get(m, (dim, heads, mlp_hidden)) for m in modalities}
         self.norm1 = nn.ModuleDict({m: nn.LayerNorm(shape[m][0], eps=eps) for m in modalities})
-        self.attn = MultiwayAttention(dim, heads, share, modalities, qkv_bias, head_dim,
-                                      {m: shape[m][:2] for m in modalities}, attend=attend)
+        self.attn = MultiwayAttention(
+            dim, heads, share, modalities, qkv_bias, head_dim, {m: shape[m][:2] for m in modalities}, attend=attend
+        )
         self.norm2 = nn.ModuleDict({m: nn.LayerNorm(shape[m][0], eps=eps) for m in modalities})
         if s["mlp"]:
             self.mlp = Mlp(dim, mlp_hidden, act)
         else:
             self.mlp = nn.ModuleDict({m: Mlp(shape[m][0], shape[m][2], act) for m in modalities})
 
-    def forward(self, x: torch.Tensor, modality: str, key_padding_mask: torch.Tensor | None = None,
-                packing: TokenPacking | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        modality: str,
+        key_padding_mask: torch.Tensor | None = None,
+        packing: TokenPacking | None = None,
+    ) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D); or, with ``packing`` (of ``key_padding_mask``), the (N, D) real
         tokens -> (N, D) (see :mod:`mmformer.layers.packing`)."""
         if modality not in self.norm1:

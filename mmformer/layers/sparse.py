@@ -27,8 +27,15 @@ from mmformer.config import ATTENTION_KINDS
 from mmformer.layers.attention import AttendFn, attend, check_padding_mask, merge_heads, split_fused
 
 
-def local_global_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None,
-                           *, window: int = 128, n_global: int = 1, block: int | None = None) -> torch.Tensor:
+def local_global_attention(
+    qkv: torch.Tensor,
+    heads: int,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    window: int = 128,
+    n_global: int = 1,
+    block: int | None = None,
+) -> torch.Tensor:
     """Sliding-window attention plus global tokens; (B, T, 3D) -> (B, T, D).
 
     Args:
@@ -51,7 +58,7 @@ def local_global_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torc
         e = min(s + bs, t)
         ks, ke = max(g, s - window), min(t, e + window)  # local keys, global ones excluded
         qi, kj = pos[s:e, None], pos[None, ks:ke]
-        band = ((kj - qi).abs() <= window)  # (bq, bk)
+        band = (kj - qi).abs() <= window  # (bq, bk)
         keys = torch.cat([k[:, :, :g], k[:, :, ks:ke]], dim=2)
         vals = torch.cat([v[:, :, :g], v[:, :, ks:ke]], dim=2)
         allowed = torch.cat([band.new_ones(e - s, g), band], dim=1)[None]  # (1, bq, g+bk)
@@ -70,8 +77,9 @@ def _padding_mask(key_padding_mask: torch.Tensor | None, b: int, t: int, device:
     return check_padding_mask(key_padding_mask, b, t)
 
 
-def compressed_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None,
-                         *, compression: int = 4) -> torch.Tensor:
+def compressed_attention(
+    qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None = None, *, compression: int = 4
+) -> torch.Tensor:
     """Memory-compressed attention (strided mean pooling of K and V); (B, T, 3D) -> (B, T, D)."""
     if compression < 1:
         raise ValueError(f"compression must be >= 1, got {compression}")
@@ -94,8 +102,9 @@ def compressed_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torch.
     return merge_heads(out)
 
 
-def make_attend(kind: str = "dense", window: int = 128, n_global: int = 1, compression: int = 4,
-                dense: AttendFn = attend) -> AttendFn:
+def make_attend(
+    kind: str = "dense", window: int = 128, n_global: int = 1, compression: int = 4, dense: AttendFn = attend
+) -> AttendFn:
     """The text attention function for ``ModelConfig.attention`` (picklable: a partial or a
     module-level function): ``dense`` (the blocks' dense kernel, by default
     :func:`~mmformer.layers.attention.attend`) for ``"dense"``."""

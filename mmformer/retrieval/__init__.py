@@ -19,11 +19,23 @@ from typing import Any
 
 #: Where each public name lives; imported on first use, so that importing a submodule (the verbs'
 #: flags in :mod:`.options`) loads no torch.
-_HOMES = {"model_fingerprint": "mmformer.model", "embed_images": ".embed", "embed_texts": ".embed",
-          "evaluate_retrieval": ".embed", "Index": ".index", "InvalidIndexError": ".index", "build_index": ".index",
-          "ShardedIndex": ".index", "build_from_embeddings": ".index", "write_shard_list": ".index",
-          "format_metrics": ".metrics", "retrieval_metrics": ".metrics", "retrieval_ranks": ".metrics",
-          "Hit": ".retriever", "Retriever": ".retriever"}
+_HOMES = {
+    "model_fingerprint": "mmformer.model",
+    "embed_images": ".embed",
+    "embed_texts": ".embed",
+    "evaluate_retrieval": ".embed",
+    "Index": ".index",
+    "InvalidIndexError": ".index",
+    "build_index": ".index",
+    "ShardedIndex": ".index",
+    "build_from_embeddings": ".index",
+    "write_shard_list": ".index",
+    "format_metrics": ".metrics",
+    "retrieval_metrics": ".metrics",
+    "retrieval_ranks": ".metrics",
+    "Hit": ".retriever",
+    "Retriever": ".retriever",
+}
 
 __all__ = [
     "Hit",

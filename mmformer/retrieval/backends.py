@@ -120,8 +120,7 @@ class BackendParams:
         known = {k: d.pop(k) for k in list(d) if k in cls.__dataclass_fields__}
         unknown = sorted(d)
         if unknown:
-            raise ValueError(f"unknown backend parameter(s) {unknown}; known: "
-                             f"{sorted(cls.__dataclass_fields__)}")
+            raise ValueError(f"unknown backend parameter(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,10 +153,10 @@ class ExactBackend:
             return scores, ids
         with torch.inference_mode():
             for s in range(0, q.shape[0], self.block_size):
-                sims = q[s:s + self.block_size] @ self.matrix.T  # (B, N)
+                sims = q[s : s + self.block_size] @ self.matrix.T  # (B, N)
                 top = torch.topk(sims, kk, dim=1)
-                scores[s:s + self.block_size, :kk] = top.values.numpy()
-                ids[s:s + self.block_size, :kk] = top.indices.numpy()
+                scores[s : s + self.block_size, :kk] = top.values.numpy()
+                ids[s : s + self.block_size, :kk] = top.indices.numpy()
         return scores, ids
 
     def save(self, directory: Path) -> None:
@@ -185,15 +184,15 @@ class FaissBackend:
     where FAISS allows it: the IVF lists of ``ivfpq`` and the vectors of ``flat``).
     """
 
-    def __init__(self, kind: str, index: Any, params: BackendParams,
-                 embeddings: np.ndarray | None = None) -> None:
+    def __init__(self, kind: str, index: Any, params: BackendParams, embeddings: np.ndarray | None = None) -> None:
         self.name, self.index, self.params = kind, index, params
         self.embeddings = embeddings  # (N, D) for IVF-PQ re-ranking (may be a memmap)
         self.set_search_params()
 
     @classmethod
-    def build(cls, kind: str, embeddings: np.ndarray, params: BackendParams | None = None,
-              seed: int = 0) -> "FaissBackend":
+    def build(
+        cls, kind: str, embeddings: np.ndarray, params: BackendParams | None = None, seed: int = 0
+    ) -> "FaissBackend":
         """Build a ``kind`` index over (N, D) float embeddings."""
         faiss = import_faiss()
         params = params or BackendParams()
@@ -227,8 +226,15 @@ class FaissBackend:
         return cls(kind, index, params, embeddings if kind == "ivfpq" else None)
 
     @classmethod
-    def build_from_npy(cls, kind: str, npy_path: Path, directory: Path, params: BackendParams | None = None,
-                       seed: int = 0, block_rows: int = BLOCK_ROWS) -> "FaissBackend":
+    def build_from_npy(
+        cls,
+        kind: str,
+        npy_path: Path,
+        directory: Path,
+        params: BackendParams | None = None,
+        seed: int = 0,
+        block_rows: int = BLOCK_ROWS,
+    ) -> "FaissBackend":
         """Build a ``kind`` index over the (N, D) rows of ``npy_path`` (float32 or float16), read
         in blocks of ``block_rows`` with plain file reads (nothing of it stays mapped), and save it
         in ``directory`` (``faiss.index``, plus ``faiss.ivfdata`` for ``ivfpq``).
@@ -321,9 +327,15 @@ class FaissBackend:
             faiss.write_index(self.index, tmp)
 
     @classmethod
-    def load(cls, kind: str, directory: Path, params: BackendParams,
-             embeddings: np.ndarray | None = None, mmap: bool = True,
-             expect: tuple[int, int] | None = None) -> "FaissBackend":
+    def load(
+        cls,
+        kind: str,
+        directory: Path,
+        params: BackendParams,
+        embeddings: np.ndarray | None = None,
+        mmap: bool = True,
+        expect: tuple[int, int] | None = None,
+    ) -> "FaissBackend":
         """Read ``faiss.index``; ``expect`` = (count, dim) it must hold, checked at open."""
         faiss = import_faiss()
         path = Path(directory) / FAISS_FILE
@@ -343,8 +355,10 @@ class FaissBackend:
                     index = faiss.read_index(str(path), flags)
             except RuntimeError as e:  # this FAISS build or index type cannot map it
                 if kind == "ivfpq" and flags & faiss.IO_FLAG_ONDISK_SAME_DIR:
-                    raise ValueError(f"{path}: unreadable FAISS index or {IVF_DATA_FILE} "
-                                     f"({str(e).splitlines()[0]}); rebuild the index") from e
+                    raise ValueError(
+                        f"{path}: unreadable FAISS index or {IVF_DATA_FILE} "
+                        f"({str(e).splitlines()[0]}); rebuild the index"
+                    ) from e
                 log.info("FAISS could not memory-map %s (%s); reading it into memory", path, e)
         if index is None:
             try:
@@ -352,14 +366,17 @@ class FaissBackend:
             except RuntimeError as e:
                 raise ValueError(f"{path}: unreadable FAISS index ({str(e).splitlines()[0]}); rebuild the index") from e
         if expect is not None and (index.ntotal, index.d) != expect:
-            raise ValueError(f"{path}: holds {index.ntotal} vectors of dim {index.d}, the index manifest says "
-                             f"{expect[0]} of dim {expect[1]} (a file from another index?); rebuild the index "
-                             "or search with --backend exact")
+            raise ValueError(
+                f"{path}: holds {index.ntotal} vectors of dim {index.d}, the index manifest says "
+                f"{expect[0]} of dim {expect[1]} (a file from another index?); rebuild the index "
+                "or search with --backend exact"
+            )
         return cls(kind, index, params, embeddings)
 
 
-def rerank_exact(queries: np.ndarray, candidates: np.ndarray, embeddings: np.ndarray,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
+def rerank_exact(
+    queries: np.ndarray, candidates: np.ndarray, embeddings: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Re-score (Q, C) candidate ids exactly against ``embeddings`` and keep the best k per query."""
     q_n, _ = candidates.shape
     scores, ids = _empty_result(q_n, k)
@@ -370,7 +387,7 @@ def rerank_exact(queries: np.ndarray, candidates: np.ndarray, embeddings: np.nda
         order = np.sort(np.unique(cand))  # sorted ids read a memmap in file order
         s = np.asarray(embeddings[order], dtype=np.float32) @ queries[i]
         top = np.argsort(-s, kind="stable")[:k]
-        scores[i, :top.size], ids[i, :top.size] = s[top], order[top]
+        scores[i, : top.size], ids[i, : top.size] = s[top], order[top]
     return scores, ids
 
 
@@ -391,8 +408,10 @@ def _npy_header(f, path: Path) -> tuple[tuple[int, int], bool, np.dtype]:
     except ValueError as e:
         raise ValueError(f"{path}: not a .npy file ({e})") from e
     if len(shape) != 2 or fortran or dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
-        raise ValueError(f"{path}: expected a C-ordered 2-D float32 or float16 array, got shape {shape} "
-                         f"{dtype}{' (Fortran order)' if fortran else ''}")
+        raise ValueError(
+            f"{path}: expected a C-ordered 2-D float32 or float16 array, got shape {shape} "
+            f"{dtype}{' (Fortran order)' if fortran else ''}"
+        )
     return shape, fortran, dtype
 
 
@@ -419,7 +438,7 @@ def _sample_rows(path: Path, size: int, seed: int, block_rows: int) -> np.ndarra
     filled = 0
     for start, block in iter_npy_blocks(path, block_rows):
         take = rows[(rows >= start) & (rows < start + len(block))] - start
-        out[filled:filled + take.size] = block[take]
+        out[filled : filled + take.size] = block[take]
         filled += take.size
     return out
 

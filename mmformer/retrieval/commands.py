@@ -49,10 +49,21 @@ def index_info_command(*, index: str, verify: bool = False) -> int:
     return 0
 
 
-def search_command(*, index: str, query: Sequence[str] = (), image: Sequence[str] = (), queries: str | None = None,
-                   k: int = 10, model: str | None = None, int8: bool = False, backend: str | None = None,
-                   ef_search: int | None = None, nprobe: int | None = None, refine: int | None = None,
-                   as_json: bool = False) -> int:
+def search_command(
+    *,
+    index: str,
+    query: Sequence[str] = (),
+    image: Sequence[str] = (),
+    queries: str | None = None,
+    k: int = 10,
+    model: str | None = None,
+    int8: bool = False,
+    backend: str | None = None,
+    ef_search: int | None = None,
+    nprobe: int | None = None,
+    refine: int | None = None,
+    as_json: bool = False,
+) -> int:
     """``mmformer search INDEX "text" ...``: the top ``k`` hits of each text query (positional or
     one a line in the file ``queries``) and each ``image`` query, as lines or JSON."""
     texts = list(query)
@@ -62,8 +73,13 @@ def search_command(*, index: str, query: Sequence[str] = (), image: Sequence[str
         raise SystemExit("give text queries, --queries FILE or --image PATH")
     if k < 1:
         raise SystemExit(f"-k must be >= 1, got {k}")
-    r = Retriever.from_pretrained(model, index, int8=int8, backend=backend,
-                                  search_params=backend_params(ef_search=ef_search, nprobe=nprobe, refine=refine))
+    r = Retriever.from_pretrained(
+        model,
+        index,
+        int8=int8,
+        backend=backend,
+        search_params=backend_params(ef_search=ef_search, nprobe=nprobe, refine=refine),
+    )
     results, dropped = [], []
     if texts:
         results += [(t, hits) for t, hits in zip(texts, r.search_text(texts, k))]
@@ -71,9 +87,18 @@ def search_command(*, index: str, query: Sequence[str] = (), image: Sequence[str
     if image:
         results += [(p, hits) for p, hits in zip(image, r.search_image(list(image), k))]
     if as_json:  # text queries carry pieces_dropped, as the service's answers do
-        json.dump([{"query": q, "hits": [vars(h) for h in hits],
-                    **({"pieces_dropped": dropped[i]} if i < len(dropped) else {})}
-                   for i, (q, hits) in enumerate(results)], sys.stdout, indent=1)
+        json.dump(
+            [
+                {
+                    "query": q,
+                    "hits": [vars(h) for h in hits],
+                    **({"pieces_dropped": dropped[i]} if i < len(dropped) else {}),
+                }
+                for i, (q, hits) in enumerate(results)
+            ],
+            sys.stdout,
+            indent=1,
+        )
         print()
         return 0
     note = truncation_note(sum(d > 0 for d in dropped), len(texts), r.model.config.context_length, "text queries")
@@ -87,11 +112,25 @@ def search_command(*, index: str, query: Sequence[str] = (), image: Sequence[str
     return 0
 
 
-def eval_command(*, model: str | None = None, index: str | None = None, data: str | None = None,
-                 data_dir: str | None = None, split: str | None = None, image_col: str = "image",
-                 caption_col: str = "caption", batch_size: int = 256, strict: bool = False, root: str | None = None,
-                 as_json: bool = False, documents: str | None = None, doc_mode: str = "auto",
-                 doc_batch_size: int = 4, max_chunks: int | None = None, chunk_overflow: str | None = None) -> int:
+def eval_command(
+    *,
+    model: str | None = None,
+    index: str | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+    split: str | None = None,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    batch_size: int = 256,
+    strict: bool = False,
+    root: str | None = None,
+    as_json: bool = False,
+    documents: str | None = None,
+    doc_mode: str = "auto",
+    doc_batch_size: int = 4,
+    max_chunks: int | None = None,
+    chunk_overflow: str | None = None,
+) -> int:
     """``mmformer eval``: recall@K of the model ``model`` on the manifest ``data`` (unreadable
     images skipped and listed, or an error with ``strict``), on the bundled held-out family
     (``data_dir``), or through the image index ``index``; ``documents`` reads each caption as a
@@ -111,14 +150,23 @@ def eval_command(*, model: str | None = None, index: str | None = None, data: st
     if net.tokenizer is None:
         raise SystemExit(f"{model} has no tokenizer.model")
     if data is not None and not documents:
-        metrics, source = eval_manifest(net, data, image_col=image_col, caption_col=caption_col, split=split,
-                                        root=root, strict=strict, batch_size=batch_size,
-                                        warn=lambda m: print(m, file=sys.stderr))
+        metrics, source = eval_manifest(
+            net,
+            data,
+            image_col=image_col,
+            caption_col=caption_col,
+            split=split,
+            root=root,
+            strict=strict,
+            batch_size=batch_size,
+            warn=lambda m: print(m, file=sys.stderr),
+        )
         print(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics, source))
         return 0
     try:
-        images, captions, caption_to_image, source = load_eval_set(net, data, data_dir, image_col, caption_col,
-                                                                   split, batch_size)
+        images, captions, caption_to_image, source = load_eval_set(
+            net, data, data_dir, image_col, caption_col, split, batch_size
+        )
     except BundledDataNotFound as e:
         raise SystemExit(f"mmformer eval: {e}") from e
     if documents:
@@ -130,20 +178,42 @@ def eval_command(*, model: str | None = None, index: str | None = None, data: st
                 captions = read_document_files(captions, Path(data).parent, rows)
             except ValueError as e:
                 raise SystemExit(f"mmformer eval: {e}") from e
-        metrics = eval_documents(net, images, captions, caption_to_image, data, caption_col=caption_col,
-                                 batch_size=batch_size, doc_batch_size=doc_batch_size, doc_mode=doc_mode,
-                                 max_chunks=max_chunks, chunk_overflow=chunk_overflow)
+        metrics = eval_documents(
+            net,
+            images,
+            captions,
+            caption_to_image,
+            data,
+            caption_col=caption_col,
+            batch_size=batch_size,
+            doc_batch_size=doc_batch_size,
+            doc_mode=doc_mode,
+            max_chunks=max_chunks,
+            chunk_overflow=chunk_overflow,
+        )
         source += f", documents encoded with mode {doc_mode}"
     else:
-        metrics = evaluate_retrieval(net, net.tokenizer, images, captions, caption_to_image,
-                                     batch_size=batch_size, progress=True)
+        metrics = evaluate_retrieval(
+            net, net.tokenizer, images, captions, caption_to_image, batch_size=batch_size, progress=True
+        )
     print(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics, source))
     return 0
 
 
-def eval_documents(model, images, documents: list[str], caption_to_image: list[int], data: str, *,
-                   caption_col: str, batch_size: int, doc_batch_size: int, doc_mode: str,
-                   max_chunks: int | None, chunk_overflow: str | None) -> dict:
+def eval_documents(
+    model,
+    images,
+    documents: list[str],
+    caption_to_image: list[int],
+    data: str,
+    *,
+    caption_col: str,
+    batch_size: int,
+    doc_batch_size: int,
+    doc_mode: str,
+    max_chunks: int | None,
+    chunk_overflow: str | None,
+) -> dict:
     """Recall@K with each caption of the manifest ``data`` read as a long document."""
     import dataclasses
 
@@ -154,8 +224,14 @@ def eval_documents(model, images, documents: list[str], caption_to_image: list[i
     model.config = dataclasses.replace(model.config, **overrides)
     image_emb = embed_images(model, images, batch_size, progress=True)
     try:
-        doc_emb = embed_documents(model, documents, doc_batch_size, doc_mode, progress=True,
-                                  names=[f"caption {i + 1} ({caption_col})" for i in range(len(documents))])
+        doc_emb = embed_documents(
+            model,
+            documents,
+            doc_batch_size,
+            doc_mode,
+            progress=True,
+            names=[f"caption {i + 1} ({caption_col})" for i in range(len(documents))],
+        )
     except TooManyChunks as e:
         raise SystemExit(f"mmformer eval: {data}: {e}") from e
     return retrieval_metrics(image_emb, doc_emb, caption_to_image)
@@ -173,29 +249,43 @@ def read_document_files(paths: Sequence[str], base: Path, what: Sequence[str]) -
             bad.append(f"{w}: {path}: {e.__class__.__name__}: {e}")
             texts.append("")
     if bad:
-        raise ValueError("document files could not be read (expected UTF-8 text files):\n  " + "\n  ".join(bad[:20])
-                         + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
+        raise ValueError(
+            "document files could not be read (expected UTF-8 text files):\n  "
+            + "\n  ".join(bad[:20])
+            + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        )
     return texts
 
 
-def load_eval_set(model, data: str | None, data_dir: str | None, image_col: str, caption_col: str,
-                  split: str | None, batch_size: int):
+def load_eval_set(
+    model, data: str | None, data_dir: str | None, image_col: str, caption_col: str, split: str | None, batch_size: int
+):
     """(images (N,3,S,S) tensor or loader, captions, caption_to_image, description): the manifest
     ``data``, else the bundled emoji test split."""
     from mmformer.data.emoji import InMemoryImageText, default_data_dir
 
     c = model.config
     if data is None:
-        ds = InMemoryImageText.eval_split("test", c.image_size, c.image_mean, c.image_std,
-                                          root=default_data_dir(data_dir))
-        return ds.stacked_images(), ds.captions, ds.caption_to_image.tolist(), \
-            f"bundled emoji test split ({len(ds)} images)"
+        ds = InMemoryImageText.eval_split(
+            "test", c.image_size, c.image_mean, c.image_std, root=default_data_dir(data_dir)
+        )
+        return (
+            ds.stacked_images(),
+            ds.captions,
+            ds.caption_to_image.tolist(),
+            f"bundled emoji test split ({len(ds)} images)",
+        )
     tf = build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std)
     man = ImageTextManifest(data, image_col=image_col, caption_col=caption_col, transform=tf, split=split)
-    images = torch.utils.data.DataLoader(_EvalImages(man, strict=True, size=c.image_size), batch_size=batch_size,
-                                         num_workers=0)
-    return images, list(man.captions), [int(i) for i in man.caption_to_image], \
-        f"{data} ({len(man.image_paths)} images, {len(man.captions)} captions)"
+    images = torch.utils.data.DataLoader(
+        _EvalImages(man, strict=True, size=c.image_size), batch_size=batch_size, num_workers=0
+    )
+    return (
+        images,
+        list(man.captions),
+        [int(i) for i in man.caption_to_image],
+        f"{data} ({len(man.image_paths)} images, {len(man.captions)} captions)",
+    )
 
 
 def eval_index(model: str | None, index: str, as_json: bool) -> int:
@@ -238,9 +328,18 @@ class _EvalImages(torch.utils.data.Dataset):
         return x
 
 
-def eval_manifest(model, data: str, *, image_col: str = "image", caption_col: str = "caption",
-                  split: str | None = None, root: str | None = None, strict: bool = False, batch_size: int = 256,
-                  warn=print) -> tuple[dict[str, Any], str]:
+def eval_manifest(
+    model,
+    data: str,
+    *,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    split: str | None = None,
+    root: str | None = None,
+    strict: bool = False,
+    batch_size: int = 256,
+    warn=print,
+) -> tuple[dict[str, Any], str]:
     """``mmformer eval --model DIR --data MANIFEST``: recall@K over the images that can be read.
 
     Unreadable images are skipped (their captions too), listed through ``warn`` and counted in the
@@ -250,8 +349,7 @@ def eval_manifest(model, data: str, *, image_col: str = "image", caption_col: st
     """
     c = model.config
     tf = build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std)
-    man = ImageTextManifest(data, image_col=image_col, caption_col=caption_col, transform=tf, split=split,
-                            confine=root)
+    man = ImageTextManifest(data, image_col=image_col, caption_col=caption_col, transform=tf, split=split, confine=root)
     c2i = [int(i) for i in man.caption_to_image]
     rows, seen, empty, dups = [], set(), [], []
     for j, (cap, img) in enumerate(zip(man.captions, c2i)):
@@ -272,8 +370,7 @@ def eval_manifest(model, data: str, *, image_col: str = "image", caption_col: st
     bad = images.failed
     if bad:
         listed = sorted(bad.items())
-        warn(f"warning: {data}: skipped {len(bad)} unreadable image(s) and their captions "
-             "(--strict to stop instead):")
+        warn(f"warning: {data}: skipped {len(bad)} unreadable image(s) and their captions (--strict to stop instead):")
         for i, reason in listed[:20]:
             warn(f"  {printable(man.image_paths[i])}: {printable(reason)}")
         if len(listed) > 20:
@@ -285,13 +382,15 @@ def eval_manifest(model, data: str, *, image_col: str = "image", caption_col: st
     rows = [j for j in rows if c2i[j] in new_index]
     if not rows:
         raise ValueError(f"{data}: no caption left to evaluate")
-    text_emb = embed_texts(model, model.tokenizer, [man.captions[j].strip() for j in rows], batch_size,
-                           progress=True)
+    text_emb = embed_texts(model, model.tokenizer, [man.captions[j].strip() for j in rows], batch_size, progress=True)
     metrics = retrieval_metrics(image_emb[keep_img], text_emb, [new_index[c2i[j]] for j in rows])
     if bad or empty or dups:
         metrics.update(skipped_images=len(bad), empty_captions=len(empty), duplicate_rows=len(dups))
-    source = (f"{data} ({len(keep_img)} images, {len(rows)} captions"
-              + (f"; {len(bad)} unreadable images skipped" if bad else "") + ")")
+    source = (
+        f"{data} ({len(keep_img)} images, {len(rows)} captions"
+        + (f"; {len(bad)} unreadable images skipped" if bad else "")
+        + ")"
+    )
     return metrics, source
 
 

@@ -47,8 +47,10 @@ def truncation_note(truncated: int, total: int, context_length: int, what: str =
     None when none was."""
     if not truncated:
         return None
-    return (f"{truncated} of {total} {what} {'was' if truncated == 1 else 'were'} truncated to {context_length - 2} "
-            f"pieces (the model's context_length {context_length} less bos and eos)")
+    return (
+        f"{truncated} of {total} {what} {'was' if truncated == 1 else 'were'} truncated to {context_length - 2} "
+        f"pieces (the model's context_length {context_length} less bos and eos)"
+    )
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -81,9 +83,7 @@ def _image_batch(item, index: int) -> Tensor:
     elif isinstance(item, Mapping):
         key = next((k for k in _IMAGE_KEYS if k in item), None)
         if key is None:
-            raise ValueError(
-                f"batch {index}: a dict batch needs one of the keys {_IMAGE_KEYS}, got {sorted(item)}"
-            )
+            raise ValueError(f"batch {index}: a dict batch needs one of the keys {_IMAGE_KEYS}, got {sorted(item)}")
         batch = item[key]
     elif isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
         batch = item[0]
@@ -109,9 +109,7 @@ def _resolve_max_length(model: nn.Module, max_length: int | None) -> int:
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "context_length", None)
         if max_length is None:
-            raise ValueError(
-                "max_length is None and the model has no config.context_length; pass max_length"
-            )
+            raise ValueError("max_length is None and the model has no config.context_length; pass max_length")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
     return max_length
@@ -260,14 +258,18 @@ def evaluate_retrieval(
     """
     if len(captions) != len(caption_to_image):
         raise ValueError(
-            f"captions and caption_to_image must have the same length, got {len(captions)} and "
-            f"{len(caption_to_image)}"
+            f"captions and caption_to_image must have the same length, got {len(captions)} and {len(caption_to_image)}"
         )
-    image_emb = embed_images(
-        model, images, batch_size, device, autocast_dtype, progress, output_device=None
-    )
+    image_emb = embed_images(model, images, batch_size, device, autocast_dtype, progress, output_device=None)
     text_emb = embed_texts(
-        model, tokenizer, captions, batch_size, max_length, device, autocast_dtype, progress,
+        model,
+        tokenizer,
+        captions,
+        batch_size,
+        max_length,
+        device,
+        autocast_dtype,
+        progress,
         output_device=None,
     )
     metrics = retrieval_metrics(image_emb, text_emb, caption_to_image, ks, block_size=block_size)
@@ -280,8 +282,14 @@ def evaluate_retrieval(
     return metrics
 
 
-def embed_documents(model, texts: Sequence[str], batch_size: int = 8, mode: str = "auto",
-                    progress: bool = False, names: Sequence[str] | None = None) -> torch.Tensor:
+def embed_documents(
+    model,
+    texts: Sequence[str],
+    batch_size: int = 8,
+    mode: str = "auto",
+    progress: bool = False,
+    names: Sequence[str] | None = None,
+) -> torch.Tensor:
     """(len(texts), E) float32 unit-length document embeddings (``model.encode_document``),
     ``batch_size`` documents per encoder call, in eval mode under ``torch.inference_mode()``.
     ``names`` (one per text, default "document i", 1-based) name documents in chunk-cap errors."""
@@ -297,7 +305,7 @@ def embed_documents(model, texts: Sequence[str], batch_size: int = 8, mode: str 
     out = []
     with eval_mode(model), torch.inference_mode():
         for s in starts:
-            ids = model.tokenizer.encode_batch(list(texts[s: s + batch_size]))
-            batch = collator.collate_ids(ids, names[s: s + batch_size])
+            ids = model.tokenizer.encode_batch(list(texts[s : s + batch_size]))
+            batch = collator.collate_ids(ids, names[s : s + batch_size])
             out.append(model.encode_document(batch, mode=mode).float().cpu())
     return torch.cat(out).clone()

@@ -42,8 +42,17 @@ from mmformer.files import atomic_path, remove_stale_temps, swap_dir, write_text
 from mmformer.model import model_fingerprint
 from mmformer.tokenizer import wrap_and_pad
 from mmformer.data.errors import CorruptSample, Skipped
-from mmformer.retrieval.backends import (BLOCK_ROWS, FAISS_FILE, IVF_DATA_FILE, BackendParams, ExactBackend,
-                                         FaissBackend, choose_backend, iter_npy_blocks, npy_shape)
+from mmformer.retrieval.backends import (
+    BLOCK_ROWS,
+    FAISS_FILE,
+    IVF_DATA_FILE,
+    BackendParams,
+    ExactBackend,
+    FaissBackend,
+    choose_backend,
+    iter_npy_blocks,
+    npy_shape,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +83,15 @@ class Part:
     shard: str | None = None
 
 
-def collect_parts(source: str | os.PathLike | Sequence[Any], kind: str, part_size: int,
-                  image_col: str = "image", caption_col: str = "caption",
-                  split: str | None = None, root: str | os.PathLike | None = None) -> tuple[list[Part], str]:
+def collect_parts(
+    source: str | os.PathLike | Sequence[Any],
+    kind: str,
+    part_size: int,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    split: str | None = None,
+    root: str | os.PathLike | None = None,
+) -> tuple[list[Part], str]:
     """Split ``source`` into parts; returns (parts, a description of the source).
 
     Images: a folder (searched recursively), a CSV/TSV/JSONL manifest (unique images, first
@@ -89,12 +104,13 @@ def collect_parts(source: str | os.PathLike | Sequence[Any], kind: str, part_siz
     if part_size < 1:
         raise ValueError(f"part_size must be >= 1, got {part_size}")
     if not isinstance(source, (str, os.PathLike)):
-        items = [({"id": str(i), "text": str(s)} if kind == "text" else
-                  {"id": str(s), "path": str(s)}) for i, s in enumerate(source)]
+        items = [
+            ({"id": str(i), "text": str(s)} if kind == "text" else {"id": str(s), "path": str(s)})
+            for i, s in enumerate(source)
+        ]
         return _split(items, part_size), f"{len(items)} {kind}s given in memory"
     src = str(source)
     if kind == "image" and (src.endswith(".tar") or "{" in src):
-
         urls = expand_shards(src)
         missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
         if missing:
@@ -108,8 +124,10 @@ def collect_parts(source: str | os.PathLike | Sequence[Any], kind: str, part_siz
         items = [{"id": str(p.relative_to(path)), "path": os.path.abspath(p)} for p in files]
         return _split(items, part_size), f"folder {path} ({len(items)} images)"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file or folder (expected a folder of images, a manifest"
-                                f"{', a .txt file' if kind == 'text' else ', shards'})")
+        raise FileNotFoundError(
+            f"{path}: no such file or folder (expected a folder of images, a manifest"
+            f"{', a .txt file' if kind == 'text' else ', shards'})"
+        )
     if kind == "text" and path.suffix == ".txt":
         lines = path.read_text(encoding="utf-8").splitlines()
         items = [{"id": f"line-{i}", "text": t.strip()} for i, t in enumerate(lines, 1) if t.strip()]
@@ -117,18 +135,27 @@ def collect_parts(source: str | os.PathLike | Sequence[Any], kind: str, part_siz
             raise ValueError(f"{path}: no non-empty lines")
         return _split(items, part_size), f"{path} ({len(items)} texts)"
 
-    man = ImageTextManifest(path, image_col=image_col, caption_col=caption_col, split=split,
-                            check_files=kind == "image", confine=root)
+    man = ImageTextManifest(
+        path, image_col=image_col, caption_col=caption_col, split=split, check_files=kind == "image", confine=root
+    )
     if kind == "image":
         first: dict[int, str] = {}
         for cap, img in zip(man.captions, man.caption_to_image.tolist()):
             first.setdefault(img, cap)
-        items = [{"id": os.path.relpath(p, man.root), "path": os.path.abspath(p), "caption": first.get(i)}
-                 for i, p in enumerate(man.image_paths)]
+        items = [
+            {"id": os.path.relpath(p, man.root), "path": os.path.abspath(p), "caption": first.get(i)}
+            for i, p in enumerate(man.image_paths)
+        ]
         return _split(items, part_size), f"manifest {path}{_split_note(split)} ({len(items)} images)"
-    items = [{"id": f"caption-{i}", "text": cap, "row": man.row_numbers[i],
-              "image": os.path.relpath(man.image_paths[img], man.root)}
-             for i, (cap, img) in enumerate(zip(man.captions, man.caption_to_image.tolist()))]
+    items = [
+        {
+            "id": f"caption-{i}",
+            "text": cap,
+            "row": man.row_numbers[i],
+            "image": os.path.relpath(man.image_paths[img], man.root),
+        }
+        for i, (cap, img) in enumerate(zip(man.captions, man.caption_to_image.tolist()))
+    ]
     return _split(items, part_size), f"manifest {path}{_split_note(split)} ({len(items)} captions)"
 
 
@@ -137,14 +164,21 @@ def _split_note(split: str | None) -> str:
 
 
 def _split(items: list[dict[str, Any]], size: int) -> list[Part]:
-    return [Part(i, items=items[s:s + size]) for i, s in enumerate(range(0, len(items), size))]
+    return [Part(i, items=items[s : s + size]) for i, s in enumerate(range(0, len(items), size))]
 
 
 class PartDataset(Dataset):
     """Loads one whole part per item (in DataLoader workers): decoded images or token ids."""
 
-    def __init__(self, parts: list[Part], kind: str, transform=None, tokenizer=None,
-                 max_length: int = 16, max_pixels: int | None = None) -> None:
+    def __init__(
+        self,
+        parts: list[Part],
+        kind: str,
+        transform=None,
+        tokenizer=None,
+        max_length: int = 16,
+        max_pixels: int | None = None,
+    ) -> None:
         self.parts, self.kind = parts, kind
         self.transform, self.tokenizer, self.max_length = transform, tokenizer, max_length
         self.max_pixels = max_pixels
@@ -158,11 +192,20 @@ class PartDataset(Dataset):
             items = [it for it in part.items if it["text"].strip()]
             skipped = [Skipped(it["id"], "empty text") for it in part.items if not it["text"].strip()]
             pieces = self.tokenizer.encode_batch([it["text"] for it in items])
-            ids, mask = wrap_and_pad(pieces, self.max_length, specials=self.tokenizer.specials) \
-                if items else (torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.bool))
+            ids, mask = (
+                wrap_and_pad(pieces, self.max_length, specials=self.tokenizer.specials)
+                if items
+                else (torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.bool))
+            )
             truncated = sum(len(p) > self.max_length - 2 for p in pieces)
-            return {"part": part.index, "input_ids": ids, "attention_mask": mask, "items": items,
-                    "skipped": skipped, "truncated": truncated}
+            return {
+                "part": part.index,
+                "input_ids": ids,
+                "attention_mask": mask,
+                "items": items,
+                "skipped": skipped,
+                "truncated": truncated,
+            }
         items, images, skipped = [], [], []
         for item, loaded in self._images(part):
             if isinstance(loaded, Skipped):
@@ -189,7 +232,6 @@ class PartDataset(Dataset):
 
     def _shard_images(self, url: str, decode) -> Iterable[tuple[dict[str, Any], Any]]:
         import webdataset as wds
-
 
         errors: list[Exception] = []
         name = os.path.basename(url)
@@ -219,21 +261,30 @@ def embed_part(model: nn.Module, part: dict[str, Any], kind: str, batch_size: in
     n = len(part["items"])
     for s in range(0, n, batch_size):
         if kind == "image":
-            z = model.encode_image(part["images"][s:s + batch_size])
+            z = model.encode_image(part["images"][s : s + batch_size])
         else:
-            z = model.encode_text(part["input_ids"][s:s + batch_size], part["attention_mask"][s:s + batch_size])
+            z = model.encode_text(part["input_ids"][s : s + batch_size], part["attention_mask"][s : s + batch_size])
         out.append(z.float().cpu())
     emb = torch.cat(out) if out else torch.zeros(0, 0)
-    return {"part": part["part"], "embeddings": emb, "items": part["items"], "skipped": part["skipped"],
-            "truncated": int(part.get("truncated", 0))}
+    return {
+        "part": part["part"],
+        "embeddings": emb,
+        "items": part["items"],
+        "skipped": part["skipped"],
+        "truncated": int(part.get("truncated", 0)),
+    }
 
 
 def write_part(parts_dir: Path, prediction: dict[str, Any]) -> None:
     stem = parts_dir / f"part-{prediction['part']:06d}"
     emb = prediction["embeddings"].numpy().astype(np.float32)
     _save_npy_atomic(stem.with_suffix(".npy"), emb)
-    record = {"n": len(prediction["items"]), "items": prediction["items"],
-              "skipped": [list(s) for s in prediction["skipped"]], "truncated": int(prediction.get("truncated", 0))}
+    record = {
+        "n": len(prediction["items"]),
+        "items": prediction["items"],
+        "skipped": [list(s) for s in prediction["skipped"]],
+        "truncated": int(prediction.get("truncated", 0)),
+    }
     write_text_atomic(stem.with_suffix(".json"), json.dumps(record))
 
 
@@ -278,16 +329,30 @@ class BuildPlan:
 
     def loader(self, num_workers: int = 0) -> torch.utils.data.DataLoader:
         """The parts still to embed, one per step (a part is already a batch)."""
-        return torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
-                                           collate_fn=_collate_one, persistent_workers=False)
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, num_workers=num_workers, collate_fn=_collate_one, persistent_workers=False
+        )
 
 
-def plan_build(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_dir: str | os.PathLike, *,
-               kind: str = "image", backend: str = "auto", backend_params: dict[str, Any] | None = None,
-               dtype: str = "float32", part_size: int = 1024, model_path: str | None = None,
-               image_col: str = "image", caption_col: str = "caption", split: str | None = None,
-               overwrite: bool = False, seed: int = 0, root: str | os.PathLike | None = None,
-               shard: tuple[int, int] | None = None) -> "BuildPlan | Index":
+def plan_build(
+    model: nn.Module,
+    source: str | os.PathLike | Sequence[Any],
+    out_dir: str | os.PathLike,
+    *,
+    kind: str = "image",
+    backend: str = "auto",
+    backend_params: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    part_size: int = 1024,
+    model_path: str | None = None,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    split: str | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+    shard: tuple[int, int] | None = None,
+) -> "BuildPlan | Index":
     """Check ``out_dir`` and list the parts left to embed; an existing complete index of the same
     model and source is returned opened instead (see :func:`build_index` for the rules)."""
     if dtype not in INDEX_DTYPES:
@@ -298,8 +363,14 @@ def plan_build(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_
     if shard is not None:
         parts, description = _shard_parts(parts, shard), f"{description}, shard {shard[0]} of {shard[1]}"
     fingerprint = model_fingerprint(model)
-    build = {"format": FORMAT_VERSION, "kind": kind, "source": description, "part_size": part_size,
-             "model_fingerprint": fingerprint, "n_parts": len(parts)}
+    build = {
+        "format": FORMAT_VERSION,
+        "kind": kind,
+        "source": description,
+        "part_size": part_size,
+        "model_fingerprint": fingerprint,
+        "n_parts": len(parts),
+    }
     target = out
     state = _folder_state(out, build)
     if state == "same index" and not overwrite:
@@ -326,11 +397,28 @@ def plan_build(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_
         if kind == "text" and getattr(model, "tokenizer", None) is None:
             raise ValueError("text indexes need a model with a tokenizer")
         c = model.config
-        dataset = PartDataset(todo, kind, transform=build_transforms(c.image_size, train=False, mean=c.image_mean,
-                                                                     std=c.image_std),
-                              tokenizer=model.tokenizer, max_length=c.context_length)
-    return BuildPlan(model=model, target=target, out=out, parts=parts, todo=todo, dataset=dataset, build=build,
-                     kind=kind, dtype=dtype, backend=backend, params=params, seed=seed, model_path=model_path)
+        dataset = PartDataset(
+            todo,
+            kind,
+            transform=build_transforms(c.image_size, train=False, mean=c.image_mean, std=c.image_std),
+            tokenizer=model.tokenizer,
+            max_length=c.context_length,
+        )
+    return BuildPlan(
+        model=model,
+        target=target,
+        out=out,
+        parts=parts,
+        todo=todo,
+        dataset=dataset,
+        build=build,
+        kind=kind,
+        dtype=dtype,
+        backend=backend,
+        params=params,
+        seed=seed,
+        model_path=model_path,
+    )
 
 
 def _shard_parts(parts: list[Part], shard: tuple[int, int]) -> list[Part]:
@@ -343,9 +431,10 @@ def _shard_parts(parts: list[Part], shard: tuple[int, int]) -> list[Part]:
     if not 0 <= i < n:
         raise ValueError(f"shard={shard!r} must be a pair (i, n) with 0 <= i < n")
     if n > len(parts):
-        raise ValueError(f"shard={shard!r}: {len(parts)} part(s) cannot make {n} shards; use a smaller part_size "
-                         "or fewer shards")
-    return parts[i * len(parts) // n:(i + 1) * len(parts) // n]
+        raise ValueError(
+            f"shard={shard!r}: {len(parts)} part(s) cannot make {n} shards; use a smaller part_size or fewer shards"
+        )
+    return parts[i * len(parts) // n : (i + 1) * len(parts) // n]
 
 
 def finish_build(plan: BuildPlan, embed_seconds: float) -> "Index":
@@ -357,10 +446,17 @@ def finish_build(plan: BuildPlan, embed_seconds: float) -> "Index":
         raise InvalidIndexError(f"{out}: parts {missing[:10]} were not written; rerun the build to finish them")
     model = plan.model
     manifest = _assemble(out, plan.parts, plan.dtype, plan.backend, plan.params, plan.seed)
-    manifest.update(kind=plan.kind, build=plan.build, embed_seconds=round(embed_seconds, 3),
-                    model={"fingerprint": plan.build["model_fingerprint"], "path": plan.model_path,
-                           "int8": bool(getattr(model, "is_int8", False)),
-                           "config": model.config.to_dict() if hasattr(model, "config") else None})
+    manifest.update(
+        kind=plan.kind,
+        build=plan.build,
+        embed_seconds=round(embed_seconds, 3),
+        model={
+            "fingerprint": plan.build["model_fingerprint"],
+            "path": plan.model_path,
+            "int8": bool(getattr(model, "is_int8", False)),
+            "config": model.config.to_dict() if hasattr(model, "config") else None,
+        },
+    )
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     _remove_parts(plan.parts_dir)
     if out != plan.target:
@@ -368,13 +464,28 @@ def finish_build(plan: BuildPlan, embed_seconds: float) -> "Index":
     return Index.open(plan.target)
 
 
-def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_dir: str | os.PathLike, *,
-                kind: str = "image", backend: str = "auto", backend_params: dict[str, Any] | None = None,
-                dtype: str = "float32", batch_size: int = 256, part_size: int = 1024,
-                num_workers: int = 0, model_path: str | None = None, image_col: str = "image",
-                caption_col: str = "caption", split: str | None = None, overwrite: bool = False,
-                progress: bool = True, seed: int = 0, root: str | os.PathLike | None = None,
-                shard: tuple[int, int] | None = None) -> "Index":
+def build_index(
+    model: nn.Module,
+    source: str | os.PathLike | Sequence[Any],
+    out_dir: str | os.PathLike,
+    *,
+    kind: str = "image",
+    backend: str = "auto",
+    backend_params: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    batch_size: int = 256,
+    part_size: int = 1024,
+    num_workers: int = 0,
+    model_path: str | None = None,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    split: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+    shard: tuple[int, int] | None = None,
+) -> "Index":
     """Embed ``source`` with ``model`` in this process and write an index to ``out_dir``; returns
     it opened. (Across devices or nodes: :func:`mmformer.training.index_build.build_index`, the
     same files from ``trainer.predict``.)
@@ -401,10 +512,24 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
             node or job, each in its own folder); :func:`write_shard_list` then lists the
             shards so that they open and serve as one index.
     """
-    plan = plan_build(model, source, out_dir, kind=kind, backend=backend, backend_params=backend_params,
-                      dtype=dtype, part_size=part_size, model_path=model_path, image_col=image_col,
-                      caption_col=caption_col, split=split, overwrite=overwrite, seed=seed, root=root,
-                      shard=shard)
+    plan = plan_build(
+        model,
+        source,
+        out_dir,
+        kind=kind,
+        backend=backend,
+        backend_params=backend_params,
+        dtype=dtype,
+        part_size=part_size,
+        model_path=model_path,
+        image_col=image_col,
+        caption_col=caption_col,
+        split=split,
+        overwrite=overwrite,
+        seed=seed,
+        root=root,
+        shard=shard,
+    )
     if isinstance(plan, Index):
         return plan
     t0 = time.perf_counter()
@@ -415,8 +540,13 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
         model.eval()
         try:
             with torch.inference_mode():
-                for part in tqdm(plan.loader(num_workers), total=len(plan.todo), desc="embedding parts",
-                                 unit="part", disable=not progress):
+                for part in tqdm(
+                    plan.loader(num_workers),
+                    total=len(plan.todo),
+                    desc="embedding parts",
+                    unit="part",
+                    disable=not progress,
+                ):
                     write_part(plan.parts_dir, embed_part(model, part, kind, batch_size))
         finally:
             model.train(was_training)
@@ -444,8 +574,11 @@ def _folder_state(out: Path, build: dict[str, Any]) -> str:
         return "same index" if _same_input(existing.get("build", {}), build) else "other index"
     info = out / PARTS / BUILD_INFO
     ours = {PARTS, EMBEDDINGS, METADATA, SKIPPED, FAISS_FILE, IVF_DATA_FILE}
-    if info.is_file() and all(e.name in ours for e in entries) and \
-            all(_is_part_file(f.name) or _is_our_temp(f.name) for f in (out / PARTS).iterdir()):
+    if (
+        info.is_file()
+        and all(e.name in ours for e in entries)
+        and all(_is_part_file(f.name) or _is_our_temp(f.name) for f in (out / PARTS).iterdir())
+    ):
         try:
             previous = json.loads(info.read_text(encoding="utf-8"))
         except (ValueError, OSError):
@@ -465,16 +598,22 @@ def _is_our_temp(name: str) -> bool:
 def _refusal(out: Path, state: str) -> str:
     if state == "other index":
         existing = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-        return (f"{out} already holds an index built from {existing.get('build', {}).get('source')!r} with model "
-                f"{existing.get('model', {}).get('fingerprint')}; pass overwrite=True (--overwrite) to replace it")
+        return (
+            f"{out} already holds an index built from {existing.get('build', {}).get('source')!r} with model "
+            f"{existing.get('model', {}).get('fingerprint')}; pass overwrite=True (--overwrite) to replace it"
+        )
     if state == "other build":
         previous = json.loads((out / PARTS / BUILD_INFO).read_text(encoding="utf-8"))
-        return (f"{out} holds parts of another build ({previous.get('source')!r}, model "
-                f"{previous.get('model_fingerprint')}, part_size {previous.get('part_size')}); "
-                "pass overwrite=True (--overwrite) or use another directory")
-    return (f"{out} is not empty and is not an mmformer index (no {MANIFEST}); refusing to write into it. "
-            "Choose an empty or new directory, or pass overwrite=True (--overwrite) to replace the folder "
-            "(the new index is built beside it and swapped in when complete)")
+        return (
+            f"{out} holds parts of another build ({previous.get('source')!r}, model "
+            f"{previous.get('model_fingerprint')}, part_size {previous.get('part_size')}); "
+            "pass overwrite=True (--overwrite) or use another directory"
+        )
+    return (
+        f"{out} is not empty and is not an mmformer index (no {MANIFEST}); refusing to write into it. "
+        "Choose an empty or new directory, or pass overwrite=True (--overwrite) to replace the folder "
+        "(the new index is built beside it and swapped in when complete)"
+    )
 
 
 def _remove_parts(parts_dir: Path) -> None:
@@ -494,8 +633,9 @@ def _same_input(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def _assemble(out: Path, parts: list[Part], dtype: str, backend: str, params: BackendParams,
-              seed: int) -> dict[str, Any]:
+def _assemble(
+    out: Path, parts: list[Part], dtype: str, backend: str, params: BackendParams, seed: int
+) -> dict[str, Any]:
     """Parts -> embeddings.npy, metadata.jsonl, skipped.jsonl, backend files; the manifest's body.
     Streams: one part's embeddings and records are held at a time."""
     parts_dir = out / PARTS
@@ -511,40 +651,56 @@ def _assemble(out: Path, parts: list[Part], dtype: str, backend: str, params: Ba
     n = sum(counts)
     if n == 0:
         raise InvalidIndexError(f"{out}: no input could be embedded (every one was skipped; see {PARTS}/*.json)")
-    dim = next(np.load(parts_dir / f"part-{p.index:06d}.npy", mmap_mode="r").shape[1]
-               for p, c in zip(parts, counts) if c)
+    dim = next(
+        np.load(parts_dir / f"part-{p.index:06d}.npy", mmap_mode="r").shape[1] for p, c in zip(parts, counts) if c
+    )
 
     def blocks() -> Iterable[np.ndarray]:
         for p, c in zip(parts, counts):
             if c:
                 block = np.load(parts_dir / f"part-{p.index:06d}.npy")
                 if block.shape != (c, dim):
-                    raise InvalidIndexError(f"{parts_dir}/part-{p.index:06d}.npy has shape {block.shape}, "
-                                            f"expected ({c}, {dim}); delete it and rerun the build")
+                    raise InvalidIndexError(
+                        f"{parts_dir}/part-{p.index:06d}.npy has shape {block.shape}, "
+                        f"expected ({c}, {dim}); delete it and rerun the build"
+                    )
                 yield block
 
     def items() -> Iterable[dict[str, Any]]:
         for p in parts:
             yield from record(p)["items"]
 
-    return _write_index_files(out, n, dim, blocks(), items(), [(s[0], s[1]) for s in skipped], dtype, backend,
-                              params, seed)
+    return _write_index_files(
+        out, n, dim, blocks(), items(), [(s[0], s[1]) for s in skipped], dtype, backend, params, seed
+    )
 
 
-def _write_index_files(out: Path, n: int, dim: int, blocks: Iterable[np.ndarray], items: Iterable[dict[str, Any]],
-                       skipped: Sequence[tuple[str, str]], dtype: str, backend: str, params: BackendParams,
-                       seed: int, block_rows: int = BLOCK_ROWS) -> dict[str, Any]:
+def _write_index_files(
+    out: Path,
+    n: int,
+    dim: int,
+    blocks: Iterable[np.ndarray],
+    items: Iterable[dict[str, Any]],
+    skipped: Sequence[tuple[str, str]],
+    dtype: str,
+    backend: str,
+    params: BackendParams,
+    seed: int,
+    block_rows: int = BLOCK_ROWS,
+) -> dict[str, Any]:
     """The index files from (n, dim) embeddings given as row blocks and one metadata record per
     row, written with plain file writes (nothing of them stays in memory); the manifest's body."""
     with atomic_path(out / EMBEDDINGS) as tmp, open(tmp, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                 "fortran_order": False, "shape": (n, dim)})
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n, dim)}
+        )
         row = 0
         for block in blocks:
             block = np.asarray(block)
             if block.ndim != 2 or block.shape[1] != dim or row + len(block) > n:
-                raise ValueError(f"{out / EMBEDDINGS}: a block of shape {block.shape} at row {row} does not fit "
-                                 f"({n}, {dim})")
+                raise ValueError(
+                    f"{out / EMBEDDINGS}: a block of shape {block.shape} at row {row} does not fit ({n}, {dim})"
+                )
             f.write(np.ascontiguousarray(block, dtype=np.dtype(dtype)).tobytes())
             row += len(block)
         if row != n:
@@ -567,19 +723,39 @@ def _write_index_files(out: Path, n: int, dim: int, blocks: Iterable[np.ndarray]
         params = b.params
         del b
     build_s = time.perf_counter() - t0
-    files = [EMBEDDINGS, METADATA, SKIPPED] + ([FAISS_FILE] if kind != "exact" else []) + \
-        ([IVF_DATA_FILE] if (out / IVF_DATA_FILE).is_file() else [])
-    return {"format": FORMAT_VERSION, "count": n, "dim": int(dim), "dtype": dtype, "metric": "inner_product",
-            "backend": kind, "backend_params": params.to_dict(), "skipped": len(skipped),
-            "truncated": sum(int(r.get("truncated", 0)) for r in records),
-            "index_seconds": round(build_s, 3), "files": {f: _file_info(out / f) for f in files}}
+    files = (
+        [EMBEDDINGS, METADATA, SKIPPED]
+        + ([FAISS_FILE] if kind != "exact" else [])
+        + ([IVF_DATA_FILE] if (out / IVF_DATA_FILE).is_file() else [])
+    )
+    return {
+        "format": FORMAT_VERSION,
+        "count": n,
+        "dim": int(dim),
+        "dtype": dtype,
+        "metric": "inner_product",
+        "backend": kind,
+        "backend_params": params.to_dict(),
+        "skipped": len(skipped),
+        "truncated": sum(int(r.get("truncated", 0)) for r in records),
+        "index_seconds": round(build_s, 3),
+        "files": {f: _file_info(out / f) for f in files},
+    }
 
 
-def build_from_embeddings(embeddings: str | os.PathLike | np.ndarray | Sequence[str | os.PathLike | np.ndarray],
-                          out_dir: str | os.PathLike, items: Iterable[dict[str, Any]] | None = None, *,
-                          kind: str = "image", backend: str = "auto", backend_params: dict[str, Any] | None = None,
-                          dtype: str = "float32", seed: int = 0, fingerprint: str = "external",
-                          block_rows: int = BLOCK_ROWS) -> "Index":
+def build_from_embeddings(
+    embeddings: str | os.PathLike | np.ndarray | Sequence[str | os.PathLike | np.ndarray],
+    out_dir: str | os.PathLike,
+    items: Iterable[dict[str, Any]] | None = None,
+    *,
+    kind: str = "image",
+    backend: str = "auto",
+    backend_params: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    fingerprint: str = "external",
+    block_rows: int = BLOCK_ROWS,
+) -> "Index":
     """Write an index from embeddings computed elsewhere (no model): the same files and the same
     streaming build as :func:`build_index`, whose parts go through the same writer.
 
@@ -625,17 +801,36 @@ def build_from_embeddings(embeddings: str | os.PathLike | np.ndarray | Sequence[
                     yield block
             else:
                 for s in range(0, len(src), block_rows):
-                    yield np.asarray(src[s:s + block_rows], dtype=np.float32)
+                    yield np.asarray(src[s : s + block_rows], dtype=np.float32)
 
     out.mkdir(parents=True, exist_ok=True)
     params = BackendParams.from_dict(backend_params)
     description = f"{n} embeddings from {len(sources)} file(s) or array(s)"
-    manifest = _write_index_files(out, n, dim, blocks(), items if items is not None else
-                                  ({"id": str(i)} for i in range(n)), [], dtype, backend, params, seed, block_rows)
-    manifest.update(kind=kind, embed_seconds=0.0,
-                    build={"format": FORMAT_VERSION, "kind": kind, "source": description,
-                           "model_fingerprint": fingerprint, "n_parts": len(sources)},
-                    model={"fingerprint": fingerprint, "path": None, "int8": False, "config": None})
+    manifest = _write_index_files(
+        out,
+        n,
+        dim,
+        blocks(),
+        items if items is not None else ({"id": str(i)} for i in range(n)),
+        [],
+        dtype,
+        backend,
+        params,
+        seed,
+        block_rows,
+    )
+    manifest.update(
+        kind=kind,
+        embed_seconds=0.0,
+        build={
+            "format": FORMAT_VERSION,
+            "kind": kind,
+            "source": description,
+            "model_fingerprint": fingerprint,
+            "n_parts": len(sources),
+        },
+        model={"fingerprint": fingerprint, "path": None, "int8": False, "config": None},
+    )
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return Index.open(out)
 
@@ -645,21 +840,27 @@ _REQUIRED = {"kind": str, "count": int, "dim": int, "dtype": str, "backend": str
 
 def _check_manifest_fields(man_path: Path, manifest: dict[str, Any]) -> None:
     """Every field :meth:`Index.open` reads is present with the right type (else one error)."""
-    bad = [f"{k!r} ({t.__name__})" for k, t in _REQUIRED.items()
-           if not isinstance(manifest.get(k), t) or isinstance(manifest.get(k), bool)]
+    bad = [
+        f"{k!r} ({t.__name__})"
+        for k, t in _REQUIRED.items()
+        if not isinstance(manifest.get(k), t) or isinstance(manifest.get(k), bool)
+    ]
     if not bad and not isinstance(manifest["model"].get("fingerprint"), str):
         bad.append("'model.fingerprint' (str)")
     if not bad:
         for name, info in manifest["files"].items():
-            if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            if not (
+                isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)
+            ):
                 bad.append(f"'files.{name}' ({{bytes, sha256}})")
             elif Path(name).name != name or name.startswith("."):
                 bad.append(f"'files.{name}' (a file name inside the index folder)")
     if bad:
         raise InvalidIndexError(f"{man_path}: missing or malformed field(s) {', '.join(bad)}; rebuild the index")
     if manifest["kind"] not in ("image", "text") or manifest["dtype"] not in ("float32", "float16"):
-        raise InvalidIndexError(f"{man_path}: kind {manifest['kind']!r} / dtype {manifest['dtype']!r} unknown; "
-                                "rebuild the index")
+        raise InvalidIndexError(
+            f"{man_path}: kind {manifest['kind']!r} / dtype {manifest['dtype']!r} unknown; rebuild the index"
+        )
 
 
 def _file_info(path: Path) -> dict[str, Any]:
@@ -682,8 +883,15 @@ class Index:
     :meth:`metadata` gives a row's stored record.
     """
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], embeddings: np.ndarray,
-                 backend, metadata_bytes: bytes, line_starts: np.ndarray) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        manifest: dict[str, Any],
+        embeddings: np.ndarray,
+        backend,
+        metadata_bytes: bytes,
+        line_starts: np.ndarray,
+    ) -> None:
         self.directory, self.manifest, self.embeddings, self.backend = directory, manifest, embeddings, backend
         self._meta, self._starts = metadata_bytes, line_starts
 
@@ -700,12 +908,21 @@ class Index:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"Index({str(self.directory)!r}, kind={m['kind']}, count={m['count']}, dim={m['dim']}, "
-                f"backend={m['backend']}, model={self.fingerprint})")
+        return (
+            f"Index({str(self.directory)!r}, kind={m['kind']}, count={m['count']}, dim={m['dim']}, "
+            f"backend={m['backend']}, model={self.fingerprint})"
+        )
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, *, verify: bool | str = "auto", mmap: bool = True,
-             backend: str | None = None, search_params: dict[str, Any] | None = None) -> "Index":
+    def open(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        verify: bool | str = "auto",
+        mmap: bool = True,
+        backend: str | None = None,
+        search_params: dict[str, Any] | None = None,
+    ) -> "Index":
         """Open and check an index directory.
 
         A folder with a ``shards.json`` instead of an ``index.json`` opens as one
@@ -727,11 +944,19 @@ class Index:
         d = Path(directory)
         man_path = d / MANIFEST
         if not man_path.is_file() and (d / SHARDS).is_file():
-            return ShardedIndex.open(d, verify=verify, mmap=mmap, backend=backend,  # type: ignore[return-value]
-                                     search_params=search_params)
+            return ShardedIndex.open(
+                d,
+                verify=verify,
+                mmap=mmap,
+                backend=backend,  # type: ignore[return-value]
+                search_params=search_params,
+            )
         if not man_path.is_file():
-            hint = (" (it holds an unfinished build: rerun `mmformer index build` with the same arguments "
-                    "to finish it)") if (d / PARTS).is_dir() else ""
+            hint = (
+                (" (it holds an unfinished build: rerun `mmformer index build` with the same arguments to finish it)")
+                if (d / PARTS).is_dir()
+                else ""
+            )
             raise InvalidIndexError(f"{d}: not an mmformer index, {MANIFEST} is missing{hint}")
         try:
             manifest = json.loads(man_path.read_text())
@@ -739,34 +964,41 @@ class Index:
             raise InvalidIndexError(f"{man_path}: damaged manifest ({e}); rebuild the index") from e
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
             got = manifest.get("format") if isinstance(manifest, dict) else manifest
-            raise InvalidIndexError(f"{man_path}: index format {got!r}, this version reads "
-                              f"{FORMAT_VERSION}; rebuild the index")
+            raise InvalidIndexError(
+                f"{man_path}: index format {got!r}, this version reads {FORMAT_VERSION}; rebuild the index"
+            )
         _check_manifest_fields(man_path, manifest)
         kind = backend or manifest["backend"]
         # searching exactly needs no FAISS file: leave it out of the checks (it may be absent)
-        files = {n: i for n, i in manifest["files"].items()
-                 if not (kind == "exact" and n in (FAISS_FILE, IVF_DATA_FILE))}
+        files = {
+            n: i for n, i in manifest["files"].items() if not (kind == "exact" and n in (FAISS_FILE, IVF_DATA_FILE))
+        }
         total = 0
         for name, info in files.items():
             p = d / name
             if not p.is_file():
                 raise InvalidIndexError(f"{p}: missing (the index lists it); rebuild the index")
             if p.stat().st_size != info["bytes"]:
-                raise InvalidIndexError(f"{p}: {p.stat().st_size} bytes, the manifest says {info['bytes']} "
-                                  "(truncated or replaced); rebuild the index")
+                raise InvalidIndexError(
+                    f"{p}: {p.stat().st_size} bytes, the manifest says {info['bytes']} "
+                    "(truncated or replaced); rebuild the index"
+                )
             total += info["bytes"]
         if verify is True or (verify == "auto" and total <= VERIFY_AUTO_BYTES):
             for name, info in files.items():
                 if _sha256(d / name) != info["sha256"]:
-                    raise InvalidIndexError(f"{d / name}: checksum mismatch (the file was altered or damaged); "
-                                      "rebuild the index")
+                    raise InvalidIndexError(
+                        f"{d / name}: checksum mismatch (the file was altered or damaged); rebuild the index"
+                    )
         try:
             emb = np.load(d / EMBEDDINGS, mmap_mode="r" if mmap else None, allow_pickle=False)
         except ValueError as e:
             raise InvalidIndexError(f"{d / EMBEDDINGS}: unreadable ({e}); rebuild the index") from e
         if emb.shape != (manifest["count"], manifest["dim"]) or emb.dtype != np.dtype(manifest["dtype"]):
-            raise InvalidIndexError(f"{d / EMBEDDINGS}: shape {emb.shape} {emb.dtype}, the manifest says "
-                              f"({manifest['count']}, {manifest['dim']}) {manifest['dtype']}")
+            raise InvalidIndexError(
+                f"{d / EMBEDDINGS}: shape {emb.shape} {emb.dtype}, the manifest says "
+                f"({manifest['count']}, {manifest['dim']}) {manifest['dtype']}"
+            )
         meta = _read_metadata(d / METADATA, mmap)
         starts = _line_starts(meta)
         if len(starts) - 1 != manifest["count"]:
@@ -777,8 +1009,14 @@ class Index:
             b = ExactBackend(emb)
         elif kind == stored:
             try:
-                b = FaissBackend.load(kind, d, params, embeddings=emb if kind == "ivfpq" else None, mmap=mmap,
-                                      expect=(int(manifest["count"]), int(manifest["dim"])))
+                b = FaissBackend.load(
+                    kind,
+                    d,
+                    params,
+                    embeddings=emb if kind == "ivfpq" else None,
+                    mmap=mmap,
+                    expect=(int(manifest["count"]), int(manifest["dim"])),
+                )
             except ValueError as e:
                 raise InvalidIndexError(str(e)) from e
         else:
@@ -793,7 +1031,7 @@ class Index:
 
     def metadata(self, row: int) -> dict[str, Any]:
         """The stored record of row ``row`` (id, path or text, caption...)."""
-        return json.loads(self._meta[self._starts[row]:self._starts[row + 1]])
+        return json.loads(self._meta[self._starts[row] : self._starts[row + 1]])
 
     def search_exact(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the stored embeddings, whatever the backend (for checking recall)."""
@@ -872,21 +1110,32 @@ class ShardedIndex:
             raise ValueError("a sharded index needs at least one shard")
         first = shards[0]
         for sh in shards[1:]:
-            for what, a, b in (("model", first.fingerprint, sh.fingerprint), ("kind", first.kind, sh.kind),
-                               ("dim", first.manifest["dim"], sh.manifest["dim"])):
+            for what, a, b in (
+                ("model", first.fingerprint, sh.fingerprint),
+                ("kind", first.kind, sh.kind),
+                ("dim", first.manifest["dim"], sh.manifest["dim"]),
+            ):
                 if a != b:
-                    raise InvalidIndexError(f"{sh.directory}: {what} {b!r} differs from {first.directory}'s {a!r}; "
-                                            "shards of one index need the same model, kind and dim")
+                    raise InvalidIndexError(
+                        f"{sh.directory}: {what} {b!r} differs from {first.directory}'s {a!r}; "
+                        "shards of one index need the same model, kind and dim"
+                    )
         self.shards = list(shards)
         self.directory = directory or first.directory
         self.offsets = np.cumsum([0] + [len(sh) for sh in self.shards])
         backends = sorted({sh.manifest["backend"] for sh in self.shards})
-        self.manifest = {"format": FORMAT_VERSION, "kind": first.kind, "count": int(self.offsets[-1]),
-                         "dim": first.manifest["dim"], "dtype": first.manifest["dtype"],
-                         "metric": first.manifest.get("metric", "inner_product"),
-                         "backend": backends[0] if len(backends) == 1 else "+".join(backends),
-                         "model": first.manifest["model"], "files": {},  # each shard checks its own
-                         "shards": [str(sh.directory) for sh in self.shards]}
+        self.manifest = {
+            "format": FORMAT_VERSION,
+            "kind": first.kind,
+            "count": int(self.offsets[-1]),
+            "dim": first.manifest["dim"],
+            "dtype": first.manifest["dtype"],
+            "metric": first.manifest.get("metric", "inner_product"),
+            "backend": backends[0] if len(backends) == 1 else "+".join(backends),
+            "model": first.manifest["model"],
+            "files": {},  # each shard checks its own
+            "shards": [str(sh.directory) for sh in self.shards],
+        }
 
     @classmethod
     def open(cls, directory: str | os.PathLike, **kwargs: Any) -> "ShardedIndex":
@@ -917,8 +1166,10 @@ class ShardedIndex:
         return self.manifest["count"]
 
     def __repr__(self) -> str:
-        return (f"ShardedIndex({str(self.directory)!r}, shards={len(self.shards)}, kind={self.kind}, "
-                f"count={len(self)}, backend={self.manifest['backend']}, model={self.fingerprint})")
+        return (
+            f"ShardedIndex({str(self.directory)!r}, shards={len(self.shards)}, kind={self.kind}, "
+            f"count={len(self)}, backend={self.manifest['backend']}, model={self.fingerprint})"
+        )
 
     def metadata(self, row: int) -> dict[str, Any]:
         if not 0 <= row < len(self):
@@ -937,5 +1188,7 @@ class ShardedIndex:
         scores = np.concatenate([s for s, _ in results], axis=1)
         rows = np.concatenate([np.where(r >= 0, r + off, -1) for (_, r), off in zip(results, self.offsets)], axis=1)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return (np.take_along_axis(scores, order, 1).astype(np.float32),
-                np.take_along_axis(rows, order, 1).astype(np.int64))
+        return (
+            np.take_along_axis(scores, order, 1).astype(np.float32),
+            np.take_along_axis(rows, order, 1).astype(np.int64),
+        )

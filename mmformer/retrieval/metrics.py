@@ -38,8 +38,7 @@ def _as_index_tensor(text_to_image: Tensor | Sequence[int], n_texts: int, n_imag
         raise TypeError(f"text_to_image must hold integer image indices, got dtype {t2i.dtype}")
     if t2i.dim() != 1 or t2i.shape[0] != n_texts:
         raise ValueError(
-            f"text_to_image must have shape ({n_texts},) (one image index per caption), "
-            f"got {tuple(t2i.shape)}"
+            f"text_to_image must have shape ({n_texts},) (one image index per caption), got {tuple(t2i.shape)}"
         )
     t2i = t2i.long()
     bad = ((t2i < 0) | (t2i >= n_images)).nonzero().flatten()
@@ -65,8 +64,7 @@ def _check_inputs(image_emb: Tensor, text_emb: Tensor, text_to_image) -> Tensor:
             raise ValueError(f"{name} is empty (shape {tuple(emb.shape)})")
     if image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(
-            f"embedding dims differ: image_emb has D={image_emb.shape[1]}, "
-            f"text_emb has D={text_emb.shape[1]}"
+            f"embedding dims differ: image_emb has D={image_emb.shape[1]}, text_emb has D={text_emb.shape[1]}"
         )
     for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
         finite = torch.isfinite(emb).all(dim=1)
@@ -186,9 +184,7 @@ def retrieval_metrics(
     ks = tuple(ks)
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
-    t2i_ranks, i2t_ranks = retrieval_ranks(
-        image_emb, text_emb, text_to_image, block_size=block_size
-    )
+    t2i_ranks, i2t_ranks = retrieval_ranks(image_emb, text_emb, text_to_image, block_size=block_size)
     n_images, n_texts = int(i2t_ranks.shape[0]), int(t2i_ranks.shape[0])
     out: dict[str, float] = {}
     for direction, ranks in (("t2i", t2i_ranks), ("i2t", i2t_ranks)):
@@ -244,9 +240,13 @@ def concept_retrieval_metrics(image: torch.Tensor, text: torch.Tensor, concepts:
 
 
 def format_metrics(m: dict, source: str) -> str:
-    lines = [f"retrieval on {source}",
-             f"{'direction':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean rank':>11}{'median':>8}{'chance R@1':>12}"]
+    lines = [
+        f"retrieval on {source}",
+        f"{'direction':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean rank':>11}{'median':>8}{'chance R@1':>12}",
+    ]
     for d, name in (("t2i", "text->image"), ("i2t", "image->text")):
-        lines.append(f"{name:<14}{m[f'{d}_R@1']:>8.2f}{m[f'{d}_R@5']:>8.2f}{m[f'{d}_R@10']:>8.2f}"
-                     f"{m[f'{d}_mean_rank']:>11.1f}{m[f'{d}_median_rank']:>8.1f}{m[f'{d}_chance_R@1']:>12.3f}")
+        lines.append(
+            f"{name:<14}{m[f'{d}_R@1']:>8.2f}{m[f'{d}_R@5']:>8.2f}{m[f'{d}_R@10']:>8.2f}"
+            f"{m[f'{d}_mean_rank']:>11.1f}{m[f'{d}_median_rank']:>8.1f}{m[f'{d}_chance_R@1']:>12.3f}"
+        )
     return "\n".join(lines)

@@ -46,13 +46,22 @@ class Retriever:
             raise InvalidIndexError(
                 f"{index.directory} was built with model {index.fingerprint} ({built}), but the given model "
                 f"is {fp}: embeddings of different models cannot be compared; search with the model the "
-                "index was built with, or rebuild the index")
+                "index was built with, or rebuild the index"
+            )
         self.model, self.index, self.batch_size = model.eval(), index, batch_size
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike | None, index_dir: str | os.PathLike, *,
-                        int8: bool = False, device: str = "cpu", backend: str | None = None,
-                        search_params: dict[str, Any] | None = None, verify: bool | str = "auto") -> "Retriever":
+    def from_pretrained(
+        cls,
+        model_dir: str | os.PathLike | None,
+        index_dir: str | os.PathLike,
+        *,
+        int8: bool = False,
+        device: str = "cpu",
+        backend: str | None = None,
+        search_params: dict[str, Any] | None = None,
+        verify: bool | str = "auto",
+    ) -> "Retriever":
         """Load a ``save_pretrained`` model and open an index.
 
         ``model_dir=None`` takes the model path recorded in the index manifest. ``int8``
@@ -76,8 +85,10 @@ class Retriever:
             raise TypeError("search_text takes a list of strings; wrap a single query in a list")
         if not texts or any(not str(t).strip() for t in texts):
             raise ValueError("queries must be a non-empty list of non-empty strings")
-        out = [self.model.encode_texts(list(texts[s:s + self.batch_size])).float()
-               for s in range(0, len(texts), self.batch_size)]
+        out = [
+            self.model.encode_texts(list(texts[s : s + self.batch_size])).float()
+            for s in range(0, len(texts), self.batch_size)
+        ]
         return torch.cat(out)
 
     def pieces_dropped(self, texts: Sequence[str]) -> list[int]:
@@ -97,8 +108,10 @@ class Retriever:
         device = next(self.model.parameters()).device if not getattr(self.model, "is_int8", False) else "cpu"
         out = []
         for s in range(0, len(images), self.batch_size):
-            batch = [load_and_transform(im, tf) if isinstance(im, (str, os.PathLike)) else tf(to_rgb(im))
-                     for im in images[s:s + self.batch_size]]
+            batch = [
+                load_and_transform(im, tf) if isinstance(im, (str, os.PathLike)) else tf(to_rgb(im))
+                for im in images[s : s + self.batch_size]
+            ]
             out.append(self.model.encode_image(torch.stack(batch).to(device)).float())
         return torch.cat(out)
 
@@ -112,16 +125,22 @@ class Retriever:
 
     def search_embeddings(self, queries: torch.Tensor | np.ndarray, k: int = 10) -> list[list[Hit]]:
         scores, rows = self.index.search(queries, k)
-        return [[Hit(id=(m := self.index.metadata(int(r)))["id"], score=float(s), row=int(r), metadata=m)
-                 for s, r in zip(srow, rrow) if r >= 0]
-                for srow, rrow in zip(scores, rows)]
+        return [
+            [
+                Hit(id=(m := self.index.metadata(int(r)))["id"], score=float(s), row=int(r), metadata=m)
+                for s, r in zip(srow, rrow)
+                if r >= 0
+            ]
+            for srow, rrow in zip(scores, rows)
+        ]
 
     def __repr__(self) -> str:
         return f"Retriever(index={self.index!r}, int8={bool(getattr(self.model, 'is_int8', False))})"
 
 
-def evaluate_index(retriever: Retriever, ks: Sequence[int] = (1, 5, 10),
-                   compare_exact: bool = True) -> dict[str, dict[str, float]]:
+def evaluate_index(
+    retriever: Retriever, ks: Sequence[int] = (1, 5, 10), compare_exact: bool = True
+) -> dict[str, dict[str, float]]:
     """Text->image Recall@K of an image index whose rows carry captions, searched through the index.
 
     Queries are the distinct captions stored in the index metadata; a hit is any row with the
@@ -139,8 +158,10 @@ def evaluate_index(retriever: Retriever, ks: Sequence[int] = (1, 5, 10),
         if caption:
             rows_of.setdefault(caption, []).append(row)
     if not rows_of:
-        raise ValueError(f"{index.directory}: no captions in the metadata; build the index from a manifest "
-                         "with a caption column to evaluate it")
+        raise ValueError(
+            f"{index.directory}: no captions in the metadata; build the index from a manifest "
+            "with a caption column to evaluate it"
+        )
     captions = list(rows_of)
     queries = retriever.embed_texts(captions).numpy()
     kmax = max(ks)

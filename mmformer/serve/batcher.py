@@ -48,12 +48,23 @@ class _Entry:
 class DynamicBatcher:
     """Merge inputs of concurrent requests into calls of ``run_batch(items) -> results``."""
 
-    def __init__(self, kind: str, run_batch: Callable[[list[Any]], Sequence[Any]], executor: Executor | None, *,
-                 max_batch_size: int = 64, max_delay_ms: float = 2.0, max_queue: int = 1024,
-                 enabled: bool = True, metrics: ServeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        run_batch: Callable[[list[Any]], Sequence[Any]],
+        executor: Executor | None,
+        *,
+        max_batch_size: int = 64,
+        max_delay_ms: float = 2.0,
+        max_queue: int = 1024,
+        enabled: bool = True,
+        metrics: ServeMetrics | None = None,
+    ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0:
-            raise ValueError(f"need max_batch_size >= 1, max_queue >= 1, max_delay_ms >= 0; got "
-                             f"{max_batch_size}, {max_queue}, {max_delay_ms}")
+            raise ValueError(
+                f"need max_batch_size >= 1, max_queue >= 1, max_delay_ms >= 0; got "
+                f"{max_batch_size}, {max_queue}, {max_delay_ms}"
+            )
         self.kind, self.run_batch, self.executor = kind, run_batch, executor
         self.max_batch_size, self.max_delay, self.max_queue = max_batch_size, max_delay_ms / 1000, max_queue
         self.enabled, self.metrics = enabled, metrics
@@ -87,8 +98,9 @@ class DynamicBatcher:
         if self.depth + len(items) > self.max_queue:
             if self.metrics:
                 self.metrics.refused.labels(self.kind).inc(len(items))
-            raise QueueFull(f"the {self.kind} queue is full ({self.depth} inputs waiting, max_queue="
-                            f"{self.max_queue}); retry later")
+            raise QueueFull(
+                f"the {self.kind} queue is full ({self.depth} inputs waiting, max_queue={self.max_queue}); retry later"
+            )
         loop = asyncio.get_running_loop()
         req = _Request(loop.create_future(), time.monotonic(), deadline, [None] * len(items), len(items))
         self._queue.extend(_Entry(req, i, item) for i, item in enumerate(items))

@@ -63,8 +63,9 @@ def default_workers() -> int:
 def geometry_transform(image_size: int) -> v2.Compose:
     """The eval transform of :func:`~mmformer.data.transforms.build_transforms` without its float
     steps: ``PIL.Image`` -> (3, S, S) uint8 (aspect cap, resize of the short side, centre crop)."""
-    return v2.Compose([v2.ToImage(), CapAspect(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
-                       v2.ToPureTensor()])
+    return v2.Compose(
+        [v2.ToImage(), CapAspect(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), v2.ToPureTensor()]
+    )
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,9 @@ class DecodePool:
             if self._closed:
                 raise Unavailable("the service is shutting down")
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=_context(), initializer=_init_worker,
-                                                 initargs=(self.spec,))
+                self._pool = ProcessPoolExecutor(
+                    self.workers, mp_context=_context(), initializer=_init_worker, initargs=(self.spec,)
+                )
             return self._pool
 
     def warm(self, timeout: float = 120.0) -> list[int]:
@@ -188,8 +190,9 @@ class DecodePool:
             pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- decoding -----------------------------------------------------------------------------
-    async def decode(self, images: Sequence[Any], field: str, indexed: bool = True,
-                     max_bytes: int | None = None) -> list[torch.Tensor]:
+    async def decode(
+        self, images: Sequence[Any], field: str, indexed: bool = True, max_bytes: int | None = None
+    ) -> list[torch.Tensor]:
         """Check and decode a request's images: (3, S, S) uint8 tensors in order. ``field[i]`` (or
         ``field`` when not ``indexed``) names an image in errors."""
         names = [f"{field}[{i}]" if indexed else field for i in range(len(images))]
@@ -197,8 +200,10 @@ class DecodePool:
             check_upload(data, name, max_bytes)
         items = [bytes(d) for d in images]
         if self.pending + len(items) > self.max_pending:
-            raise QueueFull(f"the image decoding queue is full ({self.pending} images waiting, max_queue="
-                            f"{self.max_pending}); retry later")
+            raise QueueFull(
+                f"the image decoding queue is full ({self.pending} images waiting, max_queue="
+                f"{self.max_pending}); retry later"
+            )
         self.pending += len(items)
         try:
             results = await self._run(items)
@@ -220,8 +225,10 @@ class DecodePool:
             return await asyncio.wrap_future(pool.submit(_decode_in_worker, items))
         except BrokenProcessPool:
             self._rebuild(pool)
-            raise Unavailable("an image decoding worker process died while decoding this request; the pool "
-                              "has been restarted, retry the request") from None
+            raise Unavailable(
+                "an image decoding worker process died while decoding this request; the pool "
+                "has been restarted, retry the request"
+            ) from None
 
 
 def check_upload(data: Any, field: str, max_bytes: int | None) -> None:

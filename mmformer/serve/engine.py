@@ -42,11 +42,11 @@ THUMBNAIL_PX = 160
 class Limits:
     """Per-request limits (requests over them are refused with INVALID_ARGUMENT)."""
 
-    max_texts: int = 256            # texts in one EmbedText request
-    max_images: int = 64            # images in one EmbedImage request
-    max_text_chars: int = 20_000    # longer texts are refused before tokenizing
+    max_texts: int = 256  # texts in one EmbedText request
+    max_images: int = 64  # images in one EmbedImage request
+    max_text_chars: int = 20_000  # longer texts are refused before tokenizing
     max_image_bytes: int = 8 << 20  # encoded bytes of one image (the upload limit)
-    max_pixels: int = 4096 * 4096   # width * height read from the header: decompression bombs
+    max_pixels: int = 4096 * 4096  # width * height read from the header: decompression bombs
 
 
 @dataclass
@@ -64,8 +64,14 @@ class Engine:
     or "int8" (``quantize_int8``, CPU). Indexes must have been built with the same model.
     """
 
-    def __init__(self, model: MMFormer, indexes: dict[str, Index] | None = None, *, precision: str = "fp32",
-                 limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        model: MMFormer,
+        indexes: dict[str, Index] | None = None,
+        *,
+        precision: str = "fp32",
+        limits: Limits | None = None,
+    ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if model.tokenizer is None:
@@ -91,9 +97,16 @@ class Engine:
         self._files_lock = threading.Lock()
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, index_dirs: dict[str, str | os.PathLike] | None = None, *,
-             precision: str = "fp32", device: str = "cpu", limits: Limits | None = None,
-             verify: bool | str = "auto") -> "Engine":
+    def load(
+        cls,
+        model_dir: str | os.PathLike,
+        index_dirs: dict[str, str | os.PathLike] | None = None,
+        *,
+        precision: str = "fp32",
+        device: str = "cpu",
+        limits: Limits | None = None,
+        verify: bool | str = "auto",
+    ) -> "Engine":
         """Load a ``save_pretrained`` directory and open every index (checked against the model)."""
         model = MMFormer.from_pretrained(model_dir, map_location=device)
         indexes = {name: Index.open(d, verify=verify) for name, d in (index_dirs or {}).items()}
@@ -134,15 +147,17 @@ class Engine:
         if not isinstance(images, (list, tuple)) or not images:
             raise InvalidArgument("expected a non-empty list of encoded images", field)
         if len(images) > self.limits.max_images:
-            raise InvalidArgument(f"{len(images)} images exceeds the limit of {self.limits.max_images} a request",
-                                  field)
+            raise InvalidArgument(
+                f"{len(images)} images exceeds the limit of {self.limits.max_images} a request", field
+            )
 
     # ---- model calls (run in the model thread) ------------------------------------------------
     @torch.inference_mode()
     def encode_text_batch(self, inputs: Sequence[TextInput]) -> list[np.ndarray]:
         """(B) texts -> B float32 (E,) embeddings; ids padded to the longest text of the batch."""
-        ids, mask = wrap_and_pad([t.pieces for t in inputs], self.context_length,
-                                 specials=self.model.tokenizer.specials)
+        ids, mask = wrap_and_pad(
+            [t.pieces for t in inputs], self.context_length, specials=self.model.tokenizer.specials
+        )
         z = self.model.encode_text(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
         return list(z)
 
@@ -208,9 +223,16 @@ class Engine:
             "fingerprint": self.fingerprint,
             "config": self.model.config.to_dict(),
             "precision": self.precision,
-            "indexes": [{"name": n, "kind": r.index.kind, "count": len(r.index),
-                         "backend": r.index.manifest["backend"], "dim": int(r.index.manifest["dim"])}
-                        for n, r in self.retrievers.items()],
+            "indexes": [
+                {
+                    "name": n,
+                    "kind": r.index.kind,
+                    "count": len(r.index),
+                    "backend": r.index.manifest["backend"],
+                    "dim": int(r.index.manifest["dim"]),
+                }
+                for n, r in self.retrievers.items()
+            ],
         }
 
 
@@ -223,8 +245,11 @@ def check_unicode(text: str, field: str, what: str = "") -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         subject = f"{what} is not" if what else "not"
-        raise InvalidArgument(f"{subject} valid Unicode (a lone surrogate U+{ord(text[e.start]):04X} at character "
-                              f"{e.start}; expected UTF-8 text)", field) from None
+        raise InvalidArgument(
+            f"{subject} valid Unicode (a lone surrogate U+{ord(text[e.start]):04X} at character "
+            f"{e.start}; expected UTF-8 text)",
+            field,
+        ) from None
 
 
 def _listed_files(index: Index) -> dict[str, Path]:
@@ -244,8 +269,13 @@ def _listed_files(index: Index) -> dict[str, Path]:
 def hit_record(hit: Hit) -> dict[str, Any]:
     """A JSON-ready search hit (the stored record without local file paths)."""
     meta = {k: v for k, v in hit.metadata.items() if k != "path"}
-    return {"id": hit.id, "score": hit.score, "row": hit.row, "caption": hit.metadata.get("caption") or "",
-            "metadata": meta}
+    return {
+        "id": hit.id,
+        "score": hit.score,
+        "row": hit.row,
+        "caption": hit.metadata.get("caption") or "",
+        "metadata": meta,
+    }
 
 
 def metadata_json(hit: Hit) -> str:

@@ -53,11 +53,13 @@ class _Malformed:
 def _lenient(message_class):
     """``message_class.FromString`` that returns :class:`_Malformed` instead of raising, so the
     call ends INVALID_ARGUMENT with a message (grpc would answer UNKNOWN and log a traceback)."""
+
     def parse(data: bytes):
         try:
             return message_class.FromString(data)
         except DecodeError as e:
             return _Malformed(e, *(_bad_utf8_field(message_class, data) or ("", "")))
+
     return parse
 
 
@@ -99,8 +101,9 @@ def _bad_utf8_field(message_class, data: bytes) -> tuple[str, str] | None:
                     try:
                         v.decode("utf-8")
                     except UnicodeDecodeError as e:
-                        return name, (f"not valid UTF-8 (byte 0x{v[e.start]:02x} at offset {e.start}; strings are "
-                                      f"UTF-8 text)")
+                        return name, (
+                            f"not valid UTF-8 (byte 0x{v[e.start]:02x} at offset {e.start}; strings are UTF-8 text)"
+                        )
                 elif field.type == field.TYPE_MESSAGE:
                     todo.append((v, field.message_type, name + "."))
     return None
@@ -128,24 +131,40 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         async def body():
             rows, dropped = await self.service.embed_text(list(request.texts), _deadline(context))
             return pb.EmbedTextResponse(embeddings=_embeddings(rows), pieces_dropped=dropped)
+
         return await self._run("EmbedText", request, context, body)
 
     async def EmbedImage(self, request, context):
         async def body():
             rows = await self.service.embed_image(list(request.images), _deadline(context))
             return pb.EmbedImageResponse(embeddings=_embeddings(rows))
+
         return await self._run("EmbedImage", request, context, body)
 
     async def Search(self, request, context):
         async def body():
             which = request.WhichOneof("query")
             hits, dropped = await self.service.search(
-                text=request.text if which == "text" else None, image=request.image if which == "image" else None,
-                index=request.index, k=request.k, deadline=_deadline(context))
-            return pb.SearchResponse(pieces_dropped=dropped, hits=[
-                pb.Hit(id=h.id, score=h.score, row=h.row, caption=h.metadata.get("caption") or "",
-                       metadata_json=metadata_json(h))
-                for h in hits])
+                text=request.text if which == "text" else None,
+                image=request.image if which == "image" else None,
+                index=request.index,
+                k=request.k,
+                deadline=_deadline(context),
+            )
+            return pb.SearchResponse(
+                pieces_dropped=dropped,
+                hits=[
+                    pb.Hit(
+                        id=h.id,
+                        score=h.score,
+                        row=h.row,
+                        caption=h.metadata.get("caption") or "",
+                        metadata_json=metadata_json(h),
+                    )
+                    for h in hits
+                ],
+            )
+
         return await self._run("Search", request, context, body)
 
     async def Info(self, request, context):
@@ -153,10 +172,18 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             info = self.service.info()
             b = info["batching"]
             return pb.InfoResponse(
-                fingerprint=info["fingerprint"], config_json=json.dumps(info["config"], sort_keys=True),
-                precision=info["precision"], indexes=[pb.IndexInfo(**ix) for ix in info["indexes"]],
-                batching=pb.BatchingInfo(enabled=b["enabled"], max_batch_size=b["max_batch_size"],
-                                         max_delay_ms=b["max_delay_ms"], max_queue=b["max_queue"]))
+                fingerprint=info["fingerprint"],
+                config_json=json.dumps(info["config"], sort_keys=True),
+                precision=info["precision"],
+                indexes=[pb.IndexInfo(**ix) for ix in info["indexes"]],
+                batching=pb.BatchingInfo(
+                    enabled=b["enabled"],
+                    max_batch_size=b["max_batch_size"],
+                    max_delay_ms=b["max_delay_ms"],
+                    max_queue=b["max_queue"],
+                ),
+            )
+
         return await self._run("Info", request, context, body)
 
 
@@ -179,6 +206,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 def _refusing_handler(handler: Any, message: str):
     """A handler of the same shape as ``handler`` that ends the call UNAUTHENTICATED."""
+
     async def abort(request_or_iterator, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
@@ -203,27 +231,40 @@ def _add_servicer(servicer: RetrievalServicer, server: grpc.aio.Server) -> None:
     methods = pb.DESCRIPTOR.services_by_name["Retrieval"].methods
     handlers = {
         m.name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, m.name), request_deserializer=_lenient(getattr(pb, m.input_type.name)),
-            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
-        for m in methods}
+            getattr(servicer, m.name),
+            request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in methods
+    }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def build_grpc_server(service: RetrievalService, host: str, port: int, *, api_key: str | None = None,
-                      tls: tuple[bytes, bytes] | None = None, max_message_bytes: int = 16 << 20
-                      ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+def build_grpc_server(
+    service: RetrievalService,
+    host: str,
+    port: int,
+    *,
+    api_key: str | None = None,
+    tls: tuple[bytes, bytes] | None = None,
+    max_message_bytes: int = 16 << 20,
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """(server not yet started, its health servicer, the bound port). ``tls``: (key PEM, cert PEM)."""
     server = grpc.aio.server(
         interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
-        options=[("grpc.max_receive_message_length", max_message_bytes),
-                 ("grpc.max_send_message_length", max_message_bytes),
-                 ("grpc.so_reuseport", 0)])
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
     _add_servicer(RetrievalServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         if tls is not None:

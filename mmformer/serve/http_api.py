@@ -80,8 +80,9 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise InvalidArgument(f"not valid UTF-8 (byte 0x{body[e.start]:02x} at offset {e.start}; JSON bodies are "
-                              f"UTF-8)", "body") from None
+        raise InvalidArgument(
+            f"not valid UTF-8 (byte 0x{body[e.start]:02x} at offset {e.start}; JSON bodies are UTF-8)", "body"
+        ) from None
     try:
         data = json.loads(text)
     except RecursionError:
@@ -121,8 +122,7 @@ class _ErrorResponse(JSONResponse):
 
 
 def build_app(service: RetrievalService, *, api_key: str | None = None, max_body_bytes: int = 16 << 20) -> FastAPI:
-    app = FastAPI(title="mmformer retrieval", docs_url=None, redoc_url=None, openapi_url=None,
-                  redirect_slashes=False)
+    app = FastAPI(title="mmformer retrieval", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     expected = f"Bearer {api_key}".encode() if api_key else None
     page = PAGE.read_bytes()
 
@@ -131,8 +131,9 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
             return
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, expected):
-            raise Unauthenticated("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                                  "Authorization")
+            raise Unauthenticated(
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>'", "Authorization"
+            )
 
     def deadline(request: Request) -> float | None:
         raw = request.headers.get("x-timeout-ms")
@@ -143,22 +144,23 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
         except ValueError:
             ms = math.nan
         if not (math.isfinite(ms) and ms > 0):
-            raise InvalidArgument(f"expected a finite positive number of milliseconds, got {raw[:40]!r}",
-                                  "X-Timeout-Ms")
+            raise InvalidArgument(
+                f"expected a finite positive number of milliseconds, got {raw[:40]!r}", "X-Timeout-Ms"
+            )
         return time.monotonic() + ms / 1000
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise _HttpError(413, "INVALID_ARGUMENT", f"{declared} bytes exceeds the limit of {max_body_bytes} bytes",
-                             "body")
+            raise _HttpError(
+                413, "INVALID_ARGUMENT", f"{declared} bytes exceeds the limit of {max_body_bytes} bytes", "body"
+            )
         chunks, size = [], 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > max_body_bytes:
-                    raise _HttpError(413, "INVALID_ARGUMENT", f"more than the limit of {max_body_bytes} bytes",
-                                     "body")
+                    raise _HttpError(413, "INVALID_ARGUMENT", f"more than the limit of {max_body_bytes} bytes", "body")
                 chunks.append(chunk)
         except ClientDisconnect:
             raise Cancelled(f"the client disconnected after {size} bytes of the body", "body") from None
@@ -167,8 +169,9 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
     async def read_json(request: Request) -> dict[str, Any]:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
-            raise _HttpError(415, "INVALID_ARGUMENT", f"expected application/json, got {ctype or 'none'!r}",
-                             "Content-Type")
+            raise _HttpError(
+                415, "INVALID_ARGUMENT", f"expected application/json, got {ctype or 'none'!r}", "Content-Type"
+            )
         return parse_json_object(await read_body(request))
 
     async def handle(name: str, request: Request, body) -> Response:
@@ -183,15 +186,18 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
             return _error_response(e)
         except Exception as e:  # the process keeps serving
             log.exception("%s failed", name)
-            return _ErrorResponse({"error": {"code": "INTERNAL", "field": "", "message": f"internal error: "
-                                             f"{type(e).__name__}"}}, status_code=500)
+            return _ErrorResponse(
+                {"error": {"code": "INTERNAL", "field": "", "message": f"internal error: {type(e).__name__}"}},
+                status_code=500,
+            )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT"}.get(exc.status_code, "INVALID_ARGUMENT")
-        return _ErrorResponse({"error": {"code": code, "field": "path",
-                                         "message": f"path: {request.url.path}: {exc.detail}"}},
-                              status_code=exc.status_code)
+        return _ErrorResponse(
+            {"error": {"code": code, "field": "path", "message": f"path: {request.url.path}: {exc.detail}"}},
+            status_code=exc.status_code,
+        )
 
     @app.get("/", include_in_schema=False)
     async def index_page() -> Response:
@@ -218,6 +224,7 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
     async def info(request: Request) -> Response:
         async def body():
             return JSONResponse(service.info())
+
         return await handle("Info", request, body)
 
     @app.post("/v1/embed/text")
@@ -229,6 +236,7 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
                 raise InvalidArgument("missing (expected a list of strings)", "texts")
             rows, dropped = await service.embed_text(data["texts"], until)
             return JSONResponse({"embeddings": [r.tolist() for r in rows], "pieces_dropped": dropped})
+
         return await handle("EmbedText", request, body)
 
     @app.post("/v1/embed/image")
@@ -246,6 +254,7 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
                 images = [_b64(v, f"images[{i}]") for i, v in enumerate(raw)]
             rows = await service.embed_image(images, until)
             return JSONResponse({"embeddings": [r.tolist() for r in rows]})
+
         return await handle("EmbedImage", request, body)
 
     @app.post("/v1/search")
@@ -257,9 +266,11 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
             if unknown:
                 raise InvalidArgument("unknown field (expected text, image, index, k)", unknown[0])
             image = _b64(data["image"], "image") if "image" in data else None
-            hits, dropped = await service.search(text=data.get("text"), image=image, index=data.get("index", ""),
-                                                 k=data.get("k", 10), deadline=until)
+            hits, dropped = await service.search(
+                text=data.get("text"), image=image, index=data.get("index", ""), k=data.get("k", 10), deadline=until
+            )
             return JSONResponse({"hits": [hit_record(h) for h in hits], "pieces_dropped": dropped})
+
         return await handle("Search", request, body)
 
     @app.get("/v1/thumbnail/{index}/{item_id:path}")
@@ -273,9 +284,16 @@ def build_app(service: RetrievalService, *, api_key: str | None = None, max_body
         if engine is not None and index in engine.retrievers:
             png = await asyncio.to_thread(engine.thumbnail, index, item_id)
         if png is None:
-            return _ErrorResponse({"error": {"code": "NOT_FOUND", "field": "id",
-                                             "message": f"id: index {index!r} lists no image file {item_id!r}"}},
-                                  status_code=404)
+            return _ErrorResponse(
+                {
+                    "error": {
+                        "code": "NOT_FOUND",
+                        "field": "id",
+                        "message": f"id: index {index!r} lists no image file {item_id!r}",
+                    }
+                },
+                status_code=404,
+            )
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     return app

@@ -45,15 +45,20 @@ class HttpLimits:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) \
-                or self.max_connections < 1:
+        if (
+            isinstance(self.max_connections, bool)
+            or not isinstance(self.max_connections, int)
+            or self.max_connections < 1
+        ):
             raise ValueError(f"max_connections must be a positive integer, got {self.max_connections!r}")
 
 
 def _response(status: int, reason: str, code: str, field: str, message: str) -> bytes:
     body = json.dumps({"error": {"code": code, "field": field, "message": f"{field}: {message}"}}).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: close\r\n\r\n").encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"connection: close\r\n\r\n"
+    ).encode()
     return head + body
 
 
@@ -64,10 +69,20 @@ class HttpGuard:
         self.limits = limits
         self.metrics = metrics
         self._last_limit_warning = -LIMIT_WARNING_EVERY_S
-        self._busy = _response(503, "Service Unavailable", "UNAVAILABLE", "connection",
-                               f"more than {limits.max_connections} open connections; retry later")
-        self._late_body = _response(408, "Request Timeout", "DEADLINE_EXCEEDED", "body",
-                                    f"not received within {limits.body_timeout:g} s of the headers")
+        self._busy = _response(
+            503,
+            "Service Unavailable",
+            "UNAVAILABLE",
+            "connection",
+            f"more than {limits.max_connections} open connections; retry later",
+        )
+        self._late_body = _response(
+            408,
+            "Request Timeout",
+            "DEADLINE_EXCEEDED",
+            "body",
+            f"not received within {limits.body_timeout:g} s of the headers",
+        )
 
     def protocol_class(self, base: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
         """``base`` (a uvicorn HTTP protocol class) that counts connections and marks when each
@@ -97,8 +112,10 @@ class HttpGuard:
         now = time.monotonic()
         if now - self._last_limit_warning >= LIMIT_WARNING_EVERY_S:
             self._last_limit_warning = now
-            log.warning("HTTP: %d connections open, the limit (--max-connections): refusing new ones with 503",
-                        self.limits.max_connections)
+            log.warning(
+                "HTTP: %d connections open, the limit (--max-connections): refusing new ones with 503",
+                self.limits.max_connections,
+            )
 
     def check(self, connections: set[Any], now: float | None = None) -> None:
         """Close every connection past its deadline."""
@@ -118,13 +135,17 @@ class HttpGuard:
                 continue
             waited = now - protocol.mmformer_since
             if phase[0] == "headers" and waited > self.limits.header_timeout:
-                log.debug("HTTP %s: closed, no complete request headers within %g s", _peer(protocol),
-                          self.limits.header_timeout)
+                log.debug(
+                    "HTTP %s: closed, no complete request headers within %g s",
+                    _peer(protocol),
+                    self.limits.header_timeout,
+                )
                 protocol.transport.close()
                 self._count("header_timeout")
             elif phase[0] == "body" and waited > self.limits.body_timeout:
-                log.debug("HTTP %s: closed, the body did not arrive within %g s", _peer(protocol),
-                          self.limits.body_timeout)
+                log.debug(
+                    "HTTP %s: closed, the body did not arrive within %g s", _peer(protocol), self.limits.body_timeout
+                )
                 if not cycle.response_started:
                     protocol.transport.write(self._late_body)
                 protocol.transport.close()

@@ -31,7 +31,6 @@ from mmformer.serve.service import BatchSettings, RetrievalService
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ServeSettings:
     """Everything ``mmformer serve`` takes (see :mod:`mmformer.serve.commands`)."""
@@ -61,9 +60,15 @@ class Server:
 
     def __init__(self, settings: ServeSettings, engine_factory: Callable[[], Engine] | None = None) -> None:
         self.settings = settings
-        self.engine_factory = engine_factory or (lambda: Engine.load(
-            settings.model, settings.indexes, precision=settings.precision, device=settings.device,
-            limits=settings.limits))
+        self.engine_factory = engine_factory or (
+            lambda: Engine.load(
+                settings.model,
+                settings.indexes,
+                precision=settings.precision,
+                device=settings.device,
+                limits=settings.limits,
+            )
+        )
         self.service = RetrievalService(settings.batching)
         self.grpc_port: int | None = None
         self.http_port: int | None = None
@@ -81,7 +86,8 @@ class Server:
                 raise ValueError("TLS needs both --tls-cert and --tls-key")
             tls = (Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())
         self.grpc, self.health, self.grpc_port = build_grpc_server(
-            self.service, s.host, s.grpc_port, api_key=s.api_key, tls=tls, max_message_bytes=s.max_message_bytes)
+            self.service, s.host, s.grpc_port, api_key=s.api_key, tls=tls, max_message_bytes=s.max_message_bytes
+        )
         await set_health(self.health, False)
         await self.grpc.start()
         await self._start_http(tls)
@@ -95,10 +101,18 @@ class Server:
         s = self.settings
         app = build_app(self.service, api_key=s.api_key, max_body_bytes=s.max_message_bytes)
         guard = HttpGuard(s.http_limits, self.service.metrics)
-        config = uvicorn.Config(app, host=s.host, port=s.http_port, log_level="warning", access_log=False,
-                                lifespan="off", ssl_certfile=s.tls_cert if tls else None,
-                                ssl_keyfile=s.tls_key if tls else None, timeout_graceful_shutdown=5,
-                                http=guard.protocol_class(AutoHTTPProtocol))
+        config = uvicorn.Config(
+            app,
+            host=s.host,
+            port=s.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=s.tls_cert if tls else None,
+            ssl_keyfile=s.tls_key if tls else None,
+            timeout_graceful_shutdown=5,
+            http=guard.protocol_class(AutoHTTPProtocol),
+        )
         self.uvicorn = uvicorn.Server(config)
         config.load()
         self.uvicorn.lifespan = config.lifespan_class(config)
@@ -117,8 +131,9 @@ class Server:
     async def _load(self) -> None:
         try:
             engine = await asyncio.to_thread(self.engine_factory)
-            decoder = DecodePool(engine.decode_spec, self.settings.decode_workers,
-                                 max_pending=self.settings.batching.max_queue)
+            decoder = DecodePool(
+                engine.decode_spec, self.settings.decode_workers, max_pending=self.settings.batching.max_queue
+            )
             try:
                 await asyncio.to_thread(decoder.warm)
             except BaseException:
@@ -132,8 +147,9 @@ class Server:
         self.service.set_engine(engine, decoder)
         await set_health(self.health, True)
         self.loaded.set()
-        log.info("ready: %s", ", ".join(f"{n} ({len(r.index)} rows)" for n, r in engine.retrievers.items()) or
-                 "no index")
+        log.info(
+            "ready: %s", ", ".join(f"{n} ({len(r.index)} rows)" for n, r in engine.retrievers.items()) or "no index"
+        )
 
     async def wait_loaded(self) -> None:
         await self.loaded.wait()

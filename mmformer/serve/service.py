@@ -63,8 +63,13 @@ class RetrievalService:
         decodes uploaded images (default: in this process, no worker processes)."""
         b = self.batching
         self.decoder = decoder or DecodePool(engine.decode_spec, workers=0, max_pending=b.max_queue)
-        kw = dict(max_batch_size=b.max_batch_size, max_delay_ms=b.max_delay_ms, max_queue=b.max_queue,
-                  enabled=b.enabled, metrics=self.metrics)
+        kw = dict(
+            max_batch_size=b.max_batch_size,
+            max_delay_ms=b.max_delay_ms,
+            max_queue=b.max_queue,
+            enabled=b.enabled,
+            metrics=self.metrics,
+        )
         self.text_batcher = DynamicBatcher("text", engine.encode_text_batch, self._executor, **kw)
         self.image_batcher = DynamicBatcher("image", engine.encode_image_batch, self._executor, **kw)
         self.text_batcher.start()
@@ -132,8 +137,9 @@ class RetrievalService:
         tensors = await self.decoder.decode(images, "images", max_bytes=engine.limits.max_image_bytes)
         return await self.image_batcher.submit(tensors, deadline)
 
-    async def search(self, *, text: Any = None, image: Any = None, index: Any = "", k: Any = 10,
-                     deadline: float | None = None) -> tuple[list[Hit], int]:
+    async def search(
+        self, *, text: Any = None, image: Any = None, index: Any = "", k: Any = 10, deadline: float | None = None
+    ) -> tuple[list[Hit], int]:
         """(hits, pieces dropped from the text query) for exactly one of ``text`` / ``image``."""
         engine = self._engine()
         if not isinstance(index, str):
@@ -159,6 +165,12 @@ class RetrievalService:
     def info(self) -> dict[str, Any]:
         engine = self._engine()
         b = self.batching
-        return {**engine.info(), "batching": {"enabled": b.enabled, "max_batch_size": b.max_batch_size,
-                                              "max_delay_ms": b.max_delay_ms, "max_queue": b.max_queue}}
-
+        return {
+            **engine.info(),
+            "batching": {
+                "enabled": b.enabled,
+                "max_batch_size": b.max_batch_size,
+                "max_delay_ms": b.max_delay_ms,
+                "max_queue": b.max_queue,
+            },
+        }

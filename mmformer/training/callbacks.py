@@ -59,9 +59,11 @@ class ExportModel(L.Callback):
         if not callable(getattr(pl_module, "export", None)):
             raise TypeError(f"ExportModel needs a module with export(directory); {type(pl_module).__name__} has none")
         if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
-            raise RuntimeError(f"ExportModel writes the model of one process; under {type(trainer.strategy).__name__} "
-                               "each rank holds a part of it: drop the callback and export the checkpoint instead "
-                               "(mmformer export --ckpt CKPT --out DIR)")
+            raise RuntimeError(
+                f"ExportModel writes the model of one process; under {type(trainer.strategy).__name__} "
+                "each rank holds a part of it: drop the callback and export the checkpoint instead "
+                "(mmformer export --ckpt CKPT --out DIR)"
+            )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

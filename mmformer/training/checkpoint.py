@@ -51,8 +51,15 @@ class CheckpointError(ValueError):
 # which resolves only the classes that index is made of.
 _DCP_METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
@@ -80,8 +87,10 @@ def read_dcp_metadata(path: str | os.PathLike):
         with open(f, "rb") as fh:
             metadata = _MetadataUnpickler(fh).load()
     except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
-        raise CheckpointError(f"{f} is corrupt, truncated or not a checkpoint index ({type(e).__name__}: {e}); "
-                              "mmformer only loads checkpoints that hold tensors and plain data") from e
+        raise CheckpointError(
+            f"{f} is corrupt, truncated or not a checkpoint index ({type(e).__name__}: {e}); "
+            "mmformer only loads checkpoints that hold tensors and plain data"
+        ) from e
     from torch.distributed.checkpoint.metadata import Metadata
 
     if not isinstance(metadata, Metadata):
@@ -96,11 +105,14 @@ def safe_torch_load(source: Any, name: str | os.PathLike, **kw: Any) -> Any:
     try:
         return torch.load(source, map_location="cpu", weights_only=True, **kw)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{name} holds Python objects other than tensors and plain data; mmformer loads "
-                              f"checkpoints with weights_only=True and refuses it ({str(e).splitlines()[0]})") from e
+        raise CheckpointError(
+            f"{name} holds Python objects other than tensors and plain data; mmformer loads "
+            f"checkpoints with weights_only=True and refuses it ({str(e).splitlines()[0]})"
+        ) from e
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{name} is corrupt or truncated ({type(e).__name__}: {e}); "
-                              "delete it and resume from an earlier checkpoint") from e
+        raise CheckpointError(
+            f"{name} is corrupt or truncated ({type(e).__name__}: {e}); delete it and resume from an earlier checkpoint"
+        ) from e
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
@@ -121,8 +133,10 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
         _check_sharded(path)
         return path
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted write? "
-                              "Delete it and resume from an earlier checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes): an interrupted write? "
+            "Delete it and resume from an earlier checkpoint"
+        )
     ckpt = safe_torch_load(path, f"checkpoint {path}", mmap=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
@@ -133,8 +147,10 @@ def _check_sharded(path: Path) -> None:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     if not (path / DCP_METADATA).is_file():
-        raise CheckpointError(f"{path} is a folder but not a sharded checkpoint: no {DCP_METADATA} index "
-                              "(an interrupted save leaves a '.NAME.tmp-*' folder instead)")
+        raise CheckpointError(
+            f"{path} is a folder but not a sharded checkpoint: no {DCP_METADATA} index "
+            "(an interrupted save leaves a '.NAME.tmp-*' folder instead)"
+        )
     if not (path / META_NAME).is_file():
         raise CheckpointError(f"sharded checkpoint {path} has no {META_NAME} (Lightning's loop/optimizer state)")
     meta = safe_torch_load(path / META_NAME, path / META_NAME)
@@ -152,16 +168,20 @@ def _check_sharded(path: Path) -> None:
         if not f.is_file():
             raise CheckpointError(f"sharded checkpoint {path}: shard file {name} is missing")
         if f.stat().st_size < end:
-            raise CheckpointError(f"sharded checkpoint {path}: shard file {name} is truncated "
-                                  f"({f.stat().st_size} bytes, the index needs {end})")
+            raise CheckpointError(
+                f"sharded checkpoint {path}: shard file {name} is truncated "
+                f"({f.stat().st_size} bytes, the index needs {end})"
+            )
     # non-tensor entries (optimizer hyper-parameters...) are torch.save'd bytes that torch's
     # distributed loader reads with weights_only=False: each must load with weights_only=True
     for key, info in (index.storage_data or {}).items():
         if not isinstance(index.state_dict_metadata.get(key.fqn), BytesStorageMetadata):
             continue
         if info.transform_descriptors:
-            raise CheckpointError(f"sharded checkpoint {path}: entry {key.fqn!r} is stored with transforms "
-                                  f"{list(info.transform_descriptors)}, which mmformer does not read")
+            raise CheckpointError(
+                f"sharded checkpoint {path}: entry {key.fqn!r} is stored with transforms "
+                f"{list(info.transform_descriptors)}, which mmformer does not read"
+            )
         with open(path / str(info.relative_path), "rb") as fh:
             fh.seek(info.offset)
             raw = fh.read(info.length)
@@ -216,8 +236,9 @@ class ExactResume(pl.Callback):
             if isinstance(loader, ResumableShardLoader):
                 loader.set_epoch(trainer.current_epoch)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         for loader in _train_loaders(trainer):
             loader.batches_done = batch_idx + 1
 
@@ -241,8 +262,13 @@ def _train_loaders(trainer: pl.Trainer) -> list[ResumableDataLoader | ResumableS
     loaders = trainer.train_dataloader
     if loaders is None:
         return []
-    flat = loaders if isinstance(loaders, (list, tuple)) else \
-        list(loaders.values()) if isinstance(loaders, dict) else [loaders]
+    flat = (
+        loaders
+        if isinstance(loaders, (list, tuple))
+        else list(loaders.values())
+        if isinstance(loaders, dict)
+        else [loaders]
+    )
     return [dl for dl in flat if isinstance(dl, (ResumableDataLoader, ResumableShardLoader))]
 
 
@@ -300,18 +326,22 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, overwrite
     """
     out = Path(out)
     if not overwrite and (out.is_file() or out.is_dir() and any(out.iterdir())):
-        raise CheckpointError(f"{out} already exists and is not empty (a model folder?); pass overwrite=True "
-                              "(--overwrite) to replace it, or choose another --out")
+        raise CheckpointError(
+            f"{out} already exists and is not empty (a model folder?); pass overwrite=True "
+            "(--overwrite) to replace it, or choose another --out"
+        )
     state, extra = load_checkpoint_state_dict(path)
     info = extra.get("mmformer")
     if isinstance(info, dict) and "config" in info:
         tok = Tokenizer(info["tokenizer"]) if info.get("tokenizer") else None
         model = MMFormer(ModelConfig.from_dict(info["config"], source=f"{path}: mmformer.config"), tok)
     else:
-        raise CheckpointError(f"{path}: no 'mmformer' entry (model config and tokenizer) in the checkpoint; "
-                              "was it written by mmformer.training.module.MMFormerModule?")
+        raise CheckpointError(
+            f"{path}: no 'mmformer' entry (model config and tokenizer) in the checkpoint; "
+            "was it written by mmformer.training.module.MMFormerModule?"
+        )
     prefix = "model."
-    model_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    model_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     model.load_state_dict_checked(model_state, source=str(path))
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

@@ -96,24 +96,43 @@ class ImageTextDataModule(pl.LightningDataModule):
             concepts of their own image), else whole images.
     """
 
-    def __init__(self, data_dir: str | None = None, train_manifest: str | None = None,
-                 val_manifest: str | None = None, test_manifest: str | None = None,
-                 shards: str | None = None, image_size: int = 64, batch_size: int = 128,
-                 num_workers: int = 0, max_length: int = 16, caption_mode: CaptionMode = "name",
-                 tokenizer_path: str | None = None, image_col: str = "image", caption_col: str = "caption",
-                 shuffle_buffer: int = 1000, shard_epoch_size: int | None = None,
-                 hflip: bool = False, augment: bool = True, cache_dir: str | None = None,
-                 seed: int = 0, image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                 max_skipped_fraction: float = 1.0, augment_args: dict[str, Any] | None = None,
-                 val_fraction: float = 0.0, concept_col: str = "concept") -> None:
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        train_manifest: str | None = None,
+        val_manifest: str | None = None,
+        test_manifest: str | None = None,
+        shards: str | None = None,
+        image_size: int = 64,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        max_length: int = 16,
+        caption_mode: CaptionMode = "name",
+        tokenizer_path: str | None = None,
+        image_col: str = "image",
+        caption_col: str = "caption",
+        shuffle_buffer: int = 1000,
+        shard_epoch_size: int | None = None,
+        hflip: bool = False,
+        augment: bool = True,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        max_skipped_fraction: float = 1.0,
+        augment_args: dict[str, Any] | None = None,
+        val_fraction: float = 0.0,
+        concept_col: str = "concept",
+    ) -> None:
         super().__init__()
         if not max_skipped_fraction > 0:
             raise ValueError(f"max_skipped_fraction must be > 0, got {max_skipped_fraction}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         #: the training augmentation's settings (every key of AUGMENT_DEFAULTS), checked
-        self.augment_settings = augment_args_of({"hflip": hflip, **(augment_args or {})}, "ImageTextDataModule augment_args")
+        self.augment_settings = augment_args_of(
+            {"hflip": hflip, **(augment_args or {})}, "ImageTextDataModule augment_args"
+        )
         self._epoch_skips: dict[int, list[int]] = {}  # epoch -> [samples seen, samples skipped]
         self.save_hyperparameters()
         self.tokenizer: Tokenizer | None = _load_tokenizer(tokenizer_path) if tokenizer_path else None
@@ -147,8 +166,11 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets ``stage`` needs (``fit``: train + val; ``validate``; ``test``)."""
-        if self._holds_out_val() and (self.train_dataset is None or self.val_dataset is None) \
-                and stage in (None, "fit", "validate"):
+        if (
+            self._holds_out_val()
+            and (self.train_dataset is None or self.val_dataset is None)
+            and stage in (None, "fit", "validate")
+        ):
             self.train_dataset, self.val_dataset = self._held_out_split()
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self._train_dataset()
@@ -161,28 +183,42 @@ class ImageTextDataModule(pl.LightningDataModule):
         """The in-memory emoji dataset of one split."""
         hp = self.hparams
         data = EmojiData.load(hp.data_dir or default_data_dir(), split, hp.image_size, cache_dir=hp.cache_dir)
-        return InMemoryImageText(data, train=train, caption_mode=hp.caption_mode if train else "name",
-                                 mean=hp.image_mean, std=hp.image_std, augment=hp.augment,
-                                 augment_args=self.augment_settings)
+        return InMemoryImageText(
+            data,
+            train=train,
+            caption_mode=hp.caption_mode if train else "name",
+            mean=hp.image_mean,
+            std=hp.image_std,
+            augment=hp.augment,
+            augment_args=self.augment_settings,
+        )
 
     def _manifest(self, path: str, train: bool) -> ImageTextManifest:
         """A manifest dataset with the train or eval transform."""
         hp = self.hparams
         transform = self._transform(train)
-        return ImageTextManifest(self._path(path), image_col=hp.image_col, caption_col=hp.caption_col,
-                                 transform=transform)
+        return ImageTextManifest(
+            self._path(path), image_col=hp.image_col, caption_col=hp.caption_col, transform=transform
+        )
 
     def _transform(self, train: bool):
         """The PIL -> tensor pipeline for manifests and shards (the eval one for training without ``augment``)."""
         hp = self.hparams
-        return build_transforms(hp.image_size, train and hp.augment, hp.image_mean, hp.image_std, **self.augment_settings)
+        return build_transforms(
+            hp.image_size, train and hp.augment, hp.image_mean, hp.image_std, **self.augment_settings
+        )
 
     def _train_dataset(self) -> Dataset:
         hp = self.hparams
         if hp.shards is not None:
-            return ShardDataset(hp.shards, transform=self._transform(True),
-                                train=True, shuffle=hp.shuffle_buffer, seed=hp.seed,
-                                epoch_size=hp.shard_epoch_size)
+            return ShardDataset(
+                hp.shards,
+                transform=self._transform(True),
+                train=True,
+                shuffle=hp.shuffle_buffer,
+                seed=hp.seed,
+                epoch_size=hp.shard_epoch_size,
+            )
         if hp.train_manifest is not None:
             return self._manifest(hp.train_manifest, train=True)
         return self._emoji("train", train=True)
@@ -190,8 +226,7 @@ class ImageTextDataModule(pl.LightningDataModule):
     def _holds_out_val(self) -> bool:
         """True when the validation set is held out of the training manifest."""
         hp = self.hparams
-        return (hp.shards is None and hp.train_manifest is not None and hp.val_manifest is None
-                and hp.val_fraction > 0)
+        return hp.shards is None and hp.train_manifest is not None and hp.val_manifest is None and hp.val_fraction > 0
 
     def _held_out_split(self) -> tuple[Dataset, Dataset | None]:
         """(train, val) from the training manifest: ``val_fraction`` of its concepts (or images)
@@ -209,17 +244,20 @@ class ImageTextDataModule(pl.LightningDataModule):
         groups = sorted(set(keys))
         what = "concepts" if by_concept else "images"
         if len(groups) < 2:
-            log.warning("%s: one %s only, no validation set held out (give data.val_manifest)", hp.train_manifest,
-                        what[:-1])
+            log.warning(
+                "%s: one %s only, no validation set held out (give data.val_manifest)", hp.train_manifest, what[:-1]
+            )
             return train, None
         n_val = min(len(groups) - 1, max(1, round(hp.val_fraction * len(groups))))
         held = set(random.Random(hp.seed).sample(groups, n_val))
         val_items = [i for i, k in enumerate(keys) if k in held]
         train_items = [i for i, k in enumerate(keys) if k not in held]
-        rank_zero_info(f"validation: {n_val} of {len(groups)} {what} ({len(val_items)} of {len(keys)} captions) of "
-                       f"{hp.train_manifest} held out (data.val_fraction={hp.val_fraction}"
-                       + (f", by its {hp.concept_col!r} column" if by_concept else "")
-                       + "; give data.val_manifest to choose them)")
+        rank_zero_info(
+            f"validation: {n_val} of {len(groups)} {what} ({len(val_items)} of {len(keys)} captions) of "
+            f"{hp.train_manifest} held out (data.val_fraction={hp.val_fraction}"
+            + (f", by its {hp.concept_col!r} column" if by_concept else "")
+            + "; give data.val_manifest to choose them)"
+        )
         val = self._manifest(hp.train_manifest, train=False)
         return Subset(train, train_items), Subset(val, val_items)
 
@@ -233,21 +271,28 @@ class ImageTextDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         """DataLoader with skip-and-count collation; shard datasets are not re-shuffled."""
         if dataset is None:
-            raise RuntimeError("no training data: give train_manifest, shards, or use the emoji data "
-                               "(and call setup('fit') first)")
+            raise RuntimeError(
+                "no training data: give train_manifest, shards, or use the emoji data (and call setup('fit') first)"
+            )
         if self.tokenizer is None:
-            raise RuntimeError("ImageTextDataModule has no tokenizer: pass tokenizer_path or call "
-                               "set_tokenizer(tok) before the loaders are built")
+            raise RuntimeError(
+                "ImageTextDataModule has no tokenizer: pass tokenizer_path or call "
+                "set_tokenizer(tok) before the loaders are built"
+            )
         hp = self.hparams
         iterable = isinstance(dataset, ShardDataset)
         if not iterable and not isinstance(dataset, InMemoryImageText):
             dataset = SkipCorrupt(dataset)  # CorruptSample -> Skipped marker, inside the worker
         n = None if iterable else len(dataset)
-        kwargs = dict(batch_size=hp.batch_size, num_workers=hp.num_workers,
-                      drop_last=train and n is not None and n >= hp.batch_size,
-                      collate_fn=ImageTextCollator(self.tokenizer, hp.max_length, hp.image_size,
-                                                   getattr(dataset, "batch_transform", None)),
-                      persistent_workers=hp.num_workers > 0)
+        kwargs = dict(
+            batch_size=hp.batch_size,
+            num_workers=hp.num_workers,
+            drop_last=train and n is not None and n >= hp.batch_size,
+            collate_fn=ImageTextCollator(
+                self.tokenizer, hp.max_length, hp.image_size, getattr(dataset, "batch_transform", None)
+            ),
+            persistent_workers=hp.num_workers > 0,
+        )
         if train and not iterable:  # seeded order that a mid-epoch checkpoint can continue exactly
             ranks = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
             sampler = ResumableSampler(dataset, shuffle=True, seed=hp.seed, **(ranks or {}))
@@ -266,10 +311,16 @@ class ImageTextDataModule(pl.LightningDataModule):
         if n_batches < MIN_BATCHES_PER_EPOCH:
             bs = self.hparams.batch_size
             suggest = max(2, n_samples // MIN_BATCHES_PER_EPOCH)
-            log.warning("%d training samples at data.batch_size=%d make %d batch(es) an epoch (fewer than %d): "
-                        "settings counted in epochs (check_val_every_n_epoch, max_epochs) pass in very few steps; "
-                        "lower the batch size (e.g. --data.batch_size %d) or add rows", n_samples, bs, n_batches,
-                        MIN_BATCHES_PER_EPOCH, suggest)
+            log.warning(
+                "%d training samples at data.batch_size=%d make %d batch(es) an epoch (fewer than %d): "
+                "settings counted in epochs (check_val_every_n_epoch, max_epochs) pass in very few steps; "
+                "lower the batch size (e.g. --data.batch_size %d) or add rows",
+                n_samples,
+                bs,
+                n_batches,
+                MIN_BATCHES_PER_EPOCH,
+                suggest,
+            )
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
@@ -307,9 +358,11 @@ class ImageTextDataModule(pl.LightningDataModule):
         limit = math.ceil(frac * (per_epoch if per_epoch is not None and not ended else seen))
         if skipped and frac <= 1 and skipped >= max(1, limit):
             e = f" (e.g. {example[0]})" if example else ""
-            raise TooManySkipped(f"epoch {epoch}: {skipped} of {per_epoch or seen} training samples were skipped as "
-                                 f"corrupt{e}; at least max_skipped_fraction={frac} of an epoch stops the fit "
-                                 "(set data.max_skipped_fraction above 1 to go on anyway)")
+            raise TooManySkipped(
+                f"epoch {epoch}: {skipped} of {per_epoch or seen} training samples were skipped as "
+                f"corrupt{e}; at least max_skipped_fraction={frac} of an epoch stops the fit "
+                "(set data.max_skipped_fraction above 1 to go on anyway)"
+            )
 
     def skipped_summary(self, stage: str | None = None) -> str:
         """Skipped samples since the start, e.g. ``"train: skipped 2 corrupt samples (e.g. a.png:
@@ -320,8 +373,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         ``datamodule.skip_stats[stage].update(batch)`` called by the LightningModule).
         """
         stages = _STAGES if stage is None else (stage,)
-        lines = [f"{s}: {self.skip_stats[s].summary(period=False)}" for s in stages
-                 if self.skip_stats[s].total]
+        lines = [f"{s}: {self.skip_stats[s].summary(period=False)}" for s in stages if self.skip_stats[s].total]
         return "\n".join(lines)
 
 
@@ -370,8 +422,7 @@ class SkippedSamplesCallback(pl.Callback):
     def _report(self, trainer: pl.Trainer, stage: str) -> None:
         stats = self._stats(trainer, stage)
         if stats.count:
-            log.warning("%s epoch %d (rank %d): %s", stage, trainer.current_epoch, trainer.global_rank,
-                        stats.summary())
+            log.warning("%s epoch %d (rank %d): %s", stage, trainer.current_epoch, trainer.global_rank, stats.summary())
         stats.reset()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
@@ -417,12 +468,20 @@ class NeedleDataModule(pl.LightningDataModule):
     collator over in ``setup`` (:meth:`set_document_collator`, as :class:`LongDocModule` does).
     """
 
-    def __init__(self, root: str | None = None, prose: str | None = None,
-                 lengths: Sequence[int] = (14, 64, 128, 256, 512, 1024), val_length: int = 512,
-                 batch_size: int = 64, num_workers: int = 0, image_size: int = 64,
-                 max_chunks: int | None = None, seed: int = 0,
-                 image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> None:
+    def __init__(
+        self,
+        root: str | None = None,
+        prose: str | None = None,
+        lengths: Sequence[int] = (14, 64, 128, 256, 512, 1024),
+        val_length: int = 512,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        image_size: int = 64,
+        max_chunks: int | None = None,
+        seed: int = 0,
+        image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer: SentencePieceTokenizer | None = None
@@ -437,15 +496,17 @@ class NeedleDataModule(pl.LightningDataModule):
         """Chunk documents with ``collator``'s tokenizer, window and stride (the model's
         :meth:`~mmformer.model.MMFormer.document_collator`), under this data module's
         ``max_chunks`` cap (over it: an error)."""
-        self.document_collator = DocumentCollator(collator.tokenizer, collator.length, collator.stride,
-                                                  max_chunks=self.hparams.max_chunks, overflow="error")
+        self.document_collator = DocumentCollator(
+            collator.tokenizer, collator.length, collator.stride, max_chunks=self.hparams.max_chunks, overflow="error"
+        )
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None and self.trainer is not None:  # Lightning sets up data before the module
             self.tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
         if self.tokenizer is None:
-            raise RuntimeError("NeedleDataModule needs a tokenizer: call set_tokenizer or attach it to a Trainer "
-                               "whose module has one")
+            raise RuntimeError(
+                "NeedleDataModule needs a tokenizer: call set_tokenizer or attach it to a Trainer whose module has one"
+            )
         if self.train_ds is not None:
             return
         hp = self.hparams
@@ -454,24 +515,43 @@ class NeedleDataModule(pl.LightningDataModule):
         train = EmojiData.load(root, "train", hp.image_size)
         val = EmojiData.load(root, "val", hp.image_size)
         norm = dict(mean=hp.image_mean, std=hp.image_std)
-        self.train_ds = NeedleDataset(train.images, train.captions, self.tokenizer, filler, hp.lengths,
-                                      train.concept_ids, seed=hp.seed, **norm)
-        self.val_ds = NeedleDataset(val.images, val.captions, self.tokenizer, filler, [hp.val_length],
-                                    val.concept_ids, seed=hp.seed + 1, fixed=True, **norm)
+        self.train_ds = NeedleDataset(
+            train.images, train.captions, self.tokenizer, filler, hp.lengths, train.concept_ids, seed=hp.seed, **norm
+        )
+        self.val_ds = NeedleDataset(
+            val.images,
+            val.captions,
+            self.tokenizer,
+            filler,
+            [hp.val_length],
+            val.concept_ids,
+            seed=hp.seed + 1,
+            fixed=True,
+            **norm,
+        )
 
     def _collate(self) -> NeedleCollator:
         """Chunking as the model will chunk at inference (its window, stride), cap as configured."""
         if self.document_collator is None:
-            raise RuntimeError("NeedleDataModule's loaders chunk documents as the model does: call "
-                               "set_document_collator(model.document_collator()) or train with a LongDocModule, "
-                               "which hands its collator over in setup")
+            raise RuntimeError(
+                "NeedleDataModule's loaders chunk documents as the model does: call "
+                "set_document_collator(model.document_collator()) or train with a LongDocModule, "
+                "which hands its collator over in setup"
+            )
         return NeedleCollator(self.document_collator)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_ds, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.hparams.num_workers, collate_fn=self._collate(),
-                          persistent_workers=self.hparams.num_workers > 0)
+        return DataLoader(
+            self.train_ds,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self._collate(),
+            persistent_workers=self.hparams.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_ds, batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=0, collate_fn=self._collate())
+        return DataLoader(
+            self.val_ds, batch_size=self.hparams.batch_size, shuffle=False, num_workers=0, collate_fn=self._collate()
+        )

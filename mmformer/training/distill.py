@@ -55,8 +55,9 @@ class TeacherOutput:
     cached: float = 0.0
 
 
-def cached_rows(store: dict[Hashable, torch.Tensor], keys: Sequence[Hashable],
-                compute: Callable[[list[int]], torch.Tensor]) -> tuple[torch.Tensor, int]:
+def cached_rows(
+    store: dict[Hashable, torch.Tensor], keys: Sequence[Hashable], compute: Callable[[list[int]], torch.Tensor]
+) -> tuple[torch.Tensor, int]:
     """(B, E) rows for ``keys`` from ``store``, and how many of the B came from it. Keys not in
     ``store`` are computed once each: ``compute(rows)`` gets the batch rows of their first
     occurrence and returns their (M, E) values, which are stored."""
@@ -126,23 +127,40 @@ class DistillModule(MMFormerModule):
 
     progress_bar_logs = ("loss_affinity",)
 
-    def __init__(self, teacher: str | MMFormer, affinity_weight: float = 1.0, feature_weight: float = 1.0,
-                 interactive_weight: float = 0.0, clip_weight: float = 1.0, teacher_precision: str = "auto",
-                 cache_teacher: bool = True, inherit: bool = False, tokenizer: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        teacher: str | MMFormer,
+        affinity_weight: float = 1.0,
+        feature_weight: float = 1.0,
+        interactive_weight: float = 0.0,
+        clip_weight: float = 1.0,
+        teacher_precision: str = "auto",
+        cache_teacher: bool = True,
+        inherit: bool = False,
+        tokenizer: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         if teacher_precision not in TEACHER_PRECISIONS:
             raise ValueError(f"teacher_precision={teacher_precision!r} must be one of {TEACHER_PRECISIONS}")
-        weights = {"clip_weight": clip_weight, "affinity_weight": affinity_weight,
-                   "feature_weight": feature_weight, "interactive_weight": interactive_weight}
+        weights = {
+            "clip_weight": clip_weight,
+            "affinity_weight": affinity_weight,
+            "feature_weight": feature_weight,
+            "interactive_weight": interactive_weight,
+        }
         if min(weights.values()) < 0 or not max(weights.values()) > 0:
             raise ValueError(f"loss weights {weights} must be >= 0, one of them > 0")
         if int(kwargs.get("contrastive_accum", 1)) != 1:
-            raise ValueError(f"contrastive_accum={kwargs['contrastive_accum']}: DistillModule does not support "
-                             "contrastive accumulation (its loss needs the teacher's embeddings of every micro-batch); "
-                             "accumulate with the Trainer's accumulate_grad_batches instead")
+            raise ValueError(
+                f"contrastive_accum={kwargs['contrastive_accum']}: DistillModule does not support "
+                "contrastive accumulation (its loss needs the teacher's embeddings of every micro-batch); "
+                "accumulate with the Trainer's accumulate_grad_batches instead"
+            )
         if inherit and kwargs.get("pretrained") is not None:
-            raise ValueError("inherit=true starts the student from the teacher's weights; it can't also start "
-                             f"from pretrained={kwargs['pretrained']!r}")
+            raise ValueError(
+                "inherit=true starts the student from the teacher's weights; it can't also start "
+                f"from pretrained={kwargs['pretrained']!r}"
+            )
         if isinstance(teacher, MMFormer):
             teacher_model = teacher.eval().requires_grad_(False)
             teacher = in_memory_name(teacher_model)  # what save_hyperparameters (in the parent) records
@@ -155,11 +173,16 @@ class DistillModule(MMFormerModule):
         object.__setattr__(self, "_teacher", teacher_model)
         s, t = self.model.config, teacher_model.config
         if inherit:
-            if self.model.tokenizer is None or teacher_model.tokenizer is None or \
-                    self.model.tokenizer._proto != teacher_model.tokenizer._proto:
-                raise ValueError(f"inherit=true: the student's tokenizer is not the teacher's "
-                                 f"({teacher}/{TOKENIZER_NAME}); inherited token embeddings need the same token "
-                                 "ids (leave tokenizer unset)")
+            if (
+                self.model.tokenizer is None
+                or teacher_model.tokenizer is None
+                or self.model.tokenizer._proto != teacher_model.tokenizer._proto
+            ):
+                raise ValueError(
+                    f"inherit=true: the student's tokenizer is not the teacher's "
+                    f"({teacher}/{TOKENIZER_NAME}); inherited token embeddings need the same token "
+                    "ids (leave tokenizer unset)"
+                )
             inherit_weights(self.model, teacher_model)
         needs_projection = (feature_weight or interactive_weight) and s.embed_dim != t.embed_dim
         self.feature_projection = FeatureProjection(s.embed_dim, t.embed_dim) if needs_projection else None
@@ -167,8 +190,12 @@ class DistillModule(MMFormerModule):
         self._teacher_dtype: torch.dtype | None = None
         self._teacher_dtype_ready = False
         self._warned_no_index = False
-        log.info("distilling from %s (%d parameters) into a student of %d parameters", teacher,
-                 teacher_model.num_parameters(), self.model.num_parameters())
+        log.info(
+            "distilling from %s (%d parameters) into a student of %d parameters",
+            teacher,
+            teacher_model.num_parameters(),
+            self.model.num_parameters(),
+        )
 
     @property
     def teacher(self) -> MMFormer:
@@ -191,21 +218,28 @@ class DistillModule(MMFormerModule):
         augment = getattr(dm, "augment", None)
         if augment is False:
             self.teacher_cache = TeacherCache(images=True)
-            log.info("teacher cache: image embeddings by sample (the training images are not augmented), "
-                     "caption embeddings by text")
+            log.info(
+                "teacher cache: image embeddings by sample (the training images are not augmented), "
+                "caption embeddings by text"
+            )
             return
         self.teacher_cache = TeacherCache(images=False)
         why = "are augmented (data.augment=true)" if augment else "may be augmented (the data module does not say)"
-        log.info("teacher cache: image embeddings are not cached, the training images %s: the teacher embeds "
-                 "every batch's images; caption embeddings are cached by text", why)
+        log.info(
+            "teacher cache: image embeddings are not cached, the training images %s: the teacher embeds "
+            "every batch's images; caption embeddings are cached by text",
+            why,
+        )
 
     def configure_model(self) -> None:
         """One process or DDP only: under ``ShardedStrategy`` / ``PipelineStrategy`` (a device mesh)
         the feature projection, outside the sharded model, would not be synchronised and the
         distillation terms gather over every rank, not the data-parallel group."""
         if self.device_mesh is not None:
-            raise ValueError("DistillModule runs on one process or under DDP; ShardedStrategy and PipelineStrategy "
-                             "(FSDP2, tensor or pipeline parallelism) are not supported")
+            raise ValueError(
+                "DistillModule runs on one process or under DDP; ShardedStrategy and PipelineStrategy "
+                "(FSDP2, tensor or pipeline parallelism) are not supported"
+            )
         super().configure_model()
 
     def on_fit_start(self) -> None:
@@ -219,8 +253,13 @@ class DistillModule(MMFormerModule):
         trainer_precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         if choice == "auto":
             bf16 = trainer_precision.startswith("bf16") or has_native_bf16(self.device)
-            reason = (f"the Trainer runs {trainer_precision}" if trainer_precision.startswith("bf16") else
-                      "native bf16 matmuls on this device" if bf16 else "no native bf16 matmuls on this device")
+            reason = (
+                f"the Trainer runs {trainer_precision}"
+                if trainer_precision.startswith("bf16")
+                else "native bf16 matmuls on this device"
+                if bf16
+                else "no native bf16 matmuls on this device"
+            )
             choice = "bf16" if bf16 else "fp32"
             log.info("teacher precision auto -> %s (%s)", choice, reason)
         self._teacher_dtype = torch.bfloat16 if choice == "bf16" else None
@@ -243,8 +282,9 @@ class DistillModule(MMFormerModule):
         view = (1, 3, 1, 1)
         pixels = images.float() * images.new_tensor(s.image_std).view(view) + images.new_tensor(s.image_mean).view(view)
         if s.image_size != t.image_size:
-            pixels = F.interpolate(pixels, size=(t.image_size, t.image_size), mode="bilinear", antialias=True,
-                                   align_corners=False)
+            pixels = F.interpolate(
+                pixels, size=(t.image_size, t.image_size), mode="bilinear", antialias=True, align_corners=False
+            )
         return (pixels - pixels.new_tensor(t.image_mean).view(view)) / pixels.new_tensor(t.image_std).view(view)
 
     def _teacher_tokens(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,12 +294,15 @@ class DistillModule(MMFormerModule):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         s_tok, t_tok = self.model.tokenizer, self.teacher.tokenizer
         same = (s_tok is None and t_tok is None) or (
-            s_tok is not None and t_tok is not None and s_tok._proto == t_tok._proto)
+            s_tok is not None and t_tok is not None and s_tok._proto == t_tok._proto
+        )
         if same and ids.shape[1] <= self.teacher.config.context_length:
             return ids, mask
         if t_tok is None:
-            raise ValueError(f"the teacher tokenizes differently from the student but it ({self.hparams.teacher}) "
-                             f"has no {TOKENIZER_NAME}")
+            raise ValueError(
+                f"the teacher tokenizes differently from the student but it ({self.hparams.teacher}) "
+                f"has no {TOKENIZER_NAME}"
+            )
         if "captions" not in batch:
             raise ValueError("the teacher tokenizes differently from the student: batches need their 'captions'")
         t_ids, t_mask = t_tok(list(batch["captions"]), max_length=self.teacher.config.context_length)
@@ -286,14 +329,17 @@ class DistillModule(MMFormerModule):
             t_img, hits = cached_rows(cache.images, indices.tolist(), lambda rows: self._encode_images(images[rows]))
         else:
             if cache is not None and cache.cache_images and not self._warned_no_index:
-                log.warning("teacher cache: a batch without sample indices (shards give -1); its images are embedded "
-                            "without the cache")
+                log.warning(
+                    "teacher cache: a batch without sample indices (shards give -1); its images are embedded "
+                    "without the cache"
+                )
                 self._warned_no_index = True
             t_img = self._encode_images(images)
         ids, mask = self._teacher_tokens(batch)
         if cache is not None and "captions" in batch:
-            t_txt, _ = cached_rows(cache.texts, list(batch["captions"]),
-                                   lambda rows: self._encode_texts(ids[rows], mask[rows]))
+            t_txt, _ = cached_rows(
+                cache.texts, list(batch["captions"]), lambda rows: self._encode_texts(ids[rows], mask[rows])
+            )
         else:
             t_txt = self._encode_texts(ids, mask)
         t = self.teacher
@@ -301,8 +347,9 @@ class DistillModule(MMFormerModule):
         return TeacherOutput(t_img, t_txt, scale, cached=hits / max(b, 1))
 
     # ---- the loss ------------------------------------------------------------------------
-    def loss_terms(self, out: dict[str, torch.Tensor], teacher: TeacherOutput | None,
-                   positives: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def loss_terms(
+        self, out: dict[str, torch.Tensor], teacher: TeacherOutput | None, positives: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """The unweighted terms whose weight is not 0, by name (``clip``, ``affinity``, ``feature``,
         ``interactive``) from the student's forward output ``out`` and the teacher's embeddings."""
         hp = self.hparams
@@ -316,16 +363,20 @@ class DistillModule(MMFormerModule):
             raise ValueError("distillation terms need the teacher's embeddings")
         proj = self.feature_projection
         if hp.affinity_weight:
-            terms["affinity"] = affinity_distill_loss(img, txt, scale, teacher.image_embeds, teacher.text_embeds,
-                                                      teacher.logit_scale)
+            terms["affinity"] = affinity_distill_loss(
+                img, txt, scale, teacher.image_embeds, teacher.text_embeds, teacher.logit_scale
+            )
         if hp.feature_weight:
-            terms["feature"] = (feature_distill_loss(img, teacher.image_embeds, proj)
-                                + feature_distill_loss(txt, teacher.text_embeds, proj)) / 2
+            terms["feature"] = (
+                feature_distill_loss(img, teacher.image_embeds, proj)
+                + feature_distill_loss(txt, teacher.text_embeds, proj)
+            ) / 2
         if hp.interactive_weight:
             img_t = F.normalize(proj(img), dim=-1) if proj is not None else img
             txt_t = F.normalize(proj(txt), dim=-1) if proj is not None else txt
-            terms["interactive"] = interactive_contrastive_loss(img_t, txt_t, teacher.image_embeds,
-                                                                teacher.text_embeds, scale, positives)
+            terms["interactive"] = interactive_contrastive_loss(
+                img_t, txt_t, teacher.image_embeds, teacher.text_embeds, scale, positives
+            )
         return terms
 
     def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -336,8 +387,9 @@ class DistillModule(MMFormerModule):
         teacher = self.teacher_outputs(batch) if self.uses_teacher else None
         terms = self.loss_terms(out, teacher, positives)
         loss = sum(self.hparams[f"{name}_weight"] * value for name, value in terms.items())
-        logs = {f"loss_{self.hparams.loss if name == 'clip' else name}": value.detach()
-                for name, value in terms.items()}
+        logs = {
+            f"loss_{self.hparams.loss if name == 'clip' else name}": value.detach() for name, value in terms.items()
+        }
         logs["logit_scale"] = out["logit_scale"].detach()
         if self.logit_bias is not None:
             logs["logit_bias"] = self.logit_bias.detach()

@@ -49,8 +49,14 @@ from mmformer.training.checkpoint import CheckpointError, check_checkpoint, is_s
 
 log = logging.getLogger(__name__)
 
-PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "bf16": torch.bfloat16,
-                    "16": torch.float16, "bf16-true": torch.bfloat16, "16-true": torch.float16}
+PRECISION_DTYPES = {
+    "bf16-mixed": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "bf16": torch.bfloat16,
+    "16": torch.float16,
+    "bf16-true": torch.bfloat16,
+    "16-true": torch.float16,
+}
 
 
 TP_DIM = "tensor_parallel"  # the name of the tensor-parallel dimension of every mesh used here
@@ -86,8 +92,9 @@ def _shard_heads(name: str, module: nn.Module, mesh: Any) -> None:
         return
     for pname, p in list(module.named_parameters(recurse=False)):
         placement = HEADS_PLACEMENT if pname == "weight" else Replicate()
-        module.register_parameter(pname, nn.Parameter(distribute_tensor(p.detach(), mesh, [placement]),
-                                                      requires_grad=p.requires_grad))
+        module.register_parameter(
+            pname, nn.Parameter(distribute_tensor(p.detach(), mesh, [placement]), requires_grad=p.requires_grad)
+        )
 
 
 def _replicated_input(module: nn.Module, inputs: tuple, mesh: Any) -> tuple:
@@ -123,20 +130,27 @@ def apply_tensor_parallel(model: MMFormer, mesh: Any) -> MMFormer:
     tp = mesh.size()
     c = model.config
     if c.block_heads is not None:
-        raise ValueError(f"tensor parallelism splits every block's {c.heads} heads evenly; this model's blocks were "
-                         f"pruned to {c.block_heads} heads: train or fine-tune it without tensor_parallel_size")
-    problems = [f"heads={c.heads}" for _ in [0] if c.heads % tp] + \
-               [f"FFN width={c.mlp_hidden}" for _ in [0] if c.mlp_hidden % tp]
+        raise ValueError(
+            f"tensor parallelism splits every block's {c.heads} heads evenly; this model's blocks were "
+            f"pruned to {c.block_heads} heads: train or fine-tune it without tensor_parallel_size"
+        )
+    problems = [f"heads={c.heads}" for _ in [0] if c.heads % tp] + [
+        f"FFN width={c.mlp_hidden}" for _ in [0] if c.mlp_hidden % tp
+    ]
     if problems:
-        raise ValueError(f"tensor_parallel_size={tp} must divide {' and '.join(problems)} "
-                         "(each rank holds whole heads and an equal slice of the FFN)")
+        raise ValueError(
+            f"tensor_parallel_size={tp} must divide {' and '.join(problems)} "
+            "(each rank holds whole heads and an equal slice of the FFN)"
+        )
     if mesh.mesh_dim_names != (TP_DIM,):
         raise ValueError(f"apply_tensor_parallel needs a 1-D mesh named ({TP_DIM!r},), got {mesh.mesh_dim_names}")
     for block in model.blocks:
         attn = block.attn
         for qkv in _parts(attn.qkv):
             if type(qkv) is not nn.Linear:
-                raise TypeError(f"tensor parallelism expects the fused qkv to be an nn.Linear, got {type(qkv).__name__}")
+                raise TypeError(
+                    f"tensor parallelism expects the fused qkv to be an nn.Linear, got {type(qkv).__name__}"
+                )
             qkv.__class__ = HeadsParallelLinear
             distribute_module(qkv, mesh, _shard_heads, _replicated_input, _local_output)
         for proj in _parts(attn.proj):
@@ -152,8 +166,9 @@ def is_heads_sharded(t: Any) -> bool:
     if not isinstance(t, DTensor):
         return False
     names = t.device_mesh.mesh_dim_names or ()
-    return any(isinstance(p, _StridedShard) and i < len(names) and names[i] == TP_DIM
-               for i, p in enumerate(t.placements))
+    return any(
+        isinstance(p, _StridedShard) and i < len(names) and names[i] == TP_DIM for i, p in enumerate(t.placements)
+    )
 
 
 def _as_row_shards(t: Any) -> Any:
@@ -162,8 +177,9 @@ def _as_row_shards(t: Any) -> Any:
     if not is_heads_sharded(t):
         return t
     names = t.device_mesh.mesh_dim_names
-    placements = [Shard(p.dim) if isinstance(p, _StridedShard) and names[i] == TP_DIM else p
-                  for i, p in enumerate(t.placements)]
+    placements = [
+        Shard(p.dim) if isinstance(p, _StridedShard) and names[i] == TP_DIM else p for i, p in enumerate(t.placements)
+    ]
     return t.redistribute(t.device_mesh, placements)
 
 
@@ -173,8 +189,9 @@ def _fsdp_placement(p: nn.Parameter) -> Any:
     return Shard(1) if is_heads_sharded(p) else None
 
 
-def apply_fsdp(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = None,
-               reshard_after_forward: bool = True) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True
+) -> nn.Module:
     """Shard ``model`` (an MMFormer) in place with FSDP2: one unit per block, then the root.
 
     Args:
@@ -227,6 +244,7 @@ def is_fsdp(model: nn.Module) -> bool:
 
 def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Bytes this rank holds for parameters (its shards under FSDP) and optimizer state."""
+
     def local(t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if hasattr(t, "to_local") else t
 
@@ -259,11 +277,19 @@ class ShardedStrategy(ModelParallelStrategy):
       parallelism holds (``attn.qkv.weight`` (3D, D)).
     """
 
-    def __init__(self, data_parallel_size: int | Literal["auto"] = "auto",
-                 tensor_parallel_size: int | Literal["auto"] = 1,
-                 save_distributed_checkpoint: bool = True, **kwargs: Any) -> None:
-        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
-                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+    def __init__(
+        self,
+        data_parallel_size: int | Literal["auto"] = "auto",
+        tensor_parallel_size: int | Literal["auto"] = 1,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            **kwargs,
+        )
 
     def setup_environment(self) -> None:
         world = self.num_nodes * self.num_processes
@@ -271,8 +297,10 @@ class ShardedStrategy(ModelParallelStrategy):
         if tp == "auto":
             tp = self._tensor_parallel_size = self.num_processes
         if world % tp:
-            raise ValueError(f"tensor_parallel_size={tp} does not divide the {world} processes "
-                             f"(num_nodes={self.num_nodes} x devices={self.num_processes})")
+            raise ValueError(
+                f"tensor_parallel_size={tp} does not divide the {world} processes "
+                f"(num_nodes={self.num_nodes} x devices={self.num_processes})"
+            )
         if self._data_parallel_size == "auto":
             self._data_parallel_size = world // tp
         super().setup_environment()
@@ -323,29 +351,38 @@ class ShardedStrategy(ModelParallelStrategy):
             return super().optimizer_state(optimizer)
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return _map_optimizer_state(get_optimizer_state_dict(self.model, getattr(optimizer, "_optimizer", optimizer)),
-                                    lambda k, n, v: _as_row_shards(v))
+        return _map_optimizer_state(
+            get_optimizer_state_dict(self.model, getattr(optimizer, "_optimizer", optimizer)),
+            lambda k, n, v: _as_row_shards(v),
+        )
 
     def _load_heads_sharded(self, path: Path) -> dict[str, Any]:
         """Lightning's sharded load, with heads-sharded tensors read as row shards and placed back."""
         from lightning.fabric.strategies.model_parallel import _distributed_checkpoint_load
         from lightning.fabric.utilities.load import _METADATA_FILENAME
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
 
         own = get_model_state_dict(self.model)
         rows = {"state_dict": {k: _as_row_shards(v) for k, v in own.items()}}
         _distributed_checkpoint_load(rows, path)
-        self.model.load_state_dict({k: _placed_like(v, own[k]) for k, v in rows["state_dict"].items()},
-                                   strict=self.lightning_module.strict_loading)
+        self.model.load_state_dict(
+            {k: _placed_like(v, own[k]) for k, v in rows["state_dict"].items()},
+            strict=self.lightning_module.strict_loading,
+        )
         for i, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{i}"
             own_opt = get_optimizer_state_dict(self.model, optimizer)
             rows = {key: _map_optimizer_state(own_opt, lambda k, n, v: _as_row_shards(v))}
             _distributed_checkpoint_load(rows, path)
             placed = _map_optimizer_state(rows[key], lambda k, n, v: _placed_like(v, own_opt["state"][k][n]))
-            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=placed,
-                                     options=StateDictOptions(cpu_offload=True))
+            set_optimizer_state_dict(
+                self.model, optimizer, optim_state_dict=placed, options=StateDictOptions(cpu_offload=True)
+            )
         return torch.load(path / _METADATA_FILENAME, weights_only=True)
 
 

@@ -40,19 +40,39 @@ class PartWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.parts_dir = parts_dir
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
-                           dataloader_idx=0) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         index_files.write_part(self.parts_dir, prediction)
 
 
-def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out_dir: str | os.PathLike, *,
-                kind: str = "image", backend: str = "auto", backend_params: dict[str, Any] | None = None,
-                dtype: str = "float32", batch_size: int = 256, part_size: int = 1024,
-                num_workers: int = 0, precision: str = "32-true", accelerator: str = "cpu",
-                devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
-                model_path: str | None = None, image_col: str = "image", caption_col: str = "caption",
-                split: str | None = None, overwrite: bool = False, progress: bool = True, seed: int = 0,
-                root: str | os.PathLike | None = None, shard: tuple[int, int] | None = None) -> Index | None:
+def build_index(
+    model: nn.Module,
+    source: str | os.PathLike | Sequence[Any],
+    out_dir: str | os.PathLike,
+    *,
+    kind: str = "image",
+    backend: str = "auto",
+    backend_params: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    batch_size: int = 256,
+    part_size: int = 1024,
+    num_workers: int = 0,
+    precision: str = "32-true",
+    accelerator: str = "cpu",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    model_path: str | None = None,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    split: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Index | None:
     """:func:`mmformer.retrieval.index.build_index` with the embedding run by a Lightning Trainer:
     ``precision``, ``accelerator``, ``devices``, ``strategy`` and ``num_nodes`` go to the Trainer
     (a launch by ``torchrun`` or SLURM is read from the environment, as for ``fit``). Rank 0
@@ -62,13 +82,34 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
     if int8 and accelerator not in ("cpu", "auto"):
         raise ValueError("int8 (dynamically quantized) models run on the CPU only; use accelerator='cpu'")
     writer = PartWriter()  # told the parts folder once the build is planned
-    trainer = L.Trainer(accelerator="cpu" if int8 else accelerator, devices=devices, strategy=strategy,
-                        num_nodes=num_nodes, precision=precision, logger=False,
-                        callbacks=[writer], enable_progress_bar=progress,
-                        enable_model_summary=False, enable_checkpointing=False, inference_mode=True)
-    plan_args = dict(kind=kind, backend=backend, backend_params=backend_params, dtype=dtype, part_size=part_size,
-                     model_path=model_path, image_col=image_col, caption_col=caption_col, split=split,
-                     overwrite=overwrite, seed=seed, root=root, shard=shard)
+    trainer = L.Trainer(
+        accelerator="cpu" if int8 else accelerator,
+        devices=devices,
+        strategy=strategy,
+        num_nodes=num_nodes,
+        precision=precision,
+        logger=False,
+        callbacks=[writer],
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        inference_mode=True,
+    )
+    plan_args = dict(
+        kind=kind,
+        backend=backend,
+        backend_params=backend_params,
+        dtype=dtype,
+        part_size=part_size,
+        model_path=model_path,
+        image_col=image_col,
+        caption_col=caption_col,
+        split=split,
+        overwrite=overwrite,
+        seed=seed,
+        root=root,
+        shard=shard,
+    )
     if _launched_externally(trainer):
         trainer.strategy.setup_environment()  # joins the process group (Lightning's predict reuses it)
         plan = _plan_rank_zero_first(trainer, lambda: plan_build(model, source, out_dir, **plan_args))
@@ -81,8 +122,9 @@ def build_index(model: nn.Module, source: str | os.PathLike | Sequence[Any], out
         writer.parts_dir = plan.parts_dir
         with warnings.catch_warnings():  # parts are whole batches: there are no sampler batch indices
             warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
-            trainer.predict(EmbedParts(model, kind, batch_size), dataloaders=plan.loader(num_workers),
-                            return_predictions=False)
+            trainer.predict(
+                EmbedParts(model, kind, batch_size), dataloaders=plan.loader(num_workers), return_predictions=False
+            )
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
             return None  # rank 0 assembles the index
@@ -125,5 +167,9 @@ def _launched_externally(trainer: L.Trainer) -> bool:
     one process, and for the processes Lightning starts itself (``devices`` > 1 on one machine:
     the first one plans before it starts the others)."""
     env = getattr(trainer.strategy, "cluster_environment", None)
-    return (env is not None and env.creates_processes_externally and not isinstance(env, LightningEnvironment)
-            and env.world_size() > 1)
+    return (
+        env is not None
+        and env.creates_processes_externally
+        and not isinstance(env, LightningEnvironment)
+        and env.world_size() > 1
+    )

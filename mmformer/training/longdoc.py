@@ -12,6 +12,7 @@ caption), optionally the CLIP loss between images and documents. With only the f
 
 Its data module is :class:`mmformer.training.datamodule.NeedleDataModule`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,8 +67,16 @@ class ProseStateCache:
         batch_windows: windows per encoder call while building.
     """
 
-    def __init__(self, model: MMFormer, prose_ids: Sequence[int], pieces: int, stride: int,
-                 dtype: torch.dtype = torch.bfloat16, max_bytes: float = 8e9, batch_windows: int = 2048) -> None:
+    def __init__(
+        self,
+        model: MMFormer,
+        prose_ids: Sequence[int],
+        pieces: int,
+        stride: int,
+        dtype: torch.dtype = torch.bfloat16,
+        max_bytes: float = 8e9,
+        batch_windows: int = 2048,
+    ) -> None:
         self.pieces, self.stride = pieces, stride
         self.prose = torch.tensor(list(prose_ids), dtype=torch.long)
         length, width = pieces + 2, model.config.width
@@ -83,7 +92,7 @@ class ProseStateCache:
                 starts = torch.arange(s, min(s + batch_windows, n))
                 ids = self._window_ids(starts[:, None] + offsets)
                 states = model.forward_text_features(ids.to(device), modality=modality)
-                self.states[s: s + len(starts)] = states.to(dtype)
+                self.states[s : s + len(starts)] = states.to(dtype)
         log.info("cached the token states of %d prose windows (%.0f MB, %s)", n, n * per_window / 2**20, dtype)
 
     def __len__(self) -> int:
@@ -94,7 +103,9 @@ class ProseStateCache:
         bos = torch.full((positions.shape[0], 1), BOS_ID, dtype=torch.long)
         return torch.cat([bos, self.prose[positions], torch.full_like(bos, EOS_ID)], dim=1)
 
-    def cached_windows(self, batch: DocumentBatch, sources: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def cached_windows(
+        self, batch: DocumentBatch, sources: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Which chunks of ``batch`` are cached prose windows: (rows, starts), the chunk rows
         and the prose positions their windows start at. ``sources`` give each document piece's
         prose position (-1 = not prose), as :class:`~mmformer.data.longdoc.NeedleDataset` does.
@@ -115,8 +126,10 @@ class ProseStateCache:
                     starts.append(int(a[p]))
                 row += 1
         if row != batch.input_ids.shape[0]:
-            raise ValueError(f"the sources describe {row} chunks but the batch has {batch.input_ids.shape[0]} "
-                             "(were the documents chunked with another stride or cut by max_chunks?)")
+            raise ValueError(
+                f"the sources describe {row} chunks but the batch has {batch.input_ids.shape[0]} "
+                "(were the documents chunked with another stride or cut by max_chunks?)"
+            )
         return torch.tensor(rows, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
 
     def states_for(self, model: MMFormer, batch: DocumentBatch, sources: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -131,8 +144,10 @@ class ProseStateCache:
         if len(rows):
             expected = self._window_ids(starts[:, None] + torch.arange(self.pieces)).to(ids.device)
             if ids.shape[1] != expected.shape[1] or not torch.equal(ids[rows.to(ids.device)], expected):
-                raise ValueError("cached prose windows do not match the batch's chunks: the documents were not "
-                                 "made from the prose this cache was built on")
+                raise ValueError(
+                    "cached prose windows do not match the batch's chunks: the documents were not "
+                    "made from the prose this cache was built on"
+                )
             states[rows.to(ids.device)] = self.states[starts.to(self.states.device)].to(device=ids.device, dtype=dtype)
         if bool(live.any()):
             live = live.to(ids.device)
@@ -193,33 +208,52 @@ class LongDocModule(MMFormerModule):
 
     progress_bar_logs = ("distill", "gate")
 
-    def __init__(self, pretrained: str, fusion_latents: int = 16, trainable: str = "document",
-                 lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 20,
-                 export_dir: str | None = None, gate_lr_scale: float = 50.0, clip_weight: float = 1.0,
-                 distill_weight: float = 1.0, window_distill_weight: float = 0.0,
-                 chunk_stride: int | None = None, cache_states: bool = False, cache_dtype: str = "bfloat16",
-                 cache_max_gb: float = 8.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        fusion_latents: int = 16,
+        trainable: str = "document",
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 20,
+        export_dir: str | None = None,
+        gate_lr_scale: float = 50.0,
+        clip_weight: float = 1.0,
+        distill_weight: float = 1.0,
+        window_distill_weight: float = 0.0,
+        chunk_stride: int | None = None,
+        cache_states: bool = False,
+        cache_dtype: str = "bfloat16",
+        cache_max_gb: float = 8.0,
+        **kwargs: Any,
+    ) -> None:
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable={trainable!r} must be one of {TRAINABLE}")
         if kwargs.get("loss", "clip") != "clip":
-            raise ValueError(f"loss={kwargs['loss']!r}: LongDocModule's optional image-document term is the CLIP "
-                             "loss; use loss=clip")
+            raise ValueError(
+                f"loss={kwargs['loss']!r}: LongDocModule's optional image-document term is the CLIP loss; use loss=clip"
+            )
         if int(kwargs.get("contrastive_accum", 1)) != 1:
             raise ValueError(
                 f"contrastive_accum={kwargs['contrastive_accum']}: LongDocModule does not support contrastive "
                 "accumulation (its distillation terms are per document; only its optional CLIP term sees the "
-                "batch); accumulate with the Trainer's accumulate_grad_batches instead")
-        super().__init__(pretrained=pretrained, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         **kwargs)
+                "batch); accumulate with the Trainer's accumulate_grad_batches instead"
+            )
+        super().__init__(pretrained=pretrained, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, **kwargs)
         if chunk_stride is not None:  # validated by ModelConfig; saved with the model
             self.model.config = dataclasses.replace(self.model.config, chunk_stride=chunk_stride)
         if cache_states and trainable != "fusion":
-            raise ValueError(f"cache_states needs frozen chunk encoders (trainable='fusion'), got trainable={trainable!r}")
+            raise ValueError(
+                f"cache_states needs frozen chunk encoders (trainable='fusion'), got trainable={trainable!r}"
+            )
         if cache_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"cache_dtype={cache_dtype!r} must be 'bfloat16' or 'float32'")
         self.state_cache: ProseStateCache | None = None
-        weights = {"clip_weight": clip_weight, "distill_weight": distill_weight,
-                   "window_distill_weight": window_distill_weight}
+        weights = {
+            "clip_weight": clip_weight,
+            "distill_weight": distill_weight,
+            "window_distill_weight": window_distill_weight,
+        }
         if min(weights.values()) < 0 or not max(weights.values()) > 0:
             raise ValueError(f"loss weights {weights} must be >= 0, one of them > 0")
         # The text path as loaded embeds the bare captions (the distillation targets). When it
@@ -245,8 +279,7 @@ class LongDocModule(MMFormerModule):
         for group in groups:
             group["params"] = [p for p in group["params"] if p is not gate]
         if gate.requires_grad:
-            groups.append({"params": [gate], "weight_decay": 0.0,
-                           "lr": self.hparams.lr * self.hparams.gate_lr_scale})
+            groups.append({"params": [gate], "weight_decay": 0.0, "lr": self.hparams.lr * self.hparams.gate_lr_scale})
         return groups
 
     def on_fit_start(self) -> None:
@@ -256,9 +289,14 @@ class LongDocModule(MMFormerModule):
         ds = getattr(getattr(self.trainer, "datamodule", None), "train_ds", None)
         if not isinstance(ds, NeedleDataset):
             raise RuntimeError("cache_states needs the NeedleDataModule's training prose (its train_ds.filler)")
-        self.state_cache = ProseStateCache(self.model, ds.filler.ids, self.model.config.context_length - 2,
-                                           self.model.document_stride,
-                                           getattr(torch, self.hparams.cache_dtype), self.hparams.cache_max_gb * 1e9)
+        self.state_cache = ProseStateCache(
+            self.model,
+            ds.filler.ids,
+            self.model.config.context_length - 2,
+            self.model.document_stride,
+            getattr(torch, self.hparams.cache_dtype),
+            self.hparams.cache_max_gb * 1e9,
+        )
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
@@ -289,30 +327,40 @@ class LongDocModule(MMFormerModule):
             with torch.set_grad_enabled(hp.trainable == "all"):
                 image = model.encode_image(batch["images"])
             scale = model.logit_scale.exp().clamp(max=model.config.logit_scale_max)
-            logs["clip"] = clip_loss(image, doc, scale, batch["concepts"] if hp.concept_positives else None,
-                                     group=self.loss_group)
+            logs["clip"] = clip_loss(
+                image, doc, scale, batch["concepts"] if hp.concept_positives else None, group=self.loss_group
+            )
             loss = loss + hp.clip_weight * logs["clip"]
         if hp.distill_weight or hp.window_distill_weight:
             with torch.no_grad():
-                target = (model if self.teacher is None else self.teacher).encode_text(batch["caption_ids"], batch["caption_mask"]).float()
+                target = (
+                    (model if self.teacher is None else self.teacher)
+                    .encode_text(batch["caption_ids"], batch["caption_mask"])
+                    .float()
+                )
         if hp.distill_weight:
             logs["distill"] = (1 - (doc * target).sum(-1)).mean()
             loss = loss + hp.distill_weight * logs["distill"]
         if hp.window_distill_weight:
-            rows, owners = caption_windows(batch["doc_sources"], docs.chunk_counts, model.config.context_length - 2,
-                                           model.document_stride)
+            rows, owners = caption_windows(
+                batch["doc_sources"], docs.chunk_counts, model.config.context_length - 2, model.document_stride
+            )
             if len(rows):
                 rows = rows.to(states.device)
-                window = F.normalize(model.text_proj(model.pool_text(states[rows], docs.attention_mask[rows])).float(), dim=-1)
+                window = F.normalize(
+                    model.text_proj(model.pool_text(states[rows], docs.attention_mask[rows])).float(), dim=-1
+                )
                 logs["window_distill"] = (1 - (window * target[owners.to(doc.device)]).sum(-1)).mean()
                 loss = loss + hp.window_distill_weight * logs["window_distill"]
         logs["gate"] = torch.tanh(model.fusion.gate).detach()
         return loss, logs
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._val_outputs.append({
-            "image": self.model.encode_image(batch["images"]).float(),
-            "text": self.model.encode_document(batch["documents"], mode="fusion").float(),
-            "image_ids": batch["indices"].long(),
-            "concepts": batch["concepts"].long(),
-        })
+        self._val_outputs.append(
+            {
+                "image": self.model.encode_image(batch["images"]).float(),
+                "text": self.model.encode_document(batch["documents"], mode="fusion").float(),
+                "image_ids": batch["indices"].long(),
+                "concepts": batch["concepts"].long(),
+            }
+        )

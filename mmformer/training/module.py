@@ -84,14 +84,27 @@ class MMFormerModule(L.LightningModule):
             one more all-gather in backward).
     """
 
-    def __init__(self, preset: str = "tiny", model_config: dict[str, Any] | None = None,
-                 tokenizer: str | None = None, pretrained: str | MMFormer | None = None, lr: float = 5e-4,
-                 weight_decay: float = 0.2, betas: tuple[float, float] = (0.9, 0.98),
-                 eps: float = 1e-6, warmup_steps: int = 100, min_lr_ratio: float = 0.0,
-                 concept_positives: bool = True, time_budget_s: float | None = None,
-                 contrastive_accum: int = 1, nonfinite: str = "stop", compile: bool = False,
-                 fsdp_mixed_precision: bool = True, reshard_after_forward: bool = True,
-                 loss: str = "clip") -> None:
+    def __init__(
+        self,
+        preset: str = "tiny",
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        pretrained: str | MMFormer | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
+        concept_positives: bool = True,
+        time_budget_s: float | None = None,
+        contrastive_accum: int = 1,
+        nonfinite: str = "stop",
+        compile: bool = False,
+        fsdp_mixed_precision: bool = True,
+        reshard_after_forward: bool = True,
+        loss: str = "clip",
+    ) -> None:
         super().__init__()
         given = pretrained if isinstance(pretrained, MMFormer) else None
         self.save_hyperparameters(ignore=["pretrained"] if given is not None else None)
@@ -162,23 +175,31 @@ class MMFormerModule(L.LightningModule):
         if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
             apply_tensor_parallel(self.model, mesh["tensor_parallel"])
             self.loss_group = dp.get_group()  # tensor-parallel ranks hold copies of the same samples
-            log.info("tensor parallelism: %d heads per rank over %d ranks", self.model.blocks[0].attn.heads,
-                     mesh["tensor_parallel"].size())
+            log.info(
+                "tensor parallelism: %d heads per rank over %d ranks",
+                self.model.blocks[0].attn.heads,
+                mesh["tensor_parallel"].size(),
+            )
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         param_dtype = PRECISION_DTYPES.get(precision) if self.hparams.fsdp_mixed_precision else None
-        apply_fsdp(self.model, dp, param_dtype=param_dtype,
-                   reshard_after_forward=self.hparams.reshard_after_forward)
-        log.info("FSDP2: %d blocks + root sharded over %d ranks (params gathered in %s)",
-                 len(self.model.blocks), dp.size(), param_dtype or "fp32")
+        apply_fsdp(self.model, dp, param_dtype=param_dtype, reshard_after_forward=self.hparams.reshard_after_forward)
+        log.info(
+            "FSDP2: %d blocks + root sharded over %d ranks (params gathered in %s)",
+            len(self.model.blocks),
+            dp.size(),
+            param_dtype or "fp32",
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the model config and tokenizer (for ``mmformer export``), the skip counter and
         whether SigLIP's bias was initialised."""
         tok = self.model.tokenizer
-        checkpoint["mmformer"] = {"config": self.model.config.to_dict(),
-                                  "tokenizer": tok._proto if tok is not None else None,
-                                  "nonfinite_skipped": self.nonfinite_skipped,
-                                  "logit_bias_ready": self.logit_bias_ready}
+        checkpoint["mmformer"] = {
+            "config": self.model.config.to_dict(),
+            "tokenizer": tok._proto if tok is not None else None,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "logit_bias_ready": self.logit_bias_ready,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get("mmformer", {})
@@ -186,22 +207,29 @@ class MMFormerModule(L.LightningModule):
         self.logit_bias_ready = bool(info.get("logit_bias_ready", False))
 
     # ---- training -----------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The model's embeddings and logit scale (and SigLIP's ``logit_bias``): the loss's inputs."""
         out = self.model(images, input_ids, attention_mask)
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         return out
 
-    def contrastive_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
-                         params: dict[str, torch.Tensor], positives: torch.Tensor | None) -> torch.Tensor:
+    def contrastive_loss(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        params: dict[str, torch.Tensor],
+        positives: torch.Tensor | None,
+    ) -> torch.Tensor:
         """The configured loss (``clip`` or ``siglip``) over the data-parallel group's batch;
         ``params`` holds ``logit_scale`` (and ``logit_bias``)."""
         if self.hparams.loss == "siglip":
             self._init_logit_bias(image_embeds.shape[0])
-            return siglip_loss(image_embeds, text_embeds, params["logit_scale"], params["logit_bias"], positives,
-                               group=self.loss_group)
+            return siglip_loss(
+                image_embeds, text_embeds, params["logit_scale"], params["logit_bias"], positives, group=self.loss_group
+            )
         return clip_loss(image_embeds, text_embeds, params["logit_scale"], positives, group=self.loss_group)
 
     def _init_logit_bias(self, local_batch: int) -> None:
@@ -255,14 +283,19 @@ class MMFormerModule(L.LightningModule):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if bool(finite.item()):
             return True
-        where = (f"optimizer step {self.trainer.global_step}, epoch {self.current_epoch}, "
-                 f"batch {batch_idx}") if self._trainer is not None else f"batch {batch_idx}"
+        where = (
+            (f"optimizer step {self.trainer.global_step}, epoch {self.current_epoch}, batch {batch_idx}")
+            if self._trainer is not None
+            else f"batch {batch_idx}"
+        )
         if self.hparams.nonfinite == "stop":
-            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at {where}; "
-                                     "set model.nonfinite=skip to skip such steps")
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at {where}; set model.nonfinite=skip to skip such steps"
+            )
         self.nonfinite_skipped += 1
-        log.warning("non-finite training loss (%s) at %s: step skipped (%d so far)",
-                    loss.item(), where, self.nonfinite_skipped)
+        log.warning(
+            "non-finite training loss (%s) at %s: step skipped (%d so far)", loss.item(), where, self.nonfinite_skipped
+        )
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
         return False
 
@@ -288,9 +321,13 @@ class MMFormerModule(L.LightningModule):
             self.manual_backward(loss)
 
         loss, logit_scale = contrastive_accumulation(
-            lambda b: self(b["images"], b["input_ids"], b["attention_mask"]), micro, backward, positives,
+            lambda b: self(b["images"], b["input_ids"], b["attention_mask"]),
+            micro,
+            backward,
+            positives,
             is_finite=lambda v: self._loss_is_finite(v, batch_idx),
-            loss_fn=self.contrastive_loss)
+            loss_fn=self.contrastive_loss,
+        )
         if loss is None:
             opt.zero_grad()
             return None
@@ -312,7 +349,8 @@ class MMFormerModule(L.LightningModule):
         if elapsed > 0 and bs:
             # data-parallel ranks only: tensor- or pipeline-parallel ranks share their samples
             replicas = (getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}).get(
-                "num_replicas", self.trainer.world_size)
+                "num_replicas", self.trainer.world_size
+            )
             self.log("train/samples_per_s", bs * replicas / elapsed, prog_bar=True, batch_size=bs)
         opt = self.optimizers(use_pl_optimizer=False)
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=max(bs, 1))
@@ -342,11 +380,14 @@ class MMFormerModule(L.LightningModule):
         decay, no_decay = parameter_groups(self.model)
         if self.logit_bias is not None:
             no_decay.append(self.logit_bias)
-        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
         """Lightning's clipping, except under ``bf16-mixed`` with the fused AdamW
         (:func:`~mmformer.training.optim.make_adamw`), which Lightning's mixed-precision plugin
         refuses to clip for (a fused optimizer unscales fp16 gradients inside ``step``; bf16 has no

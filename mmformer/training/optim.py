@@ -32,8 +32,10 @@ def fused_supported(groups: list[dict[str, Any]]) -> bool:
     """True when every parameter is a plain (not sharded ``DTensor``) floating-point tensor on the
     CPU or a CUDA device: the cases ``torch.optim.AdamW(fused=True)`` takes."""
     params = [p for g in groups for p in g["params"]]
-    return bool(params) and all(type(p) in (nn.Parameter, torch.Tensor) and p.is_floating_point()
-                                and p.device.type in ("cpu", "cuda") for p in params)
+    return bool(params) and all(
+        type(p) in (nn.Parameter, torch.Tensor) and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
 
 
 def make_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
@@ -46,8 +48,7 @@ def make_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0,
-                  progress: float | None = None) -> float:
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0, progress: float | None = None) -> float:
     """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio``.
 
     ``progress`` in [0, 1] overrides the step-based position on the cosine (time budgets).

@@ -62,7 +62,9 @@ def stage_bounds(depth: int, stages: int) -> list[tuple[int, int]]:
     """Blocks ``[lo, hi)`` of each of ``stages`` stages: as equal as possible, earlier stages one
     more when ``depth`` does not divide (the first and last stages also embed / project)."""
     if not 1 <= stages <= depth:
-        raise ValueError(f"pipeline_parallel_size={stages} needs 1 <= stages <= depth={depth} (one block or more per stage)")
+        raise ValueError(
+            f"pipeline_parallel_size={stages} needs 1 <= stages <= depth={depth} (one block or more per stage)"
+        )
     size, extra = divmod(depth, stages)
     bounds, lo = [], 0
     for s in range(stages):
@@ -79,8 +81,10 @@ def keep_stage(model: MMFormer, lo: int, hi: int, first: bool, last: bool) -> No
     into the whole model)."""
     c = model.config
     if c.document_expert or c.fusion_latents:
-        raise ValueError("pipeline parallelism trains the image-text contrastive model; long-document parts "
-                         "(document_expert, fusion) are not supported")
+        raise ValueError(
+            "pipeline parallelism trains the image-text contrastive model; long-document parts "
+            "(document_expert, fusion) are not supported"
+        )
     for i in range(len(model.blocks)):
         if not lo <= i < hi:
             model.blocks[i] = None
@@ -129,8 +133,17 @@ class PipelineStageModule(nn.Module):
 class PipelineRunner:
     """The schedules of one stage (one per micro-batch size pattern) and the two-pass step."""
 
-    def __init__(self, stage_module: PipelineStageModule, stage_index: int, num_stages: int, group: Any,
-                 device: torch.device, microbatches: int, schedule: str, loss_group: Any) -> None:
+    def __init__(
+        self,
+        stage_module: PipelineStageModule,
+        stage_index: int,
+        num_stages: int,
+        group: Any,
+        device: torch.device,
+        microbatches: int,
+        schedule: str,
+        loss_group: Any,
+    ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} must be one of {sorted(SCHEDULES)}")
         if microbatches < num_stages and schedule == "1f1b":
@@ -154,8 +167,7 @@ class PipelineRunner:
     def _get(self, sizes: tuple[int, ...]) -> Any:
         if sizes not in self._schedules:  # stages learn the activation shapes at their first step
             stage = PipelineStage(self.stage_module, self.stage_index, self.num_stages, self.device, group=self.group)
-            self._schedules[sizes] = SCHEDULES[self.schedule](stage, len(sizes), loss_fn=self._loss,
-                                                              scale_grads=False)
+            self._schedules[sizes] = SCHEDULES[self.schedule](stage, len(sizes), loss_fn=self._loss, scale_grads=False)
         return self._schedules[sizes]
 
     def split(self, batch: dict[str, Any]) -> tuple[tuple[int, ...], list[tuple] | None]:
@@ -220,8 +232,12 @@ class PipelineRunner:
         if self.last:
             img, txt = out
             ends = torch.tensor(sizes).cumsum(0).tolist()
-            self._cache = {"img": img.detach(), "txt": txt.detach(), "positives": positives,
-                           "bounds": [(ends[j] - sizes[j], ends[j]) for j in range(len(sizes))]}
+            self._cache = {
+                "img": img.detach(),
+                "txt": txt.detach(),
+                "positives": positives,
+                "bounds": [(ends[j] - sizes[j], ends[j]) for j in range(len(sizes))],
+            }
             with torch.no_grad():
                 loss = clip_loss(img, txt, self.stage_module.logit_scale(), positives, group=self.loss_group).float()
         self._pending = (sizes, arg_mbs)
@@ -256,9 +272,14 @@ class PipelineStrategy(ShardedStrategy):
     clipping by norm is not supported (each stage would clip by its own norm).
     """
 
-    def __init__(self, pipeline_parallel_size: int | Literal["auto"] = "auto",
-                 data_parallel_size: int | Literal["auto"] = "auto", microbatches: int = 4,
-                 schedule: str = "1f1b", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        pipeline_parallel_size: int | Literal["auto"] = "auto",
+        data_parallel_size: int | Literal["auto"] = "auto",
+        microbatches: int = 4,
+        schedule: str = "1f1b",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1, **kwargs)
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} must be one of {sorted(SCHEDULES)}")
@@ -280,8 +301,9 @@ class PipelineStrategy(ShardedStrategy):
             dp = self._data_parallel_size = world // pp
         if pp * dp != world:
             raise ValueError(f"pipeline_parallel_size={pp} x data_parallel_size={dp} != {world} processes")
-        self._device_mesh = init_device_mesh(self.root_device.type, (dp, pp),
-                                             mesh_dim_names=("data_parallel", "pipeline_parallel"))
+        self._device_mesh = init_device_mesh(
+            self.root_device.type, (dp, pp), mesh_dim_names=("data_parallel", "pipeline_parallel")
+        )
         # the module's configure_model sees no mesh (it would shard the whole model): the stage
         # is built and sharded in setup()
         self.lightning_module._device_mesh = None
@@ -289,14 +311,19 @@ class PipelineStrategy(ShardedStrategy):
     def setup(self, trainer: Any) -> None:
         module = self.lightning_module
         if not module.automatic_optimization:
-            raise ValueError("PipelineStrategy takes the micro-batches of a step itself (microbatches=); "
-                             "use contrastive_accum=1")
+            raise ValueError(
+                "PipelineStrategy takes the micro-batches of a step itself (microbatches=); use contrastive_accum=1"
+            )
         if getattr(module.hparams, "loss", "clip") != "clip":
-            raise ValueError(f"loss={module.hparams.loss!r}: PipelineStrategy computes the CLIP loss on its last "
-                             "stage; use loss=clip")
+            raise ValueError(
+                f"loss={module.hparams.loss!r}: PipelineStrategy computes the CLIP loss on its last "
+                "stage; use loss=clip"
+            )
         if trainer.gradient_clip_val:
-            raise ValueError("gradient clipping is not supported with PipelineStrategy (each stage holds part of "
-                             "the gradient); remove gradient_clip_val")
+            raise ValueError(
+                "gradient clipping is not supported with PipelineStrategy (each stage holds part of "
+                "the gradient); remove gradient_clip_val"
+            )
         if self.runner is None:
             self._build_stage(trainer)
         super().setup(trainer)
@@ -314,10 +341,19 @@ class PipelineStrategy(ShardedStrategy):
             dtype = PRECISION_DTYPES.get(precision) if module.hparams.fsdp_mixed_precision else None
             apply_fsdp(stage, dp_mesh, param_dtype=dtype, reshard_after_forward=module.hparams.reshard_after_forward)
         module.loss_group = dp_mesh.get_group()  # the stages of one pipeline hold the same samples
-        self.runner = PipelineRunner(stage, s, n, pp_mesh.get_group(), self.root_device, self.microbatches,
-                                     self.schedule, module.loss_group)
-        log.info("pipeline stage %d/%d: blocks %d..%d, %d micro-batches, %s schedule, %d data-parallel ranks",
-                 s + 1, n, lo, hi - 1, self.microbatches, self.schedule, dp_mesh.size())
+        self.runner = PipelineRunner(
+            stage, s, n, pp_mesh.get_group(), self.root_device, self.microbatches, self.schedule, module.loss_group
+        )
+        log.info(
+            "pipeline stage %d/%d: blocks %d..%d, %d micro-batches, %s schedule, %d data-parallel ranks",
+            s + 1,
+            n,
+            lo,
+            hi - 1,
+            self.microbatches,
+            self.schedule,
+            dp_mesh.size(),
+        )
 
     # ---- the step: training_step = forward-only pass + loss, backward = the training schedule ----
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -356,7 +392,8 @@ class PipelineStrategy(ShardedStrategy):
         class _Patch:
             def __enter__(self) -> None:
                 model.forward = lambda images, input_ids, attention_mask=None: runner.forward(
-                    {"images": images, "input_ids": input_ids, "attention_mask": attention_mask})
+                    {"images": images, "input_ids": input_ids, "attention_mask": attention_mask}
+                )
 
             def __exit__(self, *exc: Any) -> None:
                 del model.forward
@@ -378,8 +415,12 @@ class PipelineStrategy(ShardedStrategy):
             raise CheckpointError(f"{checkpoint_path}: mmformer loads checkpoints with weights_only=True only")
         if not is_sharded_checkpoint(path):
             raise ValueError(f"{path}: PipelineStrategy resumes from sharded checkpoint folders only")
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
 
         state = {"state_dict": get_model_state_dict(self.model)}
         _distributed_checkpoint_load(state, Path(path))

@@ -63,8 +63,11 @@ class PrecisionChoice:
 
     def reason(self) -> str:
         """One line for the user: what was chosen and why."""
-        times = ", ".join(f"{p} {s * 1e3:.0f} ms" + (f" (stopped early: over {DROP_SLOWER:g}x the fastest)" if p in self.stopped else "")
-                          for p, s in sorted(self.seconds_per_step.items(), key=lambda kv: kv[1]))
+        times = ", ".join(
+            f"{p} {s * 1e3:.0f} ms"
+            + (f" (stopped early: over {DROP_SLOWER:g}x the fastest)" if p in self.stopped else "")
+            for p, s in sorted(self.seconds_per_step.items(), key=lambda kv: kv[1])
+        )
         others = [s for p, s in self.seconds_per_step.items() if p != self.precision]
         speed = f", {min(others) / self.seconds_per_step[self.precision]:.2f}x the next" if others else ""
         source = " (cached measurement)" if self.cached else ""
@@ -84,15 +87,20 @@ def pick_fastest(seconds_per_step: dict[str, float], margin: float = 0.05) -> st
     return best
 
 
-def time_steps(step: Callable[[], None], steps: int, warmup: int,
-               timer: Callable[[], float] = time.perf_counter) -> float:
+def time_steps(
+    step: Callable[[], None], steps: int, warmup: int, timer: Callable[[], float] = time.perf_counter
+) -> float:
     """Median seconds of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
     return time_interleaved({"step": step}, steps, warmup, timer)[0]["step"]
 
 
-def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup: int,
-                     timer: Callable[[], float] = time.perf_counter,
-                     drop_slower: float | None = None) -> tuple[dict[str, float], tuple[str, ...]]:
+def time_interleaved(
+    steps_of: dict[str, Callable[[], None]],
+    steps: int,
+    warmup: int,
+    timer: Callable[[], float] = time.perf_counter,
+    drop_slower: float | None = None,
+) -> tuple[dict[str, float], tuple[str, ...]]:
     """Median seconds per call of each closure in ``steps_of``: ``warmup`` untimed rounds, then
     ``steps`` timed rounds, each round calling every closure once, in turn. Returns the medians
     and the names of the closures that were not timed to the end (see ``drop_slower``).
@@ -127,14 +135,20 @@ def time_interleaved(steps_of: dict[str, Callable[[], None]], steps: int, warmup
                 if slow_rounds[name] == 2:
                     active.remove(name)
                     stopped.append(name)
-                    log.info("precision timing: %s took over %.0fx the fastest step in two rounds; not timed further",
-                             name, drop_slower)
-    medians = {name: statistics.median(calls[name][1:] if name in stopped else calls[name][warmup:]) for name in steps_of}
+                    log.info(
+                        "precision timing: %s took over %.0fx the fastest step in two rounds; not timed further",
+                        name,
+                        drop_slower,
+                    )
+    medians = {
+        name: statistics.median(calls[name][1:] if name in stopped else calls[name][warmup:]) for name in steps_of
+    }
     return medians, tuple(stopped)
 
 
-def train_step(loss_of: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, precision: str,
-               device_type: str = "cpu") -> Callable[..., torch.Tensor]:
+def train_step(
+    loss_of: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, precision: str, device_type: str = "cpu"
+) -> Callable[..., torch.Tensor]:
     """A closure running one training step: ``loss_of(*args)`` under ``precision``'s autocast
     (``32-true``: none), backward, ``optimizer.step()``, gradients cleared; it returns the loss,
     detached. The step :func:`training_step` times and the benchmarks in ``bench/`` run."""
@@ -153,8 +167,9 @@ def train_step(loss_of: Callable[..., torch.Tensor], optimizer: torch.optim.Opti
     return step
 
 
-def training_step(model: MMFormer, images: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor, precision: str) -> Callable[[], torch.Tensor]:
+def training_step(
+    model: MMFormer, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, precision: str
+) -> Callable[[], torch.Tensor]:
     """A closure running one contrastive training step (:func:`train_step`) of ``model`` (a copy:
     the caller's model and optimizer are untouched) in ``precision``."""
     if precision not in _AUTOCAST:
@@ -171,8 +186,14 @@ def training_step(model: MMFormer, images: torch.Tensor, input_ids: torch.Tensor
 
 def cache_key(model: MMFormer, batch_size: int, device: str = "cpu") -> str:
     config = json.dumps(model.config.to_dict(), sort_keys=True)
-    parts = [cpu_name() if device == "cpu" else device, torch.__version__, f"kernels{PRECISION_CACHE_VERSION}",
-             str(torch.get_num_threads()), str(batch_size), hashlib.sha256(config.encode()).hexdigest()[:16]]
+    parts = [
+        cpu_name() if device == "cpu" else device,
+        torch.__version__,
+        f"kernels{PRECISION_CACHE_VERSION}",
+        str(torch.get_num_threads()),
+        str(batch_size),
+        hashlib.sha256(config.encode()).hexdigest()[:16],
+    ]
     return "|".join(parts)
 
 
@@ -230,11 +251,18 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
-def choose_precision(model: MMFormer, images: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor, candidates: Sequence[str] = CANDIDATES,
-                     steps: int = 5, warmup: int = 3, use_cache: bool = True,
-                     timer: Callable[[], float] = time.perf_counter,
-                     make_step: Callable[..., Callable[[], None]] = training_step) -> PrecisionChoice:
+def choose_precision(
+    model: MMFormer,
+    images: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    candidates: Sequence[str] = CANDIDATES,
+    steps: int = 5,
+    warmup: int = 3,
+    use_cache: bool = True,
+    timer: Callable[[], float] = time.perf_counter,
+    make_step: Callable[..., Callable[[], None]] = training_step,
+) -> PrecisionChoice:
     """Time ``steps`` training steps (after ``warmup``) of each candidate precision on this
     batch, interleaved, and return the fastest. With ``use_cache``, a measurement made before for the same
     CPU, torch, cache version, thread count, model config and batch size is reused."""
@@ -245,7 +273,11 @@ def choose_precision(model: MMFormer, images: torch.Tensor, input_ids: torch.Ten
     path = cache_path()
     if use_cache:
         hit = _read_cache(path).get(key)
-        if isinstance(hit, dict) and set(candidates) <= set(hit) and all(isinstance(hit[c], (int, float)) for c in candidates):
+        if (
+            isinstance(hit, dict)
+            and set(candidates) <= set(hit)
+            and all(isinstance(hit[c], (int, float)) for c in candidates)
+        ):
             times = {c: float(hit[c]) for c in candidates}
             stopped = tuple(c for c in hit.get("stopped", ()) if c in times)
             return PrecisionChoice(pick_fastest(times), times, cached=True, stopped=stopped)
@@ -277,15 +309,20 @@ def auto_precision(module, datamodule, use_cache: bool = True) -> PrecisionChoic
         batch = next(iter(datamodule.train_dataloader()))
     missing = [k for k in ("images", "input_ids", "attention_mask") if not isinstance(batch, dict) or k not in batch]
     if missing:
-        raise ValueError(f"precision auto times image-text training steps, but {type(datamodule).__name__}'s "
-                         f"batches have no {missing}; set the precision (32-true, bf16-mixed) in the recipe")
+        raise ValueError(
+            f"precision auto times image-text training steps, but {type(datamodule).__name__}'s "
+            f"batches have no {missing}; set the precision (32-true, bf16-mixed) in the recipe"
+        )
     model = module if isinstance(module, MMFormer) else module.model
     return autocast_for("auto", model, batch, use_cache)[1]
 
 
-def autocast_for(precision: str, model: MMFormer | None = None,
-                 batch: Mapping[str, torch.Tensor] | None = None,
-                 use_cache: bool = True) -> tuple[torch.dtype | None, PrecisionChoice | None]:
+def autocast_for(
+    precision: str,
+    model: MMFormer | None = None,
+    batch: Mapping[str, torch.Tensor] | None = None,
+    use_cache: bool = True,
+) -> tuple[torch.dtype | None, PrecisionChoice | None]:
     """The autocast dtype (None = full precision) of ``precision`` = ``32-true``, ``bf16-mixed`` or
     ``auto``; ``auto`` runs :func:`choose_precision` on ``model`` and one image-text ``batch`` and
     also returns the choice (whose :meth:`PrecisionChoice.reason` is the line to show), else None."""
@@ -293,10 +330,10 @@ def autocast_for(precision: str, model: MMFormer | None = None,
         if model is None or batch is None:
             raise ValueError("precision auto needs the model and one image-text batch to time")
         with torch.random.fork_rng():
-            choice = choose_precision(model, batch["images"], batch["input_ids"], batch["attention_mask"],
-                                      use_cache=use_cache)
+            choice = choose_precision(
+                model, batch["images"], batch["input_ids"], batch["attention_mask"], use_cache=use_cache
+            )
         return _AUTOCAST[choice.precision], choice
     if precision not in _AUTOCAST:
         raise ValueError(f"precision {precision!r} must be auto or one of {list(_AUTOCAST)}")
     return _AUTOCAST[precision], None
-

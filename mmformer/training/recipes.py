@@ -76,8 +76,10 @@ def recipe_path(name_or_path: str | Path) -> Path:
     shipped = RECIPES_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
     if shipped.is_file():
         return shipped
-    raise FileNotFoundError(f"recipe {str(name_or_path)!r}: no such file, and no shipped recipe of that name "
-                            f"(shipped: {', '.join(recipe_names())})")
+    raise FileNotFoundError(
+        f"recipe {str(name_or_path)!r}: no such file, and no shipped recipe of that name "
+        f"(shipped: {', '.join(recipe_names())})"
+    )
 
 
 def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
@@ -159,8 +161,11 @@ def name_default_logger(argv: Sequence[str]) -> list[str]:
         trainer = config_section(value, "trainer")
         if isinstance(trainer, dict) and trainer.get("logger") not in (None, True):
             return argv
-    return argv[:first] + [f"--trainer.logger.class_path={DEFAULT_LOGGER}", "--trainer.logger.init_args.name=logs"] \
+    return (
+        argv[:first]
+        + [f"--trainer.logger.class_path={DEFAULT_LOGGER}", "--trainer.logger.init_args.name=logs"]
         + argv[first:]
+    )
 
 
 def _import(class_path: str) -> type:
@@ -170,13 +175,17 @@ def _import(class_path: str) -> type:
 
 def _link(name: str, given: Any, default: Any, value_of: Callable[[MMFormerModule], Any]) -> Callable:
     """``value_of``, refusing a data-module value set by hand that differs from the model's."""
+
     def compute(module: MMFormerModule) -> Any:
         value = value_of(module)
-        norm = (lambda v: tuple(v) if isinstance(v, (list, tuple)) else v)
+        norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
         if given is not None and norm(given) != norm(default) and norm(given) != norm(value):
-            raise ValueError(f"data.{name}={given!r} but the model has {value!r}: {name} is linked from the "
-                             f"model's config; leave it out of the recipe and the command line")
+            raise ValueError(
+                f"data.{name}={given!r} but the model has {value!r}: {name} is linked from the "
+                f"model's config; leave it out of the recipe and the command line"
+            )
         return value
+
     return compute
 
 
@@ -186,8 +195,10 @@ class RecipeTrainer(L.Trainer):
 
     def __init__(self, *args: Any, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs: Any) -> None:
         if precision == "auto":
-            raise ValueError("precision 'auto' is resolved by RecipeCLI (mmformer fit); a Trainer built directly "
-                             "needs 32-true, bf16-mixed, ...")
+            raise ValueError(
+                "precision 'auto' is resolved by RecipeCLI (mmformer fit); a Trainer built directly "
+                "needs 32-true, bf16-mixed, ..."
+            )
         super().__init__(*args, precision=precision, **kwargs)
 
 
@@ -199,21 +210,29 @@ class RecipeCLI(LightningCLI):
     info logger, shown by the command line like Lightning's own lines); the choice is kept in
     ``precision_choice``."""
 
-    def __init__(self, args: Sequence[str], run: bool = True,
-                 announce: Callable[[str], None] = rank_zero_info) -> None:
+    def __init__(self, args: Sequence[str], run: bool = True, announce: Callable[[str], None] = rank_zero_info) -> None:
         self._argv = name_default_logger(resolve_recipes(args))
         self._announce = announce
         self._auto_precision = False
         self.precision_choice = None
-        super().__init__(MMFormerModule, L.LightningDataModule, trainer_class=RecipeTrainer, subclass_mode_model=True,
-                         subclass_mode_data=True, args=self._argv, run=run, save_config_kwargs={"overwrite": True},
-                         parser_kwargs={"default_env": False, "prog": "mmformer"})
+        super().__init__(
+            MMFormerModule,
+            L.LightningDataModule,
+            trainer_class=RecipeTrainer,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=self._argv,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"default_env": False, "prog": "mmformer"},
+        )
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
         # A default class only where none is chosen: jsonargparse keeps the default class's
         # argument values when the class changes, which would hand a subclass its parent's defaults.
-        defaults = {key: {"class_path": path} for key, path in DEFAULT_CLASSES.items()
-                    if not names_class(self._argv, key)}
+        defaults = {
+            key: {"class_path": path} for key, path in DEFAULT_CLASSES.items() if not names_class(self._argv, key)
+        }
         if defaults:
             parser.set_defaults(defaults)
 
@@ -233,9 +252,12 @@ class RecipeCLI(LightningCLI):
         parser = self._parser(self.subcommand)
         for name, value_of in MODEL_LINKS.items():
             if name in params:
-                parser.link_arguments("model", f"data.init_args.{name}", apply_on="instantiate",
-                                      compute_fn=_link(name, given.get(name), params[name].default, value_of))
-
+                parser.link_arguments(
+                    "model",
+                    f"data.init_args.{name}",
+                    apply_on="instantiate",
+                    compute_fn=_link(name, given.get(name), params[name].default, value_of),
+                )
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The Trainer, with ``precision: auto`` resolved by measurement on this model and data,
@@ -248,8 +270,10 @@ class RecipeCLI(LightningCLI):
         if self._auto_precision and "precision" not in kwargs:
             accelerator = str(config.trainer.get("accelerator") or "auto")
             if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
-                raise ValueError("precision auto measures CPU training steps; on an accelerator set the "
-                                 "precision (bf16-mixed, 16-mixed, 32-true) in the recipe")
+                raise ValueError(
+                    "precision auto measures CPU training steps; on an accelerator set the "
+                    "precision (bf16-mixed, 16-mixed, 32-true) in the recipe"
+                )
             choice = self.precision_choice = auto_precision(self.model, self.datamodule)
             self._announce(choice.reason())
             kwargs["precision"] = choice.precision
@@ -263,8 +287,13 @@ def check_ckpt_path_arg(argv: Sequence[str]) -> None:
     from mmformer.training.checkpoint import check_checkpoint
 
     for i, a in enumerate(argv):
-        value = argv[i + 1] if a == "--ckpt_path" and i + 1 < len(argv) else \
-            a.split("=", 1)[1] if a.startswith("--ckpt_path=") else None
+        value = (
+            argv[i + 1]
+            if a == "--ckpt_path" and i + 1 < len(argv)
+            else a.split("=", 1)[1]
+            if a.startswith("--ckpt_path=")
+            else None
+        )
         if value and value not in ("null", "None", "last", "best", "hpc", "registry"):
             check_checkpoint(value)
 
@@ -281,10 +310,13 @@ def fit_outputs(trainer: L.Trainer) -> list[str]:
             lines.append(f"model: {callback.target(trainer)} (config.json, model.safetensors, tokenizer.model)")
     ckpt = trainer.checkpoint_callback
     if isinstance(ckpt, ModelCheckpoint):
-        saved = [f"last {ckpt.last_model_path}" if ckpt.last_model_path else "",
-                 f"best {ckpt.best_model_path}" + (f" ({ckpt.monitor} {float(ckpt.best_model_score):.4g})"
-                                                   if ckpt.best_model_score is not None else "")
-                 if ckpt.best_model_path and ckpt.best_model_path != ckpt.last_model_path else ""]
+        saved = [
+            f"last {ckpt.last_model_path}" if ckpt.last_model_path else "",
+            f"best {ckpt.best_model_path}"
+            + (f" ({ckpt.monitor} {float(ckpt.best_model_score):.4g})" if ckpt.best_model_score is not None else "")
+            if ckpt.best_model_path and ckpt.best_model_path != ckpt.last_model_path
+            else "",
+        ]
         if any(saved):
             lines.append("checkpoints: " + ", ".join(s for s in saved if s))
     for logger in trainer.loggers:

@@ -24,7 +24,11 @@ class EmbedTextResponse(_message.Message):
     PIECES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     pieces_dropped: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., pieces_dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(
+        self,
+        embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...,
+        pieces_dropped: _Optional[_Iterable[int]] = ...,
+    ) -> None: ...
 
 class EmbedImageRequest(_message.Message):
     __slots__ = ("images",)
@@ -48,7 +52,13 @@ class SearchRequest(_message.Message):
     image: bytes
     index: str
     k: int
-    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., index: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self,
+        text: _Optional[str] = ...,
+        image: _Optional[bytes] = ...,
+        index: _Optional[str] = ...,
+        k: _Optional[int] = ...,
+    ) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "row", "caption", "metadata_json")
@@ -62,7 +72,14 @@ class Hit(_message.Message):
     row: int
     caption: str
     metadata_json: str
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., row: _Optional[int] = ..., caption: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self,
+        id: _Optional[str] = ...,
+        score: _Optional[float] = ...,
+        row: _Optional[int] = ...,
+        caption: _Optional[str] = ...,
+        metadata_json: _Optional[str] = ...,
+    ) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "pieces_dropped")
@@ -70,7 +87,9 @@ class SearchResponse(_message.Message):
     PIECES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     pieces_dropped: int
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., pieces_dropped: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., pieces_dropped: _Optional[int] = ...
+    ) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -88,7 +107,14 @@ class IndexInfo(_message.Message):
     count: int
     backend: str
     dim: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., count: _Optional[int] = ..., backend: _Optional[str] = ..., dim: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self,
+        name: _Optional[str] = ...,
+        kind: _Optional[str] = ...,
+        count: _Optional[int] = ...,
+        backend: _Optional[str] = ...,
+        dim: _Optional[int] = ...,
+    ) -> None: ...
 
 class BatchingInfo(_message.Message):
     __slots__ = ("enabled", "max_batch_size", "max_delay_ms", "max_queue")
@@ -100,7 +126,13 @@ class BatchingInfo(_message.Message):
     max_batch_size: int
     max_delay_ms: float
     max_queue: int
-    def __init__(self, enabled: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self,
+        enabled: _Optional[bool] = ...,
+        max_batch_size: _Optional[int] = ...,
+        max_delay_ms: _Optional[float] = ...,
+        max_queue: _Optional[int] = ...,
+    ) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("fingerprint", "config_json", "precision", "indexes", "batching")
@@ -114,4 +146,11 @@ class InfoResponse(_message.Message):
     precision: str
     indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
     batching: BatchingInfo
-    def __init__(self, fingerprint: _Optional[str] = ..., config_json: _Optional[str] = ..., precision: _Optional[str] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        fingerprint: _Optional[str] = ...,
+        config_json: _Optional[str] = ...,
+        precision: _Optional[str] = ...,
+        indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ...,
+        batching: _Optional[_Union[BatchingInfo, _Mapping]] = ...,
+    ) -> None: ...
