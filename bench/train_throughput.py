@@ -31,8 +31,8 @@ step is one to two orders of magnitude slower than fp32 (seconds per sample), so
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys

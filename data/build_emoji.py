@@ -425,7 +425,7 @@ class IconSet:
     chars: dict[str, str]  # normalised hexcode -> icon name
 
     @classmethod
-    def load(cls, package: Package) -> "IconSet":
+    def load(cls, package: Package) -> IconSet:
         data = package.json("icons.json")
         chars_path = package.root / "chars.json"
         chars = {}

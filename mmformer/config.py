@@ -317,7 +317,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "ModelConfig") -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "ModelConfig") -> ModelConfig:
         """Build from a dict (:meth:`to_dict` output). Fields older versions wrote and nothing reads
         (``extra``) are dropped with a debug log, so their config.json files still load; unknown
         fields and values of the wrong type (``"width": "128"``, ``"depth": 2.5``,
@@ -343,7 +343,7 @@ class ModelConfig:
         write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_json(cls, path: str | os.PathLike) -> ModelConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text(encoding="utf-8"))

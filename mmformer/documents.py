@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -59,7 +59,7 @@ class DocumentBatch:
         :meth:`mmformer.model.MMFormer.chunk_states` routes through a document expert)."""
         return (self.chunk_counts > 1).repeat_interleave(self.chunk_counts)
 
-    def to(self, device: torch.device | str) -> "DocumentBatch":
+    def to(self, device: torch.device | str) -> DocumentBatch:
         return DocumentBatch(
             self.input_ids.to(device),
             self.attention_mask.to(device),

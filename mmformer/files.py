@@ -9,8 +9,8 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # temp names carry the writer's host and pid, so a later writer can tell a killed writer's
 # leftovers (same host, process gone) from a live writer's files: ``.NAME.HOST-PID.XXXX.tmp``

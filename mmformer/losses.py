@@ -11,7 +11,8 @@ takes the loss and gradients of k micro-batches as if they were one batch. Disti
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -22,8 +22,8 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -741,7 +741,7 @@ class MMFormer(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MMFormer":
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> MMFormer:
         """Load a directory written by :meth:`save_pretrained`."""
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import sentencepiece as spm
@@ -62,7 +62,7 @@ class Tokenizer:
         model_type: str = "unigram",
         character_coverage: float = 1.0,
         lowercase: bool = True,
-    ) -> "Tokenizer":
+    ) -> Tokenizer:
         """Train on an iterator of texts. ``vocab_size`` is an upper bound on small corpora."""
         if model_type not in ("unigram", "bpe"):
             raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
@@ -90,7 +90,7 @@ class Tokenizer:
         return tok
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path}")

@@ -17,7 +17,7 @@ from mmformer.model import MMFormer
 from mmformer.retrieval import build_index
 from mmformer.serve.engine import Engine, Limits
 from mmformer.serve.http_guard import HttpLimits
-from mmformer.serve.server import ServeSettings, ServerThread
+from mmformer.serve.server import ServerThread, ServeSettings
 from mmformer.serve.service import BatchSettings
 from mmformer.tokenizer import Tokenizer, default_tokenizer_path
 

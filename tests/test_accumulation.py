@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-
-from mmformer.losses import clip_loss
-from mmformer.losses import contrastive_accumulation
-
 from train_helpers import LossRecorder, make_loader, make_module, trainer
+
+from mmformer.losses import clip_loss, contrastive_accumulation
 
 K, B = 4, 4
 
@@ -35,14 +33,14 @@ def test_k_micro_batches_give_the_gradients_of_one_big_batch():
 
     calls = []
     loss, _ = contrastive_accumulation(
-        _encode(module), micro, lambda l, last: (calls.append(last), l.backward()), big["concepts"]
+        _encode(module), micro, lambda loss, last: (calls.append(last), loss.backward()), big["concepts"]
     )
     assert calls == [False] * (K - 1) + [True]
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     grads = _grads(module.model)
     assert set(grads) == set(ref_grads)
     for name, g in ref_grads.items():
-        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
     # sensitivity: averaging per-micro-batch losses (what accumulate_grad_batches does) differs
     module.model.zero_grad(set_to_none=True)
@@ -59,7 +57,7 @@ def test_non_finite_loss_skips_every_backward():
     micro = [{k: v[i * B : (i + 1) * B] for k, v in big.items()} for i in range(2)]
     calls = []
     loss, _ = contrastive_accumulation(
-        _encode(module), micro, lambda l, last: calls.append(last), is_finite=lambda v: False
+        _encode(module), micro, lambda loss, last: calls.append(last), is_finite=lambda v: False
     )
     assert loss is None and calls == []
 
@@ -80,7 +78,7 @@ def test_lightning_accumulation_steps_equal_big_batch_steps(tmp_path):
             p, q = torch.cat([p[:d], p[2 * d :]]), torch.cat([big_params[name][:d], big_params[name][2 * d :]])
         else:
             q = big_params[name]
-        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_bad_settings_are_rejected():
@@ -103,4 +101,4 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     assert compiled._loss.item() == pytest.approx(eager._loss.item(), rel=1e-5)
     ref = _grads(eager.model)
     for name, g in _grads(compiled.model).items():
-        torch.testing.assert_close(g, ref[name], atol=1e-5, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, ref[name], atol=1e-5, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")

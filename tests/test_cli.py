@@ -9,9 +9,9 @@ from PIL import Image
 
 from mmformer.cli import main
 from mmformer.config import ModelConfig
+from mmformer.data.transforms import build_transforms, load_image
 from mmformer.model import MMFormer
 from mmformer.tokenizer import Tokenizer
-from mmformer.data.transforms import build_transforms, load_image
 
 WORDS = ["red", "green", "blue", "yellow", "black", "white"]
 
@@ -205,8 +205,7 @@ def test_fit_runs_the_long_document_recipe_with_clean_output(longdoc_setup):
 
 
 def test_linked_data_settings_come_from_the_model_and_refuse_other_values(longdoc_setup):
-    from mmformer.training.datamodule import ImageTextDataModule
-    from mmformer.training.datamodule import NeedleDataModule
+    from mmformer.training.datamodule import ImageTextDataModule, NeedleDataModule
     from mmformer.training.longdoc import LongDocModule
     from mmformer.training.recipes import RecipeCLI
 

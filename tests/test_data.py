@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mmformer.training.datamodule import ImageTextDataModule, SkippedSamplesCallback
 from mmformer.data import (
     CorruptSample,
     EmojiData,
@@ -33,6 +32,7 @@ from mmformer.data import (
     is_empty_batch,
     write_shards,
 )
+from mmformer.training.datamodule import ImageTextDataModule, SkippedSamplesCallback
 
 T = 8  # tokens per caption in these tests
 

@@ -24,12 +24,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
+from train_helpers import LossRecorder, StopAt, free_port, full_params, init_rank_env, make_loader, make_module, trainer
 
-from mmformer.training.checkpoint import CheckpointError, ExactResume, check_checkpoint, export_checkpoint
 from mmformer.losses import clip_loss
 from mmformer.model import MMFormer
-
-from train_helpers import LossRecorder, StopAt, free_port, full_params, init_rank_env, make_loader, make_module, trainer
+from mmformer.training.checkpoint import CheckpointError, ExactResume, check_checkpoint, export_checkpoint
 
 WORLD = 2
 LOCAL_B = 4
@@ -146,7 +145,9 @@ def test_two_rank_fsdp_equals_one_process(fsdp_run, reference):
                 # Adam turns its rounding noise (~1e-10) into +-lr steps, so only q and v are compared
                 d = ref.shape[0] // 3
                 got, want = torch.cat([got[:d], got[2 * d :]]), torch.cat([want[:d], want[2 * d :]])
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} (rank {rank}): {m}")
+            torch.testing.assert_close(
+                got, want, atol=2e-5, rtol=1e-4, msg=lambda m, name=name, rank=rank: f"{name} (rank {rank}): {m}"
+            )
     # parameters really are sharded: each rank holds about half
     total = sum(p.numel() for p in ref_params.values())
     for rank in range(WORLD):
@@ -161,7 +162,7 @@ def test_contrastive_accumulation_under_fsdp_equals_one_big_batch(fsdp_run, refe
         for name, p in out[rank]["accum_params3"].items():
             if not name.endswith("attn.qkv.bias"):
                 torch.testing.assert_close(
-                    p, out[rank]["params3"][name], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}"
+                    p, out[rank]["params3"][name], atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
                 )
 
 
@@ -205,7 +206,7 @@ def test_sharded_checkpoint_exports_to_save_pretrained(fsdp_run, tmp_path):
     model = MMFormer.from_pretrained(tmp_path / "model")
     assert model.tokenizer is not None
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p, out[0]["params3"][name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, out[0]["params3"][name], atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_truncated_shard_is_a_clear_error(fsdp_run, tmp_path):

@@ -551,9 +551,9 @@ def test_zero_sizes_are_refused_before_any_work(tiny_model, images, tmp_path, ca
 def test_search_output_escapes_control_characters(tiny_model, tmp_path, capsys):
     import json
 
-    from mmformer.retrieval import build_index
-
     from PIL import Image
+
+    from mmformer.retrieval import build_index
 
     Image.new("RGB", (20, 20), (200, 0, 0)).save(tmp_path / "x.png")
     evil = "red\x1b[2J\x1b[H\nfake result line\x9b31m"

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.config import ModelConfig
-from mmformer.training.datamodule import SkippedSamplesCallback
 from mmformer.data.emoji import default_data_dir
 from mmformer.data.longdoc import Filler, load_prose, needle_documents, split_needle_documents
 from mmformer.documents import DocumentCollator, TooManyChunks
 from mmformer.model import MMFormer
 from mmformer.tokenizer import BOS_ID, EOS_ID, Tokenizer, default_tokenizer_path
+from mmformer.training.datamodule import SkippedSamplesCallback
 
 SMALL = dict(width=32, depth=2, heads=4, image_size=16, patch_size=8, context_length=12, embed_dim=24)
 PROSE = (
@@ -258,9 +258,9 @@ def test_eval_cli_accepts_long_document_manifests(tok, tmp_path, capsys):
     import json
 
     from mmformer.cli import main
-    from mmformer.retrieval.embed import embed_documents
-    from mmformer.retrieval import embed_images, retrieval_metrics
     from mmformer.data.transforms import build_transforms, load_image
+    from mmformer.retrieval import embed_images, retrieval_metrics
+    from mmformer.retrieval.embed import embed_documents
 
     m = fused_model(tok, image_size=64, patch_size=16)
     m.save_pretrained(tmp_path / "model")
@@ -357,10 +357,11 @@ def test_saved_models_without_the_long_document_fields_load_with_old_behaviour(t
 
 def _fit_longdoc(tok, tmp_path, max_steps=3, callbacks=(), **module_kw):
     """A few Lightning steps of LongDocModule on a tiny emoji layout; returns (base model, module, trainer)."""
+    from test_data import make_emoji_layout
+
     from mmformer.training.datamodule import NeedleDataModule
     from mmformer.training.longdoc import LongDocModule
     from mmformer.training.trainer import make_trainer
-    from test_data import make_emoji_layout
 
     torch.manual_seed(0)
     base = MMFormer(ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size}), tok)

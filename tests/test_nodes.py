@@ -325,7 +325,7 @@ def test_two_node_torchrun_fit_equals_one_process_with_the_same_global_batch(tmp
             # Adam turns its rounding noise into +-lr steps, so only q and v are compared
             d = want.shape[0] // 3
             got, want = torch.cat([got[:d], got[2 * d :]]), torch.cat([want[:d], want[2 * d :]])
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     # every step's loss (rank 0's log) is the loss over the whole global batch: a loss over each
     # node's 4 pairs alone would differ (tests/test_fsdp.py shows by how much)
     losses = [logged_losses(tmp_path / run) for run in ("one", "two")]

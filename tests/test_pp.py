@@ -22,13 +22,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
+from train_helpers import LossRecorder, StopAt, free_port, init_rank_env, make_loader, make_module, trainer
 
 from mmformer.losses import clip_loss
 from mmformer.model import MMFormer
 from mmformer.training.checkpoint import ExactResume, export_checkpoint
 from mmformer.training.pipeline import stage_bounds
-
-from train_helpers import LossRecorder, StopAt, free_port, init_rank_env, make_loader, make_module, trainer
 
 B = 8
 MICRO = 4
@@ -152,7 +151,7 @@ def _assert_params_close(got: dict, want: dict, where: str) -> None:
         if name.endswith("attn.qkv.bias"):  # the key bias: zero true gradient, Adam amplifies noise
             d = ref.shape[0] // 3
             g, w = torch.cat([g[:d], g[2 * d :]]), torch.cat([w[:d], w[2 * d :]])
-        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} ({where}): {m}")
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name} ({where}): {m}")
 
 
 def test_stage_bounds():
@@ -205,7 +204,7 @@ def test_pipeline_checkpoint_exports_the_whole_model(pp_run, tmp_path):
     want = _merged(out, "params3")
     assert {n for n, _ in model.named_parameters()} == set(want)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p, want[name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, want[name], atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_pipeline_validation_gives_the_model_embeddings(pp_run):

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from mmformer.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint, export_checkpoint
-from mmformer.model import MMFormer
-
 from train_helpers import RESUME_STEPS, LossRecorder, PairSet, make_loader, make_module, resume_run, trainer
+
+from mmformer.model import MMFormer
+from mmformer.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint, export_checkpoint
 
 KILL_AT = 5  # mid-epoch: step 5 of 8
 
@@ -42,7 +41,7 @@ def test_resume_after_sigkill_continues_like_an_uninterrupted_run(killed_run, tm
     assert before + rec.losses == pytest.approx(full_rec.losses, rel=1e-6)
     other = dict(full.model.named_parameters())
     for name, p in resumed.model.named_parameters():
-        torch.testing.assert_close(p, other[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, other[name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     # the single-file checkpoint exports too
     export_checkpoint(killed_run / "ckpt" / "last.ckpt", tmp_path / "model")
     model = MMFormer.from_pretrained(tmp_path / "model")

@@ -94,7 +94,7 @@ def _check_exact(tmp_path: Path, source: str, data: Path) -> None:
     a = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "final.pt", weights_only=True)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from mmformer.retrieval import (
 )
 from mmformer.retrieval.backends import ExactBackend
 
-
 # --------------------------------------------------------------------------------------------
 # references, written plainly
 

@@ -21,14 +21,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from mmformer.data.transforms import build_transforms, load_image
-from mmformer.retrieval import Index, Retriever
-from mmformer.serve.engine import Engine
-from mmformer.serve.proto import mmformer_pb2 as pb
-from mmformer.serve.proto import mmformer_pb2_grpc as pb_grpc
-from mmformer.serve.server import ServeSettings, ServerThread
-from mmformer.serve.service import BatchSettings
 from serve_helpers import (
     API_KEY,
     COLORS,
@@ -40,6 +32,14 @@ from serve_helpers import (
     start_service,
     tiny_model,
 )
+
+from mmformer.data.transforms import build_transforms, load_image
+from mmformer.retrieval import Index, Retriever
+from mmformer.serve.engine import Engine
+from mmformer.serve.proto import mmformer_pb2 as pb
+from mmformer.serve.proto import mmformer_pb2_grpc as pb_grpc
+from mmformer.serve.server import ServerThread, ServeSettings
+from mmformer.serve.service import BatchSettings
 
 TEXTS = [
     "a red square",
@@ -453,7 +453,7 @@ def test_fuzz_then_a_normal_request_still_gets_the_right_answer(model, service, 
     rng = random.Random(1)
     junk_values = [None, 0, -1, 1.5, True, "", "a" * 50, [], {}, [None], [""], [1, 2], {"a": 1}, "\x00"]
     statuses, codes = [], []
-    for i in range(300):
+    for _ in range(300):
         path = rng.choice(["/v1/embed/text", "/v1/embed/image", "/v1/search", "/v1/info", "/v1/thumbnail/shapes/x"])
         kind = rng.randrange(4)
         headers = auth()

@@ -8,9 +8,9 @@ import os
 import shutil
 
 import pytest
+from serve_helpers import API_KEY, COLORS, build_gallery, png_bytes, start_service, tiny_model
 
 from mmformer.retrieval import Index, Retriever
-from serve_helpers import API_KEY, COLORS, build_gallery, png_bytes, start_service, tiny_model
 
 CHROMIUM = os.environ.get("MMFORMER_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 LAUNCH_ARGS = [

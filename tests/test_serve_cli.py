@@ -18,12 +18,12 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from serve_helpers import COLORS, REPO, auth, build_gallery, free_port, grpc_metadata, png_bytes, tiny_model
 
 from mmformer.cli import main
 from mmformer.data.transforms import build_transforms, load_image
 from mmformer.serve.proto import mmformer_pb2 as pb
 from mmformer.serve.proto import mmformer_pb2_grpc as pb_grpc
-from serve_helpers import COLORS, REPO, auth, build_gallery, free_port, grpc_metadata, png_bytes, tiny_model
 
 
 @pytest.fixture(scope="module")

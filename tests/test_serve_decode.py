@@ -18,12 +18,12 @@ import psutil
 import pytest
 import torch
 from PIL import Image
+from serve_helpers import COLORS, auth, build_gallery, png_bytes, start_service, tiny_model
 
 from mmformer.data.transforms import build_transforms, load_image
 from mmformer.serve.decode import DecodePool, DecodeSpec, default_workers
 from mmformer.serve.engine import Engine
 from mmformer.serve.errors import InvalidArgument, QueueFull
-from serve_helpers import COLORS, auth, build_gallery, png_bytes, start_service, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
+from serve_helpers import API_KEY, grpc_metadata, tiny_model
 
 from mmformer.serve.engine import Engine
-from mmformer.serve.server import ServeSettings, ServerThread
-from serve_helpers import API_KEY, grpc_metadata, tiny_model
+from mmformer.serve.server import ServerThread, ServeSettings
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO = "mmformer/serve/proto/mmformer.proto"

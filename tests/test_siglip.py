@@ -125,7 +125,7 @@ def test_contrastive_accumulation_with_siglip_equals_one_big_batch():
 
     acc = _Toy()
     micro = [{"x": x[i : i + 4], "y": y[i : i + 4]} for i in range(0, 12, 4)]
-    got, _ = contrastive_accumulation(acc, micro, lambda l, last: l.backward(), groups, loss_fn=siglip_loss_fn)
+    got, _ = contrastive_accumulation(acc, micro, lambda loss, last: loss.backward(), groups, loss_fn=siglip_loss_fn)
     assert got.item() == pytest.approx(loss.item(), rel=1e-6)
     for (name, p), q in zip(ref.named_parameters(), acc.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)

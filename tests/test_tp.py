@@ -18,12 +18,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
+from train_helpers import LossRecorder, StopAt, free_port, full_params, init_rank_env, make_loader, make_module, trainer
 
 from mmformer.config import get_config
 from mmformer.model import MMFormer
 from mmformer.training.checkpoint import ExactResume, export_checkpoint, load_checkpoint_state_dict
-
-from train_helpers import LossRecorder, StopAt, free_port, full_params, init_rank_env, make_loader, make_module, trainer
 
 GLOBAL_B = 8
 SHARE_MODES = ("qkv", "attention", "all", "none")
@@ -178,7 +177,7 @@ def _assert_params_close(got: dict, want: dict, where: str) -> None:
             # Adam turns rounding noise (~1e-10) into +-lr steps: compare q and v only
             d = ref.shape[0] // 3
             g, w = torch.cat([g[:d], g[2 * d :]]), torch.cat([w[:d], w[2 * d :]])
-        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} ({where}): {m}")
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name} ({where}): {m}")
 
 
 @pytest.mark.parametrize("share", SHARE_MODES)
@@ -193,7 +192,7 @@ def test_tensor_parallel_forward_equals_one_process(tp_run, share):
         shapes = r["local_shapes"]
         hidden = 4 * d
         for key, shape in shapes.items():
-            if key.endswith("qkv.weight") or key.endswith("qkv.image.weight"):
+            if key.endswith(("qkv.weight", "qkv.image.weight")):
                 assert shape == (3 * d // 2, d), key
             if ".proj." in key and key.endswith("weight"):
                 assert shape == (d, d // 2), key  # row-parallel: half the input columns
@@ -223,7 +222,7 @@ def test_tensor_parallel_checkpoint_keeps_the_format_and_exports(tp_run, tmp_pat
     export_checkpoint(ckpt, tmp_path / "model")
     model = MMFormer.from_pretrained(tmp_path / "model")
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p, out[0]["params3"][name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, out[0]["params3"][name], atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_data_2_x_tensor_2_equals_one_process(tmp_path, reference):

@@ -10,11 +10,11 @@ from torch.utils.data import DataLoader
 
 from mmformer.data.collate import ImageTextCollator
 from mmformer.data.emoji import EmojiData, InMemoryImageText, default_data_dir
+from mmformer.retrieval import embed_images, embed_texts, retrieval_metrics
 from mmformer.retrieval.metrics import concept_retrieval_metrics
 from mmformer.training.module import MMFormerModule
 from mmformer.training.optim import parameter_groups, warmup_cosine
 from mmformer.training.trainer import make_trainer
-from mmformer.retrieval import embed_images, embed_texts, retrieval_metrics
 
 N_CONCEPTS = 150
 SIZE = 32

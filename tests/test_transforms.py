@@ -409,8 +409,8 @@ def test_per_image_pipeline_style_augmentations():
 
 
 def test_augment_args_are_checked_with_useful_errors():
-    from mmformer.training.datamodule import ImageTextDataModule
     from mmformer.data.transforms import AUGMENT_DEFAULTS, BatchTrainTransform, augment_args
+    from mmformer.training.datamodule import ImageTextDataModule
 
     assert augment_args(None) == {**AUGMENT_DEFAULTS}
     assert augment_args({"blur": 0.3, "scale": [0.5, 1]})["scale"] == (0.5, 1.0)

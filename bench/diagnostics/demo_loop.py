@@ -24,9 +24,9 @@ import tempfile
 import time
 
 from bench.common import machine_line
+from mmformer.config import ModelConfig
 from mmformer.data.emoji import default_data_dir
 from mmformer.demo import demo_cli, demo_process_settings
-from mmformer.config import ModelConfig
 from mmformer.model import MMFormer
 from mmformer.training.trainer import make_trainer
 

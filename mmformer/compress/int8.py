@@ -28,7 +28,7 @@ import contextlib
 import copy
 import logging
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

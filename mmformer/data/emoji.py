@@ -118,7 +118,7 @@ class EmojiData:
         """S, the stored image side."""
         return int(self.images.shape[-1])
 
-    def subset(self, keep: Sequence[int] | torch.Tensor) -> "EmojiData":
+    def subset(self, keep: Sequence[int] | torch.Tensor) -> EmojiData:
         """The images at ``keep`` (in that order), with the concept lists re-indexed."""
         keep = [int(i) for i in keep]
         old = [int(self.concept_ids[i]) for i in keep]
@@ -146,7 +146,7 @@ class EmojiData:
         families: Sequence[str] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    ) -> "EmojiData":
+    ) -> EmojiData:
         """Decode the images of ``split`` (None = all rows) from ``root`` (default: bundled).
 
         Args:
@@ -177,7 +177,7 @@ class EmojiData:
         pixels: np.ndarray,
         skipped: list[Skipped],
         concepts: dict[str, dict[str, Any]],
-    ) -> "EmojiData":
+    ) -> EmojiData:
         """Drop skipped rows and build the per-image and per-concept lists."""
         bad = {s.path for s in skipped}
         keep = [i for i, it in enumerate(items) if it["path"] not in bad]
@@ -351,7 +351,7 @@ class InMemoryImageText(Dataset):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         root: str | os.PathLike[str] | None = None,
-    ) -> "InMemoryImageText":
+    ) -> InMemoryImageText:
         """The eval dataset of one split of the emoji data (default: the bundled copy)."""
         data = EmojiData.load(root if root is not None else default_data_dir(), split, image_size)
         return cls(data, train=False, mean=mean, std=std)

@@ -44,7 +44,7 @@ class Skipped(NamedTuple):
     reason: str
 
     @classmethod
-    def from_error(cls, err: CorruptSample) -> "Skipped":
+    def from_error(cls, err: CorruptSample) -> Skipped:
         """Marker for a :class:`CorruptSample`."""
         return cls(err.path, err.reason)
 

@@ -23,7 +23,6 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmformer.files import atomic_path
 from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.data.transforms import (
     DEFAULT_MAX_PIXELS,
@@ -33,6 +32,7 @@ from mmformer.data.transforms import (
     sample_rng,
     sample_seed,
 )
+from mmformer.files import atomic_path
 
 __all__ = ["IMAGE_EXTENSIONS", "ResumableShardLoader", "ShardDataset", "expand_shards", "write_shards"]
 

@@ -10,7 +10,7 @@ weights live inside one block, so FSDP can shard each block as one unit.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn

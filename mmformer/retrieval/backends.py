@@ -115,7 +115,7 @@ class BackendParams:
     train_size: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "BackendParams":
+    def from_dict(cls, d: dict[str, Any] | None) -> BackendParams:
         d = dict(d or {})
         known = {k: d.pop(k) for k in list(d) if k in cls.__dataclass_fields__}
         unknown = sorted(d)
@@ -192,7 +192,7 @@ class FaissBackend:
     @classmethod
     def build(
         cls, kind: str, embeddings: np.ndarray, params: BackendParams | None = None, seed: int = 0
-    ) -> "FaissBackend":
+    ) -> FaissBackend:
         """Build a ``kind`` index over (N, D) float embeddings."""
         faiss = import_faiss()
         params = params or BackendParams()
@@ -234,7 +234,7 @@ class FaissBackend:
         params: BackendParams | None = None,
         seed: int = 0,
         block_rows: int = BLOCK_ROWS,
-    ) -> "FaissBackend":
+    ) -> FaissBackend:
         """Build a ``kind`` index over the (N, D) rows of ``npy_path`` (float32 or float16), read
         in blocks of ``block_rows`` with plain file reads (nothing of it stays mapped), and save it
         in ``directory`` (``faiss.index``, plus ``faiss.ivfdata`` for ``ivfpq``).
@@ -335,7 +335,7 @@ class FaissBackend:
         embeddings: np.ndarray | None = None,
         mmap: bool = True,
         expect: tuple[int, int] | None = None,
-    ) -> "FaissBackend":
+    ) -> FaissBackend:
         """Read ``faiss.index``; ``expect`` = (count, dim) it must hold, checked at open."""
         faiss = import_faiss()
         path = Path(directory) / FAISS_FILE

@@ -26,22 +26,22 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.shards import IMAGE_EXTENSIONS, expand_shards
 from mmformer.data.transforms import build_transforms, load_and_transform
 from mmformer.files import atomic_path, remove_stale_temps, swap_dir, write_text_atomic
 from mmformer.model import model_fingerprint
-from mmformer.tokenizer import wrap_and_pad
-from mmformer.data.errors import CorruptSample, Skipped
 from mmformer.retrieval.backends import (
     BLOCK_ROWS,
     FAISS_FILE,
@@ -53,6 +53,7 @@ from mmformer.retrieval.backends import (
     iter_npy_blocks,
     npy_shape,
 )
+from mmformer.tokenizer import wrap_and_pad
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +315,7 @@ class BuildPlan:
     out: Path  # where this build writes (``target``, or ``.NAME.rebuild`` beside it under overwrite)
     parts: list[Part]
     todo: list[Part]
-    dataset: "PartDataset | None"  # the parts in ``todo``; None when every part is done
+    dataset: PartDataset | None  # the parts in ``todo``; None when every part is done
     build: dict[str, Any]
     kind: str
     dtype: str
@@ -352,7 +353,7 @@ def plan_build(
     seed: int = 0,
     root: str | os.PathLike | None = None,
     shard: tuple[int, int] | None = None,
-) -> "BuildPlan | Index":
+) -> BuildPlan | Index:
     """Check ``out_dir`` and list the parts left to embed; an existing complete index of the same
     model and source is returned opened instead (see :func:`build_index` for the rules)."""
     if dtype not in INDEX_DTYPES:
@@ -437,7 +438,7 @@ def _shard_parts(parts: list[Part], shard: tuple[int, int]) -> list[Part]:
     return parts[i * len(parts) // n : (i + 1) * len(parts) // n]
 
 
-def finish_build(plan: BuildPlan, embed_seconds: float) -> "Index":
+def finish_build(plan: BuildPlan, embed_seconds: float) -> Index:
     """Every part written -> the index files (assembled, manifest last), the parts removed, the
     folder swapped in when rebuilding; returns the index opened."""
     out = plan.out
@@ -485,7 +486,7 @@ def build_index(
     seed: int = 0,
     root: str | os.PathLike | None = None,
     shard: tuple[int, int] | None = None,
-) -> "Index":
+) -> Index:
     """Embed ``source`` with ``model`` in this process and write an index to ``out_dir``; returns
     it opened. (Across devices or nodes: :func:`mmformer.training.index_build.build_index`, the
     same files from ``trainer.predict``.)
@@ -643,11 +644,12 @@ def _assemble(
     def record(p: Part) -> dict[str, Any]:
         return json.loads((parts_dir / f"part-{p.index:06d}.json").read_text())
 
-    counts, skipped = [], []
+    counts, skipped, truncated = [], [], 0
     for p in parts:
         r = record(p)
         counts.append(r["n"])
         skipped += r["skipped"]
+        truncated += int(r.get("truncated", 0))
     n = sum(counts)
     if n == 0:
         raise InvalidIndexError(f"{out}: no input could be embedded (every one was skipped; see {PARTS}/*.json)")
@@ -671,7 +673,17 @@ def _assemble(
             yield from record(p)["items"]
 
     return _write_index_files(
-        out, n, dim, blocks(), items(), [(s[0], s[1]) for s in skipped], dtype, backend, params, seed
+        out,
+        n,
+        dim,
+        blocks(),
+        items(),
+        [(s[0], s[1]) for s in skipped],
+        dtype,
+        backend,
+        params,
+        seed,
+        truncated=truncated,
     )
 
 
@@ -687,6 +699,7 @@ def _write_index_files(
     params: BackendParams,
     seed: int,
     block_rows: int = BLOCK_ROWS,
+    truncated: int = 0,
 ) -> dict[str, Any]:
     """The index files from (n, dim) embeddings given as row blocks and one metadata record per
     row, written with plain file writes (nothing of them stays in memory); the manifest's body."""
@@ -737,7 +750,7 @@ def _write_index_files(
         "backend": kind,
         "backend_params": params.to_dict(),
         "skipped": len(skipped),
-        "truncated": sum(int(r.get("truncated", 0)) for r in records),
+        "truncated": truncated,
         "index_seconds": round(build_s, 3),
         "files": {f: _file_info(out / f) for f in files},
     }
@@ -755,7 +768,7 @@ def build_from_embeddings(
     seed: int = 0,
     fingerprint: str = "external",
     block_rows: int = BLOCK_ROWS,
-) -> "Index":
+) -> Index:
     """Write an index from embeddings computed elsewhere (no model): the same files and the same
     streaming build as :func:`build_index`, whose parts go through the same writer.
 
@@ -922,7 +935,7 @@ class Index:
         mmap: bool = True,
         backend: str | None = None,
         search_params: dict[str, Any] | None = None,
-    ) -> "Index":
+    ) -> Index:
         """Open and check an index directory.
 
         A folder with a ``shards.json`` instead of an ``index.json`` opens as one
@@ -1024,7 +1037,7 @@ class Index:
         return cls(d, manifest, emb, b, meta, starts)
 
     @classmethod
-    def open_many(cls, directories: Sequence[str | os.PathLike], **kwargs: Any) -> "ShardedIndex":
+    def open_many(cls, directories: Sequence[str | os.PathLike], **kwargs: Any) -> ShardedIndex:
         """Open several indexes (shards of one corpus, same model, kind and dim) as one
         :class:`ShardedIndex`; ``kwargs`` as for :meth:`open`."""
         return ShardedIndex([cls.open(d, **kwargs) for d in directories])
@@ -1138,7 +1151,7 @@ class ShardedIndex:
         }
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, **kwargs: Any) -> "ShardedIndex":
+    def open(cls, directory: str | os.PathLike, **kwargs: Any) -> ShardedIndex:
         """Open the shards listed in ``directory/shards.json``; ``kwargs`` as for :meth:`Index.open`."""
         d = Path(directory)
         path = d / SHARDS

@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ class Retriever:
         backend: str | None = None,
         search_params: dict[str, Any] | None = None,
         verify: bool | str = "auto",
-    ) -> "Retriever":
+    ) -> Retriever:
         """Load a ``save_pretrained`` model and open an index.
 
         ``model_dir=None`` takes the model path recorded in the index manifest. ``int8``

@@ -18,9 +18,10 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mmformer.serve.errors import DeadlineExceeded, QueueFull, Unavailable
 from mmformer.serve.metrics import ServeMetrics

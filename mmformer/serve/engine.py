@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ class Engine:
         device: str = "cpu",
         limits: Limits | None = None,
         verify: bool | str = "auto",
-    ) -> "Engine":
+    ) -> Engine:
         """Load a ``save_pretrained`` directory and open every index (checked against the model)."""
         model = MMFormer.from_pretrained(model_dir, map_location=device)
         indexes = {name: Index.open(d, verify=verify) for name, d in (index_dirs or {}).items()}

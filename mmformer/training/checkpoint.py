@@ -283,9 +283,9 @@ def load_checkpoint_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch
     path = check_checkpoint(path)
     if path.is_dir():
         from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint._traverse import set_element
         from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-        from torch.distributed.checkpoint._traverse import set_element
 
         class SafeReader(FileSystemReader):
             def read_metadata(self, *args: Any, **kwargs: Any):

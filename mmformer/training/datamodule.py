@@ -20,16 +20,17 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mmformer.data.collate import ImageTextCollator, SkipCorrupt, SkipStats, Tokenizer
-from mmformer.data.errors import TooManySkipped
 from mmformer.data.emoji import CaptionMode, EmojiData, InMemoryImageText, default_data_dir
+from mmformer.data.errors import TooManySkipped
 from mmformer.data.longdoc import Filler, NeedleCollator, NeedleDataset, load_prose
 from mmformer.data.manifest import ImageTextManifest
 from mmformer.data.sampler import ResumableDataLoader, ResumableSampler

@@ -379,7 +379,7 @@ class ShardedStrategy(ModelParallelStrategy):
             own_opt = get_optimizer_state_dict(self.model, optimizer)
             rows = {key: _map_optimizer_state(own_opt, lambda k, n, v: _as_row_shards(v))}
             _distributed_checkpoint_load(rows, path)
-            placed = _map_optimizer_state(rows[key], lambda k, n, v: _placed_like(v, own_opt["state"][k][n]))
+            placed = _map_optimizer_state(rows[key], lambda k, n, v, own=own_opt: _placed_like(v, own["state"][k][n]))
             set_optimizer_state_dict(
                 self.model, optimizer, optim_state_dict=placed, options=StateDictOptions(cpu_offload=True)
             )

@@ -18,19 +18,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmformer.runtime import flush_denormals
-from mmformer.documents import DocumentBatch
 from mmformer.data.longdoc import NeedleDataset, caption_windows
+from mmformer.documents import DocumentBatch
 from mmformer.losses import clip_loss
 from mmformer.model import MMFormer, eval_mode
-from mmformer.training.module import MMFormerModule
+from mmformer.runtime import flush_denormals
 from mmformer.tokenizer import BOS_ID, EOS_ID, chunk_starts
+from mmformer.training.module import MMFormerModule
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,10 @@
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from google.protobuf.internal import containers as _containers
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -10,13 +12,13 @@ class Embedding(_message.Message):
     __slots__ = ("values",)
     VALUES_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, values: _Iterable[float] | None = ...) -> None: ...
 
 class EmbedTextRequest(_message.Message):
     __slots__ = ("texts",)
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, texts: _Iterable[str] | None = ...) -> None: ...
 
 class EmbedTextResponse(_message.Message):
     __slots__ = ("embeddings", "pieces_dropped")
@@ -26,21 +28,21 @@ class EmbedTextResponse(_message.Message):
     pieces_dropped: _containers.RepeatedScalarFieldContainer[int]
     def __init__(
         self,
-        embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...,
-        pieces_dropped: _Optional[_Iterable[int]] = ...,
+        embeddings: _Iterable[Embedding | _Mapping] | None = ...,
+        pieces_dropped: _Iterable[int] | None = ...,
     ) -> None: ...
 
 class EmbedImageRequest(_message.Message):
     __slots__ = ("images",)
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    def __init__(self, images: _Iterable[bytes] | None = ...) -> None: ...
 
 class EmbedImageResponse(_message.Message):
     __slots__ = ("embeddings",)
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
+    def __init__(self, embeddings: _Iterable[Embedding | _Mapping] | None = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("text", "image", "index", "k")
@@ -54,10 +56,10 @@ class SearchRequest(_message.Message):
     k: int
     def __init__(
         self,
-        text: _Optional[str] = ...,
-        image: _Optional[bytes] = ...,
-        index: _Optional[str] = ...,
-        k: _Optional[int] = ...,
+        text: str | None = ...,
+        image: bytes | None = ...,
+        index: str | None = ...,
+        k: int | None = ...,
     ) -> None: ...
 
 class Hit(_message.Message):
@@ -74,11 +76,11 @@ class Hit(_message.Message):
     metadata_json: str
     def __init__(
         self,
-        id: _Optional[str] = ...,
-        score: _Optional[float] = ...,
-        row: _Optional[int] = ...,
-        caption: _Optional[str] = ...,
-        metadata_json: _Optional[str] = ...,
+        id: str | None = ...,
+        score: float | None = ...,
+        row: int | None = ...,
+        caption: str | None = ...,
+        metadata_json: str | None = ...,
     ) -> None: ...
 
 class SearchResponse(_message.Message):
@@ -87,9 +89,7 @@ class SearchResponse(_message.Message):
     PIECES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     pieces_dropped: int
-    def __init__(
-        self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., pieces_dropped: _Optional[int] = ...
-    ) -> None: ...
+    def __init__(self, hits: _Iterable[Hit | _Mapping] | None = ..., pieces_dropped: int | None = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -109,11 +109,11 @@ class IndexInfo(_message.Message):
     dim: int
     def __init__(
         self,
-        name: _Optional[str] = ...,
-        kind: _Optional[str] = ...,
-        count: _Optional[int] = ...,
-        backend: _Optional[str] = ...,
-        dim: _Optional[int] = ...,
+        name: str | None = ...,
+        kind: str | None = ...,
+        count: int | None = ...,
+        backend: str | None = ...,
+        dim: int | None = ...,
     ) -> None: ...
 
 class BatchingInfo(_message.Message):
@@ -128,10 +128,10 @@ class BatchingInfo(_message.Message):
     max_queue: int
     def __init__(
         self,
-        enabled: _Optional[bool] = ...,
-        max_batch_size: _Optional[int] = ...,
-        max_delay_ms: _Optional[float] = ...,
-        max_queue: _Optional[int] = ...,
+        enabled: bool | None = ...,
+        max_batch_size: int | None = ...,
+        max_delay_ms: float | None = ...,
+        max_queue: int | None = ...,
     ) -> None: ...
 
 class InfoResponse(_message.Message):
@@ -148,9 +148,9 @@ class InfoResponse(_message.Message):
     batching: BatchingInfo
     def __init__(
         self,
-        fingerprint: _Optional[str] = ...,
-        config_json: _Optional[str] = ...,
-        precision: _Optional[str] = ...,
-        indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ...,
-        batching: _Optional[_Union[BatchingInfo, _Mapping]] = ...,
+        fingerprint: str | None = ...,
+        config_json: str | None = ...,
+        precision: str | None = ...,
+        indexes: _Iterable[IndexInfo | _Mapping] | None = ...,
+        batching: BatchingInfo | _Mapping | None = ...,
     ) -> None: ...
