@@ -189,35 +189,37 @@ def disk_rows(args) -> list[dict]:
         params = {k: v for k, v in (("nlist", args.nlist), ("train_size", args.train_size)) if v}
         built = run_child("build", {"src": str(work / "vectors.npy"), "out": str(work / "index"), "params": params})
         (work / "vectors.npy").unlink()  # the index holds its own copy
-        search = {k: v for k, v in (("nprobe", args.nprobe), ("refine", args.refine)) if v}
-        found = run_child(
-            "search",
-            {
-                "out": str(work / "index"),
-                "queries": str(work / "queries.npy"),
-                "truth": str(work / "truth.npy"),
-                "search": search,
-            },
-        )
         disk = sum(f.stat().st_size for f in (work / "index").iterdir() if f.is_file())
         p = built["params"]
-        row = {
-            "n": n,
-            "dim": d,
-            "nlist": p["nlist"],
-            "nprobe": search.get("nprobe", p["nprobe"]),
-            "refine": search.get("refine", p["refine"]),
-            "build_s": built["build_s"],
-            "build_rss_mb": built["build_rss_mb"],
-            "disk_mb": disk / 2**20,
-            "search_rss_mb": found["search_rss_mb"],
-            "p50_ms": found["p50_ms"],
-            "p99_ms": found["p99_ms"],
-            "recall": found["recall"],
-            "truth_s": truth_s,
-        }
-        rows.append(row)
-        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        nprobes = [int(v) for v in args.nprobes.split(",")] if args.nprobes else [args.nprobe]
+        for nprobe in nprobes:  # one build, searched at each nprobe
+            search = {k: v for k, v in (("nprobe", nprobe), ("refine", args.refine)) if v}
+            found = run_child(
+                "search",
+                {
+                    "out": str(work / "index"),
+                    "queries": str(work / "queries.npy"),
+                    "truth": str(work / "truth.npy"),
+                    "search": search,
+                },
+            )
+            row = {
+                "n": n,
+                "dim": d,
+                "nlist": p["nlist"],
+                "nprobe": search.get("nprobe", p["nprobe"]),
+                "refine": search.get("refine", p["refine"]),
+                "build_s": built["build_s"],
+                "build_rss_mb": built["build_rss_mb"],
+                "disk_mb": disk / 2**20,
+                "search_rss_mb": found["search_rss_mb"],
+                "p50_ms": found["p50_ms"],
+                "p99_ms": found["p99_ms"],
+                "recall": found["recall"],
+                "truth_s": truth_s,
+            }
+            rows.append(row)
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print()
@@ -260,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=None, help="queries per measurement (default 256; --disk: 1000)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW ef_search (default: the library's)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: the library's)")
+    p.add_argument(
+        "--nprobes", default=None, help="--disk: comma-separated nprobe values, each searched on the one build"
+    )
     p.add_argument(
         "--exact-queries", type=int, default=None, help="batch-1 exact latency over this many queries (default: all)"
     )
