@@ -1,10 +1,8 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -12,13 +10,13 @@ class Embedding(_message.Message):
     __slots__ = ("values",)
     VALUES_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, values: _Iterable[float] | None = ...) -> None: ...
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EmbedTextRequest(_message.Message):
     __slots__ = ("texts",)
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, texts: _Iterable[str] | None = ...) -> None: ...
+    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EmbedTextResponse(_message.Message):
     __slots__ = ("embeddings", "pieces_dropped")
@@ -26,23 +24,19 @@ class EmbedTextResponse(_message.Message):
     PIECES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     pieces_dropped: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(
-        self,
-        embeddings: _Iterable[Embedding | _Mapping] | None = ...,
-        pieces_dropped: _Iterable[int] | None = ...,
-    ) -> None: ...
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., pieces_dropped: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EmbedImageRequest(_message.Message):
     __slots__ = ("images",)
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, images: _Iterable[bytes] | None = ...) -> None: ...
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class EmbedImageResponse(_message.Message):
     __slots__ = ("embeddings",)
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
-    def __init__(self, embeddings: _Iterable[Embedding | _Mapping] | None = ...) -> None: ...
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("text", "image", "index", "k")
@@ -54,13 +48,7 @@ class SearchRequest(_message.Message):
     image: bytes
     index: str
     k: int
-    def __init__(
-        self,
-        text: str | None = ...,
-        image: bytes | None = ...,
-        index: str | None = ...,
-        k: int | None = ...,
-    ) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., index: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "row", "caption", "metadata_json")
@@ -74,14 +62,7 @@ class Hit(_message.Message):
     row: int
     caption: str
     metadata_json: str
-    def __init__(
-        self,
-        id: str | None = ...,
-        score: float | None = ...,
-        row: int | None = ...,
-        caption: str | None = ...,
-        metadata_json: str | None = ...,
-    ) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., row: _Optional[int] = ..., caption: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "pieces_dropped")
@@ -89,7 +70,7 @@ class SearchResponse(_message.Message):
     PIECES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     pieces_dropped: int
-    def __init__(self, hits: _Iterable[Hit | _Mapping] | None = ..., pieces_dropped: int | None = ...) -> None: ...
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., pieces_dropped: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -107,14 +88,7 @@ class IndexInfo(_message.Message):
     count: int
     backend: str
     dim: int
-    def __init__(
-        self,
-        name: str | None = ...,
-        kind: str | None = ...,
-        count: int | None = ...,
-        backend: str | None = ...,
-        dim: int | None = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., count: _Optional[int] = ..., backend: _Optional[str] = ..., dim: _Optional[int] = ...) -> None: ...
 
 class BatchingInfo(_message.Message):
     __slots__ = ("enabled", "max_batch_size", "max_delay_ms", "max_queue")
@@ -126,13 +100,7 @@ class BatchingInfo(_message.Message):
     max_batch_size: int
     max_delay_ms: float
     max_queue: int
-    def __init__(
-        self,
-        enabled: bool | None = ...,
-        max_batch_size: int | None = ...,
-        max_delay_ms: float | None = ...,
-        max_queue: int | None = ...,
-    ) -> None: ...
+    def __init__(self, enabled: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("fingerprint", "config_json", "precision", "indexes", "batching")
@@ -146,11 +114,4 @@ class InfoResponse(_message.Message):
     precision: str
     indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
     batching: BatchingInfo
-    def __init__(
-        self,
-        fingerprint: str | None = ...,
-        config_json: str | None = ...,
-        precision: str | None = ...,
-        indexes: _Iterable[IndexInfo | _Mapping] | None = ...,
-        batching: BatchingInfo | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, fingerprint: _Optional[str] = ..., config_json: _Optional[str] = ..., precision: _Optional[str] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ...) -> None: ...
