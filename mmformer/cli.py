@@ -2,11 +2,10 @@
 
 ``fit``, ``validate``, ``test`` and ``predict`` are the one LightningCLI over the recipes
 (:mod:`mmformer.training.recipes`). Every other verb is a typed function in its own package,
-called with the parsed flags as keyword arguments. Its flags are declared by a function of the
-same package (argparse, one parser per verb, hand-written so that the flags keep their spellings:
-``--batch-size``, ``-k``, positional queries, exclusive groups), in a module that loads no torch
-where it can. Both are imported only when that verb runs or shows its help, so ``mmformer --help``
-loads neither torch nor Lightning.
+called with the parsed flags as keyword arguments; its flags are declared by a function of the
+same package (argparse, hand-written so that flags keep their spellings: ``--batch-size``, ``-k``,
+positional queries, exclusive groups). Both are imported only when that verb runs or shows its
+help, so ``mmformer --help`` loads neither torch nor Lightning.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from mmformer.training.output import configure_output
+from mmformer.training.output import configure_output, recipe_help
 
 
 class Verb(NamedTuple):
@@ -60,17 +59,14 @@ VERBS: dict[str, Verb] = {
     "prune": Verb(
         "mmformer.training.prune:prune_command",
         "mmformer.training.commands:add_prune_arguments",
-        "remove attention heads (gradient or magnitude importance), optionally recover by "
-        "distillation, save the smaller model",
+        "remove attention heads, optionally recover by distillation, save the smaller model",
     ),
     "import": Verb(
         "mmformer.clip_io:import_command",
         "mmformer.clip_io:add_import_arguments",
         "open_clip or Hugging Face CLIP weights -> save_pretrained directory",
     ),
-    "tokenizer": Verb(
-        "mmformer.tokenizer:tokenizer_command", "mmformer.tokenizer:add_arguments", "train a SentencePiece tokenizer"
-    ),
+    "tokenizer": Verb("mmformer.tokenizer:tokenizer_command", "mmformer.tokenizer:add_arguments", "train a tokenizer"),
     "serve": Verb(
         "mmformer.serve.commands:serve_command",
         "mmformer.serve.options:add_arguments",
@@ -85,18 +81,13 @@ LIGHTNING_COMMANDS = {
     "predict": "run a recipe's predict loop",
 }
 #: The optional dependencies, by top-level module, and the extra of ``pyproject.toml`` that installs each.
+SERVE_MODULES = ("grpc", "grpc_health", "grpc_reflection", "google", "fastapi", "uvicorn", "prometheus_client")
 EXTRAS = {
     "onnx": "onnx",
     "onnxruntime": "onnx",
     "torchao": "int8",
     "timm": "timm",
-    "grpc": "serve",
-    "grpc_health": "serve",
-    "grpc_reflection": "serve",
-    "google": "serve",
-    "fastapi": "serve",
-    "uvicorn": "serve",
-    "prometheus_client": "serve",
+    **dict.fromkeys(SERVE_MODULES, "serve"),
 }
 
 
@@ -152,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         if "-h" in argv or "--help" in argv:
-            print(recipe_help(argv[0]))
+            print(recipe_help(argv[0], LIGHTNING_COMMANDS[argv[0]]))
             return 0
         argv = ["--help" if a == "--help-all" else a for a in argv]
         configure_output()
@@ -201,28 +192,6 @@ def load(target: str):
     """The function ``"module:function"`` names (its module imported now)."""
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-def recipe_help(verb: str) -> str:
-    """The short help of ``mmformer fit|validate|test|predict`` (the full LightningCLI help: ``--help-all``)."""
-    from pathlib import Path
-
-    names = ", ".join(sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml")))
-    return f"""usage: mmformer {verb} --config RECIPE [--trainer.KEY VALUE] [--model.KEY VALUE] [--data.KEY VALUE]
-       {" " * len(verb)} [--ckpt_path FILE|last] [--print_config]
-
-{LIGHTNING_COMMANDS[verb]}.
-
-RECIPE is a YAML file or the name of a shipped recipe: {names}.
-Any value of the recipe can be set on the command line, for example:
-  --trainer.max_steps 600            --trainer.precision auto|32-true|bf16-mixed
-  --trainer.default_root_dir DIR     --trainer.accumulate_grad_batches 4
-  --model.pretrained DIR             --model.lr 8e-4   --model.model_config.depth 2
-  --data.train_manifest FILE.jsonl   --data.val_manifest FILE   --data.batch_size 128
-  --ckpt_path last                   (resume the run in default_root_dir)
-  --print_config                     (the resolved recipe, as YAML, without running)
-
-mmformer {verb} --help-all lists every trainer, model and data flag (LightningCLI's help)."""
 
 
 if __name__ == "__main__":

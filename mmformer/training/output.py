@@ -54,3 +54,26 @@ def configure_output() -> None:
         logger.propagate = False
     for message, module in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, module=module)
+
+
+def recipe_help(verb: str, summary: str) -> str:
+    """The short help of ``mmformer fit|validate|test|predict`` (the full LightningCLI help: ``--help-all``);
+    ``summary`` is the verb's line of the command table."""
+    from pathlib import Path
+
+    names = ", ".join(sorted(p.stem for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml")))
+    return f"""usage: mmformer {verb} --config RECIPE [--trainer.KEY VALUE] [--model.KEY VALUE] [--data.KEY VALUE]
+       {" " * len(verb)} [--ckpt_path FILE|last] [--print_config]
+
+{summary}.
+
+RECIPE is a YAML file or the name of a shipped recipe: {names}.
+Any value of the recipe can be set on the command line, for example:
+  --trainer.max_steps 600            --trainer.precision auto|32-true|bf16-mixed
+  --trainer.default_root_dir DIR     --trainer.accumulate_grad_batches 4
+  --model.pretrained DIR             --model.lr 8e-4   --model.model_config.depth 2
+  --data.train_manifest FILE.jsonl   --data.val_manifest FILE   --data.batch_size 128
+  --ckpt_path last                   (resume the run in default_root_dir)
+  --print_config                     (the resolved recipe, as YAML, without running)
+
+mmformer {verb} --help-all lists every trainer, model and data flag (LightningCLI's help)."""
