@@ -10,7 +10,12 @@ does not load torch.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and the API reference; at run time, __getattr__ below
+    from mmformer.config import ModelConfig, get_config
+    from mmformer.model import MMFormer
+    from mmformer.tokenizer import Tokenizer
 
 __all__ = ["MMFormer", "ModelConfig", "Tokenizer", "get_config"]
 __version__ = "0.1.0"

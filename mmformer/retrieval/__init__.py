@@ -15,7 +15,15 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and the API reference; at run time, __getattr__ below
+    from mmformer.model import model_fingerprint
+
+    from .embed import embed_images, embed_texts, evaluate_retrieval
+    from .index import Index, InvalidIndexError, ShardedIndex, build_from_embeddings, build_index, write_shard_list
+    from .metrics import format_metrics, retrieval_metrics, retrieval_ranks
+    from .retriever import Hit, Retriever
 
 #: Where each public name lives; imported on first use, so that importing a submodule (the verbs'
 #: flags in :mod:`.options`) loads no torch.
